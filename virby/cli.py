@@ -1,0 +1,60 @@
+"""
+The ``virby`` admin command: ``virby prepare`` (run by the activation script) and
+``virby status`` (for people).
+
+Every failure a user can meet ends in one line on stderr and exit status 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from virby import __version__
+from virby.config import Config, ConfigError, load
+from virby.errors import VirbyError
+from virby.flags import add_arguments, collected
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="virby", description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"virby {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    prepare = commands.add_parser("prepare", help="make the working directory, disk and keys")
+    add_arguments(prepare)
+    prepare.add_argument("--owner", metavar="USER[:GROUP]", help="hand the tree to this user")
+    prepare.add_argument(
+        "--print-ssh-config", action="store_true", help="print the ssh Host block and exit"
+    )
+
+    status = commands.add_parser("status", help="tell what the daemon is doing")
+    add_arguments(status)
+    status.add_argument("--json", action="store_true", help="print JSON for programs")
+    return parser
+
+
+def _run(args: argparse.Namespace, config: Config) -> int:
+    if args.command == "prepare":
+        from virby import prepare
+
+        return prepare.run(config, owner=args.owner, print_ssh_config=args.print_ssh_config)
+    from virby import status
+
+    return status.run(config, as_json=args.json)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script."""
+    args = _parser().parse_args(argv)
+    try:
+        config = load(args.config, collected(args))
+        return _run(args, config)
+    except (ConfigError, VirbyError) as e:
+        sys.stderr.write(f"virby {args.command}: error: {e}\n")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

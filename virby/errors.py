@@ -1,0 +1,8 @@
+"""
+Failures a user can meet and fix.  Each carries a one-line message that names the cause and
+the fix; commands print it alone, without a traceback.
+"""
+
+
+class VirbyError(Exception):
+    """An expected failure with a message fit to show a person as it is."""
