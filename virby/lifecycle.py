@@ -1,0 +1,426 @@
+"""
+The VM's lifecycle: when to boot it, who waits for it, when to stop it.
+
+This is the one place that decides.  It is an explicit state machine because every bug
+upstream had lived in the gaps between states: two connections at cold start each booting
+a VM, an idle timer armed on every close, a connection accepted while a stop was in flight
+and then frozen, a stop that left the runner unable to start again.  Here each event is a
+method, each state names what is allowed in it, and an illegal transition raises.
+
+    STOPPED --boot--> BOOTING --ready--> RUNNING --idle/shutdown--> STOPPING --> STOPPED
+       ^                 |                  |                                     |
+       +----failed/died--+-------died-------+                        (waiters? boot again)
+
+Connections never wait on anything but L{Lifecycle.whenReady}: one boot serves every
+connection that arrives while it is under way, and a connection that arrives while a stop is
+in flight waits for the stop and then for the next boot.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from virby.errors import VirbyError
+
+log = Logger()
+
+#: Always-on restarts after a crash wait 1, 2, 4 ... seconds, never more than this.
+MAX_RESTART_DELAY = 60.0
+
+
+class State(enum.Enum):
+    STOPPED = "stopped"
+    BOOTING = "booting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    SHUTDOWN = "shutdown"
+
+
+_ALLOWED: dict[State, frozenset[State]] = {
+    State.STOPPED: frozenset({State.BOOTING, State.SHUTDOWN}),
+    State.BOOTING: frozenset({State.RUNNING, State.STOPPING, State.STOPPED, State.SHUTDOWN}),
+    State.RUNNING: frozenset({State.STOPPING, State.STOPPED, State.SHUTDOWN}),
+    State.STOPPING: frozenset({State.STOPPED, State.SHUTDOWN}),
+    State.SHUTDOWN: frozenset(),
+}
+
+
+class IllegalTransition(Exception):
+    """A bug: the machine was asked to move between states that do not connect."""
+
+
+class VMUnavailable(VirbyError):
+    """The VM could not serve a waiting connection (boot failed, VM died, daemon stopping)."""
+
+
+class ExitInfo(Protocol):
+    def describe(self) -> str: ...
+
+
+class VirtualMachine(Protocol):
+    """One running hypervisor process, as the lifecycle sees it."""
+
+    pid: int
+    ended: Deferred[Any]
+
+    def consoleTail(self, n: int = 20) -> list[str]: ...
+
+    def stop(self) -> Deferred[Any]: ...
+
+
+class Hypervisor(Protocol):
+    """How the lifecycle starts VMs and learns that one is ready."""
+
+    def spawn(self) -> Deferred[VirtualMachine]:
+        """Start a VM; fails with a L{VirbyError} when it cannot be started."""
+
+    def waitReady(self, vm: VirtualMachine) -> Deferred[tuple[str, int]]:
+        """The guest's SSH (host, port) once it answers; cancellable; fails on timeout."""
+
+
+class Connection(Protocol):
+    """A spliced client connection, as far as the lifecycle cares."""
+
+    def abort(self, why: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What C{virby status} shows.  Times are seconds; C{None} where they do not apply."""
+
+    state: str
+    on_demand: bool
+    vm_ip: str | None
+    vm_port: int | None
+    vfkit_pid: int | None
+    uptime: float | None
+    active_connections: int
+    waiting_connections: int
+    idle_stop_in: float | None
+    restart_in: float | None
+    last_boot_seconds: float | None
+    last_error: str | None
+    boots: int
+
+
+class Lifecycle:
+    """
+    The state machine.  Inputs: L{start}, L{whenReady}, L{connectionOpened},
+    L{connectionClosed}, L{shutdown}, and the VM's own events (ready, failed, ended).
+
+    @param ttl: idle seconds before an on-demand VM is stopped.
+    @param onDemand: boot at the first connection; otherwise boot at L{start} and restart
+        after a crash with exponential backoff.
+    """
+
+    def __init__(
+        self, clock: IReactorTime, hypervisor: Hypervisor, *, onDemand: bool, ttl: float
+    ) -> None:
+        self._clock = clock
+        self._hypervisor = hypervisor
+        self._onDemand = onDemand
+        self._ttl = ttl
+        self._state = State.STOPPED
+        self._vm: VirtualMachine | None = None
+        self._address: tuple[str, int] | None = None
+        self._waiters: list[Deferred[tuple[str, int]]] = []
+        self._connections: set[Connection] = set()
+        self._boot: Deferred[None] | None = None
+        self._stopping: Deferred[Any] | None = None
+        self._idleTimer: IDelayedCall | None = None
+        self._restartTimer: IDelayedCall | None = None
+        self._failures = 0
+        self._bootStartedAt: float | None = None
+        self._readyAt: float | None = None
+        self._lastBootSeconds: float | None = None
+        self._lastError: str | None = None
+        self._boots = 0
+
+    # -- inputs
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    def start(self) -> None:
+        """The daemon is up: an always-on VM boots now."""
+        if not self._onDemand and self._state is State.STOPPED:
+            self._startBoot()
+
+    def whenReady(self) -> Deferred[tuple[str, int]]:
+        """
+        The guest's SSH address, now if the VM is running, else after the boot this call
+        may start.  Cancelling the result withdraws the wait and nothing else.
+        """
+        if self._state is State.RUNNING:
+            assert self._address is not None
+            return succeed(self._address)
+        if self._state is State.SHUTDOWN:
+            return fail(VMUnavailable("the daemon is shutting down"))
+        waiter: Deferred[tuple[str, int]] = Deferred(self._withdraw)
+        self._waiters.append(waiter)
+        if self._state is State.STOPPED:
+            self._startBoot()
+        return waiter
+
+    def connectionOpened(self, connection: Connection) -> None:
+        """Any open connection stops the idle clock."""
+        self._connections.add(connection)
+        self._cancelIdleTimer()
+
+    def connectionClosed(self, connection: Connection) -> None:
+        """The last connection to close starts the idle clock."""
+        self._connections.discard(connection)
+        self._armIdleTimerIfIdle()
+
+    def shutdown(self) -> Deferred[None]:
+        """Stop serving: fail the waiters, stop the VM gracefully, close what is left."""
+        return Deferred.fromCoroutine(self._shutdown())
+
+    def snapshot(self) -> Snapshot:
+        now = self._clock.seconds()
+        return Snapshot(
+            state=self._state.value,
+            on_demand=self._onDemand,
+            vm_ip=self._address[0] if self._address else None,
+            vm_port=self._address[1] if self._address else None,
+            vfkit_pid=self._vm.pid if self._vm is not None else None,
+            uptime=now - self._readyAt if self._readyAt is not None else None,
+            active_connections=len(self._connections),
+            waiting_connections=len(self._waiters),
+            idle_stop_in=_remaining(self._idleTimer, now),
+            restart_in=_remaining(self._restartTimer, now),
+            last_boot_seconds=self._lastBootSeconds,
+            last_error=self._lastError,
+            boots=self._boots,
+        )
+
+    # -- transitions
+
+    def _moveTo(self, new: State) -> None:
+        if new not in _ALLOWED[self._state]:
+            raise IllegalTransition(f"{self._state.value} -> {new.value}")
+        log.debug("VM state {old} -> {new}", old=self._state.value, new=new.value)
+        self._state = new
+
+    def _startBoot(self) -> None:
+        self._cancelRestartTimer()
+        self._moveTo(State.BOOTING)
+        self._boots += 1
+        self._bootStartedAt = self._clock.seconds()
+        log.info("booting the VM")
+        boot = Deferred.fromCoroutine(self._bootSequence())
+        boot.addErrback(_ignoreCancellation)
+        if not boot.called:
+            self._boot = boot
+            boot.addBoth(self._bootDone, boot)
+
+    def _bootDone(self, result: object, boot: Deferred[None]) -> object:
+        if self._boot is boot:
+            self._boot = None
+        return result
+
+    async def _bootSequence(self) -> None:
+        try:
+            vm = await self._hypervisor.spawn()
+        except CancelledError:
+            return
+        except Exception as e:
+            self._bootFailed(Failure(e), None)
+            return
+        if self._state is not State.BOOTING:
+            # Shut down while spawning: the shutdown path could not see this VM yet.
+            await vm.stop()
+            return
+        self._vm = vm
+        vm.ended.addCallback(self._vmEnded, vm)
+        try:
+            address = await self._hypervisor.waitReady(vm)
+        except CancelledError:
+            return
+        except Exception as e:
+            self._bootFailed(Failure(e), vm)
+            return
+        self._bootSucceeded(address)
+
+    def _bootSucceeded(self, address: tuple[str, int]) -> None:
+        self._moveTo(State.RUNNING)
+        self._address = address
+        self._readyAt = self._clock.seconds()
+        assert self._bootStartedAt is not None
+        self._lastBootSeconds = self._readyAt - self._bootStartedAt
+        log.info(
+            "VM ready at {host}:{port} after {seconds:.1f}s",
+            host=address[0],
+            port=address[1],
+            seconds=self._lastBootSeconds,
+        )
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(address)
+        self._armIdleTimerIfIdle()
+
+    def _bootFailed(self, reason: Failure, vm: VirtualMachine | None) -> None:
+        why = _oneLine(reason)
+        self._recordError(f"boot failed: {why}", vm)
+        self._failWaiters(f"the VM did not boot: {why}")
+        if vm is not None and self._vm is vm:
+            self._stopVM(crashed=True)
+        else:
+            self._moveTo(State.STOPPED)
+            self._afterStopped(crashed=True)
+
+    def _vmEnded(self, status: ExitInfo, vm: VirtualMachine) -> None:
+        """The hypervisor process is gone.  Expected while stopping; otherwise a crash."""
+        if vm is not self._vm:
+            return
+        if self._state in (State.STOPPING, State.SHUTDOWN):
+            return
+        self._vm = None
+        self._cancelIdleTimer()
+        self._recordError(f"the VM {status.describe()}", vm)
+        if self._boot is not None:
+            boot, self._boot = self._boot, None
+            boot.cancel()
+        self._failWaiters(f"the VM {status.describe()} while booting")
+        self._abortConnections(f"the VM {status.describe()}")
+        self._forgetRun()
+        self._moveTo(State.STOPPED)
+        self._afterStopped(crashed=True)
+
+    def _idleExpired(self) -> None:
+        self._idleTimer = None
+        if self._state is not State.RUNNING or self._connections:
+            return
+        log.info("no connection for {ttl}s: stopping the VM to free its memory", ttl=self._ttl)
+        self._stopVM(crashed=False)
+
+    def _stopVM(self, *, crashed: bool) -> None:
+        vm = self._vm
+        assert vm is not None
+        self._moveTo(State.STOPPING)
+        self._cancelIdleTimer()
+        self._forgetRun()
+        self._stopping = stopping = vm.stop()
+        stopping.addErrback(lambda f: log.failure("stopping the VM failed", f))
+        stopping.addCallback(lambda _: self._vmStopped(vm, crashed))
+
+    def _vmStopped(self, vm: VirtualMachine, crashed: bool) -> None:
+        self._stopping = None
+        if self._vm is vm:
+            self._vm = None
+        if self._state is State.SHUTDOWN:
+            return
+        self._moveTo(State.STOPPED)
+        log.info("VM stopped")
+        self._afterStopped(crashed=crashed)
+
+    def _afterStopped(self, *, crashed: bool) -> None:
+        """Boot again for whoever waits; an always-on VM comes back after a pause."""
+        if self._waiters:
+            self._startBoot()
+        elif not self._onDemand and crashed:
+            self._scheduleRestart()
+
+    def _scheduleRestart(self) -> None:
+        self._failures += 1
+        delay = min(MAX_RESTART_DELAY, 2.0 ** (self._failures - 1))
+        log.info("restarting the VM in {delay:.0f}s", delay=delay)
+        self._restartTimer = self._clock.callLater(delay, self._restartDue)
+
+    def _restartDue(self) -> None:
+        self._restartTimer = None
+        if self._state is State.STOPPED:
+            self._startBoot()
+
+    async def _shutdown(self) -> None:
+        if self._state is State.SHUTDOWN:
+            return
+        self._moveTo(State.SHUTDOWN)
+        self._cancelIdleTimer()
+        self._cancelRestartTimer()
+        self._failWaiters("the daemon is shutting down")
+        if self._boot is not None:
+            boot, self._boot = self._boot, None
+            boot.cancel()
+        vm, self._vm = self._vm, None
+        if vm is not None:
+            log.info("stopping the VM for shutdown")
+            await vm.stop()
+        elif self._stopping is not None:
+            await self._stopping
+        self._forgetRun()
+        self._abortConnections("the daemon is shutting down")
+
+    # -- helpers
+
+    def _withdraw(self, waiter: Deferred[Any]) -> None:
+        if waiter in self._waiters:
+            self._waiters.remove(waiter)
+
+    def _failWaiters(self, why: str) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.errback(VMUnavailable(why))
+
+    def _abortConnections(self, why: str) -> None:
+        for connection in list(self._connections):
+            connection.abort(why)
+
+    def _forgetRun(self) -> None:
+        """The VM's address and uptime stop being true when it stops running."""
+        if self._readyAt is not None and self._clock.seconds() - self._readyAt >= MAX_RESTART_DELAY:
+            self._failures = 0
+        self._address = None
+        self._readyAt = None
+
+    def _recordError(self, message: str, vm: VirtualMachine | None) -> None:
+        self._lastError = message
+        tail = vm.consoleTail(20) if vm is not None else []
+        log.error("{message}", message=message)
+        if tail:
+            log.error("last console lines:\n{console}", console="\n".join(tail))
+
+    def _armIdleTimerIfIdle(self) -> None:
+        if not self._onDemand or self._state is not State.RUNNING or self._connections:
+            return
+        if self._idleTimer is None:
+            self._idleTimer = self._clock.callLater(self._ttl, self._idleExpired)
+
+    def _cancelIdleTimer(self) -> None:
+        _cancel(self._idleTimer)
+        self._idleTimer = None
+
+    def _cancelRestartTimer(self) -> None:
+        _cancel(self._restartTimer)
+        self._restartTimer = None
+
+
+def _cancel(call: IDelayedCall | None) -> None:
+    if call is not None and call.active():
+        call.cancel()
+
+
+def _remaining(call: IDelayedCall | None, now: float) -> float | None:
+    if call is None or not call.active():
+        return None
+    return max(0.0, call.getTime() - now)
+
+
+def _ignoreCancellation(reason: Failure) -> None:
+    """A cancelled boot was cancelled on purpose; anything else is a bug worth a traceback."""
+    if not reason.check(CancelledError):
+        log.failure("the boot sequence failed unexpectedly", reason)
+
+
+def _oneLine(reason: Failure) -> str:
+    """A failure as the one line a person reads: expected errors carry their own."""
+    text = str(reason.value) or reason.type.__name__
+    return " ".join(text.split())
