@@ -19,10 +19,11 @@ in flight waits for the stop and then for the next boot.
 from __future__ import annotations
 
 import enum
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -72,7 +73,7 @@ class VirtualMachine(Protocol):
 
     def consoleTail(self, n: int = 20) -> list[str]: ...
 
-    def stop(self) -> Deferred[Any]: ...
+    def stop(self) -> Deferred[Any] | Coroutine[Any, Any, Any]: ...
 
 
 class Hypervisor(Protocol):
@@ -308,7 +309,7 @@ class Lifecycle:
         self._moveTo(State.STOPPING)
         self._cancelIdleTimer()
         self._forgetRun()
-        self._stopping = stopping = vm.stop()
+        self._stopping = stopping = ensureDeferred(vm.stop())
         stopping.addErrback(lambda f: log.failure("stopping the VM failed", f))
         stopping.addCallback(lambda _: self._vmStopped(vm, crashed))
 
