@@ -1,0 +1,151 @@
+"""``virby status`` and the control socket it reads."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import pytest
+import pytest_twisted
+from twisted.internet.testing import StringTransport
+
+from virby.config import from_mapping
+from virby.control import CONTROL_SOCKET, ControlFactory, controlEndpoint
+from virby.errors import VirbyError
+from virby.status import EXIT_DOWN, duration, query, render, run
+
+RUNNING = {
+    "state": "running",
+    "on_demand": True,
+    "vm_ip": "192.168.64.7",
+    "vm_port": 22,
+    "vfkit_pid": 4242,
+    "uptime": 125.0,
+    "active_connections": 2,
+    "waiting_connections": 0,
+    "idle_stop_in": None,
+    "restart_in": None,
+    "last_boot_seconds": 8.44,
+    "last_error": None,
+    "boots": 1,
+    "daemon_pid": 99,
+    "daemon_uptime": 7300.0,
+    "listening": ["127.0.0.1:31222"],
+    "ttl": 10800,
+    "version": "0.1.0",
+}
+
+
+def test_the_control_protocol_writes_one_json_line_and_hangs_up() -> None:
+    factory = ControlFactory(lambda: {"state": "stopped"})
+    protocol = factory.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    assert transport.value() == b'{"state": "stopped"}\n'
+    assert transport.disconnecting
+
+
+def test_a_broken_status_still_answers() -> None:
+    def broken() -> dict:
+        raise RuntimeError("bug")
+
+    protocol = ControlFactory(broken).buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    assert json.loads(transport.value())["state"] == "unknown"
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(None, "-"), (0, "0s"), (59.6, "1m 00s"), (125, "2m 05s"), (7300, "2h 01m")],
+)
+def test_duration(seconds, text) -> None:
+    assert duration(seconds) == text
+
+
+def test_render_running() -> None:
+    text = render(RUNNING)
+    assert "running at 192.168.64.7:22 (vfkit pid 4242), up 2m 05s" in text
+    assert "2 active" in text
+    assert "after 3h 00m without connections" in text
+    assert "Last error:  none" in text
+    assert "8.4s" in text
+
+
+def test_render_idle_countdown_and_error() -> None:
+    text = render({**RUNNING, "active_connections": 0, "idle_stop_in": 61.0, "last_error": "boom"})
+    assert "in 1m 01s (ttl 3h 00m)" in text
+    assert "Last error:  boom" in text
+    always_on = render({**RUNNING, "on_demand": False})
+    assert "never (always-on)" in always_on
+
+
+def _config(tmp_path):
+    return from_mapping({"working-directory": str(tmp_path)})
+
+
+def test_status_when_the_daemon_is_down(tmp_path) -> None:
+    out = io.StringIO()
+    assert run(_config(tmp_path), as_json=False, out=out) == EXIT_DOWN
+    assert "not running" in out.getvalue()
+    out = io.StringIO()
+    assert run(_config(tmp_path), as_json=True, out=out) == EXIT_DOWN
+    assert json.loads(out.getvalue())["state"] == "down"
+
+
+def test_status_with_a_stale_socket_file(tmp_path) -> None:
+    import socket
+
+    path = str(tmp_path / CONTROL_SOCKET)
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(path)
+    out = io.StringIO()
+    assert run(_config(tmp_path), as_json=False, out=out) == EXIT_DOWN
+    assert "stale" in out.getvalue()
+
+
+def test_garbage_from_the_socket_is_one_line(tmp_path) -> None:
+    with pytest.raises(VirbyError, match="not JSON"):
+        _serve_once_and_query(tmp_path, b"nonsense")
+
+
+def _serve_once_and_query(tmp_path, payload: bytes) -> dict:
+    """A throwaway unix server in a child process would be overkill: use a socketpair."""
+    import socket
+
+    path = str(tmp_path / "fake.sock")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen(1)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        connection, _ = server.accept()
+        connection.sendall(payload)
+        connection.close()
+        os._exit(0)
+    server.close()
+    try:
+        return query(path)
+    finally:
+        os.waitpid(pid, 0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_status_reads_the_daemons_control_socket(tmp_path) -> None:
+    from twisted.internet import reactor
+
+    port = await controlEndpoint(reactor, str(tmp_path / CONTROL_SOCKET)).listen(
+        ControlFactory(lambda: RUNNING)
+    )
+    try:
+        assert os.stat(tmp_path / CONTROL_SOCKET).st_mode & 0o777 == 0o600
+        out = io.StringIO()
+        from twisted.internet.threads import deferToThread
+
+        code = await deferToThread(run, _config(tmp_path), True, out)
+        assert code == 0
+        assert json.loads(out.getvalue()) == RUNNING
+    finally:
+        await port.stopListening()
+    assert not (tmp_path / CONTROL_SOCKET).exists()

@@ -1,0 +1,143 @@
+"""
+``virby status``: ask the daemon what it is doing and tell a person (or, with ``--json``, a
+program).
+
+This is a short-lived command, not the daemon: a plain blocking socket with a timeout is the
+right tool here.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import socket
+import sys
+from typing import Any, TextIO
+
+from virby.config import Config
+from virby.control import CONTROL_SOCKET
+from virby.errors import VirbyError
+
+#: Exit status when the daemon is not running, as ``systemctl status`` does for inactive.
+EXIT_DOWN = 3
+
+
+class DaemonDown(VirbyError):
+    """Nothing answers on the control socket."""
+
+
+def query(path: str, timeout: float = 5.0) -> dict[str, Any]:
+    """
+    Read the daemon's status document from its control socket.
+
+    @raise DaemonDown: when no daemon listens there.
+    @raise VirbyError: when one does but cannot be read (permissions, garbage).
+    """
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(path)
+            chunks = []
+            while chunk := s.recv(65536):
+                chunks.append(chunk)
+    except FileNotFoundError:
+        raise DaemonDown(f"the daemon is not running (no control socket at {path})") from None
+    except ConnectionRefusedError:
+        raise DaemonDown(f"the daemon is not running (stale control socket at {path})") from None
+    except PermissionError:
+        raise VirbyError(
+            f"permission denied on {path}: run `sudo virby status` (the working directory "
+            "belongs to the daemon's user)"
+        ) from None
+    except TimeoutError:
+        raise VirbyError(f"the daemon did not answer on {path} within {timeout:.0f}s") from None
+    except OSError as e:
+        if e.errno == errno.ENOTDIR:
+            raise DaemonDown(f"the daemon is not running (no control socket at {path})") from None
+        raise VirbyError(f"cannot reach the daemon at {path}: {e.strerror or e}") from None
+    try:
+        document = json.loads(b"".join(chunks))
+    except ValueError:
+        raise VirbyError(f"the daemon at {path} answered something that is not JSON") from None
+    if not isinstance(document, dict):
+        raise VirbyError(f"the daemon at {path} answered something that is not a status")
+    return document
+
+
+def duration(seconds: float | None) -> str:
+    """C{9000} -> C{"2h 30m"}: precise enough for a person, short enough to scan."""
+    if seconds is None:
+        return "-"
+    whole = round(seconds)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    if minutes:
+        return f"{minutes}m {secs:02d}s"
+    return f"{secs}s"
+
+
+def render(status: dict[str, Any]) -> str:
+    """The status as a few aligned lines."""
+    state = status.get("state", "unknown")
+    lines = [
+        (
+            "Daemon",
+            f"running (pid {status.get('daemon_pid', '?')}, "
+            f"up {duration(status.get('daemon_uptime'))})",
+        )
+    ]
+    if state == "running":
+        vm = (
+            f"running at {status.get('vm_ip')}:{status.get('vm_port')} "
+            f"(vfkit pid {status.get('vfkit_pid')}), up {duration(status.get('uptime'))}"
+        )
+    elif state == "booting":
+        vm = f"booting (vfkit pid {status.get('vfkit_pid') or '-'})"
+    else:
+        vm = state
+    lines.append(("VM", vm))
+    if status.get("last_boot_seconds") is not None:
+        lines.append(("Last boot", f"{status['last_boot_seconds']:.1f}s"))
+    lines.append(
+        (
+            "Connections",
+            f"{status.get('active_connections', 0)} active, "
+            f"{status.get('waiting_connections', 0)} waiting for the VM",
+        )
+    )
+    lines.append(("Idle stop", _idle(status)))
+    if status.get("restart_in") is not None:
+        lines.append(("Restart", f"in {duration(status['restart_in'])}"))
+    lines.append(("Listening", ", ".join(status.get("listening") or []) or "-"))
+    lines.append(("Last error", status.get("last_error") or "none"))
+    width = max(len(name) for name, _ in lines) + 1
+    return "\n".join(f"{name + ':':<{width}} {value}" for name, value in lines)
+
+
+def _idle(status: dict[str, Any]) -> str:
+    if not status.get("on_demand"):
+        return "never (always-on)"
+    if status.get("idle_stop_in") is not None:
+        return f"in {duration(status['idle_stop_in'])} (ttl {duration(status.get('ttl'))})"
+    if status.get("state") == "running":
+        return f"after {duration(status.get('ttl'))} without connections"
+    return "-"
+
+
+def run(config: Config, as_json: bool, out: TextIO = sys.stdout) -> int:
+    """C{virby status}: 0 when the daemon answered, L{EXIT_DOWN} when it is not running."""
+    path = config.path(CONTROL_SOCKET)
+    try:
+        status = query(path)
+    except DaemonDown as e:
+        if as_json:
+            out.write(json.dumps({"state": "down", "reason": str(e)}) + "\n")
+        else:
+            out.write(f"Virby: {e}\n")
+        return EXIT_DOWN
+    out.write(
+        json.dumps(status, sort_keys=True, indent=2) + "\n" if as_json else render(status) + "\n"
+    )
+    return 0
