@@ -1,0 +1,152 @@
+"""bootpd's lease file: the formats that exist in the wild, and any text at all."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from virby.leases import Lease, LeaseFile, LeaseFileError, newest_ip, normalize_mac, parse_leases
+
+MAC = "52:54:00:12:03:0a"
+
+SAMPLE = """{
+\tname=virby-vm
+\tip_address=192.168.64.9
+\thw_address=1,52:54:0:12:3:a
+\tidentifier=1,52:54:0:12:3:a
+\tlease=0x6903c800
+}
+{
+\tname=other
+\tip_address=192.168.64.8
+\thw_address=ff,f1:f5:dd:7f:0:2:0:0:ab:11:cb:fb:30:b0:97:b6:3a:67
+\tidentifier=ff,f1:f5:dd:7f:0:2:0:0:ab:11:cb:fb:30:b0:97:b6:3a:67
+\tlease=0x6903c900
+}
+{
+\tname=virby-vm
+\tip_address=192.168.64.7
+\thw_address=1,52:54:0:12:3:a
+\tidentifier=1,52:54:0:12:3:a
+\tlease=0x6903c794
+}
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "mac"),
+    [("52:54:0:12:3:a", MAC), ("52:54:00:12:03:0A", MAC), ("2:0:0:0:0:1", "02:00:00:00:00:01")],
+)
+def test_normalize_mac(text, mac) -> None:
+    assert normalize_mac(text) == mac
+
+
+@pytest.mark.parametrize("text", ["", "52:54:00:12:03", "52:54:00:12:03:0g", "123:0:0:0:0:1"])
+def test_not_a_mac(text) -> None:
+    assert normalize_mac(text) is None
+
+
+def test_parse_sample() -> None:
+    leases = parse_leases(SAMPLE)
+    assert leases[0] == Lease("192.168.64.9", MAC, 0x6903C800, "virby-vm")
+    assert leases[1].hw_address is None, "a DUID is not a MAC"
+    assert newest_ip(leases, MAC) == "192.168.64.9"
+
+
+def test_newest_by_expiry_not_position() -> None:
+    reordered = SAMPLE.replace("0x6903c800", "0x6903c700")
+    assert newest_ip(parse_leases(reordered), MAC) == "192.168.64.7"
+
+
+def test_ties_go_to_the_first_entry() -> None:
+    same = SAMPLE.replace("0x6903c794", "0x6903c800")
+    assert newest_ip(parse_leases(same), MAC) == "192.168.64.9"
+
+
+def test_truncated_last_block_still_counts() -> None:
+    text = "{\n\tip_address=192.168.64.3\n\thw_address=1,52:54:0:12:3:a\n\tlease=0x10"
+    assert newest_ip(parse_leases(text), MAC) == "192.168.64.3"
+
+
+def test_crlf_blank_lines_unknown_keys_and_bad_addresses() -> None:
+    text = (
+        "{\r\n\r\n ip_address=not-an-ip\r\n hw_address=1,52:54:0:12:3:a\r\n}\r\n"
+        "{\r\n colour=blue\r\n ip_address=192.168.64.4\r\n hw_address=1,52:54:0:12:3:a\r\n"
+        " lease=garbage\r\n}\r\n"
+    )
+    leases = parse_leases(text)
+    assert [lease.ip_address for lease in leases] == ["192.168.64.4"]
+    assert leases[0].lease == 0
+
+
+def test_a_duid_lease_never_matches() -> None:
+    text = "{\n ip_address=192.168.64.5\n hw_address=ff,52:54:0:12:3:a\n lease=0x1\n}\n"
+    assert newest_ip(parse_leases(text), MAC) is None
+
+
+@given(st.text())
+def test_any_text_parses(text: str) -> None:
+    for lease in parse_leases(text):
+        assert isinstance(lease, Lease)
+
+
+block_lines = st.lists(
+    st.sampled_from(
+        [
+            "{",
+            "}",
+            "\tip_address=192.168.64.2",
+            "\tip_address=300.1.1.1",
+            "\thw_address=1,",
+            "\thw_address=1,52:54:0:12:3:a",
+            "\thw_address=ff,1:2",
+            "\tlease=0x",
+            "\tlease=0xzz",
+            "\tlease=0x6903c794",
+            "\tname=",
+            "=",
+            "\t",
+            "ip_address",
+        ]
+    )
+    | st.text(max_size=20),
+    max_size=30,
+)
+
+
+@given(block_lines)
+def test_near_valid_files_parse(lines: list[str]) -> None:
+    leases = parse_leases("\n".join(lines))
+    newest_ip(leases, MAC)
+
+
+def test_lease_file_missing_means_no_lease_yet(tmp_path) -> None:
+    assert LeaseFile(str(tmp_path / "none")).lookup(MAC) is None
+
+
+def test_lease_file_rereads_only_when_changed(tmp_path, monkeypatch) -> None:
+    path = tmp_path / "dhcpd_leases"
+    path.write_text(SAMPLE)
+    leases = LeaseFile(str(path))
+    assert leases.lookup(MAC) == "192.168.64.9"
+    parsed = []
+    import virby.leases
+
+    real = virby.leases.parse_leases
+    monkeypatch.setattr(virby.leases, "parse_leases", lambda t: parsed.append(t) or real(t))
+    assert leases.lookup(MAC) == "192.168.64.9"
+    assert parsed == [], "unchanged file is not parsed again"
+    path.write_text(SAMPLE.replace("192.168.64.9", "192.168.64.10"))
+    os.utime(path, ns=(1, 10**18))
+    assert leases.lookup(MAC) == "192.168.64.10"
+    assert len(parsed) == 1
+
+
+def test_unreadable_lease_file_is_one_clear_error(tmp_path) -> None:
+    with pytest.raises(LeaseFileError) as caught:
+        LeaseFile(str(tmp_path)).lookup(MAC)
+    message = str(caught.value)
+    assert str(tmp_path) in message and "leases-file" in message and "\n" not in message

@@ -1,0 +1,169 @@
+"""
+Find the VM's address in bootpd's lease file (C{/var/db/dhcpd_leases}).
+
+Virtualization.framework's NAT hands out addresses with macOS's bootpd, which records each
+lease as a brace-delimited block of C{key=value} lines, newest first.  Two traps shape this
+parser: bootpd prints MAC octets with C{%x} (C{52:54:0:12:3:a}), so MACs are compared as
+bytes, not strings; and when a guest sends a DUID as its DHCP client id, bootpd records
+that instead of the MAC (C{hw_address=ff,...}), so only C{1,} (Ethernet) entries can match.
+The file is rewritten while we read it, so a block without its closing brace still counts.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from virby.errors import VirbyError
+
+
+class LeaseFileError(VirbyError):
+    """The lease file exists but cannot be read."""
+
+
+def normalize_mac(text: str) -> str | None:
+    """C{"52:54:0:12:3:A"} -> C{"52:54:00:12:03:0a"}; C{None} when C{text} is not a MAC."""
+    parts = text.strip().split(":")
+    if len(parts) != 6:
+        return None
+    octets = []
+    for part in parts:
+        if not 1 <= len(part) <= 2:
+            return None
+        try:
+            octets.append(int(part, 16))
+        except ValueError:
+            return None
+    return ":".join(f"{octet:02x}" for octet in octets)
+
+
+@dataclass(frozen=True)
+class Lease:
+    """
+    One lease.  C{hw_address} is the normalized MAC of an Ethernet entry, C{None} for a
+    DUID or otherwise unusable one; C{lease} is the expiry in Unix seconds (0 if garbled).
+    """
+
+    ip_address: str
+    hw_address: str | None
+    lease: int
+    name: str | None
+
+
+def _blocks(text: str) -> Iterable[dict[str, str]]:
+    """The C{{ ... }} blocks as dicts, tolerating a truncated last block and stray lines."""
+    current: dict[str, str] | None = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line == "{":
+            if current is not None:
+                yield current
+            current = {}
+        elif line == "}":
+            if current is not None:
+                yield current
+            current = None
+        elif current is not None and "=" in line:
+            key, _, value = line.partition("=")
+            current.setdefault(key.strip(), value.strip())
+    if current is not None:
+        yield current
+
+
+def _hardware(value: str | None) -> str | None:
+    if not value:
+        return None
+    kind, sep, address = value.partition(",")
+    if not sep or kind.strip() != "1":
+        return None
+    return normalize_mac(address)
+
+
+def _expiry(value: str | None) -> int:
+    if not value:
+        return 0
+    try:
+        return int(value, 16) if value.lower().startswith("0x") else int(value)
+    except ValueError:
+        return 0
+
+
+def _address(value: str | None) -> str | None:
+    if not value:
+        return None
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        return None
+
+
+def parse_leases(text: str) -> list[Lease]:
+    """Every usable lease in file order (newest first).  Never raises."""
+    leases = []
+    for block in _blocks(text):
+        ip = _address(block.get("ip_address"))
+        if ip is None:
+            continue
+        leases.append(
+            Lease(
+                ip_address=ip,
+                hw_address=_hardware(block.get("hw_address")),
+                lease=_expiry(block.get("lease")),
+                name=block.get("name") or None,
+            )
+        )
+    return leases
+
+
+def newest_ip(leases: Iterable[Lease], mac: str) -> str | None:
+    """The address of the newest lease for C{mac}: largest expiry, first in file on ties."""
+    wanted = normalize_mac(mac)
+    best: Lease | None = None
+    for lease in leases:
+        if lease.hw_address == wanted and (best is None or lease.lease > best.lease):
+            best = lease
+    return best.ip_address if best else None
+
+
+class LeaseFile:
+    """
+    The lease file, re-parsed only when it changed: the daemon asks several times a second
+    while a VM boots, and the file can hold hundreds of stale leases.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._stamp: tuple[int, int, int] | None = None
+        self._leases: list[Lease] = []
+
+    def lookup(self, mac: str) -> str | None:
+        """The VM's current address, or C{None} while it has no lease (or no file yet)."""
+        return newest_ip(self._read(), mac)
+
+    def _read(self) -> list[Lease]:
+        try:
+            info = os.stat(self.path)
+            stamp = (info.st_ino, info.st_size, info.st_mtime_ns)
+            if stamp == self._stamp:
+                return self._leases
+            with open(self.path, encoding="utf-8", errors="replace") as f:
+                text = f.read()
+        except FileNotFoundError:
+            self._stamp, self._leases = None, []
+            return []
+        except OSError as e:
+            raise LeaseFileError(self._explain(e)) from None
+        self._stamp, self._leases = stamp, parse_leases(text)
+        return self._leases
+
+    def _explain(self, error: OSError) -> str:
+        if error.errno in (errno.EACCES, errno.EPERM):
+            fix = "bootpd keeps it world-readable; restore that with `sudo chmod 644`"
+        elif error.errno == errno.EISDIR:
+            fix = 'set "leases-file" to bootpd\'s lease file, /var/db/dhcpd_leases'
+        else:
+            fix = 'check the "leases-file" setting'
+        return f"cannot read the lease file {self.path}: {error.strerror or error}; {fix}"
