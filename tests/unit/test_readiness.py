@@ -1,0 +1,177 @@
+"""Readiness: the banner probe and the wait for the guest, on a memory reactor."""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet.defer import CancelledError
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+
+from virby.leases import LeaseFileError
+from virby.readiness import BootTimeout, ProbeError, probe_banner, wait_for_guest
+
+
+def results(d) -> list:
+    box: list = []
+    d.addBoth(box.append)
+    return box
+
+
+def connect(reactor: MemoryReactorClock, index: int = -1):
+    """Complete the pending connectTCP: returns (protocol, transport)."""
+    factory = reactor.tcpClients[index][2]
+    protocol = factory.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def refuse(reactor: MemoryReactorClock, index: int = -1) -> None:
+    factory = reactor.tcpClients[index][2]
+    factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+
+
+def test_banner_after_preamble_lines() -> None:
+    reactor = MemoryReactorClock()
+    got = results(probe_banner(reactor, "192.168.64.2", 22, 2))
+    assert reactor.tcpClients[0][:2] == ("192.168.64.2", 22)
+    protocol, transport = connect(reactor)
+    protocol.dataReceived(b"hello there\r\nSSH-2.0-Open")
+    assert got == []
+    protocol.dataReceived(b"SSH_9.2\r\n")
+    assert got == ["SSH-2.0-OpenSSH_9.2"]
+    assert transport.disconnecting
+
+
+def test_not_ssh() -> None:
+    reactor = MemoryReactorClock()
+    got = results(probe_banner(reactor, "h", 22, 2))
+    protocol, _ = connect(reactor)
+    protocol.dataReceived(b"HTTP/1.1 400 Bad Request\r\n" + b"x" * 2000)
+    assert got[0].check(ProbeError)
+
+
+def test_closed_before_banner() -> None:
+    reactor = MemoryReactorClock()
+    got = results(probe_banner(reactor, "h", 22, 2))
+    protocol, _ = connect(reactor)
+    protocol.connectionLost(None)
+    assert got[0].check(ProbeError)
+
+
+def test_probe_times_out() -> None:
+    reactor = MemoryReactorClock()
+    got = results(probe_banner(reactor, "h", 22, 2))
+    connect(reactor)
+    reactor.advance(2)
+    assert got[0].check(Exception)
+    assert (
+        reactor.connectors[0]._disconnected
+        if hasattr(reactor.connectors[0], "_disconnected")
+        else True
+    )
+
+
+class Leases:
+    def __init__(self) -> None:
+        self.ip: str | None = None
+        self.calls = 0
+        self.error: Exception | None = None
+
+    def __call__(self) -> str | None:
+        self.calls += 1
+        if self.error:
+            raise self.error
+        return self.ip
+
+
+def test_waits_for_a_lease_then_a_banner() -> None:
+    reactor = MemoryReactorClock()
+    leases = Leases()
+    got = results(wait_for_guest(reactor, leases, 22, timeout=30, interval=0.25))
+    for _ in range(4):
+        reactor.advance(0.25)
+    assert reactor.tcpClients == [] and leases.calls == 5
+    leases.ip = "192.168.64.5"
+    reactor.advance(0.25)
+    assert len(reactor.tcpClients) == 1
+    reactor.advance(1)
+    assert len(reactor.tcpClients) == 1, "never two probes in flight"
+    refuse(reactor)
+    reactor.advance(0.25)
+    assert len(reactor.tcpClients) == 2, "a refused probe is retried"
+    protocol, _ = connect(reactor)
+    protocol.dataReceived(b"SSH-2.0-OpenSSH_9.2\r\n")
+    assert got == ["192.168.64.5"]
+    assert reactor.getDelayedCalls() == [] or all(not c.active() for c in reactor.getDelayedCalls())
+
+
+def test_a_fresh_lease_replaces_a_stale_one() -> None:
+    reactor = MemoryReactorClock()
+    leases = Leases()
+    leases.ip = "192.168.64.5"
+    got = results(wait_for_guest(reactor, leases, 22, timeout=30))
+    refuse(reactor)
+    leases.ip = "192.168.64.6"
+    reactor.advance(0.25)
+    assert reactor.tcpClients[-1][0] == "192.168.64.6"
+    protocol, _ = connect(reactor)
+    protocol.dataReceived(b"SSH-2.0-x\n")
+    assert got == ["192.168.64.6"]
+
+
+def test_no_lease_timeout_says_so() -> None:
+    reactor = MemoryReactorClock()
+    got = results(wait_for_guest(reactor, Leases(), 22, timeout=10, what="MAC 02:00:00:00:00:01"))
+    reactor.advance(10)
+    error = got[0].value
+    assert isinstance(error, BootTimeout) and error.reason == "no-lease"
+    assert "MAC 02:00:00:00:00:01" in str(error) and "firewall" in str(error)
+    assert not [c for c in reactor.getDelayedCalls() if c.active()]
+
+
+def test_no_ssh_timeout_names_the_address_and_last_error() -> None:
+    reactor = MemoryReactorClock()
+    leases = Leases()
+    leases.ip = "192.168.64.9"
+    got = results(wait_for_guest(reactor, leases, 2222, timeout=5))
+    refuse(reactor)
+    reactor.advance(5)
+    error = got[0].value
+    assert isinstance(error, BootTimeout) and error.reason == "no-ssh"
+    assert "192.168.64.9" in str(error) and "2222" in str(error)
+    assert "refused" in str(error).lower()
+
+
+def test_an_unreadable_lease_file_fails_at_once() -> None:
+    reactor = MemoryReactorClock()
+    leases = Leases()
+    leases.error = LeaseFileError("cannot read the lease file /x")
+    got = results(wait_for_guest(reactor, leases, 22, timeout=30))
+    assert got[0].check(LeaseFileError)
+    assert not [c for c in reactor.getDelayedCalls() if c.active()]
+
+
+def test_cancel_stops_everything() -> None:
+    reactor = MemoryReactorClock()
+    leases = Leases()
+    leases.ip = "192.168.64.5"
+    waiting = wait_for_guest(reactor, leases, 22, timeout=30)
+    got = results(waiting)
+    connect(reactor)
+    waiting.cancel()
+    assert got[0].check(CancelledError)
+    calls = leases.calls
+    reactor.advance(60)
+    assert leases.calls == calls
+    assert not [c for c in reactor.getDelayedCalls() if c.active()]
+
+
+@pytest.mark.parametrize("banner", [b"SSH-1.99-old\n", b"SSH-2.0-x\r\n"])
+def test_banner_versions(banner) -> None:
+    reactor = MemoryReactorClock()
+    got = results(probe_banner(reactor, "h", 22, 2))
+    protocol, _ = connect(reactor)
+    protocol.dataReceived(banner)
+    assert got[0].startswith("SSH-")
