@@ -1,0 +1,201 @@
+"""
+The VM's disk files: copying a multi-gigabyte image cheaply and safely, and growing it.
+
+A copy never appears half-written under its final name: it is made under a temporary name
+in the destination's directory (ending in L{TEMP_SUFFIX}), flushed to disk, and renamed, so
+a crash or a kill at any moment leaves either the old file or the complete new one.  A
+leftover temporary file is garbage that the next C{virby prepare} removes.
+
+The cheapest copy wins: an APFS clone on macOS (C{clonefile}), a reflink (C{FICLONE}) where a
+Linux filesystem has one, and otherwise a sparse copy that reads only the data regions of the
+source and writes no block that is all zeros, so a 100 GiB disk with 3 GiB in it costs 3 GiB.
+
+This is plain blocking code: it runs in C{virby prepare}, never on the daemon's reactor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import os
+import secrets
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+#: Every temporary file Virby makes ends so; anything so named is safe to delete.
+TEMP_SUFFIX = ".virby-tmp"
+
+#: Linux's FICLONE ioctl, _IOW(0x94, 9, int): share all extents of one file with another.
+FICLONE = 0x40049409
+
+_CHUNK = 1024 * 1024
+_ZEROS = bytes(_CHUNK)
+
+# Why a clone can fail and a plain copy should be tried instead (other filesystem, no support).
+_NO_CLONE = frozenset(
+    {errno.EXDEV, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOTTY, errno.ENOSYS}
+)
+
+
+def temporary_name(path: str) -> str:
+    """A fresh name beside C{path}, hidden, and recognisable as Virby's garbage after a crash."""
+    directory, name = os.path.split(path)
+    return os.path.join(directory, f".{name}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
+
+
+def fsync_directory(path: str) -> None:
+    """Make a rename in directory C{path} durable, so a power cut cannot undo it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def replacing(path: str) -> Iterator[str]:
+    """
+    Yield a temporary name to build C{path}'s new content in; on success rename it over
+    C{path} (after an fsync of the file and then of the directory), on failure delete it.
+    """
+    temporary = temporary_name(path)
+    try:
+        yield temporary
+        fd = os.open(temporary, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+    fsync_directory(os.path.dirname(path) or ".")
+
+
+def remove_temporaries(directory: str) -> list[str]:
+    """Delete what an interrupted run left in C{directory}; return the names removed."""
+    removed = []
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for entry in os.scandir(directory):
+            if entry.name.endswith(TEMP_SUFFIX) and entry.is_file(follow_symlinks=False):
+                os.unlink(entry.path)
+                removed.append(entry.name)
+    return removed
+
+
+def _clonefile(source: str, destination: str) -> bool:
+    """macOS C{clonefile(2)}: an APFS copy-on-write clone.  False when it cannot clone here."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    result = libc.clonefile(os.fsencode(source), os.fsencode(destination), 0)
+    if result == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in _NO_CLONE:
+        return False
+    raise OSError(code, os.strerror(code), destination)
+
+
+def _reflink(source_fd: int, destination_fd: int) -> bool:
+    """Linux C{FICLONE}: share extents (btrfs, XFS, bcachefs).  False when it cannot here."""
+    try:
+        fcntl.ioctl(destination_fd, FICLONE, source_fd)
+    except OSError as e:
+        if e.errno in _NO_CLONE:
+            return False
+        raise
+    return True
+
+
+def _data_regions(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """
+    The (start, end) ranges of C{fd} that may hold data, found with SEEK_DATA/SEEK_HOLE;
+    the whole file when the filesystem cannot tell.
+    """
+    if not hasattr(os, "SEEK_DATA"):
+        yield (0, size)
+        return
+    position = 0
+    while position < size:
+        try:
+            start = os.lseek(fd, position, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data after position: the rest is a hole
+                return
+            if position == 0 and e.errno in (errno.EINVAL, errno.ENOTSUP):
+                yield (0, size)
+                return
+            raise
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        yield (start, end)
+        position = end
+
+
+def _sparse_copy(source_fd: int, destination_fd: int, size: int) -> None:
+    """Copy data regions only, leaving a hole for every chunk that is all zeros."""
+    for start, end in _data_regions(source_fd, size):
+        position = start
+        while position < end:
+            chunk = os.pread(source_fd, min(_CHUNK, end - position), position)
+            if not chunk:
+                break
+            if chunk != _ZEROS[: len(chunk)]:
+                written = 0
+                while written < len(chunk):
+                    written += os.pwrite(destination_fd, chunk[written:], position + written)
+            position += len(chunk)
+    os.ftruncate(destination_fd, size)
+
+
+def copy(source: str, destination: str, mode: int = 0o600) -> str:
+    """
+    Make C{destination} a copy of C{source} with permission C{mode}, replacing it atomically,
+    by the cheapest method this system has.
+
+    @return: the method used: C{"clonefile"}, C{"reflink"} or C{"sparse copy"}.
+    """
+    with replacing(destination) as temporary:
+        if sys.platform == "darwin" and _clonefile(source, temporary):
+            os.chmod(temporary, mode)
+            return "clonefile"
+        source_fd = os.open(source, os.O_RDONLY)
+        try:
+            destination_fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            try:
+                os.fchmod(destination_fd, mode)  # whatever the umask says
+                if sys.platform.startswith("linux") and _reflink(source_fd, destination_fd):
+                    method = "reflink"
+                else:
+                    _sparse_copy(source_fd, destination_fd, os.fstat(source_fd).st_size)
+                    method = "sparse copy"
+            finally:
+                os.close(destination_fd)
+        finally:
+            os.close(source_fd)
+    return method
+
+
+@dataclass(frozen=True)
+class Resize:
+    """What L{grow} found and did.  C{grown} is False when the file was already big enough."""
+
+    before: int
+    after: int
+    grown: bool
+
+
+def grow(path: str, size: int) -> Resize:
+    """
+    Extend C{path} to C{size} bytes (a sparse extension: costs nothing until the guest
+    writes).  Never shrinks: cutting a disk image would cut the filesystem inside it.
+    """
+    before = os.stat(path).st_size
+    if before >= size:
+        return Resize(before=before, after=before, grown=False)
+    os.truncate(path, size)
+    return Resize(before=before, after=size, grown=True)

@@ -1,0 +1,82 @@
+"""
+The SSH keys that let the host reach the VM: made with C{cryptography}, in OpenSSH format.
+
+Two ed25519 pairs exist.  The VM's host key is shared into the guest (it would otherwise
+invent one at every boot, and the host could never pin it), and its public half is pinned in
+C{ssh_known_hosts} under the alias C{virby-vm-key}.  The client key is what the host's
+C{ssh virby-vm} logs in with; its public half is shared into the guest as the builder's
+authorized key.  Generating them here, with no C{ssh-keygen}, keeps C{virby prepare} free of
+any tool that a Mac might lack or ship in an old version.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+#: The name the host's ssh knows the VM's key by, whatever address the VM got this boot.
+HOST_KEY_ALIAS = "virby-vm-key"
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    """
+    One ed25519 key pair, ready to be written to files.
+
+    @ivar private: the private key as an OpenSSH PEM block (C{-----BEGIN OPENSSH PRIVATE KEY}).
+    @ivar public: the public key as one C{authorized_keys} line without newline, e.g.
+        C{"ssh-ed25519 AAAA... virby-client"}.
+    """
+
+    private: bytes
+    public: str
+
+
+def generate(comment: str) -> KeyPair:
+    """Make a new ed25519 pair; C{comment} ends the public line, naming what the key is for."""
+    key = Ed25519PrivateKey.generate()
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    return KeyPair(private=private, public=f"{public.decode('ascii')} {comment}")
+
+
+def public_of_private(private: bytes) -> str:
+    """
+    The bare public key (C{"ssh-ed25519 AAAA..."}, no comment) of an OpenSSH private key.
+
+    @raise ValueError: when C{private} is not an unencrypted OpenSSH private key.
+    """
+    key = serialization.load_ssh_private_key(private, password=None)
+    public = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    return public.decode("ascii")
+
+
+def bare_public(line: str) -> str:
+    """
+    The key type and key of a public key line, without comment or known_hosts host names,
+    so two lines can be compared for the key they hold.
+
+    @raise ValueError: when C{line} holds no C{ssh-...} key.
+    """
+    words = line.split()
+    for index, word in enumerate(words[:-1]):
+        if word.startswith("ssh-"):
+            bare = f"{word} {words[index + 1]}"
+            serialization.load_ssh_public_key(bare.encode("ascii"))
+            return bare
+    raise ValueError(f"no public key in {line!r}")
+
+
+def known_hosts_line(public: str, alias: str = HOST_KEY_ALIAS) -> str:
+    """The C{ssh_known_hosts} line that pins C{public} under C{alias} (with newline)."""
+    return f"{alias} {bare_public(public)}\n"

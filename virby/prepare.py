@@ -1,0 +1,358 @@
+"""
+C{virby prepare}: make the working directory, the VM's disks and the SSH keys, as root, from
+the nix-darwin activation script, before the daemon serves anything.
+
+It runs at every activation, so it must be safe to run again and again: a run with nothing
+to do changes nothing (not even an mtime), and a run killed at any moment is finished by the
+next one.  Every file is written under a temporary name and renamed, and the image path is
+recorded last, so an interrupted switch to a new image is simply redone.
+
+Layout (DESIGN.md) and modes, where C{<wd>} is the working directory:
+
+=======================================  =====  ===============================================
+path                                     mode   why
+=======================================  =====  ===============================================
+<wd>/                                    0700   owner-only; 0711 with allow-user-ssh, so other
+                                                users can reach the two files below made for
+                                                them, but still cannot list the directory
+<wd>/base.img, diff.img                  0600   the VM's disks
+<wd>/vm_sshd_keys/                       0700   shared into the VM (mountTag sshd-keys)
+<wd>/vm_sshd_keys/ssh_host_ed25519_key   0600   the VM's host key
+<wd>/vm_sshd_keys/ssh_user_ed25519_key   0644   the client's public key, authorized in the VM
+.pub
+<wd>/ssh_user_ed25519_key                0600   the client's private key
+<wd>/ssh_host_ed25519_key.pub            0644   the VM's public host key
+<wd>/ssh_known_hosts                     0644   C{virby-vm-key <host public key>}
+<wd>/ssh_user_ed25519_key.shared         0644   only with allow-user-ssh: the client key for
+                                                every local user
+<wd>/image-path                          0644   the image path the disks were made from, one
+                                                line; a different path means a new image
+=======================================  =====  ===============================================
+
+Whether the image changed is decided by its path: a Nix store path changes with its content.
+A changed image is the only reason C{diff.img} (the VM's state) is ever replaced; a larger
+C{disk-size} grows it in place, and a smaller one is only a warning.
+
+Runtime files (C{vfkit.pid}, C{vfkit.sock}, C{serial.log}, C{efistore.nvram}, C{mac}) belong
+to the daemon and are not made here; C{--owner} hands the whole tree, them included, to the
+daemon's user so that it can write there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import grp
+import os
+import pwd
+import stat
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from virby import disk, keys
+from virby.config import MIB, Config
+from virby.errors import VirbyError
+from virby.sshconfig import ssh_config_block
+
+BASE_IMAGE = "base.img"
+DIFF_IMAGE = "diff.img"
+SSHD_KEYS = "vm_sshd_keys"
+HOST_KEY = os.path.join(SSHD_KEYS, "ssh_host_ed25519_key")
+AUTHORIZED_KEY = os.path.join(SSHD_KEYS, "ssh_user_ed25519_key.pub")
+CLIENT_KEY = "ssh_user_ed25519_key"
+HOST_PUBLIC_KEY = "ssh_host_ed25519_key.pub"
+KNOWN_HOSTS = "ssh_known_hosts"
+SHARED_CLIENT_KEY = "ssh_user_ed25519_key.shared"
+IMAGE_RECORD = "image-path"
+
+PRIVATE = 0o600
+PUBLIC = 0o644
+PRIVATE_DIRECTORY = 0o700
+REACHABLE_DIRECTORY = 0o711
+
+#: Every file prepare manages, and its mode (the disks and keys; the record is written last).
+MODES: dict[str, int] = {
+    BASE_IMAGE: PRIVATE,
+    DIFF_IMAGE: PRIVATE,
+    HOST_KEY: PRIVATE,
+    AUTHORIZED_KEY: PUBLIC,
+    CLIENT_KEY: PRIVATE,
+    HOST_PUBLIC_KEY: PUBLIC,
+    KNOWN_HOSTS: PUBLIC,
+    SHARED_CLIENT_KEY: PUBLIC,
+    IMAGE_RECORD: PUBLIC,
+}
+
+Report = Callable[[str], None]
+
+
+class PrepareError(VirbyError):
+    """C{virby prepare} cannot do its job; the message names the cause and the fix."""
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who the tree is handed to (C{--owner USER[:GROUP]})."""
+
+    uid: int
+    gid: int
+
+
+def parse_owner(text: str) -> Owner:
+    """
+    Resolve C{USER[:GROUP]} (names or numbers); the group defaults to the user's own.
+
+    @raise PrepareError: when the user or group does not exist.
+    """
+    user, _, group = text.partition(":")
+    try:
+        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+    except (KeyError, ValueError):
+        raise PrepareError(
+            f"--owner: no user {user!r} on this system; create it or pass another user"
+        ) from None
+    if not group:
+        return Owner(entry.pw_uid, entry.pw_gid)
+    try:
+        gid = grp.getgrgid(int(group)).gr_gid if group.isdigit() else grp.getgrnam(group).gr_gid
+    except (KeyError, ValueError):
+        raise PrepareError(
+            f"--owner: no group {group!r} on this system; create it or pass another group"
+        ) from None
+    return Owner(entry.pw_uid, gid)
+
+
+def _size(n: int) -> str:
+    """Show a byte count the way disk-size is written."""
+    for unit, factor in (("TiB", 1024 * 1024 * MIB), ("GiB", 1024 * MIB), ("MiB", MIB)):
+        if n >= factor and n % factor == 0:
+            return f"{n // factor}{unit}"
+    return f"{n} bytes"
+
+
+def _check_image(image: str | None) -> str:
+    """Refuse before touching anything when the image cannot be copied."""
+    if image is None:
+        raise PrepareError('image: not set; pass --image or set "image" in the config')
+    try:
+        info = os.stat(image)
+    except OSError as e:
+        raise PrepareError(
+            f"image: cannot use {image}: {e.strerror}; build the VM image or fix "
+            '"image" in the config'
+        ) from None
+    if not stat.S_ISREG(info.st_mode):
+        raise PrepareError(f'image: {image} is not a file; point "image" at the raw EFI image')
+    if not os.access(image, os.R_OK):
+        raise PrepareError(f"image: {image} is not readable; run virby prepare as root")
+    return image
+
+
+def _check_working_directory(path: str) -> None:
+    """Refuse before touching anything when the working directory cannot be one."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise PrepareError(f"working-directory: cannot use {path}: {e.strerror}") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise PrepareError(
+            f"working-directory: {path} exists and is not a directory; move it away or "
+            'set another "working-directory"'
+        )
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise PrepareError(f"working-directory: {path} is not writable; run virby prepare as root")
+
+
+@contextlib.contextmanager
+def _locked(path: str) -> Iterator[None]:
+    """Serialise concurrent runs on one directory (two activations, or a person and one)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _chmod(path: str, mode: int) -> None:
+    """Set C{mode} only when it differs, so that a run with nothing to do changes nothing."""
+    if stat.S_IMODE(os.lstat(path).st_mode) != mode:
+        os.chmod(path, mode)
+
+
+def _read(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def _write(path: str, data: bytes, mode: int) -> None:
+    """Replace C{path} with C{data} atomically: a crash leaves the old content or the new."""
+    with disk.replacing(path) as temporary:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        try:
+            os.fchmod(fd, mode)
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+
+
+def recorded_image(config: Config) -> str | None:
+    """The image path the disks were last made from, or C{None} if none was recorded."""
+    data = _read(config.path(IMAGE_RECORD))
+    return data.decode("utf-8", "replace").strip() or None if data is not None else None
+
+
+def keys_consistent(config: Config) -> bool:
+    """
+    Whether every key file is there and they all belong together: the public halves and the
+    pinned host key derive from the private keys.  A run killed while writing a new set of
+    keys leaves a mixed set, which this catches so the next run makes a whole new set.
+    """
+    try:
+        host = keys.public_of_private(_read(config.path(HOST_KEY)) or b"")
+        client = keys.public_of_private(_read(config.path(CLIENT_KEY)) or b"")
+        host_public = (_read(config.path(HOST_PUBLIC_KEY)) or b"").decode("ascii")
+        authorized = (_read(config.path(AUTHORIZED_KEY)) or b"").decode("ascii")
+        known_hosts = (_read(config.path(KNOWN_HOSTS)) or b"").decode("ascii")
+        return (
+            keys.bare_public(host_public) == host
+            and keys.bare_public(authorized) == client
+            and known_hosts == keys.known_hosts_line(host)
+        )
+    except (ValueError, UnicodeDecodeError):
+        return False
+
+
+def _make_keys(config: Config) -> None:
+    """Write a new host key and client key, each file atomically; the record comes later."""
+    host = keys.generate("virby-vm-host")
+    client = keys.generate("virby-client")
+    _write(config.path(HOST_KEY), host.private, PRIVATE)
+    _write(config.path(AUTHORIZED_KEY), (client.public + "\n").encode("ascii"), PUBLIC)
+    _write(config.path(CLIENT_KEY), client.private, PRIVATE)
+    _write(config.path(HOST_PUBLIC_KEY), (host.public + "\n").encode("ascii"), PUBLIC)
+    _write(config.path(KNOWN_HOSTS), keys.known_hosts_line(host.public).encode("ascii"), PUBLIC)
+
+
+def _share_client_key(config: Config, inform: Report) -> None:
+    """Keep the everyone-readable copy of the client key exactly when allow-user-ssh is on."""
+    shared = config.path(SHARED_CLIENT_KEY)
+    if not config.allow_user_ssh:
+        if os.path.lexists(shared):
+            os.unlink(shared)
+            inform(f"removed {SHARED_CLIENT_KEY} (allow-user-ssh is off)")
+        return
+    private = _read(config.path(CLIENT_KEY))
+    assert private is not None
+    if _read(shared) != private:
+        _write(shared, private, PUBLIC)
+        inform(f"wrote {SHARED_CLIENT_KEY} for local users (allow-user-ssh is on)")
+
+
+def _prepare_disks(config: Config, image: str, changed: bool, inform: Report) -> None:
+    """Copy and clone the image when it changed (or a disk is missing)."""
+    base, diff = config.path(BASE_IMAGE), config.path(DIFF_IMAGE)
+    if changed or not os.path.exists(base):
+        method = disk.copy(image, base, PRIVATE)
+        inform(f"copied {image} to {BASE_IMAGE} ({method})")
+    if changed or not os.path.exists(diff):
+        method = disk.copy(base, diff, PRIVATE)
+        inform(f"made {DIFF_IMAGE} from {BASE_IMAGE} ({method})")
+
+
+def _grow(config: Config, warn: Report, inform: Report) -> None:
+    resize = disk.grow(config.path(DIFF_IMAGE), config.disk_size)
+    if resize.grown:
+        inform(f"grew {DIFF_IMAGE} from {_size(resize.before)} to {_size(resize.after)}")
+    elif resize.before > config.disk_size:
+        warn(
+            f"disk-size {_size(config.disk_size)} is smaller than {DIFF_IMAGE} "
+            f"({_size(resize.before)}); keeping it, since a disk is never shrunk"
+        )
+
+
+def _hand_over(root: str, owner: Owner) -> None:
+    """Give the whole tree to the daemon's user, which writes its runtime files there."""
+    for directory, subdirectories, files in os.walk(root):
+        for name in [directory, *(os.path.join(directory, n) for n in subdirectories + files)]:
+            info = os.lstat(name)
+            if (info.st_uid, info.st_gid) != (owner.uid, owner.gid):
+                os.lchown(name, owner.uid, owner.gid)
+
+
+def _stderr(prefix: str) -> Report:
+    return lambda message: sys.stderr.write(f"virby prepare: {prefix}{message}\n")
+
+
+def prepare(
+    config: Config,
+    owner: str | None = None,
+    warn: Report | None = None,
+    inform: Report | None = None,
+) -> None:
+    """
+    Bring the working directory to the state the config asks for; see the module docstring.
+
+    @param owner: C{USER[:GROUP]} to hand the tree to, or C{None} to leave owners alone.
+    @param warn: called with each warning (default: a line on stderr).
+    @param inform: called with each change made (default: silent).
+    @raise PrepareError: with one line, before anything is touched when the input is bad.
+    """
+    warn = warn or _stderr("warning: ")
+    inform = inform or (lambda message: None)
+    image = _check_image(config.image)
+    who = parse_owner(owner) if owner is not None else None
+    wd = config.working_directory
+    _check_working_directory(wd)
+    try:
+        os.makedirs(wd, PRIVATE_DIRECTORY, exist_ok=True)
+        with _locked(wd):
+            _prepare_locked(config, image, warn, inform)
+            if who is not None:
+                _hand_over(wd, who)
+    except OSError as e:
+        where = f" {e.filename}" if e.filename else f" {wd}"
+        raise PrepareError(
+            f"cannot prepare{where}: {e.strerror or e}; free space or fix permissions and "
+            "run virby prepare again"
+        ) from None
+
+
+def _prepare_locked(config: Config, image: str, warn: Report, inform: Report) -> None:
+    wd = config.working_directory
+    _chmod(wd, REACHABLE_DIRECTORY if config.allow_user_ssh else PRIVATE_DIRECTORY)
+    share = config.path(SSHD_KEYS)
+    os.makedirs(share, PRIVATE_DIRECTORY, exist_ok=True)
+    _chmod(share, PRIVATE_DIRECTORY)
+    for directory in (wd, share):
+        for name in disk.remove_temporaries(directory):
+            inform(f"removed {name} left by an interrupted run")
+
+    changed = recorded_image(config) != image
+    _prepare_disks(config, image, changed, inform)
+    _grow(config, warn, inform)
+    if changed or not keys_consistent(config):
+        _make_keys(config)
+        inform("made new SSH keys for the VM and its client")
+    _share_client_key(config, inform)
+    for name, mode in MODES.items():
+        if os.path.lexists(config.path(name)):
+            _chmod(config.path(name), mode)
+    if changed:
+        _write(config.path(IMAGE_RECORD), f"{image}\n".encode(), PUBLIC)
+        inform(f"recorded {image} as the image of {wd}")
+
+
+def run(config: Config, owner: str | None, print_ssh_config: bool) -> int:
+    """The C{virby prepare} command; expected failures raise L{VirbyError} for the caller."""
+    if print_ssh_config:
+        sys.stdout.write(ssh_config_block(config))
+        return 0
+    prepare(config, owner, inform=lambda message: sys.stdout.write(f"virby prepare: {message}\n"))
+    return 0

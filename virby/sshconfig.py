@@ -1,0 +1,52 @@
+"""
+The C{Host virby-vm} block that the nix-darwin module installs as
+C{/etc/ssh/ssh_config.d/100-virby-vm.conf}, so that C{ssh virby-vm} and Nix's builder
+connections reach the VM through the daemon's port.
+
+It is generated here, in one place, so that C{virby prepare --print-ssh-config} shows a
+person exactly what ssh will do and the Nix side can be checked against it.  The choices:
+
+- C{HostName 127.0.0.1}, not C{localhost}, which can resolve to C{::1} where nothing listens.
+- C{HostKeyAlias virby-vm-key} with C{StrictHostKeyChecking yes}: the VM's key is pinned
+  under one name, whatever port or address it is reached by, and a mismatch is refused.
+- C{IdentitiesOnly yes}: an agent holding many keys would otherwise exhaust the server's
+  C{MaxAuthTries} before the right key is offered.
+- No C{ConnectTimeout}: a cold boot takes seconds, during which the daemon holds the
+  connection open on purpose.
+"""
+
+from __future__ import annotations
+
+from virby.config import Config
+from virby.keys import HOST_KEY_ALIAS
+
+HOST = "virby-vm"
+USER = "builder"
+CLIENT_KEY = "ssh_user_ed25519_key"
+KNOWN_HOSTS = "ssh_known_hosts"
+
+
+def _quoted(path: str) -> str:
+    """ssh_config splits arguments on white space unless they are in double quotes."""
+    return f'"{path}"' if any(c.isspace() for c in path) else path
+
+
+def ssh_config_block(config: Config, identity_file: str | None = None) -> str:
+    """
+    The ssh_config text for C{Host virby-vm}, ending with a newline.
+
+    @param identity_file: the client key to log in with; the working directory's private
+        key when C{None}.
+    """
+    lines = [
+        f"Host {HOST}",
+        "  HostName 127.0.0.1",
+        f"  Port {config.port}",
+        f"  User {USER}",
+        f"  HostKeyAlias {HOST_KEY_ALIAS}",
+        f"  IdentityFile {_quoted(identity_file or config.path(CLIENT_KEY))}",
+        f"  UserKnownHostsFile {_quoted(config.path(KNOWN_HOSTS))}",
+        "  StrictHostKeyChecking yes",
+        "  IdentitiesOnly yes",
+    ]
+    return "\n".join(lines) + "\n"
