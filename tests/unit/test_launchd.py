@@ -1,0 +1,102 @@
+"""launchd: sockets handed through the activation seam are adopted and served."""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+import pytest
+import pytest_twisted
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, serverFromString
+from twisted.internet.protocol import Factory, Protocol
+
+import virby.launchd
+from virby.launchd import LaunchdError, LaunchdServerEndpoint, activate_socket
+
+
+class Hello(Protocol):
+    def connectionMade(self) -> None:
+        self.transport.write(b"hello\n")
+        self.transport.loseConnection()
+
+
+class Reader(Protocol):
+    def __init__(self) -> None:
+        from twisted.internet.defer import Deferred
+
+        self.data = b""
+        self.done = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason=None) -> None:
+        self.done.callback(self.data)
+
+
+def listening(family: int, host: str) -> socket.socket:
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.bind((host, 0))
+    s.listen(5)
+    return s
+
+
+def test_not_under_launchd_on_this_system() -> None:
+    with pytest.raises(OSError) as caught:
+        activate_socket("Listener")
+    assert caught.value.errno == errno.ESRCH
+
+
+@pytest.mark.parametrize(
+    ("code", "words"),
+    [
+        (errno.ESRCH, "not started by launchd"),
+        (errno.ENOENT, "no socket named 'Listener'"),
+        (errno.EALREADY, "already activated"),
+        (errno.EPERM, "cannot activate"),
+    ],
+)
+def test_errors_are_one_line(code, words) -> None:
+    def activate(name: str) -> list[int]:
+        raise OSError(code, "x")
+
+    failures: list = []
+    LaunchdServerEndpoint(None, "Listener", activate).listen(Factory()).addErrback(failures.append)
+    error = failures[0].value
+    assert isinstance(error, LaunchdError) and words in str(error) and "\n" not in str(error)
+
+
+def test_the_string_parser_is_found(monkeypatch) -> None:
+    from twisted.internet import reactor
+
+    endpoint = serverFromString(reactor, "launchd:name=Other")
+    assert isinstance(endpoint, LaunchdServerEndpoint)
+    assert endpoint._name == "Other"
+    assert serverFromString(reactor, "launchd")._name == "Listener"
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_socket_is_adopted_and_served(monkeypatch) -> None:
+    from twisted.internet import reactor
+
+    v4 = listening(socket.AF_INET, "127.0.0.1")
+    v6 = listening(socket.AF_INET6, "::1")
+    v4port, v6port = v4.getsockname()[1], v6.getsockname()[1]
+    ports = {v4port, v6port}
+    fds = [v4.detach(), v6.detach()]
+    asked: list[str] = []
+    monkeypatch.setattr(virby.launchd, "activate_socket", lambda name: asked.append(name) or fds)
+    endpoint = serverFromString(reactor, "launchd:name=Listener")
+    port = await endpoint.listen(Factory.forProtocol(Hello))
+    try:
+        assert asked == ["Listener"]
+        assert {p.getHost().port for p in port.ports} == ports
+        for client, host, number in (
+            (TCP4ClientEndpoint, "127.0.0.1", v4port),
+            (TCP6ClientEndpoint, "::1", v6port),
+        ):
+            reader = Reader()
+            await client(reactor, host, number).connect(Factory.forProtocol(lambda r=reader: r))
+            assert await reader.done == b"hello\n"
+    finally:
+        await port.stopListening()

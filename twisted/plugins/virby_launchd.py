@@ -1,0 +1,5 @@
+"""The ``launchd:`` server endpoint for Twisted's endpoint strings (cheap to import)."""
+
+from virby.launchd import LaunchdParser
+
+launchdEndpointParser = LaunchdParser()

@@ -1,0 +1,154 @@
+"""
+The ``launchd:name=Listener`` server endpoint: adopt the sockets launchd bound for the job.
+
+launchd owns the builder's listening socket (the plist's C{Sockets} dict), so the port is
+there before the daemon starts and stays there while it restarts; connections that arrive
+meanwhile wait in the kernel backlog.  The daemon asks for the sockets with
+C{launch_activate_socket(3)} (through ctypes, the one seam to macOS here) and adopts each
+one: launchd may hand several, for IPv4 and IPv6.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
+from twisted.internet.endpoints import AdoptedStreamServerEndpoint
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IStreamServerEndpoint,
+    IStreamServerEndpointStringParser,
+)
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+
+from virby.errors import VirbyError
+
+LIBSYSTEM = "/usr/lib/libSystem.B.dylib"
+
+
+class LaunchdError(VirbyError):
+    """launchd has no socket for us; the message says why and how to run without it."""
+
+
+def activate_socket(name: str) -> list[int]:
+    """
+    The listening fds launchd holds for socket C{name} of this job.
+
+    @raise OSError: with launchd's errno: ESRCH when not started by launchd (also on any
+        system without launchd), ENOENT for an unknown name, EALREADY when asked twice.
+    """
+    try:
+        libsystem = ctypes.CDLL(LIBSYSTEM, use_errno=True)
+        activate = libsystem.launch_activate_socket
+    except (OSError, AttributeError):
+        raise OSError(errno.ESRCH, "launchd is not available on this system") from None
+    activate.restype = ctypes.c_int
+    activate.argtypes = [
+        ctypes.c_char_p,
+        ctypes.POINTER(ctypes.POINTER(ctypes.c_int)),
+        ctypes.POINTER(ctypes.c_size_t),
+    ]
+    fds = ctypes.POINTER(ctypes.c_int)()
+    count = ctypes.c_size_t(0)
+    err = activate(name.encode(), ctypes.byref(fds), ctypes.byref(count))
+    if err != 0:
+        raise OSError(err, os.strerror(err))
+    try:
+        return [fds[i] for i in range(count.value)]
+    finally:
+        # The array is malloc()ed for us; upstream leaked it.
+        libsystem.free(fds)
+
+
+def _explain(error: OSError, name: str) -> LaunchdError:
+    if error.errno == errno.ESRCH:
+        return LaunchdError(
+            "launchd: this process was not started by launchd (ESRCH); to run by hand use "
+            "--listen tcp:31222:interface=127.0.0.1"
+        )
+    if error.errno == errno.ENOENT:
+        return LaunchdError(
+            f"launchd: the job has no socket named {name!r} in its plist Sockets (ENOENT)"
+        )
+    if error.errno == errno.EALREADY:
+        return LaunchdError(f"launchd: socket {name!r} was already activated (EALREADY)")
+    return LaunchdError(f"launchd: cannot activate socket {name!r}: {error.strerror or error}")
+
+
+def _family(fd: int) -> socket.AddressFamily:
+    probe = socket.socket(fileno=os.dup(fd))
+    try:
+        return probe.family
+    finally:
+        probe.close()
+
+
+@implementer(IListeningPort)
+class ListeningPorts:
+    """Several adopted sockets that start and stop together."""
+
+    def __init__(self, ports: list[IListeningPort]) -> None:
+        self.ports = ports
+
+    def startListening(self) -> None:
+        for port in self.ports:
+            port.startListening()
+
+    def stopListening(self) -> Deferred[Any]:
+        return DeferredList([succeed(p.stopListening()) for p in self.ports]).addCallback(
+            lambda _: None
+        )
+
+    def getHost(self) -> Any:
+        return self.ports[0].getHost()
+
+
+@implementer(IStreamServerEndpoint)
+class LaunchdServerEndpoint:
+    """Listens on every socket launchd bound for C{name}."""
+
+    def __init__(
+        self, reactor: Any, name: str, activate: Callable[[str], list[int]] | None = None
+    ) -> None:
+        self._reactor = reactor
+        self._name = name
+        self._activate = activate
+
+    def listen(self, factory: Any) -> Deferred[IListeningPort]:
+        activate = self._activate or activate_socket
+        try:
+            fds = activate(self._name)
+        except OSError as e:
+            return fail(_explain(e, self._name))
+        if not fds:
+            return fail(LaunchdError(f"launchd: socket {self._name!r} came with no descriptors"))
+        ports: list[IListeningPort] = []
+        for fd in fds:
+            outcome: list[Any] = []
+            AdoptedStreamServerEndpoint(self._reactor, fd, _family(fd)).listen(factory).addBoth(
+                outcome.append
+            )
+            if not outcome or not IListeningPort.providedBy(outcome[0]):
+                for port in ports:
+                    port.stopListening()
+                return fail(outcome[0]) if outcome else fail(LaunchdError("adoption stalled"))
+            ports.append(outcome[0])
+        return succeed(ListeningPorts(ports))
+
+
+@implementer(IPlugin, IStreamServerEndpointStringParser)
+class LaunchdParser:
+    """C{launchd:name=Listener} (the name is the key of the plist's C{Sockets} dict)."""
+
+    prefix = "launchd"
+
+    def parseStreamServer(self, reactor: Any, *args: str, **kwargs: str) -> LaunchdServerEndpoint:
+        name = kwargs.pop("name", args[0] if args else "Listener")
+        return LaunchdServerEndpoint(reactor, name)
