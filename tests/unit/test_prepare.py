@@ -1,0 +1,413 @@
+"""
+C{virby prepare} on a real temporary directory: the exact layout and modes, idempotence,
+a new image, disk growth, allow-user-ssh, --owner, and refusals that touch nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from virby import cli, disk, keys, prepare
+from virby.config import MIB, Config
+
+DISK = 8 * MIB
+
+
+class Crash(BaseException):
+    """Stands for the process dying: not an Exception, so nothing may catch it on the way."""
+
+
+def make_image(path: Path, marker: bytes) -> bytes:
+    """A small sparse raw image with data at its start and in its middle."""
+    with open(path, "wb") as f:
+        f.truncate(2 * MIB)
+        f.write(marker)
+        f.seek(MIB)
+        f.write(os.urandom(4096))
+    return path.read_bytes()
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    path = tmp_path / "store" / "abc-image" / "nixos.img"
+    path.parent.mkdir(parents=True)
+    make_image(path, b"first image")
+    return path
+
+
+@pytest.fixture
+def config(tmp_path: Path, image: Path) -> Config:
+    return Config(working_directory=str(tmp_path / "wd"), image=str(image), disk_size=DISK)
+
+
+def layout(wd: Path) -> dict[str, int]:
+    """Every path under C{wd} (and C{wd} itself as "."), with its permission bits."""
+    found = {".": stat.S_IMODE(os.lstat(wd).st_mode)}
+    for path in wd.rglob("*"):
+        found[str(path.relative_to(wd))] = stat.S_IMODE(os.lstat(path).st_mode)
+    return found
+
+
+def snapshot(wd: Path) -> dict[str, tuple[int, int, int]]:
+    """Inode, mtime and mode of everything: what a run with nothing to do must not change."""
+    return {
+        str(p.relative_to(wd)): (p.lstat().st_ino, p.lstat().st_mtime_ns, p.lstat().st_mode)
+        for p in [wd, *wd.rglob("*")]
+    }
+
+
+def assert_consistent(config: Config, image: Path) -> None:
+    """The state every run must end in, whatever happened before it."""
+    wd = Path(config.working_directory)
+    content = image.read_bytes()
+    assert (wd / "base.img").read_bytes() == content
+    diff = (wd / "diff.img").read_bytes()
+    assert diff[: len(content)] == content and len(diff) == max(len(content), config.disk_size)
+    assert prepare.keys_consistent(config)
+    assert prepare.recorded_image(config) == str(image)
+    leftovers = [p.name for p in wd.rglob("*") if p.name.endswith(disk.TEMP_SUFFIX)]
+    assert leftovers == []
+
+
+EXPECTED = {
+    ".": 0o700,
+    "base.img": 0o600,
+    "diff.img": 0o600,
+    "vm_sshd_keys": 0o700,
+    "vm_sshd_keys/ssh_host_ed25519_key": 0o600,
+    "vm_sshd_keys/ssh_user_ed25519_key.pub": 0o644,
+    "ssh_user_ed25519_key": 0o600,
+    "ssh_host_ed25519_key.pub": 0o644,
+    "ssh_known_hosts": 0o644,
+    "image-path": 0o644,
+}
+
+
+def test_first_run_makes_the_exact_layout_with_the_exact_modes(config: Config, image) -> None:
+    prepare.prepare(config)
+    wd = Path(config.working_directory)
+    assert layout(wd) == EXPECTED
+    assert_consistent(config, image)
+    assert os.stat(wd / "diff.img").st_size == DISK
+    assert (wd / "image-path").read_text() == f"{image}\n"
+
+
+def test_first_run_ignores_the_umask(config: Config) -> None:
+    old = os.umask(0)
+    try:
+        prepare.prepare(config)
+    finally:
+        os.umask(old)
+    assert layout(Path(config.working_directory)) == EXPECTED
+
+
+def test_the_keys_belong_together(config: Config) -> None:
+    prepare.prepare(config)
+    wd = Path(config.working_directory)
+    host = keys.public_of_private((wd / "vm_sshd_keys/ssh_host_ed25519_key").read_bytes())
+    client = keys.public_of_private((wd / "ssh_user_ed25519_key").read_bytes())
+    assert host != client
+    assert (wd / "ssh_known_hosts").read_text() == f"virby-vm-key {host}\n"
+    assert keys.bare_public((wd / "ssh_host_ed25519_key.pub").read_text()) == host
+    assert keys.bare_public((wd / "vm_sshd_keys/ssh_user_ed25519_key.pub").read_text()) == client
+
+
+def test_a_second_run_changes_nothing(config: Config) -> None:
+    prepare.prepare(config)
+    before = snapshot(Path(config.working_directory))
+    changes: list[str] = []
+    prepare.prepare(config, warn=changes.append, inform=changes.append)
+    assert changes == []
+    assert snapshot(Path(config.working_directory)) == before
+
+
+def test_a_new_image_path_replaces_the_disks_and_the_keys(config: Config, tmp_path: Path) -> None:
+    prepare.prepare(config)
+    wd = Path(config.working_directory)
+    old_keys = (wd / "ssh_user_ed25519_key").read_bytes(), (wd / "ssh_known_hosts").read_bytes()
+    new_image = tmp_path / "store" / "def-image.img"
+    make_image(new_image, b"second image")
+    changed = Config(working_directory=str(wd), image=str(new_image), disk_size=DISK)
+    prepare.prepare(changed)
+    assert_consistent(changed, new_image)
+    assert (wd / "diff.img").read_bytes().startswith(b"second image")
+    new_keys = (wd / "ssh_user_ed25519_key").read_bytes(), (wd / "ssh_known_hosts").read_bytes()
+    assert new_keys[0] != old_keys[0] and new_keys[1] != old_keys[1]
+
+
+def test_the_same_path_with_other_content_is_the_same_image(config: Config, image) -> None:
+    """A store path never changes content; the VM's disk must not be thrown away on a whim."""
+    prepare.prepare(config)
+    diff = Path(config.working_directory) / "diff.img"
+    with open(diff, "r+b") as f:
+        f.write(b"guest data")
+    make_image(image, b"rewritten")
+    prepare.prepare(config)
+    assert diff.read_bytes().startswith(b"guest data")
+
+
+def test_a_bigger_disk_size_grows_diff_img_and_keeps_its_content(config: Config) -> None:
+    prepare.prepare(config)
+    diff = Path(config.working_directory) / "diff.img"
+    with open(diff, "r+b") as f:
+        f.write(b"guest data")
+    inode = diff.stat().st_ino
+    informed: list[str] = []
+    bigger = Config(
+        working_directory=config.working_directory, image=config.image, disk_size=3 * DISK
+    )
+    prepare.prepare(bigger, inform=informed.append)
+    assert diff.stat().st_size == 3 * DISK
+    assert diff.stat().st_ino == inode
+    assert diff.read_bytes().startswith(b"guest data")
+    assert informed == ["grew diff.img from 8MiB to 24MiB"]
+
+
+def test_a_smaller_disk_size_warns_and_keeps_diff_img(config: Config) -> None:
+    prepare.prepare(config)
+    diff = Path(config.working_directory) / "diff.img"
+    before = snapshot(Path(config.working_directory))
+    warnings: list[str] = []
+    smaller = Config(
+        working_directory=config.working_directory, image=config.image, disk_size=4 * MIB
+    )
+    prepare.prepare(smaller, warn=warnings.append)
+    assert diff.stat().st_size == DISK
+    assert snapshot(Path(config.working_directory)) == before
+    assert len(warnings) == 1 and "smaller" in warnings[0] and "4MiB" in warnings[0]
+
+
+def test_the_default_warning_is_a_line_on_stderr(config: Config, capsys) -> None:
+    prepare.prepare(config)
+    smaller = Config(working_directory=config.working_directory, image=config.image, disk_size=MIB)
+    prepare.prepare(smaller)
+    err = capsys.readouterr().err
+    assert err.startswith("virby prepare: warning: ") and err.count("\n") == 1
+
+
+def test_a_missing_diff_img_is_made_again_without_new_keys(config: Config, image) -> None:
+    prepare.prepare(config)
+    wd = Path(config.working_directory)
+    client = (wd / "ssh_user_ed25519_key").read_bytes()
+    (wd / "diff.img").unlink()
+    (wd / "base.img").unlink()
+    prepare.prepare(config)
+    assert_consistent(config, image)
+    assert (wd / "ssh_user_ed25519_key").read_bytes() == client
+
+
+@pytest.mark.parametrize(
+    "name", sorted(set(EXPECTED) - {".", "vm_sshd_keys", "image-path", "base.img", "diff.img"})
+)
+def test_a_missing_key_file_makes_a_whole_new_set_and_keeps_the_disk(config, image, name) -> None:
+    prepare.prepare(config)
+    wd = Path(config.working_directory)
+    disk_before = snapshot(wd)["diff.img"]
+    client = (wd / "ssh_user_ed25519_key").read_bytes()
+    (wd / name).unlink()
+    prepare.prepare(config)
+    assert_consistent(config, image)
+    assert (wd / "ssh_user_ed25519_key").read_bytes() != client
+    assert snapshot(wd)["diff.img"] == disk_before
+
+
+def test_a_mixed_set_of_keys_is_replaced(config: Config) -> None:
+    prepare.prepare(config)
+    wd = Path(config.working_directory)
+    (wd / "ssh_known_hosts").write_text(keys.known_hosts_line(keys.generate("x").public))
+    assert not prepare.keys_consistent(config)
+    prepare.prepare(config)
+    assert prepare.keys_consistent(config)
+
+
+def test_allow_user_ssh_keeps_a_readable_copy_and_removes_it_when_off(config: Config) -> None:
+    wd = Path(config.working_directory)
+    allowed = Config(
+        working_directory=str(wd), image=config.image, disk_size=DISK, allow_user_ssh=True
+    )
+    prepare.prepare(allowed)
+    assert layout(wd) == {**EXPECTED, ".": 0o711, "ssh_user_ed25519_key.shared": 0o644}
+    shared = wd / "ssh_user_ed25519_key.shared"
+    assert shared.read_bytes() == (wd / "ssh_user_ed25519_key").read_bytes()
+    before = snapshot(wd)
+    prepare.prepare(allowed)
+    assert snapshot(wd) == before
+    prepare.prepare(config)
+    assert layout(wd) == EXPECTED
+
+
+def test_modes_that_drifted_are_set_again(config: Config) -> None:
+    prepare.prepare(config)
+    wd = Path(config.working_directory)
+    os.chmod(wd, 0o755)
+    os.chmod(wd / "ssh_user_ed25519_key", 0o644)
+    os.chmod(wd / "vm_sshd_keys", 0o755)
+    os.chmod(wd / "diff.img", 0o666)
+    prepare.prepare(config)
+    assert layout(wd) == EXPECTED
+
+
+def test_leftovers_of_an_interrupted_run_are_removed(config: Config, image) -> None:
+    prepare.prepare(config)
+    wd = Path(config.working_directory)
+    Path(disk.temporary_name(str(wd / "base.img"))).write_bytes(b"half a copy")
+    Path(disk.temporary_name(str(wd / "vm_sshd_keys/ssh_host_ed25519_key"))).write_bytes(b"")
+    prepare.prepare(config)
+    assert layout(wd) == EXPECTED
+    assert_consistent(config, image)
+
+
+def count_renames(monkeypatch, crash_after: int | None) -> list[str]:
+    """Let renames happen, and die right after rename number C{crash_after}."""
+    done: list[str] = []
+    real = os.rename
+
+    def rename(source, destination):
+        real(source, destination)
+        done.append(os.path.basename(destination))
+        if crash_after is not None and len(done) == crash_after:
+            raise Crash()
+
+    monkeypatch.setattr(disk.os, "rename", rename)
+    return done
+
+
+def test_a_crash_after_any_step_is_finished_by_the_next_run(config, image, tmp_path, monkeypatch):
+    """Whatever step a run dies after, on a first run or on a new image, a rerun completes."""
+    with monkeypatch.context() as m:
+        renames = count_renames(m, None)
+        probe = Config(working_directory=str(tmp_path / "probe"), image=str(image), disk_size=DISK)
+        prepare.prepare(probe)
+        total = len(renames)
+    assert total == 8  # base, diff, five key files, the record
+
+    new_image = tmp_path / "store" / "new.img"
+    make_image(new_image, b"new image")
+    for crash_after in range(1, total + 1):
+        for target, start in ((f"fresh{crash_after}", None), (f"switch{crash_after}", image)):
+            wd = str(tmp_path / target)
+            final = Config(working_directory=wd, image=str(new_image), disk_size=DISK)
+            if start is not None:
+                prepare.prepare(Config(working_directory=wd, image=str(start), disk_size=DISK))
+            with monkeypatch.context() as m:
+                count_renames(m, crash_after)
+                with pytest.raises(Crash):
+                    prepare.prepare(final)
+            prepare.prepare(final)
+            assert_consistent(final, new_image)
+            assert layout(Path(wd)) == EXPECTED
+
+
+# -- refusals: one line, nothing touched
+
+
+def refused(config: Config, owner: str | None = None) -> str:
+    with pytest.raises(prepare.PrepareError) as caught:
+        prepare.prepare(config, owner=owner)
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+def test_no_image_is_refused(tmp_path: Path) -> None:
+    message = refused(Config(working_directory=str(tmp_path / "wd")))
+    assert message == 'image: not set; pass --image or set "image" in the config'
+    assert not (tmp_path / "wd").exists()
+
+
+def test_a_missing_image_is_refused(tmp_path: Path) -> None:
+    config = Config(working_directory=str(tmp_path / "wd"), image=str(tmp_path / "nope.img"))
+    assert "nope.img" in refused(config)
+    assert not (tmp_path / "wd").exists()
+
+
+def test_an_image_that_is_a_directory_is_refused(tmp_path: Path) -> None:
+    config = Config(working_directory=str(tmp_path / "wd"), image=str(tmp_path))
+    assert "not a file" in refused(config)
+    assert not (tmp_path / "wd").exists()
+
+
+def test_a_working_directory_that_is_a_file_is_refused(tmp_path: Path, image) -> None:
+    (tmp_path / "wd").write_bytes(b"precious")
+    message = refused(Config(working_directory=str(tmp_path / "wd"), image=str(image)))
+    assert "not a directory" in message
+    assert (tmp_path / "wd").read_bytes() == b"precious"
+
+
+def test_an_unknown_owner_is_refused(config: Config) -> None:
+    assert "no user" in refused(config, owner="no-such-user-virby")
+    assert "no group" in refused(config, owner="root:no-such-group-virby")
+    assert not Path(config.working_directory).exists()
+
+
+def test_a_failure_on_disk_is_one_line(config: Config, monkeypatch) -> None:
+    def full(*args):
+        raise OSError(28, "No space left on device", "/wd/.base.img.x.virby-tmp")
+
+    monkeypatch.setattr(disk, "_sparse_copy", full)
+    monkeypatch.setattr(disk, "_reflink", lambda source, destination: False)
+    assert "No space left on device" in refused(config)
+    assert not [p for p in Path(config.working_directory).iterdir() if p.is_file()]
+
+
+def test_owner_resolves_names_numbers_and_the_default_group() -> None:
+    assert prepare.parse_owner("root") == prepare.Owner(0, 0)
+    assert prepare.parse_owner("0:0") == prepare.Owner(0, 0)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give files away")
+def test_owner_hands_over_the_whole_tree(config: Config) -> None:
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    wd = Path(config.working_directory)
+    prepare.prepare(config)
+    (wd / "vfkit.pid").write_text("1\n")  # a runtime file the daemon made earlier
+    prepare.prepare(config, owner="nobody")
+    owners = {(p.lstat().st_uid, p.lstat().st_gid) for p in [wd, *wd.rglob("*")]}
+    assert owners == {(nobody.pw_uid, nobody.pw_gid)}
+
+
+# -- the command
+
+
+def test_cli_refusals_are_one_line_and_exit_1(tmp_path: Path, image, capsys) -> None:
+    (tmp_path / "file").write_bytes(b"x")
+    wd = str(tmp_path / "wd")
+    cases = [
+        ["--working-directory", wd, "--image", str(tmp_path / "missing.img")],
+        ["--working-directory", wd, "--image", str(image), "--disk-size", "lots"],
+        ["--working-directory", str(tmp_path / "file"), "--image", str(image)],
+        ["--working-directory", wd],
+    ]
+    for flags in cases:
+        assert cli.main(["prepare", *flags]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("virby prepare: error: ") and err.count("\n") == 1, err
+    assert not (tmp_path / "wd").exists()
+    assert (tmp_path / "file").read_bytes() == b"x"
+
+
+def test_cli_prepares_and_reports_what_it_did(tmp_path: Path, image, capsys) -> None:
+    wd = tmp_path / "wd"
+    argv = ["prepare", "--working-directory", str(wd), "--image", str(image), "--disk-size", "1GiB"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "made new SSH keys" in out and "grew diff.img" in out
+    assert layout(wd) == EXPECTED
+    assert cli.main(argv) == 0
+    assert capsys.readouterr().out == ""
+
+
+def test_print_ssh_config_prints_the_block_and_touches_nothing(tmp_path: Path, capsys) -> None:
+    wd = tmp_path / "wd"
+    argv = ["prepare", "--working-directory", str(wd), "--port", "31333", "--print-ssh-config"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Host virby-vm\n") and "  Port 31333\n" in out
+    assert f"  IdentityFile {wd}/ssh_user_ed25519_key\n" in out
+    assert not wd.exists()
