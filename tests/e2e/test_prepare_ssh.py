@@ -1,0 +1,144 @@
+"""
+The keys C{virby prepare} makes work with the real OpenSSH tools: ssh-keygen reads them, and
+a real sshd given the host key and the authorized key lets the client in while ssh checks
+the host key strictly against C{ssh_known_hosts}.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.support import ProcessUnderTest, free_port
+from virby import keys, prepare
+from virby.config import Config
+from virby.sshconfig import ssh_config_block
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(
+        not (shutil.which("ssh") and os.path.exists("/usr/sbin/sshd")), reason="needs OpenSSH"
+    ),
+]
+
+MIB = 1024 * 1024
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Config:
+    image = tmp_path / "nixos.img"
+    image.write_bytes(b"image" * 1000)
+    config = Config(working_directory=str(tmp_path / "wd"), image=str(image), disk_size=8 * MIB)
+    result = subprocess.run(
+        [sys.executable, "-m", "virby.cli", "prepare", "--image", str(image),
+         "--working-directory", config.working_directory, "--disk-size", "1GiB"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return config
+
+
+@pytest.fixture
+def sshd(config: Config, tmp_path: Path) -> Iterator[int]:
+    """A real sshd that holds the VM's host key and authorizes the client key, as the VM does."""
+    if os.geteuid() == 0:
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+    port = free_port()
+    sshd_config = tmp_path / "sshd_config"
+    sshd_config.write_text(
+        f"ListenAddress 127.0.0.1:{port}\n"
+        f"HostKey {config.path(prepare.HOST_KEY)}\n"
+        f"AuthorizedKeysFile {config.path(prepare.AUTHORIZED_KEY)}\n"
+        "StrictModes no\nUsePAM no\nPidFile none\nPasswordAuthentication no\n"
+        "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
+    )
+    server = ProcessUnderTest(["/usr/sbin/sshd", "-D", "-e", "-f", str(sshd_config)])
+    try:
+        server.wait_for_line(r"Server listening on 127\.0\.0\.1 port", timeout=30)
+        yield port
+    finally:
+        server.kill_all()
+
+
+def ssh(config: Config, port: int, *options: str) -> subprocess.CompletedProcess[str]:
+    """Log in as the VM's users would be reached: strict host key check, only our key."""
+    return subprocess.run(
+        ["ssh", "-F", "/dev/null", "-i", config.path(prepare.CLIENT_KEY),
+         "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+         "-o", f"UserKnownHostsFile={config.path(prepare.KNOWN_HOSTS)}",
+         "-o", "GlobalKnownHostsFile=/dev/null", "-o", "HostKeyAlias=virby-vm-key",
+         "-o", "IdentitiesOnly=yes", *options,
+         "-p", str(port), f"{getpass.getuser()}@127.0.0.1", "true"],
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def test_ssh_keygen_derives_the_public_keys_from_the_private_ones(config: Config) -> None:
+    for private, public in (
+        (prepare.CLIENT_KEY, prepare.AUTHORIZED_KEY),
+        (prepare.HOST_KEY, prepare.HOST_PUBLIC_KEY),
+    ):
+        derived = subprocess.run(
+            ["ssh-keygen", "-y", "-f", config.path(private)],
+            capture_output=True, text=True, timeout=30, check=True,
+        ).stdout  # fmt: skip
+        assert derived.strip() == keys.bare_public(Path(config.path(public)).read_text())
+
+
+def test_sshd_accepts_the_client_with_the_host_key_pinned(config: Config, sshd: int) -> None:
+    result = ssh(config, sshd)
+    assert result.returncode == 0, result.stderr
+
+
+def test_a_host_key_other_than_the_pinned_one_is_refused(config: Config, sshd: int) -> None:
+    """The check above is real: pin some other key, and ssh must refuse the same server."""
+    Path(config.path(prepare.KNOWN_HOSTS)).write_text(
+        keys.known_hosts_line(keys.generate("other").public)
+    )
+    result = ssh(config, sshd)
+    assert result.returncode != 0
+    assert "HOST IDENTIFICATION HAS CHANGED" in result.stderr or "verification failed" in (
+        result.stderr
+    )
+
+
+def test_the_printed_ssh_config_block_reaches_the_server(
+    config: Config, sshd: int, tmp_path: Path
+) -> None:
+    """What --print-ssh-config shows, used as ssh's only config, logs in (user aside)."""
+    block = ssh_config_block(Config(working_directory=config.working_directory, port=sshd))
+    (tmp_path / "ssh_config").write_text(block)
+    result = subprocess.run(
+        ["ssh", "-F", str(tmp_path / "ssh_config"), "-o", "BatchMode=yes",
+         "-o", "GlobalKnownHostsFile=/dev/null", "-l", getpass.getuser(), "virby-vm", "true"],
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+
+
+def test_ssh_reads_the_block_as_intended(config: Config, tmp_path: Path) -> None:
+    wd = tmp_path / "work dir"
+    block = ssh_config_block(Config(working_directory=str(wd), port=31222))
+    (tmp_path / "ssh_config").write_text(block)
+    effective = subprocess.run(
+        ["ssh", "-G", "-F", str(tmp_path / "ssh_config"), "virby-vm"],
+        capture_output=True, text=True, timeout=30, check=True,
+    ).stdout.splitlines()  # fmt: skip
+    for line in (
+        "hostname 127.0.0.1",
+        "port 31222",
+        "user builder",
+        "hostkeyalias virby-vm-key",
+        f"identityfile {wd}/ssh_user_ed25519_key",
+        f"userknownhostsfile {wd}/ssh_known_hosts",
+        "stricthostkeychecking true",
+        "identitiesonly yes",
+    ):
+        assert line in effective, line

@@ -1,0 +1,37 @@
+"""The Host virby-vm block that --print-ssh-config shows and the module installs."""
+
+from __future__ import annotations
+
+from virby.config import Config
+from virby.sshconfig import ssh_config_block
+
+
+def test_the_block_is_exactly_what_the_module_installs() -> None:
+    config = Config(working_directory="/var/lib/virby", port=31222)
+    assert ssh_config_block(config) == (
+        "Host virby-vm\n"
+        "  HostName 127.0.0.1\n"
+        "  Port 31222\n"
+        "  User builder\n"
+        "  HostKeyAlias virby-vm-key\n"
+        "  IdentityFile /var/lib/virby/ssh_user_ed25519_key\n"
+        "  UserKnownHostsFile /var/lib/virby/ssh_known_hosts\n"
+        "  StrictHostKeyChecking yes\n"
+        "  IdentitiesOnly yes\n"
+    )
+
+
+def test_the_identity_file_can_be_chosen() -> None:
+    config = Config(working_directory="/w")
+    block = ssh_config_block(config, identity_file="/w/ssh_user_ed25519_key.shared")
+    assert "  IdentityFile /w/ssh_user_ed25519_key.shared\n" in block
+
+
+def test_paths_with_spaces_are_quoted() -> None:
+    block = ssh_config_block(Config(working_directory="/Volumes/My Disk/virby"))
+    assert '  IdentityFile "/Volumes/My Disk/virby/ssh_user_ed25519_key"\n' in block
+    assert '  UserKnownHostsFile "/Volumes/My Disk/virby/ssh_known_hosts"\n' in block
+
+
+def test_no_connect_timeout_cuts_a_cold_boot_short() -> None:
+    assert "ConnectTimeout" not in ssh_config_block(Config())
