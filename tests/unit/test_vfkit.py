@@ -1,0 +1,261 @@
+"""vfkit's command line, console, and graceful stop, on fakes and a task.Clock."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from virby.config import from_mapping
+from virby.rest import RestError
+from virby.vfkit import (
+    ExitStatus,
+    StopTimings,
+    VfkitNotFound,
+    VfkitProcess,
+    VfkitProtocol,
+    WorkingDirectoryError,
+    find_vfkit,
+    vfkit_arguments,
+)
+
+MAC = "02:94:00:00:00:01"
+
+
+def config(**extra):
+    return from_mapping({"working-directory": "/var/lib/virby", **extra})
+
+
+def test_the_command_line_of_the_design() -> None:
+    assert vfkit_arguments(config(), "/bin/vfkit", MAC, create_variable_store=True) == [
+        "/bin/vfkit",
+        "--cpus", "8",
+        "--memory", "6144",
+        "--bootloader", "efi,variable-store=/var/lib/virby/efistore.nvram,create",
+        "--device", "virtio-blk,path=/var/lib/virby/diff.img",
+        "--device", "virtio-fs,sharedDir=/var/lib/virby/vm_sshd_keys,mountTag=sshd-keys",
+        "--device", "virtio-net,nat,mac=02:94:00:00:00:01",
+        "--device", "virtio-serial,stdio",
+        "--device", "virtio-rng",
+        "--device", "virtio-balloon",
+        "--restful-uri", "unix:///var/lib/virby/vfkit.sock",
+    ]  # fmt: skip
+
+
+def test_options_extend_the_command_line() -> None:
+    args = vfkit_arguments(
+        config(
+            **{
+                "rosetta": True,
+                "nested-virtualization": True,
+                "cores": 2,
+                "memory": 2048,
+                "shared-dirs": {"src": "/Users/me/src", "data": "/data"},
+            }
+        ),
+        "vfkit",
+        MAC,
+        create_variable_store=False,
+    )
+    assert "efi,variable-store=/var/lib/virby/efistore.nvram" in args
+    assert args[args.index("--cpus") + 1] == "2" and args[args.index("--memory") + 1] == "2048"
+    assert args[-7:] == [
+        "--device", "rosetta,mountTag=rosetta",
+        "--nested",
+        "--device", "virtio-fs,sharedDir=/data,mountTag=data",
+        "--device", "virtio-fs,sharedDir=/Users/me/src,mountTag=src",
+    ]  # fmt: skip
+
+
+def test_find_vfkit(tmp_path) -> None:
+    program = tmp_path / "vfkit"
+    program.write_text("#!/bin/sh\n")
+    program.chmod(0o755)
+    assert find_vfkit("vfkit", path=str(tmp_path)) == str(program)
+    assert find_vfkit(str(program)) == str(program)
+    with pytest.raises(VfkitNotFound, match="not found on PATH; install vfkit"):
+        find_vfkit("vfkit", path=str(tmp_path / "nowhere"))
+    program.chmod(stat.S_IRUSR)
+    with pytest.raises(VfkitNotFound):
+        find_vfkit(str(program))
+
+
+def test_console_lines_tail_and_serial_log(tmp_path) -> None:
+    serial = tmp_path / "serial.log"
+    protocol = VfkitProtocol(str(serial), keep=3)
+    protocol.makeConnection(None)
+    protocol.outReceived(b"one\r\ntw")
+    protocol.outReceived(b"o\nthree\nfour\nfi")
+    assert protocol.consoleTail() == ["two", "three", "four"]
+    protocol.errReceived(b'time="x" level=info msg="started"\n')
+    protocol.processEnded(Failure(ProcessDone(0)))
+    assert protocol.consoleTail(2) == ["four", "fi"]
+    assert serial.read_bytes() == b"one\r\ntwo\nthree\nfour\nfi"
+    assert protocol.status == ExitStatus(0, None)
+
+
+def test_exit_is_reported_to_every_waiter() -> None:
+    protocol = VfkitProtocol()
+    first, second = [], []
+    protocol.whenEnded().addCallback(lambda s: first.append(s) and None)
+    protocol.whenEnded().addCallback(second.append)
+    protocol.processEnded(Failure(ProcessTerminated(None, signal=9)))
+    assert first == second == [ExitStatus(None, 9)]
+    assert first[0].describe() == "was killed by signal 9"
+    late = []
+    protocol.whenEnded().addCallback(late.append)
+    assert late == first
+
+
+class FakeTransport:
+    pid = 4242
+
+    def __init__(self, protocol: VfkitProtocol, dies_on: set[str]) -> None:
+        self.protocol = protocol
+        self.signals: list[str] = []
+        self.dies_on = dies_on
+
+    def signalProcess(self, name: str) -> None:
+        self.signals.append(name)
+        if name in self.dies_on:
+            self.protocol.processEnded(Failure(ProcessTerminated(None, signal=15)))
+
+
+class FakeRest:
+    def __init__(self, clock: Clock, protocol: VfkitProtocol, works: bool, powers_off: set[str]):
+        self.clock = clock
+        self.protocol = protocol
+        self.works = works
+        self.powers_off = powers_off
+        self.requests: list[tuple[float, str]] = []
+
+    async def request(self, state: str) -> None:
+        self.requests.append((self.clock.seconds(), state))
+        if not self.works:
+            raise RestError("unreachable")
+        if state in self.powers_off:
+            self.clock.callLater(1, self.protocol.processEnded, Failure(ProcessDone(0)))
+
+
+def process(tmp_path, works=True, powers_off=("Stop",), dies_on=("TERM",)):
+    clock = Clock()
+    protocol = VfkitProtocol()
+    transport = FakeTransport(protocol, set(dies_on))
+    rest = FakeRest(clock, protocol, works, set(powers_off))
+    cfg = from_mapping({"working-directory": str(tmp_path)})
+    (tmp_path / "vfkit.pid").write_text("4242")
+    (tmp_path / "vfkit.sock").write_text("")
+    return (
+        VfkitProcess(clock, cfg, protocol, transport, rest, StopTimings()),
+        clock,
+        rest,
+        transport,
+    )
+
+
+def results(d: Deferred) -> list:
+    box: list = []
+    d.addBoth(box.append)
+    return box
+
+
+def test_acpi_stop_is_enough_for_a_healthy_guest(tmp_path) -> None:
+    vm, clock, rest, transport = process(tmp_path)
+    done = results(vm.stop())
+    clock.advance(1)
+    assert done == [ExitStatus(0, None)]
+    assert [s for _, s in rest.requests] == ["Stop"] and transport.signals == []
+    assert not (tmp_path / "vfkit.pid").exists() and not (tmp_path / "vfkit.sock").exists()
+
+
+def test_a_guest_that_ignores_acpi_is_hard_stopped(tmp_path) -> None:
+    vm, clock, rest, transport = process(tmp_path, powers_off={"HardStop"})
+    done = results(vm.stop())
+    clock.advance(7)
+    assert [(t, s) for t, s in rest.requests] == [(0, "Stop"), (7, "HardStop")]
+    clock.advance(1)
+    assert done == [ExitStatus(0, None)] and transport.signals == []
+
+
+def test_without_an_api_signals_follow_at_once(tmp_path) -> None:
+    vm, clock, _rest, transport = process(tmp_path, works=False, dies_on={"KILL"})
+    done = results(vm.stop())
+    assert transport.signals == ["TERM"], "no API: no waiting for ACPI"
+    clock.advance(2)
+    assert transport.signals == ["TERM", "KILL"]
+    assert done == [ExitStatus(None, 15)]
+
+
+def test_the_whole_sequence_fits_in_fifteen_seconds(tmp_path) -> None:
+    vm, clock, _rest, transport = process(tmp_path, powers_off=set(), dies_on=set())
+    done = results(vm.stop())
+    for _ in range(150):
+        clock.advance(0.1)
+    assert transport.signals == ["TERM", "KILL"]
+    assert done == [None]
+    t = StopTimings()
+    assert t.rest_timeout * 2 + t.acpi + t.hard + t.term + t.kill <= 15
+
+
+def test_concurrent_stops_share_one_sequence(tmp_path) -> None:
+    vm, clock, rest, _ = process(tmp_path)
+    first, second = results(vm.stop()), results(vm.stop())
+    clock.advance(1)
+    assert first == second == [ExitStatus(0, None)]
+    assert len(rest.requests) == 1
+
+
+def test_runtime_files_of_another_process_are_left_alone(tmp_path) -> None:
+    vm, _clock, _, _ = process(tmp_path)
+    (tmp_path / "vfkit.pid").write_text("777")
+    vm.protocol.processEnded(Failure(ProcessDone(0)))
+    assert (tmp_path / "vfkit.pid").exists() and (tmp_path / "vfkit.sock").exists()
+
+
+class RecordingReactor(Clock):
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list = []
+
+    def spawnProcess(self, protocol, executable, args, env, path, childFDs):
+        self.spawned.append((executable, args, path, childFDs))
+        transport = FakeTransport(protocol, set())
+        protocol.makeConnection(transport)
+        return transport
+
+
+def test_start_checks_the_working_directory_and_writes_the_pidfile(tmp_path) -> None:
+    reactor = RecordingReactor()
+    cfg = from_mapping({"working-directory": str(tmp_path / "wd")})
+    with pytest.raises(WorkingDirectoryError, match="missing: run `virby prepare"):
+        VfkitProcess.start(reactor, cfg, "/bin/vfkit", MAC)
+    os.mkdir(tmp_path / "wd")
+    with pytest.raises(WorkingDirectoryError, match=r"diff\.img is missing"):
+        VfkitProcess.start(reactor, cfg, "/bin/vfkit", MAC)
+    (tmp_path / "wd" / "diff.img").write_bytes(b"")
+    os.mkdir(tmp_path / "wd" / "vm_sshd_keys")
+    (tmp_path / "wd" / "vfkit.sock").write_text("stale")
+    vm = VfkitProcess.start(reactor, cfg, "/bin/vfkit", MAC)
+    executable, args, path, fds = reactor.spawned[0]
+    assert executable == "/bin/vfkit" and args[0] == "/bin/vfkit"
+    assert "efi,variable-store=" + str(tmp_path / "wd" / "efistore.nvram") + ",create" in args
+    assert path == str(tmp_path / "wd") and fds == {0: "w", 1: "r", 2: "r"}
+    assert (tmp_path / "wd" / "vfkit.pid").read_text() == "4242"
+    assert not (tmp_path / "wd" / "vfkit.sock").exists(), "a stale socket is removed"
+    assert vm.pid == 4242
+    (tmp_path / "wd" / "efistore.nvram").write_bytes(b"")
+    VfkitProcess.start(reactor, cfg, "/bin/vfkit", MAC)
+    assert not [a for a in reactor.spawned[1][1] if a.endswith(",create")]
+
+
+def test_stop_of_an_exited_vm_is_immediate(tmp_path) -> None:
+    vm, _clock, rest, _ = process(tmp_path)
+    vm.protocol.processEnded(Failure(ProcessDone(0)))
+    assert results(vm.stop()) == [ExitStatus(0, None)]
+    assert rest.requests == []
+    assert succeed(None)

@@ -1,0 +1,353 @@
+"""
+vfkit, the hypervisor process: its command line, its console, and how it is stopped.
+
+The daemon runs one vfkit at a time (the lifecycle sees to that).  Its serial console comes
+on stdout and is kept (the last lines explain a failed boot); its own log comes on stderr
+and goes to the daemon's log.  Its exit is noticed the moment it happens, through
+C{processEnded}, not by polling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import IO, Any
+
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from virby.config import REST_SOCKET_NAME, Config
+from virby.errors import VirbyError
+from virby.rest import RestError, VfkitRestClient
+from virby.runtime import remove_quietly, write_atomically
+
+log = Logger()
+
+CONSOLE_LINES = 200
+
+
+class VfkitNotFound(VirbyError):
+    """The hypervisor command is not there."""
+
+
+class WorkingDirectoryError(VirbyError):
+    """The working directory lacks what a boot needs."""
+
+
+def find_vfkit(name: str, path: str | None = None) -> str:
+    """The absolute path of the vfkit command: a name is looked up on C{PATH}."""
+    if "/" in name:
+        found = name if os.path.isfile(name) and os.access(name, os.X_OK) else None
+    else:
+        found = shutil.which(name, path=path)
+    if found is None:
+        raise VfkitNotFound(
+            f"vfkit: {name!r} was not found{'' if '/' in name else ' on PATH'}; install vfkit "
+            '(nixpkgs#vfkit) or set the "vfkit" key to its path'
+        )
+    return os.path.abspath(found)
+
+
+def vfkit_arguments(
+    config: Config, executable: str, mac: str, create_variable_store: bool
+) -> list[str]:
+    """
+    The command line of DESIGN.md.  C{create} is passed only when the firmware variable
+    store does not exist yet: vfkit's C{create} re-creates it blank on every start.
+    """
+    store = f"efi,variable-store={config.path('efistore.nvram')}"
+    args = [
+        executable,
+        "--cpus", str(config.cores),
+        "--memory", str(config.memory),
+        "--bootloader", store + (",create" if create_variable_store else ""),
+        "--device", f"virtio-blk,path={config.path('diff.img')}",
+        "--device", f"virtio-fs,sharedDir={config.path('vm_sshd_keys')},mountTag=sshd-keys",
+        "--device", f"virtio-net,nat,mac={mac}",
+        "--device", "virtio-serial,stdio",
+        "--device", "virtio-rng",
+        "--device", "virtio-balloon",
+        "--restful-uri", f"unix://{config.path(REST_SOCKET_NAME)}",
+    ]  # fmt: skip
+    if config.rosetta:
+        args += ["--device", "rosetta,mountTag=rosetta"]
+    if config.nested_virtualization:
+        args += ["--nested"]
+    for tag, directory in sorted(config.shared_dirs.items()):
+        args += ["--device", f"virtio-fs,sharedDir={directory},mountTag={tag}"]
+    return args
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    """How vfkit ended: an exit code, or the signal that killed it."""
+
+    code: int | None
+    signal: int | None
+
+    @classmethod
+    def from_reason(cls, reason: Failure) -> ExitStatus:
+        value = reason.value
+        return cls(getattr(value, "exitCode", None), getattr(value, "signal", None))
+
+    def describe(self) -> str:
+        if self.signal is not None:
+            return f"was killed by signal {self.signal}"
+        return f"exited with status {self.code}"
+
+
+class VfkitProtocol(ProcessProtocol):
+    """Reads the console (stdout) and vfkit's log (stderr); reports the exit at once."""
+
+    def __init__(self, serial_log: str | None = None, keep: int = CONSOLE_LINES) -> None:
+        self._console: deque[str] = deque(maxlen=keep)
+        self._partial = {1: b"", 2: b""}
+        self._serialLogPath = serial_log
+        self._serialLog: IO[bytes] | None = None
+        self.status: ExitStatus | None = None
+        self._waiters: list[Deferred[ExitStatus]] = []
+
+    def connectionMade(self) -> None:
+        if self._serialLogPath is not None:
+            try:
+                self._serialLog = open(self._serialLogPath, "wb")  # noqa: SIM115
+            except OSError as e:
+                log.warn(
+                    "cannot keep the console in {path}: {why}",
+                    path=self._serialLogPath,
+                    why=e.strerror,
+                )
+
+    def outReceived(self, data: bytes) -> None:
+        if self._serialLog is not None:
+            self._serialLog.write(data)
+            self._serialLog.flush()
+        self._console.extend(self._lines(1, data))
+
+    def errReceived(self, data: bytes) -> None:
+        for line in self._lines(2, data):
+            self._logVfkit(line)
+
+    def _lines(self, fd: int, data: bytes) -> Iterable[str]:
+        buffered = self._partial[fd] + data
+        *complete, self._partial[fd] = buffered.split(b"\n")
+        for line in complete:
+            yield line.rstrip(b"\r").decode(errors="replace")
+
+    def _logVfkit(self, line: str) -> None:
+        if not line.strip():
+            return
+        lowered = line.lower()
+        if "level=error" in lowered or "level=fatal" in lowered or "error" in lowered:
+            log.warn("vfkit: {line}", line=line)
+        else:
+            log.info("vfkit: {line}", line=line)
+
+    def processEnded(self, reason: Failure) -> None:
+        for fd, rest in self._partial.items():
+            if rest:
+                line = rest.decode(errors="replace")
+                self._console.append(line) if fd == 1 else self._logVfkit(line)
+        self._partial = {1: b"", 2: b""}
+        if self._serialLog is not None:
+            self._serialLog.close()
+            self._serialLog = None
+        self.status = ExitStatus.from_reason(reason)
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(self.status)
+
+    def whenEnded(self) -> Deferred[ExitStatus]:
+        """A new Deferred for each caller, so no caller can swallow another's result."""
+        waiter: Deferred[ExitStatus] = Deferred(lambda d: self._forget(d))
+        if self.status is not None:
+            waiter.callback(self.status)
+        else:
+            self._waiters.append(waiter)
+        return waiter
+
+    def _forget(self, waiter: Deferred[ExitStatus]) -> None:
+        if waiter in self._waiters:
+            self._waiters.remove(waiter)
+
+    def consoleTail(self, n: int = 20) -> list[str]:
+        return list(self._console)[-n:]
+
+
+@dataclass(frozen=True)
+class StopTimings:
+    """
+    Each step of a graceful stop is bounded; together they fit in launchd's 20 s between
+    SIGTERM and SIGKILL with room to spare (at most 15 s).
+    """
+
+    rest_timeout: float = 1.5
+    acpi: float = 7.0
+    hard: float = 1.5
+    term: float = 2.0
+    kill: float = 1.0
+
+
+class VfkitProcess:
+    """One running vfkit, as the lifecycle drives it."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        config: Config,
+        protocol: VfkitProtocol,
+        transport: Any,
+        rest: VfkitRestClient,
+        timings: StopTimings = StopTimings(),
+    ) -> None:
+        self._reactor = reactor
+        self._config = config
+        self.protocol = protocol
+        self._transport = transport
+        self.rest = rest
+        self._timings = timings
+        self.pid: int = transport.pid
+        self._stopping: Deferred[ExitStatus | None] | None = None
+        protocol.whenEnded().addCallback(self._cleanUp)
+
+    @classmethod
+    def start(
+        cls,
+        reactor: Any,
+        config: Config,
+        executable: str,
+        mac: str,
+        timings: StopTimings = StopTimings(),
+    ) -> VfkitProcess:
+        """
+        Spawn vfkit.  Checks first what a boot needs, so a vanished working directory is one
+        clear error, not a vfkit complaint in the log.
+        """
+        _check_working_directory(config)
+        remove_quietly(config.path(REST_SOCKET_NAME))
+        create = not os.path.exists(config.path("efistore.nvram"))
+        args = vfkit_arguments(config, executable, mac, create)
+        protocol = VfkitProtocol(config.path("serial.log") if config.debug else None)
+        log.info("starting {command}", command=" ".join(args))
+        transport = reactor.spawnProcess(
+            protocol,
+            executable,
+            args,
+            env=dict(os.environ),
+            path=config.working_directory,
+            childFDs={0: "w", 1: "r", 2: "r"},
+        )
+        write_atomically(config.path("vfkit.pid"), str(transport.pid).encode(), 0o644)
+        rest = VfkitRestClient(reactor, config.path(REST_SOCKET_NAME), timings.rest_timeout)
+        return cls(reactor, config, protocol, transport, rest, timings)
+
+    @property
+    def ended(self) -> Deferred[ExitStatus]:
+        """A new Deferred that fires with the L{ExitStatus} when vfkit exits."""
+        return self.protocol.whenEnded()
+
+    def consoleTail(self, n: int = 20) -> list[str]:
+        return self.protocol.consoleTail(n)
+
+    def stop(self) -> Deferred[ExitStatus | None]:
+        """
+        Power the guest off: ACPI Stop, then HardStop, then SIGTERM, then SIGKILL, each
+        step bounded and skipped at once when it cannot be made.  Concurrent calls share
+        one sequence.
+        """
+        if self._stopping is None:
+            self._stopping = Deferred.fromCoroutine(self._stopSequence())
+        result: Deferred[ExitStatus | None] = Deferred()
+        self._stopping.addBoth(_relay, result)
+        return result
+
+    async def _stopSequence(self) -> ExitStatus | None:
+        t = self._timings
+        if await self._ask("Stop") and await self._exitWithin(t.acpi):
+            return self.protocol.status
+        hardStopped = self.protocol.status is None and await self._ask("HardStop")
+        if hardStopped and await self._exitWithin(t.hard):
+            return self.protocol.status
+        for signal, grace in (("TERM", t.term), ("KILL", t.kill)):
+            if self.protocol.status is not None:
+                return self.protocol.status
+            log.warn(
+                "vfkit (pid {pid}) is still running: sending SIG{signal}",
+                pid=self.pid,
+                signal=signal,
+            )
+            self._signal(signal)
+            if await self._exitWithin(grace):
+                return self.protocol.status
+        log.error("vfkit (pid {pid}) survived SIGKILL", pid=self.pid)
+        return self.protocol.status
+
+    async def _ask(self, state: str) -> bool:
+        if self.protocol.status is not None:
+            return False
+        try:
+            await Deferred.fromCoroutine(self.rest.request(state))
+        except RestError as e:
+            log.info("vfkit's API did not take {state}: {why}", state=state, why=str(e))
+            return False
+        return True
+
+    async def _exitWithin(self, seconds: float) -> bool:
+        if self.protocol.status is not None:
+            return True
+        waiting = self.protocol.whenEnded()
+        waiting.addTimeout(seconds, self._reactor)
+        try:
+            await waiting
+        except (TimeoutError, CancelledError):
+            return False
+        return True
+
+    def _signal(self, name: str) -> None:
+        with contextlib.suppress(ProcessExitedAlready):
+            self._transport.signalProcess(name)
+
+    def kill(self) -> None:
+        """SIGKILL now."""
+        self._signal("KILL")
+
+    def _cleanUp(self, status: ExitStatus) -> ExitStatus:
+        """Remove the runtime files, if they are still this process's."""
+        pidfile = self._config.path("vfkit.pid")
+        try:
+            with open(pidfile, encoding="ascii") as f:
+                ours = f.read().strip() == str(self.pid)
+        except OSError:
+            ours = False
+        if ours:
+            remove_quietly(pidfile)
+            remove_quietly(self._config.path(REST_SOCKET_NAME))
+        log.info("vfkit (pid {pid}) {how}", pid=self.pid, how=status.describe())
+        return status
+
+
+def _relay(result: Any, target: Deferred[Any]) -> Any:
+    if isinstance(result, Failure):
+        target.errback(result)
+    else:
+        target.callback(result)
+    return result
+
+
+def _check_working_directory(config: Config) -> None:
+    fix = "run `virby prepare --config FILE` (the nix-darwin activation runs it)"
+    wd = config.working_directory
+    if not os.path.isdir(wd):
+        raise WorkingDirectoryError(f"working directory {wd} is missing: {fix}")
+    if not os.access(wd, os.W_OK | os.X_OK):
+        raise WorkingDirectoryError(f"working directory {wd} is not writable: {fix}")
+    for needed in ("diff.img", "vm_sshd_keys"):
+        if not os.path.exists(config.path(needed)):
+            raise WorkingDirectoryError(f"{config.path(needed)} is missing: {fix}")
