@@ -18,7 +18,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredList, fail, succeed
+from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, succeed
 from twisted.internet.endpoints import AdoptedStreamServerEndpoint
 from twisted.internet.interfaces import (
     IListeningPort,
@@ -102,7 +102,7 @@ class ListeningPorts:
             port.startListening()
 
     def stopListening(self) -> Deferred[Any]:
-        return DeferredList([succeed(p.stopListening()) for p in self.ports]).addCallback(
+        return DeferredList([maybeDeferred(p.stopListening) for p in self.ports]).addCallback(
             lambda _: None
         )
 
