@@ -338,6 +338,18 @@ def test_a_working_directory_that_is_a_file_is_refused(tmp_path: Path, image) ->
     assert (tmp_path / "wd").read_bytes() == b"precious"
 
 
+def test_a_working_directory_that_is_not_writable_is_refused(config, monkeypatch) -> None:
+    """Root may write anywhere, so the refusal is driven through os.access, which decides it."""
+    wd = Path(config.working_directory)
+    wd.mkdir()
+    real = os.access
+    monkeypatch.setattr(
+        prepare.os, "access", lambda path, mode: False if path == str(wd) else real(path, mode)
+    )
+    assert "not writable" in refused(config)
+    assert list(wd.iterdir()) == []
+
+
 def test_an_unknown_owner_is_refused(config: Config) -> None:
     assert "no user" in refused(config, owner="no-such-user-virby")
     assert "no group" in refused(config, owner="root:no-such-group-virby")
