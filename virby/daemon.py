@@ -235,6 +235,9 @@ def makeDaemonService(config: Config, reactor: Any) -> DaemonService:
     except VirbyError as e:
         sys.stderr.write(f"twistd virby: error: {e}\n")
         raise SystemExit(1) from None
+    # vfkit creates its REST socket with our umask: owner-only, even when allow-user-ssh
+    # opens the working directory for traversal.
+    os.umask(0o077)
     hypervisor = VfkitHypervisor(reactor, config, executable)
     lifecycle = Lifecycle(reactor, hypervisor, onDemand=config.on_demand, ttl=config.ttl)
     service = _ExitOnStartupError(reactor, config, endpoint, hypervisor, lifecycle)

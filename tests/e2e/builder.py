@@ -1,0 +1,157 @@
+"""
+A whole Virby on this machine for end-to-end tests: a prepared working directory, the
+daemon under twistd, the vfkit emulator as its hypervisor (a real sshd as the guest), and
+ssh pointed at the daemon the way the nix-darwin module points it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from tests.e2e.support import ProcessUnderTest, free_port, pids_of
+
+BIN = Path(sys.executable).parent
+
+
+def tool(name: str) -> str:
+    """A command installed beside this Python (the venv's twistd, virby, vfkit-emulator)."""
+    path = BIN / name
+    return str(path) if path.exists() else (shutil.which(name) or name)
+
+
+class Builder:
+    """One Virby: config, working directory, daemon, and clients."""
+
+    def __init__(self, root: Path, **settings: Any) -> None:
+        self.root = root
+        self.wd = root / "wd"
+        self.port = free_port()
+        self.leases = root / "dhcpd_leases"
+        self.image = root / "nixos.img"
+        with open(self.image, "wb") as f:
+            f.truncate(64 * 1024 * 1024)
+        self.settings: dict[str, Any] = {
+            "working-directory": str(self.wd),
+            "image": str(self.image),
+            "disk-size": "1GiB",
+            "cores": 1,
+            "memory": 1024,
+            "vfkit": tool("vfkit-emulator"),
+            "leases-file": str(self.leases),
+            "guest-ssh-port": 2222,
+            "listen": f"tcp:{self.port}:interface=127.0.0.1",
+            "port": self.port,
+            "on-demand": True,
+            "ttl": 600,
+            "start-timeout": 30,
+        }
+        self.settings.update(settings)
+        self.config = root / "virby.json"
+        self.config.write_text(json.dumps(self.settings))
+        self.env = {
+            **os.environ,
+            "VIRBY_EMULATOR_LEASES_FILE": str(self.leases),
+            "VIRBY_EMULATOR_GUEST_PORT": str(self.settings["guest-ssh-port"]),
+            "VIRBY_EMULATOR_BOOT_DELAY": "0.2",
+        }
+        self.daemons: list[ProcessUnderTest] = []
+        self._prepare()
+
+    def _prepare(self) -> None:
+        run = [tool("virby"), "prepare", "--config", str(self.config)]
+        subprocess.run(run, check=True, capture_output=True, timeout=120)
+        block = subprocess.run(
+            [*run, "--print-ssh-config"], check=True, capture_output=True, text=True, timeout=60
+        ).stdout
+        # The emulated guest logs in whoever runs it; the real VM's user is `builder`.
+        block = re.sub(r"(?m)^(\s*)User .*$", rf"\1User {getpass.getuser()}", block)
+        self.ssh_config = self.root / "ssh_config"
+        self.ssh_config.write_text(block + "  BatchMode yes\n  LogLevel ERROR\n")
+
+    def start(self, *flags: str, env: dict[str, str] | None = None, wait: bool = True):
+        """Start the daemon in the foreground, as launchd would."""
+        daemon = ProcessUnderTest(
+            [
+                tool("twistd"),
+                "--nodaemon",
+                "--pidfile=",
+                "virby",
+                "--config",
+                str(self.config),
+                *flags,
+            ],
+            env={**self.env, **(env or {})},
+            cwd=str(self.root),
+        )
+        self.daemons.append(daemon)
+        if wait:
+            daemon.wait_for_line(r"serving the builder on", timeout=60)
+        return daemon
+
+    def ssh(self, *command: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["ssh", "-F", str(self.ssh_config), "virby-vm", *command],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def ssh_background(self, *command: str) -> ProcessUnderTest:
+        return ProcessUnderTest(["ssh", "-F", str(self.ssh_config), "virby-vm", *command])
+
+    def status(self) -> dict[str, Any]:
+        result = subprocess.run(
+            [tool("virby"), "status", "--json", "--config", str(self.config)],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        return json.loads(result.stdout)
+
+    def emulators(self) -> list[int]:
+        """Live vfkit emulators of this working directory."""
+        return pids_of(r"(vfkit-emulator|virby\.emulator).*" + re.escape(str(self.wd)))
+
+    def guests(self) -> list[int]:
+        """Live sshd guests of this test (their state lives under the working directory
+        only through the emulator, so match on the emulator's generated config)."""
+        return [pid for pid in pids_of(r"sshd") if _environ_has(pid, str(self.leases))]
+
+    def banner(self, timeout: float = 60) -> bytes:
+        """Connect to the builder port and read the guest's SSH banner."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as s:
+            data = b""
+            while b"\n" not in data:
+                chunk = s.recv(256)
+                if not chunk:
+                    break
+                data += chunk
+            return data
+
+    def cleanup(self) -> None:
+        for daemon in self.daemons:
+            daemon.kill_all()
+        for pid in self.emulators():
+            _kill(pid)
+
+
+def _environ_has(pid: int, text: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return text.encode() in f.read()
+    except OSError:
+        return False
+
+
+def _kill(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, 9)
