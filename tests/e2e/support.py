@@ -148,3 +148,25 @@ def pids_of(pattern: str) -> list[int]:
         if regex.search(cmdline) and int(entry) != os.getpid():
             found.append(int(entry))
     return found
+
+
+def wait_gone(pids: list[int], timeout: float = 30.0) -> list[int]:
+    """
+    Wait until none of C{pids} exists, on their exit events (pidfd), not by polling;
+    returns those still alive at the deadline.
+    """
+    deadline = time.monotonic() + timeout
+    alive = []
+    for pid in pids:
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        try:
+            with selectors.DefaultSelector() as selector:
+                selector.register(fd, selectors.EVENT_READ)
+                if not selector.select(max(0.0, deadline - time.monotonic())):
+                    alive.append(pid)
+        finally:
+            os.close(fd)
+    return alive
