@@ -72,8 +72,9 @@ def test_twistd_lists_virby_from_an_installed_wheel(wheel: Path, tmp_path: Path)
     # so only the installed copy of the plugin can be found.
     program = (
         "import sys\n"
+        "import os\n"
         f"sys.path = [{str(target)!r}] + [p for p in sys.path "
-        f"if p and not p.startswith({str(REPO)!r})]\n"
+        f"if p and os.path.realpath(p) != {str(REPO)!r}]\n"
         "import virby\n"
         f"assert virby.__file__.startswith({str(target)!r}), virby.__file__\n"
         "sys.argv = ['twistd', '--help']\n"
