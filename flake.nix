@@ -1,0 +1,76 @@
+{
+  description = "Virby: an on-demand Linux builder VM for Nix on macOS";
+
+  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixpkgs-unstable";
+
+  outputs =
+    { self, nixpkgs }:
+    let
+      inherit (nixpkgs) lib;
+      darwinSystems = [
+        "aarch64-darwin"
+        "x86_64-darwin"
+      ];
+      linuxSystems = [
+        "aarch64-linux"
+        "x86_64-linux"
+      ];
+      forSystems = systems: f: lib.genAttrs systems (system: f nixpkgs.legacyPackages.${system});
+      allSystems = darwinSystems ++ linuxSystems;
+      package = pkgs: pkgs.callPackage ./nix/package.nix { };
+      vmImage =
+        system:
+        (lib.nixosSystem {
+          inherit system;
+          modules = [ ./nix/image.nix ];
+        }).config.system.build.virbyImage;
+    in
+    {
+      darwinModules.virby = import ./nix/module.nix {
+        inherit nixpkgs;
+        virbyPackage = package;
+      };
+      darwinModules.default = self.darwinModules.virby;
+
+      packages = lib.recursiveUpdate (forSystems darwinSystems (pkgs: {
+        default = package pkgs;
+      })) (forSystems linuxSystems (pkgs: {
+        default = package pkgs;
+        vm-image = vmImage pkgs.stdenv.hostPlatform.system;
+      }));
+
+      checks = forSystems allSystems (pkgs: {
+        # The package's build runs the unit tests.
+        package = package pkgs;
+        # The pure parts evaluate and agree with the daemon's expectations.
+        pure = pkgs.runCommand "virby-pure-nix" { } ''
+          ${pkgs.nix}/bin/nix-instantiate --eval --strict --json \
+            ${./nix/tests/pure.nix} > $out
+        '';
+      });
+
+      devShells = forSystems allSystems (pkgs: {
+        default = pkgs.mkShell {
+          packages = [
+            (pkgs.python3.withPackages (
+              ps: with ps; [
+                twisted
+                service-identity
+                pyopenssl
+                cryptography
+                automat
+                pytest
+                pytest-twisted
+                hypothesis
+              ]
+            ))
+            pkgs.ruff
+            pkgs.openssh
+            pkgs.socat
+          ];
+        };
+      });
+
+      formatter = forSystems allSystems (pkgs: pkgs.nixfmt-rfc-style);
+    };
+}

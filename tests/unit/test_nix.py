@@ -1,0 +1,178 @@
+"""
+The Nix side: every file parses, and the pure parts (the daemon's config JSON, memory and
+disk sizes, the ssh Host block) agree with the Python code, evaluated offline.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from virby.config import ConfigError, from_mapping, parse_size
+from virby.sshconfig import ssh_config_block
+
+ROOT = Path(__file__).resolve().parents[2]
+NIX_FILES = sorted(p for p in ROOT.glob("**/*.nix") if ".venv" not in p.parts)
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("nix-instantiate") is None, reason="nix-instantiate is not installed (nix-bin)"
+)
+
+
+def evaluate(expression: str) -> object:
+    result = subprocess.run(
+        ["nix-instantiate", "--eval", "--strict", "--json", "--expr", expression],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )  # fmt: skip
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr)
+    return json.loads(result.stdout)
+
+
+def test_there_are_nix_files() -> None:
+    names = {p.relative_to(ROOT).as_posix() for p in NIX_FILES}
+    assert {"flake.nix", "nix/module.nix", "nix/image.nix", "nix/package.nix"} <= names
+
+
+@pytest.mark.parametrize("path", NIX_FILES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_every_nix_file_parses(path: Path) -> None:
+    result = subprocess.run(
+        ["nix-instantiate", "--parse", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(("value", "mib"), [('"6GiB"', 6144), ('"4096MiB"', 4096), ("6144", 6144),
+                                            ('"1G"', 1024), ('"2048"', 2048)])  # fmt: skip
+def test_memory_accepted(value: str, mib: int) -> None:
+    assert evaluate(f"(import ./nix/lib/size.nix).memoryMiB {value}") == mib
+
+
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [('"512MiB"', "less than the 1024 MiB"), ('"6TB"', "not a size"), ('"x"', "not a size"),
+     ("512", "less than"), ('"1536KiB"', "whole number of MiB")],
+)  # fmt: skip
+def test_memory_refused_with_a_message(value: str, words: str) -> None:
+    with pytest.raises(RuntimeError) as caught:
+        evaluate(f"(import ./nix/lib/size.nix).memoryMiB {value}")
+    assert "services.virby.memory" in str(caught.value) and words in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "text", ["100GiB", "100G", "512MiB", "1TiB", "4096", " 2 GiB ", "6TB", "x", "10iB", "1.5G",
+             "100GB", "0K"],
+)  # fmt: skip
+def test_sizes_agree_with_python(text: str) -> None:
+    try:
+        expected: int | None = parse_size(text)
+    except ValueError:
+        expected = None
+    assert evaluate(f"(import ./nix/lib/size.nix).bytes {json.dumps(text)}") == expected
+
+
+OPTIONS = {
+    "cores": 8,
+    "memory": 6144,
+    "diskSize": "100GiB",
+    "port": 31222,
+    "onDemand": {"enable": False, "ttl": 180},
+    "rosetta": False,
+    "nestedVirtualization": False,
+    "sharedDirectories": {},
+    "debug": False,
+    "allowUserSsh": False,
+}
+
+
+def daemon_config(**changes: object) -> dict:
+    options = {**OPTIONS, **changes}
+    return evaluate(
+        "import ./nix/lib/config.nix { cfg = builtins.fromJSON ''"
+        + json.dumps(options)
+        + "''; image = \"/nix/store/0000-image/nixos.img\"; "
+        'vfkit = "/nix/store/0000-vfkit/bin/vfkit"; }'
+    )
+
+
+def test_default_options_give_the_daemons_defaults() -> None:
+    document = daemon_config()
+    config = from_mapping(document)
+    assert config.memory == 6144 and config.ttl == 10800 and config.port == 31222
+    assert config.listen == "launchd:name=Listener" and not config.on_demand
+    assert config.image == "/nix/store/0000-image/nixos.img"
+    assert config.vfkit == "/nix/store/0000-vfkit/bin/vfkit"
+
+
+@pytest.mark.parametrize(
+    ("changes", "checks"),
+    [
+        ({"memory": "8GiB"}, {"memory": 8192}),
+        ({"onDemand": {"enable": True, "ttl": 30}}, {"on_demand": True, "ttl": 1800}),
+        ({"sharedDirectories": {"src": "/Users/me/src"}},
+         {"shared_dirs": {"src": "/Users/me/src"}}),
+        ({"rosetta": True, "nestedVirtualization": True, "debug": True, "allowUserSsh": True,
+          "cores": 4, "port": 40000, "diskSize": "200GiB"},
+         {"rosetta": True, "nested_virtualization": True, "debug": True, "allow_user_ssh": True,
+          "cores": 4, "port": 40000, "disk_size": 200 * 1024**3}),
+    ],
+)  # fmt: skip
+def test_option_sets_load_in_the_python_loader(changes: dict, checks: dict) -> None:
+    config = from_mapping(daemon_config(**changes))
+    for name, value in checks.items():
+        assert getattr(config, name) == value
+
+
+def test_a_bad_shared_directory_is_caught_by_the_loader() -> None:
+    with pytest.raises(ConfigError, match="shared-dirs"):
+        from_mapping(daemon_config(sharedDirectories={"src": "relative/path"}))
+
+
+@pytest.mark.parametrize("port", [31222, 40000])
+def test_ssh_block_matches_virby_prepare(port: int) -> None:
+    text = evaluate(f"import ./nix/lib/ssh-config.nix {{ port = {port}; }}")
+    assert text == ssh_config_block(from_mapping({"port": port}))
+
+
+def _nixpkgs() -> str | None:
+    result = subprocess.run(
+        ["nix-instantiate", "--eval", "--expr", "<nixpkgs>"], capture_output=True, text=True
+    )
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"onDemand": {"enable": True, "ttl": 60}, "rosetta": True, "port": 40000, "cores": 4,
+          "speedFactor": 2}],
+)  # fmt: skip
+def test_the_whole_module_evaluates(settings: dict) -> None:
+    if _nixpkgs() is None:
+        pytest.skip("<nixpkgs> is not on NIX_PATH: the module needs nixpkgs' lib.evalModules")
+    result = evaluate(
+        "import ./nix/tests/eval-module.nix { settings = builtins.fromJSON ''"
+        + json.dumps(settings)
+        + "''; }"
+    )
+    assert result["assertions"] == []
+    daemon = result["daemon"]
+    assert daemon["ProgramArguments"][1:5] == ["--nodaemon", "--pidfile=", "virby", "--config"]
+    assert daemon["KeepAlive"] is not settings.get("onDemand", {}).get("enable", False)
+    assert daemon["UserName"] == "_virby"
+    port = settings.get("port", 31222)
+    assert daemon["Sockets"]["Listener"] == {
+        "SockFamily": "IPv4", "SockNodeName": "127.0.0.1", "SockServiceName": str(port)
+    }  # fmt: skip
+    config = from_mapping(result["daemonConfig"])
+    assert config.image == "/nix/store/0000-virby-vm-image/nixos.img"
+    assert result["sshConfig"] == ssh_config_block(config)
+    (machine,) = result["buildMachines"]
+    assert machine["hostName"] == "virby-vm" and machine["protocol"] == "ssh-ng"
+    assert machine["maxJobs"] == settings.get("cores", 8)
+    expected = ["aarch64-linux", "x86_64-linux"] if settings.get("rosetta") else ["aarch64-linux"]
+    assert machine["systems"] == expected
+    assert "_virby" in result["users"]
