@@ -139,6 +139,12 @@ in
       default = false;
       description = "Register the builder in determinateNix.buildMachines instead of nix.buildMachines.";
     };
+    settings = mkOption {
+      type = types.attrsOf types.anything;
+      readOnly = true;
+      internal = true;
+      description = "The daemon's configuration as written to its JSON file (for inspection).";
+    };
     nestedVirtualization = mkOption {
       type = types.bool;
       default = false;
@@ -150,6 +156,7 @@ in
     (mkIf cfg.enable (
       lib.mkMerge [
         {
+          services.virby.settings = daemonConfig;
           assertions = [
             {
               assertion = !cfg.rosetta || hostSystem == "aarch64-darwin";

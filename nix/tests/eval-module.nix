@@ -9,7 +9,7 @@
   system ? "aarch64-darwin",
 }:
 let
-  lib = import "${nixpkgs}/lib";
+  lib = import (nixpkgs + "/lib");
   anything = lib.mkOption { type = lib.types.anything; default = null; };
   stubs =
     { lib, ... }:
@@ -48,7 +48,7 @@ let
   pkgs = {
     stdenv.hostPlatform.system = system;
     vfkit = "/nix/store/0000-vfkit";
-    writeText = name: text: builtins.toFile name text;
+    writeText = name: text: "/nix/store/0000-${name}";
   };
   module = import ../module.nix {
     nixpkgs = fakeNixpkgs;
@@ -68,7 +68,7 @@ in
 {
   assertions = map (a: a.message) failed;
   daemon = config.launchd.daemons.virbyd.serviceConfig;
-  daemonConfig = builtins.fromJSON (builtins.readFile (builtins.elemAt config.launchd.daemons.virbyd.serviceConfig.ProgramArguments 5));
+  daemonConfig = config.services.virby.settings;
   sshConfig = config.environment.etc."ssh/ssh_config.d/100-virby-vm.conf".text;
   buildMachines = config.nix.buildMachines;
   users = builtins.attrNames config.users.users;

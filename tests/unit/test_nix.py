@@ -176,3 +176,15 @@ def test_the_whole_module_evaluates(settings: dict) -> None:
     expected = ["aarch64-linux", "x86_64-linux"] if settings.get("rosetta") else ["aarch64-linux"]
     assert machine["systems"] == expected
     assert "_virby" in result["users"]
+
+
+def test_rosetta_is_refused_on_intel_macs() -> None:
+    if _nixpkgs() is None:
+        pytest.skip("<nixpkgs> is not on NIX_PATH: the module needs nixpkgs' lib.evalModules")
+    result = evaluate(
+        'import ./nix/tests/eval-module.nix { system = "x86_64-darwin"; '
+        "settings = { rosetta = true; }; }"
+    )
+    assert result["assertions"] == [
+        "services.virby.rosetta needs an aarch64-darwin host (Apple silicon)."
+    ]
