@@ -41,6 +41,8 @@ class StatusProtocol(Protocol):
 
 
 class ControlFactory(Factory):
+    noisy = False  # per-connection factory start/stop lines say nothing useful
+
     protocol = StatusProtocol
 
     def __init__(self, describe: Callable[[], dict[str, Any]]) -> None:

@@ -210,6 +210,8 @@ class GuestConnection(Protocol):
 
 
 class GuestFactory(ClientFactory):
+    noisy = False  # per-connection factory start/stop lines say nothing useful
+
     def __init__(self, inbound: InboundConnection) -> None:
         self.inbound = inbound
 
@@ -222,6 +224,8 @@ class GuestFactory(ClientFactory):
 
 class ProxyFactory(Factory):
     """Builds an L{InboundConnection} per loopback client; refuses everyone else."""
+
+    noisy = False  # one log line per connection is the proxy's own, at debug
 
     protocol = InboundConnection
 

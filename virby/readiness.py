@@ -79,6 +79,8 @@ class _BannerProtocol(Protocol):
 
 
 class _BannerFactory(ClientFactory):
+    noisy = False  # per-connection factory start/stop lines say nothing useful
+
     def __init__(self, result: Deferred[str]) -> None:
         self._result = result
 
