@@ -196,9 +196,16 @@ in
               fi
             done
           '';
+          # After the users exist and launchd has (re)loaded the daemon.  A new image means
+          # new keys and a new disk: restart the daemon so no VM runs the old ones.
           system.activationScripts.postActivation.text = ''
             echo "preparing the Virby VM..." >&2
+            virby_before=$(cat ${workingDirectory}/image-path 2>/dev/null || true)
             ${package}/bin/virby prepare --config ${configFile} --owner _virby:virby
+            if [ "$virby_before" != "$(cat ${workingDirectory}/image-path)" ] \
+              && launchctl print system/org.nixos.virbyd >/dev/null 2>&1; then
+              launchctl kickstart -k system/org.nixos.virbyd
+            fi
           '';
 
           launchd.daemons.virbyd = {
