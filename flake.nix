@@ -58,7 +58,6 @@
                 service-identity
                 pyopenssl
                 cryptography
-                automat
                 pytest
                 pytest-twisted
                 hypothesis

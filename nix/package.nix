@@ -26,7 +26,6 @@ python3Packages.buildPythonApplication {
     service-identity
     pyopenssl
     cryptography
-    automat
   ];
 
   nativeCheckInputs = with python3Packages; [
