@@ -17,7 +17,8 @@ from typing import Any
 from twisted.internet.endpoints import UNIXServerEndpoint
 from twisted.internet.interfaces import IReactorUNIX
 from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import Logger
+
+from virby.logs import Logger
 
 log = Logger()
 

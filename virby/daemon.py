@@ -20,7 +20,6 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from virby import __version__
@@ -29,6 +28,7 @@ from virby.control import CONTROL_SOCKET, ControlFactory, controlEndpoint
 from virby.errors import VirbyError
 from virby.leases import LeaseFile
 from virby.lifecycle import Lifecycle, VirtualMachine
+from virby.logs import Logger, setVerbose
 from virby.mac import stable_mac
 from virby.orphans import stop_orphan
 from virby.proxy import ProxyFactory
@@ -235,6 +235,7 @@ def makeDaemonService(config: Config, reactor: Any) -> DaemonService:
     except VirbyError as e:
         sys.stderr.write(f"twistd virby: error: {e}\n")
         raise SystemExit(1) from None
+    setVerbose(config.debug)
     # vfkit creates its REST socket with our umask: owner-only, even when allow-user-ssh
     # opens the working directory for traversal.
     os.umask(0o077)

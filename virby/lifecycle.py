@@ -25,10 +25,10 @@ from typing import Any, Protocol
 
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from virby.errors import VirbyError
+from virby.logs import Logger
 
 log = Logger()
 

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import os
 
-from twisted.logger import Logger
-
 from virby.leases import normalize_mac
+from virby.logs import Logger
 from virby.runtime import write_atomically
 
 log = Logger()

@@ -15,9 +15,9 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.internet.utils import getProcessOutput
-from twisted.logger import Logger
 
 from virby.config import REST_SOCKET_NAME
+from virby.logs import Logger
 from virby.rest import RestError, VfkitRestClient
 from virby.runtime import remove_quietly
 

@@ -23,9 +23,10 @@ from typing import Protocol as TypingProtocol
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IAddress, IConnector, IHalfCloseableProtocol
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from virby.logs import Logger
 
 log = Logger()
 

@@ -17,10 +17,10 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IConnector
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from virby.errors import VirbyError
+from virby.logs import Logger
 
 log = Logger()
 

@@ -20,11 +20,11 @@ from typing import IO, Any
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from virby.config import REST_SOCKET_NAME, Config
 from virby.errors import VirbyError
+from virby.logs import Logger
 from virby.rest import RestError, VfkitRestClient
 from virby.runtime import remove_quietly, write_atomically
 
