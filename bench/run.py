@@ -114,7 +114,9 @@ def throughput(size: int, rounds: int, workdir: Path) -> list[tuple[str, str, st
     rows = []
     anchors = {k: v for k, v in speeds.items() if k.startswith(("Go", "asyncio"))}
     for name, speed in speeds.items():
-        ratios = ", ".join(f"{speed / a:.2f}× {k.split()[0]}" for k, a in anchors.items())
+        ratios = ", ".join(
+            f"{speed / a:.2f}× {k.split()[0].rstrip(',')}" for k, a in anchors.items()
+        )
         rows.append((f"throughput: {name}", f"{speed:.0f} MiB/s", ratios or "–"))
     if go is None:
         rows.append(("throughput: Go io.Copy + CloseWrite", "not measured",
@@ -248,11 +250,27 @@ def memory(root: Path, connections: int) -> list[tuple[str, str, str]]:
         after = _rss_kib(pid)
         return [
             ("daemon RSS idle after start", f"{idle / 1024:.1f} MiB", "target ≤ 40 MB"),
+            (
+                "the daemon's modules imported, with / without pyOpenSSL",
+                f"{_import_rss(True):.1f} / {_import_rss(False):.1f} MiB",
+                "Twisted's TCP transport loads pyOpenSSL and cryptography when installed",
+            ),
             (f"daemon RSS after {connections} connections", f"{after / 1024:.1f} MiB",
              f"{(after - idle) / 1024:+.1f} MiB vs idle"),
         ]  # fmt: skip
     finally:
         builder.cleanup()
+
+
+def _import_rss(with_openssl: bool) -> float:
+    """RSS of a Python that imported the reactor and the daemon, nothing running."""
+    program = (
+        ("" if with_openssl else "import sys; sys.modules['OpenSSL'] = None\n")
+        + "import twisted.internet.reactor, virby.daemon\n"
+        + "print([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1])"
+    )
+    out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True)
+    return int(out.stdout) / 1024
 
 
 def nix_build(root: Path, rounds: int) -> list[tuple[str, str, str]]:

@@ -37,6 +37,11 @@ from virby.vfkit import VfkitProcess, find_vfkit
 
 log = Logger()
 
+#: How often a booting VM is checked (a stat of the lease file, then one connection attempt
+#: to a local address): each check is cheap, and every interval is time a waiting build
+#: may lose after sshd is up.
+READINESS_INTERVAL = 0.05
+
 
 class StartupError(VirbyError):
     """The daemon cannot start serving; the message says why and what to do."""
@@ -92,6 +97,7 @@ class VfkitHypervisor:
             lambda: self._leases.lookup(mac),
             port,
             float(self._config.start_timeout),
+            interval=READINESS_INTERVAL,
             what=f"MAC {mac} in {self._config.leases_file}",
         )
         return waiting.addCallback(lambda ip: (ip, port))
