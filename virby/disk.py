@@ -78,6 +78,17 @@ def replacing(path: str) -> Iterator[str]:
     fsync_directory(os.path.dirname(path) or ".")
 
 
+def write_atomically(path: str, data: bytes, mode: int) -> None:
+    """Replace C{path} with C{data} atomically: a crash leaves the old content or the new."""
+    with replacing(path) as temporary:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        try:
+            os.fchmod(fd, mode)
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+
+
 def remove_temporaries(directory: str) -> list[str]:
     """Delete what an interrupted run left in C{directory}; return the names removed."""
     removed = []

@@ -191,15 +191,7 @@ def _read(path: str) -> bytes | None:
         return None
 
 
-def _write(path: str, data: bytes, mode: int) -> None:
-    """Replace C{path} with C{data} atomically: a crash leaves the old content or the new."""
-    with disk.replacing(path) as temporary:
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        try:
-            os.fchmod(fd, mode)
-            os.write(fd, data)
-        finally:
-            os.close(fd)
+_write = disk.write_atomically
 
 
 def recorded_image(config: Config) -> str | None:

@@ -5,20 +5,9 @@ from __future__ import annotations
 import contextlib
 import os
 
+from virby.disk import write_atomically
 
-def write_atomically(path: str, data: bytes, mode: int = 0o644) -> None:
-    """
-    Write C{data} to C{path} so that readers see the old content or the new, never half:
-    a crash while writing a pidfile must not leave a pid that names nothing.
-    """
-    temporary = f"{path}.tmp.{os.getpid()}"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fchmod(fd, mode)
-    finally:
-        os.close(fd)
-    os.replace(temporary, path)
+__all__ = ["remove_quietly", "write_atomically"]
 
 
 def remove_quietly(path: str) -> None:

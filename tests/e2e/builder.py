@@ -129,19 +129,24 @@ class Builder:
     def banner(self, timeout: float = 60) -> bytes:
         """Connect to the builder port and read the guest's SSH banner."""
         with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as s:
-            data = b""
-            while b"\n" not in data:
-                chunk = s.recv(256)
-                if not chunk:
-                    break
-                data += chunk
-            return data
+            return read_line(s)
 
     def cleanup(self) -> None:
         for daemon in self.daemons:
             daemon.kill_all()
         for pid in self.emulators():
             _kill(pid)
+
+
+def read_line(s: socket.socket) -> bytes:
+    """Bytes up to the first newline, or all there was before EOF."""
+    data = b""
+    while b"\n" not in data:
+        chunk = s.recv(256)
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 def _environ_has(pid: int, text: str) -> bool:

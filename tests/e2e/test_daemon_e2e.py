@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-from tests.e2e.builder import Builder, tool
+from tests.e2e.builder import Builder, read_line, tool
 from tests.e2e.support import ProcessUnderTest
 
 pytestmark = pytest.mark.e2e
@@ -88,15 +88,7 @@ def test_fifty_connections_at_cold_start_one_vfkit(make_builder) -> None:
     sockets = [socket.create_connection(("127.0.0.1", builder.port), timeout=60)
                for _ in range(50)]  # fmt: skip
     try:
-        banners = []
-        for s in sockets:
-            data = b""
-            while b"\n" not in data:
-                chunk = s.recv(256)
-                if not chunk:
-                    break
-                data += chunk
-            banners.append(data)
+        banners = [read_line(s) for s in sockets]
         assert all(b.startswith(b"SSH-2.0-") for b in banners), banners
     finally:
         for s in sockets:
