@@ -1,0 +1,322 @@
+"""
+The relay on real loopback sockets, driven by a memory reactor: the test dispatches the
+readiness events itself (a C{select} on the descriptors the relay registered), so every
+step is an event the kernel reported, in an order the test controls.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import struct
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+from twisted.internet.testing import MemoryReactorClock
+
+from virby import relay
+from virby.relay import CHUNK, PIPE_SIZE, PipePool, Relay
+
+PATHS = ["splice", "portable"] if relay.spliceAvailable() else ["portable"]
+
+
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def connected_pair() -> tuple[socket.socket, socket.socket]:
+    """(the outside peer, the daemon's side) of one loopback TCP connection."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        peer = socket.create_connection(server.getsockname())
+        side, _ = server.accept()
+    for s in (peer, side):
+        s.setblocking(False)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return peer, side
+
+
+class Bench:
+    """A relay between two loopback connections, and the two outside peers."""
+
+    def __init__(self, path: str, toGuest: bytes = b"", toClient: bytes = b"", pipes=None):
+        self.reactor = MemoryReactorClock()
+        self.client, clientSide = connected_pair()
+        self.guest, guestSide = connected_pair()
+        self.sides = (clientSide, guestSide)
+        self.outcome: list = []
+        if pipes is None and path == "splice":
+            pipes = PipePool()
+        self.pipes = pipes
+        self.relay = Relay(
+            self.reactor,
+            clientSide,
+            guestSide,
+            done=self.outcome.append,
+            toGuest=toGuest,
+            toClient=toClient,
+            pipes=pipes,
+        )
+
+    def registered(self) -> Iterator:
+        yield from self.reactor.readers
+        yield from self.reactor.writers
+
+    def step(self, timeout: float) -> bool:
+        """Dispatch the events the kernel reports within C{timeout}; False if none came."""
+        readers, writers = list(self.reactor.readers), list(self.reactor.writers)
+        if not readers and not writers:
+            self.reactor.advance(0)
+            return False
+        readable, writable, _ = select.select(readers, writers, [], timeout)
+        for end in readable:
+            if end in self.reactor.readers:
+                end.doRead()
+        for end in writable:
+            if end in self.reactor.writers:
+                end.doWrite()
+        self.reactor.advance(0)
+        return bool(readable or writable)
+
+    def until(self, condition: Callable[[], bool], timeout: float = 10.0) -> None:
+        """Dispatch events until C{condition} holds; fail at the deadline."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            left = deadline - time.monotonic()
+            assert left > 0, "the condition did not hold in time"
+            self.step(min(left, 0.5))
+
+    def receive(self, peer: socket.socket, size: int) -> bytes:
+        """Read exactly C{size} bytes at C{peer}, moving the relay meanwhile."""
+        got = bytearray()
+
+        def enough() -> bool:
+            while len(got) < size:
+                try:
+                    chunk = peer.recv(size - len(got))
+                except BlockingIOError:
+                    return False
+                if not chunk:
+                    raise AssertionError(f"EOF after {len(got)} of {size} bytes")
+                got.extend(chunk)
+            return True
+
+        self.until(enough)
+        return bytes(got)
+
+    def sendAll(self, peer: socket.socket, data: bytes) -> None:
+        view = memoryview(data)
+
+        def sent() -> bool:
+            nonlocal view
+            while view:
+                try:
+                    view = view[peer.send(view) :]
+                except BlockingIOError:
+                    return False
+            return True
+
+        self.until(sent)
+
+    def eof(self, peer: socket.socket) -> bool:
+        try:
+            return peer.recv(1) == b""
+        except BlockingIOError:
+            return False
+
+    def close(self) -> None:
+        for s in (self.client, self.guest, *self.sides):
+            s.close()
+
+
+@pytest.fixture(params=PATHS)
+def path(request) -> str:
+    return request.param
+
+
+def test_bytes_both_ways_with_what_came_before_first(path) -> None:
+    bench = Bench(path, toGuest=b"SSH-2.0-client\r\n", toClient=b"SSH-2.0-guest\r\n")
+    bench.relay.start()
+    bench.client.send(b"kexinit")
+    assert bench.receive(bench.guest, 23) == b"SSH-2.0-client\r\nkexinit"
+    assert bench.receive(bench.client, 15) == b"SSH-2.0-guest\r\n"
+    bench.guest.send(b"answer")
+    assert bench.receive(bench.client, 6) == b"answer"
+    assert (bench.relay.bytesToGuest, bench.relay.bytesToClient) == (23, 21)
+    bench.close()
+
+
+def test_many_megabytes_arrive_whole_and_in_order(path) -> None:
+    bench = Bench(path)
+    bench.relay.start()
+    data = os.urandom(3 * PIPE_SIZE + 12345)
+    received = bytearray()
+    view = memoryview(data)
+
+    def moved() -> bool:
+        nonlocal view
+        while view:
+            try:
+                view = view[bench.client.send(view) :]
+            except BlockingIOError:
+                break
+        while True:
+            try:
+                chunk = bench.guest.recv(1 << 20)
+            except BlockingIOError:
+                break
+            received.extend(chunk)
+        return len(received) == len(data)
+
+    bench.until(moved, timeout=30)
+    assert bytes(received) == data
+    assert bench.relay.bytesToGuest == len(data)
+    bench.close()
+
+
+def test_half_close_client_first(path) -> None:
+    bench = Bench(path)
+    bench.relay.start()
+    bench.client.send(b"request")
+    bench.client.shutdown(socket.SHUT_WR)
+    assert bench.receive(bench.guest, 7) == b"request"
+    bench.until(lambda: bench.eof(bench.guest))
+    assert bench.outcome == [], "the guest's answer may still come"
+    bench.guest.send(b"answer")
+    assert bench.receive(bench.client, 6) == b"answer"
+    bench.guest.shutdown(socket.SHUT_WR)
+    bench.until(lambda: bench.outcome == [None])
+    assert bench.eof(bench.client)
+    assert list(bench.registered()) == []
+    bench.close()
+
+
+def test_half_close_guest_first(path) -> None:
+    bench = Bench(path, toClient=b"banner\n")
+    bench.relay.start()
+    bench.guest.shutdown(socket.SHUT_WR)
+    assert bench.receive(bench.client, 7) == b"banner\n"
+    bench.until(lambda: bench.eof(bench.client))
+    bench.client.send(b"late")
+    assert bench.receive(bench.guest, 4) == b"late"
+    assert bench.outcome == []
+    bench.client.shutdown(socket.SHUT_WR)
+    bench.until(lambda: bench.outcome == [None])
+    bench.close()
+
+
+@pytest.mark.parametrize("slow", ["guest", "client"])
+def test_a_slow_reader_bounds_what_the_relay_holds(path, slow) -> None:
+    """
+    The reader stops reading: the relay stops reading the writer once it holds one pipe
+    (or one chunk), and from then on only the kernel's socket buffers fill, until the writer
+    cannot send any more.  Nothing grows in the daemon.
+    """
+    bench = Bench(path)
+    bench.relay.start()
+    writer, reader = (bench.client, bench.guest) if slow == "guest" else (bench.guest, bench.client)
+    writerSide = bench.sides[0] if slow == "guest" else bench.sides[1]
+    block = b"x" * (1 << 20)
+    sent = 0
+
+    def writerBlocked() -> bool:
+        nonlocal sent
+        while True:
+            try:
+                sent += writer.send(block)
+            except BlockingIOError:
+                break
+        reading = any(end.fileno() == writerSide.fileno() for end in bench.reactor.readers)
+        return not reading
+
+    bench.until(writerBlocked, timeout=30)
+    bound = PIPE_SIZE if path == "splice" else CHUNK
+    assert 0 < bench.relay.held <= bound
+    received = 0
+
+    def drained() -> bool:
+        nonlocal received
+        while True:
+            try:
+                chunk = reader.recv(1 << 20)
+            except BlockingIOError:
+                break
+            received += len(chunk)
+        return received == sent
+
+    bench.until(drained, timeout=30)
+    assert bench.relay.held == 0
+    bench.close()
+
+
+def test_a_reset_ends_the_relay_with_the_error(path) -> None:
+    bench = Bench(path)
+    bench.relay.start()
+    bench.client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    bench.client.close()
+    bench.until(lambda: bench.outcome != [])
+    (failure,) = bench.outcome
+    assert failure is not None and failure.check(ConnectionResetError, BrokenPipeError, OSError)
+    assert list(bench.registered()) == []
+    bench.guest.close()
+    for s in bench.sides:
+        s.close()
+
+
+def test_stop_hands_the_sockets_back_at_once(path) -> None:
+    bench = Bench(path)
+    bench.relay.start()
+    assert list(bench.registered())
+    bench.relay.stop()
+    assert list(bench.registered()) == []
+    bench.client.send(b"x")
+    bench.reactor.advance(1)
+    assert bench.outcome == [], "stop reports nothing: the caller closes"
+    bench.close()
+
+
+def test_no_descriptor_is_left_after_the_pairs_end() -> None:
+    before = open_fds()
+    pipes = PipePool() if relay.spliceAvailable() else None
+    benches = [Bench("splice" if pipes else "portable", pipes=pipes) for _ in range(5)]
+    for bench in benches:
+        bench.relay.start()
+    for bench in benches:
+        bench.client.send(b"x" * 100_000)
+        bench.receive(bench.guest, 100_000)
+    for bench in benches:
+        bench.client.shutdown(socket.SHUT_WR)
+        bench.guest.shutdown(socket.SHUT_WR)
+        bench.until(lambda bench=bench: bench.outcome == [None])
+        bench.close()
+    assert pipes is None or pipes.idle == 0
+    assert open_fds() == before
+
+
+@pytest.mark.skipif(not relay.spliceAvailable(), reason="splice(2) is Linux's")
+def test_without_a_descriptor_for_a_pipe_the_bytes_are_copied() -> None:
+    class Exhausted(PipePool):
+        def take(self):
+            return None
+
+    bench = Bench("splice", pipes=Exhausted())
+    bench.relay.start()
+    bench.client.send(b"still here")
+    assert bench.receive(bench.guest, 10) == b"still here"
+    bench.close()
+
+
+@pytest.mark.skipif(not relay.spliceAvailable(), reason="splice(2) is Linux's")
+def test_idle_pairs_hold_no_pipe() -> None:
+    pipes = PipePool()
+    benches = [Bench("splice", pipes=pipes) for _ in range(20)]
+    for bench in benches:
+        bench.relay.start()
+        bench.client.send(b"hello")
+        assert bench.receive(bench.guest, 5) == b"hello"
+    assert pipes.opened <= relay.SPARE_PIPES, "pipes are lent per chunk, not per pair"
+    for bench in benches:
+        bench.relay.stop()
+        bench.close()
+    assert pipes.opened == 0

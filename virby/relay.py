@@ -1,0 +1,516 @@
+"""
+The data path of a splice: once the client's and the guest's sockets are both connected, the
+bytes between them move here, on the reactor's thread, without entering Python objects.
+
+Why here, and why this way (2-core Linux, 1 GiB through a splice to a counting sink, see
+docs/benchmarks.md): Twisted's transports read each chunk into a new C{bytes} and write it
+out again, which cost the daemon 1.1 to 1.5 CPU seconds per GiB and capped every stream
+together at 0.37 to 0.64 times Go's C{io.Copy}; C{perf} put a quarter of that time in the
+interpreter.  Moved with C{splice(2)} by this module on the same one reactor thread, a GiB
+costs 0.25 to 0.45 CPU seconds, at or below Go's C{io.Copy} (which splices too, from as many
+threads as it likes), on one stream as on 64.  One thread at that cost moves more than the
+machine can feed it, so the data path does not leave the reactor: no thread, no lock, and
+the control plane (accounting, aborts, shutdown) stays plain Twisted.
+
+The reactor's readiness events drive this module's own descriptors on the two raw sockets
+(C{IReactorFDSet.addReader}/C{addWriter}); the Twisted transports that own the sockets are
+paused and untouched meanwhile, and close the sockets afterwards as they always do.
+
+  - On Linux, C{splice(2)} moves pages from the source socket into a pipe and from the pipe
+    to the destination socket.  Pipes come from a L{PipePool} and go back to it as soon as
+    they are empty, so an idle pair holds no pipe: 200 pairs cost 400 descriptors, not 1200.
+  - Elsewhere (macOS has no splice), and for a chunk that finds no pipe (the process is out of
+    descriptors), C{recv_into} one buffer that every flow shares and C{send} from a view of
+    it.  A flow reads only when its destination took everything it was given.
+
+Backpressure: a flow stops reading its source while its bytes wait for the destination, so a
+slow reader makes the daemon hold at most one pipe (or one chunk) per direction, and the rest
+waits in the kernel's socket buffers, where TCP's window throttles the sender.  Half-close: a
+source's EOF becomes C{shutdown(SHUT_WR)} on the destination once every byte before it has
+been delivered; the relay ends when both directions have, or at the first error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket
+import sys
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+#: The size asked for each pipe (Linux's default unprivileged maximum, pipe-max-size): one
+#: C{splice} pair then moves up to this much, so the per-call cost vanishes beside the copy.
+PIPE_SIZE = 1024 * 1024
+
+#: The portable path's one buffer, shared by every flow (they run one at a time).
+CHUNK = 256 * 1024
+
+#: Idle pipes kept for the next chunk while any relay runs; more are closed when returned.
+SPARE_PIPES = 8
+
+_SPLICE = getattr(os, "splice", None)
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+
+#: Errors that mean the process (or the system) has no descriptor left for a pipe.
+_OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOMEM)
+
+
+def spliceAvailable() -> bool:
+    """C{splice(2)} exists here (Linux, Python 3.10+)."""
+    return _SPLICE is not None and sys.platform.startswith("linux")
+
+
+class _Pipe(NamedTuple):
+    read: int
+    write: int
+
+
+class PipePool:
+    """
+    Pipes for C{splice(2)}, lent to a flow while it has bytes in flight.
+
+    Most chunks go in and out of a pipe within one reactor event, so a few pipes serve any
+    number of pairs; only a flow whose destination is slow keeps one.  When the last relay
+    ends, the idle pipes are closed too, so a closed pair leaves no descriptor behind.
+    """
+
+    def __init__(self, size: int = PIPE_SIZE, spare: int = SPARE_PIPES) -> None:
+        self._size = size
+        self._spare = spare
+        self._free: list[_Pipe] = []
+        self._users = 0
+        self.opened = 0
+
+    def hold(self) -> None:
+        """A relay starts using the pool."""
+        self._users += 1
+
+    def release(self) -> None:
+        """A relay is done with the pool; the last one closes the idle pipes."""
+        self._users -= 1
+        if self._users <= 0:
+            self._users = 0
+            free, self._free = self._free, []
+            for pipe in free:
+                self._close(pipe)
+
+    def take(self) -> _Pipe | None:
+        """An empty pipe, or C{None} when no descriptor is left for one."""
+        if self._free:
+            return self._free.pop()
+        try:
+            read, write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno in _OUT_OF_DESCRIPTORS:
+                return None
+            raise
+        with contextlib.suppress(OSError, AttributeError):
+            # Beyond fs.pipe-user-pages-soft the kernel refuses a bigger pipe: the default
+            # 64 KiB still works, only with more system calls per byte.
+            import fcntl
+
+            fcntl.fcntl(write, fcntl.F_SETPIPE_SZ, self._size)
+        self.opened += 1
+        return _Pipe(read, write)
+
+    def give(self, pipe: _Pipe) -> None:
+        """Take back an empty pipe."""
+        if self._users > 0 and len(self._free) < self._spare:
+            self._free.append(pipe)
+        else:
+            self._close(pipe)
+
+    def discard(self, pipe: _Pipe) -> None:
+        """Close a pipe whose bytes will never be delivered."""
+        self._close(pipe)
+
+    def _close(self, pipe: _Pipe) -> None:
+        self.opened -= 1
+        for fd in pipe:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    @property
+    def idle(self) -> int:
+        return len(self._free)
+
+
+class _Scratch:
+    """The portable path's buffer, allocated at its first use: one per process."""
+
+    buffer: bytearray | None = None
+    view: memoryview | None = None
+
+    @classmethod
+    def get(cls) -> tuple[bytearray, memoryview]:
+        if cls.buffer is None or cls.view is None:
+            cls.buffer = bytearray(CHUNK)
+            cls.view = memoryview(cls.buffer)
+        return cls.buffer, cls.view
+
+
+@implementer(IReadDescriptor, IWriteDescriptor)
+class _End:
+    """
+    One socket of the pair, as the reactor sees it: reading it feeds the flow that leaves
+    it, writing it drains the flow that arrives at it.  The reactor keeps one descriptor
+    object per file descriptor, so both directions share this one.
+    """
+
+    def __init__(self, relay: Relay, sock: socket.socket) -> None:
+        self._relay = relay
+        self.socket = sock
+        self.fd = sock.fileno()
+        self.outgoing: _Flow
+        self.incoming: _Flow
+        self._reading = False
+        self._writing = False
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def logPrefix(self) -> str:
+        return "virby.relay"
+
+    def doRead(self) -> None:
+        self.outgoing.readable()
+
+    def doWrite(self) -> None:
+        self.incoming.writable()
+
+    def connectionLost(self, reason: Failure) -> None:
+        """The reactor gave up on this descriptor (an error, or the reactor stopping)."""
+        self._reading = self._writing = False
+        self._relay._fail(reason)
+
+    @property
+    def waitingToWrite(self) -> bool:
+        return self._writing
+
+    def startReading(self) -> None:
+        if not self._reading and self._relay.running:
+            self._reading = True
+            self._relay.reactor.addReader(self)
+
+    def stopReading(self) -> None:
+        if self._reading:
+            self._reading = False
+            self._relay.reactor.removeReader(self)
+
+    def startWriting(self) -> None:
+        if not self._writing and self._relay.running:
+            self._writing = True
+            self._relay.reactor.addWriter(self)
+
+    def stopWriting(self) -> None:
+        if self._writing:
+            self._writing = False
+            self._relay.reactor.removeWriter(self)
+
+
+class _Flow:
+    """
+    One direction: bytes from C{source} to C{sink}.  C{pending} goes first (bytes read
+    before the relay began); then each chunk is spliced through a pipe (or copied through
+    the shared buffer), and the source is read only while the sink keeps up.
+    """
+
+    def __init__(
+        self,
+        relay: Relay,
+        source: _End,
+        sink: _End,
+        pending: bytes,
+        pipes: PipePool | None,
+        count: Callable[[int], None],
+    ) -> None:
+        self._relay = relay
+        self.source = source
+        self.sink = sink
+        self._pending: memoryview | None = memoryview(pending) if pending else None
+        self._pipes = pipes
+        self._pipe: _Pipe | None = None
+        self._inPipe = 0
+        self._count = count
+        self._eof = False
+        self.finished = False
+
+    def start(self) -> None:
+        if self._pending is not None:
+            self._sendPending()
+        else:
+            self.source.startReading()
+
+    # -- events
+
+    def readable(self) -> None:
+        if self.finished or self._eof:
+            return
+        if self._pipes is not None and (self._pipe is not None or self._takePipe()):
+            self._spliceIn()
+        else:
+            self._copyIn()
+
+    def writable(self) -> None:
+        if self._pending is not None:
+            self._sendPending()
+        elif self._inPipe:
+            self._spliceOut()
+        else:
+            self.sink.stopWriting()
+
+    # -- splice(2)
+
+    def _takePipe(self) -> bool:
+        assert self._pipes is not None
+        self._pipe = self._pipes.take()
+        return self._pipe is not None
+
+    def _spliceIn(self) -> None:
+        pipe = self._pipe
+        assert pipe is not None and _SPLICE is not None
+        room = PIPE_SIZE - self._inPipe
+        try:
+            # Counted in bytes, not in the pipe's pages: one page of a pipe can hold a
+            # socket buffer's whole fragment (32 KiB on loopback), so a full pipe can hold
+            # many megabytes.  The bound is ours.
+            n = _SPLICE(self.source.fd, pipe.write, room, flags=_SPLICE_FLAGS)
+        except BlockingIOError:
+            # Readable, yet nothing came: the pipe is full.  Wait for the sink.
+            if self._inPipe:
+                self.source.stopReading()
+            else:
+                self._returnPipe()
+            return
+        except OSError as e:
+            self._relay._fail(Failure(e))
+            return
+        if n == 0:
+            self._sourceEnded()
+            return
+        self._inPipe += n
+        if self._inPipe >= PIPE_SIZE:
+            self.source.stopReading()
+        if not self.sink.waitingToWrite:
+            self._spliceOut()
+
+    def _spliceOut(self) -> None:
+        pipe = self._pipe
+        assert pipe is not None and _SPLICE is not None
+        try:
+            n = _SPLICE(pipe.read, self.sink.fd, self._inPipe, flags=_SPLICE_FLAGS)
+        except BlockingIOError:
+            n = 0
+        except OSError as e:
+            self._relay._fail(Failure(e))
+            return
+        if n:
+            self._inPipe -= n
+            self._count(n)
+        if self._inPipe:
+            self.sink.startWriting()
+            return
+        self.sink.stopWriting()
+        self._returnPipe()
+        if self._eof:
+            self._passEOF()
+        else:
+            self.source.startReading()
+
+    def _returnPipe(self) -> None:
+        pipe, self._pipe = self._pipe, None
+        if pipe is not None and self._pipes is not None:
+            self._pipes.give(pipe)
+
+    # -- the portable path
+
+    def _copyIn(self) -> None:
+        buffer, view = _Scratch.get()
+        try:
+            n = self.source.socket.recv_into(buffer)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            self._relay._fail(Failure(e))
+            return
+        if n == 0:
+            self._sourceEnded()
+            return
+        try:
+            sent = self.sink.socket.send(view[:n])
+        except BlockingIOError:
+            sent = 0
+        except OSError as e:
+            self._relay._fail(Failure(e))
+            return
+        if sent:
+            self._count(sent)
+        if sent < n:
+            # The sink is full: keep the rest (at most one chunk) and stop reading.
+            self._pending = memoryview(bytes(view[sent:n]))
+            self.source.stopReading()
+            self.sink.startWriting()
+
+    def _sendPending(self) -> None:
+        pending = self._pending
+        assert pending is not None
+        try:
+            sent = self.sink.socket.send(pending)
+        except BlockingIOError:
+            sent = 0
+        except OSError as e:
+            self._relay._fail(Failure(e))
+            return
+        if sent:
+            self._count(sent)
+        if sent < len(pending):
+            self._pending = pending[sent:]
+            self.source.stopReading()
+            self.sink.startWriting()
+            return
+        self._pending = None
+        self.sink.stopWriting()
+        if self._eof:
+            self._passEOF()
+        else:
+            self.source.startReading()
+
+    # -- the end
+
+    def _sourceEnded(self) -> None:
+        self._eof = True
+        self.source.stopReading()
+        if self._pending is None and not self._inPipe:
+            self._returnPipe()
+            self._passEOF()
+
+    def _passEOF(self) -> None:
+        """Everything before the EOF is delivered: pass the EOF on."""
+        with contextlib.suppress(OSError):
+            # A sink that is already gone says so on its own events.
+            self.sink.socket.shutdown(socket.SHUT_WR)
+        self.finished = True
+        self._relay._flowFinished()
+
+    @property
+    def held(self) -> int:
+        """Bytes read from the source and not yet delivered."""
+        return self._inPipe + (len(self._pending) if self._pending is not None else 0)
+
+    def release(self) -> None:
+        """The relay is over: give back (or close) the pipe this flow holds."""
+        pipe, self._pipe = self._pipe, None
+        if pipe is not None and self._pipes is not None:
+            if self._inPipe:
+                self._pipes.discard(pipe)
+            else:
+                self._pipes.give(pipe)
+        self._inPipe = 0
+        self._pending = None
+
+
+class Relay:
+    """
+    Moves bytes both ways between two connected, non-blocking stream sockets.
+
+    The caller owns the sockets before, during and after: it must not read, write or close
+    them (nor let a transport do so) until C{done} has fired or it has called L{stop}.
+
+    @param toGuest: bytes the client sent before the relay began, delivered first.
+    @param toClient: bytes the guest sent before the relay began (the banner a readiness
+        probe read), delivered first.
+    @param pipes: where pipes for C{splice(2)} come from; C{None} copies through one shared
+        buffer instead (the path for systems without splice).
+    @param done: called once, from a later reactor turn, with C{None} when both directions
+        ended with an EOF, or a L{Failure} when either side failed.  Not called after
+        L{stop}.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        client: socket.socket,
+        guest: socket.socket,
+        *,
+        done: Callable[[Failure | None], None],
+        toGuest: bytes = b"",
+        toClient: bytes = b"",
+        pipes: PipePool | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.bytesToGuest = 0
+        self.bytesToClient = 0
+        self.running = False
+        self._done = done
+        self._pipes = pipes
+        self._finished = False
+        self._report: Any = None
+        self._client = _End(self, client)
+        self._guest = _End(self, guest)
+        self._up = _Flow(self, self._client, self._guest, toGuest, pipes, self._countUp)
+        self._down = _Flow(self, self._guest, self._client, toClient, pipes, self._countDown)
+        self._client.outgoing = self._guest.incoming = self._up
+        self._guest.outgoing = self._client.incoming = self._down
+
+    @property
+    def held(self) -> int:
+        """Bytes this relay has read and not yet delivered, both ways: its whole buffer."""
+        return self._up.held + self._down.held
+
+    def _countUp(self, n: int) -> None:
+        self.bytesToGuest += n
+
+    def _countDown(self, n: int) -> None:
+        self.bytesToClient += n
+
+    def start(self) -> None:
+        self.running = True
+        if self._pipes is not None:
+            self._pipes.hold()
+        self._down.start()
+        self._up.start()
+
+    def stop(self) -> None:
+        """Stop moving bytes now and hand the sockets back; C{done} is not called."""
+        self._end()
+        if self._report is not None and self._report.active():
+            self._report.cancel()
+        self._report = None
+
+    def _flowFinished(self) -> None:
+        if self._up.finished and self._down.finished:
+            self._finish(None)
+
+    def _fail(self, reason: Failure) -> None:
+        self._finish(reason)
+
+    def _finish(self, reason: Failure | None) -> None:
+        if self._finished:
+            return
+        self._end()
+        # Later, not now: the reactor may still hold events for these descriptors from the
+        # poll it is dispatching, and they must not reach the transports we hand back.
+        self._report = self.reactor.callLater(0, self._reportDone, reason)
+
+    def _reportDone(self, reason: Failure | None) -> None:
+        self._report = None
+        self._done(reason)
+
+    def _end(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        for end in (self._client, self._guest):
+            end.stopReading()
+            end.stopWriting()
+        self.running = False
+        self._up.release()
+        self._down.release()
+        if self._pipes is not None:
+            self._pipes.release()
