@@ -32,14 +32,13 @@ from virby.logs import Logger, setVerbose
 from virby.mac import stable_mac
 from virby.orphans import stop_orphan
 from virby.proxy import ProxyFactory
-from virby.readiness import wait_for_guest
+from virby.readiness import ReadyGuest, wait_for_guest
 from virby.vfkit import VfkitProcess, find_vfkit
 
 log = Logger()
 
-#: How often a booting VM is checked (a stat of the lease file, then one connection attempt
-#: to a local address): each check is cheap, and every interval is time a waiting build
-#: may lose after sshd is up.
+#: How often a booting VM's lease is looked up (a stat of the lease file) until it has one;
+#: from then on the guest's sshd is probed every few milliseconds (L{virby.readiness}).
 READINESS_INTERVAL = 0.05
 
 
@@ -88,19 +87,17 @@ class VfkitHypervisor:
             ) from None
         return VfkitProcess.start(self._reactor, self._config, self._executable, self._mac)
 
-    def waitReady(self, vm: VirtualMachine) -> Deferred[tuple[str, int]]:
+    def waitReady(self, vm: VirtualMachine) -> Deferred[ReadyGuest]:
         mac = self._mac
         assert mac is not None
-        port = self._config.guest_ssh_port
-        waiting = wait_for_guest(
+        return wait_for_guest(
             self._reactor,
             lambda: self._leases.lookup(mac),
-            port,
+            self._config.guest_ssh_port,
             float(self._config.start_timeout),
             interval=READINESS_INTERVAL,
             what=f"MAC {mac} in {self._config.leases_file}",
         )
-        return waiting.addCallback(lambda ip: (ip, port))
 
 
 class DaemonService(MultiService):
