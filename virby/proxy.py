@@ -22,6 +22,7 @@ C{portforward}, with what it leaves out.  Either way:
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import socket
 from typing import Any
@@ -40,6 +41,7 @@ from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from virby import relay
 from virby.logs import Logger
 from virby.readiness import ReadyGuest
 from virby.relay import PipePool, Relay, spliceAvailable
@@ -67,8 +69,12 @@ class Backend(TypingProtocol):
 def is_loopback(address: IAddress) -> bool:
     """Loopback IPv4/IPv6 (also IPv4-mapped); unix-socket peers have no host and pass."""
     host = getattr(address, "host", None)
-    if host is None:
-        return True
+    return True if host is None else _isLoopbackHost(host)
+
+
+@functools.lru_cache(maxsize=256)
+def _isLoopbackHost(host: str) -> bool:
+    """Cached: every connection asks, from one of a handful of addresses."""
     try:
         ip = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
@@ -94,18 +100,23 @@ def _rawSocket(transport: ITransport) -> socket.socket | None:
 
 @implementer(IHalfCloseableProtocol)
 class InboundConnection(Protocol):
-    """A client of the builder port, spliced to the guest once the VM is ready."""
+    """
+    A client of the builder port: it waits for the VM, then is spliced to the guest, by the
+    relay (which gets both sockets: the client's borrowed from its paused transport, the
+    guest's connected here or taken from the readiness probe) or through the transports.
+    """
 
     factory: ProxyFactory
 
     def __init__(self) -> None:
         self.guest: GuestConnection | None = None
+        self._relay: Relay | None = None
+        self._guestSocket: socket.socket | None = None
         self._waiting: Deferred[ReadyGuest] | None = None
+        self._connecting: Deferred[socket.socket] | None = None
         self._connector: IConnector | None = None
         self._held: list[bytes] = []
         self._heldSize = 0
-        self._relay: Relay | None = None
-        self._relaying = False
         self._clientDone = False
         self._guestDone = False
         self._closing = False
@@ -113,6 +124,10 @@ class InboundConnection(Protocol):
         self._closed = False
         self._bytesIn = 0
         self._bytesOut = 0
+
+    @property
+    def spliced(self) -> bool:
+        return self.guest is not None or self._relay is not None
 
     @property
     def bytesIn(self) -> int:
@@ -130,7 +145,9 @@ class InboundConnection(Protocol):
         _noDelay(self.transport)
         self.factory.opened(self)
         self.factory.backend.connectionOpened(self)
-        log.debug("connection from {peer}", peer=self.transport.getPeer())
+        # Debug lines name callables, called only when debug logging is on: these run for
+        # every connection, and formatting costs more than the rest of the line's work.
+        log.debug("connection from {peer()}", peer=self.transport.getPeer)
         self._waiting = waiting = self.factory.backend.whenReady()
         waiting.addCallbacks(self._guestReady, self._guestUnavailable)
 
@@ -138,9 +155,22 @@ class InboundConnection(Protocol):
         self._waiting = None
         if self._closing:
             return
+        client = _rawSocket(self.transport) if self.factory.relays else None
         spare = guest.claim()
         if spare is not None:
-            spare.attach(GuestConnection(self, greeting=spare.received))
+            upstream = spare.detach() if client is not None else None
+            if client is not None and upstream is not None:
+                self._startRelay(client, upstream, spare.received)
+            else:
+                spare.attach(GuestConnection(self, greeting=spare.received))
+            return
+        if client is not None and relay.addressFamily(guest.host) is not None:
+            self._connecting = connecting = relay.connect(
+                self.factory.reactor, guest.host, guest.port, self.factory.connectTimeout
+            )
+            connecting.addCallbacks(
+                self._guestSocketConnected, self.guestFailed, callbackArgs=(client,)
+            )
             return
         self._connector = self.factory.reactor.connectTCP(
             guest.host, guest.port, GuestFactory(self), timeout=self.factory.connectTimeout
@@ -153,8 +183,8 @@ class InboundConnection(Protocol):
         self._close(reason.getErrorMessage())
 
     def guestFailed(self, reason: Failure) -> None:
-        self._connector = None
-        if self._closing:
+        self._connector = self._connecting = None
+        if reason.check(CancelledError) or self._closing:
             return
         log.warn(
             "cannot reach the guest's sshd for {peer}: {why}",
@@ -164,33 +194,53 @@ class InboundConnection(Protocol):
         self._closing = True
         self.transport.loseConnection()
 
-    # -- the splice
+    def _takeHeld(self) -> bytes:
+        held, self._held, self._heldSize = b"".join(self._held), [], 0
+        return held
+
+    # -- the splice: the relay
+
+    def _guestSocketConnected(self, upstream: socket.socket, client: socket.socket) -> None:
+        self._connecting = None
+        self._startRelay(client, upstream, b"")
+
+    def _startRelay(self, client: socket.socket, upstream: socket.socket, greeting: bytes) -> None:
+        """Both sockets are connected: the relay moves the bytes, the held ones first."""
+        self._guestSocket = upstream
+        self.transport.pauseProducing()
+        self._relay = Relay(
+            self.factory.reactor,
+            client,
+            upstream,
+            done=self._relayDone,
+            toGuest=self._takeHeld(),
+            toClient=greeting,
+            pipes=self.factory.pipes,
+        )
+        self._relay.start()
+
+    def _relayDone(self, reason: Failure | None) -> None:
+        """Both directions ended (or one side failed): close the two sockets."""
+        if reason is not None:
+            log.debug(
+                "the splice for {peer()} ended: {why()}",
+                peer=self.transport.getPeer,
+                why=reason.getErrorMessage,
+            )
+        self._closing = True
+        self._closeGuest()
+        self.transport.loseConnection()
+
+    # -- the splice: the transports
 
     def guestConnected(self, guest: GuestConnection) -> None:
-        """Both sides are connected: move the bytes, the held ones first."""
+        """The guest's transport is connected: each side throttles the other."""
         self._connector = None
         if self._closing:
             guest.transport.loseConnection()
             return
         self.guest = guest
-        held, self._held, self._heldSize = b"".join(self._held), [], 0
-        client, upstream = _rawSocket(self.transport), _rawSocket(guest.transport)
-        pipes = self.factory.pipes
-        if self.factory.relays and client is not None and upstream is not None:
-            self.transport.pauseProducing()
-            guest.transport.pauseProducing()
-            self._relay = Relay(
-                self.factory.reactor,
-                client,
-                upstream,
-                done=self._relayDone,
-                toGuest=held,
-                toClient=guest.greeting,
-                pipes=pipes,
-            )
-            self._relaying = True
-            self._relay.start()
-            return
+        held = self._takeHeld()
         guest.transport.registerProducer(self.transport, True)
         self.transport.registerProducer(guest.transport, True)
         if guest.greeting:
@@ -202,29 +252,15 @@ class InboundConnection(Protocol):
         self.transport.resumeProducing()
         guest.transport.resumeProducing()
 
-    def _relayDone(self, reason: Failure | None) -> None:
-        """Both directions ended (or one side failed): the transports close the sockets."""
-        self._relaying = False
-        if reason is not None:
-            log.debug(
-                "the splice for {peer} ended: {why}",
-                peer=self.transport.getPeer(),
-                why=reason.getErrorMessage(),
-            )
-        self._closing = True
-        self.transport.loseConnection()
-        self._closeGuest()
-
     def dataReceived(self, data: bytes) -> None:
         if self.guest is not None:
-            if not self._relaying:
-                self._bytesIn += len(data)
-                self.guest.transport.write(data)
-            return
-        self._held.append(data)
-        self._heldSize += len(data)
-        if self._heldSize >= MAX_HELD:
-            self.transport.pauseProducing()
+            self._bytesIn += len(data)
+            self.guest.transport.write(data)
+        elif self._relay is None:
+            self._held.append(data)
+            self._heldSize += len(data)
+            if self._heldSize >= MAX_HELD:
+                self.transport.pauseProducing()
 
     def readConnectionLost(self) -> None:
         """
@@ -234,7 +270,7 @@ class InboundConnection(Protocol):
         """
         if self.guest is None:
             if not self._closing:
-                log.debug("{peer} hung up before the guest answered", peer=self.transport.getPeer())
+                log.debug("{peer()} hung up before the guest answered", peer=self.transport.getPeer)
                 self._closing = True
                 self.transport.loseConnection()
             return
@@ -255,7 +291,7 @@ class InboundConnection(Protocol):
         self._closeIfFinished()
 
     def guestLost(self) -> None:
-        if self._relaying or self._closing:
+        if self._closing:
             # Our own close: the client side is already closing too.
             return
         self._closing = True
@@ -267,17 +303,23 @@ class InboundConnection(Protocol):
             self.transport.loseConnection()
             self._closeGuest()
 
+    # -- closing
+
     def _closeGuest(self, abort: bool = False) -> None:
         """Close the guest side, once: in order, or (the VM is gone) at once."""
-        if self.guest is None or self._guestClosing:
+        if self._guestClosing:
             return
-        self._guestClosing = True
-        if abort:
-            self.guest.transport.abortConnection()
-        else:
-            self.guest.transport.loseConnection()
-
-    # -- closing
+        if self._relay is not None:
+            self._relay.stop()
+        if self._guestSocket is not None:
+            self._guestClosing = True
+            relay.closeSocket(self._guestSocket, abort)
+        elif self.guest is not None:
+            self._guestClosing = True
+            if abort:
+                self.guest.transport.abortConnection()
+            else:
+                self.guest.transport.loseConnection()
 
     def _close(self, why: str) -> None:
         """Close in order: the client gets an EOF and everything sent to it before."""
@@ -295,36 +337,29 @@ class InboundConnection(Protocol):
         """
         if self._closing:
             return
-        if self.guest is None:
+        if not self.spliced:
             self._close(why)
             return
         self._closing = True
         log.info(
             "closing the connection from {peer}: {why}", peer=self.transport.getPeer(), why=why
         )
-        self._stopRelay()
-        self.transport.abortConnection()
         self._closeGuest(abort=True)
-
-    def _stopRelay(self) -> None:
-        if self._relaying and self._relay is not None:
-            self._relaying = False
-            self._relay.stop()
+        self.transport.abortConnection()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         if self._closed:
             return
         self._closed = self._closing = True
         self._held, self._heldSize = [], 0
-        if self._waiting is not None:
-            waiting, self._waiting = self._waiting, None
-            waiting.cancel()
-        if self.guest is not None:
-            self._stopRelay()
-            self._closeGuest()
-        elif self._connector is not None:
+        for pending in (self._waiting, self._connecting):
+            if pending is not None:
+                pending.cancel()
+        self._waiting = self._connecting = None
+        if self._connector is not None:
             connector, self._connector = self._connector, None
             connector.disconnect()
+        self._closeGuest()
         log.debug(
             "connection closed: {bytesIn} bytes in, {bytesOut} bytes out",
             bytesIn=self.bytesIn,
@@ -406,7 +441,7 @@ class ProxyFactory(Factory):
         self.backend = backend
         self.connectTimeout = connectTimeout
         self.relays = dataPath != "transports" and IReactorFDSet.providedBy(reactor)
-        self.pipes = PipePool() if dataPath == "fast" and spliceAvailable() else None
+        self.pipes = PipePool(reactor) if dataPath == "fast" and spliceAvailable() else None
         self._open: set[InboundConnection] = set()
         self.bytesToGuest = 0
         self.bytesToClients = 0

@@ -9,22 +9,28 @@ vfkit exits, and that stops everything at once.
 
 Every millisecond between sshd starting to listen and the first banner at a waiting client
 is time a build waits, and nothing tells the host that moment: it has to be polled.  A lease
-lookup is a C{stat} and comes every 50 ms until the VM has a lease; from then on a probe (one
-connection attempt, refused at once while sshd is not up) follows each failed one after
-L{PROBE_INTERVAL}.  That bounds the wait to 5 ms (2.5 ms on average) at 200 cheap attempts a
-second for the second or two between DHCP and sshd, and nothing runs in between: no busy
-loop.  The probe that gets the banner keeps its connection, and the first waiting client
-gets it (L{ReadyGuest}), so it does not wait again for sshd to start a session process (7 ms
-for OpenSSH 9.2 on the 2-core Linux machine of docs/benchmarks.md).
+lookup is a C{stat}, every 50 ms until the VM has a lease.  Then the guest is probed, one
+connection attempt at a time.  Once it refuses one, its network is up and only sshd is
+missing, which on a healthy boot is a matter of a second or two: for L{FAST_PROBING} seconds
+from that first refusal, each refused probe is followed by the next after L{PROBE_INTERVAL}
+(2 ms: 1 ms of waiting on average, for about 6% of a core, at 0.12 ms of CPU an attempt),
+then after L{LATE_PROBE_INTERVAL}.  Nothing runs in between: no busy loop.  A probe that
+fails otherwise (no answer, not SSH) is retried at the lease interval.
+
+The probe that gets the banner keeps its connection, and the first waiting client gets it
+(L{ReadyGuest}), so it does not wait for sshd to start a second session process: OpenSSH
+takes 7 ms for that on an idle 2-core Linux machine (docs/benchmarks.md), and more under load.
 """
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IConnector, IDelayedCall, IProtocol
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.interfaces import IConnector, IDelayedCall, IProtocol, ISystemHandle
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
 
@@ -37,8 +43,14 @@ log = Logger()
 #: non-SSH service from being read forever.
 MAX_PREAMBLE = 1024
 
-#: Seconds from a failed probe to the next, once the VM has a lease (see above).
-PROBE_INTERVAL = 0.005
+#: Seconds from a refused probe to the next while sshd is expected (see above).
+PROBE_INTERVAL = 0.002
+
+#: Seconds, from the guest's first refusal, of probing every L{PROBE_INTERVAL}.
+FAST_PROBING = 5.0
+
+#: Seconds from a refused probe to the next after that.
+LATE_PROBE_INTERVAL = 0.02
 
 
 class ProbeError(Exception):
@@ -107,6 +119,21 @@ class _BannerProtocol(Protocol):
         transport = self.transport
         transport.protocol = protocol
         protocol.makeConnection(transport)
+
+    def detach(self) -> socket.socket | None:
+        """
+        Take the connection's socket out of its transport, for a relay to drive; C{None}
+        when the transport has none (a memory transport).  The transport stays paused and
+        holds nothing: collected, it closes nothing.  The new owner still has to deliver
+        L{received} first.
+        """
+        transport = self.transport
+        handle = transport.getHandle() if ISystemHandle.providedBy(transport) else None
+        if not isinstance(handle, socket.socket):
+            return None
+        transport.pauseProducing()
+        self.lost = True
+        return socket.socket(handle.family, handle.type, handle.proto, fileno=handle.detach())
 
 
 class _BannerFactory(ClientFactory):
@@ -198,6 +225,7 @@ class _GuestWait:
         self._timeout = timeout
         self._interval = interval
         self._probeInterval = probeInterval
+        self._firstRefusal: float | None = None
         self._probeTimeout = probeTimeout
         self._what = what
         self._probe: Deferred[_BannerProtocol] | None = None
@@ -240,7 +268,18 @@ class _GuestWait:
         if not reason.check(CancelledError) or self._lastError is None:
             self._lastError = _describe(reason)
         if not self._stopped:
-            self._next = self._reactor.callLater(self._probeInterval, self._tick)
+            self._next = self._reactor.callLater(self._retryAfter(reason), self._tick)
+
+    def _retryAfter(self, reason: Failure) -> float:
+        """Fast while a refusal says the guest is up and its sshd is coming (see above)."""
+        if not reason.check(ConnectionRefusedError):
+            return self._interval
+        now = self._reactor.seconds()
+        if self._firstRefusal is None:
+            self._firstRefusal = now
+        if now - self._firstRefusal < FAST_PROBING:
+            return self._probeInterval
+        return max(self._probeInterval, LATE_PROBE_INTERVAL)
 
     def _timedOut(self) -> None:
         self._deadline = None
@@ -299,7 +338,7 @@ def wait_for_guest(
     @param lookup: the lease lookup; an exception from it (an unreadable lease file) ends
         the wait at once with that error.
     @param interval: seconds between lease lookups while the VM has no lease.
-    @param probe_interval: seconds from a failed probe to the next, once it has one.
+    @param probe_interval: seconds from a refused probe to the next, while sshd is expected.
     @param what: how the no-lease message names the VM (its MAC and the lease file).
     @return: a cancellable Deferred; it fails with L{BootTimeout} after C{timeout} seconds.
     """

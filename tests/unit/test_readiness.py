@@ -10,6 +10,8 @@ from twisted.python.failure import Failure
 
 from virby.leases import LeaseFileError
 from virby.readiness import (
+    FAST_PROBING,
+    LATE_PROBE_INTERVAL,
     PROBE_INTERVAL,
     BootTimeout,
     ProbeError,
@@ -119,7 +121,13 @@ def test_waits_for_a_lease_then_a_banner() -> None:
     assert not [c for c in reactor.getDelayedCalls() if c.active()]
 
 
-def test_once_there_is_a_lease_a_refused_probe_is_retried_soon_and_only_then() -> None:
+def pending(reactor: MemoryReactorClock) -> list[float]:
+    """The delays of the timers that are set, soonest first."""
+    now = reactor.seconds()
+    return sorted(round(c.getTime() - now, 6) for c in reactor.getDelayedCalls() if c.active())
+
+
+def test_once_the_guest_refuses_probes_are_retried_soon_and_only_then() -> None:
     """Fast, and no busy loop: one timer, PROBE_INTERVAL after each refusal, nothing else."""
     reactor = MemoryReactorClock()
     leases = Leases()
@@ -128,14 +136,34 @@ def test_once_there_is_a_lease_a_refused_probe_is_retried_soon_and_only_then() -
     for attempt in range(1, 4):
         assert len(reactor.tcpClients) == attempt
         refuse(reactor)
-        pending = [c for c in reactor.getDelayedCalls() if c.active()]
-        assert sorted(c.getTime() - reactor.seconds() for c in pending) == pytest.approx(
-            [PROBE_INTERVAL, 30 - reactor.seconds()]
-        )
+        assert pending(reactor) == [PROBE_INTERVAL, round(30 - reactor.seconds(), 6)]
         reactor.advance(PROBE_INTERVAL * 0.9)
         assert len(reactor.tcpClients) == attempt
         reactor.advance(PROBE_INTERVAL * 0.1)
-    assert PROBE_INTERVAL <= 0.005
+    assert PROBE_INTERVAL <= 0.002
+
+
+def test_fast_probing_lasts_a_while_after_the_first_refusal() -> None:
+    reactor = MemoryReactorClock()
+    leases = Leases()
+    leases.ip = "192.168.64.5"
+    wait_for_guest(reactor, leases, 22, timeout=600, interval=0.25)
+    refuse(reactor)
+    reactor.advance(FAST_PROBING)
+    refuse(reactor)
+    assert pending(reactor)[0] == LATE_PROBE_INTERVAL
+
+
+def test_a_probe_that_gets_no_answer_is_retried_at_the_lease_interval() -> None:
+    """A guest whose network is not up yet (a stale lease) is not probed in a tight loop."""
+    reactor = MemoryReactorClock()
+    leases = Leases()
+    leases.ip = "192.168.64.5"
+    wait_for_guest(reactor, leases, 22, timeout=600, interval=0.25, probe_timeout=2)
+    connect(reactor)
+    reactor.advance(2)
+    assert len(reactor.tcpClients) == 1
+    assert pending(reactor)[0] == 0.25
 
 
 def test_a_fresh_lease_replaces_a_stale_one() -> None:

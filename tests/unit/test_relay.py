@@ -40,14 +40,16 @@ def connected_pair() -> tuple[socket.socket, socket.socket]:
 class Bench:
     """A relay between two loopback connections, and the two outside peers."""
 
-    def __init__(self, path: str, toGuest: bytes = b"", toClient: bytes = b"", pipes=None):
-        self.reactor = MemoryReactorClock()
+    def __init__(
+        self, path: str, toGuest: bytes = b"", toClient: bytes = b"", pipes=None, reactor=None
+    ):
+        self.reactor = reactor or MemoryReactorClock()
         self.client, clientSide = connected_pair()
         self.guest, guestSide = connected_pair()
         self.sides = (clientSide, guestSide)
         self.outcome: list = []
         if pipes is None and path == "splice":
-            pipes = PipePool()
+            pipes = PipePool(self.reactor)
         self.pipes = pipes
         self.relay = Relay(
             self.reactor,
@@ -277,9 +279,12 @@ def test_stop_hands_the_sockets_back_at_once(path) -> None:
 
 
 def test_no_descriptor_is_left_after_the_pairs_end() -> None:
+    """The pairs' sockets are the caller's; the pipes go back, and the spares soon close."""
     before = open_fds()
-    pipes = PipePool() if relay.spliceAvailable() else None
-    benches = [Bench("splice" if pipes else "portable", pipes=pipes) for _ in range(5)]
+    reactor = MemoryReactorClock()
+    pipes = PipePool(reactor) if relay.spliceAvailable() else None
+    path = "splice" if pipes else "portable"
+    benches = [Bench(path, pipes=pipes, reactor=reactor) for _ in range(5)]
     for bench in benches:
         bench.relay.start()
     for bench in benches:
@@ -290,8 +295,30 @@ def test_no_descriptor_is_left_after_the_pairs_end() -> None:
         bench.guest.shutdown(socket.SHUT_WR)
         bench.until(lambda bench=bench: bench.outcome == [None])
         bench.close()
-    assert pipes is None or pipes.idle == 0
+    if pipes is not None:
+        assert 0 < pipes.idle <= relay.SPARE_PIPES, "kept for the next pair, a while"
+        reactor.advance(relay.IDLE_PIPE_SECONDS)
+        assert pipes.idle == 0 and pipes.opened == 0
     assert open_fds() == before
+
+
+@pytest.mark.skipif(not relay.spliceAvailable(), reason="splice(2) is Linux's")
+def test_spare_pipes_stay_while_pairs_come_and_go() -> None:
+    reactor = MemoryReactorClock()
+    pipes = PipePool(reactor, spare=2)
+    pipes.hold()
+    taken = [pipes.take() for _ in range(3)]
+    for pipe in taken:
+        pipes.give(pipe)
+    assert pipes.idle == 2 and pipes.opened == 2, "beyond the spares, pipes close"
+    pipes.release()
+    reactor.advance(relay.IDLE_PIPE_SECONDS / 2)
+    pipes.hold()
+    reactor.advance(relay.IDLE_PIPE_SECONDS)
+    assert pipes.idle == 2, "a new relay came in time"
+    pipes.release()
+    reactor.advance(relay.IDLE_PIPE_SECONDS)
+    assert pipes.idle == 0 and pipes.opened == 0
 
 
 @pytest.mark.skipif(not relay.spliceAvailable(), reason="splice(2) is Linux's")
@@ -300,7 +327,7 @@ def test_without_a_descriptor_for_a_pipe_the_bytes_are_copied() -> None:
         def take(self):
             return None
 
-    bench = Bench("splice", pipes=Exhausted())
+    bench = Bench("splice", pipes=Exhausted(MemoryReactorClock()))
     bench.relay.start()
     bench.client.send(b"still here")
     assert bench.receive(bench.guest, 10) == b"still here"
@@ -309,8 +336,9 @@ def test_without_a_descriptor_for_a_pipe_the_bytes_are_copied() -> None:
 
 @pytest.mark.skipif(not relay.spliceAvailable(), reason="splice(2) is Linux's")
 def test_idle_pairs_hold_no_pipe() -> None:
-    pipes = PipePool()
-    benches = [Bench("splice", pipes=pipes) for _ in range(20)]
+    reactor = MemoryReactorClock()
+    pipes = PipePool(reactor)
+    benches = [Bench("splice", pipes=pipes, reactor=reactor) for _ in range(20)]
     for bench in benches:
         bench.relay.start()
         bench.client.send(b"hello")
@@ -319,4 +347,80 @@ def test_idle_pairs_hold_no_pipe() -> None:
     for bench in benches:
         bench.relay.stop()
         bench.close()
+    reactor.advance(relay.IDLE_PIPE_SECONDS)
     assert pipes.opened == 0
+
+
+# -- connecting without a transport
+
+
+def dispatch_writers(reactor: MemoryReactorClock, timeout: float = 10.0) -> None:
+    """Deliver the writability events the kernel reports, until none is registered."""
+    deadline = time.monotonic() + timeout
+    while reactor.writers:
+        assert time.monotonic() < deadline, "the connect did not finish in time"
+        writers = list(reactor.writers)
+        _, writable, _ = select.select([], writers, [], 0.5)
+        for writer in writable:
+            writer.doWrite()
+
+
+def outcome_of(d) -> list:
+    box: list = []
+    d.addBoth(box.append)
+    return box
+
+
+def test_connect_gives_a_connected_non_blocking_socket() -> None:
+    reactor = MemoryReactorClock()
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        got = outcome_of(relay.connect(reactor, "127.0.0.1", server.getsockname()[1], 10))
+        dispatch_writers(reactor)
+        (sock,) = got
+        assert sock.getpeername() == server.getsockname()
+        assert sock.getblocking() is False
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        assert not reactor.getDelayedCalls() or not any(
+            c.active() for c in reactor.getDelayedCalls()
+        )
+        sock.close()
+
+
+def test_connect_refused_says_so_and_leaves_nothing() -> None:
+    from twisted.internet.error import ConnectionRefusedError
+
+    before = open_fds()
+    reactor = MemoryReactorClock()
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        got = outcome_of(relay.connect(reactor, "127.0.0.1", unused.getsockname()[1], 10))
+        dispatch_writers(reactor)
+    (failure,) = got
+    assert failure.check(ConnectionRefusedError), failure
+    assert "refused" in failure.getErrorMessage()
+    assert not reactor.writers and open_fds() == before
+
+
+def test_connect_times_out_and_can_be_cancelled() -> None:
+    from twisted.internet.defer import CancelledError
+    from twisted.internet.error import TimeoutError
+
+    before = open_fds()
+    reactor = MemoryReactorClock()
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        late = outcome_of(relay.connect(reactor, "127.0.0.1", port, 3))
+        reactor.advance(3)
+        assert late[0].check(TimeoutError)
+        waiting = relay.connect(reactor, "127.0.0.1", port, 3)
+        cancelled = outcome_of(waiting)
+        waiting.cancel()
+        assert cancelled[0].check(CancelledError)
+        assert not reactor.writers
+    assert open_fds() == before
+
+
+def test_only_addresses_are_connected_here() -> None:
+    assert relay.addressFamily("127.0.0.1") == socket.AF_INET
+    assert relay.addressFamily("::1") == socket.AF_INET6
+    assert relay.addressFamily("virby-vm") is None
