@@ -125,6 +125,7 @@ class DaemonService(MultiService):
         self.lifecycle = lifecycle
         self._ports: list[IListeningPort] = []
         self._control: IListeningPort | None = None
+        self._proxy = ProxyFactory(reactor, lifecycle)
         self._startedAt: float | None = None
 
     def startService(self) -> None:
@@ -139,9 +140,7 @@ class DaemonService(MultiService):
             ControlFactory(self.describe),
             "the control socket",
         )
-        self._ports = _listenAll(
-            self._endpoint, ProxyFactory(self._reactor, self.lifecycle), self._config.listen
-        )
+        self._ports = _listenAll(self._endpoint, self._proxy, self._config.listen)
         for port in self._ports:
             log.info("serving the builder on {address}", address=_address(port))
         self._hypervisor.stopOrphan()
@@ -164,7 +163,10 @@ class DaemonService(MultiService):
         """The status document C{virby status} shows."""
         document = asdict(self.lifecycle.snapshot())
         now = self._reactor.seconds()
+        toGuest, fromGuest = self._proxy.traffic()
         document.update(
+            bytes_to_guest=toGuest,
+            bytes_from_guest=fromGuest,
             daemon_pid=os.getpid(),
             daemon_uptime=now - self._startedAt if self._startedAt is not None else None,
             listening=[_address(port) for port in self._ports],

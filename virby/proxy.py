@@ -158,6 +158,7 @@ class InboundConnection(Protocol):
         client = _rawSocket(self.transport) if self.factory.relays else None
         spare = guest.claim()
         if spare is not None:
+            log.debug("{peer()} gets the readiness probe's connection", peer=self.transport.getPeer)
             upstream = spare.detach() if client is not None else None
             if client is not None and upstream is not None:
                 self._startRelay(client, upstream, spare.received)

@@ -86,6 +86,7 @@ def test_start_listens_and_describes_itself(tmp_path) -> None:
     assert document["state"] == "stopped"
     assert document["daemon_pid"] == os.getpid() and document["daemon_uptime"] == 5
     assert document["listening"] and document["ttl"] == 10800
+    assert (document["bytes_to_guest"], document["bytes_from_guest"]) == (0, 0)
 
 
 def test_a_port_in_use_is_one_line(tmp_path) -> None:

@@ -1,6 +1,7 @@
 """
-Clients that wait for a booting VM, end to end: the ones that hang up stop counting at once,
-and a VM that dies while they wait closes each of them once, in order.
+The splice in the whole daemon: the first client of a boot gets the readiness probe's
+connection, the bytes are counted for C{virby status}, clients that hang up while the VM boots
+stop counting at once, and a VM that dies while they wait closes each of them once, in order.
 """
 
 from __future__ import annotations
@@ -19,13 +20,31 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture
 def builder(tmp_path):
     made = Builder(tmp_path, debug=True)
-    # The boot hangs until the test is done with it.
-    made.env["VIRBY_EMULATOR_BOOT_DELAY"] = "120"
     yield made
     made.cleanup()
 
 
-def test_clients_that_hang_up_while_the_vm_boots_stop_counting(builder) -> None:
+def test_the_first_client_of_a_boot_gets_the_probes_connection_and_bytes_count(builder):
+    daemon = builder.start()
+    result = builder.ssh("head", "-c", "100000", "/dev/zero")
+    assert result.returncode == 0, result.stderr + daemon.text()
+    assert len(result.stdout) == 100_000
+    daemon.wait_for_line(r"gets the readiness probe's connection")
+    assert builder.ssh("true").returncode == 0
+    status = builder.status()
+    assert status["bytes_from_guest"] > 100_000 and status["bytes_to_guest"] > 1000, status
+    assert daemon.text().count("gets the readiness probe's connection") == 1, "once a boot"
+
+
+@pytest.fixture
+def booting(builder):
+    # The boot hangs until the test is done with it.
+    builder.env["VIRBY_EMULATOR_BOOT_DELAY"] = "120"
+    return builder
+
+
+def test_clients_that_hang_up_while_the_vm_boots_stop_counting(booting) -> None:
+    builder = booting
     daemon = builder.start()
     clients = [socket.create_connection(("127.0.0.1", builder.port), timeout=30) for _ in range(5)]
     daemon.wait_for_line(r"vfkit: .*virtual machine is running")
@@ -46,8 +65,9 @@ def test_clients_that_hang_up_while_the_vm_boots_stop_counting(builder) -> None:
 
 
 def test_a_vfkit_that_dies_during_a_boot_closes_each_waiting_client_once_and_in_order(
-    builder,
+    booting,
 ) -> None:
+    builder = booting
     daemon = builder.start()
     client = socket.create_connection(("127.0.0.1", builder.port), timeout=30)
     try:
