@@ -61,6 +61,10 @@ PIPE_SIZE = 1024 * 1024
 #: The portable path's one buffer, shared by every flow (they run one at a time).
 CHUNK = 256 * 1024
 
+#: Chunks the portable path copies in one reactor event while the source fills the whole
+#: buffer and the sink takes it all: the rest waits for the next turn, fair to other pairs.
+COPY_ROUNDS = 4
+
 #: Empty pipes kept for the next chunk; more are closed when returned.
 SPARE_PIPES = 8
 
@@ -174,18 +178,23 @@ class PipePool:
         return len(self._free)
 
 
-class _Scratch:
-    """The portable path's buffer, allocated at its first use: one per process."""
+class _Buffers:
+    """
+    The portable path's buffers.  One serves every flow whose sink keeps up (they run one at
+    a time); a flow whose sink is slow keeps the one it read into until the sink has taken
+    it, so no byte is copied twice.  One spare is kept, allocated at its first use.
+    """
 
-    buffer: bytearray | None = None
-    view: memoryview | None = None
+    free: list[bytearray] = []
 
     @classmethod
-    def get(cls) -> tuple[bytearray, memoryview]:
-        if cls.buffer is None or cls.view is None:
-            cls.buffer = bytearray(CHUNK)
-            cls.view = memoryview(cls.buffer)
-        return cls.buffer, cls.view
+    def take(cls) -> bytearray:
+        return cls.free.pop() if cls.free else bytearray(CHUNK)
+
+    @classmethod
+    def give(cls, buffer: bytearray) -> None:
+        if not cls.free and len(buffer) == CHUNK:
+            cls.free.append(buffer)
 
 
 @implementer(IReadDescriptor, IWriteDescriptor)
@@ -267,6 +276,7 @@ class _Flow:
         self.source = source
         self.sink = sink
         self._pending: memoryview | None = memoryview(pending) if pending else None
+        self._buffer: bytearray | None = None
         self._pipes = pipes
         self._pipe: _Pipe | None = None
         self._inPipe = 0
@@ -364,31 +374,40 @@ class _Flow:
     # -- the portable path
 
     def _copyIn(self) -> None:
-        buffer, view = _Scratch.get()
+        buffer = _Buffers.take()
+        view = memoryview(buffer)
+        size = len(buffer)
+        recv, send = self.source.socket.recv_into, self.sink.socket.send
         try:
-            n = self.source.socket.recv_into(buffer)
-        except BlockingIOError:
-            return
+            for _ in range(COPY_ROUNDS):
+                try:
+                    n = recv(buffer)
+                except BlockingIOError:
+                    return
+                if n == 0:
+                    self._sourceEnded()
+                    return
+                try:
+                    sent = send(view[:n])
+                except BlockingIOError:
+                    sent = 0
+                if sent:
+                    self._count(sent)
+                if sent < n:
+                    # The sink is full: keep the rest where it is, and stop reading.
+                    self._buffer, buffer = buffer, None  # type: ignore[assignment]
+                    self._pending = view[sent:n]
+                    self.source.stopReading()
+                    self.sink.startWriting()
+                    return
+                if n < size:
+                    return
         except OSError as e:
             self._relay._fail(Failure(e))
-            return
-        if n == 0:
-            self._sourceEnded()
-            return
-        try:
-            sent = self.sink.socket.send(view[:n])
-        except BlockingIOError:
-            sent = 0
-        except OSError as e:
-            self._relay._fail(Failure(e))
-            return
-        if sent:
-            self._count(sent)
-        if sent < n:
-            # The sink is full: keep the rest (at most one chunk) and stop reading.
-            self._pending = memoryview(bytes(view[sent:n]))
-            self.source.stopReading()
-            self.sink.startWriting()
+        finally:
+            if buffer is not None:
+                view.release()
+                _Buffers.give(buffer)
 
     def _sendPending(self) -> None:
         pending = self._pending
@@ -407,12 +426,19 @@ class _Flow:
             self.source.stopReading()
             self.sink.startWriting()
             return
-        self._pending = None
+        self._dropPending()
         self.sink.stopWriting()
         if self._eof:
             self._passEOF()
         else:
             self.source.startReading()
+
+    def _dropPending(self) -> None:
+        """The pending bytes are delivered (or never will be): give their buffer back."""
+        self._pending = None
+        buffer, self._buffer = self._buffer, None
+        if buffer is not None:
+            _Buffers.give(buffer)
 
     # -- the end
 
@@ -445,7 +471,7 @@ class _Flow:
             else:
                 self._pipes.give(pipe)
         self._inPipe = 0
-        self._pending = None
+        self._dropPending()
 
 
 class Relay:
