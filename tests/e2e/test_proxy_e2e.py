@@ -6,6 +6,7 @@ half-close, the answer; backpressure; aborts; 200 pairs at once; and nothing lef
 from __future__ import annotations
 
 import os
+import socket
 import threading
 
 import pytest
@@ -321,3 +322,34 @@ async def test_two_hundred_pairs_at_once_and_nothing_left_after(path) -> None:
     finally:
         if setup.proxyPort.connected:
             await setup.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_guest_that_refuses_closes_the_client_and_says_why(path) -> None:
+    from twisted.internet import reactor
+    from twisted.logger import globalLogPublisher
+
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        backend = Backend(unused.getsockname()[1])
+        proxy = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            ProxyFactory(reactor, backend, dataPath=path)
+        )
+        said: list[str] = []
+
+        def observe(event) -> None:
+            if "cannot reach the guest" in event.get("log_format", ""):
+                said.append(event["why"])
+
+        globalLogPublisher.addObserver(observe)
+        try:
+            talker = Talker(b"SSH-2.0-client\r\n", halfClose=False)
+            await TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.getHost().port).connect(
+                Factory.forProtocol(lambda: talker)
+            )
+            assert await talker.done.addTimeout(10, reactor) == b""
+            await backend.whenClosed(1).addTimeout(10, reactor)
+        finally:
+            globalLogPublisher.removeObserver(observe)
+            await proxy.stopListening()
+    assert len(said) == 1 and "refused" in said[0].lower(), said
