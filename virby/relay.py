@@ -13,21 +13,23 @@ machine can feed it, so the data path does not leave the reactor: no thread, no 
 the control plane (accounting, aborts, shutdown) stays plain Twisted.
 
 The reactor's readiness events drive this module's own descriptors on the two raw sockets
-(C{IReactorFDSet.addReader}/C{addWriter}); the Twisted transports that own the sockets are
-paused and untouched meanwhile, and close the sockets afterwards as they always do.
+(C{IReactorFDSet.addReader}/C{addWriter}).  The caller owns the sockets: the client's stays
+with its Twisted transport, paused meanwhile, which closes it afterwards as it always does;
+the guest's is connected by L{connect} here, without a transport at all.
 
   - On Linux, C{splice(2)} moves pages from the source socket into a pipe and from the pipe
     to the destination socket.  Pipes come from a L{PipePool} and go back to it as soon as
     they are empty, so an idle pair holds no pipe: 200 pairs cost 400 descriptors, not 1200.
   - Elsewhere (macOS has no splice), and for a chunk that finds no pipe (the process is out of
-    descriptors), C{recv_into} one buffer that every flow shares and C{send} from a view of
-    it.  A flow reads only when its destination took everything it was given.
+    descriptors), C{recv_into} a reused buffer and C{send} from a view of it.  A flow reads
+    only when its destination took everything it was given.
 
 Backpressure: a flow stops reading its source while its bytes wait for the destination, so a
-slow reader makes the daemon hold at most one pipe (or one chunk) per direction, and the rest
-waits in the kernel's socket buffers, where TCP's window throttles the sender.  Half-close: a
-source's EOF becomes C{shutdown(SHUT_WR)} on the destination once every byte before it has
-been delivered; the relay ends when both directions have, or at the first error.
+slow reader makes the daemon hold at most L{PIPE_SIZE} (or L{CHUNK}) bytes per direction,
+and the rest waits in the kernel's socket buffers, where TCP's window throttles the sender.
+Half-close: a source's EOF becomes C{shutdown(SHUT_WR)} on the destination once every byte
+before it has been delivered; the relay ends when both directions have, or at the first
+error.
 """
 
 from __future__ import annotations
@@ -58,12 +60,15 @@ except ImportError:  # not a POSIX system: no splice either
 #: C{splice} pair then moves up to this much, so the per-call cost vanishes beside the copy.
 PIPE_SIZE = 1024 * 1024
 
-#: The portable path's one buffer, shared by every flow (they run one at a time).
-CHUNK = 256 * 1024
+#: The portable path's buffer, shared by every flow that keeps up (they run one at a time).
+#: Both copies cost the same per byte at any size; what a bigger chunk saves is the reactor
+#: turns: measured on the machine of docs/benchmarks.md, 1 MiB beat 256 KiB by a fifth in
+#: CPU per GiB.  It is also the most a slow sink makes one direction hold.
+CHUNK = 1024 * 1024
 
 #: Chunks the portable path copies in one reactor event while the source fills the whole
 #: buffer and the sink takes it all: the rest waits for the next turn, fair to other pairs.
-COPY_ROUNDS = 4
+COPY_ROUNDS = 2
 
 #: Empty pipes kept for the next chunk; more are closed when returned.
 SPARE_PIPES = 8
