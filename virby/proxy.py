@@ -4,9 +4,9 @@ The splice between a builder connection on the host port and the guest's sshd.
 This module is the control plane of each splice: it accepts, waits for the VM, connects to
 the guest (or takes the readiness probe's connection), tells the lifecycle what is open,
 and closes both sides when the VM dies or the daemon stops.  Once both sockets are connected
-the bytes move through L{virby.relay}, on the reactor, without entering Python; where that
-cannot be (a transport that is not a plain TCP socket, as on the memory reactors of the unit
-tests or under TLS) they move through the transports, in the shape of Twisted's
+the bytes move through L{virby.relay}, on the reactor, without a Python object per chunk;
+where that cannot be (a transport that is not a plain TCP socket, as on the memory reactors
+of the unit tests or under TLS) they move through the transports, in the shape of Twisted's
 C{portforward}, with what it leaves out.  Either way:
 
   - While the VM boots, the client is read, and at most L{MAX_HELD} bytes are held; then its
