@@ -141,6 +141,8 @@ class PipePool:
 
     def closeIdle(self) -> None:
         """Close the pipes no flow holds."""
+        if self._closing is not None and self._closing.active():
+            self._closing.cancel()
         self._closing = None
         free, self._free = self._free, []
         for pipe in free:

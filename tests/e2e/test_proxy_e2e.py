@@ -353,3 +353,62 @@ async def test_a_guest_that_refuses_closes_the_client_and_says_why(path) -> None
             globalLogPublisher.removeObserver(observe)
             await proxy.stopListening()
     assert len(said) == 1 and "refused" in said[0].lower(), said
+
+
+class Booting(Backend):
+    """A VM that becomes ready when the test says so."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(port)
+        self.waiting: list[Deferred] = []
+        self.opened: Deferred = Deferred()
+
+    def connectionOpened(self, connection) -> None:
+        super().connectionOpened(connection)
+        if not self.opened.called:
+            self.opened.callback(connection)
+
+    def whenReady(self):
+        waiter: Deferred = Deferred()
+        self.waiting.append(waiter)
+        return waiter
+
+    def ready(self) -> None:
+        for waiter in self.waiting:
+            waiter.callback(ReadyGuest("127.0.0.1", self.port))
+
+
+@pytest_twisted.ensureDeferred
+async def test_what_a_client_sends_while_the_vm_boots_goes_first(path) -> None:
+    from twisted.internet import reactor
+
+    guests = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(echoes())
+    backend = Booting(guests.getHost().port)
+    proxy = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        ProxyFactory(reactor, backend, dataPath=path)
+    )
+    try:
+        talker = Talker(b"SSH-2.0-client\r\n", halfClose=False)
+        await TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.getHost().port).connect(
+            Factory.forProtocol(lambda: talker)
+        )
+        connection = await backend.opened.addTimeout(10, reactor)
+        # (This runs inside connectionMade: nothing has been read yet.)
+        held: Deferred = Deferred()
+        received = connection.dataReceived
+
+        def spy(data: bytes) -> None:
+            received(data)
+            if not held.called:
+                held.callback(None)
+
+        connection.dataReceived = spy
+        await held.addTimeout(10, reactor)
+        assert connection.guest is None and not connection.spliced, "read while it waits"
+        backend.ready()
+        await talker.expect(b"SSH-2.0-client\r\n").addTimeout(10, reactor)
+        talker.transport.loseConnection()
+        await backend.whenClosed(1).addTimeout(10, reactor)
+    finally:
+        await proxy.stopListening()
+        await guests.stopListening()
