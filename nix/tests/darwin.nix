@@ -149,9 +149,13 @@ let
       sshConfig = etcText "ssh/ssh_config.d/100-virby-vm.conf";
       activate = config.system.activationScripts.script.text;
       settings = if virby.enable then virby.settings else null;
-      package = if virby.enable then "${virby.package}" else null;
-      image =
+      package =
         if virby.enable then
+          "${virby.package or (evaluated.pkgs.callPackage ../package.nix { })}"
+        else
+          null;
+      image =
+        if virby.enable && config.system.build ? virbyImage then
           {
             path = "${config.system.build.virbyImage}";
             inherit (config.system.build.virbyImage) settings rest imageModuleIncluded;
@@ -163,4 +167,13 @@ in
 {
   inherit systems flake;
   results = builtins.mapAttrs report systems;
+  # The flake's check of the pure parts, on this machine's system: the command it runs, and
+  # its derivation (instantiating it puts the sources it names into the store).
+  pureCheck =
+    let
+      check = flake.checks.${builtins.currentSystem}.pure;
+    in
+    {
+      inherit (check) buildCommand drvPath;
+    };
 }
