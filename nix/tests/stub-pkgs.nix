@@ -101,17 +101,24 @@ let
     name:
     {
       programs ? [ ],
+      # Programs that are the build machine's own (/usr/bin/<name>): the GNU tools.
+      hostPrograms ? [ ],
       version ? "1.0",
+      # More of the package's contents, as shell commands.
+      contents ? "",
       extra ? { },
     }:
     mkDerivation (
       {
         pname = name;
         inherit version;
-        meta.mainProgram = if programs == [ ] then name else builtins.head programs;
+        meta.mainProgram =
+          if programs ++ hostPrograms == [ ] then name else builtins.head (programs ++ hostPrograms);
         installPhase = ''
           mkdir -p $out/bin
           ${lib.concatMapStrings (p: "ln -s /standins/${p} $out/bin/${p}\n") programs}
+          ${lib.concatMapStrings (p: "ln -s /usr/bin/${p} $out/bin/${p}\n") hostPrograms}
+          ${contents}
         '';
       }
       // extra
@@ -213,12 +220,8 @@ let
 
   # Packages nix-darwin's default system refers to, with nothing in them.
   plain = lib.genAttrs [
-    "coreutils"
-    "gnugrep"
-    "gnused"
     "jq"
     "git"
-    "rsync"
     "nix-info"
     "nix-zsh-completions"
     "nix-bash-completions"
@@ -230,7 +233,7 @@ let
     "man"
     "darwin-rebuild"
     "tzdata"
-    "openssh"
+
     "nixos-render-docs"
     "documentation-highlighter"
     "texinfoInteractive"
@@ -284,10 +287,16 @@ let
         text = "#!/bin/bash\n" + text;
       };
     buildEnv =
-      { name, paths, ... }:
+      {
+        name,
+        paths,
+        pathsToLink ? [ "/" ],
+        ...
+      }:
       mkDerivation {
-        inherit name paths;
+        inherit name paths pathsToLink;
         installPhase = ''
+          for p in $pathsToLink; do mkdir -p "$out$p"; done
           for p in $paths; do
             if [ -d "$p/bin" ]; then mkdir -p $out/bin; ln -sf "$p"/bin/* $out/bin/ || true; fi
           done
@@ -351,7 +360,9 @@ let
     zsh = mkPackage "zsh" { programs = [ "zsh" ]; } // {
       shellPath = "/bin/zsh";
     };
-    cacert = mkPackage "cacert" { } // {
+    cacert = mkPackage "cacert" {
+      contents = "mkdir -p $out/etc/ssl/certs; touch $out/etc/ssl/certs/ca-bundle.crt";
+    } // {
       override = _: self.cacert;
     };
     # Runs the host's shellcheck, as nix-darwin's toplevel builder does on a Mac.
@@ -360,6 +371,16 @@ let
       version = "0.10.0";
       installPhase = "mkdir -p $out/bin; ln -s /usr/bin/shellcheck $out/bin/shellcheck";
     };
+    rsync = mkPackage "rsync" { programs = [ "rsync" ]; };
+    coreutils = mkPackage "coreutils" {
+      hostPrograms = [
+        "dirname"
+        "readlink"
+      ];
+    };
+    gnugrep = mkPackage "gnugrep" { hostPrograms = [ "grep" ]; };
+    gnused = mkPackage "gnused" { hostPrograms = [ "sed" ]; };
+    openssh = mkPackage "openssh" { hostPrograms = [ "ssh-keygen" ]; };
     nix = mkPackage "nix" {
       version = "2.28.3";
       programs = [
