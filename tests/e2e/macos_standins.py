@@ -100,7 +100,7 @@ def dscl(args: list[str]) -> int:
     records = directory[kind]
     if verb == "-read":
         if name not in records:
-            print(f"<dscl_cmd> DS Error: -14136 (eDSRecordNotFound)", file=sys.stderr)
+            print("<dscl_cmd> DS Error: -14136 (eDSRecordNotFound)", file=sys.stderr)
             return NOT_FOUND
         keys = rest[1:] or sorted(records[name])
         for key in keys:
@@ -118,7 +118,7 @@ def dscl(args: list[str]) -> int:
             return NOT_FOUND
     elif verb == "-delete":
         if name not in records:
-            print(f"<dscl_cmd> DS Error: -14136 (eDSRecordNotFound)", file=sys.stderr)
+            print("<dscl_cmd> DS Error: -14136 (eDSRecordNotFound)", file=sys.stderr)
             return NOT_FOUND
         del records[name]
     else:
@@ -204,7 +204,7 @@ def launchctl(args: list[str]) -> int:
         path = rest[-1]
         label = next((name for name, job in jobs.items() if job["plist"] == path), None)
         if label is None:
-            print(f"Unload failed: 5: Input/output error", file=sys.stderr)
+            print("Unload failed: 5: Input/output error", file=sys.stderr)
             return 5
         del jobs[label]
     elif verb in ("print", "kickstart", "kill"):

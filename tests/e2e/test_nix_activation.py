@@ -114,10 +114,25 @@ class FakeMac:
         # /etc/alternatives: Debian's awk is a symlink through it.
         self.binds = sorted({"/usr", "/nix/store", "/dev", "/etc/alternatives", str(ROOT),
                              sys.base_prefix})  # fmt: skip
-        for directory in ("etc", "tmp", "proc", "sbin", "bin", "standins", "var/root",
-                          "var/log", "var/db/standins", "private/var/run", "Library/LaunchDaemons",
-                          "Library/LaunchAgents", "Applications", "Users", "nix/var/nix/gcroots",
-                          str(Path(APFS_UTIL).parent), *[b.lstrip("/") for b in self.binds]):
+        for directory in (
+            "etc",
+            "tmp",
+            "proc",
+            "sbin",
+            "bin",
+            "standins",
+            "var/root",
+            "var/log",
+            "var/db/standins",
+            "private/var/run",
+            "Library/LaunchDaemons",
+            "Library/LaunchAgents",
+            "Applications",
+            "Users",
+            "nix/var/nix/gcroots",
+            str(Path(APFS_UTIL).parent),
+            *[b.lstrip("/") for b in self.binds],
+        ):
             (root / directory).mkdir(parents=True, exist_ok=True)  # fmt: skip
         for name in ("lib", "lib64"):
             if Path("/" + name).exists():
@@ -270,7 +285,7 @@ def test_a_second_switch_with_nothing_changed_leaves_the_daemon_alone(
     again = mac.switch(systems["enabled"])
     assert again.returncode == 0, again.output
     assert again.commands("sysadminctl") == []
-    assert ["virby", "prepare"] == ["virby", *again.commands("virby")[0][:1]]
+    assert again.commands("virby")[0][0] == "prepare"
     assert [c for c in again.commands("launchctl") if LABEL in " ".join(c)] == []
 
 

@@ -143,3 +143,44 @@ def test_ssh_block_names_the_readable_key_when_users_may_ssh() -> None:
     text = evaluate("import ./nix/lib/ssh-config.nix { port = 31222; allowUserSsh = true; }")
     config = from_mapping({"allow-user-ssh": True})
     assert text == ssh_config_block(config, identity_file=config.path(SHARED_CLIENT_KEY))
+
+
+# The image cannot be evaluated here (no NixOS modules), so what it must say is checked as
+# text: each line below is a setting read against nixpkgs' modules.
+IMAGE = (ROOT / "nix" / "image.nix").read_text()
+
+
+def unit_script() -> str:
+    start = IMAGE.index("systemd.services.virby-install-keys")
+    return IMAGE[start : IMAGE.index("};\n\n", start)]
+
+
+def test_the_key_unit_runs_at_every_boot() -> None:
+    unit = unit_script()
+    assert "Condition" not in unit, "a condition would skip new host keys and a half install"
+    assert 'before = [ "sshd.service" ];' in unit and 'requiredBy = [ "sshd.service" ];' in unit
+
+
+def test_the_key_unit_installs_each_key_atomically_from_a_locked_down_share() -> None:
+    unit = unit_script()
+    assert "mount -t virtiofs -o ro,nodev,noexec,nosuid sshd-keys" in unit
+    for target in ("/etc/ssh/ssh_host_ed25519_key", "/etc/ssh/authorized_keys.d/builder"):
+        directory, name = target.rsplit("/", 1)
+        temporary = f"{directory}/.{name}.tmp"
+        assert "install -m 6" in unit and f" {temporary}\n" in unit
+        assert f"mv -f {temporary} {target}" in unit
+    assert "umount ${keysMount}; rmdir ${keysMount}" in unit
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        '"discard"', '"noatime"', 'options = [ "umask=0077" ];', '"nodev"', '"nosuid"',
+        "nix.channel.enable = false;", "copyChannel = false;", "users.mutableUsers = false;",
+        "nixpkgs.flake.setFlakeRegistry = true;",
+        'authorizedKeysFiles = lib.mkForce [ "/etc/ssh/authorized_keys.d/%u" ];',
+        'services.getty.autologinUser = lib.mkIf cfg.debug "root";',
+    ],
+)  # fmt: skip
+def test_the_image_says(setting: str) -> None:
+    assert setting in IMAGE
