@@ -154,6 +154,20 @@ let
           "${virby.package or (evaluated.pkgs.callPackage ../package.nix { })}"
         else
           null;
+      # What the package expression asked of nixpkgs' Python builder.
+      packageCheck =
+        let
+          args = (virby.package or { stubArgs = { }; }).stubArgs;
+        in
+        if virby.enable then
+          {
+            enabledTestPaths = args.enabledTestPaths or null;
+            pytestFlagsArray = args.pytestFlagsArray or null;
+            darwinAllowLocalNetworking = args.__darwinAllowLocalNetworking or false;
+            postInstall = args.postInstall or null;
+          }
+        else
+          null;
       image =
         if virby.enable && config.system.build ? virbyImage then
           {

@@ -291,3 +291,13 @@ def test_the_flake_check_can_pass(pair: Pair) -> None:
         )  # fmt: skip
         assert ran.returncode == 0, ran.stderr
         assert set(json.loads(out.read_text())) == {"default", "custom"}
+
+
+def test_the_package_runs_the_unit_tests_in_the_darwin_sandbox(results: dict) -> None:
+    check = result(results, "default")["packageCheck"]
+    # pytestCheckHook takes test paths in enabledTestPaths; pytestFlagsArray is for flags.
+    assert check["enabledTestPaths"] == ["tests/unit"] and check["pytestFlagsArray"] is None
+    # The unit tests listen on loopback, which Nix's darwin sandbox refuses without this.
+    assert check["darwinAllowLocalNetworking"] is True
+    # A plugin cache built at install time is ignored in the store (all mtimes equal).
+    assert check["postInstall"] is None
