@@ -147,12 +147,18 @@ def test_ssh_block_names_the_readable_key_when_users_may_ssh() -> None:
 
 # The image cannot be evaluated here (no NixOS modules), so what it must say is checked as
 # text: each line below is a setting read against nixpkgs' modules.
-IMAGE = (ROOT / "nix" / "image.nix").read_text()
+def image() -> str:
+    path = ROOT / "nix" / "image.nix"
+    if not path.is_file():
+        # The package's own test run has only the Python tree.
+        pytest.skip("nix/image.nix is not in this tree")
+    return path.read_text()
 
 
 def unit_script() -> str:
-    start = IMAGE.index("systemd.services.virby-install-keys")
-    return IMAGE[start : IMAGE.index("};\n\n", start)]
+    text = image()
+    start = text.index("systemd.services.virby-install-keys")
+    return text[start : text.index("};\n\n", start)]
 
 
 def test_the_key_unit_runs_at_every_boot() -> None:
@@ -183,4 +189,4 @@ def test_the_key_unit_installs_each_key_atomically_from_a_locked_down_share() ->
     ],
 )  # fmt: skip
 def test_the_image_says(setting: str) -> None:
-    assert setting in IMAGE
+    assert setting in image()
