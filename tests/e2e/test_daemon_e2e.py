@@ -210,10 +210,10 @@ def test_a_real_nix_remote_build_through_the_daemon(make_builder, tmp_path) -> N
     client_store = tmp_path / "client-store"
     result = subprocess.run(
         ["nix-build", str(expression), "--no-out-link", "--store", str(client_store),
-         "--max-jobs", "0", "--builders", f"ssh-ng://virby-vm {_nix_system()}",
+         "--max-jobs", "0", "--builders", f"ssh-ng://virby-vm {_nix_system(builder.env)}",
          "--option", "substituters", "", "--option", "builders-use-substitutes", "false"],
         capture_output=True, text=True, timeout=300,
-        env={**os.environ, "NIX_SSHOPTS": f"-F {builder.ssh_config}"},
+        env={**builder.env, "NIX_SSHOPTS": f"-F {builder.ssh_config}"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr + daemon.text()
     out = result.stdout.strip().splitlines()[-1]
@@ -223,10 +223,10 @@ def test_a_real_nix_remote_build_through_the_daemon(make_builder, tmp_path) -> N
     assert "VM ready at" in daemon.text()
 
 
-def _nix_system() -> str:
+def _nix_system(env: dict[str, str]) -> str:
     return subprocess.run(
         ["nix-instantiate", "--eval", "--expr", "builtins.currentSystem", "--json"],
-        capture_output=True, text=True, check=True, timeout=60,
+        capture_output=True, text=True, check=True, timeout=60, env=env,
     ).stdout.strip().strip('"')  # fmt: skip
 
 
