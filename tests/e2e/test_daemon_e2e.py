@@ -1,5 +1,6 @@
 """
-The daemon end to end: real twistd, the vfkit emulator, a real sshd guest, ssh, nix-build.
+The daemon end to end: real virbyd (and twistd), the vfkit emulator, a real sshd guest, ssh,
+nix-build.
 """
 
 from __future__ import annotations
@@ -17,22 +18,6 @@ from tests.e2e.builder import Builder, read_line, tool
 from tests.e2e.support import ProcessUnderTest
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def make_builder(tmp_path):
-    made: list[Builder] = []
-
-    def make(**settings) -> Builder:
-        root = tmp_path / f"builder{len(made)}"
-        root.mkdir()
-        builder = Builder(root, **settings)
-        made.append(builder)
-        return builder
-
-    yield make
-    for builder in made:
-        builder.cleanup()
 
 
 def assert_nothing_left(builder: Builder) -> None:

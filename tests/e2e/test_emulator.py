@@ -222,6 +222,17 @@ def test_the_console_file_is_truncated_at_each_start(machine) -> None:
     assert "powered off" in (root / "serial.log").read_text()
 
 
+def test_a_share_tag_of_36_bytes_or_more_is_refused(machine) -> None:
+    """Virtualization.framework's tags are fewer than 36 bytes of UTF-8 (docs/vfkit.md)."""
+    root, start = machine
+    refused = start("--device", f"virtio-fs,sharedDir={root},mountTag={'t' * 36}")
+    assert refused.wait_exit(30) == 1
+    assert "Error: Error Domain=VZErrorDomain Code=2" in refused.text()
+    emulator, _ip = boot(start, "--device", f"virtio-fs,sharedDir={root},mountTag={'t' * 35}")
+    emulator.signal(signal.SIGTERM)
+    assert emulator.wait_exit(30) == 0
+
+
 def test_an_m1_without_rosetta_refuses_nested_and_rosetta(machine) -> None:
     _root, start = machine
     nested = start("--nested", "--cpu", "Apple M1")
