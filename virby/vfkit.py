@@ -73,7 +73,7 @@ def vfkit_arguments(
     nested: bool | None = None,
 ) -> list[str]:
     """
-    The command line of DESIGN.md.  C{create} is passed only when the firmware variable
+    The command line of docs/vfkit.md.  C{create} is passed only when the firmware variable
     store does not exist yet: vfkit's C{create} re-creates it blank on every start.
     C{nested} says whether to pass C{--nested} (by default, as configured); the daemon
     decides it from what the Mac can do (L{HostPlan}).
