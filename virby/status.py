@@ -46,7 +46,7 @@ def query(path: str, timeout: float = 5.0) -> dict[str, Any]:
         raise DaemonDown(f"the daemon is not running (stale control socket at {path})") from None
     except PermissionError:
         raise VirbyError(
-            f"virby status needs root: the daemon's control socket {path} is owner-only; "
+            f"only root may ask the daemon (its control socket {path} is owner-only): "
             "run `sudo virby status`"
         ) from None
     except TimeoutError:

@@ -171,8 +171,8 @@ def test_status_as_a_normal_user_says_it_needs_root(reachable_root, allow_user_s
         text = as_nobody(*command)
         assert text.returncode == 1, text
         assert text.stderr == (
-            f"virby status: error: virby status needs root: the daemon's control socket "
-            f"{builder.wd}/control.sock is owner-only; run `sudo virby status`\n"
+            f"virby status: error: only root may ask the daemon (its control socket "
+            f"{builder.wd}/control.sock is owner-only): run `sudo virby status`\n"
         )
         assert text.stdout == ""
         document = as_nobody(*command, "--json")

@@ -166,8 +166,8 @@ def test_a_user_who_may_not_ask_is_told_to_use_sudo(short_tmp, monkeypatch) -> N
     with pytest.raises(VirbyError) as caught:
         run(_config(short_tmp), as_json=False, out=io.StringIO())
     assert str(caught.value) == (
-        f"virby status needs root: the daemon's control socket {short_tmp}/control.sock is "
-        "owner-only; run `sudo virby status`"
+        f"only root may ask the daemon (its control socket {short_tmp}/control.sock is "
+        "owner-only): run `sudo virby status`"
     )
     out = io.StringIO()
     assert run(_config(short_tmp), as_json=True, out=out) == 1
