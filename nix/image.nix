@@ -25,6 +25,11 @@ in
       default = { };
       description = "Host directories shared by tag; mounted at /mnt/virtiofs/<tag>.";
     };
+    debug = lib.mkOption {
+      type = lib.types.bool;
+      default = false;
+      description = "Log root in on the serial console (hvc0) without a password, to look inside a VM that does not come up.";
+    };
     diskSize = lib.mkOption {
       type = lib.types.either (lib.types.enum [ "auto" ]) lib.types.int;
       default = "auto";
@@ -53,10 +58,19 @@ in
           device = "/dev/disk/by-label/nixos";
           fsType = "ext4";
           autoResize = true;
+          # diff.img is a sparse file on the Mac: blocks the guest frees (a garbage
+          # collection, a finished build) go back to the host only when ext4 discards them
+          # and the virtio-blk device passes the discard on.
+          options = [
+            "discard"
+            "noatime"
+          ];
         };
         "/boot" = {
           device = "/dev/disk/by-label/ESP";
           fsType = "vfat";
+          # The ESP holds systemd-boot's random seed: root's only.
+          options = [ "umask=0077" ];
         };
       }
       # Shared directories, each at /mnt/virtiofs/<tag>.
@@ -65,7 +79,11 @@ in
         lib.nameValuePair "/mnt/virtiofs/${tag}" {
           device = tag;
           fsType = "virtiofs";
-          options = [ "nofail" ];
+          options = [
+            "nofail"
+            "nodev"
+            "nosuid"
+          ];
         }
       ) cfg.sharedDirectories)
     ];
@@ -84,36 +102,61 @@ in
         PermitRootLogin = "no";
       };
       extraConfig = "HostKey /etc/ssh/ssh_host_ed25519_key";
-      authorizedKeysFiles = [ "/etc/ssh/authorized_keys.d/%u" ];
+      # Only the key the host handed over: none from a home directory, where a build that
+      # runs as the builder user could add its own.
+      authorizedKeysFiles = lib.mkForce [ "/etc/ssh/authorized_keys.d/%u" ];
     };
 
-    # Take the keys `virby prepare` made from the share once, before sshd's first start;
-    # the share is then unmounted, so nothing in the VM can read the host's copy.
+    # The keys `virby prepare` made, from the sshd-keys share, before sshd starts, at every
+    # boot.  Not once (a condition on a key the guest already has): the keys belong to the
+    # host, which makes new ones whenever it prepares a new image or finds one missing, and
+    # the guest's disk can outlive them; no file inside the guest can tell that the host's
+    # copy changed.  Copying two small files costs nothing at boot, and a boot interrupted
+    # between the two copies is simply redone by the next one.  Each file is written under
+    # a temporary name beside its target and renamed over it, so sshd never reads half a key.
+    # The share is mounted read-only, without devices, executables or set-uid files, and is
+    # unmounted again, so nothing in the VM can read the host's copy afterwards.
     systemd.services.virby-install-keys = {
       description = "Install the SSH keys handed to the VM by Virby";
       wantedBy = [ "multi-user.target" ];
       before = [ "sshd.service" ];
       requiredBy = [ "sshd.service" ];
-      unitConfig.ConditionPathExists = "!/etc/ssh/ssh_host_ed25519_key";
       serviceConfig = {
         Type = "oneshot";
         RemainAfterExit = true;
       };
       path = [ pkgs.util-linux ];
       script = ''
-        mkdir -p ${keysMount} /etc/ssh/authorized_keys.d
-        mount -t virtiofs -o ro sshd-keys ${keysMount}
-        install -m 600 ${keysMount}/ssh_host_ed25519_key /etc/ssh/ssh_host_ed25519_key
-        install -m 644 ${keysMount}/ssh_user_ed25519_key.pub /etc/ssh/authorized_keys.d/builder
-        umount ${keysMount}
-        rmdir ${keysMount}
+        mkdir -p ${keysMount}
+        mount -t virtiofs -o ro,nodev,noexec,nosuid sshd-keys ${keysMount}
+        trap 'umount ${keysMount}; rmdir ${keysMount}' EXIT
+        install -d -m 755 /etc/ssh /etc/ssh/authorized_keys.d
+        install -m 600 ${keysMount}/ssh_host_ed25519_key /etc/ssh/.ssh_host_ed25519_key.tmp
+        mv -f /etc/ssh/.ssh_host_ed25519_key.tmp /etc/ssh/ssh_host_ed25519_key
+        install -m 644 ${keysMount}/ssh_user_ed25519_key.pub /etc/ssh/authorized_keys.d/.builder.tmp
+        mv -f /etc/ssh/authorized_keys.d/.builder.tmp /etc/ssh/authorized_keys.d/builder
       '';
     };
 
+    # The serial console is where a VM that does not come up can be looked at.
+    services.getty.autologinUser = lib.mkIf cfg.debug "root";
+
+    # Accounts are exactly what this configuration says; nothing inside the VM changes them.
+    # No account has a password: the builder logs in with the key the host hands over at
+    # boot, which NixOS cannot see at build time, so its lock-out assertion must be told.
+    users.mutableUsers = false;
+    users.allowNoPasswordLogin = true;
     users.users.builder = {
       isNormalUser = true;
       description = "Nix remote builds";
     };
+
+    # No channel: the image would carry a copy of nixpkgs' source as one.  `<nixpkgs>` and
+    # `nixpkgs#...` resolve through the flake registry instead, pinned to the nixpkgs the
+    # image was built from (lib.nixosSystem sets nixpkgs.flake.source; say so explicitly).
+    nix.channel.enable = false;
+    nixpkgs.flake.setFlakeRegistry = true;
+    nixpkgs.flake.setNixPath = true;
 
     nix.settings = {
       trusted-users = [ "builder" ];
@@ -145,6 +188,7 @@ in
       partitionTableType = "efi";
       diskSize = cfg.diskSize;
       name = "virby-vm-image";
+      copyChannel = false;
     };
   };
 }

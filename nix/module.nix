@@ -15,6 +15,7 @@
 }:
 let
   inherit (lib)
+    mkDefault
     mkEnableOption
     mkIf
     mkOption
@@ -22,27 +23,35 @@ let
     ;
   cfg = config.services.virby;
   workingDirectory = "/var/lib/virby";
+  # The ids of the _virby user and the virby group.  Below 501, so they are system accounts
+  # that the login window hides; nix-darwin's own nixbld users start at 351.
   uid = 348;
   gid = 348;
+  label = "org.nixos.virbyd";
+  plist = "${label}.plist";
+  logFile = "/var/log/virbyd.log";
   hostSystem = pkgs.stdenv.hostPlatform.system;
   linuxSystem = builtins.replaceStrings [ "darwin" ] [ "linux" ] hostSystem;
-  package = if virbyPackage != null then virbyPackage pkgs else pkgs.callPackage ./package.nix { };
+  defaultPackage =
+    if virbyPackage != null then virbyPackage pkgs else pkgs.callPackage ./package.nix { };
+  package = cfg.package;
 
   # The VM image, rebuilt whenever extraConfig or an image-affecting option changes; its
-  # store path goes into the daemon's config, so launchd restarts the daemon with it.
+  # store path goes into the daemon's config, so a new image changes the launchd plist.
   imageSystem = nixpkgs.lib.nixosSystem {
     system = linuxSystem;
     modules = [
       ./image.nix
       {
         virby.image = {
-          inherit (cfg) rosetta sharedDirectories;
+          inherit (cfg) rosetta sharedDirectories debug;
         };
       }
       cfg.extraConfig
     ];
   };
-  image = "${imageSystem.config.system.build.virbyImage}/nixos.img";
+  imageBuild = imageSystem.config.system.build.virbyImage;
+  image = "${imageBuild}/nixos.img";
 
   daemonConfig = import ./lib/config.nix {
     inherit cfg image workingDirectory;
@@ -50,7 +59,11 @@ let
   };
   configFile = pkgs.writeText "virby.json" (builtins.toJSON daemonConfig);
 
-  useDeterminate = cfg.supportDeterminateNix && options ? determinateNix;
+  # Where the builder is registered: Determinate's module owns /etc/nix/machines when it is
+  # imported and enabled (it forces nix.enable off); nix-darwin's nix module otherwise.
+  haveDeterminate = options ? determinateNix;
+  useDeterminate = cfg.supportDeterminateNix && haveDeterminate && config.determinateNix.enable;
+  useNix = !useDeterminate && config.nix.enable;
   buildMachine = {
     hostName = "virby-vm";
     protocol = "ssh-ng";
@@ -64,10 +77,25 @@ let
     ];
     systems = [ linuxSystem ] ++ lib.optional cfg.rosetta "x86_64-linux";
   };
+
+  # Reads one attribute of a directory record, or nothing when the record is missing.
+  # `dscl . -read` of a missing record exits 56: under activation's `set -e` and
+  # `pipefail` that must be caught here, or the first switch on a new Mac stops before
+  # nix-darwin has made the user.
+  readRecord = var: record: key: ''
+    ${var}=$(dscl . -read ${record} ${key} 2>/dev/null) || ${var}=
+    ${var}=''${${var}#${key}: }
+  '';
 in
 {
   options.services.virby = {
     enable = mkEnableOption "Virby, an on-demand Linux builder VM for Nix";
+    package = mkOption {
+      type = types.package;
+      default = defaultPackage;
+      defaultText = lib.literalMD "the Virby package of the flake, built with this system's nixpkgs";
+      description = "The Virby package: `virby` (prepare, status, start, stop, doctor) and the daemon `virbyd`.";
+    };
     cores = mkOption {
       type = types.ints.positive;
       default = 8;
@@ -97,12 +125,19 @@ in
     allowUserSsh = mkOption {
       type = types.bool;
       default = false;
-      description = "Keep a copy of the client key readable by every local user, so anyone can `ssh virby-vm`.";
+      description = ''
+        Let every local user `ssh virby-vm`: `virby prepare` keeps a copy of the client key
+        readable by all (`${workingDirectory}/ssh_user_ed25519_key.shared`), and the ssh
+        configuration names that copy.
+      '';
     };
     debug = mkOption {
       type = types.bool;
       default = false;
-      description = "Keep the VM's serial console in ${workingDirectory}/serial.log and log verbosely.";
+      description = ''
+        Log verbosely, keep the VM's serial console in ${workingDirectory}/serial.log after the
+        VM stops, and log root in on the VM's serial console (hvc0) without a password.
+      '';
     };
     onDemand = {
       enable = mkOption {
@@ -136,8 +171,12 @@ in
     };
     supportDeterminateNix = mkOption {
       type = types.bool;
-      default = false;
-      description = "Register the builder in determinateNix.buildMachines instead of nix.buildMachines.";
+      default = haveDeterminate;
+      defaultText = lib.literalMD "whether Determinate's nix-darwin module is imported";
+      description = ''
+        Register the builder in `determinateNix.buildMachines` (Determinate's nix-darwin
+        module, which turns `nix.enable` off) instead of `nix.buildMachines`.
+      '';
     };
     settings = mkOption {
       type = types.attrsOf types.anything;
@@ -157,6 +196,9 @@ in
       lib.mkMerge [
         {
           services.virby.settings = daemonConfig;
+          # The VM image alone, e.g. to build it on a Linux builder before the first switch.
+          system.build.virbyImage = imageBuild;
+
           assertions = [
             {
               assertion = !cfg.rosetta || hostSystem == "aarch64-darwin";
@@ -167,7 +209,23 @@ in
               assertion = builtins.isAttrs daemonConfig && daemonConfig.memory >= 1024;
               message = "services.virby.memory must be at least 1024 MiB.";
             }
+            {
+              assertion = cfg.supportDeterminateNix -> haveDeterminate;
+              message = ''
+                services.virby.supportDeterminateNix is on, but Determinate's nix-darwin module is
+                not imported, so nothing would register the builder: add
+                determinate.darwinModules.default to your modules.'';
+            }
           ];
+          warnings =
+            lib.optional
+              (!useDeterminate && !config.nix.enable && !(cfg.supportDeterminateNix && !haveDeterminate))
+              (
+            if haveDeterminate then
+              "services.virby: determinateNix.enable is off and so is nix.enable: nothing registers the builder virby-vm, and Nix will not use it. Turn one of them on."
+            else
+              "services.virby: nix.enable is off and Determinate's nix-darwin module is not imported: nothing registers the builder virby-vm in /etc/nix/machines, and Nix will not use it. With Determinate Nix, add determinate.darwinModules.default to your modules; otherwise set nix.enable = true."
+          );
 
           users.users._virby = {
             inherit uid gid;
@@ -185,40 +243,61 @@ in
           users.knownUsers = [ "_virby" ];
           users.knownGroups = [ "virby" ];
 
+          # Before nix-darwin's users step: a _virby or virby that exists with other ids would
+          # be skipped there with a warning, and `virby prepare` would then hand the VM's keys
+          # to an account that is not ours.  Refuse, saying which record is in the way.
           system.activationScripts.preActivation.text = ''
-            # Refuse to adopt a _virby user or virby group that has other ids.
-            for kind in Users:_virby:UniqueID:${toString uid} Groups:virby:PrimaryGroupID:${toString gid}; do
-              IFS=: read -r dir name key want <<< "$kind"
-              have=$(dscl . -read "/$dir/$name" "$key" 2>/dev/null | awk '{print $2}')
-              if [ -n "$have" ] && [ "$have" != "$want" ]; then
-                echo "virby: /$dir/$name exists with $key $have, not $want; remove it or free that id" >&2
-                exit 1
-              fi
-            done
+            ${readRecord "virby_have" "/Users/_virby" "UniqueID"}
+            if [ -n "$virby_have" ] && [ "$virby_have" != ${toString uid} ]; then
+              printf >&2 'error: the user _virby exists with uid %s; Virby needs uid ${toString uid}. Remove it (sudo dscl . -delete /Users/_virby) and switch again.\n' "$virby_have"
+              exit 1
+            fi
+            ${readRecord "virby_have" "/Groups/virby" "PrimaryGroupID"}
+            if [ -n "$virby_have" ] && [ "$virby_have" != ${toString gid} ]; then
+              printf >&2 'error: the group virby exists with gid %s; Virby needs gid ${toString gid}. Remove it (sudo dscl . -delete /Groups/virby) and switch again.\n' "$virby_have"
+              exit 1
+            fi
+            virby_have=$(dscl . -list /Users UniqueID | awk '$2 == ${toString uid} && $1 != "_virby" { print $1 }') || virby_have=
+            if [ -n "$virby_have" ]; then
+              printf >&2 'error: uid ${toString uid}, which Virby needs for its user _virby, belongs to %s. Free that uid and switch again.\n' "$virby_have"
+              exit 1
+            fi
+            virby_have=$(dscl . -list /Groups PrimaryGroupID | awk '$2 == ${toString gid} && $1 != "virby" { print $1 }') || virby_have=
+            if [ -n "$virby_have" ]; then
+              printf >&2 'error: gid ${toString gid}, which Virby needs for its group virby, belongs to %s. Free that gid and switch again.\n' "$virby_have"
+              exit 1
+            fi
           '';
-          # After the users exist and launchd has (re)loaded the daemon.  A new image means
-          # new keys and a new disk: restart the daemon so no VM runs the old ones.
-          system.activationScripts.postActivation.text = ''
+
+          # Right before nix-darwin (re)loads the launchd daemons: the users exist by now, and
+          # the daemon must find its log file and its working directory when launchd starts it.
+          system.activationScripts.launchd.text = lib.mkBefore ''
             echo "preparing the Virby VM..." >&2
-            virby_before=$(cat ${workingDirectory}/image-path 2>/dev/null || true)
+            # launchd opens StandardOutPath as the job's user, who cannot create files in
+            # /var/log: the file must exist and be _virby's before the job starts.
+            touch ${logFile}
+            chown _virby:virby ${logFile}
+            chmod 0644 ${logFile}
+            virby_before=$(cat ${workingDirectory}/image-path ${workingDirectory}/ssh_known_hosts 2>/dev/null || true)
             ${package}/bin/virby prepare --config ${configFile} --owner _virby:virby
-            if [ "$virby_before" != "$(cat ${workingDirectory}/image-path)" ] \
-              && launchctl print system/org.nixos.virbyd >/dev/null 2>&1; then
-              launchctl kickstart -k system/org.nixos.virbyd
+            virby_after=$(cat ${workingDirectory}/image-path ${workingDirectory}/ssh_known_hosts 2>/dev/null || true)
+            # New keys or a new image while the daemon's plist stays the same (when the plist
+            # changes, nix-darwin's launchd step just below restarts the daemon anyway): restart
+            # it, so that no running VM keeps keys that ssh_known_hosts no longer pins.
+            if [ "$virby_before" != "$virby_after" ] \
+              && cmp -s "$systemConfig/Library/LaunchDaemons/${plist}" /Library/LaunchDaemons/${plist} \
+              && launchctl print system/${label} >/dev/null 2>&1; then
+              echo "restarting the Virby daemon for its new image or keys..." >&2
+              launchctl kickstart -k system/${label}
             fi
           '';
 
           launchd.daemons.virbyd = {
+            # nix-darwin wraps a command in `/bin/wait4path /nix/store`, so that at boot the
+            # daemon waits for the Nix store volume to be mounted.
+            command = "${package}/bin/virbyd --config ${configFile}";
             serviceConfig = {
-              Label = "org.nixos.virbyd";
-              ProgramArguments = [
-                "${package}/bin/twistd"
-                "--nodaemon"
-                "--pidfile="
-                "virby"
-                "--config"
-                "${configFile}"
-              ];
+              Label = label;
               Sockets.Listener = {
                 SockFamily = "IPv4";
                 SockNodeName = "127.0.0.1";
@@ -229,14 +308,19 @@ in
               UserName = "_virby";
               GroupName = "virby";
               WorkingDirectory = workingDirectory;
-              StandardOutPath = "/var/log/virbyd.log";
-              StandardErrorPath = "/var/log/virbyd.log";
+              StandardOutPath = logFile;
+              StandardErrorPath = logFile;
               ThrottleInterval = 10;
+              # Each spliced connection holds two descriptors: 200 concurrent builds need
+              # 400 beside the daemon's own, and launchd's default soft limit is 256.  launchd
+              # applies this with setrlimit(2) in the job's process; the hard limit (unlimited
+              # by default) is left alone.
+              SoftResourceLimits.NumberOfFiles = 4096;
             };
           };
 
           environment.etc."ssh/ssh_config.d/100-virby-vm.conf".text = import ./lib/ssh-config.nix {
-            inherit (cfg) port;
+            inherit (cfg) port allowUserSsh;
             inherit workingDirectory;
           };
           environment.systemPackages = [ package ];
@@ -244,23 +328,44 @@ in
         {
           # Names fixed up front (mkIf, not if-then-else): the module system must know which
           # options a definition sets before it may read config.
-          nix.distributedBuilds = mkIf (!useDeterminate) true;
-          nix.buildMachines = mkIf (!useDeterminate) [ buildMachine ];
+          nix.distributedBuilds = mkIf useNix true;
+          nix.buildMachines = mkIf useNix [ buildMachine ];
+          # The VM fetches its inputs from the binary caches itself instead of having the Mac
+          # download them and copy them over ssh (as nix-darwin's linux-builder does).
+          nix.settings.builders-use-substitutes = mkIf useNix (mkDefault true);
         }
-        (lib.optionalAttrs (options ? determinateNix) {
-          determinateNix.buildMachines = mkIf useDeterminate [ buildMachine ];
+        (lib.optionalAttrs haveDeterminate {
+          determinateNix = mkIf useDeterminate {
+            buildMachines = [ buildMachine ];
+            distributedBuilds = true;
+            customSettings.builders-use-substitutes = mkDefault true;
+          };
         })
       ]
     ))
     (mkIf (!cfg.enable) {
-      # Disabling removes what enabling made; these run only if it is there.
+      # Disabling removes what enabling made, after nix-darwin's launchd step has stopped
+      # the daemon.  The user and the group go only when they carry Virby's ids: anything
+      # else called _virby or virby is not ours to delete.
       system.activationScripts.postActivation.text = ''
         if [ -d ${workingDirectory} ]; then
           echo "removing the Virby VM's working directory..." >&2
           rm -rf ${workingDirectory}
         fi
-        if dscl . -read /Users/_virby >/dev/null 2>&1; then dscl . -delete /Users/_virby; fi
-        if dscl . -read /Groups/virby >/dev/null 2>&1; then dscl . -delete /Groups/virby; fi
+        ${readRecord "virby_have" "/Users/_virby" "UniqueID"}
+        if [ "$virby_have" = ${toString uid} ]; then
+          echo "deleting user _virby..." >&2
+          dscl . -delete /Users/_virby
+        elif [ -n "$virby_have" ]; then
+          echo "leaving user _virby alone: its uid is $virby_have, not Virby's ${toString uid}" >&2
+        fi
+        ${readRecord "virby_have" "/Groups/virby" "PrimaryGroupID"}
+        if [ "$virby_have" = ${toString gid} ]; then
+          echo "deleting group virby..." >&2
+          dscl . -delete /Groups/virby
+        elif [ -n "$virby_have" ]; then
+          echo "leaving group virby alone: its gid is $virby_have, not Virby's ${toString gid}" >&2
+        fi
       '';
     })
   ];

@@ -33,7 +33,7 @@ from virby.mac import stable_mac
 from virby.orphans import stop_orphan
 from virby.proxy import ProxyFactory
 from virby.readiness import ReadyGuest, wait_for_guest
-from virby.vfkit import VfkitProcess, find_vfkit
+from virby.vfkit import HostPlan, VfkitProcess, find_vfkit, plan_host
 
 log = Logger()
 
@@ -54,10 +54,13 @@ class VfkitHypervisor:
     one disk image would corrupt it.
     """
 
-    def __init__(self, reactor: Any, config: Config, executable: str) -> None:
+    def __init__(
+        self, reactor: Any, config: Config, executable: str, plan: HostPlan | None = None
+    ) -> None:
         self._reactor = reactor
         self._config = config
         self._executable = executable
+        self.plan = plan or HostPlan(nested=config.nested_virtualization)
         self._leases = LeaseFile(config.leases_file)
         self._orphanCheck: Deferred[Any] | None = None
         self._mac: str | None = None
@@ -77,6 +80,8 @@ class VfkitHypervisor:
         return Deferred.fromCoroutine(self._spawn())
 
     async def _spawn(self) -> VirtualMachine:
+        if self.plan.refusal is not None:
+            raise StartupError(self.plan.refusal)
         await self.stopOrphan()
         try:
             self._mac = stable_mac(self._config.path("mac"))
@@ -85,7 +90,9 @@ class VfkitHypervisor:
                 f"cannot keep the VM's MAC in {self._config.path('mac')}: {e.strerror or e}; "
                 "run `virby prepare` to repair the working directory"
             ) from None
-        return VfkitProcess.start(self._reactor, self._config, self._executable, self._mac)
+        return VfkitProcess.start(
+            self._reactor, self._config, self._executable, self._mac, plan=self.plan
+        )
 
     def waitReady(self, vm: VirtualMachine) -> Deferred[ReadyGuest]:
         mac = self._mac
@@ -171,6 +178,7 @@ class DaemonService(MultiService):
             daemon_uptime=now - self._startedAt if self._startedAt is not None else None,
             listening=[_address(port) for port in self._ports],
             ttl=self._config.ttl,
+            warnings=list(getattr(self._hypervisor, "plan", HostPlan()).warnings),
             version=__version__,
         )
         return document
@@ -244,7 +252,11 @@ def makeDaemonService(config: Config, reactor: Any) -> DaemonService:
     # vfkit creates its REST socket with our umask: owner-only, even when allow-user-ssh
     # opens the working directory for traversal.
     os.umask(0o077)
-    hypervisor = VfkitHypervisor(reactor, config, executable)
+    # What the Mac can do, asked once, before the reactor runs (see plan_host).
+    plan = plan_host(config)
+    for warning in plan.warnings:
+        log.warn("{warning}", warning=warning)
+    hypervisor = VfkitHypervisor(reactor, config, executable, plan)
     lifecycle = Lifecycle(reactor, hypervisor, onDemand=config.on_demand, ttl=config.ttl)
     service = _ExitOnStartupError(reactor, config, endpoint, hypervisor, lifecycle)
     reactor.callWhenRunning(installSignalHandlers, reactor)

@@ -23,7 +23,7 @@ import fcntl
 import os
 import secrets
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 #: Every temporary file Virby makes ends so; anything so named is safe to delete.
@@ -163,32 +163,58 @@ def _sparse_copy(source_fd: int, destination_fd: int, size: int) -> None:
     os.ftruncate(destination_fd, size)
 
 
-def copy(source: str, destination: str, mode: int = 0o600) -> str:
+def _reflink_file(source: str, destination: str) -> bool:
+    """L{_reflink} between paths; C{destination} is made, and left only when it worked."""
+    source_fd = os.open(source, os.O_RDONLY)
+    try:
+        destination_fd = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            cloned = _reflink(source_fd, destination_fd)
+        finally:
+            os.close(destination_fd)
+    finally:
+        os.close(source_fd)
+    if not cloned:
+        os.unlink(destination)
+    return cloned
+
+
+#: A way to clone a file: C{(source, new destination) -> whether it cloned}.
+Cloner = Callable[[str, str], bool]
+
+
+def platform_clone() -> tuple[str, Cloner] | None:
+    """This system's copy-on-write clone, by name: APFS on macOS, reflink on Linux."""
+    if sys.platform == "darwin":
+        return ("clonefile", _clonefile)
+    if sys.platform.startswith("linux"):
+        return ("reflink", _reflink_file)
+    return None
+
+
+def copy(source: str, destination: str, mode: int = 0o600, *, clone: bool = True) -> str:
     """
     Make C{destination} a copy of C{source} with permission C{mode}, replacing it atomically,
-    by the cheapest method this system has.
+    by the cheapest method this system has (C{clone=False}: always the sparse copy).
 
     @return: the method used: C{"clonefile"}, C{"reflink"} or C{"sparse copy"}.
     """
+    cloning = platform_clone() if clone else None
     with replacing(destination) as temporary:
-        if sys.platform == "darwin" and _clonefile(source, temporary):
+        if cloning is not None and cloning[1](source, temporary):
             os.chmod(temporary, mode)
-            return "clonefile"
+            return cloning[0]
         source_fd = os.open(source, os.O_RDONLY)
         try:
             destination_fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
             try:
                 os.fchmod(destination_fd, mode)  # whatever the umask says
-                if sys.platform.startswith("linux") and _reflink(source_fd, destination_fd):
-                    method = "reflink"
-                else:
-                    _sparse_copy(source_fd, destination_fd, os.fstat(source_fd).st_size)
-                    method = "sparse copy"
+                _sparse_copy(source_fd, destination_fd, os.fstat(source_fd).st_size)
             finally:
                 os.close(destination_fd)
         finally:
             os.close(source_fd)
-    return method
+    return "sparse copy"
 
 
 @dataclass(frozen=True)

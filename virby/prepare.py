@@ -7,7 +7,7 @@ to do changes nothing (not even an mtime), and a run killed at any moment is fin
 next one.  Every file is written under a temporary name and renamed, and the image path is
 recorded last, so an interrupted switch to a new image is simply redone.
 
-Layout (DESIGN.md) and modes, where C{<wd>} is the working directory:
+Layout and modes, where C{<wd>} is the working directory:
 
 =======================================  =====  ===============================================
 path                                     mode   why

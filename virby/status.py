@@ -46,8 +46,8 @@ def query(path: str, timeout: float = 5.0) -> dict[str, Any]:
         raise DaemonDown(f"the daemon is not running (stale control socket at {path})") from None
     except PermissionError:
         raise VirbyError(
-            f"permission denied on {path}: run `sudo virby status` (the working directory "
-            "belongs to the daemon's user)"
+            f"only root may ask the daemon (its control socket {path} is owner-only): "
+            "run `sudo virby status`"
         ) from None
     except TimeoutError:
         raise VirbyError(f"the daemon did not answer on {path} within {timeout:.0f}s") from None
@@ -130,6 +130,7 @@ def render(status: dict[str, Any]) -> str:
         lines.append(("Restart", f"in {duration(status['restart_in'])}"))
     lines.append(("Listening", ", ".join(status.get("listening") or []) or "-"))
     lines.append(("Last error", status.get("last_error") or "none"))
+    lines += [("Warning", warning) for warning in status.get("warnings") or []]
     width = max(len(name) for name, _ in lines) + 1
     return "\n".join(f"{name + ':':<{width}} {value}" for name, value in lines)
 
@@ -145,7 +146,13 @@ def _idle(status: dict[str, Any]) -> str:
 
 
 def run(config: Config, as_json: bool, out: TextIO = sys.stdout) -> int:
-    """C{virby status}: 0 when the daemon answered, L{EXIT_DOWN} when it is not running."""
+    """
+    C{virby status}: 0 when the daemon answered, L{EXIT_DOWN} when it is not running, 1 when
+    it cannot be asked (e.g. a user who may not open the control socket).  With C{--json}
+    every outcome is one JSON document, so a program never has to parse an error line.
+
+    @raise VirbyError: when the daemon cannot be asked, unless C{as_json}.
+    """
     path = config.path(CONTROL_SOCKET)
     try:
         status = query(path)
@@ -155,6 +162,11 @@ def run(config: Config, as_json: bool, out: TextIO = sys.stdout) -> int:
         else:
             out.write(f"Virby: {e}\n")
         return EXIT_DOWN
+    except VirbyError as e:
+        if not as_json:
+            raise
+        out.write(json.dumps({"state": "unknown", "reason": str(e)}) + "\n")
+        return 1
     out.write(
         json.dumps(status, sort_keys=True, indent=2) + "\n" if as_json else render(status) + "\n"
     )

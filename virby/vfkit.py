@@ -1,10 +1,14 @@
 """
 vfkit, the hypervisor process: its command line, its console, and how it is stopped.
 
-The daemon runs one vfkit at a time (the lifecycle sees to that).  Its serial console comes
-on stdout and is kept (the last lines explain a failed boot); its own log comes on stderr
-and goes to the daemon's log.  Its exit is noticed the moment it happens, through
-C{processEnded}, not by polling.
+The daemon runs one vfkit at a time (the lifecycle sees to that).  The guest's serial
+console goes to C{<wd>/serial.log} (C{virtio-serial,logFilePath=...}), never to vfkit's
+stdio: C{virtio-serial,stdio} makes vfkit put its stdin into raw mode with C{tcgetattr}
+(vfkit C{pkg/vf/virtio.go}, C{setRawMode}), which fails on the pipe a supervised vfkit
+gets, so the VM would never start.  vfkit truncates the file at each start; the last lines
+explain a failed boot or a dead VM, and only the file's tail is ever read.  vfkit's own log
+comes on stderr and goes to the daemon's log.  Its exit is noticed the moment it happens,
+through C{processEnded}, not by polling.
 """
 
 from __future__ import annotations
@@ -12,10 +16,9 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from collections import deque
-from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import IO, Any
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.error import ProcessExitedAlready
@@ -24,13 +27,20 @@ from twisted.python.failure import Failure
 
 from virby.config import REST_SOCKET_NAME, Config
 from virby.errors import VirbyError
+from virby.hostfacts import HostFacts, gather
 from virby.logs import Logger
 from virby.rest import RestError, VfkitRestClient
 from virby.runtime import remove_quietly, write_atomically
 
 log = Logger()
 
-CONSOLE_LINES = 200
+#: The guest's serial console, in the working directory.
+SERIAL_LOG = "serial.log"
+#: Console lines kept in memory when vfkit ends, for the message about its end.
+CONSOLE_LINES = 50
+#: How much of the console's end is read for its last lines: a console that grew to
+#: gigabytes costs the reactor no more than a small one.
+TAIL_BYTES = 16 * 1024
 
 
 class VfkitNotFound(VirbyError):
@@ -56,11 +66,17 @@ def find_vfkit(name: str, path: str | None = None) -> str:
 
 
 def vfkit_arguments(
-    config: Config, executable: str, mac: str, create_variable_store: bool
+    config: Config,
+    executable: str,
+    mac: str,
+    create_variable_store: bool,
+    nested: bool | None = None,
 ) -> list[str]:
     """
-    The command line of DESIGN.md.  C{create} is passed only when the firmware variable
+    The command line of docs/vfkit.md.  C{create} is passed only when the firmware variable
     store does not exist yet: vfkit's C{create} re-creates it blank on every start.
+    C{nested} says whether to pass C{--nested} (by default, as configured); the daemon
+    decides it from what the Mac can do (L{HostPlan}).
     """
     store = f"efi,variable-store={config.path('efistore.nvram')}"
     args = [
@@ -71,18 +87,103 @@ def vfkit_arguments(
         "--device", f"virtio-blk,path={config.path('diff.img')}",
         "--device", f"virtio-fs,sharedDir={config.path('vm_sshd_keys')},mountTag=sshd-keys",
         "--device", f"virtio-net,nat,mac={mac}",
-        "--device", "virtio-serial,stdio",
+        "--device", f"virtio-serial,logFilePath={config.path(SERIAL_LOG)}",
         "--device", "virtio-rng",
         "--device", "virtio-balloon",
         "--restful-uri", f"unix://{config.path(REST_SOCKET_NAME)}",
     ]  # fmt: skip
     if config.rosetta:
         args += ["--device", "rosetta,mountTag=rosetta"]
-    if config.nested_virtualization:
+    if config.nested_virtualization if nested is None else nested:
         args += ["--nested"]
     for tag, directory in sorted(config.shared_dirs.items()):
         args += ["--device", f"virtio-fs,sharedDir={directory},mountTag={tag}"]
     return args
+
+
+@dataclass(frozen=True)
+class HostPlan:
+    """
+    What this Mac lets the VM have, decided once before the reactor runs.
+
+    @ivar nested: pass C{--nested}.
+    @ivar refusal: why no VM may boot on this Mac (one line with the fix), or C{None}.
+    @ivar warnings: one line each, for the log at start and for C{virby status}.
+    """
+
+    nested: bool = False
+    refusal: str | None = None
+    warnings: tuple[str, ...] = field(default=())
+
+
+def plan_host(config: Config, facts: Callable[[], HostFacts] = gather) -> HostPlan:
+    """
+    Decide C{--nested} and the Rosetta share from what the Mac can do, asking it only when
+    an option depends on it.
+
+    Nested virtualization that the Mac cannot run is dropped with a warning: vfkit would
+    refuse C{--nested} and every boot would fail, while the VM is useful without it.
+
+    Rosetta that is not installed refuses every boot with the fix, and the daemon still
+    starts and serves.  Booting without the share is no way out: the image made with
+    C{rosetta} mounts the share at boot (NixOS' C{virtualisation.rosetta} has no
+    C{nofail}), so the guest would stop in emergency mode and never answer SSH.  Exiting
+    instead would not help either: launchd starts the daemon again every 10 s (always-on)
+    or at every queued connection (on demand), each time with the same line.  A daemon that
+    stays up drains the connections, refuses each boot at once without starting vfkit, and
+    shows why in C{virby status}.
+    """
+    if not (config.nested_virtualization or config.rosetta):
+        return HostPlan()
+    found = facts()
+    nested = config.nested_virtualization
+    warnings: list[str] = []
+    refusal = None
+    if nested:
+        verdict = found.nested_virtualization()
+        if verdict.refused:
+            nested = False
+            warnings.append(
+                f"nested-virtualization is on, but this Mac cannot run it: {verdict.why}; "
+                "booting the VM without --nested"
+            )
+        elif verdict.ok is None:
+            warnings.append(
+                f"nested-virtualization is on, but {verdict.why}; passing --nested "
+                "(vfkit refuses it where the Mac cannot run it)"
+            )
+    if config.rosetta:
+        verdict = found.rosetta()
+        if verdict.refused:
+            refusal = (
+                f"rosetta is on, but {verdict.why}: {verdict.fix}, then restart virbyd; "
+                "until then no VM boots"
+            )
+            warnings.append(refusal)
+        elif verdict.ok is None:
+            warnings.append(f"rosetta is on, but {verdict.why}; passing the Rosetta share")
+    return HostPlan(nested=nested, refusal=refusal, warnings=tuple(warnings))
+
+
+def read_tail(path: str, lines: int, limit: int = TAIL_BYTES) -> list[str]:
+    """
+    The last C{lines} lines of the file at C{path}, reading at most C{limit} bytes from its
+    end; C{[]} when there is no such file.
+    """
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            start = max(0, size - limit)
+            f.seek(start)
+            data = f.read(limit)
+    except OSError:
+        return []
+    text = data.decode(errors="replace").split("\n")
+    if start > 0:
+        text = text[1:]  # the first line was cut by the seek
+    if text and text[-1] == "":
+        text.pop()
+    return [line.rstrip("\r") for line in text][-lines:] if lines > 0 else []
 
 
 @dataclass(frozen=True)
@@ -104,32 +205,25 @@ class ExitStatus:
 
 
 class VfkitProtocol(ProcessProtocol):
-    """Reads the console (stdout) and vfkit's log (stderr); reports the exit at once."""
+    """
+    Logs what vfkit writes (its log on stderr, anything on stdout) and reports its exit at
+    once.  The guest's console is not here: it is in C{serial.log}.
 
-    def __init__(self, serial_log: str | None = None, keep: int = CONSOLE_LINES) -> None:
-        self._console: deque[str] = deque(maxlen=keep)
+    vfkit reports a refused command line the way cobra does: C{Error: <why>}, then the
+    whole usage text, then C{<why>} again.  The first line is the one that matters; the
+    usage text goes to the debug log and the repeated line is dropped.
+    """
+
+    def __init__(self) -> None:
         self._partial = {1: b"", 2: b""}
-        self._serialLogPath = serial_log
-        self._serialLog: IO[bytes] | None = None
+        self._inUsage = False
+        self._refusal: str | None = None
         self.status: ExitStatus | None = None
         self._waiters: list[Deferred[ExitStatus]] = []
 
-    def connectionMade(self) -> None:
-        if self._serialLogPath is not None:
-            try:
-                self._serialLog = open(self._serialLogPath, "wb")  # noqa: SIM115
-            except OSError as e:
-                log.warn(
-                    "cannot keep the console in {path}: {why}",
-                    path=self._serialLogPath,
-                    why=e.strerror,
-                )
-
     def outReceived(self, data: bytes) -> None:
-        if self._serialLog is not None:
-            self._serialLog.write(data)
-            self._serialLog.flush()
-        self._console.extend(self._lines(1, data))
+        for line in self._lines(1, data):
+            self._logVfkit(line)
 
     def errReceived(self, data: bytes) -> None:
         for line in self._lines(2, data):
@@ -142,7 +236,17 @@ class VfkitProtocol(ProcessProtocol):
             yield line.rstrip(b"\r").decode(errors="replace")
 
     def _logVfkit(self, line: str) -> None:
-        if not line.strip():
+        if line.startswith("Error: "):
+            self._refusal = line[len("Error: ") :]
+            self._inUsage = False
+            log.warn("vfkit: {line}", line=line)
+            return
+        if line == "Usage:" or (self._inUsage and _usage_line(line)):
+            self._inUsage = True
+            log.debug("vfkit: {line}", line=line)
+            return
+        self._inUsage = False
+        if not line.strip() or line == self._refusal:
             return
         lowered = line.lower()
         if "level=error" in lowered or "level=fatal" in lowered or "error" in lowered:
@@ -151,14 +255,10 @@ class VfkitProtocol(ProcessProtocol):
             log.info("vfkit: {line}", line=line)
 
     def processEnded(self, reason: Failure) -> None:
-        for fd, rest in self._partial.items():
+        for rest in self._partial.values():
             if rest:
-                line = rest.decode(errors="replace")
-                self._console.append(line) if fd == 1 else self._logVfkit(line)
+                self._logVfkit(rest.decode(errors="replace"))
         self._partial = {1: b"", 2: b""}
-        if self._serialLog is not None:
-            self._serialLog.close()
-            self._serialLog = None
         self.status = ExitStatus.from_reason(reason)
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
@@ -176,9 +276,6 @@ class VfkitProtocol(ProcessProtocol):
     def _forget(self, waiter: Deferred[ExitStatus]) -> None:
         if waiter in self._waiters:
             self._waiters.remove(waiter)
-
-    def consoleTail(self, n: int = 20) -> list[str]:
-        return list(self._console)[-n:]
 
 
 @dataclass(frozen=True)
@@ -215,6 +312,7 @@ class VfkitProcess:
         self._timings = timings
         self.pid: int = transport.pid
         self._stopping: Deferred[ExitStatus | None] | None = None
+        self._finalConsole: list[str] | None = None
         protocol.whenEnded().addCallback(self._cleanUp)
 
     @classmethod
@@ -225,16 +323,20 @@ class VfkitProcess:
         executable: str,
         mac: str,
         timings: StopTimings = StopTimings(),
+        plan: HostPlan | None = None,
     ) -> VfkitProcess:
         """
         Spawn vfkit.  Checks first what a boot needs, so a vanished working directory is one
-        clear error, not a vfkit complaint in the log.
+        clear error, not a vfkit complaint in the log.  The last run's console is removed
+        first: a vfkit that fails before it opens the file must not show the old one.
         """
         _check_working_directory(config)
         remove_quietly(config.path(REST_SOCKET_NAME))
+        remove_quietly(config.path(SERIAL_LOG))
         create = not os.path.exists(config.path("efistore.nvram"))
-        args = vfkit_arguments(config, executable, mac, create)
-        protocol = VfkitProtocol(config.path("serial.log") if config.debug else None)
+        nested = plan.nested if plan is not None else None
+        args = vfkit_arguments(config, executable, mac, create, nested)
+        protocol = VfkitProtocol()
         log.info("starting {command}", command=" ".join(args))
         transport = reactor.spawnProcess(
             protocol,
@@ -254,7 +356,10 @@ class VfkitProcess:
         return self.protocol.whenEnded()
 
     def consoleTail(self, n: int = 20) -> list[str]:
-        return self.protocol.consoleTail(n)
+        """The console's last C{n} lines: from C{serial.log}, or as it was when vfkit ended."""
+        if self._finalConsole is not None:
+            return self._finalConsole[-n:] if n > 0 else []
+        return read_tail(self._config.path(SERIAL_LOG), n)
 
     def stop(self) -> Deferred[ExitStatus | None]:
         """
@@ -319,7 +424,12 @@ class VfkitProcess:
         self._signal("KILL")
 
     def _cleanUp(self, status: ExitStatus) -> ExitStatus:
-        """Remove the runtime files, if they are still this process's."""
+        """
+        Remove the runtime files, if they are still this process's.  The console's tail is
+        kept in memory first (the lifecycle reads it to say why the VM died); the file
+        itself stays only with C{debug}.
+        """
+        self._finalConsole = read_tail(self._config.path(SERIAL_LOG), CONSOLE_LINES)
         pidfile = self._config.path("vfkit.pid")
         try:
             with open(pidfile, encoding="ascii") as f:
@@ -329,8 +439,15 @@ class VfkitProcess:
         if ours:
             remove_quietly(pidfile)
             remove_quietly(self._config.path(REST_SOCKET_NAME))
+            if not self._config.debug:
+                remove_quietly(self._config.path(SERIAL_LOG))
         log.info("vfkit (pid {pid}) {how}", pid=self.pid, how=status.describe())
         return status
+
+
+def _usage_line(line: str) -> bool:
+    """A line of cobra's usage text: indented, blank, or a heading such as C{Flags:}."""
+    return not line.strip() or line[:1].isspace() or line.rstrip().endswith(":")
 
 
 def _relay(result: Any, target: Deferred[Any]) -> Any:

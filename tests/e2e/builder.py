@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tests.e2e.nixenv import nix_environment
 from tests.e2e.support import ProcessUnderTest, free_port, pids_of
 
 BIN = Path(sys.executable).parent
@@ -60,6 +61,7 @@ class Builder:
         self.config.write_text(json.dumps(self.settings))
         self.env = {
             **os.environ,
+            **nix_environment(root),
             "VIRBY_EMULATOR_LEASES_FILE": str(self.leases),
             "VIRBY_EMULATOR_GUEST_PORT": str(self.settings["guest-ssh-port"]),
             "VIRBY_EMULATOR_BOOT_DELAY": "0.2",
@@ -78,18 +80,16 @@ class Builder:
         self.ssh_config = self.root / "ssh_config"
         self.ssh_config.write_text(block + "  BatchMode yes\n  LogLevel ERROR\n")
 
-    def start(self, *flags: str, env: dict[str, str] | None = None, wait: bool = True):
-        """Start the daemon in the foreground, as launchd would."""
+    def start(
+        self,
+        *flags: str,
+        env: dict[str, str] | None = None,
+        wait: bool = True,
+        program: str | None = None,
+    ):
+        """Start the daemon in the foreground, as launchd would: C{virbyd --config FILE}."""
         daemon = ProcessUnderTest(
-            [
-                tool("twistd"),
-                "--nodaemon",
-                "--pidfile=",
-                "virby",
-                "--config",
-                str(self.config),
-                *flags,
-            ],
+            [program or tool("virbyd"), "--config", str(self.config), *flags],
             env={**self.env, **(env or {})},
             cwd=str(self.root),
         )
@@ -116,6 +116,14 @@ class Builder:
             capture_output=True, text=True, timeout=30,
         )  # fmt: skip
         return json.loads(result.stdout)
+
+    def prepare(self) -> str:
+        """Run `virby prepare` again, as an activation would; its report."""
+        result = subprocess.run(
+            [tool("virby"), "prepare", "--config", str(self.config)],
+            capture_output=True, text=True, timeout=120, check=True,
+        )  # fmt: skip
+        return result.stdout
 
     def emulators(self) -> list[int]:
         """Live vfkit emulators of this working directory."""

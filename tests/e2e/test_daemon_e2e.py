@@ -1,5 +1,6 @@
 """
-The daemon end to end: real twistd, the vfkit emulator, a real sshd guest, ssh, nix-build.
+The daemon end to end: real virbyd (and twistd), the vfkit emulator, a real sshd guest, ssh,
+nix-build.
 """
 
 from __future__ import annotations
@@ -17,22 +18,6 @@ from tests.e2e.builder import Builder, read_line, tool
 from tests.e2e.support import ProcessUnderTest
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def make_builder(tmp_path):
-    made: list[Builder] = []
-
-    def make(**settings) -> Builder:
-        root = tmp_path / f"builder{len(made)}"
-        root.mkdir()
-        builder = Builder(root, **settings)
-        made.append(builder)
-        return builder
-
-    yield make
-    for builder in made:
-        builder.cleanup()
 
 
 def assert_nothing_left(builder: Builder) -> None:
@@ -210,10 +195,10 @@ def test_a_real_nix_remote_build_through_the_daemon(make_builder, tmp_path) -> N
     client_store = tmp_path / "client-store"
     result = subprocess.run(
         ["nix-build", str(expression), "--no-out-link", "--store", str(client_store),
-         "--max-jobs", "0", "--builders", f"ssh-ng://virby-vm {_nix_system()}",
+         "--max-jobs", "0", "--builders", f"ssh-ng://virby-vm {_nix_system(builder.env)}",
          "--option", "substituters", "", "--option", "builders-use-substitutes", "false"],
         capture_output=True, text=True, timeout=300,
-        env={**os.environ, "NIX_SSHOPTS": f"-F {builder.ssh_config}"},
+        env={**builder.env, "NIX_SSHOPTS": f"-F {builder.ssh_config}"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr + daemon.text()
     out = result.stdout.strip().splitlines()[-1]
@@ -223,10 +208,10 @@ def test_a_real_nix_remote_build_through_the_daemon(make_builder, tmp_path) -> N
     assert "VM ready at" in daemon.text()
 
 
-def _nix_system() -> str:
+def _nix_system(env: dict[str, str]) -> str:
     return subprocess.run(
         ["nix-instantiate", "--eval", "--expr", "builtins.currentSystem", "--json"],
-        capture_output=True, text=True, check=True, timeout=60,
+        capture_output=True, text=True, check=True, timeout=60, env=env,
     ).stdout.strip().strip('"')  # fmt: skip
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import pty
+import re
 import signal
 import subprocess
 import sys
@@ -34,10 +36,13 @@ def machine(tmp_path: Path):
     (keys / "ssh_user_ed25519_key.pub").write_bytes((tmp_path / "user.pub").read_bytes())
     host_public = (tmp_path / "host.pub").read_text().split()[:2]
     (tmp_path / "known_hosts").write_text("virby-vm-key " + " ".join(host_public) + "\n")
-    (tmp_path / "diff.img").write_bytes(b"")
+    with open(tmp_path / "diff.img", "wb") as f:
+        f.truncate(4 * 1024 * 1024)
     started: list[ProcessUnderTest] = []
 
-    def start(*extra: str, fault: str | None = None) -> ProcessUnderTest:
+    def start(
+        *extra: str, fault: str | None = None, console: str | None = None, stdin=subprocess.DEVNULL
+    ) -> ProcessUnderTest:
         argv = [
             sys.executable, "-m", "virby.emulator",
             "--leases-file", str(tmp_path / "leases"), "--guest-port", "2222",
@@ -47,12 +52,12 @@ def machine(tmp_path: Path):
             "--device", f"virtio-blk,path={tmp_path}/diff.img",
             "--device", f"virtio-fs,sharedDir={keys},mountTag=sshd-keys",
             "--device", f"virtio-net,nat,mac={MAC}",
-            "--device", "virtio-serial,stdio",
+            "--device", console or f"virtio-serial,logFilePath={tmp_path}/serial.log",
             "--device", "virtio-rng", "--device", "virtio-balloon",
             "--restful-uri", f"unix://{tmp_path}/vfkit.sock",
             "--pidfile", str(tmp_path / "vfkit.pid"), *extra,
         ]  # fmt: skip
-        process = ProcessUnderTest(argv)
+        process = ProcessUnderTest(argv, stdin=stdin)
         started.append(process)
         return process
 
@@ -92,10 +97,21 @@ def _cmdline(pid: int) -> str:
         return " " + f.read().replace(b"\0", b" ").decode(errors="replace")
 
 
-def boot(start) -> tuple[ProcessUnderTest, str]:
-    emulator = start()
-    match = emulator.wait_for_line(r"sshd listening on (127\.0\.\d+\.\d+):2222", timeout=30)
-    return emulator, match.group(1).decode()
+def boot(start, *extra: str) -> tuple[ProcessUnderTest, str]:
+    emulator = start(*extra)
+    emulator.wait_for_line(r"virtual machine is running", timeout=30)
+    root = Path(emulator.argv[emulator.argv.index("--leases-file") + 1]).parent
+    ip = _wait_for_console(root / "serial.log", r"sshd listening on (127\.0\.\d+\.\d+):2222")
+    return emulator, ip
+
+
+def _wait_for_console(path: Path, pattern: str, timeout: float = 30) -> str:
+    """The console is a file: follow it, as `tail -f` would, until the line comes."""
+    follower = ProcessUnderTest(["tail", "-n", "+1", "-F", str(path)])
+    try:
+        return follower.wait_for_line(pattern, timeout=timeout).group(1).decode()
+    finally:
+        follower.kill_all()
 
 
 @pytest.fixture(autouse=True)
@@ -139,9 +155,9 @@ def test_every_stop_leaves_nothing_behind(machine, how) -> None:
 
 
 def test_crash_after_boot(machine) -> None:
-    _, start = machine
+    root, start = machine
     emulator = start(fault="crash-after=0.5")
-    emulator.wait_for_line(r"sshd listening", timeout=30)
+    _wait_for_console(root / "serial.log", r"(sshd listening)")
     assert emulator.wait_exit(30) == 1
     assert "virtualization error" in emulator.text()
 
@@ -150,7 +166,7 @@ def test_crash_after_boot(machine) -> None:
 def test_lease_faults(machine, fault) -> None:
     root, start = machine
     emulator = start(fault=fault)
-    emulator.wait_for_line(r"sshd listening", timeout=30)
+    _wait_for_console(root / "serial.log", r"(sshd listening)")
     assert LeaseFile(str(root / "leases")).lookup(MAC) is None
     if fault == "duid-lease":
         assert "hw_address=ff," in (root / "leases").read_text()
@@ -166,6 +182,65 @@ def test_refused_command_lines_exit_1(machine, extra) -> None:
     root, start = machine
     emulator = start(*extra)
     assert emulator.wait_exit(30) == 1
-    assert emulator.text().startswith("Error: ")
+    assert re.search(r"(?m)^Error: ", emulator.text()), emulator.text()
     assert "Traceback" not in emulator.text()
     assert os.path.exists(root / "diff.img")
+
+
+def test_an_old_style_stdio_console_is_refused_without_a_terminal(machine) -> None:
+    """The daemon's old command line: vfkit's setRawMode fails on a piped stdin."""
+    _root, start = machine
+    for stdin in (subprocess.DEVNULL, subprocess.PIPE):
+        emulator = start(console="virtio-serial,stdio", stdin=stdin)
+        assert emulator.wait_exit(30) == 1
+        text = emulator.text()
+        assert "Error: inappropriate ioctl for device\n" in text, text
+        assert text.endswith("\ninappropriate ioctl for device\n")
+        assert "virtual machine is running" not in text
+
+
+def test_a_stdio_console_on_a_terminal_boots(machine) -> None:
+    _root, start = machine
+    controller, terminal = pty.openpty()
+    try:
+        emulator = start(console="virtio-serial,stdio", stdin=terminal)
+        emulator.wait_for_line(r"sshd listening on 127\.0\.\d+\.\d+:2222", timeout=30)
+    finally:
+        os.close(terminal)
+        os.close(controller)
+    emulator.signal(signal.SIGTERM)
+    assert emulator.wait_exit(30) == 0
+
+
+def test_the_console_file_is_truncated_at_each_start(machine) -> None:
+    root, start = machine
+    (root / "serial.log").write_text("the last boot's console\n" * 1000)
+    emulator, _ip = boot(start)
+    assert "the last boot" not in (root / "serial.log").read_text()
+    emulator.signal(signal.SIGTERM)
+    assert emulator.wait_exit(30) == 0
+    assert "powered off" in (root / "serial.log").read_text()
+
+
+def test_a_share_tag_of_36_bytes_or_more_is_refused(machine) -> None:
+    """Virtualization.framework's tags are fewer than 36 bytes of UTF-8 (docs/vfkit.md)."""
+    root, start = machine
+    refused = start("--device", f"virtio-fs,sharedDir={root},mountTag={'t' * 36}")
+    assert refused.wait_exit(30) == 1
+    assert "Error: Error Domain=VZErrorDomain Code=2" in refused.text()
+    emulator, _ip = boot(start, "--device", f"virtio-fs,sharedDir={root},mountTag={'t' * 35}")
+    emulator.signal(signal.SIGTERM)
+    assert emulator.wait_exit(30) == 0
+
+
+def test_an_m1_without_rosetta_refuses_nested_and_rosetta(machine) -> None:
+    _root, start = machine
+    nested = start("--nested", "--cpu", "Apple M1")
+    assert nested.wait_exit(30) == 1
+    assert "Error: nested virtualization is not supported" in nested.text()
+    rosetta = start("--device", "rosetta,mountTag=rosetta", "--rosetta", "missing")
+    assert rosetta.wait_exit(30) == 1
+    assert "Error: rosetta is not installed" in rosetta.text()
+    emulator, _ip = boot(start, "--nested", "--device", "rosetta,mountTag=rosetta")
+    emulator.signal(signal.SIGTERM)
+    assert emulator.wait_exit(30) == 0

@@ -11,7 +11,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, s
 from twisted.internet.protocol import Factory, Protocol
 
 import virby.launchd
-from virby.launchd import LaunchdError, LaunchdServerEndpoint, activate_socket
+from virby.launchd import LaunchdError, LaunchdServerEndpoint
 
 
 class Hello(Protocol):
@@ -39,12 +39,6 @@ def listening(family: int, host: str) -> socket.socket:
     s.bind((host, 0))
     s.listen(5)
     return s
-
-
-def test_not_under_launchd_on_this_system() -> None:
-    with pytest.raises(OSError) as caught:
-        activate_socket("Listener")
-    assert caught.value.errno == errno.ESRCH
 
 
 @pytest.mark.parametrize(

@@ -361,7 +361,7 @@ def test_a_failure_on_disk_is_one_line(config: Config, monkeypatch) -> None:
         raise OSError(28, "No space left on device", "/wd/.base.img.x.virby-tmp")
 
     monkeypatch.setattr(disk, "_sparse_copy", full)
-    monkeypatch.setattr(disk, "_reflink", lambda source, destination: False)
+    monkeypatch.setattr(disk, "platform_clone", lambda: None)
     assert "No space left on device" in refused(config)
     assert not [p for p in Path(config.working_directory).iterdir() if p.is_file()]
 
@@ -404,8 +404,8 @@ def test_cli_refusals_are_one_line_and_exit_1(tmp_path: Path, image, capsys) -> 
     assert (tmp_path / "file").read_bytes() == b"x"
 
 
-def test_cli_prepares_and_reports_what_it_did(tmp_path: Path, image, capsys) -> None:
-    wd = tmp_path / "wd"
+def test_cli_prepares_and_reports_what_it_did(short_tmp: Path, image, capsys) -> None:
+    wd = short_tmp / "wd"
     argv = ["prepare", "--working-directory", str(wd), "--image", str(image), "--disk-size", "1GiB"]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
@@ -415,8 +415,8 @@ def test_cli_prepares_and_reports_what_it_did(tmp_path: Path, image, capsys) -> 
     assert capsys.readouterr().out == ""
 
 
-def test_print_ssh_config_prints_the_block_and_touches_nothing(tmp_path: Path, capsys) -> None:
-    wd = tmp_path / "wd"
+def test_print_ssh_config_prints_the_block_and_touches_nothing(short_tmp: Path, capsys) -> None:
+    wd = short_tmp / "wd"
     argv = ["prepare", "--working-directory", str(wd), "--port", "31333", "--print-ssh-config"]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out

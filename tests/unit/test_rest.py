@@ -40,14 +40,14 @@ class VMState(Resource):
 
 
 @pytest.fixture
-def server(tmp_path):
+def server(short_tmp):
     from twisted.internet import reactor
 
     resource = VMState()
-    path = str(tmp_path / "vfkit.sock")
+    path = str(short_tmp / "vfkit.sock")
     port = reactor.listenUNIX(path, Site(resource))
     yield resource, path
-    port.stopListening()
+    pytest_twisted.blockon(port.stopListening())  # before short_tmp goes
 
 
 @pytest_twisted.ensureDeferred

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 
 import pytest
 import pytest_twisted
@@ -95,40 +96,40 @@ def test_render_idle_countdown_and_error() -> None:
     assert "never (always-on)" in always_on
 
 
-def _config(tmp_path):
-    return from_mapping({"working-directory": str(tmp_path)})
+def _config(short_tmp):
+    return from_mapping({"working-directory": str(short_tmp)})
 
 
-def test_status_when_the_daemon_is_down(tmp_path) -> None:
+def test_status_when_the_daemon_is_down(short_tmp) -> None:
     out = io.StringIO()
-    assert run(_config(tmp_path), as_json=False, out=out) == EXIT_DOWN
+    assert run(_config(short_tmp), as_json=False, out=out) == EXIT_DOWN
     assert "not running" in out.getvalue()
     out = io.StringIO()
-    assert run(_config(tmp_path), as_json=True, out=out) == EXIT_DOWN
+    assert run(_config(short_tmp), as_json=True, out=out) == EXIT_DOWN
     assert json.loads(out.getvalue())["state"] == "down"
 
 
-def test_status_with_a_stale_socket_file(tmp_path) -> None:
+def test_status_with_a_stale_socket_file(short_tmp) -> None:
     import socket
 
-    path = str(tmp_path / CONTROL_SOCKET)
+    path = str(short_tmp / CONTROL_SOCKET)
     with socket.socket(socket.AF_UNIX) as s:
         s.bind(path)
     out = io.StringIO()
-    assert run(_config(tmp_path), as_json=False, out=out) == EXIT_DOWN
+    assert run(_config(short_tmp), as_json=False, out=out) == EXIT_DOWN
     assert "stale" in out.getvalue()
 
 
-def test_garbage_from_the_socket_is_one_line(tmp_path) -> None:
+def test_garbage_from_the_socket_is_one_line(short_tmp) -> None:
     with pytest.raises(VirbyError, match="not JSON"):
-        _serve_once_and_query(tmp_path, b"nonsense")
+        _serve_once_and_query(short_tmp, b"nonsense")
 
 
-def _serve_once_and_query(tmp_path, payload: bytes) -> dict:
+def _serve_once_and_query(short_tmp, payload: bytes) -> dict:
     """A throwaway unix server in a child process would be overkill: use a socketpair."""
     import socket
 
-    path = str(tmp_path / "fake.sock")
+    path = str(short_tmp / "fake.sock")
     server = socket.socket(socket.AF_UNIX)
     server.bind(path)
     server.listen(1)
@@ -146,20 +147,42 @@ def _serve_once_and_query(tmp_path, payload: bytes) -> dict:
 
 
 @pytest_twisted.ensureDeferred
-async def test_status_reads_the_daemons_control_socket(tmp_path) -> None:
+async def test_status_reads_the_daemons_control_socket(short_tmp) -> None:
     from twisted.internet import reactor
 
-    port = await controlEndpoint(reactor, str(tmp_path / CONTROL_SOCKET)).listen(
+    port = await controlEndpoint(reactor, str(short_tmp / CONTROL_SOCKET)).listen(
         ControlFactory(lambda: RUNNING)
     )
     try:
-        assert os.stat(tmp_path / CONTROL_SOCKET).st_mode & 0o777 == 0o600
+        assert os.stat(short_tmp / CONTROL_SOCKET).st_mode & 0o777 == 0o600
         out = io.StringIO()
         from twisted.internet.threads import deferToThread
 
-        code = await deferToThread(run, _config(tmp_path), True, out)
+        code = await deferToThread(run, _config(short_tmp), True, out)
         assert code == 0
         assert json.loads(out.getvalue()) == RUNNING
     finally:
         await port.stopListening()
-    assert not (tmp_path / CONTROL_SOCKET).exists()
+    assert not (short_tmp / CONTROL_SOCKET).exists()
+
+
+def test_warnings_are_shown() -> None:
+    text = render({**RUNNING, "warnings": ["nested-virtualization is on, but this Mac cannot"]})
+    assert "Warning:     nested-virtualization is on, but this Mac cannot" in text
+    assert "Warning" not in render(RUNNING)
+
+
+def test_a_user_who_may_not_ask_is_told_to_use_sudo(short_tmp, monkeypatch) -> None:
+    def refused(self, address) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(socket.socket, "connect", refused)
+    with pytest.raises(VirbyError) as caught:
+        run(_config(short_tmp), as_json=False, out=io.StringIO())
+    assert str(caught.value) == (
+        f"only root may ask the daemon (its control socket {short_tmp}/control.sock is "
+        "owner-only): run `sudo virby status`"
+    )
+    out = io.StringIO()
+    assert run(_config(short_tmp), as_json=True, out=out) == 1
+    assert json.loads(out.getvalue()) == {"state": "unknown", "reason": str(caught.value)}

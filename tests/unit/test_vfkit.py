@@ -12,15 +12,19 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from virby.config import from_mapping
+from virby.hostfacts import HostFacts
 from virby.rest import RestError
 from virby.vfkit import (
     ExitStatus,
+    HostPlan,
     StopTimings,
     VfkitNotFound,
     VfkitProcess,
     VfkitProtocol,
     WorkingDirectoryError,
     find_vfkit,
+    plan_host,
+    read_tail,
     vfkit_arguments,
 )
 
@@ -40,7 +44,7 @@ def test_the_command_line_of_the_design() -> None:
         "--device", "virtio-blk,path=/var/lib/virby/diff.img",
         "--device", "virtio-fs,sharedDir=/var/lib/virby/vm_sshd_keys,mountTag=sshd-keys",
         "--device", "virtio-net,nat,mac=02:94:00:00:00:01",
-        "--device", "virtio-serial,stdio",
+        "--device", "virtio-serial,logFilePath=/var/lib/virby/serial.log",
         "--device", "virtio-rng",
         "--device", "virtio-balloon",
         "--restful-uri", "unix:///var/lib/virby/vfkit.sock",
@@ -85,18 +89,66 @@ def test_find_vfkit(tmp_path) -> None:
         find_vfkit(str(program))
 
 
-def test_console_lines_tail_and_serial_log(tmp_path) -> None:
-    serial = tmp_path / "serial.log"
-    protocol = VfkitProtocol(str(serial), keep=3)
-    protocol.makeConnection(None)
-    protocol.outReceived(b"one\r\ntw")
-    protocol.outReceived(b"o\nthree\nfour\nfi")
-    assert protocol.consoleTail() == ["two", "three", "four"]
-    protocol.errReceived(b'time="x" level=info msg="started"\n')
-    protocol.processEnded(Failure(ProcessDone(0)))
-    assert protocol.consoleTail(2) == ["four", "fi"]
-    assert serial.read_bytes() == b"one\r\ntwo\nthree\nfour\nfi"
-    assert protocol.status == ExitStatus(0, None)
+def test_the_console_is_never_stdio() -> None:
+    """vfkit puts a stdio console's stdin into raw mode, which fails on the daemon's pipe."""
+    args = vfkit_arguments(config(), "vfkit", MAC, create_variable_store=False)
+    consoles = [
+        args[i + 1] for i, a in enumerate(args) if a == "--device" and "serial" in args[i + 1]
+    ]
+    assert consoles == ["virtio-serial,logFilePath=/var/lib/virby/serial.log"]
+
+
+def test_nested_follows_the_plan_not_only_the_config() -> None:
+    cfg = config(**{"nested-virtualization": True})
+    assert "--nested" in vfkit_arguments(cfg, "vfkit", MAC, False)
+    assert "--nested" not in vfkit_arguments(cfg, "vfkit", MAC, False, nested=False)
+
+
+def test_read_tail_reads_only_the_end(tmp_path) -> None:
+    log = tmp_path / "serial.log"
+    log.write_bytes(b"one\r\ntwo\nthree\nfour\nfi")
+    assert read_tail(str(log), 3) == ["three", "four", "fi"]
+    assert read_tail(str(log), 10) == ["one", "two", "three", "four", "fi"]
+    assert read_tail(str(log), 0) == []
+    assert read_tail(str(tmp_path / "missing"), 5) == []
+
+
+def test_read_tail_of_a_huge_console_reads_only_its_end(tmp_path) -> None:
+    log = tmp_path / "serial.log"
+    with open(log, "wb") as f:
+        f.truncate(1 << 30)  # a sparse gigabyte of console: reading it all would take long
+        f.seek(0, os.SEEK_END)
+        f.write(b"\n".join(b"line %d" % i for i in range(5000)) + b"\n")
+    assert read_tail(str(log), 2) == ["line 4998", "line 4999"]
+    cut = read_tail(str(log), 100000, limit=4096)
+    assert cut[-1] == "line 4999" and len(cut) < 4096 // len("line 4999")
+    assert cut[0].startswith("line "), "the line cut by the seek is dropped"
+
+
+def test_vfkits_usage_text_stays_out_of_the_log(capsys) -> None:
+    from twisted.logger import globalLogPublisher
+
+    seen: list[str] = []
+
+    def observer(event) -> None:
+        if event.get("log_namespace") == "virby.vfkit" and event["log_level"].name != "debug":
+            seen.append(event["line"])
+
+    globalLogPublisher.addObserver(observer)
+    try:
+        protocol = VfkitProtocol()
+        protocol.errReceived(b'time="x" level=info msg="virtual machine parameters:"\n')
+        protocol.errReceived(b"Error: inappropriate ioctl for device\nUsage:\n  vfkit [flags]\n")
+        protocol.errReceived(
+            b"\nFlags:\n  -c, --cpus uint   vCPUs\n\ninappropriate ioctl for device"
+        )
+        protocol.processEnded(Failure(ProcessDone(0)))
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert seen == [
+        'time="x" level=info msg="virtual machine parameters:"',
+        "Error: inappropriate ioctl for device",
+    ]
 
 
 def test_exit_is_reported_to_every_waiter() -> None:
@@ -142,12 +194,12 @@ class FakeRest:
             self.clock.callLater(1, self.protocol.processEnded, Failure(ProcessDone(0)))
 
 
-def process(tmp_path, works=True, powers_off=("Stop",), dies_on=("TERM",)):
+def process(tmp_path, works=True, powers_off=("Stop",), dies_on=("TERM",), **settings):
     clock = Clock()
     protocol = VfkitProtocol()
     transport = FakeTransport(protocol, set(dies_on))
     rest = FakeRest(clock, protocol, works, set(powers_off))
-    cfg = from_mapping({"working-directory": str(tmp_path)})
+    cfg = from_mapping({"working-directory": str(tmp_path), **settings})
     (tmp_path / "vfkit.pid").write_text("4242")
     (tmp_path / "vfkit.sock").write_text("")
     return (
@@ -164,17 +216,17 @@ def results(d: Deferred) -> list:
     return box
 
 
-def test_acpi_stop_is_enough_for_a_healthy_guest(tmp_path) -> None:
-    vm, clock, rest, transport = process(tmp_path)
+def test_acpi_stop_is_enough_for_a_healthy_guest(short_tmp) -> None:
+    vm, clock, rest, transport = process(short_tmp)
     done = results(vm.stop())
     clock.advance(1)
     assert done == [ExitStatus(0, None)]
     assert [s for _, s in rest.requests] == ["Stop"] and transport.signals == []
-    assert not (tmp_path / "vfkit.pid").exists() and not (tmp_path / "vfkit.sock").exists()
+    assert not (short_tmp / "vfkit.pid").exists() and not (short_tmp / "vfkit.sock").exists()
 
 
-def test_a_guest_that_ignores_acpi_is_hard_stopped(tmp_path) -> None:
-    vm, clock, rest, transport = process(tmp_path, powers_off={"HardStop"})
+def test_a_guest_that_ignores_acpi_is_hard_stopped(short_tmp) -> None:
+    vm, clock, rest, transport = process(short_tmp, powers_off={"HardStop"})
     done = results(vm.stop())
     clock.advance(7)
     assert [(t, s) for t, s in rest.requests] == [(0, "Stop"), (7, "HardStop")]
@@ -182,8 +234,8 @@ def test_a_guest_that_ignores_acpi_is_hard_stopped(tmp_path) -> None:
     assert done == [ExitStatus(0, None)] and transport.signals == []
 
 
-def test_without_an_api_signals_follow_at_once(tmp_path) -> None:
-    vm, clock, _rest, transport = process(tmp_path, works=False, dies_on={"KILL"})
+def test_without_an_api_signals_follow_at_once(short_tmp) -> None:
+    vm, clock, _rest, transport = process(short_tmp, works=False, dies_on={"KILL"})
     done = results(vm.stop())
     assert transport.signals == ["TERM"], "no API: no waiting for ACPI"
     clock.advance(2)
@@ -191,8 +243,8 @@ def test_without_an_api_signals_follow_at_once(tmp_path) -> None:
     assert done == [ExitStatus(None, 15)]
 
 
-def test_the_whole_sequence_fits_in_fifteen_seconds(tmp_path) -> None:
-    vm, clock, _rest, transport = process(tmp_path, powers_off=set(), dies_on=set())
+def test_the_whole_sequence_fits_in_fifteen_seconds(short_tmp) -> None:
+    vm, clock, _rest, transport = process(short_tmp, powers_off=set(), dies_on=set())
     done = results(vm.stop())
     for _ in range(150):
         clock.advance(0.1)
@@ -202,19 +254,19 @@ def test_the_whole_sequence_fits_in_fifteen_seconds(tmp_path) -> None:
     assert t.rest_timeout * 2 + t.acpi + t.hard + t.term + t.kill <= 15
 
 
-def test_concurrent_stops_share_one_sequence(tmp_path) -> None:
-    vm, clock, rest, _ = process(tmp_path)
+def test_concurrent_stops_share_one_sequence(short_tmp) -> None:
+    vm, clock, rest, _ = process(short_tmp)
     first, second = results(vm.stop()), results(vm.stop())
     clock.advance(1)
     assert first == second == [ExitStatus(0, None)]
     assert len(rest.requests) == 1
 
 
-def test_runtime_files_of_another_process_are_left_alone(tmp_path) -> None:
-    vm, _clock, _, _ = process(tmp_path)
-    (tmp_path / "vfkit.pid").write_text("777")
+def test_runtime_files_of_another_process_are_left_alone(short_tmp) -> None:
+    vm, _clock, _, _ = process(short_tmp)
+    (short_tmp / "vfkit.pid").write_text("777")
     vm.protocol.processEnded(Failure(ProcessDone(0)))
-    assert (tmp_path / "vfkit.pid").exists() and (tmp_path / "vfkit.sock").exists()
+    assert (short_tmp / "vfkit.pid").exists() and (short_tmp / "vfkit.sock").exists()
 
 
 class RecordingReactor(Clock):
@@ -229,33 +281,116 @@ class RecordingReactor(Clock):
         return transport
 
 
-def test_start_checks_the_working_directory_and_writes_the_pidfile(tmp_path) -> None:
+def test_start_checks_the_working_directory_and_writes_the_pidfile(short_tmp) -> None:
     reactor = RecordingReactor()
-    cfg = from_mapping({"working-directory": str(tmp_path / "wd")})
+    cfg = from_mapping({"working-directory": str(short_tmp / "wd")})
     with pytest.raises(WorkingDirectoryError, match="missing: run `virby prepare"):
         VfkitProcess.start(reactor, cfg, "/bin/vfkit", MAC)
-    os.mkdir(tmp_path / "wd")
+    os.mkdir(short_tmp / "wd")
     with pytest.raises(WorkingDirectoryError, match=r"diff\.img is missing"):
         VfkitProcess.start(reactor, cfg, "/bin/vfkit", MAC)
-    (tmp_path / "wd" / "diff.img").write_bytes(b"")
-    os.mkdir(tmp_path / "wd" / "vm_sshd_keys")
-    (tmp_path / "wd" / "vfkit.sock").write_text("stale")
+    (short_tmp / "wd" / "diff.img").write_bytes(b"")
+    os.mkdir(short_tmp / "wd" / "vm_sshd_keys")
+    (short_tmp / "wd" / "vfkit.sock").write_text("stale")
     vm = VfkitProcess.start(reactor, cfg, "/bin/vfkit", MAC)
     executable, args, path, fds = reactor.spawned[0]
     assert executable == "/bin/vfkit" and args[0] == "/bin/vfkit"
-    assert "efi,variable-store=" + str(tmp_path / "wd" / "efistore.nvram") + ",create" in args
-    assert path == str(tmp_path / "wd") and fds == {0: "w", 1: "r", 2: "r"}
-    assert (tmp_path / "wd" / "vfkit.pid").read_text() == "4242"
-    assert not (tmp_path / "wd" / "vfkit.sock").exists(), "a stale socket is removed"
+    assert "efi,variable-store=" + str(short_tmp / "wd" / "efistore.nvram") + ",create" in args
+    assert path == str(short_tmp / "wd") and fds == {0: "w", 1: "r", 2: "r"}
+    assert (short_tmp / "wd" / "vfkit.pid").read_text() == "4242"
+    assert not (short_tmp / "wd" / "vfkit.sock").exists(), "a stale socket is removed"
     assert vm.pid == 4242
-    (tmp_path / "wd" / "efistore.nvram").write_bytes(b"")
+    (short_tmp / "wd" / "efistore.nvram").write_bytes(b"")
     VfkitProcess.start(reactor, cfg, "/bin/vfkit", MAC)
     assert not [a for a in reactor.spawned[1][1] if a.endswith(",create")]
 
 
-def test_stop_of_an_exited_vm_is_immediate(tmp_path) -> None:
-    vm, _clock, rest, _ = process(tmp_path)
+def test_stop_of_an_exited_vm_is_immediate(short_tmp) -> None:
+    vm, _clock, rest, _ = process(short_tmp)
     vm.protocol.processEnded(Failure(ProcessDone(0)))
     assert results(vm.stop()) == [ExitStatus(0, None)]
     assert rest.requests == []
     assert succeed(None)
+
+
+def test_the_console_tail_comes_from_serial_log_and_survives_the_exit(short_tmp) -> None:
+    vm, _clock, _rest, _ = process(short_tmp)
+    serial = short_tmp / "serial.log"
+    serial.write_text("EFI stub\nsystemd[1]: Reached target Network.\nlogin:")
+    assert vm.consoleTail(2) == ["systemd[1]: Reached target Network.", "login:"]
+    vm.protocol.processEnded(Failure(ProcessDone(0)))
+    assert not serial.exists(), "without debug the console goes with the VM"
+    assert vm.consoleTail(3) == ["EFI stub", "systemd[1]: Reached target Network.", "login:"]
+
+
+def test_with_debug_serial_log_is_kept(short_tmp) -> None:
+    vm, _clock, _rest, _ = process(short_tmp, debug=True)
+    (short_tmp / "serial.log").write_text("kernel panic\n")
+    vm.protocol.processEnded(Failure(ProcessDone(1)))
+    assert (short_tmp / "serial.log").read_text() == "kernel panic\n"
+    assert vm.consoleTail() == ["kernel panic"]
+
+
+def test_start_removes_the_last_console(short_tmp) -> None:
+    reactor = RecordingReactor()
+    cfg = from_mapping({"working-directory": str(short_tmp)})
+    (short_tmp / "diff.img").write_bytes(b"x")
+    os.mkdir(short_tmp / "vm_sshd_keys")
+    (short_tmp / "serial.log").write_text("the last boot's console\n")
+    vm = VfkitProcess.start(reactor, cfg, "/bin/vfkit", MAC)
+    assert vm.consoleTail() == [], "a vfkit that fails before opening it shows no old console"
+
+
+def test_start_passes_nested_as_planned(short_tmp) -> None:
+    reactor = RecordingReactor()
+    cfg = from_mapping({"working-directory": str(short_tmp), "nested-virtualization": True})
+    (short_tmp / "diff.img").write_bytes(b"x")
+    os.mkdir(short_tmp / "vm_sshd_keys")
+    VfkitProcess.start(reactor, cfg, "/bin/vfkit", MAC, plan=HostPlan(nested=False))
+    VfkitProcess.start(reactor, cfg, "/bin/vfkit", MAC, plan=HostPlan(nested=True))
+    assert ["--nested" in args for _, args, _, _ in reactor.spawned] == [False, True]
+
+
+def facts(cpu="Apple M4 Pro", macos=(15, 1), rosetta=True, arm=True) -> HostFacts:
+    return HostFacts(cpu=cpu, apple_silicon=arm, macos=macos, rosetta_installed=rosetta,
+                     probes=())  # fmt: skip
+
+
+def test_the_mac_is_not_asked_when_nothing_depends_on_it() -> None:
+    def never() -> HostFacts:
+        raise AssertionError("asked")
+
+    assert plan_host(config(), never) == HostPlan()
+
+
+@pytest.mark.parametrize(
+    ("mac", "nested", "words"),
+    [
+        (facts(), True, None),
+        (facts(cpu="Apple M1 Pro"), False, "it needs Apple M3 or later, and this Mac has Apple M1"),
+        (facts(cpu="Apple M3", macos=(14, 6)), False, "needs macOS 15 or later, and this Mac "
+                                                       "runs macOS 14.6"),
+        (facts(cpu="Intel(R) Core(TM) i9", arm=False, rosetta=None), False, "needs Apple silicon"),
+        (facts(cpu=None, macos=None), True, "cannot tell"),
+    ],
+)  # fmt: skip
+def test_nested_is_dropped_with_a_warning_where_the_mac_cannot(mac, nested, words) -> None:
+    plan = plan_host(config(**{"nested-virtualization": True}), lambda: mac)
+    assert plan.nested is nested and plan.refusal is None
+    if words is None:
+        assert plan.warnings == ()
+    else:
+        (warning,) = plan.warnings
+        assert warning.startswith("nested-virtualization is on, but") and words in warning
+        assert ("booting the VM without --nested" in warning) is (not nested)
+
+
+def test_missing_rosetta_refuses_boots_with_the_fix() -> None:
+    plan = plan_host(config(rosetta=True), lambda: facts(cpu="Apple M1", rosetta=False))
+    assert plan.refusal == plan.warnings[0]
+    assert plan.refusal == (
+        "rosetta is on, but Rosetta is not installed on this Mac: run "
+        "`softwareupdate --install-rosetta --agree-to-license`, then restart virbyd; "
+        "until then no VM boots"
+    )
+    assert plan_host(config(rosetta=True), lambda: facts()).refusal is None

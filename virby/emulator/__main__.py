@@ -1,119 +1,160 @@
 """
-``vfkit-emulator`` / ``python -m virby.emulator``: a vfkit stand-in for Linux.
+``vfkit-emulator`` / ``python -m virby.emulator``: a vfkit v0.6.3 stand-in for Linux.
 
     vfkit-emulator [--leases-file F] [--guest-port N] [--boot-delay S] [--fault KIND]
-                   VFKIT-OPTIONS...
+                   [--cpu BRAND] [--macos VERSION] [--rosetta installed|missing]
+                   [--guest-keys every-boot|when-absent] VFKIT-FLAGS...
 
 Its own options may also come from the environment (C{VIRBY_EMULATOR_LEASES_FILE},
-C{..._GUEST_PORT}, C{..._BOOT_DELAY}, C{..._FAULT}), so the plain name can stand where the
-``vfkit`` command is expected.  Faults: C{no-lease}, C{duid-lease}, C{no-sshd},
-C{crash-after=N}.
+C{..._GUEST_PORT}, C{..._BOOT_DELAY}, C{..._FAULT}, C{..._CPU}, C{..._MACOS},
+C{..._ROSETTA}, C{..._GUEST_KEYS}), so the plain name can stand where the ``vfkit`` command
+is expected.  C{--cpu}, C{--macos} and C{--rosetta} describe the Mac it plays (by default an
+Apple M4 on macOS 15.5 with Rosetta): an C{Apple M1} refuses C{--nested} and C{--rosetta
+missing} refuses the Rosetta share, as vfkit does.  Faults: C{no-lease}, C{duid-lease},
+C{no-sshd}, C{crash-after=N}.
 
-What it emulates: vfkit's command line and refusals, its REST API (state, Stop, HardStop,
-Pause, Resume, inspect) on unix:// or tcp://, the serial console, the pidfile, exit 0 after
-a guest power-off (Stop, HardStop, SIGTERM, SIGINT), and a guest that "boots" by taking the
-keys from the sshd-keys share and starting a real OpenSSH sshd on a fresh loopback address,
-recorded in a bootpd-format lease.  What it does not: disks, firmware, Rosetta, networking
-beyond that loopback address (the image is never read).
+What it emulates, in vfkit's order and with vfkit's error texts (see C{docs/vfkit.md}):
+its flags, its configuration checks, what the framework refuses, its REST API (state,
+Stop, HardStop, Pause, Resume, inspect), the serial console, the pidfile, exit 0 after a
+guest power-off (Stop, HardStop, SIGTERM, SIGINT), and a guest that "boots" by taking the
+keys from the sshd-keys share (keeping them on its disk) and starting a real OpenSSH sshd on
+a fresh loopback address, recorded in a bootpd-format lease.  What it does not: firmware,
+networking beyond that loopback address, vsock, anything of the image but a small record.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import sys
-from typing import Any
 
-from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from virby.emulator.cmdline import UsageError, parse
+from virby.emulator import api, cmdline, vmconfig, vz
+from virby.emulator.cmdline import EmulatorError, UsageError
 from virby.emulator.machine import EmulatedMachine, vfkit_log
 
+VERSION = "v0.6.3"
 
-class StateResource(Resource):
-    isLeaf = True
+#: A usage text in cobra's layout, printed after every refusal as vfkit prints its own (the
+#: flags are vfkit's; the descriptions are the emulator's).
+USAGE = """Usage:
+  vfkit [flags]
 
-    def __init__(self, machine: EmulatedMachine) -> None:
-        super().__init__()
-        self.machine = machine
-
-    def render(self, request: Any) -> bytes:
-        path = request.path
-        if path == b"/vm/state" and request.method == b"GET":
-            return _json(request, 200, self.machine.stateDocument())
-        if path == b"/vm/inspect" and request.method == b"GET":
-            return _json(request, 200, self.machine.inspectDocument())
-        if path == b"/vm/state" and request.method == b"POST":
-            return self._change(request)
-        request.setResponseCode(404)
-        request.setHeader(b"content-type", b"text/plain")
-        return b"404 page not found"
-
-    def _change(self, request: Any) -> bytes:
-        try:
-            wanted = json.loads(request.content.read())["state"]
-        except (ValueError, KeyError, TypeError) as e:
-            return _json(request, 400, {"error": str(e)})
-        actions = {
-            "Stop": self.machine.requestStop,
-            "HardStop": self.machine.hardStop,
-            "Pause": self.machine.pause,
-            "Resume": self.machine.resume,
-        }
-        if wanted not in actions:
-            return _json(request, 500, {"error": f"invalid new VMState: {wanted}"})
-        try:
-            actions[wanted]()
-        except ValueError as e:
-            return _json(request, 500, {"error": str(e)})
-        request.setResponseCode(202)
-        return b""
+Flags:
+  -b, --bootloader stringSlice   the firmware: efi,variable-store=PATH[,create]
+      --cloud-init stringSlice   cloud-init files (not emulated)
+  -c, --cpus uint                vCPUs (default 1)
+  -d, --device stringArray       a device; repeat for more
+      --gui                      a window for the VM (not emulated)
+  -h, --help                     this text
+      --ignition string          an ignition file (not emulated)
+  -i, --initrd string            legacy Linux boot (not emulated)
+  -k, --kernel string            legacy Linux boot (not emulated)
+  -C, --kernel-cmdline string    legacy Linux boot (not emulated)
+      --log-level string         debug, info or error
+  -m, --memory uint              MiB of RAM (default 512)
+  -n, --nested                   nested virtualization
+      --pidfile string           where to write the pid
+      --restful-uri string       the REST API (default "none://")
+  -t, --timesync string          vsockPort=N
+  -v, --version                  the version
+"""
 
 
-def _json(request: Any, code: int, document: dict[str, Any]) -> bytes:
-    request.setResponseCode(code)
-    request.setHeader(b"content-type", b"application/json; charset=utf-8")
-    return json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
-
-
-def _listen(reactor: Any, uri: str, site: Site) -> str | None:
-    scheme, _, rest = uri.partition("://")
-    if scheme == "unix":
-        reactor.listenUNIX(rest, site, mode=0o600)
-        return rest
-    if scheme in ("tcp", "http"):
-        host, _, port = rest.rpartition(":")
-        reactor.listenTCP(int(port), site, interface=host.strip("[]"))
-    return None
-
-
-def main(argv: list[str] | None = None) -> int:
-    try:
-        settings, vm = parse(sys.argv[1:] if argv is None else argv)
-    except UsageError as e:
-        sys.stderr.write(f"Error: {e}\n")
+def refuse(error: UsageError) -> int:
+    """
+    How vfkit ends on any error (C{cmd/vfkit/root.go} C{Execute}, under cobra): C{Error:}
+    and the error, the usage text, the error again, exit status 1.  The emulator's own
+    limits say C{virby emulator:} instead, so nobody mistakes them for vfkit's.
+    """
+    if isinstance(error, EmulatorError):
+        sys.stderr.write(f"{error}\n")
         return 1
+    sys.stderr.write(f"Error: {error}\n{USAGE}\n{error}\n")
+    sys.stderr.flush()
+    return 1
+
+
+def configure(flags: cmdline.Flags, settings: cmdline.Emulated) -> vmconfig.VM:
+    """
+    C{newVMConfiguration} (C{cmd/vfkit/main.go}): the log level, the bootloader, C{--nested}
+    against what the Mac can do, the time sync, the pidfile, then the devices, in this order
+    (so a refused device leaves the pidfile written, as vfkit does).
+    """
+    if flags["log-level"] and flags["log-level"] not in ("debug", "info", "error"):
+        raise UsageError(f"unknown log level: {flags['log-level']}")
+    if flags["kernel"] or flags["initrd"] or flags["kernel-cmdline"]:
+        raise EmulatorError("the emulator boots only 'efi' bootloaders, not --kernel")
+    bootloader = vmconfig.bootloader_from_cmdline(flags["bootloader"])
+    if flags["nested"] and not vz.nested_supported(settings.played):
+        raise UsageError("nested virtualization is not supported")
+    vm = vmconfig.VM(
+        cpus=flags["cpus"],
+        memory=flags["memory"],
+        bootloader=bootloader,
+        nested=flags["nested"],
+        restful_uri=flags["restful-uri"],
+        pidfile=flags["pidfile"],
+    )
+    vfkit_log("info", "virtual machine parameters:")
+    vfkit_log("info", f"\\tvCPUs: {vm.cpus}")
+    vfkit_log("info", f"\\tmemory: {vm.memory} MiB")
+    vm.timesync_port = vmconfig.timesync_from_cmdline(flags["timesync"])
+    if flags["cloud-init"] or flags["ignition"] or flags["gui"]:
+        raise EmulatorError("--cloud-init, --ignition and --gui are not emulated")
+    if vm.pidfile:
+        vmconfig.write_pidfile(vm.pidfile)
+    vm.devices = [vmconfig.device_from_cmdline(text) for text in flags["device"]]
+    return vm
+
+
+def start_up(
+    argv: list[str], stdin: int = 0
+) -> tuple[cmdline.Emulated, vmconfig.VM, vz.Console, api.Endpoint]:
+    """
+    Everything vfkit does before its VM starts, in its order: flags, configuration, the
+    framework's checks (with their effects on disk), then the REST URI.
+
+    @raise UsageError: for the first refusal, with vfkit's text.
+    """
+    settings, flags = cmdline.parse(argv)
+    if not settings.leases_file:
+        raise EmulatorError("no lease file: pass --leases-file or set VIRBY_EMULATOR_LEASES_FILE")
+    vm = configure(flags, settings)
+    console = vz.realize(vm, settings.played, stdin)
+    return settings, vm, console, api.parse_restful_uri(vm.restful_uri)
+
+
+def main(argv: list[str] | None = None, stdin: int = 0) -> int:
+    """Run vfkit's start-up in its order, then the VM until it powers off."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        _, flags = cmdline.parse(argv)
+        if flags["help"]:
+            sys.stdout.write(f"vfkit is a simple hypervisor using Apple's Virtualization "
+                             f"framework\n\n{USAGE}")  # fmt: skip
+            return 0
+        if flags["version"]:
+            sys.stdout.write(f"vfkit version: {VERSION}\n")
+            return 0
+        settings, vm, console, endpoint = start_up(argv, stdin)
+    except UsageError as e:
+        return refuse(e)
     from twisted.internet import reactor
 
-    machine = EmulatedMachine(reactor, settings, vm)
-    if vm.pidfile:
-        fd = os.open(vm.pidfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
-    store = vm.bootloader.get("variable-store")
-    if vm.bootloader.get("create") and isinstance(store, str):
-        open(store, "wb").close()
-    try:
-        socket_path = _listen(reactor, vm.restful_uri, Site(StateResource(machine)))
-    except Exception as e:
-        sys.stderr.write(f"Error: cannot serve the REST API on {vm.restful_uri}: {e}\n")
-        return 1
+    machine = EmulatedMachine(reactor, settings, vm, console)
+    if endpoint.scheme != "none":
+        try:
+            api.listen(reactor, endpoint, Site(api.StateResource(machine)))
+        except Exception as e:
+            # vfkit's server goroutine ends the process with logrus.Fatal.
+            vfkit_log("fatal", str(getattr(e, "socketError", e)))
+            return 1
 
     def on_signal(signum: int, frame: object) -> None:
-        # vfkit >= 0.6.2: ask the guest to power off, hard-stop it if it does not.
+        # vfkit >= 0.6.2: ask the guest to power off, hard-stop it after 5 s if it does not.
         reactor.callFromThread(machine.requestStop)
         reactor.callFromThread(reactor.callLater, 5, machine.hardStop)
 
@@ -124,11 +165,14 @@ def main(argv: list[str] | None = None) -> int:
 
     reactor.callWhenRunning(install)
     reactor.callWhenRunning(machine.start)
-    vfkit_log("info", "emulating vfkit for a Linux host")
+    played = settings.played
+    vfkit_log("info", f"emulating vfkit {VERSION} on Linux, playing a Mac with {played.cpu}, "
+                      f"macOS {played.macos}, Rosetta {played.rosetta}")  # fmt: skip
     reactor.run(installSignalHandlers=True)
-    if socket_path is not None:
+    if endpoint.scheme == "unix":
+        # An exit handler registered by the REST server (pkg/rest/rest.go Start).
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(socket_path)
+            os.unlink(endpoint.path)
     return machine.exitCode
 
 

@@ -1,7 +1,14 @@
 """
-The emulator's command line: its own options first, then vfkit's, parsed the way vfkit
-parses them (each value split on ``,``, each piece on its first ``=``, no escaping, unknown
-keys fatal), so a command line the emulator accepts is one vfkit would accept.
+The emulator's command line: its own options (anywhere, or from the environment), and
+vfkit's flags, parsed as vfkit v0.6.3 parses them (C{cmd/vfkit/root.go} and
+C{pkg/cmdline/cmdline.go}: cobra over pflag).  Only the flags are checked here; what the
+values mean is checked later, in vfkit's order (L{virby.emulator.vmconfig}).
+
+pflag's rules, mirrored: C{--name=value} or C{--name value} (the next word is the value
+even when it starts with C{-}); C{-c 2}, C{-c2} or C{-c=2}; a bool flag needs no value;
+unsigned numbers are C{strconv.ParseUint(s, 0, 64)}; C{--device} keeps each value whole
+(a string array), C{--bootloader} splits on commas outside double quotes and appends (a
+string slice); words that are not flags are ignored (the root command takes any argument).
 """
 
 from __future__ import annotations
@@ -10,241 +17,271 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-MAX_UNIX_SOCKET = 103
+from virby.emulator.golang import NumError, parse_bool, parse_uint
+from virby.hostfacts import PLAYED_DEFAULTS, PlayedMac
+
 FAULTS = ("no-lease", "duid-lease", "no-sshd")
+#: How the emulated guest installs the keys from the sshd-keys share (see guest.py).
+GUEST_KEY_RULES = ("every-boot", "when-absent")
 
 
 class UsageError(Exception):
-    """A command line vfkit would refuse; the message is printed and the exit status is 1."""
+    """A command line vfkit would refuse; the message is vfkit's error text."""
+
+
+class EmulatorError(UsageError):
+    """Something the emulator cannot do that vfkit could; the message says so."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"virby emulator: {message}")
+
+
+@dataclass(frozen=True)
+class _Flag:
+    name: str
+    short: str | None
+    kind: str  # "uint", "string", "bool", "array" (StringArray), "slice" (stringSlice)
+
+
+_FLAGS = {
+    flag.name: flag
+    for flag in (
+        _Flag("kernel", "k", "string"),
+        _Flag("kernel-cmdline", "C", "string"),
+        _Flag("initrd", "i", "string"),
+        _Flag("bootloader", "b", "slice"),
+        _Flag("gui", None, "bool"),
+        _Flag("cpus", "c", "uint"),
+        _Flag("memory", "m", "uint"),
+        _Flag("timesync", "t", "string"),
+        _Flag("device", "d", "array"),
+        _Flag("log-level", None, "string"),
+        _Flag("restful-uri", None, "string"),
+        _Flag("ignition", None, "string"),
+        _Flag("cloud-init", None, "slice"),
+        _Flag("nested", "n", "bool"),
+        _Flag("pidfile", None, "string"),
+        _Flag("help", "h", "bool"),
+        _Flag("version", "v", "bool"),
+    )
+}
+_SHORT = {flag.short: flag for flag in _FLAGS.values() if flag.short}
 
 
 @dataclass
-class Device:
-    kind: str
-    options: dict[str, str | bool]
+class Flags:
+    """vfkit's C{cmdline.Options}, with cobra's defaults."""
+
+    values: dict[str, Any] = field(
+        default_factory=lambda: {
+            "cpus": 1,
+            "memory": 512,
+            "kernel": "",
+            "kernel-cmdline": "",
+            "initrd": "",
+            "bootloader": [],
+            "gui": False,
+            "timesync": "",
+            "device": [],
+            "log-level": "",
+            "restful-uri": "none://",
+            "ignition": "",
+            "cloud-init": [],
+            "nested": False,
+            "pidfile": "",
+            "help": False,
+            "version": False,
+        }
+    )
+    changed: set[str] = field(default_factory=set)
+
+    def __getitem__(self, name: str) -> Any:
+        return self.values[name]
 
 
 @dataclass
 class Emulated:
-    """The emulator's own settings (flags before vfkit's, or environment variables)."""
+    """
+    The emulator's own settings: the guest, and the Mac it plays.
 
-    leases_file: str
+    @ivar played: the Mac whose answers decide C{--nested} and the Rosetta share, the same
+        L{PlayedMac} the daemon's host facts use on a system that is not a Mac.
+    @ivar guest_keys: the key rule of the image's key unit (see L{virby.emulator.guest}).
+    """
+
+    leases_file: str = ""
     guest_port: int = 22
     boot_delay: float = 0.2
     fault: str | None = None
     crash_after: float | None = None
+    played: PlayedMac = field(default_factory=PlayedMac.from_environment)
+    guest_keys: str = "every-boot"
 
 
-@dataclass
-class VM:
-    """vfkit's settings."""
-
-    cpus: int = 1
-    memory: int = 512
-    bootloader: dict[str, str | bool] = field(default_factory=dict)
-    devices: list[Device] = field(default_factory=list)
-    restful_uri: str = "none://"
-    nested: bool = False
-    pidfile: str | None = None
-    log_level: str = "info"
-
-    def devices_of(self, kind: str) -> list[Device]:
-        return [device for device in self.devices if device.kind == kind]
-
-    def shared_dir(self, tag: str) -> str | None:
-        for device in self.devices_of("virtio-fs"):
-            if device.options.get("mountTag") == tag:
-                return str(device.options["sharedDir"])
-        return None
-
-    @property
-    def mac(self) -> str:
-        return str(self.devices_of("virtio-net")[0].options.get("mac", "02:00:00:00:00:01"))
-
-    @property
-    def serial(self) -> Device | None:
-        serials = self.devices_of("virtio-serial")
-        return serials[0] if serials else None
+_OWN = ("leases-file", "guest-port", "boot-delay", "fault", "cpu", "macos", "rosetta",
+        "guest-keys")  # fmt: skip
 
 
-def split_options(text: str) -> dict[str, str | bool]:
-    """C{"efi,variable-store=/x,create"} -> C{{"efi": True, "variable-store": "/x", ...}}."""
-    options: dict[str, str | bool] = {}
-    for piece in text.split(","):
-        key, sep, value = piece.partition("=")
-        options[key] = value if sep else True
-    return options
+def split_slice(text: str) -> list[str]:
+    """
+    pflag's string slice as vfkit parses it (C{pkg/cmdline/string_slice.go}): split on
+    commas outside double quotes; a value wholly in quotes loses them.
+
+    @raise UsageError: C{mismatched "} for an unclosed quote.
+    """
+    pieces, current, quoted = [], "", False
+    for char in text:
+        if quoted:
+            quoted = char != '"'
+            current += char
+        elif char == ",":
+            pieces.append(_unquote(current))
+            current = ""
+        else:
+            quoted = char == '"'
+            current += char
+    if quoted:
+        raise UsageError('invalid argument "' + text + '" for "-b, --bootloader" flag: '
+                         'mismatched "')  # fmt: skip
+    if pieces or current:
+        pieces.append(_unquote(current))
+    return pieces
 
 
-_DEVICE_KEYS: dict[str, set[str]] = {
-    "virtio-blk": {"path", "readonly", "deviceId", "type"},
-    "virtio-fs": {"sharedDir", "mountTag"},
-    "virtio-net": {
-        "nat",
-        "mac",
-        "fd",
-        "unixSocketPath",
-        "type",
-        "path",
-        "vfkitMagic",
-        "offloading",
-    },
-    "virtio-serial": {"stdio", "logFilePath", "pty"},
-    "virtio-rng": set(),
-    "virtio-balloon": set(),
-    "rosetta": {"mountTag", "install", "ignore-if-missing"},
-    "virtio-vsock": {"port", "socketURL", "listen", "connect"},
-}
+def _unquote(text: str) -> str:
+    if len(text) >= 2 and text.startswith('"') and text.endswith('"'):
+        return text.strip('"')
+    return text
 
 
-def parse_device(text: str) -> Device:
-    kind, _, rest = text.partition(",")
-    if kind not in _DEVICE_KEYS:
-        raise UsageError(f"unknown device type: {kind}")
-    options = split_options(rest) if rest else {}
-    for key in options:
-        if key not in _DEVICE_KEYS[kind]:
-            raise UsageError(f"unknown option for {kind} devices: {key}")
-    _check_device(kind, options)
-    return Device(kind, options)
+def _flag_name(flag: _Flag) -> str:
+    return f"-{flag.short}, --{flag.name}" if flag.short else f"--{flag.name}"
 
 
-def _check_device(kind: str, options: dict[str, str | bool]) -> None:
-    if kind == "virtio-net":
-        modes = [k for k in ("nat", "fd", "unixSocketPath", "path") if options.get(k)]
-        if not modes:
-            raise UsageError("one of 'nat' or 'fd' or 'unixSocketPath' must be set")
-        if len(modes) > 1:
-            raise UsageError("'nat' and 'fd' and 'unixSocketPath' are mutually exclusive")
-    elif kind == "virtio-serial":
-        if sum(1 for k in ("stdio", "logFilePath", "pty") if options.get(k)) != 1:
-            raise UsageError("virtio-serial needs exactly one of 'stdio', 'logFilePath', 'pty'")
-    elif kind == "virtio-blk":
-        if not options.get("path"):
-            raise UsageError("virtio-blk needs a 'path'")
-        if not os.path.exists(str(options["path"])):
-            raise UsageError(f"virtio-blk: {options['path']}: no such file or directory")
-    elif kind == "virtio-fs":
-        if not options.get("sharedDir") or not options.get("mountTag"):
-            raise UsageError("virtio-fs needs 'sharedDir' and 'mountTag'")
-    elif kind == "rosetta" and not options.get("mountTag"):
-        raise UsageError("rosetta needs a 'mountTag'")
-
-
-def check_restful_uri(uri: str) -> None:
-    scheme, sep, rest = uri.partition("://")
-    if not sep:
-        raise UsageError(f"invalid restful URI: {uri}")
-    if scheme == "none":
-        return
-    if scheme == "unix":
-        if not rest.startswith("/"):
-            raise UsageError("unix restful URI needs an absolute path and no host")
-        if len(rest) > MAX_UNIX_SOCKET:
-            raise UsageError(f"restful URI path is too long ({len(rest)} > {MAX_UNIX_SOCKET})")
-    elif scheme in ("tcp", "http"):
-        host, colon, port = rest.rpartition(":")
-        if not colon or not host or not port.isdigit() or "/" in port:
-            raise UsageError("tcp restful URI needs a host and a port, and no path")
-    else:
-        raise UsageError(f"unsupported restful URI scheme: {scheme}")
+def _set(flags: Flags, flag: _Flag, value: str) -> None:
+    try:
+        if flag.kind == "uint":
+            flags.values[flag.name] = parse_uint(value, 0, 64)
+        elif flag.kind == "bool":
+            flags.values[flag.name] = parse_bool(value)
+        elif flag.kind == "array":
+            flags.values[flag.name] = [*flags.values[flag.name], value]
+        elif flag.kind == "slice":
+            pieces = split_slice(value)
+            before = flags.values[flag.name] if flag.name in flags.changed else []
+            flags.values[flag.name] = [*before, *pieces]
+        else:
+            flags.values[flag.name] = value
+    except NumError as e:
+        raise UsageError(f'invalid argument "{value}" for "{_flag_name(flag)}" flag: {e}') from None
+    flags.changed.add(flag.name)
 
 
 def _environment(name: str) -> str | None:
-    return os.environ.get(f"VIRBY_EMULATOR_{name}") or None
+    return os.environ.get(f"VIRBY_EMULATOR_{name.upper().replace('-', '_')}") or None
 
 
-def parse(argv: list[str]) -> tuple[Emulated, VM]:
-    """Parse a whole command line.  @raise UsageError: for anything vfkit would refuse."""
-    own: dict[str, Any] = {
-        "leases-file": _environment("LEASES_FILE"),
-        "guest-port": _environment("GUEST_PORT"),
-        "boot-delay": _environment("BOOT_DELAY"),
-        "fault": _environment("FAULT"),
-    }
-    vm = VM()
+def parse(argv: list[str]) -> tuple[Emulated, Flags]:
+    """
+    Split a command line into the emulator's settings and vfkit's flags.
+
+    @raise UsageError: with pflag's text for a flag vfkit would refuse.
+    """
+    own: dict[str, str | None] = {name: _environment(name) for name in _OWN}
+    flags = Flags()
     args = list(argv)
     while args:
         arg = args.pop(0)
-        name, eq, inline = arg.partition("=")
-        if name in ("--nested", "-n"):
-            vm.nested = True
+        if arg == "--":
+            break
+        if arg.startswith("--"):
+            name, eq, value = arg[2:].partition("=")
+            if name in own:
+                if not eq:
+                    if not args:
+                        raise UsageError(f"flag needs an argument: --{name}")
+                    value = args.pop(0)
+                own[name] = value
+                continue
+            if not name or name[0] in "-=":
+                raise UsageError(f"bad flag syntax: {arg}")
+            flag = _FLAGS.get(name)
+            if flag is None:
+                raise UsageError(f"unknown flag: --{name}")
+            if not eq:
+                if flag.kind == "bool":
+                    value = "true"
+                elif args:
+                    value = args.pop(0)
+                else:
+                    raise UsageError(f"flag needs an argument: --{name}")
+            _set(flags, flag, value)
+        elif arg.startswith("-") and len(arg) > 1:
+            _short(flags, arg, args)
+    return _emulated(own), flags
+
+
+def _short(flags: Flags, arg: str, args: list[str]) -> None:
+    """One C{-x...} word: bool shorthands may be grouped; a value ends the group."""
+    shorthands = arg[1:]
+    while shorthands:
+        flag = _SHORT.get(shorthands[0])
+        if flag is None:
+            raise UsageError(f"unknown shorthand flag: '{shorthands[0]}' in {arg}")
+        rest = shorthands[1:]
+        if rest.startswith("="):
+            _set(flags, flag, rest[1:])
+            return
+        if flag.kind == "bool":
+            _set(flags, flag, "true")
+            shorthands = rest
             continue
-        if name == "--version":
-            raise SystemExit(print("vfkit version: v0.6.4 (virby emulator)") or 0)
-        if not eq:
-            if not args:
-                raise UsageError(f"flag needs an argument: {name}")
-            inline = args.pop(0)
-        if name.lstrip("-") in own:
-            own[name.lstrip("-")] = inline
-        elif name in ("--cpus", "-c"):
-            vm.cpus = _number(name, inline)
-        elif name in ("--memory", "-m"):
-            vm.memory = _number(name, inline)
-        elif name in ("--bootloader", "-b"):
-            vm.bootloader = _bootloader(inline)
-        elif name in ("--device", "-d"):
-            vm.devices.append(parse_device(inline))
-        elif name == "--restful-uri":
-            check_restful_uri(inline)
-            vm.restful_uri = inline
-        elif name == "--pidfile":
-            vm.pidfile = inline
-        elif name == "--log-level":
-            if inline not in ("debug", "info", "error"):
-                raise UsageError(f"invalid log level: {inline}")
-            vm.log_level = inline
+        if rest:
+            _set(flags, flag, rest)
+        elif args:
+            _set(flags, flag, args.pop(0))
         else:
-            raise UsageError(f"unknown flag: {name}")
-    if not vm.bootloader:
-        raise UsageError("missing bootloader configuration")
-    if not vm.devices_of("virtio-net"):
-        raise UsageError("the emulator needs a virtio-net device to give the guest an address")
-    return _emulated(own), vm
+            raise UsageError(f"flag needs an argument: '{flag.short}' in {arg}")
+        return
 
 
 def _number(name: str, text: str) -> int:
     if not text.isdigit():
-        raise UsageError(f'invalid argument "{text}" for "{name}" flag')
+        raise EmulatorError(f"invalid value {text!r} for --{name}")
     return int(text)
 
 
-def _bootloader(text: str) -> dict[str, str | bool]:
-    options = split_options(text)
-    if "efi" not in options:
-        raise UsageError("the emulator boots only 'efi' bootloaders")
-    for key in options:
-        if key not in ("efi", "variable-store", "create"):
-            raise UsageError(f"unknown option for efi bootloader: {key}")
-    store = options.get("variable-store")
-    if not isinstance(store, str) or not store:
-        raise UsageError("efi bootloader needs a 'variable-store'")
-    if not options.get("create") and not os.path.exists(store):
-        raise UsageError(f"EFI variable store {store} does not exist (pass 'create')")
-    return options
-
-
-def _emulated(own: dict[str, Any]) -> Emulated:
-    if not own["leases-file"]:
-        raise UsageError("no lease file: pass --leases-file or set VIRBY_EMULATOR_LEASES_FILE")
-    settings = Emulated(leases_file=own["leases-file"])
+def _emulated(own: dict[str, str | None]) -> Emulated:
+    played = PlayedMac(
+        cpu=own["cpu"] or PLAYED_DEFAULTS["CPU"],
+        macos=own["macos"] or PLAYED_DEFAULTS["MACOS"],
+        rosetta=own["rosetta"] or PLAYED_DEFAULTS["ROSETTA"],
+    )
+    if played.rosetta not in ("installed", "missing"):
+        raise EmulatorError(f"--rosetta is 'installed' or 'missing', not {played.rosetta!r}")
+    settings = Emulated(leases_file=own["leases-file"] or "", played=played)
     if own["guest-port"]:
-        settings.guest_port = _number("--guest-port", own["guest-port"])
+        settings.guest_port = _number("guest-port", own["guest-port"])
     if own["boot-delay"]:
         try:
             settings.boot_delay = float(own["boot-delay"])
         except ValueError:
-            raise UsageError(f"invalid boot delay: {own['boot-delay']}") from None
+            raise EmulatorError(f"invalid boot delay: {own['boot-delay']}") from None
+    if own["guest-keys"]:
+        if own["guest-keys"] not in GUEST_KEY_RULES:
+            raise EmulatorError(f"--guest-keys is one of {', '.join(GUEST_KEY_RULES)}")
+        settings.guest_keys = own["guest-keys"]
     fault = own["fault"]
     if fault:
         if fault.startswith("crash-after="):
             try:
                 settings.crash_after = float(fault.partition("=")[2])
             except ValueError:
-                raise UsageError(f"invalid fault: {fault}") from None
+                raise EmulatorError(f"invalid fault: {fault}") from None
         elif fault in FAULTS:
             settings.fault = fault
         else:
-            raise UsageError(f"unknown fault {fault!r}: one of {', '.join(FAULTS)}, crash-after=N")
+            raise EmulatorError(
+                f"unknown fault {fault!r}: one of {', '.join(FAULTS)}, crash-after=N"
+            )
     return settings

@@ -1,6 +1,7 @@
 """
 The emulated VM: states as vfkit reports them, a "boot" that starts a real sshd on a fresh
-loopback address, and power-off semantics as vfkit has them.
+loopback address, and power-off semantics as vfkit has them.  The guest's inside (its disk
+record, its key unit, its sshd's files) is L{virby.emulator.guest}.
 """
 
 from __future__ import annotations
@@ -14,38 +15,21 @@ import socket
 import sys
 import tempfile
 import time
-from typing import IO, Any
+from typing import Any
 
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
-from virby.emulator import lease
-from virby.emulator.cmdline import VM, Emulated
+from virby.emulator import guest, lease
+from virby.emulator.cmdline import Emulated
+from virby.emulator.vmconfig import VM
+from virby.emulator.vz import Console
 
 SSHD = "/usr/sbin/sshd"
 STATE_PREFIX = "VirtualMachineState"
 #: How long the guest takes to power off after an ACPI request.
 ACPI_POWEROFF = 0.3
-
-
-class Console:
-    """The serial console: stdout for ``virtio-serial,stdio``, else the log file."""
-
-    def __init__(self, vm: VM) -> None:
-        serial = vm.serial
-        self._out: IO[str] | None
-        if serial is None:
-            self._out = None
-        elif serial.options.get("logFilePath"):
-            self._out = open(str(serial.options["logFilePath"]), "w")  # noqa: SIM115
-        else:
-            self._out = sys.stdout
-        self._start = time.monotonic()
-
-    def line(self, text: str) -> None:
-        if self._out is not None:
-            self._out.write(f"[{time.monotonic() - self._start:10.6f}] {text}\n")
-            self._out.flush()
+KEY_UNIT = "Install the SSH keys handed to the VM by Virby"
 
 
 def vfkit_log(level: str, message: str) -> None:
@@ -78,11 +62,12 @@ class GuardianProtocol(ProcessProtocol):
 
 
 class EmulatedMachine:
-    def __init__(self, reactor: Any, settings: Emulated, vm: VM) -> None:
+    def __init__(self, reactor: Any, settings: Emulated, vm: VM, console: Console) -> None:
         self.reactor = reactor
         self.settings = settings
         self.vm = vm
-        self.console = Console(vm)
+        self.console = console
+        self.mac = vm.mac or _random_mac()
         self.state = "Starting"
         self.address: str | None = None
         self._guardian: Any = None
@@ -91,6 +76,7 @@ class EmulatedMachine:
         self._poweringOff = False
         self._bootCall: Any = None
         self._paused = False
+        self.guestState = guest.GuestState()
 
     # -- boot
 
@@ -114,15 +100,56 @@ class EmulatedMachine:
         if self.settings.fault != "no-lease":
             duid = self.settings.fault == "duid-lease"
             expiry = int(time.time()) + 86400
-            lease.write(self.settings.leases_file, self.address, self.vm.mac, expiry, duid)
-            self.console.line(f"virby-emulator: lease written for {self.vm.mac} -> {self.address}")
+            lease.write(self.settings.leases_file, self.address, self.mac, expiry, duid)
+            self.console.line(f"virby-emulator: lease written for {self.mac} -> {self.address}")
+        if not self._takeKeys():
+            self.console.line("systemd[1]: Dependency failed for OpenSSH Daemon.")
+            return
         if self.settings.fault == "no-sshd":
             self.console.line("systemd[1]: sshd.service: Failed with result 'exit-code'.")
             return
         self._startSshd()
 
+    def _takeKeys(self) -> bool:
+        """Read the disk, run the key unit, keep what it installed on the disk."""
+        disk = self.vm.disk
+        if disk is None:
+            self.console.line("virby-emulator: no disk: nothing to boot from")
+            return False
+        path, writable = str(disk["path"]), not disk["readonly"]
+        try:
+            self.guestState = guest.read_state(path)
+        except guest.DiskError as e:
+            self.console.line(f"EXT4-fs error: {e}")
+            return False
+        self.guestState.boots += 1
+        try:
+            ran = guest.install_keys(
+                self.vm.shared_dir(guest.SHARE_TAG), self.guestState, self.settings.guest_keys
+            )
+        except guest.KeyUnitFailed as e:
+            self.console.line(f"virby-install-keys[301]: {e}")
+            self.console.line(f"systemd[1]: Failed to start {KEY_UNIT}.")
+            return False
+        if ran:
+            self.console.line(f"systemd[1]: Finished {KEY_UNIT}.")
+        else:
+            self.console.line(
+                f"systemd[1]: {KEY_UNIT} was skipped because of an unmet condition check "
+                "(ConditionPathExists=!/etc/ssh/ssh_host_ed25519_key)."
+            )
+        if not writable:
+            self.console.line("EXT4-fs: the root filesystem is read-only; nothing was kept")
+            return True
+        try:
+            guest.write_state(path, self.guestState)
+        except guest.DiskError as e:
+            self.console.line(f"EXT4-fs error: {e}")
+            return False
+        return True
+
     def _pickAddress(self) -> str:
-        previous = lease.previous_address(self.settings.leases_file, self.vm.mac)
+        previous = lease.previous_address(self.settings.leases_file, self.mac)
         candidates = [previous] if previous else []
         candidates += [
             f"127.0.{random.randint(1, 254)}.{random.randint(2, 254)}" for _ in range(50)
@@ -133,21 +160,15 @@ class EmulatedMachine:
         raise SystemExit("virby emulator: no free loopback address for the guest")
 
     def _startSshd(self) -> None:
-        keys = self.vm.shared_dir("sshd-keys")
-        state = self._stateDir = tempfile.mkdtemp(prefix="virby-guest-")
+        etc = self._stateDir = tempfile.mkdtemp(prefix="virby-guest-")
         try:
-            assert keys is not None
-            shutil.copyfile(os.path.join(keys, "ssh_host_ed25519_key"),
-                            os.path.join(state, "ssh_host_ed25519_key"))  # fmt: skip
-            shutil.copyfile(os.path.join(keys, "ssh_user_ed25519_key.pub"),
-                            os.path.join(state, "authorized_keys"))  # fmt: skip
-        except (AssertionError, OSError) as e:
-            self.console.line(f"virby-install-keys[301]: cannot read the sshd-keys share: {e}")
+            guest.materialize(self.guestState, etc)
+        except (guest.KeyUnitFailed, OSError) as e:
+            self.console.line(f"sshd[400]: {e}")
             return
-        os.chmod(os.path.join(state, "ssh_host_ed25519_key"), 0o600)
-        config = os.path.join(state, "sshd_config")
+        config = os.path.join(etc, "sshd_config")
         with open(config, "w") as f:
-            f.write(_sshd_config(state, self.address or "", self.settings.guest_port))
+            f.write(guest.sshd_config(etc, self.address or "", self.settings.guest_port))
         if os.geteuid() == 0:
             os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
         self.console.line("systemd[1]: Starting OpenSSH Daemon...")
@@ -260,38 +281,53 @@ class EmulatedMachine:
         }
 
     def inspectDocument(self) -> dict[str, Any]:
-        devices = []
-        for device in self.vm.devices:
-            o = device.options
-            if device.kind == "virtio-blk":
-                devices.append({"kind": "virtioblk", "devName": "virtio-blk",
-                                "imagePath": o["path"]})  # fmt: skip
-            elif device.kind == "virtio-net":
-                devices.append({"kind": "virtionet", "nat": bool(o.get("nat")),
-                                "macAddress": o.get("mac", "")})  # fmt: skip
-            elif device.kind == "virtio-serial":
-                entry: dict[str, Any] = {"kind": "virtioserial"}
-                if o.get("logFilePath"):
-                    entry["logFile"] = o["logFilePath"]
-                else:
-                    entry["usesStdio"] = True
-                devices.append(entry)
-            elif device.kind == "virtio-fs":
-                devices.append({"kind": "virtiofs", "mountTag": o["mountTag"],
-                                "sharedDir": o["sharedDir"]})  # fmt: skip
-            elif device.kind == "rosetta":
-                devices.append({"kind": "rosetta", "mountTag": o["mountTag"]})
-            else:
-                devices.append({"kind": device.kind.replace("-", "")})
-        store = self.vm.bootloader.get("variable-store")
-        return {
+        """C{GET /vm/inspect}: vfkit's C{config.VirtualMachine} as JSON (C{pkg/config/json.go})."""
+        document: dict[str, Any] = {
             "vcpus": self.vm.cpus,
             "memoryBytes": self.vm.memory * 1024 * 1024,
-            "bootloader": {"kind": "efiBootloader", "efiVariableStorePath": store,
-                           "createVariableStore": bool(self.vm.bootloader.get("create"))},
-            "devices": devices,
-            "nested": self.vm.nested,
-        }  # fmt: skip
+            "bootloader": {
+                "kind": "efiBootloader",
+                "efiVariableStorePath": self.vm.bootloader.variable_store,
+                "createVariableStore": self.vm.bootloader.create,
+            },
+            "devices": [_inspect(device.kind, device.fields) for device in self.vm.devices],
+        }
+        if self.vm.timesync_port is not None:
+            document["timesync"] = {"vsockPort": self.vm.timesync_port}
+        if self.vm.nested:
+            document["nested"] = True
+        return document
+
+
+def _inspect(kind: str, o: dict[str, Any]) -> dict[str, Any]:
+    if kind == "virtio-blk":
+        entry = {"kind": "virtioblk", "devName": "virtio-blk", "imagePath": o["path"]}
+        if o["readonly"]:
+            entry["readOnly"] = True
+        if o["deviceId"]:
+            entry["deviceIdentifier"] = o["deviceId"]
+        return entry
+    if kind == "virtio-net":
+        return {"kind": "virtionet", "nat": o["nat"], "macAddress": o["mac"] or ""}
+    if kind == "virtio-serial":
+        return {"kind": "virtioserial", **({"logFile": o["logFilePath"]} if o["logFilePath"]
+                                           else {"usesStdio": True})}  # fmt: skip
+    if kind == "virtio-fs":
+        return {"kind": "virtiofs", "mountTag": o["mountTag"], "sharedDir": o["sharedDir"]}
+    if kind == "rosetta":
+        return {"kind": "rosetta", "mountTag": o["mountTag"], "installRosetta": o["install"],
+                "ignoreIfMissing": o["ignoreIfMissing"]}  # fmt: skip
+    if kind == "virtio-vsock":
+        entry = {"kind": "virtiosock", "port": o["port"], "socketURL": o["socketURL"]}
+        return {**entry, "listen": True} if o["listen"] else entry
+    return {"kind": kind.replace("-", "")}
+
+
+def _random_mac() -> str:
+    """vz's random locally administered unicast MAC, for a virtio-net without C{mac}."""
+    octets = [random.randint(0, 255) for _ in range(6)]
+    octets[0] = (octets[0] & 0xFC) | 0x02
+    return ":".join(f"{octet:02x}" for octet in octets)
 
 
 def _bindable(address: str, port: int) -> bool:
@@ -301,23 +337,3 @@ def _bindable(address: str, port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def _sshd_config(state: str, address: str, port: int) -> str:
-    return "\n".join(
-        [
-            f"ListenAddress {address}:{port}",
-            f"HostKey {state}/ssh_host_ed25519_key",
-            f"AuthorizedKeysFile {state}/authorized_keys",
-            "PidFile none",
-            "UsePAM no",
-            "StrictModes no",
-            "PasswordAuthentication no",
-            "KbdInteractiveAuthentication no",
-            "PermitRootLogin prohibit-password",
-            "MaxStartups 300:30:400",
-            "MaxSessions 100",
-            "LogLevel INFO",
-            "",
-        ]
-    )

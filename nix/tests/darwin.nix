@@ -1,0 +1,193 @@
+# services.virby inside a real nix-darwin system: nix-darwin's own modules, nixpkgs' real
+# lib, and the stand-in package set of stub-pkgs.nix (no full nixpkgs is needed, and the
+# NixOS image is replaced by a stand-in derivation that records what the module asked of it).
+# The module comes from this repository's flake, as a user imports it.
+#
+#   nix-instantiate --eval --strict --json --readonly-mode nix/tests/darwin.nix \
+#     --arg nixDarwin /path/to/nix-darwin --arg nixpkgsLib /path/to/nixpkgs-lib/lib \
+#     [--arg determinate /path/to/determinate] --argstr cases '{"name": {...}, ...}'
+#
+# Each case is { system ? "aarch64-darwin", virby ? {...services.virby...},
+# determinate ? false, config ? {...more nix-darwin options...} }; the result has, per case,
+# what nix-darwin made of it (see `report`).  `systems.<case>` holds the evaluated systems,
+# for building with nix-build.
+{
+  nixDarwin,
+  nixpkgsLib,
+  determinate ? null,
+  cases ? "{}",
+}:
+let
+  lib = import ./nixpkgs-lib.nix nixpkgsLib;
+  caseSet = if builtins.isString cases then builtins.fromJSON cases else cases;
+
+  imageFile = ../image.nix;
+
+  # What the module asked of the image: the settings it passed and the rest of the NixOS
+  # modules (extraConfig), read with a module evaluation that accepts any option.
+  stubNixosSystem =
+    { system, modules, ... }:
+    let
+      evaluated = lib.evalModules {
+        modules = builtins.filter (m: m != imageFile) modules ++ [
+          { freeformType = lib.types.attrsOf lib.types.anything; }
+        ];
+        specialArgs = {
+          pkgs = stubPkgs system;
+          modulesPath = "/stub/nixos/modules";
+        };
+      };
+      settings = evaluated.config.virby.image or { };
+      rest = lib.generators.toPretty { } (
+        builtins.removeAttrs evaluated.config [
+          "_module"
+          "virby"
+        ]
+      );
+      imageModuleIncluded = builtins.elem imageFile modules;
+    in
+    {
+      config.system.build.virbyImage =
+        (stubPkgs system).runCommand "virby-vm-image"
+          {
+            imageSettings = builtins.toJSON settings;
+            extraConfig = rest;
+            passthru = { inherit settings rest imageModuleIncluded; };
+          }
+          ''
+            mkdir -p $out
+            truncate -s 4M $out/nixos.img
+          '';
+    };
+
+  stubPkgs = system: import ./stub-pkgs.nix { inherit lib system; };
+
+  nixpkgs = {
+    lib = lib // {
+      nixosSystem = stubNixosSystem;
+    };
+    legacyPackages = lib.genAttrs [
+      "aarch64-darwin"
+      "x86_64-darwin"
+      "aarch64-linux"
+      "x86_64-linux"
+    ] stubPkgs;
+    outPath = "/stub/nixpkgs";
+  };
+
+  flake =
+    let
+      outputs = (import ../../flake.nix).outputs {
+        self = outputs;
+        inherit nixpkgs;
+      };
+    in
+    outputs;
+
+  darwin =
+    let
+      outputs = (import (nixDarwin + "/flake.nix")).outputs {
+        self = outputs;
+        inherit nixpkgs;
+      };
+    in
+    outputs;
+
+  evalCase =
+    name: case:
+    let
+      system = case.system or "aarch64-darwin";
+    in
+    darwin.lib.darwinSystem {
+      pkgs = stubPkgs system;
+      modules = [
+        flake.darwinModules.default
+        {
+          nixpkgs.hostPlatform = system;
+          system.stateVersion = 6;
+          system.primaryUser = "alice";
+          # The uninstaller evaluates a second nix-darwin system from nixpkgs' own source
+          # tree, which the stand-in package set does not have.
+          system.tools.darwin-uninstaller.enable = false;
+          # The HTML manual copies nixpkgs' doc/ sources, which nixpkgs' lib does not have.
+          documentation.doc.enable = false;
+          services.virby = case.virby or { };
+        }
+        (case.config or { })
+      ] ++ lib.optional (case.determinate or false) (determinate + "/modules/nix-darwin/default.nix");
+    };
+
+  systems = builtins.mapAttrs evalCase caseSet;
+
+  report =
+    name: evaluated:
+    let
+      config = evaluated.config;
+      failed = map (a: a.message) (builtins.filter (a: !a.assertion) config.assertions);
+      etcText = path: if config.environment.etc ? ${path} then config.environment.etc.${path}.text else null;
+      plistName = "org.nixos.virbyd.plist";
+      virby = config.services.virby;
+    in
+    {
+      assertions = failed;
+      warnings = config.warnings;
+      drvPath = if failed == [ ] then config.system.build.toplevel.drvPath else null;
+      systemPath = if failed == [ ] then config.system.build.toplevel.outPath else null;
+      plist =
+        if config.environment.launchDaemons ? ${plistName} then
+          config.environment.launchDaemons.${plistName}.text
+        else
+          null;
+      machines = etcText "nix/machines";
+      nixSettings =
+        if config.nix.enable then
+          { builders-use-substitutes = config.nix.settings.builders-use-substitutes or null; }
+        else
+          null;
+      determinateConf = etcText "nix/nix.custom.conf";
+      distributedBuilds = if config.nix.enable then config.nix.distributedBuilds else null;
+      sshConfig = etcText "ssh/ssh_config.d/100-virby-vm.conf";
+      activate = config.system.activationScripts.script.text;
+      settings = if virby.enable then virby.settings else null;
+      package =
+        if virby.enable then
+          "${virby.package or (evaluated.pkgs.callPackage ../package.nix { })}"
+        else
+          null;
+      # What the package expression asked of nixpkgs' Python builder.
+      packageCheck =
+        let
+          args = (virby.package or { stubArgs = { }; }).stubArgs;
+        in
+        if virby.enable then
+          {
+            enabledTestPaths = args.enabledTestPaths or null;
+            pytestFlagsArray = args.pytestFlagsArray or null;
+            darwinAllowLocalNetworking = args.__darwinAllowLocalNetworking or false;
+            postInstall = args.postInstall or null;
+          }
+        else
+          null;
+      image =
+        if virby.enable && config.system.build ? virbyImage then
+          {
+            path = "${config.system.build.virbyImage}";
+            inherit (config.system.build.virbyImage) settings rest imageModuleIncluded;
+          }
+        else
+          null;
+    };
+in
+{
+  inherit systems flake;
+  results = builtins.mapAttrs report systems;
+  # The flake's check of the pure parts, on this machine's system: the command it runs, and
+  # its derivation (instantiating it puts the sources it names into the store).
+  pureCheck =
+    let
+      check = flake.checks.${builtins.currentSystem}.pure;
+    in
+    {
+      inherit (check) buildCommand drvPath;
+    };
+}

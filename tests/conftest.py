@@ -1,0 +1,94 @@
+"""
+Test-wide settings, and the test mode that plays Nix's macOS build sandbox.
+
+The package's check phase runs C{pytest tests/unit} on the user's Mac inside Nix's build
+sandbox, where C{TMPDIR} is long (C{/private/tmp/nix-build-virby-0.1.0.drv-0/...}), a unix
+socket path holds at most 103 bytes, and APFS clones files.  With
+C{VIRBY_TEST_MACOS_SANDBOX=1} (C{dev/test} runs C{tests/unit} so), this machine plays it:
+
+ - C{TMPDIR} is longer than the Mac's, for this process and every process it starts;
+ - binding or connecting a unix socket path of more than 103 bytes fails as on macOS, in
+   this process and in every Python process it starts (C{tests/macos_sandbox});
+ - copying a disk clones it, as APFS's C{clonefile} does, so no test may assume a sparse
+   copy unless it asks for one.
+
+Tests that need a unix socket or a working directory take L{short_tmp}: a directory under
+C{/tmp}, short on both systems, since a working directory must leave room for its sockets.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from importlib import util
+from pathlib import Path
+
+import pytest
+
+MODE = "VIRBY_TEST_MACOS_SANDBOX"
+#: Longer than Nix gives a build on macOS, so that whatever passes here passes there.
+SANDBOX_TMPDIR = "/tmp/virby-macos-sandbox/private/tmp/nix-build-virby-0.1.0.drv-0/build"
+SHIM = Path(__file__).parent / "macos_sandbox"
+
+
+def sandboxed() -> bool:
+    return os.environ.get(MODE, "") not in ("", "0")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not sandboxed():
+        return
+    os.makedirs(SANDBOX_TMPDIR, exist_ok=True)
+    os.environ["TMPDIR"] = SANDBOX_TMPDIR
+    tempfile.tempdir = None
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [str(SHIM), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    )
+    spec = util.spec_from_file_location("_virby_macos_sandbox", SHIM / "sitecustomize.py")
+    assert spec is not None and spec.loader is not None
+    module = util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.install()
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    if sandboxed():
+        return f"macOS sandbox mode: TMPDIR={SANDBOX_TMPDIR}, unix socket paths <= 103 bytes"
+    return None
+
+
+@pytest.fixture(autouse=True)
+def _apfs_clones(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In the sandbox mode, every disk copy is a clone, as on APFS."""
+    if not sandboxed():
+        return
+    from virby import disk
+
+    copy_keeping_holes = disk._sparse_copy  # an APFS clone keeps the source's holes too
+
+    def clonefile(source: str, destination: str) -> bool:
+        source_fd = os.open(source, os.O_RDONLY)
+        try:
+            fd = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                copy_keeping_holes(source_fd, fd, os.fstat(source_fd).st_size)
+            finally:
+                os.close(fd)
+        finally:
+            os.close(source_fd)
+        return True
+
+    monkeypatch.setattr(disk, "platform_clone", lambda: ("clonefile", clonefile))
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A fresh directory with a short path (under /tmp), removed afterwards."""
+    root = "/tmp" if os.access("/tmp", os.W_OK) else None
+    path = Path(tempfile.mkdtemp(prefix="virby-", dir=root))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,354 @@
+"""
+The activation script nix-darwin generates for a system with services.virby, run as
+darwin-rebuild runs it (C{$systemConfig/activate}, under bash with C{set -e} and
+C{pipefail}), switch after switch, on a fake Mac.
+
+The systems are built for real with C{nix-build} from L{nix/tests/darwin.nix} (nix-darwin's
+own builders make C{/etc}, the launchd plists and C{activate}, and run shellcheck on it; the
+packages are stand-ins).  The fake Mac is a directory used as the root of a chroot in a
+private mount namespace: the host's C{/usr} and C{/nix/store} read-only, and in C{/sbin} the
+stand-ins of L{tests.e2e.macos_standins} for C{dscl}, C{sysadminctl}, C{launchctl} and the
+other macOS commands, which record every call.  C{virby prepare} is the real one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.darwin_harness import HARNESS, PAIRS, ROOT, Pair, arguments
+
+pytestmark = pytest.mark.e2e
+
+STANDINS = Path(__file__).resolve().parent / "macos_standins.py"
+MACOS_COMMANDS = ["dscl", "sysadminctl", "dseditgroup", "createhomedir", "launchctl", "tccutil",
+                  "defaults", "scutil", "systemsetup", "pmset", "nvram", "sw_vers"]  # fmt: skip
+STORE_PROGRAMS = ["virby", "nix-store", "rsync"]
+APFS_UTIL = "System/Library/Filesystems/apfs.fs/Contents/Resources/apfs.util"
+LABEL = "org.nixos.virbyd"
+DAEMON_PLIST = f"/Library/LaunchDaemons/{LABEL}.plist"
+NIX_DAEMON_PLIST = "/Library/LaunchDaemons/org.nixos.nix-daemon.plist"
+
+# documentation.enable is off: the manual needs nixpkgs' doc tools, which have no stand-ins.
+# Four Nix build users instead of 32 keep each switch short (every dscl call is a process).
+BUILD_USERS = 4
+QUIET = {"documentation": {"enable": False}, "nix": {"nrBuildUsers": BUILD_USERS}}
+SYSTEMS = {
+    "enabled": {"virby": {"enable": True}, "config": QUIET},
+    "new-image": {
+        "virby": {"enable": True, "extraConfig": {"boot": {"kernelParams": ["quiet"]}}},
+        "config": QUIET,
+    },
+    "on-demand": {"virby": {"enable": True, "onDemand": {"enable": True}}, "config": QUIET},
+    "disabled": {"virby": {}, "config": QUIET},
+}
+
+
+def why_not_here() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root: a chroot in a private mount namespace"
+    for tool in ("nix-build", "unshare", "chroot", "shellcheck"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (dev/setup installs what the tests need)"
+    probe = subprocess.run(["unshare", "--mount", "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"cannot make a mount namespace here: {probe.stderr.strip()}"
+    return None
+
+
+@pytest.fixture(scope="module", params=PAIRS, ids=lambda pair: pair.name)
+def systems(request: pytest.FixtureRequest) -> dict[str, str]:
+    """The systems of SYSTEMS, built: name -> store path."""
+    pair: Pair = request.param
+    why = pair.missing() or why_not_here()
+    if why is not None:
+        pytest.skip(why)
+    names = sorted(SYSTEMS)
+    command = ["nix-build", str(HARNESS), "--no-out-link",
+               "--option", "sandbox", "false", "--option", "build-users-group", "",
+               "--option", "substituters", ""]  # fmt: skip
+    for name in names:
+        command += ["-A", f"systems.{name}.config.system.build.toplevel"]
+    built = subprocess.run(
+        [*command, *arguments(pair, SYSTEMS)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr[-4000:]
+    return dict(zip(names, built.stdout.split(), strict=True))
+
+
+@dataclass
+class Switch:
+    returncode: int
+    output: str
+    calls: list[dict]
+
+    def commands(self, name: str) -> list[list[str]]:
+        return [c["argv"][1:] for c in self.calls if c.get("argv", [""])[0] == name]
+
+    def index(self, name: str, *prefix: str) -> int:
+        """Where the first call of C{name} starting with C{prefix} is, in call order."""
+        for i, call in enumerate(self.calls):
+            argv = call.get("argv", [])
+            if argv[:1] == [name] and argv[1 : 1 + len(prefix)] == list(prefix):
+                return i
+        raise AssertionError(f"no call {name} {' '.join(prefix)} in {self.calls}")
+
+    def loaded(self, label: str) -> list[dict]:
+        return [c for c in self.calls if c.get("launchd") == "loaded" and c["label"] == label]
+
+
+class FakeMac:
+    """A root directory shaped like a Mac with Nix installed and nix-darwin not yet."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.python = sys.executable
+        # /etc/alternatives: Debian's awk is a symlink through it.
+        self.binds = sorted({"/usr", "/nix/store", "/dev", "/etc/alternatives", str(ROOT),
+                             sys.base_prefix})  # fmt: skip
+        for directory in (
+            "etc",
+            "tmp",
+            "proc",
+            "sbin",
+            "bin",
+            "standins",
+            "var/root",
+            "var/log",
+            "var/db/standins",
+            "private/var/run",
+            "Library/LaunchDaemons",
+            "Library/LaunchAgents",
+            "Applications",
+            "Users",
+            "nix/var/nix/gcroots",
+            str(Path(APFS_UTIL).parent),
+            *[b.lstrip("/") for b in self.binds],
+        ):
+            (root / directory).mkdir(parents=True, exist_ok=True)  # fmt: skip
+        for name in ("lib", "lib64"):
+            if Path("/" + name).exists():
+                (root / name).symlink_to(f"usr/{name}")
+        for shell in ("bash", "sh"):
+            (root / "bin" / shell).symlink_to(f"/usr/bin/{shell}")
+        run = root / "standins" / ".run"
+        run.write_text(f'#!/bin/sh\nexec {self.python} {STANDINS} "$(basename "$0")" "$@"\n')
+        run.chmod(0o755)
+        for name in MACOS_COMMANDS:
+            (root / "sbin" / name).symlink_to("/standins/.run")
+        for name in STORE_PROGRAMS:
+            (root / "standins" / name).symlink_to(".run")
+        (root / APFS_UTIL).symlink_to("/standins/.run")
+        (root / "var/db/standins/python").write_text(self.python)
+        # What the Nix installer leaves: its synthetic.conf entry and its daemon, loaded.
+        # Files macOS ships that nix-darwin reads.
+        (root / "etc/pam.d").mkdir()
+        (root / "etc/pam.d/sudo").write_text(
+            "# sudo: auth account password session\n"
+            "auth       include        sudo_local\n"
+            "auth       sufficient     pam_smartcard.so\n"
+            "auth       required       pam_opendirectory.so\n"
+            "account    required       pam_permit.so\n"
+            "password   required       pam_deny.so\n"
+            "session    required       pam_permit.so\n"
+        )
+        (root / "etc/profile").write_text("# System-wide .profile for sh(1)\n")
+        synthetic = root / "etc/synthetic.conf"
+        synthetic.write_text("nix\n")
+        synthetic.chmod(0o644)
+        (root / NIX_DAEMON_PLIST.lstrip("/")).write_text(
+            '<?xml version="1.0" encoding="UTF-8"?>\n<plist version="1.0"><dict>'
+            "<key>Label</key><string>org.nixos.nix-daemon</string></dict></plist>\n"
+        )
+        self.write_state(
+            "launchd.json", {"jobs": {"org.nixos.nix-daemon": {"plist": NIX_DAEMON_PLIST}}}
+        )
+        self.directory = {
+            "Users": {
+                "root": self.user(0, 0, "System Administrator", "/var/root", "/bin/sh"),
+                "nobody": self.user(65534, 65534, "Unprivileged User", "/var/empty"),
+                "alice": self.user(501, 20, "Alice", "/Users/alice", "/bin/zsh"),
+            },
+            "Groups": {
+                "wheel": {"PrimaryGroupID": ["0"], "GroupMembership": ["root"]},
+                "staff": {"PrimaryGroupID": ["20"], "GroupMembership": ["root"]},
+                "nogroup": {"PrimaryGroupID": ["65534"]},
+            },
+        }
+        # The Nix installer's build users and group (the ids nix-darwin expects of them).
+        builders = [f"_nixbld{n}" for n in range(1, BUILD_USERS + 1)]
+        for n, name in enumerate(builders, 1):
+            self.directory["Users"][name] = self.user(350 + n, 350, f"Nix build user {n}",
+                                                      "/var/empty")  # fmt: skip
+        self.directory["Groups"]["nixbld"] = {
+            "PrimaryGroupID": ["350"],
+            "GroupMembership": builders,
+        }
+        self.save_directory()
+
+    @staticmethod
+    def user(uid: int, gid: int, name: str, home: str, shell: str = "/usr/bin/false") -> dict:
+        return {"UniqueID": [str(uid)], "PrimaryGroupID": [str(gid)], "RealName": [name],
+                "NFSHomeDirectory": [home], "UserShell": [shell]}  # fmt: skip
+
+    def write_state(self, name: str, data: dict) -> None:
+        (self.root / "var/db/standins" / name).write_text(json.dumps(data))
+
+    def save_directory(self) -> None:
+        self.write_state("directory.json", self.directory)
+        users = [
+            f"{n}:*:{r['UniqueID'][0]}:{r['PrimaryGroupID'][0]}:{r['RealName'][0]}:"
+            f"{r['NFSHomeDirectory'][0]}:{r['UserShell'][0]}"
+            for n, r in self.directory["Users"].items()
+        ]
+        groups = [
+            f"{n}:*:{r['PrimaryGroupID'][0]}:{','.join(r.get('GroupMembership', []))}"
+            for n, r in self.directory["Groups"].items()
+        ]
+        (self.root / "etc/passwd").write_text("\n".join(users) + "\n")
+        (self.root / "etc/group").write_text("\n".join(groups) + "\n")
+
+    def accounts(self) -> dict:
+        return json.loads((self.root / "var/db/standins/directory.json").read_text())
+
+    def jobs(self) -> dict:
+        return json.loads((self.root / "var/db/standins/launchd.json").read_text())["jobs"]
+
+    def path(self, path: str) -> Path:
+        return self.root / path.lstrip("/")
+
+    def switch(self, system: str) -> Switch:
+        """Activate C{system} as darwin-rebuild does: run its `activate` as root."""
+        log = self.path("/var/log/standins.jsonl")
+        log.write_text("")
+        mounts = "\n".join(
+            f"mount -o bind,ro {b} {self.root}{b}" if b not in ("/dev",)
+            else f"mount -o bind {b} {self.root}{b}"
+            for b in self.binds
+        )  # fmt: skip
+        script = (
+            "set -e\n"
+            f"{mounts}\n"
+            f"mount -t proc proc {self.root}/proc\n"
+            f"mount -t tmpfs tmpfs {self.root}/tmp\n"
+            # What macOS's kernel runs for `#!/usr/bin/env -i /bin/bash`: it splits the
+            # shebang's arguments, which Linux's does not.
+            f"exec chroot {self.root} /usr/bin/env -i /bin/bash {system}/activate\n"
+        )
+        ran = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "bash", "-c", script],
+            capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        calls = [json.loads(line) for line in log.read_text().splitlines()]
+        return Switch(ran.returncode, ran.stdout + ran.stderr, calls)
+
+
+@pytest.fixture
+def mac(tmp_path: Path) -> FakeMac:
+    return FakeMac(tmp_path / "mac")
+
+
+def test_a_fresh_mac_switches_and_starts_the_daemon(systems: dict, mac: FakeMac) -> None:
+    first = mac.switch(systems["enabled"])
+    assert first.returncode == 0, first.output
+    # nix-darwin makes the group and the user, then Virby's step prepares the VM and gives
+    # the log to _virby, then nix-darwin's launchd step loads the daemon.
+    group = first.index("dscl", ".", "-create", "/Groups/virby", "PrimaryGroupID", "348")
+    user = first.index("sysadminctl", "-addUser", "_virby")
+    prepare = first.index("virby", "prepare")
+    load = first.index("launchctl", "load", "-w", DAEMON_PLIST)
+    assert group < user < prepare < load
+    (loaded,) = first.loaded(LABEL)
+    assert loaded["problems"] == [], "launchd could not start the daemon"
+    assert first.commands("launchctl").count(["kickstart", "-k", f"system/{LABEL}"]) == 0
+    log = mac.path("/var/log/virbyd.log").stat()
+    assert (log.st_uid, log.st_gid, log.st_mode & 0o777) == (348, 348, 0o644)
+    assert mac.path("/var/lib/virby/image-path").exists()
+    assert mac.path("/var/lib/virby").stat().st_uid == 348
+    assert mac.accounts()["Users"]["_virby"]["UniqueID"] == ["348"]
+    assert LABEL in mac.jobs()
+    assert mac.path("/etc/ssh/ssh_config.d/100-virby-vm.conf").is_symlink()
+
+
+def test_a_second_switch_with_nothing_changed_leaves_the_daemon_alone(
+    systems: dict, mac: FakeMac
+) -> None:
+    assert mac.switch(systems["enabled"]).returncode == 0
+    again = mac.switch(systems["enabled"])
+    assert again.returncode == 0, again.output
+    assert again.commands("sysadminctl") == []
+    assert again.commands("virby")[0][0] == "prepare"
+    assert [c for c in again.commands("launchctl") if LABEL in " ".join(c)] == []
+
+
+def test_new_keys_without_a_new_image_restart_the_daemon(systems: dict, mac: FakeMac) -> None:
+    assert mac.switch(systems["enabled"]).returncode == 0
+    # A key that went missing: prepare makes new keys, the plist stays the same.
+    mac.path("/var/lib/virby/ssh_known_hosts").unlink()
+    again = mac.switch(systems["enabled"])
+    assert again.returncode == 0, again.output
+    prepare = again.index("virby", "prepare")
+    kickstart = again.index("launchctl", "kickstart", "-k", f"system/{LABEL}")
+    assert prepare < kickstart
+    assert again.loaded(LABEL) == []
+
+
+def test_a_new_image_reloads_the_daemon_after_prepare(systems: dict, mac: FakeMac) -> None:
+    assert mac.switch(systems["enabled"]).returncode == 0
+    before = mac.path("/var/lib/virby/image-path").read_text()
+    new = mac.switch(systems["new-image"])
+    assert new.returncode == 0, new.output
+    assert mac.path("/var/lib/virby/image-path").read_text() != before
+    prepare = new.index("virby", "prepare")
+    unload = new.index("launchctl", "unload", DAEMON_PLIST)
+    load = new.index("launchctl", "load", "-w", DAEMON_PLIST)
+    assert prepare < unload < load
+    # The reload already starts it with the new image and keys: no second restart.
+    assert ["kickstart", "-k", f"system/{LABEL}"] not in new.commands("launchctl")
+
+
+def test_new_options_reload_the_daemon(systems: dict, mac: FakeMac) -> None:
+    assert mac.switch(systems["enabled"]).returncode == 0
+    changed = mac.switch(systems["on-demand"])
+    assert changed.returncode == 0, changed.output
+    assert changed.index("launchctl", "unload", DAEMON_PLIST) < changed.index(
+        "launchctl", "load", "-w", DAEMON_PLIST
+    )
+    assert ["kickstart", "-k", f"system/{LABEL}"] not in changed.commands("launchctl")
+
+
+def test_disabling_removes_what_enabling_made(systems: dict, mac: FakeMac) -> None:
+    assert mac.switch(systems["enabled"]).returncode == 0
+    off = mac.switch(systems["disabled"])
+    assert off.returncode == 0, off.output
+    unload = off.index("launchctl", "unload", DAEMON_PLIST)
+    user = off.index("dscl", ".", "-delete", "/Users/_virby")
+    group = off.index("dscl", ".", "-delete", "/Groups/virby")
+    assert unload < user < group
+    assert not mac.path("/var/lib/virby").exists()
+    assert "_virby" not in mac.accounts()["Users"] and "virby" not in mac.accounts()["Groups"]
+    assert LABEL not in mac.jobs()
+    again = mac.switch(systems["disabled"])
+    assert again.returncode == 0, again.output
+    assert ["-delete", "/Users/_virby"] not in [c[1:] for c in again.commands("dscl")]
+
+
+def test_a_foreign_virby_user_is_refused_and_never_deleted(systems: dict, mac: FakeMac) -> None:
+    mac.directory["Users"]["_virby"] = mac.user(502, 20, "Someone else", "/Users/_virby")
+    mac.save_directory()
+    refused = mac.switch(systems["enabled"])
+    assert refused.returncode == 1
+    assert "the user _virby exists with uid 502; Virby needs uid 348" in refused.output
+    assert refused.commands("sysadminctl") == [] and refused.commands("virby") == []
+    off = mac.switch(systems["disabled"])
+    assert off.returncode == 0, off.output
+    assert mac.accounts()["Users"]["_virby"]["UniqueID"] == ["502"]
+    assert "leaving user _virby alone" in off.output

@@ -1,0 +1,303 @@
+"""
+services.virby inside a real nix-darwin system, for each nix-darwin branch the fixtures name
+(see L{tests.darwin_harness}): nix-darwin's own modules and option types, nixpkgs' real lib,
+Determinate's real module; only the package set is a stand-in (there is no full nixpkgs here).
+
+Every case is evaluated in one C{nix-instantiate} per branch; the tests then read what
+nix-darwin made of it: the system's derivation, the launchd plist and C{/etc/nix/machines} as
+nix-darwin renders them, the ssh configuration, the activation script.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import plistlib
+import re
+import shutil
+import subprocess
+import tempfile
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from tests.darwin_harness import PAIRS, ROOT, Pair, determinate, evaluate
+from virby.config import from_mapping
+from virby.prepare import SHARED_CLIENT_KEY
+from virby.sshconfig import CLIENT_KEY, ssh_config_block
+
+ENABLED = {"enable": True}
+
+CASES: dict[str, dict] = {
+    "default": {"virby": ENABLED},
+    "on-demand": {"virby": {**ENABLED, "onDemand": {"enable": True, "ttl": 30}}},
+    "rosetta": {"virby": {**ENABLED, "rosetta": True}},
+    "memory-6GiB": {"virby": {**ENABLED, "memory": "6GiB"}},
+    "extra-config": {"virby": {**ENABLED, "extraConfig": {"boot": {"kernelParams": ["quiet"]}}}},
+    "shared-directories": {"virby": {**ENABLED, "sharedDirectories": {"src": "/Users/alice/src"}}},
+    "debug": {"virby": {**ENABLED, "debug": True}},
+    "allow-user-ssh": {"virby": {**ENABLED, "allowUserSsh": True}},
+    "linux-builder": {"virby": ENABLED, "config": {"nix": {"linux-builder": {"enable": True}}}},
+    "nix-disabled-without-determinate": {"virby": ENABLED, "config": {"nix": {"enable": False}}},
+    "disabled": {"virby": {}},
+    "x86_64-darwin": {"virby": ENABLED, "system": "x86_64-darwin"},
+    # Refused with an assertion:
+    "rosetta-on-x86_64-darwin": {"virby": {**ENABLED, "rosetta": True}, "system": "x86_64-darwin"},
+    "determinate-asked-without-module": {
+        "virby": {**ENABLED, "supportDeterminateNix": True},
+        "config": {"nix": {"enable": False}},
+    },
+}
+DETERMINATE_CASES: dict[str, dict] = {
+    "determinate": {"virby": ENABLED, "determinate": True},
+    "determinate-on-demand": {
+        "virby": {**ENABLED, "onDemand": {"enable": True}},
+        "determinate": True,
+    },
+}
+REFUSED = {"rosetta-on-x86_64-darwin", "determinate-asked-without-module"}
+ALL = {**CASES, **DETERMINATE_CASES}
+BUILDS = sorted(name for name in ALL if name not in REFUSED)
+RUNS_VIRBY = sorted(name for name in BUILDS if name != "disabled")
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("nix-instantiate") is None, reason="nix-instantiate is not installed (nix-bin)"
+)
+
+
+@pytest.fixture(scope="module", params=PAIRS, ids=lambda pair: pair.name)
+def pair(request: pytest.FixtureRequest) -> Pair:
+    why = request.param.missing()
+    if why is not None:
+        pytest.skip(why)
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def results(pair: Pair) -> dict:
+    cases = dict(CASES)
+    if determinate() is not None:
+        cases.update(DETERMINATE_CASES)
+    return evaluate(pair, cases)
+
+
+def result(results: dict, case: str) -> dict:
+    if case not in results:
+        pytest.skip("VIRBY_DETERMINATE is not set: it names Determinate's repository")
+    return results[case]
+
+
+def virby(case: str) -> dict:
+    return ALL[case].get("virby", {})
+
+
+@pytest.mark.parametrize("case", BUILDS)
+def test_the_system_instantiates(results: dict, case: str) -> None:
+    got = result(results, case)
+    assert got["assertions"] == []
+    assert got["drvPath"].startswith("/nix/store/") and got["drvPath"].endswith(".drv")
+
+
+def test_rosetta_is_refused_on_intel_macs(results: dict) -> None:
+    assert result(results, "rosetta-on-x86_64-darwin")["assertions"] == [
+        "services.virby.rosetta needs an aarch64-darwin host (Apple silicon)."
+    ]
+
+
+def test_asking_for_determinate_without_its_module_is_refused(results: dict) -> None:
+    (message,) = result(results, "determinate-asked-without-module")["assertions"]
+    assert "determinate.darwinModules.default" in message
+    assert "nothing would register the builder" in message
+
+
+def plist(results: dict, case: str) -> dict:
+    text = result(results, case)["plist"]
+    assert text is not None, "no org.nixos.virbyd.plist in /Library/LaunchDaemons"
+    return plistlib.loads(text.encode())
+
+
+COMMAND = re.compile(r"/bin/wait4path /nix/store && exec (\S+)/bin/(\S+) --config (\S+)")
+
+
+@pytest.mark.parametrize("case", RUNS_VIRBY)
+def test_the_launchd_plist_as_nix_darwin_renders_it(results: dict, case: str) -> None:
+    job = plist(results, case)
+    got = result(results, case)
+    on_demand = virby(case).get("onDemand", {}).get("enable", False)
+    shell, dash_c, command = job["ProgramArguments"]
+    assert (shell, dash_c) == ("/bin/sh", "-c")
+    # At boot launchd may start the job before the Nix store volume is mounted.
+    match = COMMAND.fullmatch(command)
+    assert match, command
+    assert match.group(1) == got["package"]
+    assert match.group(3).endswith("-virby.json")
+    assert job["Label"] == "org.nixos.virbyd"
+    assert job["UserName"] == "_virby" and job["GroupName"] == "virby"
+    assert job["KeepAlive"] is job["RunAtLoad"] is not on_demand
+    assert job["Sockets"] == {
+        "Listener": {"SockFamily": "IPv4", "SockNodeName": "127.0.0.1", "SockServiceName": "31222"}
+    }
+    assert job["WorkingDirectory"] == "/var/lib/virby"
+    assert job["StandardOutPath"] == job["StandardErrorPath"] == "/var/log/virbyd.log"
+
+
+def test_the_descriptor_limit_serves_200_connections(results: dict) -> None:
+    job = plist(results, "default")
+    # Two descriptors a spliced connection, plus the daemon's own, well above launchd's 256.
+    assert job["SoftResourceLimits"] == {"NumberOfFiles": 4096}
+    assert 4096 >= 200 * 2 + 256
+    # The hard limit stays launchd's (unlimited): lowering it would gain nothing.
+    assert "HardResourceLimits" not in job
+
+
+def test_the_daemon_program_is_one_the_package_installs(results: dict) -> None:
+    """nixpkgs' buildPythonApplication installs exactly the [project.scripts] entries."""
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    match = COMMAND.fullmatch(plist(results, "default")["ProgramArguments"][2])
+    assert match
+    assert match.group(2) in scripts, (
+        f"launchd would run {match.group(2)}, but the package installs only {sorted(scripts)}"
+    )
+
+
+def machine_lines(results: dict, case: str) -> dict[str, list[str]]:
+    text = result(results, case)["machines"]
+    assert text is not None, "no /etc/nix/machines"
+    return {line.split()[0]: line.split() for line in text.splitlines() if line.strip()}
+
+
+@pytest.mark.parametrize(
+    ("case", "systems"),
+    [("default", "aarch64-linux"), ("rosetta", "aarch64-linux,x86_64-linux"),
+     ("x86_64-darwin", "x86_64-linux"), ("determinate", "aarch64-linux"),
+     ("linux-builder", "aarch64-linux")],
+)  # fmt: skip
+def test_the_builder_in_etc_nix_machines(results: dict, case: str, systems: str) -> None:
+    lines = machine_lines(results, case)
+    fields = lines["ssh-ng://virby-vm"]
+    assert fields[1:5] == [systems, "-", "8", "1"]
+    assert fields[5].split(",") == ["benchmark", "big-parallel", "kvm", "nixos-test"]
+    if case == "linux-builder":
+        assert "ssh-ng://builder@linux-builder" in lines, "nix.linux-builder's machine is kept"
+
+
+@pytest.mark.parametrize("case", ["default", "linux-builder", "x86_64-darwin"])
+def test_builders_use_substitutes(results: dict, case: str) -> None:
+    got = result(results, case)
+    assert got["nixSettings"] == {"builders-use-substitutes": True}
+    assert got["distributedBuilds"] is True
+
+
+def test_determinate_gets_the_builder_and_says_nothing(results: dict) -> None:
+    got = result(results, "determinate")
+    # Determinate's module warns when it has build machines but distributedBuilds is off.
+    assert got["warnings"] == []
+    assert got["nixSettings"] is None, "Determinate's module turns nix.enable off"
+    assert "builders-use-substitutes = true" in got["determinateConf"].splitlines()
+
+
+def test_nix_disabled_without_determinate_warns(results: dict) -> None:
+    got = result(results, "nix-disabled-without-determinate")
+    assert got["machines"] is None
+    (warning,) = got["warnings"]
+    assert "nix.enable is off" in warning and "determinate.darwinModules.default" in warning
+    assert "Nix will not use it" in warning
+
+
+@pytest.mark.parametrize("case", ["default", "allow-user-ssh"])
+def test_the_ssh_config_as_installed_in_etc(results: dict, case: str) -> None:
+    got = result(results, case)
+    config = from_mapping(got["settings"])
+    key = SHARED_CLIENT_KEY if case == "allow-user-ssh" else CLIENT_KEY
+    expected = ssh_config_block(config, identity_file=config.path(key))
+    assert got["sshConfig"] == expected
+
+
+@pytest.mark.parametrize("case", RUNS_VIRBY)
+def test_the_daemon_config_loads_in_the_python_loader(results: dict, case: str) -> None:
+    got = result(results, case)
+    config = from_mapping(got["settings"])
+    assert config.memory == 6144
+    assert config.image == got["image"]["path"] + "/nixos.img"
+    assert config.on_demand is virby(case).get("onDemand", {}).get("enable", False)
+    assert config.allow_user_ssh is virby(case).get("allowUserSsh", False)
+
+
+@pytest.mark.parametrize("case", ["default", "debug", "rosetta", "shared-directories"])
+def test_the_image_gets_what_the_module_asks(results: dict, case: str) -> None:
+    image = result(results, case)["image"]
+    assert image["imageModuleIncluded"]
+    assert image["settings"] == {
+        "debug": virby(case).get("debug", False),
+        "rosetta": virby(case).get("rosetta", False),
+        "sharedDirectories": virby(case).get("sharedDirectories", {}),
+    }
+
+
+def test_extra_config_makes_a_new_image(results: dict) -> None:
+    default = result(results, "default")
+    extra = result(results, "extra-config")
+    assert "quiet" in extra["image"]["rest"]
+    assert extra["image"]["path"] != default["image"]["path"]
+    assert extra["plist"] != default["plist"], "a new image must reach the daemon's config"
+
+
+def test_disabled_leaves_no_daemon_and_no_builder(results: dict) -> None:
+    got = result(results, "disabled")
+    assert got["plist"] is None and got["machines"] is None and got["sshConfig"] is None
+    assert got["settings"] is None
+
+
+def test_the_activation_scripts_pass_shellcheck(results: dict, tmp_path: Path) -> None:
+    """nix-darwin's system build runs shellcheck on `activate`: a finding fails the switch."""
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed (Debian's shellcheck; dev/setup installs it)")
+    scripts: dict[str, str] = {}
+    for case in BUILDS:
+        if case in results:
+            # Cases whose scripts differ only in store paths are checked once.
+            text = re.sub(r"/nix/store/[a-z0-9]{32}-", "/nix/store/h-", results[case]["activate"])
+            scripts.setdefault(text.replace("@out@", "/nix/store/h-system"), case)
+    for text, case in scripts.items():
+        (tmp_path / case).write_text(text)
+    found = subprocess.run(
+        ["shellcheck", "--exclude=SC2016,SC1112", *sorted(scripts.values())],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert found.returncode == 0, found.stdout
+
+
+def test_the_flake_check_can_pass(pair: Pair) -> None:
+    """
+    Run the flake's `pure` check as its builder would: the command it runs, with nothing but
+    what the derivation names, as a user who cannot open the Nix store.
+    """
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run the check as an unprivileged user")
+    # Not read-only: the sources the check names are copied into the store, as Nix would.
+    command = evaluate(pair, {}, attribute="pureCheck", readonly=False)["buildCommand"]
+    host_nix = Path(shutil.which("nix-instantiate") or "").parent
+    command = re.sub(r"/nix/store/[^/ ]+-nix-[^/ ]+/bin", str(host_nix), command)
+    with tempfile.TemporaryDirectory() as build:
+        # A build directory the unprivileged user can write, as the builder's is.
+        Path(build).chmod(0o777)
+        out = Path(build) / "out"
+        ran = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+             "bash", "-e", "-c", command],
+            env={"PATH": "/usr/bin:/bin", "HOME": "/homeless-shelter", "out": str(out)},
+            capture_output=True, text=True, timeout=120, cwd=build,
+        )  # fmt: skip
+        assert ran.returncode == 0, ran.stderr
+        assert set(json.loads(out.read_text())) == {"default", "custom"}
+
+
+def test_the_package_runs_the_unit_tests_in_the_darwin_sandbox(results: dict) -> None:
+    check = result(results, "default")["packageCheck"]
+    # pytestCheckHook takes test paths in enabledTestPaths; pytestFlagsArray is for flags.
+    assert check["enabledTestPaths"] == ["tests/unit"] and check["pytestFlagsArray"] is None
+    # The unit tests listen on loopback, which Nix's darwin sandbox refuses without this.
+    assert check["darwinAllowLocalNetworking"] is True
+    # A plugin cache built at install time is ignored in the store (all mtimes equal).
+    assert check["postInstall"] is None

@@ -1,0 +1,277 @@
+"""
+What this Mac can do for the VM: nested virtualization and Rosetta, and how we found out.
+
+vfkit refuses C{--nested} on a Mac that cannot run it ("nested virtualization is not
+supported": Virtualization.framework offers it on Apple M3 or later with macOS 15 or later)
+and refuses the C{rosetta} share when Rosetta is not installed ("rosetta is not
+installed").  Either refusal, met at every boot, makes every boot fail.  The daemon asks
+here once, before its reactor runs, and decides before it builds vfkit's command line;
+C{virby doctor} asks the same questions to tell a person.
+
+Every command run and every file looked at goes through one L{Runner}, so that a test can
+play any Mac, and so that a report can say exactly what was asked (L{HostFacts.probes}).
+On macOS the runner runs the commands (L{MacRunner}); elsewhere there is no Mac to ask, and
+L{PlayedMac} answers for the Mac that the vfkit emulator plays, set by the same
+C{VIRBY_EMULATOR_CPU}, C{VIRBY_EMULATOR_MACOS} and C{VIRBY_EMULATOR_ROSETTA} variables the
+emulator reads, so a daemon on Linux and its emulated vfkit agree on what the Mac can do.
+
+The commands are blocking by nature: this module is for start-up (before the reactor runs)
+and for short-lived commands, never for code on a running reactor.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+SYSCTL = "/usr/sbin/sysctl"
+SW_VERS = "/usr/bin/sw_vers"
+#: Rosetta 2's translator; present exactly when Rosetta is installed on Apple silicon.
+ROSETTA_RUNTIME = "/Library/Apple/usr/share/rosetta/rosetta"
+#: The command that installs Rosetta without a dialog.
+INSTALL_ROSETTA = "softwareupdate --install-rosetta --agree-to-license"
+
+CPU_BRAND = (SYSCTL, "-n", "machdep.cpu.brand_string")
+ARM64 = (SYSCTL, "-n", "hw.optional.arm64")
+MACOS_VERSION = (SW_VERS, "-productVersion")
+
+#: Virtualization.framework's nested virtualization: Apple M3 or later, macOS 15 or later.
+NESTED_MIN_CHIP = 3
+NESTED_MIN_MACOS = (15,)
+#: Rosetta for Linux VMs (Virtualization.framework's Rosetta share): macOS 13 or later.
+ROSETTA_MIN_MACOS = (13,)
+
+#: The Mac a Linux machine plays when nothing says otherwise: one that can do everything,
+#: so the emulator and the daemon accept every option by default.
+PLAYED_DEFAULTS = {"CPU": "Apple M4", "MACOS": "15.5", "ROSETTA": "installed"}
+
+
+class ProbeError(Exception):
+    """A command failed or is missing; the message says how."""
+
+
+class Runner(Protocol):
+    """The one way this module learns anything about the host."""
+
+    def run(self, argv: Sequence[str]) -> str:
+        """The command's standard output.  @raise ProbeError: when it fails."""
+
+    def exists(self, path: str) -> bool:
+        """Whether C{path} exists."""
+
+
+class MacRunner:
+    """Runs the commands for real (macOS)."""
+
+    def __init__(self, timeout: float = 10.0) -> None:
+        self._timeout = timeout
+
+    def run(self, argv: Sequence[str]) -> str:
+        try:
+            done = subprocess.run(
+                list(argv),
+                capture_output=True,
+                text=True,
+                timeout=self._timeout,
+                stdin=subprocess.DEVNULL,
+            )
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise ProbeError(str(e)) from None
+        if done.returncode != 0:
+            why = done.stderr.strip().splitlines()
+            raise ProbeError(why[-1] if why else f"exit status {done.returncode}")
+        return done.stdout
+
+    def exists(self, path: str) -> bool:
+        return os.path.exists(path)
+
+
+@dataclass(frozen=True)
+class PlayedMac:
+    """
+    A Mac described by settings, for systems that are not one (tests, C{dev/try}).
+
+    @ivar cpu: the CPU brand string, e.g. C{"Apple M1 Pro"} or an Intel one.
+    @ivar macos: the macOS version, e.g. C{"14.6.1"}.
+    @ivar rosetta: C{"installed"} or C{"missing"}.
+    """
+
+    cpu: str
+    macos: str
+    rosetta: str
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] | None = None) -> PlayedMac:
+        environ = os.environ if environ is None else environ
+        values = {
+            name: environ.get(f"VIRBY_EMULATOR_{name}") or default
+            for name, default in PLAYED_DEFAULTS.items()
+        }
+        return cls(cpu=values["CPU"], macos=values["MACOS"], rosetta=values["ROSETTA"])
+
+    @property
+    def apple_silicon(self) -> bool:
+        return self.cpu.startswith("Apple")
+
+    @property
+    def macos_version(self) -> tuple[int, ...] | None:
+        return parse_version(self.macos)
+
+    def run(self, argv: Sequence[str]) -> str:
+        answers = {
+            CPU_BRAND: self.cpu,
+            MACOS_VERSION: self.macos,
+            ARM64: "1" if self.apple_silicon else None,
+        }
+        answer = answers.get(tuple(argv))
+        if answer is None:
+            raise ProbeError(f"{argv[-1]}: unknown oid" if argv[0] == SYSCTL else "not found")
+        return answer + "\n"
+
+    def exists(self, path: str) -> bool:
+        return path == ROSETTA_RUNTIME and self.apple_silicon and self.rosetta == "installed"
+
+
+def default_runner() -> Runner:
+    """The real Mac on macOS; elsewhere, the Mac the emulator plays."""
+    return MacRunner() if sys.platform == "darwin" else PlayedMac.from_environment()
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One question asked: the command (or file) and what came back."""
+
+    asked: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """
+    Whether the Mac can do something: C{ok} is C{None} when it could not be told.  C{why}
+    says why in a few words, and C{fix} what a person can do about it, if anything.
+    """
+
+    ok: bool | None
+    why: str
+    fix: str | None = None
+
+    @property
+    def refused(self) -> bool:
+        """Known not to work; C{None} (could not tell) is not a refusal."""
+        return self.ok is False
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """
+    The facts, each C{None} when it could not be found out.
+
+    @ivar cpu: the CPU brand string (C{sysctl machdep.cpu.brand_string}).
+    @ivar apple_silicon: C{hw.optional.arm64} is 1.
+    @ivar macos: the macOS version as numbers, e.g. C{(15, 1)}.
+    @ivar rosetta_installed: Rosetta's translator is on disk.
+    @ivar probes: every question asked, in order, with its answer.
+    """
+
+    cpu: str | None
+    apple_silicon: bool | None
+    macos: tuple[int, ...] | None
+    rosetta_installed: bool | None
+    probes: tuple[Probe, ...]
+
+    @property
+    def chip_generation(self) -> int | None:
+        """C{3} for "Apple M3 Pro"; C{None} for Intel or a name this does not know."""
+        match = re.match(r"Apple M(\d+)\b", self.cpu or "")
+        return int(match.group(1)) if match else None
+
+    @property
+    def macos_text(self) -> str:
+        return ".".join(map(str, self.macos)) if self.macos else "an unknown version"
+
+    def nested_virtualization(self) -> Verdict:
+        """Apple M3 or later with macOS 15 or later (what C{vz} checks before C{--nested})."""
+        generation = self.chip_generation
+        if self.apple_silicon is False:
+            why = f"it needs Apple silicon, and this Mac has {self._cpu()}"
+            return Verdict(False, why)
+        if generation is None or self.macos is None:
+            why = f"cannot tell whether {self._cpu()} on macOS {self.macos_text} supports it"
+            return Verdict(None, why)
+        if generation < NESTED_MIN_CHIP:
+            return Verdict(False, f"it needs Apple M3 or later, and this Mac has {self.cpu}")
+        if self.macos < NESTED_MIN_MACOS:
+            why = f"it needs macOS 15 or later, and this Mac runs macOS {self.macos_text}"
+            return Verdict(False, why)
+        return Verdict(True, f"{self.cpu} on macOS {self.macos_text} supports it")
+
+    def rosetta(self) -> Verdict:
+        """Rosetta's share for Linux needs Apple silicon, macOS 13 or later, and Rosetta."""
+        if self.apple_silicon is False:
+            return Verdict(
+                False,
+                f"Rosetta needs Apple silicon, and this Mac has {self._cpu()}",
+                "turn rosetta off",
+            )
+        if self.macos is not None and self.macos < ROSETTA_MIN_MACOS:
+            return Verdict(
+                False,
+                f"Rosetta for Linux VMs needs macOS 13 or later, and this Mac runs macOS "
+                f"{self.macos_text}",
+                "update macOS or turn rosetta off",
+            )
+        if self.rosetta_installed is False:
+            return Verdict(
+                False, "Rosetta is not installed on this Mac", f"run `{INSTALL_ROSETTA}`"
+            )
+        if self.rosetta_installed is None or self.apple_silicon is None:
+            return Verdict(None, "cannot tell whether Rosetta is installed")
+        return Verdict(True, "Rosetta is installed")
+
+    def _cpu(self) -> str:
+        return self.cpu or "an unknown CPU"
+
+
+def gather(runner: Runner | None = None) -> HostFacts:
+    """Ask the host (through C{runner}, by default L{default_runner}) everything above."""
+    runner = runner or default_runner()
+    probes: list[Probe] = []
+
+    def ask(argv: Sequence[str]) -> str | None:
+        try:
+            answer = runner.run(argv).strip()
+        except ProbeError as e:
+            probes.append(Probe(" ".join(argv), f"failed: {e}"))
+            return None
+        probes.append(Probe(" ".join(argv), answer))
+        return answer
+
+    cpu = ask(CPU_BRAND) or None
+    arm64 = ask(ARM64)
+    version = ask(MACOS_VERSION)
+    # On Intel the oid does not exist: that failure is itself the answer.
+    apple_silicon = arm64.strip() == "1" if arm64 is not None else (False if cpu else None)
+    rosetta: bool | None = None
+    if apple_silicon:
+        rosetta = runner.exists(ROSETTA_RUNTIME)
+        probes.append(Probe(f"test -e {ROSETTA_RUNTIME}", "yes" if rosetta else "no"))
+    return HostFacts(
+        cpu=cpu,
+        apple_silicon=apple_silicon,
+        macos=parse_version(version),
+        rosetta_installed=rosetta,
+        probes=tuple(probes),
+    )
+
+
+def parse_version(text: str | None) -> tuple[int, ...] | None:
+    """C{"14.6.1"} -> C{(14, 6, 1)}; C{None} for anything else."""
+    if not text or not re.fullmatch(r"\d+(\.\d+)*", text.strip()):
+        return None
+    return tuple(int(part) for part in text.strip().split("."))
