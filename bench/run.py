@@ -523,7 +523,7 @@ def memory(root: Path, connections: int, targets: list[Target]) -> Section:
         builder.cleanup()
     for name, values in measured.items():
         section.rows.append([name, spread(values, "{:.1f}")])
-    section.rows.append(["the daemon under twistd, idle after start", f"{idle:.1f}"])
+    section.rows.append(["the daemon (virbyd, which runs twistd), idle after start", f"{idle:.1f}"])
     section.rows.append(
         [f"the daemon after {connections} connections", f"{after:.1f} ({after - idle:+.1f})"]
     )
@@ -570,7 +570,8 @@ def nix_build(root: Path, rounds: int) -> Section:
         times: dict[str, list[float]] = {name: [] for name in paths}
         for i in range(rounds):
             for name, config in paths.items():
-                times[name].append(_one_build(root, config, f"{name[:3]}{i}{os.getpid()}"))
+                tag = f"{name[:3]}{i}{os.getpid()}"
+                times[name].append(_one_build(root, config, tag, builder.env))
     finally:
         builder.cleanup()
     for name, values in times.items():
@@ -578,7 +579,7 @@ def nix_build(root: Path, rounds: int) -> Section:
     return section
 
 
-def _one_build(root: Path, ssh_config: Path, tag: str) -> float:
+def _one_build(root: Path, ssh_config: Path, tag: str, env: dict[str, str]) -> float:
     expression = root / f"{tag}.nix"
     expression.write_text(
         f'derivation {{ name = "bench-{tag}"; system = builtins.currentSystem; '
@@ -586,7 +587,7 @@ def _one_build(root: Path, ssh_config: Path, tag: str) -> float:
     )
     system = subprocess.run(
         ["nix-instantiate", "--eval", "--expr", "builtins.currentSystem", "--json"],
-        capture_output=True, text=True, check=True,
+        capture_output=True, text=True, check=True, env=env,
     ).stdout.strip().strip('"')  # fmt: skip
     start = time.perf_counter()
     built = subprocess.run(
@@ -594,7 +595,7 @@ def _one_build(root: Path, ssh_config: Path, tag: str) -> float:
          "--max-jobs", "0", "--builders", f"ssh-ng://virby-vm {system}",
          "--option", "substituters", "", "--option", "builders-use-substitutes", "false"],
         capture_output=True, text=True,
-        env={**os.environ, "NIX_SSHOPTS": f"-F {ssh_config}"},
+        env={**env, "NIX_SSHOPTS": f"-F {ssh_config}"},
     )  # fmt: skip
     if built.returncode != 0:
         errors = [line for line in built.stderr.splitlines() if line.startswith("error:")]
@@ -651,7 +652,7 @@ def main() -> None:
         work = Path(scratch)
         steps: list[tuple[str, Callable[[], Section]]] = [
             ("throughput", lambda: throughput(
-                work, GIB // (16 if quick else 1), 2 if quick else 3, [1, 16, 64], targets)),
+                work, GIB // (16 if quick else 1), 2 if quick else 5, [1, 16, 64], targets)),
             ("latency", lambda: latency(work, 100 if quick else 200, 3 if quick else 7, targets)),
             ("cold start", lambda: cold_start(_fresh(work, "cold"), 5 if quick else 20, targets)),
             ("fan-in", lambda: fan_in(_fresh(work, "fanin"), 50 if quick else 200)),
