@@ -68,8 +68,8 @@ PIPE_SIZE = 1024 * 1024
 #: CPU per GiB.  It is also the most a slow sink makes one direction hold.
 CHUNK = 1024 * 1024
 
-#: Chunks the portable path copies in one reactor event while the source fills the whole
-#: buffer and the sink takes it all: the rest waits for the next turn, fair to other pairs.
+#: Chunks a flow moves in one reactor event while the source fills whole chunks and the
+#: sink takes them all: the rest waits for the next turn, fair to other pairs.
 COPY_ROUNDS = 2
 
 #: Empty pipes kept for the next chunk; more are closed when returned.
@@ -240,10 +240,6 @@ class _End:
         self._reading = self._writing = False
         self._relay._fail(reason)
 
-    @property
-    def waitingToWrite(self) -> bool:
-        return self._writing
-
     def startReading(self) -> None:
         if not self._reading and self._relay.running:
             self._reading = True
@@ -267,9 +263,14 @@ class _End:
 
 class _Flow:
     """
-    One direction: bytes from C{source} to C{sink}.  C{pending} goes first (bytes read
-    before the relay began); then each chunk is spliced through a pipe (or copied through
-    the shared buffer), and the source is read only while the sink keeps up.
+    One direction: bytes from C{source} to C{sink}, in two states.  Reading: the source is
+    watched; each chunk it has is moved into a pipe with C{splice(2)} (or into a buffer) and
+    on to the sink at once.  Owing: the sink did not take a whole chunk; the source is left
+    alone and the sink watched until it has taken the rest.  Then the flow reads on at once,
+    in the same event, since a source that outran its sink most likely has more: while the
+    sink stays the slower, each of its events moves a chunk, with no registration to change.
+
+    C{pending} goes first: bytes read before the relay began.
     """
 
     def __init__(
@@ -290,161 +291,156 @@ class _Flow:
         self._pipe: _Pipe | None = None
         self._inPipe = 0
         self._count = count
-        self._eof = False
         self.finished = False
 
     def start(self) -> None:
-        if self._pending is not None:
-            self._sendPending()
-        else:
-            self.source.startReading()
+        if self._flush():
+            self._waitForSource()
+        elif self._relay.running:
+            self._waitForSink()
 
     # -- events
 
     def readable(self) -> None:
-        if self.finished or self._eof:
+        if self.finished or self._owed():
             return
-        if self._pipes is not None and (self._pipe is not None or self._takePipe()):
-            self._spliceIn()
-        else:
-            self._copyIn()
+        self._move(COPY_ROUNDS)
 
     def writable(self) -> None:
-        if self._pending is not None:
-            self._sendPending()
-        elif self._inPipe:
-            self._spliceOut()
-        else:
-            self.sink.stopWriting()
+        if self.finished:
+            return
+        if not self._flush():
+            return
+        # The sink has taken everything: read on now (one chunk), not a turn later.
+        self._move(1)
 
-    # -- splice(2)
+    def _move(self, rounds: int) -> None:
+        """Read chunks and deliver them, while the source has them and the sink takes them."""
+        for _ in range(rounds):
+            got = self._fill()
+            if not self._relay.running:
+                return
+            if got is None:
+                self._sourceEnded()
+                return
+            if got == 0:
+                break
+            if not self._flush():
+                if self._relay.running:
+                    self._waitForSink()
+                return
+            if got < CHUNK:
+                break
+        self._waitForSource()
+
+    def _waitForSource(self) -> None:
+        self.sink.stopWriting()
+        self.source.startReading()
+
+    def _waitForSink(self) -> None:
+        self.source.stopReading()
+        self.sink.startWriting()
+
+    def _owed(self) -> bool:
+        return self._pending is not None or self._inPipe > 0
+
+    # -- reading: into a pipe, else into a buffer
+
+    def _fill(self) -> int | None:
+        """Read one chunk: its size, 0 when the source has nothing now, C{None} at its EOF."""
+        if self._pipes is not None and (self._pipe is not None or self._takePipe()):
+            return self._spliceIn()
+        return self._copyIn()
 
     def _takePipe(self) -> bool:
         assert self._pipes is not None
         self._pipe = self._pipes.take()
         return self._pipe is not None
 
-    def _spliceIn(self) -> None:
+    def _spliceIn(self) -> int | None:
         pipe = self._pipe
         assert pipe is not None and _SPLICE is not None
-        room = PIPE_SIZE - self._inPipe
         try:
             # Counted in bytes, not in the pipe's pages: one page of a pipe can hold a
             # socket buffer's whole fragment (32 KiB on loopback), so a full pipe can hold
             # many megabytes.  The bound is ours.
-            n = _SPLICE(self.source.fd, pipe.write, room, flags=_SPLICE_FLAGS)
+            n = _SPLICE(self.source.fd, pipe.write, PIPE_SIZE, flags=_SPLICE_FLAGS)
         except BlockingIOError:
-            # Readable, yet nothing came: the pipe is full.  Wait for the sink.
-            if self._inPipe:
-                self.source.stopReading()
-            else:
-                self._returnPipe()
-            return
+            self._returnPipe()
+            return 0
         except OSError as e:
             self._relay._fail(Failure(e))
-            return
+            return 0
         if n == 0:
-            self._sourceEnded()
-            return
-        self._inPipe += n
-        if self._inPipe >= PIPE_SIZE:
-            self.source.stopReading()
-        if not self.sink.waitingToWrite:
-            self._spliceOut()
+            self._returnPipe()
+            return None
+        self._inPipe = n
+        return n
 
-    def _spliceOut(self) -> None:
-        pipe = self._pipe
-        assert pipe is not None and _SPLICE is not None
+    def _copyIn(self) -> int | None:
+        buffer = _Buffers.take()
         try:
-            n = _SPLICE(pipe.read, self.sink.fd, self._inPipe, flags=_SPLICE_FLAGS)
+            n = self.source.socket.recv_into(buffer)
         except BlockingIOError:
-            n = 0
+            _Buffers.give(buffer)
+            return 0
         except OSError as e:
+            _Buffers.give(buffer)
             self._relay._fail(Failure(e))
-            return
-        if n:
-            self._inPipe -= n
-            self._count(n)
+            return 0
+        if n == 0:
+            _Buffers.give(buffer)
+            return None
+        self._buffer = buffer
+        self._pending = memoryview(buffer)[:n]
+        return n
+
+    # -- delivering: what a flow owes its sink
+
+    def _flush(self) -> bool:
+        """Deliver what is owed; C{True} once nothing is (C{False} too if the relay failed)."""
+        if self._pending is not None:
+            try:
+                sent = self.sink.socket.send(self._pending)
+            except BlockingIOError:
+                sent = 0
+            except OSError as e:
+                self._relay._fail(Failure(e))
+                return False
+            if sent:
+                self._count(sent)
+            if sent < len(self._pending):
+                self._pending = self._pending[sent:]
+                return False
+            self._dropPending()
         if self._inPipe:
-            self.sink.startWriting()
-            return
-        self.sink.stopWriting()
-        self._returnPipe()
-        if self._eof:
-            self._passEOF()
-        else:
-            self.source.startReading()
+            pipe = self._pipe
+            assert pipe is not None and _SPLICE is not None
+            try:
+                n = _SPLICE(pipe.read, self.sink.fd, self._inPipe, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                n = 0
+            except OSError as e:
+                self._relay._fail(Failure(e))
+                return False
+            if n:
+                self._inPipe -= n
+                self._count(n)
+            if self._inPipe:
+                return False
+            self._returnPipe()
+        return True
 
     def _returnPipe(self) -> None:
         pipe, self._pipe = self._pipe, None
         if pipe is not None and self._pipes is not None:
             self._pipes.give(pipe)
 
-    # -- the portable path
-
-    def _copyIn(self) -> None:
-        buffer = _Buffers.take()
-        view = memoryview(buffer)
-        size = len(buffer)
-        recv, send = self.source.socket.recv_into, self.sink.socket.send
-        try:
-            for _ in range(COPY_ROUNDS):
-                try:
-                    n = recv(buffer)
-                except BlockingIOError:
-                    return
-                if n == 0:
-                    self._sourceEnded()
-                    return
-                try:
-                    sent = send(view[:n])
-                except BlockingIOError:
-                    sent = 0
-                if sent:
-                    self._count(sent)
-                if sent < n:
-                    # The sink is full: keep the rest where it is, and stop reading.
-                    self._buffer, buffer = buffer, None  # type: ignore[assignment]
-                    self._pending = view[sent:n]
-                    self.source.stopReading()
-                    self.sink.startWriting()
-                    return
-                if n < size:
-                    return
-        except OSError as e:
-            self._relay._fail(Failure(e))
-        finally:
-            if buffer is not None:
-                view.release()
-                _Buffers.give(buffer)
-
-    def _sendPending(self) -> None:
-        pending = self._pending
-        assert pending is not None
-        try:
-            sent = self.sink.socket.send(pending)
-        except BlockingIOError:
-            sent = 0
-        except OSError as e:
-            self._relay._fail(Failure(e))
-            return
-        if sent:
-            self._count(sent)
-        if sent < len(pending):
-            self._pending = pending[sent:]
-            self.source.stopReading()
-            self.sink.startWriting()
-            return
-        self._dropPending()
-        self.sink.stopWriting()
-        if self._eof:
-            self._passEOF()
-        else:
-            self.source.startReading()
-
     def _dropPending(self) -> None:
         """The pending bytes are delivered (or never will be): give their buffer back."""
-        self._pending = None
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.release()
         buffer, self._buffer = self._buffer, None
         if buffer is not None:
             _Buffers.give(buffer)
@@ -452,14 +448,9 @@ class _Flow:
     # -- the end
 
     def _sourceEnded(self) -> None:
-        self._eof = True
+        """The source's EOF, read when nothing was owed: pass it on."""
         self.source.stopReading()
-        if self._pending is None and not self._inPipe:
-            self._returnPipe()
-            self._passEOF()
-
-    def _passEOF(self) -> None:
-        """Everything before the EOF is delivered: pass the EOF on."""
+        self.sink.stopWriting()
         with contextlib.suppress(OSError):
             # A sink that is already gone says so on its own events.
             self.sink.socket.shutdown(socket.SHUT_WR)
