@@ -32,7 +32,7 @@ from virby.logs import Logger, setVerbose
 from virby.mac import stable_mac
 from virby.orphans import stop_orphan
 from virby.proxy import ProxyFactory
-from virby.readiness import wait_for_guest
+from virby.readiness import BootTimeout, wait_for_guest
 from virby.vfkit import VfkitProcess, find_vfkit
 
 log = Logger()
@@ -100,7 +100,28 @@ class VfkitHypervisor:
             interval=READINESS_INTERVAL,
             what=f"MAC {mac} in {self._config.leases_file}",
         )
+        waiting.addErrback(self._explainNoLease, mac)
         return waiting.addCallback(lambda ip: (ip, port))
+
+    def _explainNoLease(self, reason: Failure, mac: str) -> Failure:
+        """
+        A wait that ends without a lease says why when the lease file knows: a lease named
+        for the VM under a DUID client id is a guest misconfiguration no wait can outlast.
+        """
+        timeout = reason.value
+        if not isinstance(timeout, BootTimeout) or timeout.reason != "no-lease":
+            return reason
+        explanation = self._leases.explainMissing(mac)
+        if explanation is None:
+            return reason
+        return Failure(
+            BootTimeout(
+                timeout.reason,
+                f"no DHCP lease for MAC {mac} within {self._config.start_timeout}s: {explanation}",
+                timeout.ip,
+                timeout.last_error,
+            )
+        )
 
 
 class DaemonService(MultiService):

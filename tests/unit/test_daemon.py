@@ -113,3 +113,26 @@ def test_shutdown_stops_listening_then_the_vm_then_the_control_socket(tmp_path) 
     daemon.stopService().addBoth(done.append)
     assert done == [None]
     assert daemon.lifecycle.state.value == "shutdown"
+
+
+def test_a_boot_without_a_lease_says_when_the_guest_sent_a_duid(tmp_path) -> None:
+    from twisted.internet.task import Clock
+
+    from tests.unit.test_leases import DUID_ONLY
+    from virby.daemon import VfkitHypervisor
+    from virby.readiness import BootTimeout
+
+    leases = tmp_path / "dhcpd_leases"
+    leases.write_text(DUID_ONLY)
+    clock = Clock()
+    cfg = config(tmp_path, **{"leases-file": str(leases), "start-timeout": 5})
+    hypervisor = VfkitHypervisor(clock, cfg, "/bin/vfkit")
+    hypervisor._mac = "52:54:00:12:03:0a"
+    outcome: list = []
+    hypervisor.waitReady(None).addBoth(outcome.append)
+    clock.advance(5)
+    clock.advance(1)
+    (failure,) = outcome
+    assert failure.check(BootTimeout) and failure.value.reason == "no-lease"
+    message = str(failure.value)
+    assert "DUID client id" in message and 'clientid ""' in message and "\n" not in message
