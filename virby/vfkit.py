@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 from virby.config import REST_SOCKET_NAME, Config
 from virby.errors import VirbyError
 from virby.logs import Logger
-from virby.rest import RestError, VfkitRestClient
+from virby.rest import RestDropped, RestError, VfkitRestClient
 from virby.runtime import remove_quietly, write_atomically
 
 log = Logger()
@@ -269,11 +269,15 @@ class VfkitProcess:
         return result
 
     async def _stopSequence(self) -> ExitStatus | None:
+        """
+        Only vfkit's exit says it stopped.  A step vfkit does not take (its API unreachable,
+        silent, or refusing) is logged and the next step follows at once, so a hung vfkit,
+        or one whose API is not up yet, never holds a stop for the whole ACPI grace.
+        """
         t = self._timings
-        if await self._ask("Stop") and await self._exitWithin(t.acpi):
+        if await self._ask("Stop", t.acpi):
             return self.protocol.status
-        hardStopped = self.protocol.status is None and await self._ask("HardStop")
-        if hardStopped and await self._exitWithin(t.hard):
+        if await self._ask("HardStop", t.hard):
             return self.protocol.status
         for signal, grace in (("TERM", t.term), ("KILL", t.kill)):
             if self.protocol.status is not None:
@@ -289,15 +293,34 @@ class VfkitProcess:
         log.error("vfkit (pid {pid}) survived SIGKILL", pid=self.pid)
         return self.protocol.status
 
-    async def _ask(self, state: str) -> bool:
+    async def _ask(self, state: str, grace: float) -> bool:
+        """Whether vfkit exited within C{grace} seconds of taking C{state}."""
         if self.protocol.status is not None:
-            return False
+            return True
         try:
             await Deferred.fromCoroutine(self.rest.request(state))
+        except RestDropped:
+            # vfkit exits the instant the VM is off, often before it answers (HardStop);
+            # a connection dropped on any request means it is going: its exit comes soon.
+            return await self._exitWithin(min(grace, self._timings.hard))
         except RestError as e:
-            log.info("vfkit's API did not take {state}: {why}", state=state, why=str(e))
-            return False
-        return True
+            if self.protocol.status is None:
+                log.warn(
+                    "vfkit (pid {pid}) did not take {state}: {why}; going on at once",
+                    pid=self.pid,
+                    state=state,
+                    why=str(e),
+                )
+            return self.protocol.status is not None
+        if await self._exitWithin(grace):
+            return True
+        log.warn(
+            "vfkit (pid {pid}) took {state} but was still running {grace:g}s later",
+            pid=self.pid,
+            state=state,
+            grace=grace,
+        )
+        return False
 
     async def _exitWithin(self, seconds: float) -> bool:
         if self.protocol.status is not None:

@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 
 import pytest
 
@@ -65,3 +66,61 @@ def test_a_duid_lease_is_named_in_the_error(make_builder) -> None:
     daemon.wait_for_line(r"boot failed: no DHCP lease for MAC .*DUID client id")
     last_error = status_of(builder)["last_error"]
     assert "DUID client id" in last_error and 'clientid ""' in last_error
+
+
+HUNG_VFKIT = """#!{python}
+# A vfkit whose REST API accepts requests and never answers them, and which ignores
+# SIGTERM: the hung hypervisor a stop must get through within launchd's 20 s.
+import signal, socket, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+path = sys.argv[sys.argv.index("--restful-uri") + 1].removeprefix("unix://")
+server = socket.socket(socket.AF_UNIX)
+server.bind(path)
+server.listen(16)
+print('time="now" level=info msg="REST API listening"', file=sys.stderr, flush=True)
+held = []
+while True:
+    connection, _ = server.accept()
+    held.append(connection)
+"""
+
+SILENT_VFKIT = """#!/bin/sh
+# A vfkit that never brings its REST API up (it fails before the socket exists).
+exec sleep 600
+"""
+
+
+def fake_vfkit(builder: Builder, name: str, text: str) -> str:
+    program = builder.root / name
+    program.write_text(text.format(python=sys.executable))
+    program.chmod(0o755)
+    return str(program)
+
+
+def test_a_boot_that_fails_before_vfkits_api_exists_stops_it_at_once(make_builder) -> None:
+    builder = make_builder(**{"start-timeout": 2})
+    vfkit = fake_vfkit(builder, "silent-vfkit", SILENT_VFKIT)
+    builder.config.write_text(json.dumps({**builder.settings, "vfkit": vfkit}))
+    daemon = builder.start()
+    assert builder.ssh("true", timeout=60).returncode != 0
+    daemon.wait_for_line(r"boot failed: no DHCP lease")
+    daemon.wait_for_line(r"did not take Stop: vfkit's API at \S+vfkit\.sock is unreachable")
+    daemon.wait_for_line(r"did not take HardStop")
+    daemon.wait_for_line(r"sending SIGTERM")
+    daemon.wait_for_line(r"VM stopped")
+    assert "took Stop" not in daemon.text()
+
+
+def test_sigterm_gets_through_a_hung_vfkit(make_builder) -> None:
+    builder = make_builder(**{"on-demand": False})
+    vfkit = fake_vfkit(builder, "hung-vfkit", HUNG_VFKIT)
+    builder.config.write_text(json.dumps({**builder.settings, "vfkit": vfkit}))
+    daemon = builder.start()
+    daemon.wait_for_line(r"starting .*hung-vfkit")
+    daemon.wait_for_line(r"vfkit: .*msg=\"REST API listening\"")
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait_exit(30) == 0
+    output = daemon.text()
+    assert "did not take Stop: vfkit did not answer Stop within 1.5s" in output, output
+    assert "did not take HardStop: vfkit did not answer HardStop within 1.5s" in output
+    assert "sending SIGKILL" in output and "Traceback" not in output

@@ -6,6 +6,7 @@ import os
 import stat
 
 import pytest
+import pytest_twisted
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
@@ -25,6 +26,21 @@ from virby.vfkit import (
 )
 
 MAC = "02:94:00:00:00:01"
+
+
+@pytest.fixture
+def logged():
+    """The text of every event logged while the test runs."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    lines: list[str] = []
+
+    def observe(event) -> None:
+        lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    yield lines
+    globalLogPublisher.removeObserver(observe)
 
 
 def config(**extra):
@@ -259,3 +275,82 @@ def test_stop_of_an_exited_vm_is_immediate(tmp_path) -> None:
     assert results(vm.stop()) == [ExitStatus(0, None)]
     assert rest.requests == []
     assert succeed(None)
+
+
+# -- what a stop does when vfkit's API does not answer: against a real REST client
+
+
+class HungAPI:
+    """A unix socket that accepts requests and never answers them, like a hung vfkit."""
+
+    def __init__(self, reactor, path: str) -> None:
+        from twisted.web.resource import Resource
+        from twisted.web.server import NOT_DONE_YET, Site
+
+        class Hang(Resource):
+            isLeaf = True
+
+            def render(self, request):
+                return NOT_DONE_YET
+
+        self.port = reactor.listenUNIX(path, Site(Hang()))
+
+
+def real_process(tmp_path, reactor, dies_on: set[str], timings: StopTimings):
+    from virby.rest import VfkitRestClient
+
+    protocol = VfkitProtocol()
+    transport = FakeTransport(protocol, dies_on)
+    rest = VfkitRestClient(reactor, str(tmp_path / "vfkit.sock"), timings.rest_timeout)
+    cfg = from_mapping({"working-directory": str(tmp_path)})
+    return VfkitProcess(reactor, cfg, protocol, transport, rest, timings), transport
+
+
+#: Graces long enough that a stop that waited one out would blow the test's bound.
+LONG = StopTimings(rest_timeout=0.2, acpi=60.0, hard=60.0, term=60.0, kill=60.0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_hung_vfkit_is_not_waited_for(tmp_path, logged) -> None:
+    from twisted.internet import reactor
+
+    api = HungAPI(reactor, str(tmp_path / "vfkit.sock"))
+    try:
+        vm, transport = real_process(tmp_path, reactor, {"TERM"}, LONG)
+        status = await vm.stop().addTimeout(20, reactor)
+    finally:
+        await api.port.stopListening()
+    assert status == ExitStatus(None, 15)
+    assert transport.signals == ["TERM"], "SIGTERM follows two unanswered requests at once"
+    said = " | ".join(logged)
+    assert "did not take Stop: vfkit did not answer Stop within 0.2s" in said
+    assert "did not take HardStop" in said
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_vfkit_without_its_api_yet_is_signalled_at_once(tmp_path, logged) -> None:
+    from twisted.internet import reactor
+
+    vm, transport = real_process(tmp_path, reactor, {"TERM"}, LONG)
+    status = await vm.stop().addTimeout(20, reactor)
+    assert status == ExitStatus(None, 15) and transport.signals == ["TERM"]
+    assert "unreachable" in " | ".join(logged)
+
+
+def test_a_dropped_answer_to_hardstop_waits_only_for_the_exit(tmp_path) -> None:
+    from virby.rest import RestDropped
+
+    vm, clock, rest, transport = process(tmp_path, powers_off=set(), dies_on=set())
+
+    async def drop(state: str) -> None:
+        rest.requests.append((clock.seconds(), state))
+        if state == "HardStop":
+            clock.callLater(0.1, vm.protocol.processEnded, Failure(ProcessDone(0)))
+            raise RestDropped("vfkit closed the connection without answering HardStop")
+
+    rest.request = drop
+    done = results(vm.stop())
+    clock.advance(7)
+    clock.advance(0.1)
+    assert done == [ExitStatus(0, None)] and transport.signals == []
+    assert [s for _, s in rest.requests] == ["Stop", "HardStop"]
