@@ -242,7 +242,10 @@ def checkWorkingDirectory(config: Config) -> None:
 def installSignalHandlers(reactor: Any) -> None:
     """
     SIGTERM and SIGINT shut down cleanly and exit 0.  twistd's own handlers would re-raise
-    the signal at exit, which launchd logs as a crash.
+    the signal at exit, which launchd logs as a crash.  Installed before the reactor runs
+    too: an always-on VM is spawned while the service starts, and a SIGTERM in that window
+    would otherwise kill the daemon outright and leave vfkit behind.  A stop requested
+    then runs as soon as the reactor does.
     """
 
     def shutdown(signum: int, frame: object) -> None:
@@ -269,6 +272,7 @@ def makeDaemonService(config: Config, reactor: Any) -> DaemonService:
     hypervisor = VfkitHypervisor(reactor, config, executable)
     lifecycle = Lifecycle(reactor, hypervisor, onDemand=config.on_demand, ttl=config.ttl)
     service = _ExitOnStartupError(reactor, config, endpoint, hypervisor, lifecycle)
+    installSignalHandlers(reactor)
     reactor.callWhenRunning(installSignalHandlers, reactor)
     return service
 
