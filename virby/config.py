@@ -89,16 +89,19 @@ def _json_integer(text: str) -> int | HugeNumber:
     return HugeNumber(digits) if digits > MAX_DIGITS else int(text)
 
 
-def _nested_too_deep(text: str) -> tuple[bool, str | None]:
+def _scan(text: str, stop: int | None = None) -> tuple[bool, str | None]:
     """
-    Whether C{text} nests deeper than L{MAX_NESTING}, found without recursing, and the
-    top-level key the excess is under (C{None} when it is not under one).
+    Walk C{text}'s structure without recursing, up to offset C{stop} (or the end): whether
+    it nests deeper than L{MAX_NESTING} on the way, and the top-level key the walk is in
+    where it ended (C{None} when outside any).
     """
     depth = 0
     key: str | None = None
     last: str | None = None
     # An unterminated string matches to the end, so the scan stays linear.
-    for token in re.finditer(r'"(?:[^"\\]|\\.)*"?|[\[\]{}:]', text):
+    for token in re.finditer(r'"(?:[^"\\]|\\.)*"?|[\[\]{}:,]', text):
+        if stop is not None and token.start() >= stop:
+            break
         symbol = token.group()
         if symbol in "[{":
             depth += 1
@@ -106,15 +109,18 @@ def _nested_too_deep(text: str) -> tuple[bool, str | None]:
                 return True, key
         elif symbol in "]}":
             depth -= 1
+        elif depth != 1:
+            continue
         elif symbol == ":":
-            if depth == 1 and last is not None:
-                key = last
-        elif depth == 1:
+            key = last
+        elif symbol == ",":
+            key = last = None
+        else:
             try:
                 last = json.loads(symbol)
             except ValueError:
                 last = None
-    return False, None
+    return False, key
 
 
 def decode_json(text: str, what: str, key: str | None = None) -> Any:
@@ -125,7 +131,7 @@ def decode_json(text: str, what: str, key: str | None = None) -> Any:
     @param key: the key that a mistake is charged to when it is not inside a known one.
     @raise ConfigError: naming the key at fault.
     """
-    deep, under = _nested_too_deep(text)
+    deep, under = _scan(text)
     if deep:
         raise ConfigError(
             key if key is not None else under,
@@ -136,6 +142,8 @@ def decode_json(text: str, what: str, key: str | None = None) -> Any:
     except RecursionError:
         raise ConfigError(key, f"{what} nests too deeply") from None
     except ValueError as e:
+        if key is None and isinstance(e, json.JSONDecodeError):
+            key = _scan(text, e.pos)[1]
         raise ConfigError(key, f"{what} is not valid JSON: {e}") from None
 
 
@@ -182,7 +190,7 @@ def _describe(value: object) -> str:
                 return name
             try:
                 shown = json.dumps(value)
-            except (ValueError, RecursionError):
+            except (TypeError, ValueError, RecursionError):
                 return name
             return f"{name} ({shown})" if len(shown) <= 40 else name
     return type(value).__name__

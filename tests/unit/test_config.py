@@ -269,7 +269,11 @@ def write(tmp_path, text: str):
         ('{"cores": -' + "9" * 5000 + "}", "cores", "a 5000-digit number"),
         ('{"shared-dirs": {"a": ' + "1" * 5000 + "}}", "shared-dirs", "a 5000-digit number"),
         ('{"cores": 1e999999}', "cores", "a number (Infinity)"),
-        ('{"cores": "unterminated', None, "not valid JSON"),
+        ('{"cores": [' + "1" * 5000 + "]}", "cores", "got a list"),
+        ('{"cores": "unterminated', "cores", "not valid JSON"),
+        ('{"cores": [1, 2,, 3], "ttl": 1}', "cores", "not valid JSON"),
+        ('{"cores": 1, "ttl": }', "ttl", "not valid JSON"),
+        ('{"cores": 1,, "ttl": 1}', None, "not valid JSON"),
         ('"' + "x" * 200_000, None, "not valid JSON"),
     ],
 )
@@ -395,7 +399,8 @@ flag_texts = st.one_of(
     st.sampled_from(COMMANDS), st.sampled_from([k for k in KEYS if k.kind != "flag"]), flag_texts
 )
 def test_any_flag_loads_or_is_one_line_in_every_command(command, key, text) -> None:
-    code, stderr = run_command(command, None, [f"--{key.name}", text])
+    # The --KEY=VALUE form: "--cores -:" is an argument parser's usage error, not a value.
+    code, stderr = run_command(command, None, [f"--{key.name}={text}"])
     assert_one_line_or_loaded(code, stderr, key.name)
 
 
