@@ -10,7 +10,9 @@ C{processEnded}, not by polling.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import shutil
 from collections import deque
 from collections.abc import Iterable
@@ -87,20 +89,56 @@ def vfkit_arguments(
 
 @dataclass(frozen=True)
 class ExitStatus:
-    """How vfkit ended: an exit code, or the signal that killed it."""
+    """
+    How vfkit ended: an exit code, or the signal that killed it, and the last error vfkit
+    itself reported (its own words say why far better than "status 1").
+    """
 
     code: int | None
     signal: int | None
+    message: str | None = None
 
     @classmethod
-    def from_reason(cls, reason: Failure) -> ExitStatus:
+    def from_reason(cls, reason: Failure, message: str | None = None) -> ExitStatus:
         value = reason.value
-        return cls(getattr(value, "exitCode", None), getattr(value, "signal", None))
+        return cls(getattr(value, "exitCode", None), getattr(value, "signal", None), message)
 
     def describe(self) -> str:
         if self.signal is not None:
-            return f"was killed by signal {self.signal}"
-        return f"exited with status {self.code}"
+            how = f"was killed by signal {self.signal}"
+        else:
+            how = f"exited with status {self.code}"
+        if self.message and (self.signal is not None or self.code != 0):
+            how += f" (vfkit: {self.message})"
+        return how
+
+
+_LOGRUS_LEVEL = re.compile(r'(?:^|\s)level=("?)(\w+)\1')
+_LOGRUS_MESSAGE = re.compile(r'(?:^|\s)msg=("(?:[^"\\]|\\.)*"|\S+)')
+
+
+def vfkit_error(line: str) -> str | None:
+    """
+    The error in one line of vfkit's stderr, if it reports one: a logrus line at level
+    error, fatal or panic (its C{msg}), or a bare line, which is how vfkit prints the error
+    it exits with (cmd/vfkit/root.go: C{fmt.Fprintln(os.Stderr, err)}).
+    """
+    text = line.strip()
+    level = _LOGRUS_LEVEL.search(text)
+    if level is None:
+        return text[:300] or None
+    if level.group(2).lower() not in ("error", "fatal", "panic"):
+        return None
+    found = _LOGRUS_MESSAGE.search(text)
+    if found is None:
+        return text[:300]
+    message = found.group(1)
+    if message.startswith('"'):
+        try:
+            message = json.loads(message)
+        except ValueError:
+            message = message.strip('"')
+    return " ".join(message.split())[:300] or None
 
 
 class VfkitProtocol(ProcessProtocol):
@@ -112,6 +150,7 @@ class VfkitProtocol(ProcessProtocol):
         self._serialLogPath = serial_log
         self._serialLog: IO[bytes] | None = None
         self.status: ExitStatus | None = None
+        self.lastError: str | None = None
         self._waiters: list[Deferred[ExitStatus]] = []
 
     def connectionMade(self) -> None:
@@ -144,6 +183,7 @@ class VfkitProtocol(ProcessProtocol):
     def _logVfkit(self, line: str) -> None:
         if not line.strip():
             return
+        self.lastError = vfkit_error(line) or self.lastError
         lowered = line.lower()
         if "level=error" in lowered or "level=fatal" in lowered or "error" in lowered:
             log.warn("vfkit: {line}", line=line)
@@ -159,7 +199,7 @@ class VfkitProtocol(ProcessProtocol):
         if self._serialLog is not None:
             self._serialLog.close()
             self._serialLog = None
-        self.status = ExitStatus.from_reason(reason)
+        self.status = ExitStatus.from_reason(reason, self.lastError)
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             waiter.callback(self.status)

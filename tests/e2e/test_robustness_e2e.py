@@ -124,3 +124,15 @@ def test_sigterm_gets_through_a_hung_vfkit(make_builder) -> None:
     assert "did not take Stop: vfkit did not answer Stop within 1.5s" in output, output
     assert "did not take HardStop: vfkit did not answer HardStop within 1.5s" in output
     assert "sending SIGKILL" in output and "Traceback" not in output
+
+
+def test_last_error_carries_vfkits_own_words(make_builder) -> None:
+    builder = make_builder()
+    builder.env["VIRBY_EMULATOR_FAULT"] = "crash-after=1"
+    daemon = builder.start()
+    builder.ssh("true", timeout=60)
+    daemon.wait_for_line(r"the VM exited with status 1", timeout=60)
+    last_error = status_of(builder)["last_error"]
+    assert last_error == (
+        "the VM exited with status 1 (vfkit: virtualization error: hypervisor virtualization error)"
+    )

@@ -23,6 +23,7 @@ from virby.vfkit import (
     WorkingDirectoryError,
     find_vfkit,
     vfkit_arguments,
+    vfkit_error,
 )
 
 MAC = "02:94:00:00:00:01"
@@ -354,3 +355,39 @@ def test_a_dropped_answer_to_hardstop_waits_only_for_the_exit(tmp_path) -> None:
     clock.advance(0.1)
     assert done == [ExitStatus(0, None)] and transport.signals == []
     assert [s for _, s in rest.requests] == ["Stop", "HardStop"]
+
+
+@pytest.mark.parametrize(
+    ("line", "error"),
+    [
+        ('time="2024-01-01T00:00:00Z" level=error msg="boom: it broke"', "boom: it broke"),
+        ('time="x" level=fatal msg=oops', "oops"),
+        ('time="x" level=info msg="virtual machine is running"', None),
+        ('time="x" level=warning msg="Error configuring guest time synchronization"', None),
+        ("nested virtualization is not supported", "nested virtualization is not supported"),
+        ('level=error msg="failed action: \\"VZErrorDomain\\""', 'failed action: "VZErrorDomain"'),
+    ],
+)
+def test_vfkit_errors_are_read_from_its_log(line: str, error: str | None) -> None:
+    assert vfkit_error(line) == error
+
+
+def test_the_exit_carries_vfkits_last_error() -> None:
+    protocol = VfkitProtocol()
+    protocol.errReceived(b'time="x" level=info msg="virtual machine is running"\n')
+    protocol.errReceived(b'time="x" level=error msg="virtualization error: hypervisor vir')
+    protocol.errReceived(b'tualization error"\ntime="x" level=info msg="exit handlers ran"\n')
+    protocol.processEnded(Failure(ProcessTerminated(1)))
+    status = protocol.status
+    assert status is not None
+    assert status.message == "virtualization error: hypervisor virtualization error"
+    assert status.describe() == (
+        "exited with status 1 (vfkit: virtualization error: hypervisor virtualization error)"
+    )
+
+
+def test_a_clean_exit_says_nothing_more() -> None:
+    protocol = VfkitProtocol()
+    protocol.errReceived(b'time="x" level=error msg="failed to shutdown VM"\n')
+    protocol.processEnded(Failure(ProcessDone(0)))
+    assert protocol.status is not None and protocol.status.describe() == "exited with status 0"
