@@ -24,15 +24,24 @@ from twisted.python.failure import Failure
 
 from virby import __version__
 from virby.config import Config
-from virby.control import CONTROL_SOCKET, ControlFactory, controlEndpoint
+from virby.control import (
+    CONTROL_SOCKET,
+    DAEMON_LOCK,
+    ControlFactory,
+    StaleSocketError,
+    clearStaleSocket,
+    controlEndpoint,
+)
 from virby.errors import VirbyError
 from virby.leases import LeaseFile
 from virby.lifecycle import Lifecycle, VirtualMachine
+from virby.locks import FileLock, LockError
 from virby.logs import Logger, setVerbose
 from virby.mac import stable_mac
 from virby.orphans import stop_orphan
 from virby.proxy import ProxyFactory
 from virby.readiness import BootTimeout, wait_for_guest
+from virby.runtime import remove_quietly
 from virby.vfkit import VfkitProcess, find_vfkit
 
 log = Logger()
@@ -130,7 +139,7 @@ class DaemonService(MultiService):
 
     Stopping (SIGTERM from launchd, or ^C) stops accepting first, then powers the guest off
     within launchd's 20 s, then closes the control socket, so C{virby status} can watch the
-    shutdown.
+    shutdown, and last lets go of the working directory's lock.
     """
 
     def __init__(
@@ -149,27 +158,77 @@ class DaemonService(MultiService):
         self.lifecycle = lifecycle
         self._ports: list[IListeningPort] = []
         self._control: IListeningPort | None = None
+        self._lock: FileLock | None = None
         self._startedAt: float | None = None
 
     def startService(self) -> None:
         """
-        Listen synchronously: twistd calls this before the reactor runs, so a port in use or
-        a missing launchd socket fails the start here, with one line, instead of later.
+        Lock the working directory, then listen, all synchronously: twistd calls this before
+        the reactor runs, so another daemon, a port in use or a missing launchd socket fails
+        the start here, with one line, instead of later.  A start that fails takes back what
+        it made, so no control socket or lock file is left behind.
         """
         super().startService()
         self._startedAt = self._reactor.seconds()
-        self._control = _listenNow(
-            controlEndpoint(self._reactor, self._config.path(CONTROL_SOCKET)),
-            ControlFactory(self.describe),
-            "the control socket",
-        )
-        self._ports = _listenAll(
-            self._endpoint, ProxyFactory(self._reactor, self.lifecycle), self._config.listen
-        )
+        self._lockWorkingDirectory()
+        try:
+            self._ports = _listenAll(
+                self._endpoint, ProxyFactory(self._reactor, self.lifecycle), self._config.listen
+            )
+            self._control = self._listenControl()
+        except BaseException:
+            self._abandonStart()
+            raise
         for port in self._ports:
             log.info("serving the builder on {address}", address=_address(port))
         self._hypervisor.stopOrphan()
         self.lifecycle.start()
+
+    def _lockWorkingDirectory(self) -> None:
+        """One daemon per working directory: the kernel drops the lock when this one dies."""
+        lock = FileLock(self._config.path(DAEMON_LOCK))
+        fix = "run `virby prepare --config FILE` to repair the working directory"
+        try:
+            acquired = lock.acquire()
+        except LockError as e:
+            raise StartupError(f"{e}; {fix}") from None
+        if not acquired:
+            holder = lock.holder()
+            raise StartupError(
+                f"another virby daemon ({f'pid {holder}' if holder else 'unknown pid'}) "
+                f"is already serving {self._config.working_directory}: stop it first, or "
+                "give this daemon its own working-directory"
+            )
+        self._lock = lock
+
+    def _listenControl(self) -> IListeningPort:
+        path = self._config.path(CONTROL_SOCKET)
+        try:
+            clearStaleSocket(path)
+        except StaleSocketError as e:
+            raise StartupError(str(e)) from None
+        return _listenNow(
+            controlEndpoint(self._reactor, path),
+            ControlFactory(self.describe),
+            "the control socket",
+        )
+
+    def _abandonStart(self) -> None:
+        ports, self._ports = self._ports, []
+        for port in ports:
+            port.stopListening()
+        if self._control is not None:
+            control, self._control = self._control, None
+            control.stopListening()
+        path = self._config.path(CONTROL_SOCKET)
+        if os.path.lexists(path) and not os.path.isdir(path):
+            remove_quietly(path)  # bound by the failed listen: nothing else can be there
+        self._releaseLock()
+
+    def _releaseLock(self) -> None:
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.release(remove=True)
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
@@ -182,6 +241,7 @@ class DaemonService(MultiService):
         if self._control is not None:
             control, self._control = self._control, None
             await maybeDeferred(control.stopListening)
+        self._releaseLock()
         log.info("stopped")
 
     def describe(self) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -136,3 +137,68 @@ def test_last_error_carries_vfkits_own_words(make_builder) -> None:
     assert last_error == (
         "the VM exited with status 1 (vfkit: virtualization error: hypervisor virtualization error)"
     )
+
+
+# -- starting again after a crash: a lock the kernel releases, stale files replaced
+
+
+@pytest.fixture
+def unrelated_process():
+    process = subprocess.Popen(["sleep", "600"])
+    yield process.pid
+    process.kill()
+    process.wait(30)
+
+
+def test_a_lock_naming_a_live_unrelated_pid_does_not_stop_a_start(
+    make_builder, unrelated_process
+) -> None:
+    builder = make_builder()
+    (builder.wd / "daemon.lock").write_text(f"{unrelated_process}\n")
+    os.symlink(str(unrelated_process), builder.wd / "control.sock.lock")
+    daemon = builder.start()
+    assert status_of(builder)["daemon_pid"] == daemon.pid
+    result = builder.ssh("echo", "up")
+    assert result.stdout == "up\n", result.stderr + daemon.text()
+
+
+@pytest.mark.parametrize("junk", ["file", "stale-socket"])
+def test_junk_at_the_control_socket_is_replaced(make_builder, junk) -> None:
+    builder = make_builder()
+    path = builder.wd / "control.sock"
+    if junk == "file":
+        path.write_text("junk")
+    else:
+        stale = socket.socket(socket.AF_UNIX)
+        stale.bind(str(path))
+        stale.close()
+    daemon = builder.start()
+    assert status_of(builder)["daemon_pid"] == daemon.pid
+
+
+def test_a_failed_start_leaves_nothing_behind(make_builder) -> None:
+    builder = make_builder()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", builder.port))
+        busy.listen(1)
+        daemon = builder.start(wait=False)
+        assert daemon.wait_exit(60) == 1
+    lines = [line for line in daemon.text().splitlines() if "error" in line.lower()]
+    assert any("twistd virby: error: cannot listen on" in line for line in lines), daemon.text()
+    assert "Traceback" not in daemon.text()
+    left = {p.name for p in builder.wd.iterdir()}
+    assert not left & {"control.sock", "control.sock.lock", "daemon.lock"}, left
+
+
+def test_two_daemons_cannot_serve_one_working_directory(make_builder) -> None:
+    builder = make_builder()
+    first = builder.start()
+    second = builder.start("--listen", "tcp:0:interface=127.0.0.1", wait=False)
+    assert second.wait_exit(60) == 1
+    errors = [line for line in second.text().splitlines() if "twistd virby: error" in line]
+    assert len(errors) == 1 and errors[0].endswith(
+        f"twistd virby: error: another virby daemon (pid {first.pid}) is already serving "
+        f"{builder.wd}: stop it first, or give this daemon its own working-directory"
+    ), second.text()
+    assert status_of(builder)["daemon_pid"] == first.pid
+    assert builder.ssh("true").returncode == 0

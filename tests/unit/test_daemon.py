@@ -136,3 +136,69 @@ def test_a_boot_without_a_lease_says_when_the_guest_sent_a_duid(tmp_path) -> Non
     assert failure.check(BootTimeout) and failure.value.reason == "no-lease"
     message = str(failure.value)
     assert "DUID client id" in message and 'clientid ""' in message and "\n" not in message
+
+
+# -- one daemon per working directory, and a start that fails leaves nothing
+
+
+def test_a_stale_pid_never_stops_a_start(tmp_path) -> None:
+    (tmp_path / "daemon.lock").write_text(f"{os.getppid()}\n")
+    os.symlink(str(os.getppid()), tmp_path / "control.sock.lock")  # an older version's lock
+    daemon = service(tmp_path, MemoryReactorClock())
+    daemon.startService()
+    assert (tmp_path / "daemon.lock").read_text() == f"{os.getpid()}\n"
+    assert not os.path.lexists(tmp_path / "control.sock.lock")
+    done: list = []
+    daemon.stopService().addBoth(done.append)
+    assert done == [None] and not (tmp_path / "daemon.lock").exists()
+
+
+@pytest.mark.parametrize("junk", ["file", "socket", "symlink"])
+def test_junk_at_the_control_socket_is_replaced(tmp_path, junk) -> None:
+    path = tmp_path / "control.sock"
+    if junk == "file":
+        path.write_text("junk")
+    elif junk == "socket":
+        with socket.socket(socket.AF_UNIX) as stale:
+            stale.bind(str(path))
+    else:
+        os.symlink("/nonexistent", path)
+    reactor = MemoryReactorClock()
+    service(tmp_path, reactor).startService()
+    assert not os.path.lexists(path), "cleared before listening"
+    assert reactor.unixServers[0][0] == str(path)
+
+
+def test_a_directory_at_the_control_socket_is_one_line(tmp_path) -> None:
+    (tmp_path / "control.sock").mkdir()
+    with pytest.raises(StartupError) as caught:
+        service(tmp_path, MemoryReactorClock()).startService()
+    assert "is a directory, not the control socket: remove it" in str(caught.value)
+    assert not (tmp_path / "daemon.lock").exists()
+
+
+def test_a_second_daemon_on_one_working_directory_is_one_line(tmp_path) -> None:
+    first = service(tmp_path, MemoryReactorClock())
+    first.startService()
+    second = service(tmp_path, MemoryReactorClock())
+    with pytest.raises(StartupError) as caught:
+        second.startService()
+    message = str(caught.value)
+    assert f"another virby daemon (pid {os.getpid()}) is already serving {tmp_path}" in message
+    assert "\n" not in message
+    assert (tmp_path / "daemon.lock").exists(), "the first daemon keeps its lock"
+
+
+def test_a_failed_start_leaves_nothing_behind(tmp_path) -> None:
+    from twisted.internet import reactor
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    try:
+        endpoint = TCP4ServerEndpoint(reactor, busy.getsockname()[1], interface="127.0.0.1")
+        with pytest.raises(StartupError):
+            service(tmp_path, MemoryReactorClock(), endpoint).startService()
+    finally:
+        busy.close()
+    assert sorted(os.listdir(tmp_path)) == [], "no control.sock, no lock file"
