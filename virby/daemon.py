@@ -38,7 +38,7 @@ from virby.lifecycle import Lifecycle, VirtualMachine
 from virby.locks import FileLock, LockError
 from virby.logs import Logger, setVerbose
 from virby.mac import stable_mac
-from virby.orphans import stop_orphan
+from virby.orphans import VM_LOCK, stop_orphan
 from virby.proxy import ProxyFactory
 from virby.readiness import BootTimeout, wait_for_guest
 from virby.runtime import remove_quietly
@@ -60,8 +60,9 @@ class VfkitHypervisor:
     """
     Starts vfkit and finds out when its guest answers SSH: the lifecycle's view of the VM.
 
-    A vfkit left behind by a crashed daemon is stopped before the first boot: two VMs on
-    one disk image would corrupt it.
+    A VM left behind by a crashed daemon is stopped before the first boot, and no VM is
+    ever booted while a process still holds the working directory's VM lock: two VMs on
+    one disk image would corrupt it (L{virby.orphans}).
     """
 
     def __init__(self, reactor: Any, config: Config, executable: str) -> None:
@@ -69,33 +70,85 @@ class VfkitHypervisor:
         self._config = config
         self._executable = executable
         self._leases = LeaseFile(config.leases_file)
-        self._orphanCheck: Deferred[Any] | None = None
+        self._orphanCheck: Deferred[Exception | None] | None = None
         self._mac: str | None = None
 
-    def stopOrphan(self) -> Deferred[Any]:
-        """Stop a leftover vfkit once per daemon; every spawn waits for this."""
-        if self._orphanCheck is None:
-            self._orphanCheck = Deferred.fromCoroutine(
-                stop_orphan(self._reactor, self._config.path("vfkit.pid"), self._executable)
-            )
-            self._orphanCheck.addErrback(
-                lambda f: log.error("checking for a leftover vfkit failed: {why}", why=f.value)
-            )
-        return self._orphanCheck
+    def stopOrphan(self) -> Deferred[None]:
+        """
+        Stop a VM left by a previous daemon; every spawn waits for this.  It runs once per
+        daemon when it succeeds, and again at the next spawn when it could not.
+        """
+        check = self._orphanCheck
+        if check is None:
+            check = self._orphanCheck = Deferred.fromCoroutine(self._checkOrphan())
+            check.addCallback(self._forgetFailedCheck, check)
+        waiting: Deferred[None] = Deferred()
+
+        def relay(outcome: Exception | None) -> Exception | None:
+            if outcome is None:
+                waiting.callback(None)
+            else:
+                waiting.errback(outcome)
+            return outcome
+
+        check.addCallback(relay)
+        return waiting
+
+    async def _checkOrphan(self) -> Exception | None:
+        """The outcome, never a failure: each caller gets its own copy of an error."""
+        try:
+            await stop_orphan(self._reactor, self._config.working_directory)
+        except VirbyError as e:
+            log.error("{why}", why=str(e))
+            return e
+        except Exception:
+            log.failure("checking for a VM left by a previous daemon failed")
+            return StartupError("checking for a VM left by a previous daemon failed: see the log")
+        return None
+
+    def _forgetFailedCheck(
+        self, outcome: Exception | None, check: Deferred[Exception | None]
+    ) -> Exception | None:
+        if outcome is not None and self._orphanCheck is check:
+            self._orphanCheck = None
+        return outcome
 
     def spawn(self) -> Deferred[VirtualMachine]:
         return Deferred.fromCoroutine(self._spawn())
 
     async def _spawn(self) -> VirtualMachine:
         await self.stopOrphan()
+        lock = self._lockVM()
         try:
             self._mac = stable_mac(self._config.path("mac"))
         except OSError as e:
+            lock.release()
             raise StartupError(
                 f"cannot keep the VM's MAC in {self._config.path('mac')}: {e.strerror or e}; "
                 "run `virby prepare` to repair the working directory"
             ) from None
-        return VfkitProcess.start(self._reactor, self._config, self._executable, self._mac)
+        try:
+            return VfkitProcess.start(
+                self._reactor, self._config, self._executable, self._mac, vmLock=lock
+            )
+        except BaseException:
+            lock.release()
+            raise
+
+    def _lockVM(self) -> FileLock:
+        """The VM lock, which the vfkit about to start inherits and holds for its life."""
+        lock = FileLock(self._config.path(VM_LOCK))
+        try:
+            acquired = lock.acquire()
+        except LockError as e:
+            raise StartupError(f"{e}; run `virby prepare` to repair it") from None
+        if not acquired:
+            raise StartupError(
+                f"a VM of {self._config.working_directory} is still running: a process "
+                f"holds {lock.path} (find it with `lsof {lock.path}`); stop it and connect "
+                "again"
+            )
+        return lock
 
     def waitReady(self, vm: VirtualMachine) -> Deferred[tuple[str, int]]:
         mac = self._mac
@@ -181,7 +234,7 @@ class DaemonService(MultiService):
             raise
         for port in self._ports:
             log.info("serving the builder on {address}", address=_address(port))
-        self._hypervisor.stopOrphan()
+        self._hypervisor.stopOrphan().addErrback(lambda _: None)  # logged where it failed
         self.lifecycle.start()
 
     def _lockWorkingDirectory(self) -> None:

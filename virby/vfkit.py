@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 
 from virby.config import REST_SOCKET_NAME, Config
 from virby.errors import VirbyError
+from virby.locks import FileLock
 from virby.logs import Logger
 from virby.rest import RestDropped, RestError, VfkitRestClient
 from virby.runtime import remove_quietly, write_atomically
@@ -246,6 +247,7 @@ class VfkitProcess:
         transport: Any,
         rest: VfkitRestClient,
         timings: StopTimings = StopTimings(),
+        vmLock: FileLock | None = None,
     ) -> None:
         self._reactor = reactor
         self._config = config
@@ -253,6 +255,7 @@ class VfkitProcess:
         self._transport = transport
         self.rest = rest
         self._timings = timings
+        self._vmLock = vmLock
         self.pid: int = transport.pid
         self._stopping: Deferred[ExitStatus | None] | None = None
         protocol.whenEnded().addCallback(self._cleanUp)
@@ -265,10 +268,15 @@ class VfkitProcess:
         executable: str,
         mac: str,
         timings: StopTimings = StopTimings(),
+        vmLock: FileLock | None = None,
     ) -> VfkitProcess:
         """
         Spawn vfkit.  Checks first what a boot needs, so a vanished working directory is one
         clear error, not a vfkit complaint in the log.
+
+        @param vmLock: the working directory's VM lock, held; vfkit inherits it (as fd 3,
+            which it ignores) so that the lock lives as long as the VM, even if this daemon
+            dies first (L{virby.orphans}).
         """
         _check_working_directory(config)
         remove_quietly(config.path(REST_SOCKET_NAME))
@@ -282,11 +290,11 @@ class VfkitProcess:
             args,
             env=dict(os.environ),
             path=config.working_directory,
-            childFDs={0: "w", 1: "r", 2: "r"},
+            childFDs={0: "w", 1: "r", 2: "r", **({3: vmLock.fileno()} if vmLock else {})},
         )
         write_atomically(config.path("vfkit.pid"), str(transport.pid).encode(), 0o644)
         rest = VfkitRestClient(reactor, config.path(REST_SOCKET_NAME), timings.rest_timeout)
-        return cls(reactor, config, protocol, transport, rest, timings)
+        return cls(reactor, config, protocol, transport, rest, timings, vmLock)
 
     @property
     def ended(self) -> Deferred[ExitStatus]:
@@ -382,7 +390,13 @@ class VfkitProcess:
         self._signal("KILL")
 
     def _cleanUp(self, status: ExitStatus) -> ExitStatus:
-        """Remove the runtime files, if they are still this process's."""
+        """
+        vfkit is gone (reaped): remove the runtime files if they are still this process's,
+        and let go of our copy of the VM lock.
+        """
+        if self._vmLock is not None:
+            lock, self._vmLock = self._vmLock, None
+            lock.release()
         pidfile = self._config.path("vfkit.pid")
         try:
             with open(pidfile, encoding="ascii") as f:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,6 +17,7 @@ import sys
 import pytest
 
 from tests.e2e.builder import Builder, tool
+from tests.e2e.support import pids_of, wait_gone
 
 pytestmark = pytest.mark.e2e
 
@@ -202,3 +205,75 @@ def test_two_daemons_cannot_serve_one_working_directory(make_builder) -> None:
     ), second.text()
     assert status_of(builder)["daemon_pid"] == first.pid
     assert builder.ssh("true").returncode == 0
+
+
+# -- a VM left by a killed daemon: known by what only ours has, never by its name
+
+
+def wrapped_emulator(builder: Builder) -> str:
+    """vfkit behind a wrapper: a shell that execs the emulator under another name."""
+    binary = builder.root / "bin"
+    binary.mkdir()
+    hypervisor = binary / "hypervisor"
+    shutil.copy(tool("vfkit-emulator"), hypervisor)
+    wrapper = binary / "vm-wrapper"
+    wrapper.write_text(f'#!/bin/sh\nexec "{hypervisor}" "$@"\n')
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+
+def hypervisors(builder: Builder) -> list[int]:
+    return pids_of(r"bin/hypervisor .*" + re.escape(str(builder.wd)))
+
+
+def test_a_vm_started_through_a_wrapper_is_stopped_after_a_crash(make_builder) -> None:
+    builder = make_builder()
+    builder.config.write_text(json.dumps({**builder.settings, "vfkit": wrapped_emulator(builder)}))
+    daemon = builder.start()
+    assert builder.ssh("true").returncode == 0, daemon.text()
+    (orphan,) = hypervisors(builder)
+    assert int((builder.wd / "vfkit.pid").read_text()) == orphan
+    daemon.signal(signal.SIGKILL)
+    daemon.wait_exit(10)
+    assert hypervisors(builder) == [orphan], "the orphan outlives its daemon"
+    again = builder.start()
+    again.wait_for_line(rf"stopped the leftover vfkit \(pid {orphan}\)", timeout=60)
+    assert wait_gone([orphan]) == []
+    result = builder.ssh("echo", "again")
+    assert result.stdout == "again\n", result.stderr + again.text()
+    (current,) = hypervisors(builder)
+    assert current != orphan
+
+
+def test_a_process_named_vfkit_that_is_not_ours_is_left_alone(make_builder) -> None:
+    builder = make_builder()
+    foreign_dir = builder.root / "podman"
+    foreign_dir.mkdir()
+    shutil.copy(shutil.which("sleep") or "/bin/sleep", foreign_dir / "vfkit")
+    foreign = subprocess.Popen([str(foreign_dir / "vfkit"), "600"])
+    try:
+        (builder.wd / "vfkit.pid").write_text(str(foreign.pid))
+        daemon = builder.start()
+        daemon.wait_for_line(
+            rf"names pid {foreign.pid}, which is not this working directory's vfkit .*"
+            r"leaving it alone"
+        )
+        assert builder.ssh("true").returncode == 0, daemon.text()
+        assert foreign.poll() is None, "another tool's vfkit is never signalled"
+    finally:
+        foreign.kill()
+        foreign.wait(30)
+
+
+def test_no_second_vm_boots_on_a_disk_an_unknown_vm_holds(make_builder) -> None:
+    builder = make_builder()
+    daemon = builder.start()
+    assert builder.ssh("true").returncode == 0
+    (orphan,) = builder.emulators()
+    daemon.signal(signal.SIGKILL)
+    daemon.wait_exit(10)
+    (builder.wd / "vfkit.pid").unlink()  # nothing says where the orphan is any more
+    again = builder.start()
+    assert builder.ssh("true", timeout=60).returncode != 0
+    again.wait_for_line(r"boot failed: a VM of \S+ is still running: a process holds \S+vm\.lock")
+    assert builder.emulators() == [orphan], "no second VM on the same disk"

@@ -202,3 +202,74 @@ def test_a_failed_start_leaves_nothing_behind(tmp_path) -> None:
     finally:
         busy.close()
     assert sorted(os.listdir(tmp_path)) == [], "no control.sock, no lock file"
+
+
+# -- no second VM on a disk a live process holds
+
+
+def prepared(tmp_path):
+    (tmp_path / "vm_sshd_keys").mkdir()
+    (tmp_path / "diff.img").write_bytes(b"")
+    return config(tmp_path)
+
+
+class SpawningReactor(MemoryReactorClock):
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list = []
+
+    def spawnProcess(self, protocol, executable, args, env, path, childFDs):
+        from tests.unit.test_vfkit import FakeTransport
+
+        self.spawned.append(childFDs)
+        transport = FakeTransport(protocol, set())
+        protocol.makeConnection(transport)
+        return transport
+
+
+def outcome(d) -> list:
+    box: list = []
+    d.addBoth(box.append)
+    return box
+
+
+def test_no_vm_boots_while_a_process_holds_the_vm_lock(tmp_path) -> None:
+    from virby.daemon import VfkitHypervisor
+    from virby.locks import FileLock
+
+    held = FileLock(str(tmp_path / "vm.lock"))
+    assert held.acquire()
+    reactor = SpawningReactor()
+    hypervisor = VfkitHypervisor(reactor, prepared(tmp_path), "/bin/vfkit")
+    (failure,) = outcome(hypervisor.spawn())
+    assert failure.check(StartupError)
+    assert f"a VM of {tmp_path} is still running: a process holds {tmp_path}/vm.lock" in str(
+        failure.value
+    )
+    assert reactor.spawned == []
+    held.release()
+    (vm,) = outcome(hypervisor.spawn())
+    assert 3 in reactor.spawned[0] and vm.pid == 4242
+
+
+def test_an_orphan_that_could_not_be_stopped_is_checked_again(tmp_path, monkeypatch) -> None:
+    import virby.daemon
+    from virby.orphans import OrphanError
+
+    attempts: list = []
+
+    async def stubborn(reactor, working_directory):
+        attempts.append(working_directory)
+        if len(attempts) == 1:
+            raise OrphanError("the VM left by a previous daemon (vfkit pid 7) survived SIGKILL")
+        return None
+
+    monkeypatch.setattr(virby.daemon, "stop_orphan", stubborn)
+    reactor = SpawningReactor()
+    hypervisor = virby.daemon.VfkitHypervisor(reactor, prepared(tmp_path), "/bin/vfkit")
+    (failure,) = outcome(hypervisor.spawn())
+    assert failure.check(OrphanError) and reactor.spawned == []
+    (vm,) = outcome(hypervisor.spawn())
+    assert len(attempts) == 2 and vm.pid == 4242
+    outcome(hypervisor.spawn())
+    assert len(attempts) == 2, "a check that succeeded is not repeated"

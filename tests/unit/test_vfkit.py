@@ -391,3 +391,21 @@ def test_a_clean_exit_says_nothing_more() -> None:
     protocol.errReceived(b'time="x" level=error msg="failed to shutdown VM"\n')
     protocol.processEnded(Failure(ProcessDone(0)))
     assert protocol.status is not None and protocol.status.describe() == "exited with status 0"
+
+
+def test_vfkit_inherits_the_vm_lock_and_it_is_let_go_when_vfkit_is_gone(tmp_path) -> None:
+    from virby.locks import FileLock
+
+    reactor = RecordingReactor()
+    wd = tmp_path / "wd"
+    (wd / "vm_sshd_keys").mkdir(parents=True)
+    (wd / "diff.img").write_bytes(b"")
+    cfg = from_mapping({"working-directory": str(wd)})
+    lock = FileLock(str(wd / "vm.lock"))
+    assert lock.acquire()
+    vm = VfkitProcess.start(reactor, cfg, "/bin/vfkit", MAC, vmLock=lock)
+    fds = reactor.spawned[0][3]
+    assert fds == {0: "w", 1: "r", 2: "r", 3: lock.fileno()}
+    assert not FileLock(str(wd / "vm.lock")).acquire()
+    vm.protocol.processEnded(Failure(ProcessDone(0)))
+    assert not lock.held and FileLock(str(wd / "vm.lock")).acquire()
