@@ -23,6 +23,14 @@ from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.python.failure import Failure
 
 from virby import __version__
+from virby.capacity import (
+    BACKLOG,
+    ConnectionLimit,
+    DescriptorLimit,
+    adjustDescriptorLimit,
+    kernelBacklogCap,
+    widenAcceptQueue,
+)
 from virby.config import Config
 from virby.control import (
     CONTROL_SOCKET,
@@ -202,6 +210,7 @@ class DaemonService(MultiService):
         endpoint: IStreamServerEndpoint,
         hypervisor: VfkitHypervisor,
         lifecycle: Lifecycle,
+        descriptors: DescriptorLimit | None = None,
     ) -> None:
         super().__init__()
         self._reactor = reactor
@@ -209,6 +218,7 @@ class DaemonService(MultiService):
         self._endpoint = endpoint
         self._hypervisor = hypervisor
         self.lifecycle = lifecycle
+        self._descriptors = descriptors
         self._ports: list[IListeningPort] = []
         self._control: IListeningPort | None = None
         self._lock: FileLock | None = None
@@ -225,17 +235,31 @@ class DaemonService(MultiService):
         self._startedAt = self._reactor.seconds()
         self._lockWorkingDirectory()
         try:
-            self._ports = _listenAll(
-                self._endpoint, ProxyFactory(self._reactor, self.lifecycle), self._config.listen
-            )
+            self._ports = _listenAll(self._endpoint, self._builderFactory(), self._config.listen)
             self._control = self._listenControl()
         except BaseException:
             self._abandonStart()
             raise
+        widened = [widenAcceptQueue(port) for port in self._ports]
         for port in self._ports:
             log.info("serving the builder on {address}", address=_address(port))
+        if any(widened):
+            _logAcceptQueue()
         self._hypervisor.stopOrphan().addErrback(lambda _: None)  # logged where it failed
         self.lifecycle.start()
+
+    def _builderFactory(self) -> Any:
+        """The splice, behind the limit its open files set (L{virby.capacity})."""
+        factory = ProxyFactory(self._reactor, self.lifecycle)
+        if self._descriptors is None:
+            return factory
+        return ConnectionLimit(
+            factory,
+            self._descriptors.connections,
+            lambda: self.lifecycle.snapshot().active_connections,
+            self._reactor,
+            f"two open files each, and its open-file limit is {self._descriptors.soft}",
+        )
 
     def _lockWorkingDirectory(self) -> None:
         """One daemon per working directory: the kernel drops the lock when this one dies."""
@@ -311,6 +335,20 @@ class DaemonService(MultiService):
         return document
 
 
+def _logAcceptQueue() -> None:
+    cap = kernelBacklogCap()
+    if cap is not None and cap[0] < BACKLOG:
+        log.info(
+            "accept queue: {cap} connections, the kernel's cap ({setting}; raise it to "
+            "{backlog} to queue more while the daemon is busy)",
+            cap=cap[0],
+            setting=cap[1],
+            backlog=BACKLOG,
+        )
+    else:
+        log.info("accept queue: {backlog} connections", backlog=BACKLOG)
+
+
 def _listenNow(endpoint: IStreamServerEndpoint, factory: Any, what: str) -> IListeningPort:
     """Listen and return the port at once, or raise L{StartupError} naming C{what}."""
     outcome: list[Any] = []
@@ -382,9 +420,11 @@ def makeDaemonService(config: Config, reactor: Any) -> DaemonService:
     # vfkit creates its REST socket with our umask: owner-only, even when allow-user-ssh
     # opens the working directory for traversal.
     os.umask(0o077)
+    descriptors = adjustDescriptorLimit(reactor)
+    log.info("{limit}", limit=descriptors.describe())
     hypervisor = VfkitHypervisor(reactor, config, executable)
     lifecycle = Lifecycle(reactor, hypervisor, onDemand=config.on_demand, ttl=config.ttl)
-    service = _ExitOnStartupError(reactor, config, endpoint, hypervisor, lifecycle)
+    service = _ExitOnStartupError(reactor, config, endpoint, hypervisor, lifecycle, descriptors)
     installSignalHandlers(reactor)
     reactor.callWhenRunning(installSignalHandlers, reactor)
     return service

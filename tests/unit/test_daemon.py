@@ -273,3 +273,17 @@ def test_an_orphan_that_could_not_be_stopped_is_checked_again(tmp_path, monkeypa
     assert len(attempts) == 2 and vm.pid == 4242
     outcome(hypervisor.spawn())
     assert len(attempts) == 2, "a check that succeeded is not repeated"
+
+
+def test_the_builder_port_serves_as_many_connections_as_its_descriptors_allow(tmp_path) -> None:
+    from virby.capacity import ConnectionLimit, DescriptorLimit
+
+    reactor = MemoryReactorClock()
+    cfg = config(tmp_path)
+    hypervisor = IdleHypervisor()
+    lifecycle = Lifecycle(reactor, hypervisor, onDemand=True, ttl=60)
+    endpoint = TCP4ServerEndpoint(reactor, 31222, interface="127.0.0.1")
+    limit = DescriptorLimit(256, 1024, None, None)
+    DaemonService(reactor, cfg, endpoint, hypervisor, lifecycle, limit).startService()
+    factory = reactor.tcpServers[0][1]
+    assert isinstance(factory, ConnectionLimit) and factory.limit == 480
