@@ -39,7 +39,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.interfaces import IAddress, IListeningPort, IProtocolFactory
+from twisted.internet.interfaces import (
+    IAddress,
+    IListeningPort,
+    ILoggingContext,
+    IProtocolFactory,
+)
 from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
@@ -170,7 +175,7 @@ def widenAcceptQueue(port: IListeningPort, backlog: int = BACKLOG) -> bool:
     return True
 
 
-@implementer(IProtocolFactory)
+@implementer(IProtocolFactory, ILoggingContext)
 class ConnectionLimit:
     """
     Serves at most C{limit} connections at once through C{wrapped}; past that, each new
@@ -193,6 +198,7 @@ class ConnectionLimit:
         self.refused = 0
 
     def logPrefix(self) -> str:
+        """The splice's name, so the port's log lines read as they did."""
         return type(self.wrapped).__name__
 
     def doStart(self) -> None:

@@ -6,6 +6,7 @@ import resource
 import socket
 
 import pytest
+from twisted.internet.interfaces import ILoggingContext
 from twisted.internet.selectreactor import SelectReactor
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
@@ -153,6 +154,7 @@ def test_past_the_limit_connections_are_closed_and_logged(logged) -> None:
     wrapped = Wrapped()
     open_now = [0]
     limit = ConnectionLimit(wrapped, 2, lambda: open_now[0], clock, "a reason")
+    assert ILoggingContext.providedBy(limit) and limit.logPrefix() == "Wrapped"
     limit.doStart()
     assert limit.buildProtocol("a") == "protocol for a"
     open_now[0] = 2
