@@ -91,15 +91,15 @@ def is_our_vfkit(command: str | None, working_directory: str) -> bool:
     )
 
 
-async def command_line(reactor: Any, pid: int) -> str | None:
+async def command_line(reactor: Any, pid: int, proc: str | None = "/proc") -> str | None:
     """
     The process's arguments joined by spaces, or C{None} when it cannot be read: from
     C{/proc} on Linux, from C{ps -ww} elsewhere (a child process, so the reactor never
     waits on it).
     """
-    if os.path.isdir("/proc/self"):
+    if proc is not None and os.path.isdir(f"{proc}/self"):
         try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
+            with open(f"{proc}/{pid}/cmdline", "rb") as f:
                 raw = f.read(1024 * 1024)
         except OSError:
             return None

@@ -177,3 +177,25 @@ def test_a_dead_pid_is_only_cleaned_up(tmp_path) -> None:
     world = World(clock, ours(tmp_path), dies_on=None)
     world.living.clear()
     assert run(tmp_path, world) == [None] and world.sent == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_command_line_through_ps_as_on_macos(monkeypatch) -> None:
+    """The macOS path (ps -ww, run as a child process), taken here with Linux's ps."""
+    import shutil
+
+    from twisted.internet import reactor
+
+    import virby.orphans
+
+    ps = shutil.which("ps")
+    if ps is None:
+        pytest.skip("no ps")
+    real_isdir = os.path.isdir
+    monkeypatch.setattr(
+        virby.orphans.os.path, "isdir", lambda p: p != "/proc/self" and real_isdir(p)
+    )
+    monkeypatch.setattr(virby.orphans, "PS", ps)
+    command = await command_line(reactor, os.getpid())
+    assert command is not None and "pytest" in command and "\n" not in command
+    assert await command_line(reactor, 2**22 + 12345) is None
