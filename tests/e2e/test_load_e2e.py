@@ -135,6 +135,24 @@ def test_200_at_cold_start_through_an_adopted_socket_all_served_by_one_boot(
     assert len(builder.emulators()) == 1
 
 
+def test_200_at_cold_start_under_systemd_socket_activate_all_served_by_one_boot(
+    make_builder,
+) -> None:
+    """Started by its first connection, as launchd starts an on-demand job."""
+    builder = make_builder()
+    activator = [
+        shutil.which("systemd-socket-activate") or "systemd-socket-activate",
+        "-l", f"127.0.0.1:{builder.port}", "--fdname=builder",
+        "-E", "VIRBY_EMULATOR_LEASES_FILE", "-E", "VIRBY_EMULATOR_GUEST_PORT",
+        "-E", "VIRBY_EMULATOR_BOOT_DELAY", "-E", "PATH",
+    ]  # fmt: skip
+    daemon = start(builder, "--listen", "systemd:domain=INET:index=0", prefix=activator)
+    daemon.wait_for_line(r"Listening on")
+    assert burst(builder, daemon) == {"served": CLIENTS, "refused": 0, "lost": 0}
+    assert daemon.text().count("booting the VM") == 1
+    assert len(builder.emulators()) == 1
+
+
 def prlimit(soft: int, hard: int) -> list[str]:
     program = shutil.which("prlimit")
     if program is None:
