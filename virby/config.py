@@ -36,8 +36,9 @@ _INTEGER_RE = re.compile(r"\s*[+-]?[0-9]+\s*", re.ASCII)
 
 #: macOS's PATH_MAX (1024) counts the terminating NUL: a longer path cannot be opened.
 MAX_PATH_BYTES = 1023
-#: Virtualization.framework refuses a virtio-fs tag longer than this many UTF-8 bytes.
-MAX_SHARE_TAG_BYTES = 36
+#: Virtualization.framework takes a virtio-fs tag of fewer than 36 UTF-8 bytes (its
+#: C{validateTag}: "fewer than 36 bytes"), so 35 is the longest.
+MAX_SHARE_TAG_BYTES = 35
 #: More shares than this would only make vfkit's command line absurd.
 MAX_SHARES = 64
 #: Endpoint strings and command names are short; this only stops absurd ones.

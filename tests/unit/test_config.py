@@ -235,7 +235,7 @@ HUGE = 10**400
         ({"image": "/x/\ud800.img"}, "image", "not valid UTF-8"),
         ({"image": "/" + "x" * 1100}, "image", "at most 1023"),
         ({"shared-dirs": {"src\n": "/x"}}, "shared-dirs", "must be letters"),
-        ({"shared-dirs": {"a" * 37: "/x"}}, "shared-dirs", "at most 36"),
+        ({"shared-dirs": {"a" * 36: "/x"}}, "shared-dirs", "at most 35"),
         ({"shared-dirs": {"src": "/x\x00"}}, "shared-dirs", "control character"),
         ({"shared-dirs": {f"t{i}": "/x" for i in range(65)}}, "shared-dirs", "at most 64"),
     ],
@@ -249,8 +249,8 @@ def test_every_key_is_bounded(document: dict, key: str, words: str) -> None:
     assert "\n" not in message and len(message) < 400
 
 
-def test_a_share_tag_of_36_bytes_is_the_longest_allowed() -> None:
-    assert from_mapping({"shared-dirs": {"a" * 36: "/x"}}).shared_dirs == {"a" * 36: "/x"}
+def test_a_share_tag_of_35_bytes_is_the_longest_allowed() -> None:
+    assert from_mapping({"shared-dirs": {"a" * 35: "/x"}}).shared_dirs == {"a" * 35: "/x"}
 
 
 def write(tmp_path, text: str):
