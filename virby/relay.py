@@ -75,6 +75,10 @@ COPY_ROUNDS = 2
 #: Empty pipes kept for the next chunk; more are closed when returned.
 SPARE_PIPES = 8
 
+#: Bounds of L{pipeLimit}.
+MIN_PIPES = 4
+MAX_PIPES = 256
+
 #: How long the spare pipes outlive the last relay.
 IDLE_PIPE_SECONDS = 5.0
 
@@ -115,11 +119,13 @@ class PipePool:
         size: int = PIPE_SIZE,
         spare: int = SPARE_PIPES,
         linger: float = IDLE_PIPE_SECONDS,
+        limit: int | None = None,
     ) -> None:
         self._clock = clock
         self._size = size
         self._spare = spare
         self._linger = linger
+        self._limit = limit
         self._free: list[_Pipe] = []
         self._users = 0
         self._closing: IDelayedCall | None = None
@@ -149,9 +155,13 @@ class PipePool:
             self._close(pipe)
 
     def take(self) -> _Pipe | None:
-        """An empty pipe, or C{None} when no descriptor is left for one."""
+        """An empty pipe, or C{None} when none may be opened now (the flow copies instead)."""
         if self._free:
             return self._free.pop()
+        if self._limit is None:
+            self._limit = pipeLimit()
+        if self.opened >= self._limit:
+            return None
         try:
             read, write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as e:
@@ -185,6 +195,24 @@ class PipePool:
     @property
     def idle(self) -> int:
         return len(self._free)
+
+
+def pipeLimit() -> int:
+    """
+    How many pipes the pool may hold at once: an eighth of the open-file limit (two
+    descriptors a pipe, so a sixteenth in pipes).  The daemon's budget of open files gives
+    each connection two (L{virby.capacity}); pipes are lent only to chunks in flight, and a
+    chunk that finds none is copied instead, so pipes never take what a connection needs.
+    """
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return MIN_PIPES
+    if soft == getattr(resource, "RLIM_INFINITY", -1) or soft <= 0:
+        return MAX_PIPES
+    return max(MIN_PIPES, min(MAX_PIPES, soft // 16))
 
 
 class _Buffers:
@@ -670,12 +698,17 @@ def connect(reactor: Any, host: str, port: int, timeout: float) -> Deferred[sock
     family = addressFamily(host)
     if family is None:
         raise ValueError(f"not an IP address: {host!r}")
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    waiting: list[_Connecting] = []
+    result: Deferred[socket.socket] = Deferred(lambda _: waiting and waiting[0].cancel())
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as e:
+        # Out of descriptors, most likely: a refusal like any other, not a traceback.
+        result.errback(Failure(error.getConnectError((e.errno, e.strerror))))
+        return result
     sock.setblocking(False)
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    waiting: list[_Connecting] = []
-    result: Deferred[socket.socket] = Deferred(lambda _: waiting and waiting[0].cancel())
     code = sock.connect_ex((host, port))
     if code == 0:
         result.callback(sock)

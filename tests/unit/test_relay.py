@@ -424,3 +424,40 @@ def test_only_addresses_are_connected_here() -> None:
     assert relay.addressFamily("127.0.0.1") == socket.AF_INET
     assert relay.addressFamily("::1") == socket.AF_INET6
     assert relay.addressFamily("virby-vm") is None
+
+
+@pytest.mark.parametrize(("soft", "pipes"), [(256, 16), (1024, 64), (20000, 256), (32, 4)])
+def test_the_pipes_take_an_eighth_of_the_open_files_at_most(monkeypatch, soft, pipes) -> None:
+    import resource
+
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (soft, soft * 4))
+    assert relay.pipeLimit() == pipes
+
+
+@pytest.mark.skipif(not relay.spliceAvailable(), reason="splice(2) is Linux's")
+def test_a_pool_at_its_limit_lends_nothing_and_the_flow_copies() -> None:
+    reactor = MemoryReactorClock()
+    pipes = PipePool(reactor, limit=2)
+    taken = [pipes.take(), pipes.take()]
+    assert None not in taken and pipes.take() is None
+    bench = Bench("splice", pipes=pipes, reactor=reactor)
+    bench.relay.start()
+    bench.client.send(b"copied")
+    assert bench.receive(bench.guest, 6) == b"copied"
+    for pipe in taken:
+        pipes.discard(pipe)
+    bench.relay.stop()
+    bench.close()
+
+
+def test_connect_without_a_descriptor_fails_like_a_refusal(monkeypatch) -> None:
+    import errno as errnos
+
+    from twisted.internet.error import ConnectError
+
+    def exhausted(*args, **kwargs):
+        raise OSError(errnos.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(relay.socket, "socket", exhausted)
+    got = outcome_of(relay.connect(MemoryReactorClock(), "127.0.0.1", 22, 10))
+    assert got[0].check(ConnectError) and "Too many open files" in got[0].getErrorMessage()
