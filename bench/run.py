@@ -390,11 +390,17 @@ def _first_byte(port: int, host: str = "127.0.0.1") -> float:
 
 def _wait_state(builder: Builder, state: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
+    status: dict = {}
     while time.monotonic() < deadline:
-        if builder.status().get("state") == state:
+        status = builder.status()
+        if status.get("state") == state:
             return
         time.sleep(0.05)
-    raise RuntimeError(f"the daemon did not reach {state} in {timeout:.0f}s")
+    last = builder.daemons[-1].text().strip().splitlines()[-3:] if builder.daemons else []
+    raise RuntimeError(
+        f"the daemon did not reach {state} in {timeout:.0f}s: state {status.get('state')}, "
+        f"{status.get('active_connections')} connections; its log ends: {' | '.join(last)}"
+    )
 
 
 def cold_start(root: Path, boots: int, targets: list[Target]) -> Section:
@@ -405,8 +411,10 @@ def cold_start(root: Path, boots: int, targets: list[Target]) -> Section:
     builder = Builder(root, ttl=1, debug=True)
     overheads, sshd, share = [], [], []
     try:
-        builder.start()
+        daemon = builder.start()
         for _ in range(boots):
+            # Read what the daemon logged: a pipe nobody reads fills, and then blocks it.
+            daemon.text()
             received = _first_byte(builder.port)
             console = (builder.wd / "serial.log").read_bytes()
             address, stamp = LISTENING.findall(console)[-1]
