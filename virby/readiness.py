@@ -71,13 +71,13 @@ class BootTimeout(VirbyError):
         self.last_error = last_error
 
 
-class _BannerProtocol(Protocol):
+class BannerProbe(Protocol):
     """
     Reads up to the SSH banner line, then stops reading and keeps the connection open: a
     L{ReadyGuest} lends it, already past the banner, to the first client that wants it.
     """
 
-    def __init__(self, result: Deferred[_BannerProtocol]) -> None:
+    def __init__(self, result: Deferred[BannerProbe]) -> None:
         self._result = result
         self.received = b""
         self._scanned = 0
@@ -139,24 +139,24 @@ class _BannerProtocol(Protocol):
 class _BannerFactory(ClientFactory):
     noisy = False  # per-connection factory start/stop lines say nothing useful
 
-    def __init__(self, result: Deferred[_BannerProtocol]) -> None:
+    def __init__(self, result: Deferred[BannerProbe]) -> None:
         self._result = result
 
     def buildProtocol(self, addr: Any) -> Protocol:
-        return _BannerProtocol(self._result)
+        return BannerProbe(self._result)
 
     def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
         if not self._result.called:
             self._result.errback(reason)
 
 
-def probe_banner(reactor: Any, host: str, port: int, timeout: float) -> Deferred[_BannerProtocol]:
+def probe_banner(reactor: Any, host: str, port: int, timeout: float) -> Deferred[BannerProbe]:
     """
     Connect to C{host:port} and fire, once the SSH banner line arrived, with the open
-    connection (paused after the banner; close it or L{_BannerProtocol.attach} it); cancellable.
+    connection (paused after the banner; close it or L{BannerProbe.attach} it); cancellable.
     """
     connector: list[IConnector] = []
-    result: Deferred[_BannerProtocol] = Deferred(lambda _: connector and connector[0].disconnect())
+    result: Deferred[BannerProbe] = Deferred(lambda _: connector and connector[0].disconnect())
     connector.append(reactor.connectTCP(host, port, _BannerFactory(result), timeout=timeout))
     result.addTimeout(timeout, reactor)
     return result
@@ -167,12 +167,13 @@ class ReadyGuest:
     The guest's sshd answered: its address, and, until L{release}, the probe's connection.
 
     A client that waited for the boot would otherwise open a second connection and wait
-    again for sshd to start a session process and send its banner (7 ms here, more on a
-    loaded guest); the probe's connection has that behind it.  The first client to
+    again for sshd to start a session process and send its banner (7 ms for OpenSSH 9.2 on
+    an idle 2-core machine, more on a loaded guest); the probe's connection has that behind
+    it.  The first client to
     L{claim} it gets it, the others connect anew.
     """
 
-    def __init__(self, host: str, port: int, spare: _BannerProtocol | None = None) -> None:
+    def __init__(self, host: str, port: int, spare: BannerProbe | None = None) -> None:
         self.host = host
         self.port = port
         self._spare = spare
@@ -181,7 +182,7 @@ class ReadyGuest:
     def address(self) -> tuple[str, int]:
         return (self.host, self.port)
 
-    def claim(self) -> _BannerProtocol | None:
+    def claim(self) -> BannerProbe | None:
         """The probe's open connection, once: C{None} when it is taken, released or lost."""
         spare, self._spare = self._spare, None
         if spare is None or spare.lost:
@@ -228,7 +229,7 @@ class _GuestWait:
         self._firstRefusal: float | None = None
         self._probeTimeout = probeTimeout
         self._what = what
-        self._probe: Deferred[_BannerProtocol] | None = None
+        self._probe: Deferred[BannerProbe] | None = None
         self._next: IDelayedCall | None = None
         self._stopped = False
         self._lastIP: str | None = None
@@ -255,7 +256,7 @@ class _GuestWait:
         self._probe = probe = probe_banner(self._reactor, ip, self._port, self._probeTimeout)
         probe.addCallbacks(self._answered, self._probeFailed, callbackArgs=(ip,))
 
-    def _answered(self, spare: _BannerProtocol, ip: str) -> None:
+    def _answered(self, spare: BannerProbe, ip: str) -> None:
         self._probe = None
         log.debug("{ip} answered {banner}", ip=ip, banner=spare.banner)
         if self._stopped:
