@@ -637,8 +637,9 @@ What bounds the figures, where a target is missed (or nearly):
   even within the spread.
 - Latency: each connection costs the daemon's one thread a Twisted accept and transport, a
   connect, the relay's set-up and, as the latency client hangs up and reconnects at once,
-  the previous pair's teardown: 0.1 to 0.2 ms more than Go, which spends less CPU on each
-  connection and overlaps one's teardown with the next one's set-up on its second core.
+  the previous pair's teardown: 0.1 to 0.3 ms more than Go in the runs so far, which spends
+  less CPU on each connection and overlaps one's teardown with the next one's set-up on its
+  second core.
 - Cold start: a connection made the moment sshd listens still waits for OpenSSH to start
   its session process (the second row of that table); the daemon's own share is the wait
   for its next probe (at most 2 ms) and the hand-over of the probe's connection.
