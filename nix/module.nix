@@ -189,6 +189,15 @@ in
       default = false;
       description = "Pass --nested to vfkit (Apple M3 or later, macOS 15 or later).";
     };
+    ephemeral = mkOption {
+      type = types.bool;
+      default = false;
+      description = ''
+        Boot the VM every time from a fresh copy of the image (an APFS clone, which costs no
+        time), grown to `diskSize`: nothing a build left in the VM survives a stop, and the
+        store starts empty at every boot (builds fetch their inputs again).
+      '';
+    };
   };
 
   config = lib.mkMerge [

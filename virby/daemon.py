@@ -26,6 +26,7 @@ from virby import __version__
 from virby.config import Config
 from virby.control import CONTROL_SOCKET, ControlFactory, controlEndpoint
 from virby.errors import VirbyError
+from virby.freshdisk import makeFreshDisk
 from virby.leases import LeaseFile
 from virby.lifecycle import Lifecycle, VirtualMachine
 from virby.logs import Logger, setVerbose
@@ -52,7 +53,9 @@ class VfkitHypervisor:
     Starts vfkit and finds out when its guest answers SSH: the lifecycle's view of the VM.
 
     A vfkit left behind by a crashed daemon is stopped before the first boot: two VMs on
-    one disk image would corrupt it.
+    one disk image would corrupt it.  With C{ephemeral}, every boot starts from a fresh
+    C{diff.img} (L{virby.freshdisk}), made in a child process so the reactor never waits on
+    a copy; it is bounded by C{start-timeout} of its own, and its failure fails the boot.
     """
 
     def __init__(
@@ -84,6 +87,15 @@ class VfkitHypervisor:
         if self.plan.refusal is not None:
             raise StartupError(self.plan.refusal)
         await self.stopOrphan()
+        if self._config.ephemeral:
+            # After the orphan is gone: it may still have had the old disk open.
+            done = await makeFreshDisk(
+                self._reactor,
+                self._config.working_directory,
+                self._config.disk_size,
+                float(self._config.start_timeout),
+            )
+            log.info("{done}", done=done)
         try:
             self._mac = stable_mac(self._config.path("mac"))
         except OSError as e:

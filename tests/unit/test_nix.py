@@ -89,6 +89,7 @@ OPTIONS = {
     "sharedDirectories": {},
     "debug": False,
     "allowUserSsh": False,
+    "ephemeral": False,
 }
 
 
@@ -116,6 +117,7 @@ def test_default_options_give_the_daemons_defaults() -> None:
     [
         ({"memory": "8GiB"}, {"memory": 8192}),
         ({"onDemand": {"enable": True, "ttl": 30}}, {"on_demand": True, "ttl": 1800}),
+        ({"ephemeral": True}, {"ephemeral": True}),
         ({"sharedDirectories": {"src": "/Users/me/src"}},
          {"shared_dirs": {"src": "/Users/me/src"}}),
         ({"rosetta": True, "nestedVirtualization": True, "debug": True, "allowUserSsh": True,

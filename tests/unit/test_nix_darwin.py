@@ -38,6 +38,7 @@ CASES: dict[str, dict] = {
     "shared-directories": {"virby": {**ENABLED, "sharedDirectories": {"src": "/Users/alice/src"}}},
     "debug": {"virby": {**ENABLED, "debug": True}},
     "allow-user-ssh": {"virby": {**ENABLED, "allowUserSsh": True}},
+    "ephemeral": {"virby": {**ENABLED, "ephemeral": True}},
     "linux-builder": {"virby": ENABLED, "config": {"nix": {"linux-builder": {"enable": True}}}},
     "nix-disabled-without-determinate": {"virby": ENABLED, "config": {"nix": {"enable": False}}},
     "disabled": {"virby": {}},
@@ -222,6 +223,16 @@ def test_the_daemon_config_loads_in_the_python_loader(results: dict, case: str) 
     assert config.image == got["image"]["path"] + "/nixos.img"
     assert config.on_demand is virby(case).get("onDemand", {}).get("enable", False)
     assert config.allow_user_ssh is virby(case).get("allowUserSsh", False)
+    assert config.ephemeral is virby(case).get("ephemeral", False)
+
+
+def test_ephemeral_reaches_the_daemon_and_leaves_the_image_alone(results: dict) -> None:
+    default, ephemeral = result(results, "default"), result(results, "ephemeral")
+    assert ephemeral["settings"]["ephemeral"] is True
+    assert default["settings"]["ephemeral"] is False
+    # The daemon makes the fresh disk from the same image: only its config changes.
+    assert ephemeral["image"]["path"] == default["image"]["path"]
+    assert ephemeral["plist"] != default["plist"], "a new config reaches the daemon"
 
 
 @pytest.mark.parametrize("case", ["default", "debug", "rosetta", "shared-directories"])
