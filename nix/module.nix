@@ -333,6 +333,9 @@ in
             inherit workingDirectory;
           };
           environment.systemPackages = [ package ];
+          # Where `virby status`, `doctor`, `start` and `stop` find the daemon's config
+          # without --config (its store path changes with every option).
+          environment.etc."virby/config.json".source = configFile;
         }
         {
           # Names fixed up front (mkIf, not if-then-else): the module system must know which

@@ -26,6 +26,11 @@ class DaemonDown(VirbyError):
     """Nothing answers on the control socket."""
 
 
+class NotAllowed(VirbyError):
+    """The control socket is there, but this user may not open it (only root and the daemon's
+    user may)."""
+
+
 def query(path: str, timeout: float = 5.0) -> dict[str, Any]:
     """
     Read the daemon's status document from its control socket.
@@ -45,7 +50,7 @@ def query(path: str, timeout: float = 5.0) -> dict[str, Any]:
     except ConnectionRefusedError:
         raise DaemonDown(f"the daemon is not running (stale control socket at {path})") from None
     except PermissionError:
-        raise VirbyError(
+        raise NotAllowed(
             f"only root may ask the daemon (its control socket {path} is owner-only): "
             "run `sudo virby status`"
         ) from None

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.darwin_harness import PAIRS, ROOT, Pair, determinate, evaluate
+from virby.cli import INSTALLED_CONFIG
 from virby.config import from_mapping
 from virby.prepare import SHARED_CLIENT_KEY
 from virby.sshconfig import CLIENT_KEY, ssh_config_block
@@ -254,9 +255,18 @@ def test_extra_config_makes_a_new_image(results: dict) -> None:
     assert extra["plist"] != default["plist"], "a new image must reach the daemon's config"
 
 
+@pytest.mark.parametrize("case", ["default", "ephemeral"])
+def test_the_config_is_where_virby_looks_without_config(results: dict, case: str) -> None:
+    got = result(results, case)
+    match = COMMAND.fullmatch(plist(results, case)["ProgramArguments"][2])
+    assert match and got["configLink"] == match.group(3), "/etc/virby/config.json is the daemon's"
+    assert INSTALLED_CONFIG == "/etc/virby/config.json"
+
+
 def test_disabled_leaves_no_daemon_and_no_builder(results: dict) -> None:
     got = result(results, "disabled")
     assert got["plist"] is None and got["machines"] is None and got["sshConfig"] is None
+    assert got["configLink"] is None
     assert got["settings"] is None
 
 
