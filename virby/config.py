@@ -5,6 +5,12 @@ The nix-darwin module writes a JSON file with kebab-case keys; every key also ha
 command-line flag of the same name that wins over the file.  Every mistake a user can make
 ends in a L{ConfigError} whose message is one line naming the key and what was expected, so
 the commands can print it and exit without a traceback.
+
+Every value is bounded, so nothing a file or a flag says can fail later inside the reactor
+(a timer of 10**400 seconds), in the kernel (a path with a NUL byte) or in vfkit (a share
+tag Virtualization.framework refuses).  The loader is bounded too: a file nested 100 000
+levels deep or an integer of 5000 digits is refused by name, before Python's recursion limit
+or its integer-conversion limit can turn it into a traceback.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -21,8 +28,27 @@ REST_SOCKET_NAME = "vfkit.sock"
 MAX_UNIX_SOCKET_PATH = 103
 
 MIB = 1024 * 1024
-_SIZE_UNITS = {"": 1, "B": 1, "K": 1024, "M": MIB, "G": 1024 * MIB, "T": 1024 * 1024 * MIB}
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$")
+GIB = 1024 * MIB
+TIB = 1024 * GIB
+_SIZE_UNITS = {"": 1, "B": 1, "K": 1024, "M": MIB, "G": GIB, "T": TIB}
+_SIZE_RE = re.compile(r"\s*([0-9]+)\s*([KMGT]?)(i?B)?\s*", re.ASCII)
+_INTEGER_RE = re.compile(r"\s*[+-]?[0-9]+\s*", re.ASCII)
+
+#: macOS's PATH_MAX (1024) counts the terminating NUL: a longer path cannot be opened.
+MAX_PATH_BYTES = 1023
+#: Virtualization.framework takes a virtio-fs tag of fewer than 36 UTF-8 bytes (its
+#: C{validateTag}: "fewer than 36 bytes"), so 35 is the longest.
+MAX_SHARE_TAG_BYTES = 35
+#: More shares than this would only make vfkit's command line absurd.
+MAX_SHARES = 64
+#: Endpoint strings and command names are short; this only stops absurd ones.
+MAX_STRING = 1024
+#: The deepest a valid document nests is 2 (the file's object, then shared-dirs).
+MAX_NESTING = 32
+#: More digits than any bounded key can use; longer numbers are refused unconverted.
+MAX_DIGITS = 20
+#: A config file is a few hundred bytes; anything this large is not one.
+MAX_FILE_BYTES = 1024 * 1024
 
 
 class ConfigError(Exception):
@@ -35,7 +61,91 @@ class ConfigError(Exception):
     def __init__(self, key: str | None, message: str) -> None:
         self.key = key
         self.message = message
-        super().__init__(f"config key {key!r}: {message}" if key else f"config: {message}")
+        super().__init__(
+            f"config key {_shown(key)}: {message}" if key is not None else f"config: {message}"
+        )
+
+
+def _shown(text: str, limit: int = 60) -> str:
+    """C{repr(text)} cut to C{limit} characters: a message stays one readable line."""
+    shown = repr(text)
+    return shown if len(shown) <= limit else shown[: limit - 4] + "...'"
+
+
+class HugeNumber:
+    """
+    A JSON integer with more than L{MAX_DIGITS} digits, kept as its digit count only: no
+    bounded key can take it, and converting it could hit Python's integer-conversion limit.
+    """
+
+    def __init__(self, digits: int) -> None:
+        self.digits = digits
+
+    def __repr__(self) -> str:
+        return f"a {self.digits}-digit number"
+
+
+def _json_integer(text: str) -> int | HugeNumber:
+    digits = len(text.lstrip("+-"))
+    return HugeNumber(digits) if digits > MAX_DIGITS else int(text)
+
+
+def _scan(text: str, stop: int | None = None) -> tuple[bool, str | None]:
+    """
+    Walk C{text}'s structure without recursing, up to offset C{stop} (or the end): whether
+    it nests deeper than L{MAX_NESTING} on the way, and the top-level key the walk is in
+    where it ended (C{None} when outside any).
+    """
+    depth = 0
+    key: str | None = None
+    last: str | None = None
+    # An unterminated string matches to the end, so the scan stays linear.
+    for token in re.finditer(r'"(?:[^"\\]|\\.)*"?|[\[\]{}:,]', text):
+        if stop is not None and token.start() >= stop:
+            break
+        symbol = token.group()
+        if symbol in "[{":
+            depth += 1
+            if depth > MAX_NESTING:
+                return True, key
+        elif symbol in "]}":
+            depth -= 1
+        elif depth != 1:
+            continue
+        elif symbol == ":":
+            key = last
+        elif symbol == ",":
+            key = last = None
+        else:
+            try:
+                last = json.loads(symbol)
+            except ValueError:
+                last = None
+    return False, key
+
+
+def decode_json(text: str, what: str, key: str | None = None) -> Any:
+    """
+    Decode JSON text the way the config needs it: nesting and integer size bounded first.
+
+    @param what: how a message names the text (the file, or the flag).
+    @param key: the key that a mistake is charged to when it is not inside a known one.
+    @raise ConfigError: naming the key at fault.
+    """
+    deep, under = _scan(text)
+    if deep:
+        raise ConfigError(
+            key if key is not None else under,
+            f"{what} nests more than {MAX_NESTING} levels deep; a Virby config nests at most 2",
+        )
+    try:
+        return json.loads(text, parse_int=_json_integer)
+    except RecursionError:
+        raise ConfigError(key, f"{what} nests too deeply") from None
+    except ValueError as e:
+        if key is None and isinstance(e, json.JSONDecodeError):
+            key = _scan(text, e.pos)[1]
+        raise ConfigError(key, f"{what} is not valid JSON: {e}") from None
 
 
 def parse_size(text: str) -> int:
@@ -48,14 +158,16 @@ def parse_size(text: str) -> int:
 
     @raise ValueError: if C{text} is not such a size.
     """
-    match = _SIZE_RE.match(text)
+    match = _SIZE_RE.fullmatch(text)
     if match is None:
-        raise ValueError(f"{text!r} is not a size like '100GiB'")
+        raise ValueError(f"{_shown(text)} is not a size like '100GiB'")
     number, unit, suffix = match.groups()
     if suffix == "B" and unit:
-        raise ValueError(f"{text!r} is ambiguous: write '{number}{unit}iB'")
+        raise ValueError(f"{_shown(text)} is ambiguous: write '{int(number)}{unit}iB'")
     if suffix == "iB" and not unit:
-        raise ValueError(f"{text!r} is not a size like '100GiB'")
+        raise ValueError(f"{_shown(text)} is not a size like '100GiB'")
+    if len(number.lstrip("0")) > MAX_DIGITS:
+        raise ValueError(f"{_shown(text)} is far too large")
     return int(number) * _SIZE_UNITS[unit]
 
 
@@ -71,9 +183,16 @@ def _describe(value: object) -> str:
     ]
     if value is None:
         return "null"
+    if isinstance(value, HugeNumber):
+        return repr(value)
     for kind, name in kinds:
         if isinstance(value, kind):
-            shown = json.dumps(value)
+            if isinstance(value, list | dict) and len(value) > 8:
+                return name
+            try:
+                shown = json.dumps(value)
+            except (TypeError, ValueError, RecursionError):
+                return name
             return f"{name} ({shown})" if len(shown) <= 40 else name
     return type(value).__name__
 
@@ -81,15 +200,16 @@ def _describe(value: object) -> str:
 # -- validators: each takes the raw JSON value and returns the typed value or raises ValueError
 
 
-def _integer(low: int, high: int | None = None) -> Callable[[object], int]:
+def _integer(low: int, high: int) -> Callable[[object], int]:
     """An integer within bounds; booleans are not integers here, whatever Python thinks."""
-    bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
+    bounds = f"between {low} and {high}"
 
     def check(value: object) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"expected an integer {bounds}, got {_describe(value)}")
-        if value < low or (high is not None and value > high):
-            raise ValueError(f"expected an integer {bounds}, got {value}")
+        if not low <= value <= high:
+            shown = str(value) if abs(value).bit_length() < 64 else "a larger number"
+            raise ValueError(f"expected an integer {bounds}, got {shown}")
         return value
 
     return check
@@ -101,10 +221,31 @@ def _boolean(value: object) -> bool:
     return value
 
 
-def _string(value: object) -> str:
+def _text(value: object, limit: int = MAX_STRING) -> str:
+    """
+    A non-empty string that the OS and vfkit can take: no control characters (a NUL cannot
+    cross into the kernel, a newline would break the ssh_config written from it), valid
+    UTF-8, and not absurdly long.
+    """
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"expected a non-empty string, got {_describe(value)}")
+    for position, character in enumerate(value):
+        if ord(character) < 0x20 or ord(character) == 0x7F:
+            raise ValueError(
+                f"{_shown(value)} contains the control character {character!r} at "
+                f"position {position}"
+            )
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ValueError(f"{_shown(value)} is not valid UTF-8 text") from None
+    if size > limit:
+        raise ValueError(f"{_shown(value)} is {size} bytes long; at most {limit} are allowed")
     return value
+
+
+def _string(value: object) -> str:
+    return _text(value)
 
 
 def _absolute_path(value: object) -> str:
@@ -112,12 +253,17 @@ def _absolute_path(value: object) -> str:
     An absolute path that vfkit can be given: vfkit splits device options on commas and has
     no escaping, so a comma in a path can never work.
     """
-    path = _string(value)
+    path = _text(value, MAX_PATH_BYTES)
     if not path.startswith("/"):
         raise ValueError(f"expected an absolute path, got {_describe(value)}")
     if "," in path:
-        raise ValueError(f"vfkit cannot take a path containing ',': {path!r}")
+        raise ValueError(f"vfkit cannot take a path containing ',': {_shown(path)}")
     return os.path.normpath(path)
+
+
+def _command(value: object) -> str:
+    """A command name looked up on PATH, or a path to it."""
+    return _text(value, MAX_PATH_BYTES)
 
 
 def _working_directory(value: object) -> str:
@@ -125,42 +271,60 @@ def _working_directory(value: object) -> str:
     socket_path = os.path.join(path, REST_SOCKET_NAME)
     if len(socket_path.encode()) > MAX_UNIX_SOCKET_PATH:
         raise ValueError(
-            f"{path!r} is too long: {socket_path!r} must fit in "
+            f"{_shown(path)} is too long: {_shown(socket_path)} must fit in "
             f"{MAX_UNIX_SOCKET_PATH} bytes for vfkit's REST socket"
         )
     return path
+
+
+MIN_DISK = GIB
+MAX_DISK = 64 * TIB
 
 
 def _disk_size(value: object) -> int:
     if not isinstance(value, str):
         raise ValueError(f"expected a size like '100GiB', got {_describe(value)}")
     size = parse_size(value)
-    if size < 1024 * MIB:
-        raise ValueError(f"expected a size of at least 1GiB, got {value!r}")
+    if not MIN_DISK <= size <= MAX_DISK:
+        raise ValueError(f"expected a size between 1GiB and 64TiB, got {_shown(value)}")
     return size
+
+
+MIN_MEMORY = 1024
+MAX_MEMORY = 1024 * 1024  # MiB: 1 TiB, more than any Mac has
 
 
 def _memory(value: object) -> int:
     """MiB as an integer; a size string such as C{"6GiB"} is accepted on the command line."""
     if isinstance(value, str):
-        size = parse_size(value) if not value.strip().isdigit() else int(value) * MIB
-        if size % MIB:
-            raise ValueError(f"expected whole MiB, got {value!r}")
-        value = size // MIB
-    return _integer(1024)(value)
+        if _INTEGER_RE.fullmatch(value):
+            value = _json_integer(value.strip())
+        else:
+            size = parse_size(value)
+            if size % MIB:
+                raise ValueError(f"expected whole MiB, got {_shown(value)}")
+            value = size // MIB
+    return _integer(MIN_MEMORY, MAX_MEMORY)(value)
 
 
-_TAG_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+_TAG_RE = re.compile(r"[A-Za-z0-9_.-]+", re.ASCII)
 _RESERVED_TAGS = frozenset({"sshd-keys", "rosetta"})
 
 
 def _shared_dirs(value: object) -> dict[str, str]:
     if not isinstance(value, dict):
         raise ValueError(f"expected an object of tag to absolute directory, got {_describe(value)}")
+    if len(value) > MAX_SHARES:
+        raise ValueError(f"{len(value)} shares; at most {MAX_SHARES} are allowed")
     result: dict[str, str] = {}
     for tag, path in value.items():
-        if not _TAG_RE.match(tag):
-            raise ValueError(f"tag {tag!r} must be letters, digits, '.', '_' or '-'")
+        if not _TAG_RE.fullmatch(tag):
+            raise ValueError(f"tag {_shown(tag)} must be letters, digits, '.', '_' or '-'")
+        if len(tag) > MAX_SHARE_TAG_BYTES:
+            raise ValueError(
+                f"tag {_shown(tag)} is {len(tag)} bytes long; Virtualization.framework allows "
+                f"at most {MAX_SHARE_TAG_BYTES}"
+            )
         if tag in _RESERVED_TAGS:
             raise ValueError(f"tag {tag!r} is reserved by Virby")
         try:
@@ -195,14 +359,16 @@ class Key:
         return self.name.replace("-", "_")
 
 
+DAY = 24 * 3600
+
 KEYS: tuple[Key, ...] = (
-    Key("cores", 8, _integer(1), "vCPUs of the VM"),
+    Key("cores", 8, _integer(1, 256), "vCPUs of the VM"),
     Key("memory", 6144, _memory, "RAM of the VM in MiB (at least 1024)"),
     Key("disk-size", "100GiB", _disk_size, "size of the VM's writable disk, e.g. 100GiB"),
     Key("port", 31222, _integer(1024, 65535), "host port of the builder"),
     Key("listen", "launchd:name=Listener", _string, "Twisted server endpoint to accept on"),
     Key("on-demand", False, _boolean, "boot at the first connection", "flag"),
-    Key("ttl", 10800, _integer(1), "idle seconds before an on-demand VM is stopped"),
+    Key("ttl", 10800, _integer(1, 365 * DAY), "idle seconds before an on-demand VM is stopped"),
     Key("rosetta", False, _boolean, "share Rosetta with the VM (aarch64-darwin)", "flag"),
     Key("nested-virtualization", False, _boolean, "pass --nested to vfkit", "flag"),
     Key("shared-dirs", {}, _shared_dirs, "extra virtio-fs share TAG=DIR", "map"),
@@ -210,10 +376,10 @@ KEYS: tuple[Key, ...] = (
     Key("allow-user-ssh", False, _boolean, "keep a client key readable by all users", "flag"),
     Key("working-directory", "/var/lib/virby", _working_directory, "where all state lives"),
     Key("image", None, _optional(_absolute_path), "the raw EFI NixOS image"),
-    Key("vfkit", "vfkit", _string, "the hypervisor command"),
+    Key("vfkit", "vfkit", _command, "the hypervisor command"),
     Key("leases-file", "/var/db/dhcpd_leases", _absolute_path, "bootpd's lease file"),
     Key("guest-ssh-port", 22, _integer(1, 65535), "the VM's sshd port"),
-    Key("start-timeout", 180, _integer(1), "seconds a boot may take to reach a working sshd"),
+    Key("start-timeout", 180, _integer(1, 3600), "seconds a boot may take to reach a working sshd"),
     Key("ephemeral", False, _boolean, "boot every time from a fresh copy of base.img", "flag"),
 )
 KEYS_BY_NAME: Mapping[str, Key] = {key.name: key for key in KEYS}
@@ -249,8 +415,35 @@ class Config:
         """A path inside the working directory."""
         return os.path.join(self.working_directory, *parts)
 
+    @property
+    def builder_port(self) -> int:
+        """
+        The port clients reach the builder on.  A C{tcp:} endpoint in C{listen} names it
+        and wins, since that is where the daemon really accepts; an adopted socket
+        (C{launchd:}, C{systemd:}) names none, and then C{port} says which one launchd bound.
+        """
+        named = listen_port(self.listen)
+        return named if named is not None else self.port
+
 
 assert {f.name for f in fields(Config)} == {key.attribute for key in KEYS}
+
+
+def listen_port(description: str) -> int | None:
+    """
+    The port a C{tcp:}/C{tcp6:} server endpoint string binds (C{tcp:31222:interface=...} or
+    C{tcp:port=31222}), or C{None} for any other kind.  Colons escaped with a backslash
+    (an IPv6 interface) do not split fields, as in Twisted's own parser.
+    """
+    parts = re.split(r"(?<!\\):", description)
+    if parts[0] not in ("tcp", "tcp6") or len(parts) < 2:
+        return None
+    candidates = [p.partition("=")[2] for p in parts[1:] if p.startswith("port=")]
+    candidates.append(parts[1])
+    for candidate in candidates:
+        if candidate.isascii() and candidate.isdigit() and 0 < int(candidate) <= 65535:
+            return int(candidate)
+    return None
 
 
 def from_mapping(document: object) -> Config:
@@ -278,21 +471,33 @@ def from_mapping(document: object) -> Config:
 
 def read_file(path: str) -> dict[str, Any]:
     """
-    Read the JSON config file into a plain dict (not yet validated).
+    Read the JSON config file into a plain dict (not yet validated).  The file is opened
+    without blocking and must be a regular file of sane size: a FIFO or a device given by
+    mistake is refused, not read forever.
 
     @raise ConfigError: when the file cannot be read or is not a JSON object.
     """
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
         raise ConfigError(None, f"cannot read {path}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise ConfigError(None, f"cannot read {_shown(path)}: {e}") from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(None, f"{path} is not a regular file")
+        if info.st_size > MAX_FILE_BYTES:
+            raise ConfigError(None, f"{path} is {info.st_size} bytes: too large for a config")
+        try:
+            data = f.read(MAX_FILE_BYTES + 1)
+        except OSError as e:
+            raise ConfigError(None, f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(None, f"{path} is not UTF-8 text") from None
-    try:
-        document = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(None, f"{path} is not valid JSON: {e}") from None
+    document = decode_json(text, path)
     if not isinstance(document, dict):
         raise ConfigError(None, f"{path} must hold a JSON object, not {_describe(document)}")
     return document
@@ -318,34 +523,29 @@ def parse_flag(name: str, text: str | Iterable[str] | bool) -> Any:
             return True
         if lowered in ("false", "no", "0", "off"):
             return False
-        raise ConfigError(name, f"expected true or false, got {text!r}")
+        raise ConfigError(name, f"expected true or false, got {_shown(text)}")
     if key.check is _memory:
         return text
-    integer_key = isinstance(key.default, int) and not isinstance(key.default, bool)
-    if integer_key:
-        try:
-            return int(text)
-        except ValueError:
-            raise ConfigError(name, f"expected an integer, got {text!r}") from None
+    if isinstance(key.default, int) and not isinstance(key.default, bool):
+        if not _INTEGER_RE.fullmatch(text):
+            raise ConfigError(name, f"expected an integer, got {_shown(text)}")
+        return _json_integer(text.strip())
     return text
 
 
-def _parse_map_flag(name: str, items: list[str]) -> dict[str, str]:
+def _parse_map_flag(name: str, items: list[str]) -> dict[str, Any]:
     """C{--shared-dirs} takes C{TAG=DIR} (repeatable) or a JSON object."""
-    result: dict[str, str] = {}
+    result: dict[str, Any] = {}
     for item in items:
         if item.lstrip().startswith("{"):
-            try:
-                decoded = json.loads(item)
-            except json.JSONDecodeError as e:
-                raise ConfigError(name, f"not a JSON object: {e}") from None
+            decoded = decode_json(item, f"--{name}", name)
             if not isinstance(decoded, dict):
                 raise ConfigError(name, f"expected a JSON object, got {_describe(decoded)}")
             result.update(decoded)
             continue
         tag, sep, path = item.partition("=")
         if not sep:
-            raise ConfigError(name, f"expected TAG=DIR, got {item!r}")
+            raise ConfigError(name, f"expected TAG=DIR, got {_shown(item)}")
         result[tag] = path
     return result
 

@@ -4,13 +4,19 @@ answers every connection with one JSON line describing the daemon, then closes.
 
 A unix socket (not a TCP port) because upstream's control API on 127.0.0.1 let any local
 user stop the VM; here the working directory (0700) and the socket (0600) keep it to the
-daemon's user and root.  The same socket's lock file keeps two daemons off one working
-directory.
+daemon's user and root.
+
+Two daemons are kept off one working directory by L{DAEMON_LOCK}, an flock the kernel drops
+when the daemon dies (L{virby.locks}), not by the socket: so whatever is found at the
+socket's path by a daemon that holds the lock is left over from a dead one, and replaced.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import stat
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +30,12 @@ log = Logger()
 
 #: The control socket's name inside the working directory.
 CONTROL_SOCKET = "control.sock"
+
+#: The lock one daemon per working directory holds for its whole life.
+DAEMON_LOCK = "daemon.lock"
+
+#: Older daemons locked the socket with a symlink naming their pid; it is junk now.
+_OLD_SOCKET_LOCK = CONTROL_SOCKET + ".lock"
 
 
 class StatusProtocol(Protocol):
@@ -50,9 +62,40 @@ class ControlFactory(Factory):
         self.describe = describe
 
 
+class StaleSocketError(Exception):
+    """What is at the control socket's path cannot be replaced; the message says why."""
+
+
+def clearStaleSocket(path: str) -> None:
+    """
+    Remove what a dead daemon left at C{path} (its socket, or any junk file), and the pid
+    symlink an older version used as its lock.  Only a daemon holding L{DAEMON_LOCK} may
+    call this: no live daemon can be using the path then.
+
+    @raise StaleSocketError: when C{path} is a directory or cannot be removed.
+    """
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if stat.S_ISDIR(info.st_mode):
+            raise StaleSocketError(f"{path} is a directory, not the control socket: remove it")
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise StaleSocketError(f"cannot replace {path}: {e.strerror or e}") from None
+    old = os.path.join(os.path.dirname(path), _OLD_SOCKET_LOCK)
+    with contextlib.suppress(OSError):
+        if stat.S_ISLNK(os.lstat(old).st_mode):
+            os.unlink(old)
+
+
 def controlEndpoint(reactor: IReactorUNIX, path: str) -> UNIXServerEndpoint:
     """
-    Owner-only, and locked by pid: a second daemon on the same working directory fails to
-    listen instead of stealing the first one's socket.
+    Owner-only.  Not locked by pid (L{DAEMON_LOCK} keeps a second daemon away), so a stale
+    pid can never stop a start.
     """
-    return UNIXServerEndpoint(reactor, path, mode=0o600, wantPID=True)
+    return UNIXServerEndpoint(reactor, path, mode=0o600, wantPID=False)

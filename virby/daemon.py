@@ -23,17 +23,34 @@ from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.python.failure import Failure
 
 from virby import __version__
+from virby.capacity import (
+    BACKLOG,
+    ConnectionLimit,
+    DescriptorLimit,
+    adjustDescriptorLimit,
+    kernelBacklogCap,
+    widenAcceptQueue,
+)
 from virby.config import Config
-from virby.control import CONTROL_SOCKET, ControlFactory, controlEndpoint
+from virby.control import (
+    CONTROL_SOCKET,
+    DAEMON_LOCK,
+    ControlFactory,
+    StaleSocketError,
+    clearStaleSocket,
+    controlEndpoint,
+)
 from virby.errors import VirbyError
 from virby.freshdisk import makeFreshDisk
 from virby.leases import LeaseFile
 from virby.lifecycle import Lifecycle, VirtualMachine
+from virby.locks import FileLock, LockError
 from virby.logs import Logger, setVerbose
 from virby.mac import stable_mac
-from virby.orphans import stop_orphan
+from virby.orphans import VM_LOCK, stop_orphan
 from virby.proxy import ProxyFactory
-from virby.readiness import wait_for_guest
+from virby.readiness import BootTimeout, wait_for_guest
+from virby.runtime import remove_quietly
 from virby.vfkit import HostPlan, VfkitProcess, find_vfkit, plan_host
 
 log = Logger()
@@ -52,10 +69,12 @@ class VfkitHypervisor:
     """
     Starts vfkit and finds out when its guest answers SSH: the lifecycle's view of the VM.
 
-    A vfkit left behind by a crashed daemon is stopped before the first boot: two VMs on
-    one disk image would corrupt it.  With C{ephemeral}, every boot starts from a fresh
-    C{diff.img} (L{virby.freshdisk}), made in a child process so the reactor never waits on
-    a copy; it is bounded by C{start-timeout} of its own, and its failure fails the boot.
+    A VM left behind by a crashed daemon is stopped before the first boot, and no VM is
+    ever booted while a process still holds the working directory's VM lock: two VMs on
+    one disk image would corrupt it (L{virby.orphans}).  With C{ephemeral}, every boot
+    starts from a fresh C{diff.img} (L{virby.freshdisk}), made under that lock in a child
+    process, so the reactor never waits on a copy; it is bounded by C{start-timeout} of its
+    own, and its failure fails the boot.
     """
 
     def __init__(
@@ -66,19 +85,48 @@ class VfkitHypervisor:
         self._executable = executable
         self.plan = plan or HostPlan(nested=config.nested_virtualization)
         self._leases = LeaseFile(config.leases_file)
-        self._orphanCheck: Deferred[Any] | None = None
+        self._orphanCheck: Deferred[Exception | None] | None = None
         self._mac: str | None = None
 
-    def stopOrphan(self) -> Deferred[Any]:
-        """Stop a leftover vfkit once per daemon; every spawn waits for this."""
-        if self._orphanCheck is None:
-            self._orphanCheck = Deferred.fromCoroutine(
-                stop_orphan(self._reactor, self._config.path("vfkit.pid"), self._executable)
-            )
-            self._orphanCheck.addErrback(
-                lambda f: log.error("checking for a leftover vfkit failed: {why}", why=f.value)
-            )
-        return self._orphanCheck
+    def stopOrphan(self) -> Deferred[None]:
+        """
+        Stop a VM left by a previous daemon; every spawn waits for this.  It runs once per
+        daemon when it succeeds, and again at the next spawn when it could not.
+        """
+        check = self._orphanCheck
+        if check is None:
+            check = self._orphanCheck = Deferred.fromCoroutine(self._checkOrphan())
+            check.addCallback(self._forgetFailedCheck, check)
+        waiting: Deferred[None] = Deferred()
+
+        def relay(outcome: Exception | None) -> Exception | None:
+            if outcome is None:
+                waiting.callback(None)
+            else:
+                waiting.errback(outcome)
+            return outcome
+
+        check.addCallback(relay)
+        return waiting
+
+    async def _checkOrphan(self) -> Exception | None:
+        """The outcome, never a failure: each caller gets its own copy of an error."""
+        try:
+            await stop_orphan(self._reactor, self._config.working_directory)
+        except VirbyError as e:
+            log.error("{why}", why=str(e))
+            return e
+        except Exception:
+            log.failure("checking for a VM left by a previous daemon failed")
+            return StartupError("checking for a VM left by a previous daemon failed: see the log")
+        return None
+
+    def _forgetFailedCheck(
+        self, outcome: Exception | None, check: Deferred[Exception | None]
+    ) -> Exception | None:
+        if outcome is not None and self._orphanCheck is check:
+            self._orphanCheck = None
+        return outcome
 
     def spawn(self) -> Deferred[VirtualMachine]:
         return Deferred.fromCoroutine(self._spawn())
@@ -87,25 +135,55 @@ class VfkitHypervisor:
         if self.plan.refusal is not None:
             raise StartupError(self.plan.refusal)
         await self.stopOrphan()
+        lock = self._lockVM()
         if self._config.ephemeral:
-            # After the orphan is gone: it may still have had the old disk open.
-            done = await makeFreshDisk(
-                self._reactor,
-                self._config.working_directory,
-                self._config.disk_size,
-                float(self._config.start_timeout),
-            )
+            # Under the VM lock: no VM, not even one a previous daemon left, has the disk open.
+            try:
+                done = await makeFreshDisk(
+                    self._reactor,
+                    self._config.working_directory,
+                    self._config.disk_size,
+                    float(self._config.start_timeout),
+                )
+            except BaseException:
+                lock.release()
+                raise
             log.info("{done}", done=done)
         try:
             self._mac = stable_mac(self._config.path("mac"))
         except OSError as e:
+            lock.release()
             raise StartupError(
                 f"cannot keep the VM's MAC in {self._config.path('mac')}: {e.strerror or e}; "
                 "run `virby prepare` to repair the working directory"
             ) from None
-        return VfkitProcess.start(
-            self._reactor, self._config, self._executable, self._mac, plan=self.plan
-        )
+        try:
+            return VfkitProcess.start(
+                self._reactor,
+                self._config,
+                self._executable,
+                self._mac,
+                vmLock=lock,
+                plan=self.plan,
+            )
+        except BaseException:
+            lock.release()
+            raise
+
+    def _lockVM(self) -> FileLock:
+        """The VM lock, which the vfkit about to start inherits and holds for its life."""
+        lock = FileLock(self._config.path(VM_LOCK))
+        try:
+            acquired = lock.acquire()
+        except LockError as e:
+            raise StartupError(f"{e}; run `virby prepare` to repair it") from None
+        if not acquired:
+            raise StartupError(
+                f"a VM of {self._config.working_directory} is still running: a process "
+                f"holds {lock.path} (find it with `lsof {lock.path}`); stop it and connect "
+                "again"
+            )
+        return lock
 
     def waitReady(self, vm: VirtualMachine) -> Deferred[tuple[str, int]]:
         mac = self._mac
@@ -119,7 +197,28 @@ class VfkitHypervisor:
             interval=READINESS_INTERVAL,
             what=f"MAC {mac} in {self._config.leases_file}",
         )
+        waiting.addErrback(self._explainNoLease, mac)
         return waiting.addCallback(lambda ip: (ip, port))
+
+    def _explainNoLease(self, reason: Failure, mac: str) -> Failure:
+        """
+        A wait that ends without a lease says why when the lease file knows: a lease named
+        for the VM under a DUID client id is a guest misconfiguration no wait can outlast.
+        """
+        timeout = reason.value
+        if not isinstance(timeout, BootTimeout) or timeout.reason != "no-lease":
+            return reason
+        explanation = self._leases.explainMissing(mac)
+        if explanation is None:
+            return reason
+        return Failure(
+            BootTimeout(
+                timeout.reason,
+                f"no DHCP lease for MAC {mac} within {self._config.start_timeout}s: {explanation}",
+                timeout.ip,
+                timeout.last_error,
+            )
+        )
 
 
 class DaemonService(MultiService):
@@ -128,7 +227,7 @@ class DaemonService(MultiService):
 
     Stopping (SIGTERM from launchd, or ^C) stops accepting first, then powers the guest off
     within launchd's 20 s, then closes the control socket, so C{virby status} can watch the
-    shutdown.
+    shutdown, and last lets go of the working directory's lock.
     """
 
     def __init__(
@@ -138,6 +237,7 @@ class DaemonService(MultiService):
         endpoint: IStreamServerEndpoint,
         hypervisor: VfkitHypervisor,
         lifecycle: Lifecycle,
+        descriptors: DescriptorLimit | None = None,
     ) -> None:
         super().__init__()
         self._reactor = reactor
@@ -145,29 +245,94 @@ class DaemonService(MultiService):
         self._endpoint = endpoint
         self._hypervisor = hypervisor
         self.lifecycle = lifecycle
+        self._descriptors = descriptors
         self._ports: list[IListeningPort] = []
         self._control: IListeningPort | None = None
+        self._lock: FileLock | None = None
         self._startedAt: float | None = None
 
     def startService(self) -> None:
         """
-        Listen synchronously: twistd calls this before the reactor runs, so a port in use or
-        a missing launchd socket fails the start here, with one line, instead of later.
+        Lock the working directory, then listen, all synchronously: twistd calls this before
+        the reactor runs, so another daemon, a port in use or a missing launchd socket fails
+        the start here, with one line, instead of later.  A start that fails takes back what
+        it made, so no control socket or lock file is left behind.
         """
         super().startService()
         self._startedAt = self._reactor.seconds()
-        self._control = _listenNow(
-            controlEndpoint(self._reactor, self._config.path(CONTROL_SOCKET)),
+        self._lockWorkingDirectory()
+        try:
+            self._ports = _listenAll(self._endpoint, self._builderFactory(), self._config.listen)
+            self._control = self._listenControl()
+        except BaseException:
+            self._abandonStart()
+            raise
+        widened = [widenAcceptQueue(port) for port in self._ports]
+        for port in self._ports:
+            log.info("serving the builder on {address}", address=_address(port))
+        if any(widened):
+            _logAcceptQueue()
+        self._hypervisor.stopOrphan().addErrback(lambda _: None)  # logged where it failed
+        self.lifecycle.start()
+
+    def _builderFactory(self) -> Any:
+        """The splice, behind the limit its open files set (L{virby.capacity})."""
+        factory = ProxyFactory(self._reactor, self.lifecycle)
+        if self._descriptors is None:
+            return factory
+        return ConnectionLimit(
+            factory,
+            self._descriptors.connections,
+            lambda: self.lifecycle.snapshot().active_connections,
+            self._reactor,
+            f"two open files each, and its open-file limit is {self._descriptors.soft}",
+        )
+
+    def _lockWorkingDirectory(self) -> None:
+        """One daemon per working directory: the kernel drops the lock when this one dies."""
+        lock = FileLock(self._config.path(DAEMON_LOCK))
+        fix = "run `virby prepare --config FILE` to repair the working directory"
+        try:
+            acquired = lock.acquire()
+        except LockError as e:
+            raise StartupError(f"{e}; {fix}") from None
+        if not acquired:
+            holder = lock.holder()
+            raise StartupError(
+                f"another virby daemon ({f'pid {holder}' if holder else 'unknown pid'}) "
+                f"is already serving {self._config.working_directory}: stop it first, or "
+                "give this daemon its own working-directory"
+            )
+        self._lock = lock
+
+    def _listenControl(self) -> IListeningPort:
+        path = self._config.path(CONTROL_SOCKET)
+        try:
+            clearStaleSocket(path)
+        except StaleSocketError as e:
+            raise StartupError(str(e)) from None
+        return _listenNow(
+            controlEndpoint(self._reactor, path),
             ControlFactory(self.describe),
             "the control socket",
         )
-        self._ports = _listenAll(
-            self._endpoint, ProxyFactory(self._reactor, self.lifecycle), self._config.listen
-        )
-        for port in self._ports:
-            log.info("serving the builder on {address}", address=_address(port))
-        self._hypervisor.stopOrphan()
-        self.lifecycle.start()
+
+    def _abandonStart(self) -> None:
+        ports, self._ports = self._ports, []
+        for port in ports:
+            port.stopListening()
+        if self._control is not None:
+            control, self._control = self._control, None
+            control.stopListening()
+        path = self._config.path(CONTROL_SOCKET)
+        if os.path.lexists(path) and not os.path.isdir(path):
+            remove_quietly(path)  # bound by the failed listen: nothing else can be there
+        self._releaseLock()
+
+    def _releaseLock(self) -> None:
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.release(remove=True)
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
@@ -180,6 +345,7 @@ class DaemonService(MultiService):
         if self._control is not None:
             control, self._control = self._control, None
             await maybeDeferred(control.stopListening)
+        self._releaseLock()
         log.info("stopped")
 
     def describe(self) -> dict[str, Any]:
@@ -195,6 +361,20 @@ class DaemonService(MultiService):
             version=__version__,
         )
         return document
+
+
+def _logAcceptQueue() -> None:
+    cap = kernelBacklogCap()
+    if cap is not None and cap[0] < BACKLOG:
+        log.info(
+            "accept queue: {cap} connections, the kernel's cap ({setting}; raise it to "
+            "{backlog} to queue more while the daemon is busy)",
+            cap=cap[0],
+            setting=cap[1],
+            backlog=BACKLOG,
+        )
+    else:
+        log.info("accept queue: {backlog} connections", backlog=BACKLOG)
 
 
 def _listenNow(endpoint: IStreamServerEndpoint, factory: Any, what: str) -> IListeningPort:
@@ -241,7 +421,10 @@ def checkWorkingDirectory(config: Config) -> None:
 def installSignalHandlers(reactor: Any) -> None:
     """
     SIGTERM and SIGINT shut down cleanly and exit 0.  twistd's own handlers would re-raise
-    the signal at exit, which launchd logs as a crash.
+    the signal at exit, which launchd logs as a crash.  Installed before the reactor runs
+    too: an always-on VM is spawned while the service starts, and a SIGTERM in that window
+    would otherwise kill the daemon outright and leave vfkit behind.  A stop requested
+    then runs as soon as the reactor does.
     """
 
     def shutdown(signum: int, frame: object) -> None:
@@ -269,9 +452,12 @@ def makeDaemonService(config: Config, reactor: Any) -> DaemonService:
     plan = plan_host(config)
     for warning in plan.warnings:
         log.warn("{warning}", warning=warning)
+    descriptors = adjustDescriptorLimit(reactor)
+    log.info("{limit}", limit=descriptors.describe())
     hypervisor = VfkitHypervisor(reactor, config, executable, plan)
     lifecycle = Lifecycle(reactor, hypervisor, onDemand=config.on_demand, ttl=config.ttl)
-    service = _ExitOnStartupError(reactor, config, endpoint, hypervisor, lifecycle)
+    service = _ExitOnStartupError(reactor, config, endpoint, hypervisor, lifecycle, descriptors)
+    installSignalHandlers(reactor)
     reactor.callWhenRunning(installSignalHandlers, reactor)
     return service
 

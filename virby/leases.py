@@ -7,6 +7,10 @@ parser: bootpd prints MAC octets with C{%x} (C{52:54:0:12:3:a}), so MACs are com
 bytes, not strings; and when a guest sends a DUID as its DHCP client id, bootpd records
 that instead of the MAC (C{hw_address=ff,...}), so only C{1,} (Ethernet) entries can match.
 The file is rewritten while we read it, so a block without its closing brace still counts.
+
+The daemon reads the file on its reactor several times a second while a VM boots, so the read
+must never block: it is opened with C{O_NONBLOCK} and read only when it is a regular file of
+sane size (a FIFO put there by mistake would otherwise freeze the whole daemon).
 """
 
 from __future__ import annotations
@@ -14,10 +18,18 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from virby.errors import VirbyError
+
+#: The hostname Virby's image sends with DHCP, which bootpd records as the lease's C{name}.
+GUEST_HOSTNAME = "virby-vm"
+
+#: bootpd's file for a /24 pool holds a few hundred leases of ~150 bytes; far more than that
+#: is not a lease file.
+MAX_LEASE_FILE_BYTES = 16 * 1024 * 1024
 
 
 class LeaseFileError(VirbyError):
@@ -51,6 +63,12 @@ class Lease:
     hw_address: str | None
     lease: int
     name: str | None
+    client_id: str | None = None
+
+    @property
+    def is_duid(self) -> bool:
+        """bootpd recorded a DUID (type C{ff}) where the MAC should be."""
+        return (self.client_id or "").strip().lower().startswith("ff,")
 
 
 def _blocks(text: str) -> Iterable[dict[str, str]]:
@@ -113,6 +131,7 @@ def parse_leases(text: str) -> list[Lease]:
                 hw_address=_hardware(block.get("hw_address")),
                 lease=_expiry(block.get("lease")),
                 name=block.get("name") or None,
+                client_id=block.get("hw_address") or None,
             )
         )
     return leases
@@ -143,19 +162,59 @@ class LeaseFile:
         """The VM's current address, or C{None} while it has no lease (or no file yet)."""
         return newest_ip(self._read(), mac)
 
+    def explainMissing(self, mac: str) -> str | None:
+        """
+        Why C{mac} has no lease when the file says more than "nothing yet": a lease named
+        for the VM whose client id is a DUID means the guest sent the wrong client id, and
+        no wait will ever find its MAC.  C{None} when there is nothing to explain.
+        """
+        try:
+            leases = self._read()
+        except LeaseFileError:
+            return None
+        if newest_ip(leases, mac) is not None:
+            return None
+        for lease in leases:
+            if lease.name == GUEST_HOSTNAME and lease.is_duid:
+                return (
+                    f"{self.path} holds a lease for {GUEST_HOSTNAME} ({lease.ip_address}) "
+                    f"under a DUID client id (hw_address={_clip(lease.client_id or '')}), so "
+                    "bootpd recorded no MAC: the guest must send its MAC as DHCP client id "
+                    '(Virby\'s image sets dhcpcd `clientid ""`; rebuild the image from this '
+                    "version, or set networkd's ClientIdentifier=mac)"
+                )
+        return None
+
     def _read(self) -> list[Lease]:
         try:
-            info = os.stat(self.path)
-            stamp = (info.st_ino, info.st_size, info.st_mtime_ns)
-            if stamp == self._stamp:
-                return self._leases
-            with open(self.path, encoding="utf-8", errors="replace") as f:
-                text = f.read()
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
         except FileNotFoundError:
             self._stamp, self._leases = None, []
             return []
         except OSError as e:
             raise LeaseFileError(self._explain(e)) from None
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise LeaseFileError(
+                    f"cannot read the lease file {self.path}: it is {_kind(info.st_mode)}, not "
+                    'a regular file; set "leases-file" to bootpd\'s lease file, '
+                    "/var/db/dhcpd_leases"
+                )
+            stamp = (info.st_ino, info.st_size, info.st_mtime_ns)
+            if stamp == self._stamp:
+                return self._leases
+            if info.st_size > MAX_LEASE_FILE_BYTES:
+                raise LeaseFileError(
+                    f"cannot read the lease file {self.path}: {info.st_size} bytes is too large "
+                    'for bootpd\'s lease file; check the "leases-file" setting'
+                )
+            data = _read_all(fd, MAX_LEASE_FILE_BYTES)
+        except OSError as e:
+            raise LeaseFileError(self._explain(e)) from None
+        finally:
+            os.close(fd)
+        text = data.decode("utf-8", errors="replace")
         self._stamp, self._leases = stamp, parse_leases(text)
         return self._leases
 
@@ -167,3 +226,33 @@ class LeaseFile:
         else:
             fix = 'check the "leases-file" setting'
         return f"cannot read the lease file {self.path}: {error.strerror or error}; {fix}"
+
+
+def _read_all(fd: int, limit: int) -> bytes:
+    """Read a regular file to its end (at most C{limit} bytes)."""
+    chunks: list[bytes] = []
+    size = 0
+    while size <= limit:
+        chunk = os.read(fd, 1024 * 1024)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)[:limit]
+
+
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return "not a file"
+
+
+def _clip(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,38 +1,61 @@
 """
-A vfkit left running by a crashed daemon is stopped before the next boot: two VMs writing
-one disk image would corrupt it.  The pid comes from C{<wd>/vfkit.pid}, and is signalled
-only after checking that it really is vfkit (pids are recycled; upstream signalled whatever
-the file named).
+A VM left running by a crashed daemon is stopped before the next boot: two VMs writing one
+disk image would corrupt it.
+
+Nothing here trusts a program's name.  A vfkit can be started through a wrapper (an
+interpreter, a shell that C{exec}s a differently named file), and other tools on a Mac
+(podman machine, CRC) run programs named C{vfkit} too.  Two facts are used instead:
+
+  - C{<wd>/vm.lock} is locked by the daemon and inherited by the vfkit it starts
+    (L{virby.vfkit.VfkitProcess.start}); the kernel keeps the lock exactly as long as any
+    process holds that file open.  While it is held, a VM of this working directory is
+    alive, whatever its pid or name, and no second one is booted.
+  - C{<wd>/vfkit.pid} says which process to stop, and is believed only when that process's
+    command line is this working directory's vfkit: its C{--restful-uri} names this
+    directory's socket and its C{virtio-blk} disk is this C{diff.img}, which only our VM
+    has.  The pidfile is kept until that process is really gone.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
-from twisted.internet.utils import getProcessOutput
+from twisted.internet.utils import getProcessOutputAndValue
 
 from virby.config import REST_SOCKET_NAME
+from virby.errors import VirbyError
 from virby.logs import Logger
 from virby.rest import RestError, VfkitRestClient
 from virby.runtime import remove_quietly
 
 log = Logger()
 
-EMULATOR_NAMES = ("vfkit-emulator", "virby.emulator")
+#: The pidfile of the running vfkit, and the lock its process holds for its whole life.
+PIDFILE = "vfkit.pid"
+VM_LOCK = "vm.lock"
+DISK = "diff.img"
+
+#: BSD ps truncates the command to the terminal's width unless given -ww.
+PS = "/bin/ps"
+
+
+class OrphanError(VirbyError):
+    """A VM of this working directory is alive and could not be stopped."""
 
 
 def read_pid(path: str) -> int | None:
     try:
         with open(path, encoding="ascii", errors="replace") as f:
-            text = f.read().strip()
+            text = f.read(32).strip()
     except OSError:
         return None
-    return int(text) if text.isdigit() and int(text) > 0 else None
+    return int(text) if text.isdigit() and 0 < int(text) < 2**31 else None
 
 
 def is_alive(pid: int) -> bool:
@@ -51,29 +74,42 @@ def is_alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def is_vfkit(argv: list[str], executable: str) -> bool:
-    """The command is vfkit (by the configured name or its own) or Virby's emulator."""
-    if not argv:
+def is_our_vfkit(command: str | None, working_directory: str) -> bool:
+    """
+    Whether a command line (its arguments joined by spaces, as C{ps} prints them) is the
+    vfkit of C{working_directory}: its REST socket and its disk are this directory's.
+    Matched as whole words, so another directory whose name merely starts the same, or a
+    path inside some other argument, does not count.
+    """
+    if not command:
         return False
-    names = {os.path.basename(executable), "vfkit"}
-    if os.path.basename(argv[0]) in names:
-        return True
-    return any(os.path.basename(arg) in EMULATOR_NAMES for arg in argv[:3])
-
-
-async def command_line(reactor: Any, pid: int) -> list[str]:
-    """The process's argv: /proc on Linux, ps(1) elsewhere (without blocking)."""
-    if os.path.isdir("/proc/self"):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                raw = f.read()
-        except OSError:
-            return []
-        return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
-    output = await getProcessOutput(
-        "/bin/ps", ["-o", "command=", "-p", str(pid)], env=dict(os.environ), reactor=reactor
+    socket = re.escape(f"unix://{os.path.join(working_directory, REST_SOCKET_NAME)}")
+    disk = re.escape(f"virtio-blk,path={os.path.join(working_directory, DISK)}")
+    return (
+        re.search(rf"(?:^|\s){socket}(?=\s|$)", command) is not None
+        and re.search(rf"(?:^|\s){disk}(?=[\s,]|$)", command) is not None
     )
-    return output.decode(errors="replace").split()
+
+
+async def command_line(reactor: Any, pid: int, proc: str | None = "/proc") -> str | None:
+    """
+    The process's arguments joined by spaces, or C{None} when it cannot be read: from
+    C{/proc} on Linux, from C{ps -ww} elsewhere (a child process, so the reactor never
+    waits on it).
+    """
+    if proc is not None and os.path.isdir(f"{proc}/self"):
+        try:
+            with open(f"{proc}/{pid}/cmdline", "rb") as f:
+                raw = f.read(1024 * 1024)
+        except OSError:
+            return None
+        parts = [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+        return " ".join(parts) or None
+    out, _err, code = await getProcessOutputAndValue(
+        PS, ["-ww", "-o", "command=", "-p", str(pid)], env=dict(os.environ), reactor=reactor
+    )
+    text = out.decode(errors="replace").strip()
+    return text if code == 0 and text else None
 
 
 async def _gone_within(
@@ -101,8 +137,7 @@ async def _gone_within(
 
 async def stop_orphan(
     reactor: Any,
-    pidfile: str,
-    vfkit_executable: str,
+    working_directory: str,
     grace: float = 10.0,
     *,
     alive: Callable[[int], bool] = is_alive,
@@ -110,35 +145,37 @@ async def stop_orphan(
     argv: Callable[[Any, int], Any] = command_line,
 ) -> int | None:
     """
-    Stop the vfkit named by C{pidfile}, if there is one: REST Stop (a clean guest power-off),
-    then SIGTERM, then SIGKILL.
+    Stop the vfkit named by C{<wd>/vfkit.pid} if it is this working directory's: REST Stop
+    (a clean guest power-off), then SIGTERM, then SIGKILL.
 
-    @return: the pid stopped, or C{None} when there was nothing to stop.
+    @return: the pid stopped, or C{None} when there was nothing of ours to stop.
+    @raise OrphanError: when it survives SIGKILL; the pidfile is kept, naming it.
     """
+    pidfile = os.path.join(working_directory, PIDFILE)
     pid = read_pid(pidfile)
-    directory = os.path.dirname(pidfile)
     if pid is None or pid == os.getpid() or not alive(pid):
         remove_quietly(pidfile)
         return None
     command = await argv(reactor, pid)
-    if not is_vfkit(command, vfkit_executable):
+    if not is_our_vfkit(command, working_directory):
         log.warn(
-            "{pidfile} names pid {pid}, which is not vfkit ({command}): leaving it alone",
+            "{pidfile} names pid {pid}, which is not this working directory's vfkit "
+            "({command}): leaving it alone",
             pidfile=pidfile,
             pid=pid,
-            command=" ".join(command) or "unknown",
+            command=_clip(command or "its command line cannot be read"),
         )
         remove_quietly(pidfile)
         return None
     log.warn("stopping vfkit (pid {pid}) left running by a previous daemon", pid=pid)
-    socket = os.path.join(directory, REST_SOCKET_NAME)
+    socket = os.path.join(working_directory, REST_SOCKET_NAME)
     steps: list[tuple[str, float]] = [("TERM", 5.0), ("KILL", 2.0)]
     if os.path.exists(socket):
         try:
             await Deferred.fromCoroutine(VfkitRestClient(reactor, socket, 1.5).request("Stop"))
             steps.insert(0, ("", grace))
-        except RestError:
-            pass
+        except RestError as e:
+            log.info("the leftover vfkit did not take Stop: {why}", why=str(e))
     for name, seconds in steps:
         if name:
             try:
@@ -148,9 +185,15 @@ async def stop_orphan(
         if await _gone_within(reactor, pid, seconds, alive):
             break
     else:
-        log.error("vfkit (pid {pid}) survived SIGKILL", pid=pid)
-        return None
+        raise OrphanError(
+            f"the VM left by a previous daemon (vfkit pid {pid}) survived SIGKILL and still "
+            f"holds {os.path.join(working_directory, DISK)}: no second VM is booted on it"
+        )
     remove_quietly(pidfile)
     remove_quietly(socket)
     log.info("stopped the leftover vfkit (pid {pid})", pid=pid)
     return pid
+
+
+def _clip(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -3,6 +3,13 @@ vfkit's REST API (C{GET/POST /vm/state}, C{GET /vm/inspect}) over its unix socke
 
 The socket lives in the owner-only working directory: upstream served the API on a TCP
 port where any local user could stop the VM.
+
+Every failure says which of four things happened, because the caller acts on each
+differently: vfkit refused (L{RestRefused}), nothing listens (L{RestUnreachable}: vfkit
+has not started its API yet, or is gone), vfkit closed the connection before answering
+(L{RestDropped}: after HardStop vfkit exits the instant the VM is off, often before its
+reply, vfkit pkg/rest/vf/state_change.go), or nothing answered in time (L{RestTimeout}:
+a hung vfkit).  None of them means "stopped": only the process's exit says that.
 """
 
 from __future__ import annotations
@@ -10,8 +17,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from twisted.internet import defer
+from twisted.internet import error as neterror
 from twisted.internet.endpoints import UNIXClientEndpoint
-from twisted.internet.error import ConnectError, ConnectionDone, ConnectionLost
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed, readBody
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory
@@ -24,20 +32,48 @@ try:
 except ImportError:  # pragma: no cover - older Twisted
     ResponseNeverReceived = ResponseFailed  # type: ignore[misc,assignment]
 
-#: Errors that mean "vfkit went away": after Stop or HardStop that is the goal, since vfkit
-#: exits the instant the guest is off, often before it has written its reply.
-TRANSPORT_ERRORS = (
-    ConnectError,
-    ConnectionDone,
-    ConnectionLost,
-    ResponseFailed,
-    ResponseNeverReceived,
-    OSError,
-)
-
 
 class RestError(VirbyError):
     """vfkit's API refused a request or did not answer."""
+
+
+class RestRefused(RestError):
+    """vfkit answered with an error status."""
+
+
+class RestUnreachable(RestError):
+    """Nothing accepted the connection: no socket, or nobody listening on it."""
+
+
+class RestDropped(RestError):
+    """vfkit accepted the request and closed the connection without an answer."""
+
+
+class RestTimeout(RestError):
+    """vfkit did not answer within the timeout: it is hung, or too busy to serve."""
+
+
+_TIMEOUTS = (defer.TimeoutError, defer.CancelledError, neterror.TimeoutError)
+
+
+def _classify(e: Exception, what: str, socket_path: str, timeout: float) -> RestError:
+    """The L{RestError} that says what happened to a request that got no answer."""
+    if isinstance(e, _TIMEOUTS):
+        return RestTimeout(f"vfkit did not answer {what} within {timeout:g}s")
+    if isinstance(e, ResponseFailed | ResponseNeverReceived):
+        reasons = getattr(e, "reasons", [])
+        if any(reason.check(*_TIMEOUTS) for reason in reasons):
+            return RestTimeout(f"vfkit did not answer {what} within {timeout:g}s")
+        return RestDropped(f"vfkit closed the connection without answering {what}")
+    if isinstance(e, neterror.ConnectionDone | neterror.ConnectionLost):
+        return RestDropped(f"vfkit closed the connection without answering {what}")
+    if isinstance(e, neterror.ConnectError):
+        why = str(e).rstrip(".").split(": ")[-1]
+        return RestUnreachable(f"vfkit's API at {socket_path} is unreachable ({why})")
+    if isinstance(e, OSError):
+        why = e.strerror or str(e)
+        return RestUnreachable(f"vfkit's API at {socket_path} is unreachable ({why})")
+    return RestError(f"vfkit did not answer {what}: {e!r}")
 
 
 @implementer(IAgentEndpointFactory)
@@ -99,14 +135,13 @@ class VfkitRestClient:
         return response.code, content
 
     async def _json(self, path: bytes) -> dict[str, Any]:
+        what = f"GET {path.decode()}"
         try:
             code, content = await self._call(b"GET", path)
-        except TRANSPORT_ERRORS as e:
-            raise RestError(f"vfkit's API at {self.socket_path} is unreachable: {e}") from None
         except Exception as e:
-            raise RestError(f"vfkit's API at {self.socket_path} did not answer: {e!r}") from None
+            raise _classify(e, what, self.socket_path, self._timeout) from None
         if code != 200:
-            raise RestError(f"vfkit answered {code} to GET {path.decode()}: {_error(content)}")
+            raise RestRefused(f"vfkit answered {code} to {what}: {_error(content)}")
         try:
             document = json.loads(content)
         except ValueError:
@@ -123,21 +158,18 @@ class VfkitRestClient:
 
     async def request(self, state: str) -> None:
         """
-        C{POST /vm/state}.  For C{Stop} and C{HardStop} a vanished vfkit is success.
+        C{POST /vm/state} with C{{"state": state}}; vfkit answers 202 once it has made the
+        request (for C{Stop}: once the guest was asked, not once it is off).
 
-        @raise RestError: when vfkit refuses, or does not answer in time.
+        @raise RestError: one of its subclasses, saying what happened.
         """
         body = json.dumps({"state": state}).encode()
         try:
             code, content = await self._call(b"POST", b"/vm/state", body)
-        except TRANSPORT_ERRORS as e:
-            if state in ("Stop", "HardStop"):
-                return
-            raise RestError(f"vfkit's API at {self.socket_path} is unreachable: {e}") from None
         except Exception as e:
-            raise RestError(f"vfkit did not answer POST {state}: {e!r}") from None
+            raise _classify(e, state, self.socket_path, self._timeout) from None
         if code not in (200, 202):
-            raise RestError(f"vfkit refused {state} ({code}): {_error(content)}")
+            raise RestRefused(f"vfkit refused {state} ({code}): {_error(content)}")
 
 
 def _error(content: bytes) -> str:

@@ -13,6 +13,8 @@ person exactly what ssh will do and the Nix side can be checked against it.  The
   C{MaxAuthTries} before the right key is offered.
 - No C{ConnectTimeout}: a cold boot takes seconds, during which the daemon holds the
   connection open on purpose.
+- C{Port} is where the daemon really accepts: the port of a C{tcp:} C{listen} string when
+  it names one, else C{port} (the port launchd binds for an adopted socket).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def ssh_config_block(config: Config, identity_file: str | None = None) -> str:
     lines = [
         f"Host {HOST}",
         "  HostName 127.0.0.1",
-        f"  Port {config.port}",
+        f"  Port {config.builder_port}",
         f"  User {USER}",
         f"  HostKeyAlias {HOST_KEY_ALIAS}",
         f"  IdentityFile {_quoted(identity_file or config.path(CLIENT_KEY))}",

@@ -14,7 +14,9 @@ through C{processEnded}, not by polling.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -28,8 +30,9 @@ from twisted.python.failure import Failure
 from virby.config import REST_SOCKET_NAME, Config
 from virby.errors import VirbyError
 from virby.hostfacts import HostFacts, gather
+from virby.locks import FileLock
 from virby.logs import Logger
-from virby.rest import RestError, VfkitRestClient
+from virby.rest import RestDropped, RestError, VfkitRestClient
 from virby.runtime import remove_quietly, write_atomically
 
 log = Logger()
@@ -197,20 +200,56 @@ def read_tail(path: str, lines: int, limit: int = TAIL_BYTES) -> list[str]:
 
 @dataclass(frozen=True)
 class ExitStatus:
-    """How vfkit ended: an exit code, or the signal that killed it."""
+    """
+    How vfkit ended: an exit code, or the signal that killed it, and the last error vfkit
+    itself reported (its own words say why far better than "status 1").
+    """
 
     code: int | None
     signal: int | None
+    message: str | None = None
 
     @classmethod
-    def from_reason(cls, reason: Failure) -> ExitStatus:
+    def from_reason(cls, reason: Failure, message: str | None = None) -> ExitStatus:
         value = reason.value
-        return cls(getattr(value, "exitCode", None), getattr(value, "signal", None))
+        return cls(getattr(value, "exitCode", None), getattr(value, "signal", None), message)
 
     def describe(self) -> str:
         if self.signal is not None:
-            return f"was killed by signal {self.signal}"
-        return f"exited with status {self.code}"
+            how = f"was killed by signal {self.signal}"
+        else:
+            how = f"exited with status {self.code}"
+        if self.message and (self.signal is not None or self.code != 0):
+            how += f" (vfkit: {self.message})"
+        return how
+
+
+_LOGRUS_LEVEL = re.compile(r'(?:^|\s)level=("?)(\w+)\1')
+_LOGRUS_MESSAGE = re.compile(r'(?:^|\s)msg=("(?:[^"\\]|\\.)*"|\S+)')
+
+
+def vfkit_error(line: str) -> str | None:
+    """
+    The error in one line of vfkit's stderr, if it reports one: a logrus line at level
+    error, fatal or panic (its C{msg}), or a bare line, which is how vfkit prints the error
+    it exits with (cmd/vfkit/root.go: C{fmt.Fprintln(os.Stderr, err)}).
+    """
+    text = line.strip()
+    level = _LOGRUS_LEVEL.search(text)
+    if level is None:
+        return text[:300] or None
+    if level.group(2).lower() not in ("error", "fatal", "panic"):
+        return None
+    found = _LOGRUS_MESSAGE.search(text)
+    if found is None:
+        return text[:300]
+    message = found.group(1)
+    if message.startswith('"'):
+        try:
+            message = json.loads(message)
+        except ValueError:
+            message = message.strip('"')
+    return " ".join(message.split())[:300] or None
 
 
 class VfkitProtocol(ProcessProtocol):
@@ -228,6 +267,7 @@ class VfkitProtocol(ProcessProtocol):
         self._inUsage = False
         self._refusal: str | None = None
         self.status: ExitStatus | None = None
+        self.lastError: str | None = None
         self._waiters: list[Deferred[ExitStatus]] = []
 
     def outReceived(self, data: bytes) -> None:
@@ -257,6 +297,7 @@ class VfkitProtocol(ProcessProtocol):
         self._inUsage = False
         if not line.strip() or line == self._refusal:
             return
+        self.lastError = vfkit_error(line) or self.lastError
         lowered = line.lower()
         if "level=error" in lowered or "level=fatal" in lowered or "error" in lowered:
             log.warn("vfkit: {line}", line=line)
@@ -268,7 +309,7 @@ class VfkitProtocol(ProcessProtocol):
             if rest:
                 self._logVfkit(rest.decode(errors="replace"))
         self._partial = {1: b"", 2: b""}
-        self.status = ExitStatus.from_reason(reason)
+        self.status = ExitStatus.from_reason(reason, self.lastError)
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             waiter.callback(self.status)
@@ -312,6 +353,7 @@ class VfkitProcess:
         transport: Any,
         rest: VfkitRestClient,
         timings: StopTimings = StopTimings(),
+        vmLock: FileLock | None = None,
     ) -> None:
         self._reactor = reactor
         self._config = config
@@ -319,6 +361,7 @@ class VfkitProcess:
         self._transport = transport
         self.rest = rest
         self._timings = timings
+        self._vmLock = vmLock
         self.pid: int = transport.pid
         self._stopping: Deferred[ExitStatus | None] | None = None
         self._finalConsole: list[str] | None = None
@@ -333,11 +376,16 @@ class VfkitProcess:
         mac: str,
         timings: StopTimings = StopTimings(),
         plan: HostPlan | None = None,
+        vmLock: FileLock | None = None,
     ) -> VfkitProcess:
         """
         Spawn vfkit.  Checks first what a boot needs, so a vanished working directory is one
         clear error, not a vfkit complaint in the log.  The last run's console is removed
         first: a vfkit that fails before it opens the file must not show the old one.
+
+        @param vmLock: the working directory's VM lock, held; vfkit inherits it (as fd 3,
+            which it ignores) so that the lock lives as long as the VM, even if this daemon
+            dies first (L{virby.orphans}).
         """
         _check_working_directory(config)
         remove_quietly(config.path(REST_SOCKET_NAME))
@@ -353,11 +401,11 @@ class VfkitProcess:
             args,
             env=dict(os.environ),
             path=config.working_directory,
-            childFDs={0: "w", 1: "r", 2: "r"},
+            childFDs={0: "w", 1: "r", 2: "r", **({3: vmLock.fileno()} if vmLock else {})},
         )
         write_atomically(config.path("vfkit.pid"), str(transport.pid).encode(), 0o644)
         rest = VfkitRestClient(reactor, config.path(REST_SOCKET_NAME), timings.rest_timeout)
-        return cls(reactor, config, protocol, transport, rest, timings)
+        return cls(reactor, config, protocol, transport, rest, timings, vmLock)
 
     @property
     def ended(self) -> Deferred[ExitStatus]:
@@ -383,11 +431,15 @@ class VfkitProcess:
         return result
 
     async def _stopSequence(self) -> ExitStatus | None:
+        """
+        Only vfkit's exit says it stopped.  A step vfkit does not take (its API unreachable,
+        silent, or refusing) is logged and the next step follows at once, so a hung vfkit,
+        or one whose API is not up yet, never holds a stop for the whole ACPI grace.
+        """
         t = self._timings
-        if await self._ask("Stop") and await self._exitWithin(t.acpi):
+        if await self._ask("Stop", t.acpi):
             return self.protocol.status
-        hardStopped = self.protocol.status is None and await self._ask("HardStop")
-        if hardStopped and await self._exitWithin(t.hard):
+        if await self._ask("HardStop", t.hard):
             return self.protocol.status
         for signal, grace in (("TERM", t.term), ("KILL", t.kill)):
             if self.protocol.status is not None:
@@ -403,15 +455,34 @@ class VfkitProcess:
         log.error("vfkit (pid {pid}) survived SIGKILL", pid=self.pid)
         return self.protocol.status
 
-    async def _ask(self, state: str) -> bool:
+    async def _ask(self, state: str, grace: float) -> bool:
+        """Whether vfkit exited within C{grace} seconds of taking C{state}."""
         if self.protocol.status is not None:
-            return False
+            return True
         try:
             await Deferred.fromCoroutine(self.rest.request(state))
+        except RestDropped:
+            # vfkit exits the instant the VM is off, often before it answers (HardStop);
+            # a connection dropped on any request means it is going: its exit comes soon.
+            return await self._exitWithin(min(grace, self._timings.hard))
         except RestError as e:
-            log.info("vfkit's API did not take {state}: {why}", state=state, why=str(e))
-            return False
-        return True
+            if self.protocol.status is None:
+                log.warn(
+                    "vfkit (pid {pid}) did not take {state}: {why}; going on at once",
+                    pid=self.pid,
+                    state=state,
+                    why=str(e),
+                )
+            return self.protocol.status is not None
+        if await self._exitWithin(grace):
+            return True
+        log.warn(
+            "vfkit (pid {pid}) took {state} but was still running {grace:g}s later",
+            pid=self.pid,
+            state=state,
+            grace=grace,
+        )
+        return False
 
     async def _exitWithin(self, seconds: float) -> bool:
         if self.protocol.status is not None:
@@ -434,11 +505,14 @@ class VfkitProcess:
 
     def _cleanUp(self, status: ExitStatus) -> ExitStatus:
         """
-        Remove the runtime files, if they are still this process's.  The console's tail is
-        kept in memory first (the lifecycle reads it to say why the VM died); the file
-        itself stays only with C{debug}.
+        Remove the runtime files, if they are still this process's, and let go of our copy
+        of the VM lock.  The console's tail is kept in memory first (the lifecycle reads it to
+        say why the VM died); the file itself stays only with C{debug}.
         """
         self._finalConsole = read_tail(self._config.path(SERIAL_LOG), CONSOLE_LINES)
+        if self._vmLock is not None:
+            lock, self._vmLock = self._vmLock, None
+            lock.release()
         pidfile = self._config.path("vfkit.pid")
         try:
             with open(pidfile, encoding="ascii") as f:

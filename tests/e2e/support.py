@@ -31,6 +31,7 @@ class ProcessUnderTest:
         env: dict[str, str] | None = None,
         cwd: str | None = None,
         stdin: int | IO[bytes] | None = subprocess.DEVNULL,
+        pass_fds: Sequence[int] = (),
     ) -> None:
         self.argv = list(argv)
         self.process = subprocess.Popen(
@@ -41,6 +42,7 @@ class ProcessUnderTest:
             env=env,
             cwd=cwd,
             start_new_session=True,
+            pass_fds=pass_fds,
         )
         assert self.process.stdout is not None
         os.set_blocking(self.process.stdout.fileno(), False)

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
+from unittest import mock
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from virby.config import KEYS, KEYS_BY_NAME, Config, ConfigError, from_mapping, load, parse_size
@@ -66,19 +72,19 @@ def test_every_key_round_trips_from_a_full_document() -> None:
 @pytest.mark.parametrize(
     ("document", "key", "words"),
     [
-        ({"cores": 0}, "cores", "at least 1"),
+        ({"cores": 0}, "cores", "between 1 and 256"),
         ({"cores": True}, "cores", "a boolean"),
         ({"cores": "8"}, "cores", "a string"),
-        ({"memory": 512}, "memory", "at least 1024"),
+        ({"memory": 512}, "memory", "between 1024 and 1048576"),
         ({"port": 80}, "port", "between 1024 and 65535"),
         ({"port": 70000}, "port", "between 1024 and 65535"),
         ({"disk-size": "100GB"}, "disk-size", "ambiguous"),
         ({"disk-size": "lots"}, "disk-size", "size like"),
         ({"disk-size": 100}, "disk-size", "size like"),
-        ({"disk-size": "1MiB"}, "disk-size", "at least 1GiB"),
+        ({"disk-size": "1MiB"}, "disk-size", "between 1GiB and 64TiB"),
         ({"on-demand": "yes"}, "on-demand", "true or false"),
         ({"ephemeral": 1}, "ephemeral", "true or false"),
-        ({"ttl": 0}, "ttl", "at least 1"),
+        ({"ttl": 0}, "ttl", "between 1 and 31536000"),
         ({"working-directory": "var/lib/virby"}, "working-directory", "absolute"),
         ({"working-directory": "/a," + "b"}, "working-directory", "','"),
         ({"working-directory": "/" + "x" * 100}, "working-directory", "103 bytes"),
@@ -204,3 +210,247 @@ def test_command_line_error_is_one_line_without_traceback(tmp_path) -> None:
     assert result.stderr.strip().splitlines() == [
         "virby status: error: config key 'memory': 'lots' is not a size like '100GiB'"
     ]
+
+
+# -- bounds: nothing a file or a flag says can fail later, in the reactor, the OS or vfkit
+
+HUGE = 10**400
+
+
+@pytest.mark.parametrize(
+    ("document", "key", "words"),
+    [
+        ({"ttl": HUGE}, "ttl", "between 1 and 31536000, got a larger number"),
+        ({"start-timeout": HUGE}, "start-timeout", "between 1 and 3600"),
+        ({"start-timeout": 3601}, "start-timeout", "between 1 and 3600"),
+        ({"cores": 100000}, "cores", "between 1 and 256"),
+        ({"memory": "99999999999999999999TiB"}, "memory", "between 1024 and 1048576"),
+        ({"memory": "999999999999999999999999TiB"}, "memory", "far too large"),
+        ({"memory": "9999999999TiB"}, "memory", "between 1024 and 1048576"),
+        ({"memory": 10**12}, "memory", "between 1024 and 1048576"),
+        ({"disk-size": "100000TiB"}, "disk-size", "between 1GiB and 64TiB"),
+        ({"working-directory": "/var/lib/vir\x00by"}, "working-directory", "control character"),
+        ({"image": "/nix/store/x\x00.img"}, "image", "control character"),
+        ({"leases-file": "/var/db/\x00"}, "leases-file", "control character"),
+        ({"vfkit": "vf\x00kit"}, "vfkit", "control character"),
+        ({"listen": "tcp:1\x00"}, "listen", "control character"),
+        ({"working-directory": "/var/lib/virby\n"}, "working-directory", "control character"),
+        ({"image": "/x/\ud800.img"}, "image", "not valid UTF-8"),
+        ({"image": "/" + "x" * 1100}, "image", "at most 1023"),
+        ({"shared-dirs": {"src\n": "/x"}}, "shared-dirs", "must be letters"),
+        ({"shared-dirs": {"a" * 36: "/x"}}, "shared-dirs", "at most 35"),
+        ({"shared-dirs": {"src": "/x\x00"}}, "shared-dirs", "control character"),
+        ({"shared-dirs": {f"t{i}": "/x" for i in range(65)}}, "shared-dirs", "at most 64"),
+    ],
+)
+def test_every_key_is_bounded(document: dict, key: str, words: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        from_mapping(document)
+    assert caught.value.key == key
+    message = str(caught.value)
+    assert words in message, message
+    assert "\n" not in message and len(message) < 400
+
+
+def test_a_share_tag_of_35_bytes_is_the_longest_allowed() -> None:
+    assert from_mapping({"shared-dirs": {"a" * 35: "/x"}}).shared_dirs == {"a" * 35: "/x"}
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "virby.json"
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "words"),
+    [
+        ("[" * 100_000, None, "nests more than 32 levels"),
+        ('{"cores": ' + "[" * 100_000, "cores", "nests more than 32 levels"),
+        ('{"shared-dirs": {"a": ' + "{" * 5000 + "}" * 5000 + "}}", "shared-dirs", "nests"),
+        ('{"ttl": ' + "9" * 5000 + "}", "ttl", "a 5000-digit number"),
+        ('{"cores": -' + "9" * 5000 + "}", "cores", "a 5000-digit number"),
+        ('{"shared-dirs": {"a": ' + "1" * 5000 + "}}", "shared-dirs", "a 5000-digit number"),
+        ('{"cores": 1e999999}', "cores", "a number (Infinity)"),
+        ('{"cores": [' + "1" * 5000 + "]}", "cores", "got a list"),
+        ('{"cores": "unterminated', "cores", "not valid JSON"),
+        ('{"cores": [1, 2,, 3], "ttl": 1}', "cores", "not valid JSON"),
+        ('{"cores": 1, "ttl": }', "ttl", "not valid JSON"),
+        ('{"cores": 1,, "ttl": 1}', None, "not valid JSON"),
+        ('"' + "x" * 200_000, None, "not valid JSON"),
+    ],
+)
+def test_files_that_would_break_the_decoder_name_the_key(tmp_path, text, key, words) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(write(tmp_path, text))
+    assert caught.value.key == key
+    message = str(caught.value)
+    assert words in message and "\n" not in message and len(message) < 600, message
+
+
+def test_a_config_that_is_not_a_regular_file_is_refused_without_blocking(tmp_path) -> None:
+    fifo = tmp_path / "virby.json"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match="is not a regular file"):
+        load(str(fifo))
+
+
+@pytest.mark.parametrize(
+    ("flags", "key", "words"),
+    [
+        ({"ttl": "9" * 5000}, "ttl", "a 5000-digit number"),
+        ({"cores": "١٢"}, "cores", "expected an integer"),
+        ({"cores": "x" * 5000}, "cores", "expected an integer, got 'xxx"),
+        ({"memory": "9" * 5000}, "memory", "a 5000-digit number"),
+        ({"memory": "9" * 5000 + "GiB"}, "memory", "far too large"),
+        ({"start-timeout": str(HUGE)}, "start-timeout", "between 1 and 3600"),
+        ({"shared-dirs": ['{"a": ' + "[" * 100_000]}, "shared-dirs", "nests more than"),
+        ({"shared-dirs": ['{"a": ' + "7" * 5000 + "}"]}, "shared-dirs", "5000-digit"),
+        ({"shared-dirs": ["src\n=/x"]}, "shared-dirs", "must be letters"),
+        ({"working-directory": "/tmp/\x00"}, "working-directory", "control character"),
+    ],
+)
+def test_flags_are_bounded_like_the_file(flags, key, words) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(None, flags)
+    assert caught.value.key == key
+    message = str(caught.value)
+    assert words in message and "\n" not in message and len(message) < 400, message
+
+
+# -- the three commands: every loader path ends in one line, never a traceback
+
+COMMANDS = ["status", "prepare", "twistd"]
+
+
+def run_command(command: str, config_path: str | None, flags: list[str]) -> tuple[int, str]:
+    """Load the config the way C{command} does (file and flags), without running it."""
+    argv = (["--config", config_path] if config_path else []) + flags
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        if command == "twistd":
+            from twisted.python import usage
+
+            from virby import tap
+
+            options = tap.Options()
+            try:
+                options.parseOptions(argv)
+                tap.loadConfig(options)
+                code = 0
+            except usage.UsageError as e:  # twistd prints these itself, as one line
+                stderr.write(f"twistd virby: {e}\n")
+                code = 2
+            except SystemExit as e:
+                code = int(e.code or 0)
+        else:
+            from virby import cli
+
+            with mock.patch.object(cli, "_run", return_value=0):
+                code = cli.main([command, *argv])
+    return code, stderr.getvalue()
+
+
+def assert_one_line_or_loaded(code: int, stderr: str, key: str | None) -> None:
+    if code == 0:
+        assert stderr == ""
+        return
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and len(lines[0]) < 600, stderr[:2000]
+    if key is not None and "config" in lines[0]:
+        assert repr(key)[:20].rstrip("'") in lines[0], lines[0]
+
+
+def json_text_values() -> st.SearchStrategy[str]:
+    """JSON texts of values, including what once broke the loader: deep nesting, huge
+    integers and NUL bytes."""
+    scalars = st.one_of(
+        json_values.map(json.dumps),
+        st.integers(min_value=1, max_value=6000).map(lambda n: "9" * n),
+        st.integers(min_value=1, max_value=6000).map(lambda n: "-" + "1" * n),
+        st.text().map(lambda t: json.dumps("/" + t + "\x00" + t)),
+        st.sampled_from(['"/tmp/\\u0000"', '"src\\n"', '"\\ud800"', "1e999999", "NaN"]),
+    )
+    nested = st.tuples(st.integers(min_value=1, max_value=120_000), st.booleans()).map(
+        lambda t: ("[" * t[0] + "]" * t[0]) if t[1] else ("[" * t[0])
+    )
+    return st.one_of(scalars, nested)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(COMMANDS), known_or_not, json_text_values())
+def test_any_file_loads_or_is_one_line_in_every_command(command, name, value) -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "virby.json")
+        with open(path, "w", encoding="utf-8", errors="surrogatepass") as f:
+            f.write("{" + json.dumps(name) + ": " + value + "}")
+        code, stderr = run_command(command, path, [])
+    assert_one_line_or_loaded(code, stderr, name)
+
+
+flag_texts = st.one_of(
+    st.text(max_size=30),
+    st.integers(min_value=1, max_value=6000).map(lambda n: "9" * n),
+    st.text(max_size=10).map(lambda t: t + "\x00" + t),
+    st.integers(min_value=1, max_value=120_000).map(lambda n: "{" + '"a":' + "[" * n),
+    st.sampled_from(["src\n=/x", "a" * 37 + "=/x", "99999999999999999999TiB", "1" + "0" * 400]),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.sampled_from(COMMANDS), st.sampled_from([k for k in KEYS if k.kind != "flag"]), flag_texts
+)
+def test_any_flag_loads_or_is_one_line_in_every_command(command, key, text) -> None:
+    # The --KEY=VALUE form: "--cores -:" is an argument parser's usage error, not a value.
+    code, stderr = run_command(command, None, [f"--{key.name}={text}"])
+    assert_one_line_or_loaded(code, stderr, key.name)
+
+
+TWISTD = str(Path(sys.executable).parent / "twistd")
+
+
+def command_line(command: str, path: str) -> list[str]:
+    if command == "twistd":
+        return [TWISTD, "--nodaemon", "--pidfile=", "virby", "--config", path]
+    return [sys.executable, "-m", "virby.cli", command, "--config", path]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("[" * 100_000, "nests more than 32 levels"),
+        ('{"ttl": ' + "9" * 5000 + "}", "config key 'ttl'"),
+        ('{"memory": "99999999999999999999TiB"}', "config key 'memory'"),
+        ('{"image": "/nix/store/x\\u0000.img"}', "config key 'image'"),
+        ('{"shared-dirs": {"src\\n": "/x"}}', "config key 'shared-dirs'"),
+    ],
+    ids=["nested", "5000-digits", "huge-memory", "nul-in-path", "tag-newline"],
+)
+def test_each_command_says_one_line(tmp_path, command, text, words) -> None:
+    path = write(tmp_path, text)
+    result = subprocess.run(
+        command_line(command, path), capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0], result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize(
+    ("listen", "port"),
+    [
+        ("tcp:40000:interface=127.0.0.1", 40000),
+        ("tcp:port=40001:interface=127.0.0.1", 40001),
+        ("tcp:interface=127.0.0.1:port=40002", 40002),
+        ("tcp6:40003:interface=\\:\\:1", 40003),
+        ("tcp:0:interface=127.0.0.1", 31222),
+        ("systemd:domain=INET:index=0", 31222),
+        ("launchd:name=Listener", 31222),
+        ("unix:/tmp/x.sock", 31222),
+    ],
+)
+def test_a_tcp_listen_string_names_the_builder_port(listen: str, port: int) -> None:
+    assert from_mapping({"listen": listen, "port": 31222}).builder_port == port

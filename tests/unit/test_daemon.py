@@ -156,3 +156,177 @@ def test_missing_rosetta_refuses_each_boot_at_once_without_vfkit(short_tmp) -> N
 def test_the_status_document_has_no_warnings_when_all_is_well(short_tmp) -> None:
     daemon = service(short_tmp, MemoryReactorClock())
     assert daemon.describe()["warnings"] == []
+
+
+def test_a_boot_without_a_lease_says_when_the_guest_sent_a_duid(tmp_path) -> None:
+    from twisted.internet.task import Clock
+
+    from tests.unit.test_leases import DUID_ONLY
+    from virby.daemon import VfkitHypervisor
+    from virby.readiness import BootTimeout
+
+    leases = tmp_path / "dhcpd_leases"
+    leases.write_text(DUID_ONLY)
+    clock = Clock()
+    cfg = config(tmp_path, **{"leases-file": str(leases), "start-timeout": 5})
+    hypervisor = VfkitHypervisor(clock, cfg, "/bin/vfkit")
+    hypervisor._mac = "52:54:00:12:03:0a"
+    outcome: list = []
+    hypervisor.waitReady(None).addBoth(outcome.append)
+    clock.advance(5)
+    clock.advance(1)
+    (failure,) = outcome
+    assert failure.check(BootTimeout) and failure.value.reason == "no-lease"
+    message = str(failure.value)
+    assert "DUID client id" in message and 'clientid ""' in message and "\n" not in message
+
+
+# -- one daemon per working directory, and a start that fails leaves nothing
+
+
+def test_a_stale_pid_never_stops_a_start(tmp_path) -> None:
+    (tmp_path / "daemon.lock").write_text(f"{os.getppid()}\n")
+    os.symlink(str(os.getppid()), tmp_path / "control.sock.lock")  # an older version's lock
+    daemon = service(tmp_path, MemoryReactorClock())
+    daemon.startService()
+    assert (tmp_path / "daemon.lock").read_text() == f"{os.getpid()}\n"
+    assert not os.path.lexists(tmp_path / "control.sock.lock")
+    done: list = []
+    daemon.stopService().addBoth(done.append)
+    assert done == [None] and not (tmp_path / "daemon.lock").exists()
+
+
+@pytest.mark.parametrize("junk", ["file", "socket", "symlink"])
+def test_junk_at_the_control_socket_is_replaced(tmp_path, junk) -> None:
+    path = tmp_path / "control.sock"
+    if junk == "file":
+        path.write_text("junk")
+    elif junk == "socket":
+        with socket.socket(socket.AF_UNIX) as stale:
+            stale.bind(str(path))
+    else:
+        os.symlink("/nonexistent", path)
+    reactor = MemoryReactorClock()
+    service(tmp_path, reactor).startService()
+    assert not os.path.lexists(path), "cleared before listening"
+    assert reactor.unixServers[0][0] == str(path)
+
+
+def test_a_directory_at_the_control_socket_is_one_line(tmp_path) -> None:
+    (tmp_path / "control.sock").mkdir()
+    with pytest.raises(StartupError) as caught:
+        service(tmp_path, MemoryReactorClock()).startService()
+    assert "is a directory, not the control socket: remove it" in str(caught.value)
+    assert not (tmp_path / "daemon.lock").exists()
+
+
+def test_a_second_daemon_on_one_working_directory_is_one_line(tmp_path) -> None:
+    first = service(tmp_path, MemoryReactorClock())
+    first.startService()
+    second = service(tmp_path, MemoryReactorClock())
+    with pytest.raises(StartupError) as caught:
+        second.startService()
+    message = str(caught.value)
+    assert f"another virby daemon (pid {os.getpid()}) is already serving {tmp_path}" in message
+    assert "\n" not in message
+    assert (tmp_path / "daemon.lock").exists(), "the first daemon keeps its lock"
+
+
+def test_a_failed_start_leaves_nothing_behind(tmp_path) -> None:
+    from twisted.internet import reactor
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    try:
+        endpoint = TCP4ServerEndpoint(reactor, busy.getsockname()[1], interface="127.0.0.1")
+        with pytest.raises(StartupError):
+            service(tmp_path, MemoryReactorClock(), endpoint).startService()
+    finally:
+        busy.close()
+    assert sorted(os.listdir(tmp_path)) == [], "no control.sock, no lock file"
+
+
+# -- no second VM on a disk a live process holds
+
+
+def prepared(tmp_path):
+    (tmp_path / "vm_sshd_keys").mkdir()
+    (tmp_path / "diff.img").write_bytes(b"")
+    return config(tmp_path)
+
+
+class SpawningReactor(MemoryReactorClock):
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list = []
+
+    def spawnProcess(self, protocol, executable, args, env, path, childFDs):
+        from tests.unit.test_vfkit import FakeTransport
+
+        self.spawned.append(childFDs)
+        transport = FakeTransport(protocol, set())
+        protocol.makeConnection(transport)
+        return transport
+
+
+def outcome(d) -> list:
+    box: list = []
+    d.addBoth(box.append)
+    return box
+
+
+def test_no_vm_boots_while_a_process_holds_the_vm_lock(tmp_path) -> None:
+    from virby.daemon import VfkitHypervisor
+    from virby.locks import FileLock
+
+    held = FileLock(str(tmp_path / "vm.lock"))
+    assert held.acquire()
+    reactor = SpawningReactor()
+    hypervisor = VfkitHypervisor(reactor, prepared(tmp_path), "/bin/vfkit")
+    (failure,) = outcome(hypervisor.spawn())
+    assert failure.check(StartupError)
+    assert f"a VM of {tmp_path} is still running: a process holds {tmp_path}/vm.lock" in str(
+        failure.value
+    )
+    assert reactor.spawned == []
+    held.release()
+    (vm,) = outcome(hypervisor.spawn())
+    assert 3 in reactor.spawned[0] and vm.pid == 4242
+
+
+def test_an_orphan_that_could_not_be_stopped_is_checked_again(tmp_path, monkeypatch) -> None:
+    import virby.daemon
+    from virby.orphans import OrphanError
+
+    attempts: list = []
+
+    async def stubborn(reactor, working_directory):
+        attempts.append(working_directory)
+        if len(attempts) == 1:
+            raise OrphanError("the VM left by a previous daemon (vfkit pid 7) survived SIGKILL")
+        return None
+
+    monkeypatch.setattr(virby.daemon, "stop_orphan", stubborn)
+    reactor = SpawningReactor()
+    hypervisor = virby.daemon.VfkitHypervisor(reactor, prepared(tmp_path), "/bin/vfkit")
+    (failure,) = outcome(hypervisor.spawn())
+    assert failure.check(OrphanError) and reactor.spawned == []
+    (vm,) = outcome(hypervisor.spawn())
+    assert len(attempts) == 2 and vm.pid == 4242
+    outcome(hypervisor.spawn())
+    assert len(attempts) == 2, "a check that succeeded is not repeated"
+
+
+def test_the_builder_port_serves_as_many_connections_as_its_descriptors_allow(tmp_path) -> None:
+    from virby.capacity import ConnectionLimit, DescriptorLimit
+
+    reactor = MemoryReactorClock()
+    cfg = config(tmp_path)
+    hypervisor = IdleHypervisor()
+    lifecycle = Lifecycle(reactor, hypervisor, onDemand=True, ttl=60)
+    endpoint = TCP4ServerEndpoint(reactor, 31222, interface="127.0.0.1")
+    limit = DescriptorLimit(256, 1024, None, None)
+    DaemonService(reactor, cfg, endpoint, hypervisor, lifecycle, limit).startService()
+    factory = reactor.tcpServers[0][1]
+    assert isinstance(factory, ConnectionLimit) and factory.limit == 480

@@ -51,8 +51,8 @@ def test_not_a_mac(text) -> None:
 
 def test_parse_sample() -> None:
     leases = parse_leases(SAMPLE)
-    assert leases[0] == Lease("192.168.64.9", MAC, 0x6903C800, "virby-vm")
-    assert leases[1].hw_address is None, "a DUID is not a MAC"
+    assert leases[0] == Lease("192.168.64.9", MAC, 0x6903C800, "virby-vm", "1,52:54:0:12:3:a")
+    assert leases[1].hw_address is None and leases[1].is_duid, "a DUID is not a MAC"
     assert newest_ip(leases, MAC) == "192.168.64.9"
 
 
@@ -150,3 +150,56 @@ def test_unreadable_lease_file_is_one_clear_error(tmp_path) -> None:
         LeaseFile(str(tmp_path)).lookup(MAC)
     message = str(caught.value)
     assert str(tmp_path) in message and "leases-file" in message and "\n" not in message
+
+
+def test_a_fifo_is_refused_at_once_without_blocking(tmp_path) -> None:
+    fifo = tmp_path / "dhcpd_leases"
+    os.mkfifo(fifo)
+    with pytest.raises(LeaseFileError) as caught:
+        LeaseFile(str(fifo)).lookup(MAC)
+    message = str(caught.value)
+    assert "a FIFO, not a regular file" in message and "leases-file" in message
+    assert "\n" not in message
+
+
+def test_a_device_is_refused(tmp_path) -> None:
+    with pytest.raises(LeaseFileError, match="a character device, not a regular file"):
+        LeaseFile("/dev/zero").lookup(MAC)
+
+
+def test_a_huge_file_is_refused_unread(tmp_path) -> None:
+    path = tmp_path / "dhcpd_leases"
+    with open(path, "wb") as f:
+        f.truncate(64 * 1024 * 1024)
+    with pytest.raises(LeaseFileError, match="too large"):
+        LeaseFile(str(path)).lookup(MAC)
+
+
+DUID_ONLY = """{
+\tname=virby-vm
+\tip_address=192.168.64.12
+\thw_address=ff,f1:f5:dd:7f:0:2:0:0:ab:11:cb:fb:30:b0:97:b6:3a:67
+\tidentifier=ff,f1:f5:dd:7f:0:2:0:0:ab:11:cb:fb:30:b0:97:b6:3a:67
+\tlease=0x6903c900
+}
+"""
+
+
+def test_a_duid_lease_for_the_vm_is_explained(tmp_path) -> None:
+    path = tmp_path / "dhcpd_leases"
+    path.write_text(DUID_ONLY)
+    leases = LeaseFile(str(path))
+    assert leases.lookup(MAC) is None
+    explanation = leases.explainMissing(MAC)
+    assert explanation is not None and "\n" not in explanation
+    assert "DUID client id" in explanation and "192.168.64.12" in explanation
+    assert 'clientid ""' in explanation and "MAC as DHCP client id" in explanation
+
+
+def test_nothing_to_explain_without_a_duid_lease_for_the_vm(tmp_path) -> None:
+    path = tmp_path / "dhcpd_leases"
+    assert LeaseFile(str(path)).explainMissing(MAC) is None
+    path.write_text(DUID_ONLY.replace("name=virby-vm", "name=other"))
+    assert LeaseFile(str(path)).explainMissing(MAC) is None
+    path.write_text(SAMPLE)
+    assert LeaseFile(str(path)).explainMissing(MAC) is None, "the MAC has a lease"

@@ -1,4 +1,4 @@
-"""Orphaned vfkit: found through the pidfile, checked, stopped; nothing else signalled."""
+"""A VM left by a crashed daemon: found by what only ours has, stopped; nothing else touched."""
 
 from __future__ import annotations
 
@@ -6,26 +6,50 @@ import os
 import signal
 
 import pytest
+import pytest_twisted
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from virby.orphans import is_alive, is_vfkit, read_pid, stop_orphan
+from virby.orphans import OrphanError, command_line, is_alive, is_our_vfkit, read_pid, stop_orphan
+
+WD = "/var/lib/virby"
+OURS = (
+    "/nix/store/x-vfkit/bin/vfkit --cpus 8 --memory 6144 "
+    "--bootloader efi,variable-store=/var/lib/virby/efistore.nvram "
+    "--device virtio-blk,path=/var/lib/virby/diff.img "
+    "--device virtio-fs,sharedDir=/var/lib/virby/vm_sshd_keys,mountTag=sshd-keys "
+    "--device virtio-net,nat,mac=02:94:00:00:00:01 --restful-uri unix:///var/lib/virby/vfkit.sock"
+)
 
 
 @pytest.mark.parametrize(
-    ("argv", "expected"),
+    ("command", "expected"),
     [
-        (["/nix/store/x-vfkit/bin/vfkit", "--cpus", "8"], True),
-        (["vfkit"], True),
-        (["/opt/bin/myvfkit"], True),
-        (["/usr/bin/python3", "/venv/bin/vfkit-emulator", "--cpus"], True),
-        (["python3", "-m", "virby.emulator"], True),
-        (["/bin/sleep", "100"], False),
-        ([], False),
+        (OURS, True),
+        ("/usr/bin/python3 /venv/bin/hypervisor " + OURS.split(" ", 1)[1], True),
+        ("/bin/sh /opt/wrapper " + OURS.split(" ", 1)[1], True),
+        (OURS.replace("virtio-blk,path=/var/lib/virby/diff.img",
+                      "virtio-blk,path=/var/lib/virby/diff.img,readonly"), True),
+        (OURS.replace("/var/lib/virby/vfkit.sock", "/var/lib/virby-2/vfkit.sock"), False),
+        (OURS.replace("/var/lib/virby/diff.img", "/var/lib/virby/diff.img.bak"), False),
+        (OURS.replace("/var/lib/virby/", "/var/lib/virby-old/"), False),
+        ("vfkit --cpus 2 --device virtio-blk,path=/Users/me/.crc/crc.img "
+         "--restful-uri tcp://localhost:7777", False),
+        ("/opt/homebrew/bin/vfkit --restful-uri unix:///Users/me/.podman/machine.sock", False),
+        ("/bin/sleep 100", False),
+        ("", False),
+        (None, False),
     ],
-)
-def test_is_vfkit(argv, expected) -> None:
-    assert is_vfkit(argv, "/opt/bin/myvfkit") is expected
+)  # fmt: skip
+def test_our_vfkit_is_known_by_its_socket_and_disk(command, expected) -> None:
+    assert is_our_vfkit(command, WD) is expected
+
+
+def test_paths_with_spaces_and_regex_characters(tmp_path) -> None:
+    wd = "/Volumes/My Disk/virby (1)+"
+    command = f"vfkit --device virtio-blk,path={wd}/diff.img --restful-uri unix://{wd}/vfkit.sock"
+    assert is_our_vfkit(command, wd)
+    assert not is_our_vfkit(command, "/Volumes/My Disk/virby (1)")
 
 
 def test_read_pid(tmp_path) -> None:
@@ -33,8 +57,9 @@ def test_read_pid(tmp_path) -> None:
     assert read_pid(str(path)) is None
     path.write_text("123")
     assert read_pid(str(path)) == 123
-    path.write_text("12x")
-    assert read_pid(str(path)) is None
+    for junk in ("12x", "", "99999999999999999999", "-5"):
+        path.write_text(junk)
+        assert read_pid(str(path)) is None
 
 
 def test_is_alive() -> None:
@@ -42,12 +67,21 @@ def test_is_alive() -> None:
     assert not is_alive(2**22 + 12345)
 
 
+@pytest_twisted.ensureDeferred
+async def test_command_line_reads_the_process_arguments() -> None:
+    from twisted.internet import reactor
+
+    command = await command_line(reactor, os.getpid())
+    assert command is not None and "pytest" in command
+    assert await command_line(reactor, 2**22 + 12345) is None
+
+
 class World:
     """A process table the test controls."""
 
-    def __init__(self, clock: Clock, argv: list[str], dies_on: int | None) -> None:
+    def __init__(self, clock: Clock, command: str | None, dies_on: int | None) -> None:
         self.clock = clock
-        self.argv = argv
+        self.command = command
         self.dies_on = dies_on
         self.living = {4242}
         self.sent: list[tuple[float, int]] = []
@@ -60,30 +94,27 @@ class World:
         if signum == self.dies_on:
             self.clock.callLater(0.5, self.living.discard, pid)
 
-    async def command(self, reactor, pid: int) -> list[str]:
-        return self.argv
+    async def argv(self, reactor, pid: int) -> str | None:
+        return self.command
 
 
 def run(tmp_path, world: World) -> list:
     (tmp_path / "vfkit.pid").write_text("4242")
     d = Deferred.fromCoroutine(
-        stop_orphan(
-            world.clock,
-            str(tmp_path / "vfkit.pid"),
-            "vfkit",
-            alive=world.alive,
-            kill=world.kill,
-            argv=world.command,
-        )
+        stop_orphan(world.clock, str(tmp_path), alive=world.alive, kill=world.kill, argv=world.argv)
     )
     box: list = []
     d.addBoth(box.append)
     return box
 
 
+def ours(tmp_path) -> str:
+    return OURS.replace("/var/lib/virby", str(tmp_path))
+
+
 def test_a_leftover_vfkit_is_terminated(tmp_path) -> None:
     clock = Clock()
-    world = World(clock, ["/bin/vfkit", "--cpus", "2"], dies_on=signal.SIGTERM)
+    world = World(clock, ours(tmp_path), dies_on=signal.SIGTERM)
     result = run(tmp_path, world)
     assert world.sent == [(0, signal.SIGTERM)]
     for _ in range(10):
@@ -92,9 +123,19 @@ def test_a_leftover_vfkit_is_terminated(tmp_path) -> None:
     assert not (tmp_path / "vfkit.pid").exists()
 
 
+def test_one_started_through_a_wrapper_is_ours_too(tmp_path) -> None:
+    clock = Clock()
+    command = "/usr/bin/python3 /opt/hypervisor " + ours(tmp_path).split(" ", 1)[1]
+    world = World(clock, command, dies_on=signal.SIGTERM)
+    result = run(tmp_path, world)
+    for _ in range(10):
+        clock.advance(0.1)
+    assert result == [4242] and world.sent == [(0, signal.SIGTERM)]
+
+
 def test_one_that_ignores_sigterm_is_killed(tmp_path) -> None:
     clock = Clock()
-    world = World(clock, ["vfkit"], dies_on=signal.SIGKILL)
+    world = World(clock, ours(tmp_path), dies_on=signal.SIGKILL)
     result = run(tmp_path, world)
     for _ in range(80):
         clock.advance(0.1)
@@ -103,9 +144,29 @@ def test_one_that_ignores_sigterm_is_killed(tmp_path) -> None:
     assert result == [4242]
 
 
-def test_a_recycled_pid_is_left_alone(tmp_path) -> None:
+def test_one_that_survives_sigkill_keeps_its_pidfile_and_is_an_error(tmp_path) -> None:
     clock = Clock()
-    world = World(clock, ["/usr/bin/ssh-agent"], dies_on=signal.SIGTERM)
+    world = World(clock, ours(tmp_path), dies_on=None)
+    result = run(tmp_path, world)
+    for _ in range(80):
+        clock.advance(0.1)
+    (failure,) = result
+    assert failure.check(OrphanError)
+    assert "survived SIGKILL" in str(failure.value) and "no second VM" in str(failure.value)
+    assert (tmp_path / "vfkit.pid").read_text() == "4242", "kept until it is really gone"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "/usr/bin/ssh-agent",
+        "/opt/homebrew/bin/vfkit --restful-uri unix:///Users/me/.podman/machine.sock",
+        None,
+    ],
+)
+def test_a_process_that_is_not_ours_is_left_alone(tmp_path, command) -> None:
+    clock = Clock()
+    world = World(clock, command, dies_on=signal.SIGTERM)
     result = run(tmp_path, world)
     assert result == [None] and world.sent == []
     assert not (tmp_path / "vfkit.pid").exists(), "the stale pidfile goes"
@@ -113,6 +174,28 @@ def test_a_recycled_pid_is_left_alone(tmp_path) -> None:
 
 def test_a_dead_pid_is_only_cleaned_up(tmp_path) -> None:
     clock = Clock()
-    world = World(clock, ["vfkit"], dies_on=None)
+    world = World(clock, ours(tmp_path), dies_on=None)
     world.living.clear()
     assert run(tmp_path, world) == [None] and world.sent == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_command_line_through_ps_as_on_macos(monkeypatch) -> None:
+    """The macOS path (ps -ww, run as a child process), taken here with Linux's ps."""
+    import shutil
+
+    from twisted.internet import reactor
+
+    import virby.orphans
+
+    ps = shutil.which("ps")
+    if ps is None:
+        pytest.skip("no ps")
+    real_isdir = os.path.isdir
+    monkeypatch.setattr(
+        virby.orphans.os.path, "isdir", lambda p: p != "/proc/self" and real_isdir(p)
+    )
+    monkeypatch.setattr(virby.orphans, "PS", ps)
+    command = await command_line(reactor, os.getpid())
+    assert command is not None and "pytest" in command and "\n" not in command
+    assert await command_line(reactor, 2**22 + 12345) is None

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 from virby.config import Config
 from virby.sshconfig import ssh_config_block
 
@@ -35,3 +38,20 @@ def test_paths_with_spaces_are_quoted() -> None:
 
 def test_no_connect_timeout_cuts_a_cold_boot_short() -> None:
     assert "ConnectTimeout" not in ssh_config_block(Config())
+
+
+def test_the_port_is_the_one_the_daemon_listens_on() -> None:
+    config = Config(port=31222, listen="tcp:40000:interface=127.0.0.1")
+    assert "  Port 40000\n" in ssh_config_block(config)
+    assert "  Port 31222\n" in ssh_config_block(Config(port=31222))
+
+
+def test_print_ssh_config_follows_a_listen_flag(tmp_path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "virby.cli", "prepare", "--print-ssh-config",
+         "--working-directory", str(tmp_path), "--port", "31222",
+         "--listen", "tcp:40000:interface=127.0.0.1"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "  Port 40000\n" in result.stdout

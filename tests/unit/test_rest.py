@@ -9,7 +9,14 @@ import pytest_twisted
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from virby.rest import RestError, VfkitRestClient
+from virby.rest import (
+    RestDropped,
+    RestError,
+    RestRefused,
+    RestTimeout,
+    RestUnreachable,
+    VfkitRestClient,
+)
 
 
 class VMState(Resource):
@@ -20,6 +27,7 @@ class VMState(Resource):
         self.posted: list = []
         self.hang = False
         self.refuse = False
+        self.drop = False
 
     def render_GET(self, request):
         if self.hang:
@@ -32,6 +40,11 @@ class VMState(Resource):
     def render_POST(self, request):
         body = json.loads(request.content.read())
         self.posted.append(body["state"])
+        if self.hang:
+            return NOT_DONE_YET
+        if self.drop:
+            request.channel.transport.abortConnection()
+            return NOT_DONE_YET
         if self.refuse:
             request.setResponseCode(500)
             return json.dumps({"error": f"invalid new VMState: {body['state']}"}).encode()
@@ -68,21 +81,55 @@ async def test_refusal_carries_vfkits_error(server) -> None:
 
     resource, path = server
     resource.refuse = True
-    with pytest.raises(RestError, match="invalid new VMState: Pause"):
+    with pytest.raises(RestRefused, match="invalid new VMState: Pause"):
         await VfkitRestClient(reactor, path).request("Pause")
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_vanished_vfkit_has_stopped(tmp_path) -> None:
+async def test_no_socket_is_unreachable_even_for_stop(tmp_path) -> None:
+    """A vfkit whose API is not up yet has not stopped: only its exit says that."""
     from twisted.internet import reactor
 
     client = VfkitRestClient(reactor, str(tmp_path / "gone.sock"))
-    await client.request("Stop")
-    await client.request("HardStop")
-    with pytest.raises(RestError, match="unreachable"):
+    for state in ("Stop", "HardStop", "Pause"):
+        with pytest.raises(RestUnreachable, match="unreachable"):
+            await client.request(state)
+    with pytest.raises(RestUnreachable):
         await client.state()
-    with pytest.raises(RestError):
-        await client.request("Pause")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_socket_nobody_listens_on_is_unreachable(tmp_path) -> None:
+    import socket
+
+    from twisted.internet import reactor
+
+    path = str(tmp_path / "stale.sock")
+    with socket.socket(socket.AF_UNIX) as stale:
+        stale.bind(path)
+        with pytest.raises(RestUnreachable):
+            await VfkitRestClient(reactor, path).request("Stop")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_hung_vfkit_is_a_timeout_not_a_stop(server) -> None:
+    from twisted.internet import reactor
+
+    resource, path = server
+    resource.hang = True
+    for state in ("Stop", "HardStop"):
+        with pytest.raises(RestTimeout, match=f"did not answer {state} within 0.2s"):
+            await VfkitRestClient(reactor, path, timeout=0.2).request(state)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connection_closed_without_an_answer_is_dropped(server) -> None:
+    from twisted.internet import reactor
+
+    resource, path = server
+    resource.drop = True
+    with pytest.raises(RestDropped, match="without answering HardStop"):
+        await VfkitRestClient(reactor, path).request("HardStop")
 
 
 @pytest_twisted.ensureDeferred
@@ -91,5 +138,6 @@ async def test_no_answer_times_out(server) -> None:
 
     resource, path = server
     resource.hang = True
-    with pytest.raises(RestError):
+    with pytest.raises(RestTimeout):
         await VfkitRestClient(reactor, path, timeout=0.2).state()
+    assert issubclass(RestTimeout, RestError)

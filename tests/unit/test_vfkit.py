@@ -6,6 +6,7 @@ import os
 import stat
 
 import pytest
+import pytest_twisted
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
@@ -26,9 +27,25 @@ from virby.vfkit import (
     plan_host,
     read_tail,
     vfkit_arguments,
+    vfkit_error,
 )
 
 MAC = "02:94:00:00:00:01"
+
+
+@pytest.fixture
+def logged():
+    """The text of every event logged while the test runs."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    lines: list[str] = []
+
+    def observe(event) -> None:
+        lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    yield lines
+    globalLogPublisher.removeObserver(observe)
 
 
 def config(**extra):
@@ -395,3 +412,136 @@ def test_missing_rosetta_refuses_boots_with_the_fix() -> None:
         "until then no VM boots"
     )
     assert plan_host(config(rosetta=True), lambda: facts()).refusal is None
+
+
+# -- what a stop does when vfkit's API does not answer: against a real REST client
+
+
+class HungAPI:
+    """A unix socket that accepts requests and never answers them, like a hung vfkit."""
+
+    def __init__(self, reactor, path: str) -> None:
+        from twisted.web.resource import Resource
+        from twisted.web.server import NOT_DONE_YET, Site
+
+        class Hang(Resource):
+            isLeaf = True
+
+            def render(self, request):
+                return NOT_DONE_YET
+
+        self.port = reactor.listenUNIX(path, Site(Hang()))
+
+
+def real_process(tmp_path, reactor, dies_on: set[str], timings: StopTimings):
+    from virby.rest import VfkitRestClient
+
+    protocol = VfkitProtocol()
+    transport = FakeTransport(protocol, dies_on)
+    rest = VfkitRestClient(reactor, str(tmp_path / "vfkit.sock"), timings.rest_timeout)
+    cfg = from_mapping({"working-directory": str(tmp_path)})
+    return VfkitProcess(reactor, cfg, protocol, transport, rest, timings), transport
+
+
+#: Graces long enough that a stop that waited one out would blow the test's bound.
+LONG = StopTimings(rest_timeout=0.2, acpi=60.0, hard=60.0, term=60.0, kill=60.0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_hung_vfkit_is_not_waited_for(tmp_path, logged) -> None:
+    from twisted.internet import reactor
+
+    api = HungAPI(reactor, str(tmp_path / "vfkit.sock"))
+    try:
+        vm, transport = real_process(tmp_path, reactor, {"TERM"}, LONG)
+        status = await vm.stop().addTimeout(20, reactor)
+    finally:
+        await api.port.stopListening()
+    assert status == ExitStatus(None, 15)
+    assert transport.signals == ["TERM"], "SIGTERM follows two unanswered requests at once"
+    said = " | ".join(logged)
+    assert "did not take Stop: vfkit did not answer Stop within 0.2s" in said
+    assert "did not take HardStop" in said
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_vfkit_without_its_api_yet_is_signalled_at_once(tmp_path, logged) -> None:
+    from twisted.internet import reactor
+
+    vm, transport = real_process(tmp_path, reactor, {"TERM"}, LONG)
+    status = await vm.stop().addTimeout(20, reactor)
+    assert status == ExitStatus(None, 15) and transport.signals == ["TERM"]
+    assert "unreachable" in " | ".join(logged)
+
+
+def test_a_dropped_answer_to_hardstop_waits_only_for_the_exit(tmp_path) -> None:
+    from virby.rest import RestDropped
+
+    vm, clock, rest, transport = process(tmp_path, powers_off=set(), dies_on=set())
+
+    async def drop(state: str) -> None:
+        rest.requests.append((clock.seconds(), state))
+        if state == "HardStop":
+            clock.callLater(0.1, vm.protocol.processEnded, Failure(ProcessDone(0)))
+            raise RestDropped("vfkit closed the connection without answering HardStop")
+
+    rest.request = drop
+    done = results(vm.stop())
+    clock.advance(7)
+    clock.advance(0.1)
+    assert done == [ExitStatus(0, None)] and transport.signals == []
+    assert [s for _, s in rest.requests] == ["Stop", "HardStop"]
+
+
+@pytest.mark.parametrize(
+    ("line", "error"),
+    [
+        ('time="2024-01-01T00:00:00Z" level=error msg="boom: it broke"', "boom: it broke"),
+        ('time="x" level=fatal msg=oops', "oops"),
+        ('time="x" level=info msg="virtual machine is running"', None),
+        ('time="x" level=warning msg="Error configuring guest time synchronization"', None),
+        ("nested virtualization is not supported", "nested virtualization is not supported"),
+        ('level=error msg="failed action: \\"VZErrorDomain\\""', 'failed action: "VZErrorDomain"'),
+    ],
+)
+def test_vfkit_errors_are_read_from_its_log(line: str, error: str | None) -> None:
+    assert vfkit_error(line) == error
+
+
+def test_the_exit_carries_vfkits_last_error() -> None:
+    protocol = VfkitProtocol()
+    protocol.errReceived(b'time="x" level=info msg="virtual machine is running"\n')
+    protocol.errReceived(b'time="x" level=error msg="virtualization error: hypervisor vir')
+    protocol.errReceived(b'tualization error"\ntime="x" level=info msg="exit handlers ran"\n')
+    protocol.processEnded(Failure(ProcessTerminated(1)))
+    status = protocol.status
+    assert status is not None
+    assert status.message == "virtualization error: hypervisor virtualization error"
+    assert status.describe() == (
+        "exited with status 1 (vfkit: virtualization error: hypervisor virtualization error)"
+    )
+
+
+def test_a_clean_exit_says_nothing_more() -> None:
+    protocol = VfkitProtocol()
+    protocol.errReceived(b'time="x" level=error msg="failed to shutdown VM"\n')
+    protocol.processEnded(Failure(ProcessDone(0)))
+    assert protocol.status is not None and protocol.status.describe() == "exited with status 0"
+
+
+def test_vfkit_inherits_the_vm_lock_and_it_is_let_go_when_vfkit_is_gone(tmp_path) -> None:
+    from virby.locks import FileLock
+
+    reactor = RecordingReactor()
+    wd = tmp_path / "wd"
+    (wd / "vm_sshd_keys").mkdir(parents=True)
+    (wd / "diff.img").write_bytes(b"")
+    cfg = from_mapping({"working-directory": str(wd)})
+    lock = FileLock(str(wd / "vm.lock"))
+    assert lock.acquire()
+    vm = VfkitProcess.start(reactor, cfg, "/bin/vfkit", MAC, vmLock=lock)
+    fds = reactor.spawned[0][3]
+    assert fds == {0: "w", 1: "r", 2: "r", 3: lock.fileno()}
+    assert not FileLock(str(wd / "vm.lock")).acquire()
+    vm.protocol.processEnded(Failure(ProcessDone(0)))
+    assert not lock.held and FileLock(str(wd / "vm.lock")).acquire()

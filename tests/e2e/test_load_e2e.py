@@ -1,0 +1,196 @@
+"""
+200 builds connecting at once, end to end: real twistd, the vfkit emulator, a real sshd
+guest.  Each burst arrives while the daemon is stopped (SIGSTOP), as it would while it is
+busy: the kernel's accept queue alone must hold it, and then every client must be served
+by one boot.  A client "served" has the guest's SSH banner; a client refused sees its
+connection closed.  None may hang.
+"""
+
+from __future__ import annotations
+
+import selectors
+import shutil
+import signal
+import socket
+import sys
+import time
+
+import pytest
+
+from tests.e2e.builder import Builder, tool
+from tests.e2e.support import ProcessUnderTest
+
+pytestmark = pytest.mark.e2e
+
+CLIENTS = 200
+
+#: Hands the socket on as systemd does (fd 3, LISTEN_PID/LISTEN_FDS/LISTEN_FDNAMES).
+ACTIVATOR = """
+import os, sys
+os.dup2({fd}, 3)
+os.close({fd})
+os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1", LISTEN_FDNAMES="builder")
+os.execv(sys.argv[1], sys.argv[1:])
+"""
+
+
+@pytest.fixture
+def make_builder(tmp_path):
+    made: list[Builder] = []
+
+    def make(**settings) -> Builder:
+        root = tmp_path / f"builder{len(made)}"
+        root.mkdir()
+        builder = Builder(root, **settings)
+        made.append(builder)
+        return builder
+
+    yield make
+    for builder in made:
+        builder.cleanup()
+
+
+def start(builder: Builder, *flags: str, prefix=(), reactor=(), pass_fds=()) -> ProcessUnderTest:
+    """The daemon as launchd would start it, behind C{prefix} (a limit, an activator)."""
+    daemon = ProcessUnderTest(
+        [*prefix, tool("twistd"), *reactor, "--nodaemon", "--pidfile=", "virby",
+         "--config", str(builder.config), *flags],
+        env=builder.env, cwd=str(builder.root), pass_fds=pass_fds,
+    )  # fmt: skip
+    builder.daemons.append(daemon)
+    return daemon
+
+
+def burst(builder: Builder, daemon: ProcessUnderTest, clients: int = CLIENTS) -> dict[str, int]:
+    """
+    Connect C{clients} at once while the daemon is stopped, let it run, and wait for each
+    to get a banner (served) or see its connection closed (refused).  Clients with neither
+    after the deadline are lost.
+    """
+    daemon.signal(signal.SIGSTOP)
+    sockets = []
+    try:
+        for _ in range(clients):
+            client = socket.socket()
+            client.setblocking(False)
+            client.connect_ex(("127.0.0.1", builder.port))
+            sockets.append(client)
+    finally:
+        daemon.signal(signal.SIGCONT)
+    outcome = {"served": 0, "refused": 0, "lost": 0}
+    received = {client: b"" for client in sockets}
+    deadline = time.monotonic() + 120
+    with selectors.DefaultSelector() as selector:
+        for client in sockets:
+            selector.register(client, selectors.EVENT_READ)
+        while received and time.monotonic() < deadline:
+            for key, _ in selector.select(max(0.0, deadline - time.monotonic())):
+                client = key.fileobj
+                try:
+                    data = client.recv(256)
+                except OSError:
+                    data = b""
+                received[client] += data
+                if not data or b"\n" in received[client]:
+                    served = received[client].startswith(b"SSH-2.0-")
+                    outcome["served" if served else "refused"] += 1
+                    selector.unregister(client)
+                    del received[client]
+    outcome["lost"] = len(received)
+    for client in sockets:
+        client.close()
+    return outcome
+
+
+def test_200_at_cold_start_through_a_tcp_listener_all_served_by_one_boot(make_builder) -> None:
+    builder = make_builder()
+    daemon = start(builder)
+    daemon.wait_for_line(r"serving the builder on")
+    assert burst(builder, daemon) == {"served": CLIENTS, "refused": 0, "lost": 0}
+    assert daemon.text().count("booting the VM") == 1
+    assert len(builder.emulators()) == 1
+
+
+def test_200_at_cold_start_through_an_adopted_socket_all_served_by_one_boot(
+    make_builder,
+) -> None:
+    """An activator that listened with a short queue (16), as a default launchd socket on a
+    Mac listens with kern.ipc.somaxconn (128)."""
+    builder = make_builder()
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", builder.port))
+    listener.listen(16)
+    fd = listener.fileno()
+    try:
+        activator = [sys.executable, "-c", ACTIVATOR.format(fd=fd)]
+        daemon = start(
+            builder, "--listen", "systemd:domain=INET:index=0", prefix=activator, pass_fds=[fd]
+        )
+    finally:
+        listener.close()
+    daemon.wait_for_line(r"serving the builder on")
+    assert burst(builder, daemon) == {"served": CLIENTS, "refused": 0, "lost": 0}
+    assert daemon.text().count("booting the VM") == 1
+    assert len(builder.emulators()) == 1
+
+
+def test_200_at_cold_start_under_systemd_socket_activate_all_served_by_one_boot(
+    make_builder,
+) -> None:
+    """Started by its first connection, as launchd starts an on-demand job."""
+    builder = make_builder()
+    activator = [
+        shutil.which("systemd-socket-activate") or "systemd-socket-activate",
+        "-l", f"127.0.0.1:{builder.port}", "--fdname=builder",
+        "-E", "VIRBY_EMULATOR_LEASES_FILE", "-E", "VIRBY_EMULATOR_GUEST_PORT",
+        "-E", "VIRBY_EMULATOR_BOOT_DELAY", "-E", "PATH",
+    ]  # fmt: skip
+    daemon = start(builder, "--listen", "systemd:domain=INET:index=0", prefix=activator)
+    daemon.wait_for_line(r"Listening on")
+    assert burst(builder, daemon) == {"served": CLIENTS, "refused": 0, "lost": 0}
+    assert daemon.text().count("booting the VM") == 1
+    assert len(builder.emulators()) == 1
+
+
+def prlimit(soft: int, hard: int) -> list[str]:
+    program = shutil.which("prlimit")
+    if program is None:
+        pytest.skip("prlimit (util-linux) is not installed")
+    return [program, f"--nofile={soft}:{hard}", "--"]
+
+
+def test_200_at_cold_start_under_launchds_default_of_256_open_files(make_builder) -> None:
+    builder = make_builder()
+    daemon = start(builder, prefix=prlimit(256, 8192))
+    daemon.wait_for_line(r"open files: 4096 \(started with 256, hard limit 8192\)")
+    daemon.wait_for_line(r"serving the builder on")
+    assert burst(builder, daemon) == {"served": CLIENTS, "refused": 0, "lost": 0}
+    assert daemon.text().count("booting the VM") == 1
+
+
+def test_the_select_reactor_is_held_below_its_ceiling(make_builder) -> None:
+    """macOS's default reactor is select: the daemon stays below descriptor 1024."""
+    builder = make_builder()
+    daemon = start(builder, prefix=prlimit(256, 8192), reactor=["--reactor=select"])
+    daemon.wait_for_line(
+        r"open files: 1024 \(started with 256, hard limit 8192\); serving up to 480 "
+        r"connections at once \(the select reactor watches descriptors below 1024 only\)"
+    )
+    daemon.wait_for_line(r"serving the builder on")
+    assert burst(builder, daemon) == {"served": CLIENTS, "refused": 0, "lost": 0}
+
+
+def test_past_the_limit_connections_are_closed_at_once_and_logged(make_builder) -> None:
+    builder = make_builder()
+    daemon = start(builder, prefix=prlimit(256, 256))
+    daemon.wait_for_line(r"open files: 256 \(started with 256, hard limit 256\); serving up to 96")
+    daemon.wait_for_line(r"serving the builder on")
+    outcome = burst(builder, daemon, clients=150)
+    assert outcome == {"served": 96, "refused": 54, "lost": 0}
+    daemon.wait_for_line(r"closing new connections: 96 are open, the most this daemon serves")
+    assert "Traceback" not in daemon.text() and "Too many open files" not in daemon.text()
+    deadline = time.monotonic() + 60
+    while builder.status()["active_connections"] and time.monotonic() < deadline:
+        pass  # each status query is a round trip to the daemon
+    assert builder.banner().startswith(b"SSH-2.0-"), "served again once the others are gone"

@@ -1,0 +1,177 @@
+"""How many connections the daemon serves at once, and what happens past that."""
+
+from __future__ import annotations
+
+import resource
+import socket
+
+import pytest
+from twisted.internet.interfaces import ILoggingContext
+from twisted.internet.selectreactor import SelectReactor
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import formatEvent, globalLogPublisher
+
+from virby.capacity import (
+    RESERVED_DESCRIPTORS,
+    ConnectionLimit,
+    DescriptorLimit,
+    adjustDescriptorLimit,
+    widenAcceptQueue,
+)
+
+INFINITY = resource.RLIM_INFINITY
+
+
+class Limits:
+    def __init__(self, soft: int, hard: int, refuse: bool = False) -> None:
+        self.soft, self.hard, self.refuse = soft, hard, refuse
+        self.set: list[tuple[int, int]] = []
+
+    def get(self, which: int) -> tuple[int, int]:
+        assert which == resource.RLIMIT_NOFILE
+        return self.soft, self.hard
+
+    def put(self, which: int, limits: tuple[int, int]) -> None:
+        if self.refuse:
+            raise ValueError("not allowed")
+        self.set.append(limits)
+        self.soft, self.hard = limits
+
+
+def adjust(reactor, limits: Limits) -> DescriptorLimit:
+    return adjustDescriptorLimit(reactor, getrlimit=limits.get, setrlimit=limits.put)
+
+
+def select_reactor() -> SelectReactor:
+    return SelectReactor.__new__(SelectReactor)  # the type is all that counts
+
+
+@pytest.mark.parametrize(
+    ("reactor", "soft", "hard", "result"),
+    [
+        (MemoryReactorClock, 256, INFINITY, 4096),  # launchd's default: raised
+        (MemoryReactorClock, 256, 2000, 2000),  # as far as the hard limit goes
+        (MemoryReactorClock, 256, 256, 256),  # nothing to raise
+        (MemoryReactorClock, 65536, INFINITY, 65536),  # never lowered
+        (select_reactor, 256, INFINITY, 1024),  # macOS's default reactor: up to select's ceiling
+        (select_reactor, 4096, INFINITY, 1024),  # ... and lowered to it
+        (select_reactor, 256, 512, 512),
+    ],
+)
+def test_the_soft_limit_is_raised_as_far_as_it_sensibly_goes(reactor, soft, hard, result) -> None:
+    limits = Limits(soft, hard)
+    limit = adjust(reactor(), limits)
+    assert limit.soft == limits.soft == result and limit.before == soft
+    assert limits.set == ([] if result == soft else [(result, hard)])
+    assert limit.connections == (result - RESERVED_DESCRIPTORS) // 2
+
+
+def test_a_limit_that_cannot_be_raised_is_kept_and_said(tmp_path) -> None:
+    limit = adjust(MemoryReactorClock(), Limits(256, INFINITY, refuse=True))
+    assert limit.soft == 256 and limit.connections == 96
+    assert "could not be set to 4096: not allowed" in limit.describe()
+
+
+def test_the_description_states_the_connections() -> None:
+    limit = adjust(select_reactor(), Limits(256, INFINITY))
+    assert limit.describe() == (
+        "open files: 1024 (started with 256, hard limit unlimited); serving up to 480 "
+        "connections at once (the select reactor watches descriptors below 1024 only)"
+    )
+
+
+class Port:
+    def __init__(self, sock: socket.socket) -> None:
+        self.socket = sock
+
+
+def queued(listener: socket.socket, clients: int) -> int:
+    """How many of C{clients} simultaneous connections the kernel queues unaccepted."""
+    port = listener.getsockname()
+    made = []
+    for _ in range(clients):
+        client = socket.socket()
+        client.setblocking(False)
+        client.connect_ex(port)
+        made.append(client)
+    listener.setblocking(False)
+    count = 0
+    try:
+        while True:
+            listener.accept()[0].close()
+            count += 1
+    except BlockingIOError:
+        pass
+    for client in made:
+        client.close()
+    return count
+
+
+def test_an_adopted_socket_gets_a_wider_accept_queue() -> None:
+    """listen() again on a listening socket sets its queue anew (Linux; XNU alike)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        assert widenAcceptQueue(Port(listener), 256)
+        assert queued(listener, 100) == 100
+
+
+def test_a_port_without_a_stream_socket_is_left_alone() -> None:
+    assert not widenAcceptQueue(object())  # type: ignore[arg-type]
+
+
+class Wrapped:
+    def __init__(self) -> None:
+        self.built: list = []
+        self.started = self.stopped = 0
+
+    def doStart(self) -> None:
+        self.started += 1
+
+    def doStop(self) -> None:
+        self.stopped += 1
+
+    def buildProtocol(self, addr):
+        self.built.append(addr)
+        return f"protocol for {addr}"
+
+
+@pytest.fixture
+def logged():
+    lines: list[str] = []
+
+    def observe(event) -> None:
+        lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    yield lines
+    globalLogPublisher.removeObserver(observe)
+
+
+def test_past_the_limit_connections_are_closed_and_logged(logged) -> None:
+    clock = Clock()
+    wrapped = Wrapped()
+    open_now = [0]
+    limit = ConnectionLimit(wrapped, 2, lambda: open_now[0], clock, "a reason")
+    assert ILoggingContext.providedBy(limit) and limit.logPrefix() == "Wrapped"
+    limit.doStart()
+    assert limit.buildProtocol("a") == "protocol for a"
+    open_now[0] = 2
+    assert limit.buildProtocol("b") is None and limit.buildProtocol("c") is None
+    assert wrapped.built == ["a"] and limit.refused == 2
+    warnings = [line for line in logged if "closing new connections" in line]
+    assert warnings == [
+        "closing new connections: 2 are open, the most this daemon serves at once (a reason); "
+        "1 closed since the last warning, the latest from b"
+    ]
+    clock.advance(10)
+    assert limit.buildProtocol("d") is None
+    warnings = [line for line in logged if "closing new connections" in line]
+    assert (
+        len(warnings) == 2 and "2 closed since the last warning, the latest from d" in warnings[1]
+    )
+    open_now[0] = 1
+    assert limit.buildProtocol("e") == "protocol for e"
+    limit.doStop()
+    assert (wrapped.started, wrapped.stopped) == (1, 1)

@@ -1,0 +1,227 @@
+"""
+How many connections one daemon serves at once, and what happens past that.
+
+Two limits decide it, and the daemon sets both at start instead of inheriting whatever it
+was given:
+
+  - The accept queue.  Connections that arrive while the daemon is busy wait in the kernel's
+    queue of the listening socket; when it is full, Linux drops them in a way the client
+    cannot see (with SYN cookies the client believes it is connected, and an SSH client,
+    which waits for the server to speak first, then hangs forever).  Twisted's C{tcp:}
+    endpoint asks for 50; launchd asks for the kernel's maximum.  The daemon asks again
+    for L{BACKLOG} on every listening socket, adopted ones included: C{listen(2)} on a
+    socket that already listens sets its queue length anew, on Linux and on macOS (XNU's
+    C{solisten}), and the kernel caps it (Linux C{net.core.somaxconn}, 4096 by default;
+    macOS C{kern.ipc.somaxconn}, 128 by default).
+  - Open files.  A spliced connection holds two descriptors (the client's and the guest's),
+    and launchd starts jobs with a soft limit of 256.  The daemon raises its soft limit as
+    far as the hard limit and its reactor allow (L{adjustDescriptorLimit}), keeps
+    L{RESERVED_DESCRIPTORS} for everything else, and serves at most half of the rest as
+    connections.  Past that, L{ConnectionLimit} closes each new connection at once and
+    says so in the log: the client sees the connection closed, never a hang, and Nix moves
+    on to another builder or retries.
+
+The reactor matters on macOS: Twisted's default reactor there is the select reactor, and
+C{select(2)} cannot watch a descriptor numbered C{FD_SETSIZE} (1024) or above (CPython
+raises C{ValueError}, and the select reactor would drop such connections one by one).
+Under that reactor the soft limit is held at 1024, so no descriptor ever gets that high.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import resource
+import socket
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.interfaces import (
+    IAddress,
+    IListeningPort,
+    ILoggingContext,
+    IProtocolFactory,
+)
+from twisted.internet.protocol import Protocol
+from zope.interface import implementer
+
+from virby.logs import Logger
+
+log = Logger()
+
+#: The accept queue asked for on every listening socket (the kernel caps it).
+BACKLOG = 1024
+#: The soft open-file limit asked for: room for 2000 connections, far more than builds.
+WANTED_DESCRIPTORS = 4096
+#: Descriptors kept for all but splices: stdio, the log, the listening and control sockets,
+#: vfkit's pipes and lock, the REST client, readiness probes, the lease file, status
+#: queries, Twisted's own (its waker, its reserve for EMFILE).
+RESERVED_DESCRIPTORS = 64
+#: C{select(2)} cannot watch descriptors at or above C{FD_SETSIZE}.
+SELECT_CEILING = 1024
+#: One warning per this many seconds while connections are refused, with their count.
+WARNING_INTERVAL = 10.0
+
+
+@dataclass(frozen=True)
+class DescriptorLimit:
+    """
+    The open-file limit the daemon runs with.
+
+    @ivar before: the soft limit it was started with.
+    @ivar soft: the soft limit now.
+    @ivar hard: the hard limit, C{None} when unlimited.
+    @ivar ceiling: what the reactor can watch, C{None} when it has no limit.
+    @ivar problem: why the soft limit could not be set as wanted, if it could not.
+    """
+
+    before: int
+    soft: int
+    hard: int | None
+    ceiling: int | None
+    problem: str | None = None
+
+    @property
+    def connections(self) -> int:
+        """How many connections fit: two descriptors each, after the reserve."""
+        return max(1, (self.soft - RESERVED_DESCRIPTORS) // 2)
+
+    def describe(self) -> str:
+        hard = "unlimited" if self.hard is None else str(self.hard)
+        text = (
+            f"open files: {self.soft} (started with {self.before}, hard limit {hard}); "
+            f"serving up to {self.connections} connections at once"
+        )
+        if self.ceiling is not None and self.soft >= self.ceiling:
+            text += f" (the select reactor watches descriptors below {self.ceiling} only)"
+        if self.problem:
+            text += f"; {self.problem}"
+        return text
+
+
+def reactorCeiling(reactor: Any) -> int | None:
+    """The highest descriptor count C{reactor} can watch, or C{None} when unbounded."""
+    from twisted.internet.selectreactor import SelectReactor
+
+    return SELECT_CEILING if isinstance(reactor, SelectReactor) else None
+
+
+def adjustDescriptorLimit(
+    reactor: Any,
+    wanted: int = WANTED_DESCRIPTORS,
+    getrlimit: Callable[[int], tuple[int, int]] = resource.getrlimit,
+    setrlimit: Callable[[int, tuple[int, int]], None] = resource.setrlimit,
+) -> DescriptorLimit:
+    """
+    Raise the soft open-file limit to C{wanted} (never lowering one set higher), within the
+    hard limit, and hold it at the reactor's ceiling when it has one (lowering it if need be).
+    """
+    soft, hard = getrlimit(resource.RLIMIT_NOFILE)
+    infinite = resource.RLIM_INFINITY
+    ceiling = reactorCeiling(reactor)
+    target = wanted if soft == infinite else max(soft, wanted)
+    if ceiling is not None:
+        target = ceiling
+    if hard != infinite:
+        target = min(target, hard)
+    limit = DescriptorLimit(soft, soft, None if hard == infinite else hard, ceiling)
+    if target == soft:
+        return limit
+    try:
+        setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (OSError, ValueError) as e:
+        return DescriptorLimit(
+            soft, soft, limit.hard, ceiling, f"it could not be set to {target}: {e}"
+        )
+    return DescriptorLimit(soft, target, limit.hard, ceiling)
+
+
+def kernelBacklogCap() -> tuple[int, str] | None:
+    """The kernel's cap on an accept queue and the setting that holds it, if known."""
+    if sys.platform.startswith("linux"):
+        with (
+            contextlib.suppress(OSError, ValueError),
+            open("/proc/sys/net/core/somaxconn", encoding="ascii") as f,
+        ):
+            return int(f.read().strip()), "net.core.somaxconn"
+    elif sys.platform == "darwin":
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+            value = ctypes.c_int(0)
+            size = ctypes.c_size_t(ctypes.sizeof(value))
+            name = b"kern.ipc.somaxconn"
+            if libc.sysctlbyname(name, ctypes.byref(value), ctypes.byref(size), None, 0) == 0:
+                return value.value, "kern.ipc.somaxconn"
+    return None
+
+
+def widenAcceptQueue(port: IListeningPort, backlog: int = BACKLOG) -> bool:
+    """
+    Ask for an accept queue of C{backlog} on a listening TCP port, adopted or not.
+
+    @return: whether the port had a stream socket to ask on.
+    """
+    sock = getattr(port, "socket", None)
+    if not isinstance(sock, socket.socket) or sock.type != socket.SOCK_STREAM:
+        return False
+    try:
+        sock.listen(backlog)
+    except OSError as e:
+        log.warn("cannot widen the accept queue of {port}: {why}", port=port, why=e)
+        return False
+    return True
+
+
+@implementer(IProtocolFactory, ILoggingContext)
+class ConnectionLimit:
+    """
+    Serves at most C{limit} connections at once through C{wrapped}; past that, each new
+    connection is closed at once (returning C{None} makes the port close the socket) and
+    the refusals are logged, one line per L{WARNING_INTERVAL} with their count.
+
+    @param count: how many connections are open now.
+    """
+
+    def __init__(
+        self, wrapped: Any, limit: int, count: Callable[[], int], clock: Any, why: str
+    ) -> None:
+        self.wrapped = wrapped
+        self.limit = limit
+        self._count = count
+        self._clock = clock
+        self._why = why
+        self._lastWarning: float | None = None
+        self._unreported = 0
+        self.refused = 0
+
+    def logPrefix(self) -> str:
+        """The splice's name, so the port's log lines read as they did."""
+        return type(self.wrapped).__name__
+
+    def doStart(self) -> None:
+        self.wrapped.doStart()
+
+    def doStop(self) -> None:
+        self.wrapped.doStop()
+
+    def buildProtocol(self, addr: IAddress) -> Protocol | None:
+        if self._count() < self.limit:
+            return self.wrapped.buildProtocol(addr)
+        self.refused += 1
+        self._unreported += 1
+        now = self._clock.seconds()
+        if self._lastWarning is None or now - self._lastWarning >= WARNING_INTERVAL:
+            log.warn(
+                "closing new connections: {limit} are open, the most this daemon serves at "
+                "once ({why}); {count} closed since the last warning, the latest from {peer}",
+                limit=self.limit,
+                why=self._why,
+                count=self._unreported,
+                peer=addr,
+            )
+            self._lastWarning = now
+            self._unreported = 0
+        return None
