@@ -1,6 +1,8 @@
 """
-The ``virby`` admin command: ``virby prepare`` (run by the activation script), and
-``virby status`` and ``virby doctor`` (for people).
+The virby admin command: prepare, status, start, stop and doctor the Linux builder VM.
+
+``virby prepare`` runs from the activation script; ``virby status``, ``start``, ``stop`` and
+``doctor`` are for people.
 
 Every failure a user can meet ends in one line on stderr and exit status 1, never a traceback.
 """
@@ -34,6 +36,15 @@ def _parser() -> argparse.ArgumentParser:
     add_arguments(status)
     status.add_argument("--json", action="store_true", help="print JSON for programs")
 
+    start = commands.add_parser("start", help="boot the VM now and wait until it is ready")
+    add_arguments(start)
+
+    stop = commands.add_parser("stop", help="stop the VM now")
+    add_arguments(stop)
+    stop.add_argument(
+        "--force", action="store_true", help="stop even while connections are open (closes them)"
+    )
+
     doctor = commands.add_parser("doctor", help="check everything a working builder needs")
     add_arguments(doctor)
     doctor.add_argument("--json", action="store_true", help="print JSON for programs")
@@ -48,6 +59,12 @@ def _run(args: argparse.Namespace, config: Config) -> int:
         from virby import prepare
 
         return prepare.run(config, owner=args.owner, print_ssh_config=args.print_ssh_config)
+    if args.command in ("start", "stop"):
+        from virby import startstop
+
+        if args.command == "start":
+            return startstop.run_start(config)
+        return startstop.run_stop(config, force=args.force)
     if args.command == "doctor":
         from virby import doctor
 

@@ -313,7 +313,7 @@ class DaemonService(MultiService):
             raise StartupError(str(e)) from None
         return _listenNow(
             controlEndpoint(self._reactor, path),
-            ControlFactory(self.describe),
+            ControlFactory(DaemonCommands(self), self._reactor),
             "the control socket",
         )
 
@@ -361,6 +361,33 @@ class DaemonService(MultiService):
             version=__version__,
         )
         return document
+
+
+class DaemonCommands:
+    """What the control socket's requests do (L{virby.control.Commands})."""
+
+    def __init__(self, service: DaemonService) -> None:
+        self._service = service
+
+    def status(self) -> dict[str, Any]:
+        return self._service.describe()
+
+    def start(self) -> Deferred[dict[str, Any]]:
+        started = self._service.lifecycle.startNow()
+        return started.addCallback(
+            lambda outcome: {
+                "booted": outcome.booted,
+                "vm_ip": outcome.address[0],
+                "vm_port": outcome.address[1],
+                "boot_seconds": outcome.boot_seconds,
+            }
+        )
+
+    def stop(self, force: bool) -> Deferred[dict[str, Any]]:
+        stopped = self._service.lifecycle.stopNow(force)
+        return stopped.addCallback(
+            lambda outcome: {"stopped": outcome.stopped, "closed_connections": outcome.closed}
+        )
 
 
 def _logAcceptQueue() -> None:

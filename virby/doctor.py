@@ -60,6 +60,7 @@ from typing import Any, TextIO
 from virby import keys
 from virby.config import MIB, Config
 from virby.control import CONTROL_SOCKET
+from virby.controlclient import DaemonDown, NotAllowed
 from virby.errors import VirbyError
 from virby.hostfacts import (
     LAUNCHCTL,
@@ -89,7 +90,7 @@ from virby.prepare import (
     SSHD_KEYS,
     recorded_image,
 )
-from virby.status import DaemonDown, NotAllowed, query
+from virby.status import query
 from virby.vfkit import VfkitNotFound, find_vfkit, vfkit_arguments
 
 #: The daemon's launchd job, as C{nix/module.nix} names it.

@@ -255,13 +255,18 @@ class Lifecycle:
             return succeed(StopOutcome(False, open_ if force else 0))
         log.info("asked to stop the VM{forced}", forced=" (forced)" if force else "")
         self._failWaiters(f"the VM was stopped ({how})")
-        done: Deferred[None] = Deferred()
+        done: Deferred[None] = Deferred(self._forgetStopWaiter)
         self._stoppedWaiters.append(done)
         if self._state is State.RUNNING:
             self._stopVM(crashed=False)
         elif self._state is State.BOOTING:
             self._giveUpBoot()
         return done.addCallback(lambda _: StopOutcome(True, open_ if force else 0))
+
+    def _forgetStopWaiter(self, done: Deferred[None]) -> None:
+        """Who asked for the stop left: the stop goes on, nobody is told of it."""
+        if done in self._stoppedWaiters:
+            self._stoppedWaiters.remove(done)
 
     def _giveUpBoot(self) -> None:
         """Cancel the boot under way: stop its VM, or, while it is still being made, none."""

@@ -547,6 +547,17 @@ def test_a_second_stop_waits_for_the_first() -> None:
     assert first == second == [StopOutcome(True, 0)]
 
 
+def test_a_stop_whose_client_left_goes_on() -> None:
+    lifecycle, hypervisor, _ = make()
+    lifecycle.startNow()
+    hypervisor.becomeReady()
+    asking = lifecycle.stopNow()
+    asking.addErrback(lambda f: f.trap(CancelledError))
+    asking.cancel()
+    hypervisor.last.die("exited with status 0")
+    assert lifecycle.state is State.STOPPED
+
+
 def test_shutdown_answers_a_pending_stop_and_refuses_the_next() -> None:
     lifecycle, hypervisor, _ = make()
     lifecycle.startNow()
