@@ -21,6 +21,8 @@ from virby import disk, freshdisk, prepare
 from virby.config import MIB, from_mapping
 from virby.daemon import VfkitHypervisor
 from virby.freshdisk import FreshDiskError, make, makeFreshDisk
+from virby.locks import FileLock
+from virby.orphans import VM_LOCK
 
 SIZE = 8 * MIB
 
@@ -253,6 +255,26 @@ def test_a_failed_fresh_disk_fails_the_boot_without_vfkit(short_tmp) -> None:
     assert len(reactor.spawned) == 1, "no vfkit"
     assert spawned[0].check(FreshDiskError)
     assert str(spawned[0].value).startswith("no fresh diff.img: cannot make")
+
+
+def test_the_vm_lock_is_held_for_the_copy_and_let_go_when_it_fails(short_tmp) -> None:
+    reactor = ProcessReactor()
+    spawned = results(hypervisor(short_tmp, reactor, ephemeral=True).spawn())
+    assert FileLock(str(short_tmp / VM_LOCK)).acquire() is False, "held during the copy"
+    protocol = reactor.spawned[0][0]
+    protocol.processEnded(Failure(ProcessTerminated(1)))
+    assert spawned[0].check(FreshDiskError)
+    assert FileLock(str(short_tmp / VM_LOCK)).acquire() is True, "released"
+
+
+def test_a_boot_given_up_during_the_copy_lets_the_vm_lock_go(short_tmp) -> None:
+    reactor = ProcessReactor()
+    spawning = hypervisor(short_tmp, reactor, ephemeral=True).spawn()
+    spawned = results(spawning)
+    spawning.cancel()
+    assert reactor.spawned[0][0].transport.signals == ["KILL"]
+    assert spawned[0].check(CancelledError)
+    assert FileLock(str(short_tmp / VM_LOCK)).acquire() is True
 
 
 def test_without_ephemeral_the_disk_is_left_alone(short_tmp) -> None:
