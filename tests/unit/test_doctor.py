@@ -10,7 +10,6 @@ import io
 import json
 import os
 import re
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -546,10 +545,6 @@ def test_the_label_is_the_modules() -> None:
     if not module.is_file():
         pytest.skip("nix/module.nix is not in this tree")
     assert f'label = "{LAUNCHD_LABEL}";' in module.read_text()
-
-
-def test_the_wall_clock_is_only_read_not_scheduled_on() -> None:
-    assert Doctor(from_mapping({}), ScriptedMac("vfkit")).now is time.time
 
 
 def test_without_config_the_modules_config_is_read(machine, monkeypatch, capsys) -> None:
