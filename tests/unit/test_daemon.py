@@ -11,7 +11,13 @@ from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.testing import MemoryReactorClock
 
 from virby.config import from_mapping
-from virby.daemon import DaemonService, StartupError, VfkitHypervisor, makeDaemonService
+from virby.daemon import (
+    DaemonCommands,
+    DaemonService,
+    StartupError,
+    VfkitHypervisor,
+    makeDaemonService,
+)
 from virby.lifecycle import Lifecycle
 from virby.vfkit import HostPlan
 
@@ -330,3 +336,45 @@ def test_the_builder_port_serves_as_many_connections_as_its_descriptors_allow(sh
     DaemonService(reactor, cfg, endpoint, hypervisor, lifecycle, limit).startService()
     factory = reactor.tcpServers[0][1]
     assert isinstance(factory, ConnectionLimit) and factory.limit == 480
+
+
+class ReadyHypervisor(IdleHypervisor):
+    """Boots at once: a VM whose stop ends it at once."""
+
+    class VM:
+        pid = 4321
+
+        def __init__(self) -> None:
+            self.ended: Deferred = Deferred()
+
+        def consoleTail(self, n: int = 20) -> list[str]:
+            return []
+
+        def stop(self) -> Deferred:
+            return succeed(None)
+
+    def spawn(self) -> Deferred:
+        return succeed(self.VM())
+
+    def waitReady(self, vm) -> Deferred:
+        return succeed(("192.168.64.2", 22))
+
+
+def test_the_control_commands_start_stop_and_describe(short_tmp) -> None:
+    reactor = MemoryReactorClock()
+    hypervisor = ReadyHypervisor()
+    lifecycle = Lifecycle(reactor, hypervisor, onDemand=True, ttl=60)
+    daemon = DaemonService(
+        reactor, config(short_tmp), TCP4ServerEndpoint(reactor, 0), hypervisor, lifecycle
+    )
+    commands = DaemonCommands(daemon)
+    started: list = []
+    commands.start().addBoth(started.append)
+    assert started == [
+        {"booted": True, "vm_ip": "192.168.64.2", "vm_port": 22, "boot_seconds": 0.0}
+    ]
+    assert commands.status()["state"] == "running"
+    stopped: list = []
+    commands.stop(False).addBoth(stopped.append)
+    assert stopped == [{"stopped": True, "closed_connections": 0}]
+    assert commands.status()["state"] == "stopped"

@@ -64,6 +64,7 @@ def test_the_command_line_of_the_design() -> None:
         "--device", "virtio-serial,logFilePath=/var/lib/virby/serial.log",
         "--device", "virtio-rng",
         "--device", "virtio-balloon",
+        "--timesync", "vsockPort=1234",
         "--restful-uri", "unix:///var/lib/virby/vfkit.sock",
     ]  # fmt: skip
 
