@@ -10,6 +10,10 @@
 let
   cfg = config.virby.image;
   keysMount = "/run/virby-sshd-keys";
+  # The port vfkit's --timesync connects to (TIMESYNC_VSOCK_PORT in virby/vfkit.py), and
+  # VMADDR_CID_ANY: listen whatever CID the guest was given.
+  timesyncVsockPort = 1234;
+  vsockAnyCid = 4294967295;
 in
 {
   imports = [ "${modulesPath}/profiles/minimal.nix" ];
@@ -136,6 +140,30 @@ in
         install -m 644 ${keysMount}/ssh_user_ed25519_key.pub /etc/ssh/authorized_keys.d/.builder.tmp
         mv -f /etc/ssh/authorized_keys.d/.builder.tmp /etc/ssh/authorized_keys.d/builder
       '';
+    };
+
+    # The guest's clock after the Mac sleeps: vfkit (--timesync vsockPort=1234, see
+    # virby/vfkit.py) connects to this agent over vsock at every wake of the Mac and sends
+    # guest-set-time with the Mac's time.  nixpkgs' module starts the agent only when a
+    # virtio-serial port named org.qemu.guest_agent.0 appears, which vfkit never makes, so
+    # the unit is wanted at boot and told to listen on vsock instead: on every CID (the
+    # framework gives the guest its own), port 1234.  The agent answers only what vfkit asks
+    # (guest-set-time) and the handshake commands; nothing else of the host's agent protocol
+    # (files, commands, users) is open to the host.  nixpkgs' qemu-ga runs hwclock from
+    # /run/current-system/sw/bin, where util-linux is.
+    services.qemuGuest.enable = true;
+    boot.kernelModules = [ "vmw_vsock_virtio_transport" ];
+    systemd.services.qemu-guest-agent = {
+      wantedBy = [ "multi-user.target" ];
+      serviceConfig.ExecStart = lib.mkForce (
+        lib.concatStringsSep " " [
+          "${config.services.qemuGuest.package}/bin/qemu-ga"
+          "--statedir /run/qemu-ga"
+          "--method=vsock-listen"
+          "--path=${toString vsockAnyCid}:${toString timesyncVsockPort}"
+          "--allow-rpcs=guest-sync-delimited,guest-sync,guest-ping,guest-info,guest-set-time"
+        ]
+      );
     };
 
     # The serial console is where a VM that does not come up can be looked at.

@@ -189,6 +189,15 @@ in
       default = false;
       description = "Pass --nested to vfkit (Apple M3 or later, macOS 15 or later).";
     };
+    ephemeral = mkOption {
+      type = types.bool;
+      default = false;
+      description = ''
+        Boot the VM every time from a fresh copy of the image (an APFS clone, which costs no
+        time), grown to `diskSize`: nothing a build left in the VM survives a stop, and the
+        store starts empty at every boot (builds fetch their inputs again).
+      '';
+    };
   };
 
   config = lib.mkMerge [
@@ -324,6 +333,9 @@ in
             inherit workingDirectory;
           };
           environment.systemPackages = [ package ];
+          # Where `virby status`, `doctor`, `start` and `stop` find the daemon's config
+          # without --config (its store path changes with every option).
+          environment.etc."virby/config.json".source = configFile;
         }
         {
           # Names fixed up front (mkIf, not if-then-else): the module system must know which

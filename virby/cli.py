@@ -1,6 +1,8 @@
 """
-The ``virby`` admin command: ``virby prepare`` (run by the activation script) and
-``virby status`` (for people).
+The virby admin command: prepare, status, start, stop and doctor the Linux builder VM.
+
+``virby prepare`` runs from the activation script; ``virby status``, ``start``, ``stop`` and
+``doctor`` are for people.
 
 Every failure a user can meet ends in one line on stderr and exit status 1, never a traceback.
 """
@@ -8,6 +10,7 @@ Every failure a user can meet ends in one line on stderr and exit status 1, neve
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -32,6 +35,22 @@ def _parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="tell what the daemon is doing")
     add_arguments(status)
     status.add_argument("--json", action="store_true", help="print JSON for programs")
+
+    start = commands.add_parser("start", help="boot the VM now and wait until it is ready")
+    add_arguments(start)
+
+    stop = commands.add_parser("stop", help="stop the VM now")
+    add_arguments(stop)
+    stop.add_argument(
+        "--force", action="store_true", help="stop even while connections are open (closes them)"
+    )
+
+    doctor = commands.add_parser("doctor", help="check everything a working builder needs")
+    add_arguments(doctor)
+    doctor.add_argument("--json", action="store_true", help="print JSON for programs")
+    doctor.add_argument(
+        "--ssh", action="store_true", help="also run `ssh virby-vm true` (boots the VM)"
+    )
     return parser
 
 
@@ -40,14 +59,31 @@ def _run(args: argparse.Namespace, config: Config) -> int:
         from virby import prepare
 
         return prepare.run(config, owner=args.owner, print_ssh_config=args.print_ssh_config)
+    if args.command in ("start", "stop"):
+        from virby import startstop
+
+        if args.command == "start":
+            return startstop.run_start(config)
+        return startstop.run_stop(config, force=args.force)
+    if args.command == "doctor":
+        from virby import doctor
+
+        return doctor.run(config, as_json=args.json, ssh=args.ssh, config_file=args.config)
     from virby import status
 
     return status.run(config, as_json=args.json)
 
 
+#: The config the nix-darwin module installs, read when no C{--config} is given, so that
+#: C{sudo virby doctor} (or status, start, stop) needs no store path typed out.
+INSTALLED_CONFIG = "/etc/virby/config.json"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script."""
     args = _parser().parse_args(argv)
+    if args.config is None and os.path.isfile(INSTALLED_CONFIG):
+        args.config = INSTALLED_CONFIG
     try:
         config = load(args.config, collected(args))
         return _run(args, config)

@@ -380,6 +380,7 @@ KEYS: tuple[Key, ...] = (
     Key("leases-file", "/var/db/dhcpd_leases", _absolute_path, "bootpd's lease file"),
     Key("guest-ssh-port", 22, _integer(1, 65535), "the VM's sshd port"),
     Key("start-timeout", 180, _integer(1, 3600), "seconds a boot may take to reach a working sshd"),
+    Key("ephemeral", False, _boolean, "boot every time from a fresh copy of base.img", "flag"),
 )
 KEYS_BY_NAME: Mapping[str, Key] = {key.name: key for key in KEYS}
 
@@ -408,6 +409,7 @@ class Config:
     leases_file: str = "/var/db/dhcpd_leases"
     guest_ssh_port: int = 22
     start_timeout: int = 180
+    ephemeral: bool = False
 
     def path(self, *parts: str) -> str:
         """A path inside the working directory."""

@@ -1,10 +1,31 @@
 """
 The daemon's control endpoint: an owner-only unix socket in the working directory that
-answers every connection with one JSON line describing the daemon, then closes.
+takes one request and gives one reply per connection.
 
 A unix socket (not a TCP port) because upstream's control API on 127.0.0.1 let any local
 user stop the VM; here the working directory (0700) and the socket (0600) keep it to the
-daemon's user and root.
+daemon's user and root, and the daemon checks the peer's credentials as well (a socket
+whose mode was loosened, or a directory opened with allow-user-ssh, lets no one else in).
+
+The protocol (version 1), documented in C{docs/control.md}:
+
+    request, one line:  {"version": 1, "command": "status" | "start" | "stop", "force": bool}
+    reply, one line:    {"version": 1, "ok": true, ...}  or  {"version": 1, "ok": false,
+                                                              "error": "<one line>"}
+
+then the daemon closes the connection.  C{status} replies C{"status": <document>};
+C{start} boots the VM (a no-op when it runs) and replies once it is ready
+(C{"booted"}, C{"vm_ip"}, C{"vm_port"}, C{"boot_seconds"}); C{stop} stops it (refused while
+connections are open unless C{force}) and replies once it has stopped (C{"stopped"},
+C{"closed_connections"}).  C{force} is optional, and meaningful for C{stop} only.
+
+Version rules: a request names the version it speaks, and the daemon replies in it; a
+version the daemon does not speak, an unknown command or key, a value of the wrong type,
+anything that is not one JSON object on one line gets an error reply, never a dropped
+connection or a daemon in trouble.  A request must arrive within L{REQUEST_TIMEOUT} seconds
+and be at most L{MAX_REQUEST} bytes: a client that sends nothing, or megabytes, is told so
+and cut off.  Daemons before version 1 wrote the status document at once to every
+connection, without reading; L{virby.controlclient} still understands that reply.
 
 Two daemons are kept off one working directory by L{DAEMON_LOCK}, an flock the kernel drops
 when the daemon dies (L{virby.locks}), not by the socket: so whatever is found at the
@@ -14,16 +35,26 @@ socket's path by a daemon that holds the lock is left over from a dead one, and 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import json
 import os
+import pwd
+import socket
 import stat
+import struct
+import sys
 from collections.abc import Callable
 from typing import Any
+from typing import Protocol as TypingProtocol
 
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.endpoints import UNIXServerEndpoint
-from twisted.internet.interfaces import IReactorUNIX
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, IReactorUNIX
 from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
 
+from virby.errors import VirbyError
 from virby.logs import Logger
 
 log = Logger()
@@ -37,29 +68,235 @@ DAEMON_LOCK = "daemon.lock"
 #: Older daemons locked the socket with a symlink naming their pid; it is junk now.
 _OLD_SOCKET_LOCK = CONTROL_SOCKET + ".lock"
 
+#: The protocol versions this daemon speaks; it replies in the request's.
+PROTOCOL_VERSION = 1
+COMMANDS = ("status", "start", "stop")
+#: The longest request line, newline included: a request is a few dozen bytes.
+MAX_REQUEST = 4096
+#: How long a client has to send its request once connected.
+REQUEST_TIMEOUT = 5.0
+#: How long a reply may take to be read once written, before the connection is cut.
+REPLY_TIMEOUT = 10.0
 
-class StatusProtocol(Protocol):
-    """Write the status document and hang up: there is nothing to ask but "how are you"."""
+
+class RequestError(VirbyError):
+    """A request this daemon cannot take; the message is the reply's error line."""
+
+
+class Commands(TypingProtocol):
+    """What the control socket can ask of the daemon (L{virby.daemon.DaemonService})."""
+
+    def status(self) -> dict[str, Any]: ...
+
+    def start(self) -> Deferred[dict[str, Any]]: ...
+
+    def stop(self, force: bool) -> Deferred[dict[str, Any]]: ...
+
+
+def parseRequest(line: bytes) -> tuple[str, bool]:
+    """
+    One request line into C{(command, force)}.
+
+    @raise RequestError: with the reason, fit to send back.
+    """
+    try:
+        request = json.loads(line)
+    except (ValueError, UnicodeDecodeError):
+        raise RequestError("the request is not JSON: send one JSON object on one line") from None
+    if not isinstance(request, dict):
+        raise RequestError("the request must be a JSON object")
+    version = request.get("version")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise RequestError('the request has no "version" (an integer; this daemon speaks 1)')
+    if version != PROTOCOL_VERSION:
+        raise RequestError(
+            f"protocol version {version} is not spoken here: this daemon speaks "
+            f"{PROTOCOL_VERSION}; use the virby command of the same package"
+        )
+    unknown = sorted(set(request) - {"version", "command", "force"})
+    if unknown:
+        raise RequestError(f"unknown key {unknown[0]!r} in the request")
+    command = request.get("command")
+    if command not in COMMANDS:
+        raise RequestError(f"unknown command {command!r}: the commands are {', '.join(COMMANDS)}")
+    force = request.get("force", False)
+    if not isinstance(force, bool):
+        raise RequestError('"force" must be true or false')
+    return command, force
+
+
+def encodeReply(reply: dict[str, Any]) -> bytes:
+    return json.dumps({"version": PROTOCOL_VERSION, **reply}, sort_keys=True).encode() + b"\n"
+
+
+def errorReply(message: str) -> dict[str, Any]:
+    return {"ok": False, "error": " ".join(message.split())}
+
+
+# -- who is asking
+
+
+def socketPeerUid(sock: socket.socket) -> int | None:
+    """
+    The uid of the process at the other end of a unix socket: C{SO_PEERCRED} on Linux,
+    C{getpeereid(2)} (which reads C{LOCAL_PEERCRED}) on macOS and the BSDs; C{None} when
+    the system will not say.
+    """
+    if sys.platform.startswith("linux"):
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _pid, uid, _gid = struct.unpack("3i", creds)
+        return uid
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    if not hasattr(libc, "getpeereid"):
+        return None
+    uid, gid = ctypes.c_uint32(), ctypes.c_uint32()
+    if libc.getpeereid(sock.fileno(), ctypes.byref(uid), ctypes.byref(gid)) != 0:
+        return None
+    return uid.value
+
+
+def transportPeerUid(transport: Any) -> int | None:
+    """L{socketPeerUid} of a Twisted unix-socket transport."""
+    try:
+        return socketPeerUid(transport.getHandle())
+    except (AttributeError, OSError):
+        return None
+
+
+def _userName(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+# -- the server
+
+
+class ControlProtocol(Protocol):
+    """One request, one reply, then hang up."""
 
     factory: ControlFactory
 
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._extra = 0
+        self._request: Deferred[dict[str, Any]] | None = None
+        self._deadline: IDelayedCall | None = None
+        self._answered = False
+
     def connectionMade(self) -> None:
+        uid = self.factory.peerUid(self.transport)
+        if uid is None or uid not in self.factory.allowed:
+            who = "someone the system would not name" if uid is None else _userName(uid)
+            log.info("refused a control request from {who}", who=who)
+            self._reply(
+                errorReply(
+                    f"only root and the daemon's user ({_userName(self.factory.owner)}) may "
+                    "ask the daemon: run the command with sudo"
+                )
+            )
+            return
+        self._deadline = self.factory.clock.callLater(REQUEST_TIMEOUT, self._tooSlow)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._answered or self._request is not None:
+            # One request per connection: what follows it is ignored, up to a bound.
+            self._extra += len(data)
+            if self._extra > MAX_REQUEST:
+                self._cutOff()
+            return
+        self._buffer += data
+        newline = self._buffer.find(b"\n")
+        if newline < 0 and len(self._buffer) < MAX_REQUEST:
+            return
+        if newline < 0 or newline >= MAX_REQUEST:
+            self._reply(errorReply(f"the request is longer than {MAX_REQUEST} bytes"))
+            return
+        line, self._buffer = self._buffer[:newline], b""
+        self._cancelDeadline()
         try:
-            document = self.factory.describe()
-        except Exception:
-            log.failure("building the status document failed")
-            document = {"state": "unknown", "last_error": "status failed: see the daemon log"}
-        self.transport.write(json.dumps(document, sort_keys=True).encode() + b"\n")
+            command, force = parseRequest(line)
+        except RequestError as e:
+            self._reply(errorReply(str(e)))
+            return
+        self._request = maybeDeferred(self._run, command, force)
+        self._request.addCallbacks(lambda reply: {"ok": True, **reply}, _explain)
+        self._request.addCallback(self._reply)
+
+    def _run(self, command: str, force: bool) -> Any:
+        commands = self.factory.commands
+        if command == "status":
+            return {"status": commands.status()}
+        if command == "start":
+            return commands.start()
+        return commands.stop(force)
+
+    def _tooSlow(self) -> None:
+        self._deadline = None
+        self._reply(errorReply(f"no request within {REQUEST_TIMEOUT:.0f}s"))
+
+    def _reply(self, reply: dict[str, Any]) -> None:
+        if self._answered or self.transport is None:
+            return
+        self._answered = True
+        self._cancelDeadline()
+        self.transport.write(encodeReply(reply))
         self.transport.loseConnection()
+        # A client that does not read its reply does not keep the connection forever.
+        self._deadline = self.factory.clock.callLater(REPLY_TIMEOUT, self._cutOff)
+
+    def _cutOff(self) -> None:
+        self._deadline = None
+        self.transport.abortConnection()
+
+    def _cancelDeadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self._cancelDeadline()
+        self._answered = True
+        if self._request is not None and not self._request.called:
+            # The client left: withdraw its wait; a boot or a stop under way goes on.
+            self._request.cancel()
+
+
+def _explain(reason: Failure) -> dict[str, Any]:
+    """An expected failure is its own line; anything else is a bug, logged in full."""
+    if reason.check(CancelledError):
+        return errorReply("cancelled")
+    if isinstance(reason.value, VirbyError):
+        return errorReply(str(reason.value))
+    log.failure("a control request failed", reason)
+    return errorReply("the request failed: see the daemon's log")
 
 
 class ControlFactory(Factory):
+    """
+    @param commands: what requests act on.
+    @param clock: for the request and reply timeouts.
+    @param peerUid: who is at the other end of a connection (L{transportPeerUid}).
+    @param allowed: the uids that may ask: root and the daemon's own.
+    """
+
     noisy = False  # per-connection factory start/stop lines say nothing useful
 
-    protocol = StatusProtocol
+    protocol = ControlProtocol
 
-    def __init__(self, describe: Callable[[], dict[str, Any]]) -> None:
-        self.describe = describe
+    def __init__(
+        self,
+        commands: Commands,
+        clock: IReactorTime,
+        peerUid: Callable[[Any], int | None] = transportPeerUid,
+        allowed: frozenset[int] | None = None,
+    ) -> None:
+        self.commands = commands
+        self.clock = clock
+        self.peerUid = peerUid
+        self.owner = os.geteuid()
+        self.allowed = allowed if allowed is not None else frozenset({0, self.owner})
 
 
 class StaleSocketError(Exception):

@@ -41,6 +41,7 @@ from virby.control import (
     controlEndpoint,
 )
 from virby.errors import VirbyError
+from virby.freshdisk import makeFreshDisk
 from virby.leases import LeaseFile
 from virby.lifecycle import Lifecycle, VirtualMachine
 from virby.locks import FileLock, LockError
@@ -69,7 +70,10 @@ class VfkitHypervisor:
 
     A VM left behind by a crashed daemon is stopped before the first boot, and no VM is
     ever booted while a process still holds the working directory's VM lock: two VMs on
-    one disk image would corrupt it (L{virby.orphans}).
+    one disk image would corrupt it (L{virby.orphans}).  With C{ephemeral}, every boot
+    starts from a fresh C{diff.img} (L{virby.freshdisk}), made under that lock in a child
+    process, so the reactor never waits on a copy; it is bounded by C{start-timeout} of its
+    own, and its failure fails the boot.
     """
 
     def __init__(
@@ -131,6 +135,19 @@ class VfkitHypervisor:
             raise StartupError(self.plan.refusal)
         await self.stopOrphan()
         lock = self._lockVM()
+        if self._config.ephemeral:
+            # Under the VM lock: no VM, not even one a previous daemon left, has the disk open.
+            try:
+                done = await makeFreshDisk(
+                    self._reactor,
+                    self._config.working_directory,
+                    self._config.disk_size,
+                    float(self._config.start_timeout),
+                )
+            except BaseException:
+                lock.release()
+                raise
+            log.info("{done}", done=done)
         try:
             self._mac = stable_mac(self._config.path("mac"))
         except OSError as e:
@@ -294,7 +311,7 @@ class DaemonService(MultiService):
             raise StartupError(str(e)) from None
         return _listenNow(
             controlEndpoint(self._reactor, path),
-            ControlFactory(self.describe),
+            ControlFactory(DaemonCommands(self), self._reactor),
             "the control socket",
         )
 
@@ -345,6 +362,33 @@ class DaemonService(MultiService):
             version=__version__,
         )
         return document
+
+
+class DaemonCommands:
+    """What the control socket's requests do (L{virby.control.Commands})."""
+
+    def __init__(self, service: DaemonService) -> None:
+        self._service = service
+
+    def status(self) -> dict[str, Any]:
+        return self._service.describe()
+
+    def start(self) -> Deferred[dict[str, Any]]:
+        started = self._service.lifecycle.startNow()
+        return started.addCallback(
+            lambda outcome: {
+                "booted": outcome.booted,
+                "vm_ip": outcome.address[0],
+                "vm_port": outcome.address[1],
+                "boot_seconds": outcome.boot_seconds,
+            }
+        )
+
+    def stop(self, force: bool) -> Deferred[dict[str, Any]]:
+        stopped = self._service.lifecycle.stopNow(force)
+        return stopped.addCallback(
+            lambda outcome: {"stopped": outcome.stopped, "closed_connections": outcome.closed}
+        )
 
 
 def _logAcceptQueue() -> None:

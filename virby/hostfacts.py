@@ -10,6 +10,9 @@ C{virby doctor} asks the same questions to tell a person.
 
 Every command run and every file looked at goes through one L{Runner}, so that a test can
 play any Mac, and so that a report can say exactly what was asked (L{HostFacts.probes}).
+C{virby doctor} asks the rest of what it needs of the Mac through the same runner: launchd
+(C{launchctl print}), who holds the builder's port (C{lsof}), the application firewall
+(C{socketfilterfw}), vfkit's version, and C{ssh}.
 On macOS the runner runs the commands (L{MacRunner}); elsewhere there is no Mac to ask, and
 L{PlayedMac} answers for the Mac that the vfkit emulator plays, set by the same
 C{VIRBY_EMULATOR_CPU}, C{VIRBY_EMULATOR_MACOS} and C{VIRBY_EMULATOR_ROSETTA} variables the
@@ -31,6 +34,12 @@ from typing import Protocol
 
 SYSCTL = "/usr/sbin/sysctl"
 SW_VERS = "/usr/bin/sw_vers"
+LAUNCHCTL = "/bin/launchctl"
+SOCKETFILTERFW = "/usr/libexec/ApplicationFirewall/socketfilterfw"
+LSOF = "/usr/sbin/lsof"
+SSH = "/usr/bin/ssh"
+#: launchctl's exit status for a service it does not know.
+NO_SUCH_SERVICE = 113
 #: Rosetta 2's translator; present exactly when Rosetta is installed on Apple silicon.
 ROSETTA_RUNTIME = "/Library/Apple/usr/share/rosetta/rosetta"
 #: The command that installs Rosetta without a dialog.
@@ -52,13 +61,21 @@ PLAYED_DEFAULTS = {"CPU": "Apple M4", "MACOS": "15.5", "ROSETTA": "installed"}
 
 
 class ProbeError(Exception):
-    """A command failed or is missing; the message says how."""
+    """
+    A command failed or is missing; the message says how.
+
+    @ivar status: the command's exit status, or C{None} when it did not run (or timed out).
+    """
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class Runner(Protocol):
-    """The one way this module learns anything about the host."""
+    """The one way this module (and C{virby doctor}) learns anything about the host."""
 
-    def run(self, argv: Sequence[str]) -> str:
+    def run(self, argv: Sequence[str], timeout: float | None = None) -> str:
         """The command's standard output.  @raise ProbeError: when it fails."""
 
     def exists(self, path: str) -> bool:
@@ -71,20 +88,20 @@ class MacRunner:
     def __init__(self, timeout: float = 10.0) -> None:
         self._timeout = timeout
 
-    def run(self, argv: Sequence[str]) -> str:
+    def run(self, argv: Sequence[str], timeout: float | None = None) -> str:
         try:
             done = subprocess.run(
                 list(argv),
                 capture_output=True,
                 text=True,
-                timeout=self._timeout,
+                timeout=self._timeout if timeout is None else timeout,
                 stdin=subprocess.DEVNULL,
             )
         except (OSError, subprocess.TimeoutExpired) as e:
             raise ProbeError(str(e)) from None
         if done.returncode != 0:
             why = done.stderr.strip().splitlines()
-            raise ProbeError(why[-1] if why else f"exit status {done.returncode}")
+            raise ProbeError(why[-1] if why else f"exit status {done.returncode}", done.returncode)
         return done.stdout
 
     def exists(self, path: str) -> bool:
@@ -96,14 +113,30 @@ class PlayedMac:
     """
     A Mac described by settings, for systems that are not one (tests, C{dev/try}).
 
+    It answers the Mac's own system commands from its settings (C{sysctl}, C{sw_vers},
+    C{launchctl}, the application firewall's C{socketfilterfw}) and runs every other command
+    for real, as the Mac would run a program it has: vfkit (here its emulator), and C{lsof}
+    and C{ssh}, which Linux has too (found on C{PATH} instead of at the Mac's path).
+
     @ivar cpu: the CPU brand string, e.g. C{"Apple M1 Pro"} or an Intel one.
     @ivar macos: the macOS version, e.g. C{"14.6.1"}.
     @ivar rosetta: C{"installed"} or C{"missing"}.
+    @ivar launchd: what C{launchctl print system/<label>} finds (C{VIRBY_PLAYED_LAUNCHD}):
+        C{""} plays a system without launchd (the command is missing), C{"missing"} a job
+        that is not loaded, C{"running:PID"}, C{"waiting"} (loaded, its socket waiting for a
+        first connection), or C{"exited:CODE"}.
+    @ivar firewall: the application firewall (C{VIRBY_PLAYED_FIREWALL}): C{"off"}, C{"on"},
+        or C{"block-all"} (on, blocking every incoming connection).
+    @ivar ssh_config: the Mac's ssh configuration (C{VIRBY_PLAYED_SSH_CONFIG}), a file that
+        plays the C{/etc/ssh/ssh_config.d} the module installs; C{""}: this system's own.
     """
 
     cpu: str
     macos: str
     rosetta: str
+    launchd: str = ""
+    firewall: str = "off"
+    ssh_config: str = ""
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] | None = None) -> PlayedMac:
@@ -112,7 +145,14 @@ class PlayedMac:
             name: environ.get(f"VIRBY_EMULATOR_{name}") or default
             for name, default in PLAYED_DEFAULTS.items()
         }
-        return cls(cpu=values["CPU"], macos=values["MACOS"], rosetta=values["ROSETTA"])
+        return cls(
+            cpu=values["CPU"],
+            macos=values["MACOS"],
+            rosetta=values["ROSETTA"],
+            launchd=environ.get("VIRBY_PLAYED_LAUNCHD", ""),
+            firewall=environ.get("VIRBY_PLAYED_FIREWALL") or "off",
+            ssh_config=environ.get("VIRBY_PLAYED_SSH_CONFIG", ""),
+        )
 
     @property
     def apple_silicon(self) -> bool:
@@ -122,16 +162,63 @@ class PlayedMac:
     def macos_version(self) -> tuple[int, ...] | None:
         return parse_version(self.macos)
 
-    def run(self, argv: Sequence[str]) -> str:
-        answers = {
-            CPU_BRAND: self.cpu,
-            MACOS_VERSION: self.macos,
-            ARM64: "1" if self.apple_silicon else None,
-        }
-        answer = answers.get(tuple(argv))
-        if answer is None:
-            raise ProbeError(f"{argv[-1]}: unknown oid" if argv[0] == SYSCTL else "not found")
-        return answer + "\n"
+    def run(self, argv: Sequence[str], timeout: float | None = None) -> str:
+        if argv[0] in (SYSCTL, SW_VERS):
+            answers = {
+                CPU_BRAND: self.cpu,
+                MACOS_VERSION: self.macos,
+                ARM64: "1" if self.apple_silicon else None,
+            }
+            answer = answers.get(tuple(argv))
+            if answer is None:
+                raise ProbeError(f"{argv[-1]}: unknown oid" if argv[0] == SYSCTL else "not found")
+            return answer + "\n"
+        if argv[0] == LAUNCHCTL:
+            return self._launchctl(argv)
+        if argv[0] == SOCKETFILTERFW:
+            return self._socketfilterfw(argv)
+        if argv[0] == SSH and self.ssh_config:
+            return MacRunner().run(["ssh", "-F", self.ssh_config, *argv[1:]], timeout)
+        linux = {LSOF: "lsof", SSH: "ssh"}.get(argv[0], argv[0])
+        return MacRunner().run([linux, *argv[1:]], timeout)
+
+    def _launchctl(self, argv: Sequence[str]) -> str:
+        """C{launchctl print system/LABEL}, in the layout launchd prints (tab-indented)."""
+        if not self.launchd:
+            raise ProbeError(f"{LAUNCHCTL}: not found (the played Mac has no launchd)")
+        if len(argv) != 3 or argv[1] != "print" or not argv[2].startswith("system/"):
+            raise ProbeError("Unrecognized subcommand", 64)
+        label = argv[2].removeprefix("system/")
+        if self.launchd == "missing":
+            raise ProbeError(
+                f'Could not find service "{label}" in domain for system', NO_SUCH_SERVICE
+            )
+        kind, _, value = self.launchd.partition(":")
+        lines = [
+            f"system/{label} = {{",
+            "\tactive count = 1" if kind == "running" else "\tactive count = 0",
+            f"\tpath = /Library/LaunchDaemons/{label}.plist",
+            "\ttype = LaunchDaemon",
+            {"running": "\tstate = running", "waiting": "\tstate = waiting"}.get(
+                kind, "\tstate = not running"
+            ),
+            "",
+            "\tprogram = /bin/sh",
+        ]
+        if kind == "running":
+            lines.append(f"\tpid = {value}")
+        code = value if kind == "exited" else "(never exited)"
+        lines += [f"\tlast exit code = {code}", "}"]
+        return "\n".join(lines) + "\n"
+
+    def _socketfilterfw(self, argv: Sequence[str]) -> str:
+        on = self.firewall in ("on", "block-all")
+        if list(argv[1:]) == ["--getglobalstate"]:
+            return f"Firewall is {'enabled' if on else 'disabled'}. (State = {int(on)})\n"
+        if list(argv[1:]) == ["--getblockall"]:
+            blocking = self.firewall == "block-all"
+            return f"Firewall has block all state set to {'enabled' if blocking else 'disabled'}.\n"
+        raise ProbeError(f"socketfilterfw: {' '.join(argv[1:])} is not played", 1)
 
     def exists(self, path: str) -> bool:
         return path == ROSETTA_RUNTIME and self.apple_silicon and self.rosetta == "installed"

@@ -14,6 +14,15 @@ method, each state names what is allowed in it, and an illegal transition raises
 Connections never wait on anything but L{Lifecycle.whenReady}: one boot serves every
 connection that arrives while it is under way, and a connection that arrives while a stop is
 in flight waits for the stop and then for the next boot.
+
+A person can also ask (C{virby start}, C{virby stop}, through the control socket):
+L{Lifecycle.startNow} is one more waiter, so it shares a boot under way and is a no-op when
+the VM runs, and the idle clock runs after it as after any boot (an on-demand VM warmed up
+with no build still stops after the ttl).  L{Lifecycle.stopNow} is refused while
+connections are open unless forced (then they are closed), cancels a boot under way, and
+leaves the VM stopped: in always-on mode too, it is not restarted until a connection or a
+C{virby start} boots it again (a pending crash restart is cancelled), since the point of
+stopping it was to free its memory now.
 """
 
 from __future__ import annotations
@@ -59,6 +68,27 @@ class IllegalTransition(Exception):
 
 class VMUnavailable(VirbyError):
     """The VM could not serve a waiting connection (boot failed, VM died, daemon stopping)."""
+
+
+class VMBusy(VirbyError):
+    """A stop was refused: connections are open and it was not forced."""
+
+
+@dataclass(frozen=True)
+class StartOutcome:
+    """What L{Lifecycle.startNow} did: C{booted} is False when the VM was already running."""
+
+    booted: bool
+    address: tuple[str, int]
+    boot_seconds: float | None
+
+
+@dataclass(frozen=True)
+class StopOutcome:
+    """What L{Lifecycle.stopNow} did: C{stopped} is False when no VM was running or booting."""
+
+    stopped: bool
+    closed: int
 
 
 class ExitInfo(Protocol):
@@ -156,6 +186,7 @@ class Lifecycle:
         self._lastBootSeconds: float | None = None
         self._lastError: str | None = None
         self._boots = 0
+        self._stoppedWaiters: list[Deferred[None]] = []
 
     # -- inputs
 
@@ -198,6 +229,70 @@ class Lifecycle:
         """Stop serving: fail the waiters, stop the VM gracefully, close what is left."""
         return Deferred.fromCoroutine(self._shutdown())
 
+    def startNow(self) -> Deferred[StartOutcome]:
+        """
+        Boot now and fire once the VM is ready (C{virby start}); at once when it runs.  It
+        is one more waiter: it shares a boot under way, and cancelling it withdraws only it.
+        """
+        if self._state is State.RUNNING:
+            assert self._guest is not None
+            return succeed(StartOutcome(False, self._guest.address, self._lastBootSeconds))
+        if self._state is not State.SHUTDOWN:
+            log.info("asked to start the VM")
+        waiting = self.whenReady()
+        return waiting.addCallback(
+            lambda guest: StartOutcome(True, guest.address, self._lastBootSeconds)
+        )
+
+    def stopNow(self, force: bool = False) -> Deferred[StopOutcome]:
+        """
+        Stop the VM now (C{virby stop}) and fire once it has stopped.  Refused with
+        L{VMBusy} while connections are open, unless C{force}, which closes them; anything
+        waiting for a boot is told the VM was stopped.  A boot under way is given up.
+        """
+        if self._state is State.SHUTDOWN:
+            return fail(VMUnavailable("the daemon is shutting down"))
+        open_ = len(self._connections)
+        if open_ and not force:
+            return fail(
+                VMBusy(
+                    f"{open_} connection{'s are' if open_ != 1 else ' is'} open (a build may "
+                    "be running): `virby stop --force` closes them"
+                )
+            )
+        self._cancelRestartTimer()
+        how = "virby stop --force" if force else "virby stop"
+        if force:
+            self._abortConnections(f"the VM was stopped ({how})")
+        if self._state is State.STOPPED:
+            return succeed(StopOutcome(False, open_ if force else 0))
+        log.info("asked to stop the VM{forced}", forced=" (forced)" if force else "")
+        self._failWaiters(f"the VM was stopped ({how})")
+        done: Deferred[None] = Deferred(self._forgetStopWaiter)
+        self._stoppedWaiters.append(done)
+        if self._state is State.RUNNING:
+            self._stopVM(crashed=False)
+        elif self._state is State.BOOTING:
+            self._giveUpBoot()
+        return done.addCallback(lambda _: StopOutcome(True, open_ if force else 0))
+
+    def _forgetStopWaiter(self, done: Deferred[None]) -> None:
+        """Who asked for the stop left: the stop goes on, nobody is told of it."""
+        if done in self._stoppedWaiters:
+            self._stoppedWaiters.remove(done)
+
+    def _giveUpBoot(self) -> None:
+        """Cancel the boot under way: stop its VM, or, while it is still being made, none."""
+        if self._boot is not None:
+            boot, self._boot = self._boot, None
+            boot.cancel()
+        if self._vm is not None:
+            self._stopVM(crashed=False)
+        else:
+            self._forgetRun()
+            self._moveTo(State.STOPPED)
+            log.info("boot given up")
+
     def snapshot(self) -> Snapshot:
         now = self._clock.seconds()
         address = self._guest.address if self._guest is not None else None
@@ -224,6 +319,13 @@ class Lifecycle:
             raise IllegalTransition(f"{self._state.value} -> {new.value}")
         log.debug("VM state {old} -> {new}", old=self._state.value, new=new.value)
         self._state = new
+        if new in (State.STOPPED, State.SHUTDOWN):
+            waiting, self._stoppedWaiters = self._stoppedWaiters, []
+            for done in waiting:
+                if new is State.STOPPED:
+                    done.callback(None)
+                else:
+                    done.errback(VMUnavailable("the daemon is shutting down"))
 
     def _startBoot(self) -> None:
         self._cancelRestartTimer()

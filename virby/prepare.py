@@ -33,6 +33,11 @@ Whether the image changed is decided by its path: a Nix store path changes with 
 A changed image is the only reason C{diff.img} (the VM's state) is ever replaced; a larger
 C{disk-size} grows it in place, and a smaller one is only a warning.
 
+With C{ephemeral}, C{diff.img} is the daemon's: it makes a fresh one from C{base.img} before
+every boot (L{virby.freshdisk}), grown to C{disk-size}, so prepare keeps C{base.img} and the
+keys as always but neither makes, replaces nor grows C{diff.img}.  One that is there stays
+until the next boot replaces it: the VM may be running on it while the activation runs.
+
 Runtime files (C{vfkit.pid}, C{vfkit.sock}, C{serial.log}, C{efistore.nvram}, C{mac}) belong
 to the daemon and are not made here; C{--owner} hands the whole tree, them included, to the
 daemon's user so that it can write there.
@@ -167,8 +172,11 @@ def _check_working_directory(path: str) -> None:
 
 
 @contextlib.contextmanager
-def _locked(path: str) -> Iterator[None]:
-    """Serialise concurrent runs on one directory (two activations, or a person and one)."""
+def locked(path: str) -> Iterator[None]:
+    """
+    Serialise concurrent runs on one directory (two activations, or a person and one), and
+    the daemon's fresh disk (L{virby.freshdisk}) with them.
+    """
     fd = os.open(path, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -248,11 +256,16 @@ def _share_client_key(config: Config, inform: Report) -> None:
 
 
 def _prepare_disks(config: Config, image: str, changed: bool, inform: Report) -> None:
-    """Copy and clone the image when it changed (or a disk is missing)."""
+    """
+    Copy and clone the image when it changed (or a disk is missing); with C{ephemeral}, only
+    C{base.img}, which the daemon clones before every boot.
+    """
     base, diff = config.path(BASE_IMAGE), config.path(DIFF_IMAGE)
     if changed or not os.path.exists(base):
         method = disk.copy(image, base, PRIVATE)
         inform(f"copied {image} to {BASE_IMAGE} ({method})")
+    if config.ephemeral:
+        return
     if changed or not os.path.exists(diff):
         method = disk.copy(base, diff, PRIVATE)
         inform(f"made {DIFF_IMAGE} from {BASE_IMAGE} ({method})")
@@ -304,7 +317,7 @@ def prepare(
     _check_working_directory(wd)
     try:
         os.makedirs(wd, PRIVATE_DIRECTORY, exist_ok=True)
-        with _locked(wd):
+        with locked(wd):
             _prepare_locked(config, image, warn, inform)
             if who is not None:
                 _hand_over(wd, who)
@@ -328,7 +341,8 @@ def _prepare_locked(config: Config, image: str, warn: Report, inform: Report) ->
 
     changed = recorded_image(config) != image
     _prepare_disks(config, image, changed, inform)
-    _grow(config, warn, inform)
+    if not config.ephemeral:
+        _grow(config, warn, inform)
     if changed or not keys_consistent(config):
         _make_keys(config)
         inform("made new SSH keys for the VM and its client")

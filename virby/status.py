@@ -8,22 +8,20 @@ right tool here.
 
 from __future__ import annotations
 
-import errno
 import json
-import socket
 import sys
 from typing import Any, TextIO
 
 from virby.config import Config
 from virby.control import CONTROL_SOCKET
+from virby.controlclient import DaemonDown, NotAllowed, ask
 from virby.errors import VirbyError
 
 #: Exit status when the daemon is not running, as ``systemctl status`` does for inactive.
 EXIT_DOWN = 3
 
 
-class DaemonDown(VirbyError):
-    """Nothing answers on the control socket."""
+__all__ = ["DaemonDown", "NotAllowed", "query", "render", "run"]
 
 
 def query(path: str, timeout: float = 5.0) -> dict[str, Any]:
@@ -33,35 +31,10 @@ def query(path: str, timeout: float = 5.0) -> dict[str, Any]:
     @raise DaemonDown: when no daemon listens there.
     @raise VirbyError: when one does but cannot be read (permissions, garbage).
     """
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(path)
-            chunks = []
-            while chunk := s.recv(65536):
-                chunks.append(chunk)
-    except FileNotFoundError:
-        raise DaemonDown(f"the daemon is not running (no control socket at {path})") from None
-    except ConnectionRefusedError:
-        raise DaemonDown(f"the daemon is not running (stale control socket at {path})") from None
-    except PermissionError:
-        raise VirbyError(
-            f"only root may ask the daemon (its control socket {path} is owner-only): "
-            "run `sudo virby status`"
-        ) from None
-    except TimeoutError:
-        raise VirbyError(f"the daemon did not answer on {path} within {timeout:.0f}s") from None
-    except OSError as e:
-        if e.errno == errno.ENOTDIR:
-            raise DaemonDown(f"the daemon is not running (no control socket at {path})") from None
-        raise VirbyError(f"cannot reach the daemon at {path}: {e.strerror or e}") from None
-    try:
-        document = json.loads(b"".join(chunks))
-    except ValueError:
-        raise VirbyError(f"the daemon at {path} answered something that is not JSON") from None
-    if not isinstance(document, dict):
+    status = ask(path, "status", timeout=timeout).get("status")
+    if not isinstance(status, dict):
         raise VirbyError(f"the daemon at {path} answered something that is not a status")
-    return document
+    return status
 
 
 def duration(seconds: float | None) -> str:

@@ -44,6 +44,14 @@ CONSOLE_LINES = 50
 #: How much of the console's end is read for its last lines: a console that grew to
 #: gigabytes costs the reactor no more than a small one.
 TAIL_BYTES = 16 * 1024
+#: The vsock port of the guest's qemu-guest-agent, which C{nix/image.nix} makes listen on
+#: it.  With C{--timesync vsockPort=N}, vfkit watches the Mac's sleep notifications and, at
+#: every wake, connects to that port and sends C{guest-set-time} with the Mac's clock
+#: (vfkit C{cmd/vfkit/timesync.go}); it adds the vsock device itself (C{pkg/vf/vm.go}).
+#: Without it the guest's clock stays behind by however long the Mac slept, and TLS fetches
+#: inside builds fail on certificate dates.  1234 is the port crc and podman's machine
+#: images give their agents for the same flag; nothing else in the guest listens on vsock.
+TIMESYNC_VSOCK_PORT = 1234
 
 
 class VfkitNotFound(VirbyError):
@@ -93,6 +101,7 @@ def vfkit_arguments(
         "--device", f"virtio-serial,logFilePath={config.path(SERIAL_LOG)}",
         "--device", "virtio-rng",
         "--device", "virtio-balloon",
+        "--timesync", f"vsockPort={TIMESYNC_VSOCK_PORT}",
         "--restful-uri", f"unix://{config.path(REST_SOCKET_NAME)}",
     ]  # fmt: skip
     if config.rosetta:

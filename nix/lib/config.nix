@@ -31,4 +31,5 @@ in
   leases-file = "/var/db/dhcpd_leases";
   guest-ssh-port = 22;
   start-timeout = 180;
+  ephemeral = cfg.ephemeral;
 }

@@ -147,6 +147,11 @@ let
       determinateConf = etcText "nix/nix.custom.conf";
       distributedBuilds = if config.nix.enable then config.nix.distributedBuilds else null;
       sshConfig = etcText "ssh/ssh_config.d/100-virby-vm.conf";
+      configLink =
+        if config.environment.etc ? "virby/config.json" then
+          "${config.environment.etc."virby/config.json".source}"
+        else
+          null;
       activate = config.system.activationScripts.script.text;
       settings = if virby.enable then virby.settings else null;
       package =

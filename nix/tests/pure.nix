@@ -16,6 +16,7 @@ let
     sharedDirectories = { };
     debug = false;
     allowUserSsh = false;
+    ephemeral = false;
   };
 in
 {
@@ -32,6 +33,7 @@ in
         ttl = 30;
       };
       sharedDirectories.src = "/Users/me/src";
+      ephemeral = true;
     };
     image = "/nix/store/0000-image/nixos.img";
     vfkit = "/nix/store/0000-vfkit/bin/vfkit";

@@ -36,6 +36,7 @@ def test_defaults_match_the_design() -> None:
     assert config.start_timeout == 180
     assert config.shared_dirs == {}
     assert not (config.on_demand or config.rosetta or config.debug or config.allow_user_ssh)
+    assert not config.ephemeral
 
 
 def test_every_key_round_trips_from_a_full_document() -> None:
@@ -58,12 +59,13 @@ def test_every_key_round_trips_from_a_full_document() -> None:
         "leases-file": "/tmp/leases",
         "guest-ssh-port": 2222,
         "start-timeout": 30,
+        "ephemeral": True,
     }
     assert set(document) == set(KEYS_BY_NAME)
     config = from_mapping(document)
     assert config.disk_size == 200 * GIB
     assert config.shared_dirs == {"src": "/Users/me/src"}
-    assert config.on_demand and config.nested_virtualization
+    assert config.on_demand and config.nested_virtualization and config.ephemeral
     assert config.path("diff.img") == "/tmp/virby/diff.img"
 
 
@@ -81,6 +83,7 @@ def test_every_key_round_trips_from_a_full_document() -> None:
         ({"disk-size": 100}, "disk-size", "size like"),
         ({"disk-size": "1MiB"}, "disk-size", "between 1GiB and 64TiB"),
         ({"on-demand": "yes"}, "on-demand", "true or false"),
+        ({"ephemeral": 1}, "ephemeral", "true or false"),
         ({"ttl": 0}, "ttl", "between 1 and 31536000"),
         ({"working-directory": "var/lib/virby"}, "working-directory", "absolute"),
         ({"working-directory": "/a," + "b"}, "working-directory", "','"),

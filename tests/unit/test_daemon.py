@@ -11,8 +11,15 @@ from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.testing import MemoryReactorClock
 
 from virby.config import from_mapping
-from virby.daemon import DaemonService, StartupError, VfkitHypervisor, makeDaemonService
+from virby.daemon import (
+    DaemonCommands,
+    DaemonService,
+    StartupError,
+    VfkitHypervisor,
+    makeDaemonService,
+)
 from virby.lifecycle import Lifecycle
+from virby.readiness import ReadyGuest
 from virby.vfkit import HostPlan
 
 
@@ -159,17 +166,17 @@ def test_the_status_document_has_no_warnings_when_all_is_well(short_tmp) -> None
     assert daemon.describe()["warnings"] == []
 
 
-def test_a_boot_without_a_lease_says_when_the_guest_sent_a_duid(tmp_path) -> None:
+def test_a_boot_without_a_lease_says_when_the_guest_sent_a_duid(short_tmp) -> None:
     from twisted.internet.task import Clock
 
     from tests.unit.test_leases import DUID_ONLY
     from virby.daemon import VfkitHypervisor
     from virby.readiness import BootTimeout
 
-    leases = tmp_path / "dhcpd_leases"
+    leases = short_tmp / "dhcpd_leases"
     leases.write_text(DUID_ONLY)
     clock = Clock()
-    cfg = config(tmp_path, **{"leases-file": str(leases), "start-timeout": 5})
+    cfg = config(short_tmp, **{"leases-file": str(leases), "start-timeout": 5})
     hypervisor = VfkitHypervisor(clock, cfg, "/bin/vfkit")
     hypervisor._mac = "52:54:00:12:03:0a"
     outcome: list = []
@@ -185,21 +192,21 @@ def test_a_boot_without_a_lease_says_when_the_guest_sent_a_duid(tmp_path) -> Non
 # -- one daemon per working directory, and a start that fails leaves nothing
 
 
-def test_a_stale_pid_never_stops_a_start(tmp_path) -> None:
-    (tmp_path / "daemon.lock").write_text(f"{os.getppid()}\n")
-    os.symlink(str(os.getppid()), tmp_path / "control.sock.lock")  # an older version's lock
-    daemon = service(tmp_path, MemoryReactorClock())
+def test_a_stale_pid_never_stops_a_start(short_tmp) -> None:
+    (short_tmp / "daemon.lock").write_text(f"{os.getppid()}\n")
+    os.symlink(str(os.getppid()), short_tmp / "control.sock.lock")  # an older version's lock
+    daemon = service(short_tmp, MemoryReactorClock())
     daemon.startService()
-    assert (tmp_path / "daemon.lock").read_text() == f"{os.getpid()}\n"
-    assert not os.path.lexists(tmp_path / "control.sock.lock")
+    assert (short_tmp / "daemon.lock").read_text() == f"{os.getpid()}\n"
+    assert not os.path.lexists(short_tmp / "control.sock.lock")
     done: list = []
     daemon.stopService().addBoth(done.append)
-    assert done == [None] and not (tmp_path / "daemon.lock").exists()
+    assert done == [None] and not (short_tmp / "daemon.lock").exists()
 
 
 @pytest.mark.parametrize("junk", ["file", "socket", "symlink"])
-def test_junk_at_the_control_socket_is_replaced(tmp_path, junk) -> None:
-    path = tmp_path / "control.sock"
+def test_junk_at_the_control_socket_is_replaced(short_tmp, junk) -> None:
+    path = short_tmp / "control.sock"
     if junk == "file":
         path.write_text("junk")
     elif junk == "socket":
@@ -208,32 +215,32 @@ def test_junk_at_the_control_socket_is_replaced(tmp_path, junk) -> None:
     else:
         os.symlink("/nonexistent", path)
     reactor = MemoryReactorClock()
-    service(tmp_path, reactor).startService()
+    service(short_tmp, reactor).startService()
     assert not os.path.lexists(path), "cleared before listening"
     assert reactor.unixServers[0][0] == str(path)
 
 
-def test_a_directory_at_the_control_socket_is_one_line(tmp_path) -> None:
-    (tmp_path / "control.sock").mkdir()
+def test_a_directory_at_the_control_socket_is_one_line(short_tmp) -> None:
+    (short_tmp / "control.sock").mkdir()
     with pytest.raises(StartupError) as caught:
-        service(tmp_path, MemoryReactorClock()).startService()
+        service(short_tmp, MemoryReactorClock()).startService()
     assert "is a directory, not the control socket: remove it" in str(caught.value)
-    assert not (tmp_path / "daemon.lock").exists()
+    assert not (short_tmp / "daemon.lock").exists()
 
 
-def test_a_second_daemon_on_one_working_directory_is_one_line(tmp_path) -> None:
-    first = service(tmp_path, MemoryReactorClock())
+def test_a_second_daemon_on_one_working_directory_is_one_line(short_tmp) -> None:
+    first = service(short_tmp, MemoryReactorClock())
     first.startService()
-    second = service(tmp_path, MemoryReactorClock())
+    second = service(short_tmp, MemoryReactorClock())
     with pytest.raises(StartupError) as caught:
         second.startService()
     message = str(caught.value)
-    assert f"another virby daemon (pid {os.getpid()}) is already serving {tmp_path}" in message
+    assert f"another virby daemon (pid {os.getpid()}) is already serving {short_tmp}" in message
     assert "\n" not in message
-    assert (tmp_path / "daemon.lock").exists(), "the first daemon keeps its lock"
+    assert (short_tmp / "daemon.lock").exists(), "the first daemon keeps its lock"
 
 
-def test_a_failed_start_leaves_nothing_behind(tmp_path) -> None:
+def test_a_failed_start_leaves_nothing_behind(short_tmp) -> None:
     from twisted.internet import reactor
 
     busy = socket.socket()
@@ -242,10 +249,10 @@ def test_a_failed_start_leaves_nothing_behind(tmp_path) -> None:
     try:
         endpoint = TCP4ServerEndpoint(reactor, busy.getsockname()[1], interface="127.0.0.1")
         with pytest.raises(StartupError):
-            service(tmp_path, MemoryReactorClock(), endpoint).startService()
+            service(short_tmp, MemoryReactorClock(), endpoint).startService()
     finally:
         busy.close()
-    assert sorted(os.listdir(tmp_path)) == [], "no control.sock, no lock file"
+    assert sorted(os.listdir(short_tmp)) == [], "no control.sock, no lock file"
 
 
 # -- no second VM on a disk a live process holds
@@ -277,17 +284,17 @@ def outcome(d) -> list:
     return box
 
 
-def test_no_vm_boots_while_a_process_holds_the_vm_lock(tmp_path) -> None:
+def test_no_vm_boots_while_a_process_holds_the_vm_lock(short_tmp) -> None:
     from virby.daemon import VfkitHypervisor
     from virby.locks import FileLock
 
-    held = FileLock(str(tmp_path / "vm.lock"))
+    held = FileLock(str(short_tmp / "vm.lock"))
     assert held.acquire()
     reactor = SpawningReactor()
-    hypervisor = VfkitHypervisor(reactor, prepared(tmp_path), "/bin/vfkit")
+    hypervisor = VfkitHypervisor(reactor, prepared(short_tmp), "/bin/vfkit")
     (failure,) = outcome(hypervisor.spawn())
     assert failure.check(StartupError)
-    assert f"a VM of {tmp_path} is still running: a process holds {tmp_path}/vm.lock" in str(
+    assert f"a VM of {short_tmp} is still running: a process holds {short_tmp}/vm.lock" in str(
         failure.value
     )
     assert reactor.spawned == []
@@ -296,7 +303,7 @@ def test_no_vm_boots_while_a_process_holds_the_vm_lock(tmp_path) -> None:
     assert 3 in reactor.spawned[0] and vm.pid == 4242
 
 
-def test_an_orphan_that_could_not_be_stopped_is_checked_again(tmp_path, monkeypatch) -> None:
+def test_an_orphan_that_could_not_be_stopped_is_checked_again(short_tmp, monkeypatch) -> None:
     import virby.daemon
     from virby.orphans import OrphanError
 
@@ -310,7 +317,7 @@ def test_an_orphan_that_could_not_be_stopped_is_checked_again(tmp_path, monkeypa
 
     monkeypatch.setattr(virby.daemon, "stop_orphan", stubborn)
     reactor = SpawningReactor()
-    hypervisor = virby.daemon.VfkitHypervisor(reactor, prepared(tmp_path), "/bin/vfkit")
+    hypervisor = virby.daemon.VfkitHypervisor(reactor, prepared(short_tmp), "/bin/vfkit")
     (failure,) = outcome(hypervisor.spawn())
     assert failure.check(OrphanError) and reactor.spawned == []
     (vm,) = outcome(hypervisor.spawn())
@@ -319,11 +326,11 @@ def test_an_orphan_that_could_not_be_stopped_is_checked_again(tmp_path, monkeypa
     assert len(attempts) == 2, "a check that succeeded is not repeated"
 
 
-def test_the_builder_port_serves_as_many_connections_as_its_descriptors_allow(tmp_path) -> None:
+def test_the_builder_port_serves_as_many_connections_as_its_descriptors_allow(short_tmp) -> None:
     from virby.capacity import ConnectionLimit, DescriptorLimit
 
     reactor = MemoryReactorClock()
-    cfg = config(tmp_path)
+    cfg = config(short_tmp)
     hypervisor = IdleHypervisor()
     lifecycle = Lifecycle(reactor, hypervisor, onDemand=True, ttl=60)
     endpoint = TCP4ServerEndpoint(reactor, 31222, interface="127.0.0.1")
@@ -331,3 +338,45 @@ def test_the_builder_port_serves_as_many_connections_as_its_descriptors_allow(tm
     DaemonService(reactor, cfg, endpoint, hypervisor, lifecycle, limit).startService()
     factory = reactor.tcpServers[0][1]
     assert isinstance(factory, ConnectionLimit) and factory.limit == 480
+
+
+class ReadyHypervisor(IdleHypervisor):
+    """Boots at once: a VM whose stop ends it at once."""
+
+    class VM:
+        pid = 4321
+
+        def __init__(self) -> None:
+            self.ended: Deferred = Deferred()
+
+        def consoleTail(self, n: int = 20) -> list[str]:
+            return []
+
+        def stop(self) -> Deferred:
+            return succeed(None)
+
+    def spawn(self) -> Deferred:
+        return succeed(self.VM())
+
+    def waitReady(self, vm) -> Deferred:
+        return succeed(ReadyGuest("192.168.64.2", 22))
+
+
+def test_the_control_commands_start_stop_and_describe(short_tmp) -> None:
+    reactor = MemoryReactorClock()
+    hypervisor = ReadyHypervisor()
+    lifecycle = Lifecycle(reactor, hypervisor, onDemand=True, ttl=60)
+    daemon = DaemonService(
+        reactor, config(short_tmp), TCP4ServerEndpoint(reactor, 0), hypervisor, lifecycle
+    )
+    commands = DaemonCommands(daemon)
+    started: list = []
+    commands.start().addBoth(started.append)
+    assert started == [
+        {"booted": True, "vm_ip": "192.168.64.2", "vm_port": 22, "boot_seconds": 0.0}
+    ]
+    assert commands.status()["state"] == "running"
+    stopped: list = []
+    commands.stop(False).addBoth(stopped.append)
+    assert stopped == [{"stopped": True, "closed_connections": 0}]
+    assert commands.status()["state"] == "stopped"

@@ -12,12 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from virby.config import from_mapping
 from virby.emulator import api, guest, lease
 from virby.emulator.__main__ import USAGE, main, start_up
 from virby.emulator.cmdline import EmulatorError, UsageError, parse
 from virby.emulator.golang import parse_mac, parse_uint
 from virby.emulator.vz import BLANK_STORE
 from virby.leases import LeaseFile, parse_leases
+from virby.vfkit import TIMESYNC_VSOCK_PORT, vfkit_arguments
 
 
 @pytest.fixture
@@ -39,6 +41,7 @@ def design(wd: Path) -> list[str]:
         "--device", "virtio-net,nat,mac=52:54:00:12:03:0a",
         "--device", f"virtio-serial,logFilePath={wd}/serial.log",
         "--device", "virtio-rng", "--device", "virtio-balloon",
+        "--timesync", "vsockPort=1234",
         "--restful-uri", f"unix://{wd}/vfkit.sock",
     ]  # fmt: skip
 
@@ -71,6 +74,17 @@ def test_the_design_command_line_starts_up(wd) -> None:
     assert vm.serial["logFilePath"] == str(wd / "serial.log")
     assert (wd / "serial.log").exists() and (wd / "efistore.nvram").read_bytes() == BLANK_STORE
     assert endpoint == api.Endpoint("unix", "", str(wd / "vfkit.sock"))
+    assert vm.timesync_port == 1234
+
+
+def test_the_daemons_own_command_line_starts_up(wd) -> None:
+    """What L{vfkit_arguments} builds, time sync included, is what the emulator accepts."""
+    config = from_mapping({"working-directory": str(wd), "leases-file": str(wd / "leases")})
+    os.mkdir(wd / "vm_sshd_keys")
+    argv = vfkit_arguments(config, "vfkit", "02:94:00:00:00:01", create_variable_store=True)
+    _, vm, _, endpoint = start_up(["--leases-file", str(wd / "leases"), *argv[1:]], _pipe())
+    assert vm.timesync_port == TIMESYNC_VSOCK_PORT
+    assert endpoint.path == str(wd / "vfkit.sock")
 
 
 def test_environment_fallbacks(wd, monkeypatch) -> None:
@@ -141,7 +155,7 @@ def test_flag_refusals(wd, words, text) -> None:
         ("virtio-rng", "virtio-rng,fast", "unknown options for virtio-rng devices: [{fast }]"),
         ("virtio-balloon", "virtio-balloon,size=1",
          "unknown options for virtio-balloon devices: [{size 1}]"),
-        ("--cpus", "--timesync", "unknown option for timesync parameter: 2"),
+        ("vsockPort=1234", "2", "unknown option for timesync parameter: 2"),
     ],
 )  # fmt: skip
 def test_configuration_refusals(wd, old, new, text) -> None:

@@ -6,6 +6,7 @@ disk sizes, the ssh Host block) agree with the Python code, evaluated offline.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 from virby.config import ConfigError, from_mapping, parse_size
 from virby.prepare import SHARED_CLIENT_KEY
 from virby.sshconfig import ssh_config_block
+from virby.vfkit import TIMESYNC_VSOCK_PORT
 
 ROOT = Path(__file__).resolve().parents[2]
 NIX_FILES = sorted(p for p in ROOT.glob("**/*.nix") if ".venv" not in p.parts)
@@ -87,6 +89,7 @@ OPTIONS = {
     "sharedDirectories": {},
     "debug": False,
     "allowUserSsh": False,
+    "ephemeral": False,
 }
 
 
@@ -114,6 +117,7 @@ def test_default_options_give_the_daemons_defaults() -> None:
     [
         ({"memory": "8GiB"}, {"memory": 8192}),
         ({"onDemand": {"enable": True, "ttl": 30}}, {"on_demand": True, "ttl": 1800}),
+        ({"ephemeral": True}, {"ephemeral": True}),
         ({"sharedDirectories": {"src": "/Users/me/src"}},
          {"shared_dirs": {"src": "/Users/me/src"}}),
         ({"rosetta": True, "nestedVirtualization": True, "debug": True, "allowUserSsh": True,
@@ -190,3 +194,32 @@ def test_the_key_unit_installs_each_key_atomically_from_a_locked_down_share() ->
 )  # fmt: skip
 def test_the_image_says(setting: str) -> None:
     assert setting in image()
+
+
+def agent_unit() -> str:
+    text = image()
+    start = text.index("systemd.services.qemu-guest-agent")
+    return text[start : text.index("};\n\n", start)]
+
+
+def test_the_guest_agent_listens_where_vfkits_timesync_connects() -> None:
+    """
+    vfkit sends guest-set-time to this port at every wake of the Mac (--timesync); nixpkgs'
+    module would start the agent only for a virtio-serial port vfkit never makes.
+    """
+    text = image()
+    port = re.search(r"timesyncVsockPort = (\d+);", text)
+    assert port is not None and int(port.group(1)) == TIMESYNC_VSOCK_PORT
+    assert re.search(r"vsockAnyCid = 4294967295;", text), "VMADDR_CID_ANY, (u32)-1"
+    assert "services.qemuGuest.enable = true;" in text
+    assert 'boot.kernelModules = [ "vmw_vsock_virtio_transport" ];' in text
+    unit = agent_unit()
+    assert 'wantedBy = [ "multi-user.target" ];' in unit
+    assert "ExecStart = lib.mkForce" in unit
+    assert '"--method=vsock-listen"' in unit
+    assert '"--path=${toString vsockAnyCid}:${toString timesyncVsockPort}"' in unit
+    allowed = re.search(r'"--allow-rpcs=([^"]+)"', unit)
+    assert allowed is not None and "guest-set-time" in allowed.group(1).split(",")
+    assert not {"guest-exec", "guest-file-open", "guest-set-user-password"} & set(
+        allowed.group(1).split(",")
+    )

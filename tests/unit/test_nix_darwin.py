@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.darwin_harness import PAIRS, ROOT, Pair, determinate, evaluate
+from virby.cli import INSTALLED_CONFIG
 from virby.config import from_mapping
 from virby.prepare import SHARED_CLIENT_KEY
 from virby.sshconfig import CLIENT_KEY, ssh_config_block
@@ -38,6 +39,7 @@ CASES: dict[str, dict] = {
     "shared-directories": {"virby": {**ENABLED, "sharedDirectories": {"src": "/Users/alice/src"}}},
     "debug": {"virby": {**ENABLED, "debug": True}},
     "allow-user-ssh": {"virby": {**ENABLED, "allowUserSsh": True}},
+    "ephemeral": {"virby": {**ENABLED, "ephemeral": True}},
     "linux-builder": {"virby": ENABLED, "config": {"nix": {"linux-builder": {"enable": True}}}},
     "nix-disabled-without-determinate": {"virby": ENABLED, "config": {"nix": {"enable": False}}},
     "disabled": {"virby": {}},
@@ -222,6 +224,16 @@ def test_the_daemon_config_loads_in_the_python_loader(results: dict, case: str) 
     assert config.image == got["image"]["path"] + "/nixos.img"
     assert config.on_demand is virby(case).get("onDemand", {}).get("enable", False)
     assert config.allow_user_ssh is virby(case).get("allowUserSsh", False)
+    assert config.ephemeral is virby(case).get("ephemeral", False)
+
+
+def test_ephemeral_reaches_the_daemon_and_leaves_the_image_alone(results: dict) -> None:
+    default, ephemeral = result(results, "default"), result(results, "ephemeral")
+    assert ephemeral["settings"]["ephemeral"] is True
+    assert default["settings"]["ephemeral"] is False
+    # The daemon makes the fresh disk from the same image: only its config changes.
+    assert ephemeral["image"]["path"] == default["image"]["path"]
+    assert ephemeral["plist"] != default["plist"], "a new config reaches the daemon"
 
 
 @pytest.mark.parametrize("case", ["default", "debug", "rosetta", "shared-directories"])
@@ -243,9 +255,18 @@ def test_extra_config_makes_a_new_image(results: dict) -> None:
     assert extra["plist"] != default["plist"], "a new image must reach the daemon's config"
 
 
+@pytest.mark.parametrize("case", ["default", "ephemeral"])
+def test_the_config_is_where_virby_looks_without_config(results: dict, case: str) -> None:
+    got = result(results, case)
+    match = COMMAND.fullmatch(plist(results, case)["ProgramArguments"][2])
+    assert match and got["configLink"] == match.group(3), "/etc/virby/config.json is the daemon's"
+    assert INSTALLED_CONFIG == "/etc/virby/config.json"
+
+
 def test_disabled_leaves_no_daemon_and_no_builder(results: dict) -> None:
     got = result(results, "disabled")
     assert got["plist"] is None and got["machines"] is None and got["sshConfig"] is None
+    assert got["configLink"] is None
     assert got["settings"] is None
 
 

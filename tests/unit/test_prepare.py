@@ -5,6 +5,7 @@ a new image, disk growth, allow-user-ssh, --owner, and refusals that touch nothi
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
 from pathlib import Path
@@ -187,6 +188,37 @@ def test_the_default_warning_is_a_line_on_stderr(config: Config, capsys) -> None
     prepare.prepare(smaller)
     err = capsys.readouterr().err
     assert err.startswith("virby prepare: warning: ") and err.count("\n") == 1
+
+
+def test_ephemeral_makes_base_img_and_the_keys_but_no_diff_img(config: Config, image) -> None:
+    ephemeral = dataclasses.replace(config, ephemeral=True)
+    prepare.prepare(ephemeral)
+    wd = Path(config.working_directory)
+    assert layout(wd) == {name: mode for name, mode in EXPECTED.items() if name != "diff.img"}
+    assert (wd / "base.img").read_bytes() == image.read_bytes()
+    assert prepare.keys_consistent(ephemeral)
+    before = snapshot(wd)
+    prepare.prepare(ephemeral)
+    assert snapshot(wd) == before, "a second run changes nothing"
+
+
+def test_ephemeral_leaves_the_disk_the_vm_may_be_running_on(config: Config, tmp_path) -> None:
+    """The daemon replaces diff.img at the next boot; the VM may be using it right now."""
+    prepare.prepare(config)
+    wd = Path(config.working_directory)
+    with open(wd / "diff.img", "r+b") as f:
+        f.write(b"guest data")
+    new_image = tmp_path / "store" / "def-image.img"
+    make_image(new_image, b"second image")
+    informed: list[str] = []
+    changed = Config(
+        working_directory=str(wd), image=str(new_image), disk_size=3 * DISK, ephemeral=True
+    )
+    prepare.prepare(changed, inform=informed.append)
+    assert (wd / "base.img").read_bytes().startswith(b"second image")
+    assert (wd / "diff.img").read_bytes().startswith(b"guest data")
+    assert (wd / "diff.img").stat().st_size == DISK, "not grown: the next boot's copy is"
+    assert not any("diff.img" in line for line in informed)
 
 
 def test_a_missing_diff_img_is_made_again_without_new_keys(config: Config, image) -> None:

@@ -46,10 +46,10 @@ def test_the_port_is_the_one_the_daemon_listens_on() -> None:
     assert "  Port 31222\n" in ssh_config_block(Config(port=31222))
 
 
-def test_print_ssh_config_follows_a_listen_flag(tmp_path) -> None:
+def test_print_ssh_config_follows_a_listen_flag(short_tmp) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "virby.cli", "prepare", "--print-ssh-config",
-         "--working-directory", str(tmp_path), "--port", "31222",
+         "--working-directory", str(short_tmp), "--port", "31222",
          "--listen", "tcp:40000:interface=127.0.0.1"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip

@@ -86,11 +86,11 @@ async def test_refusal_carries_vfkits_error(server) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_no_socket_is_unreachable_even_for_stop(tmp_path) -> None:
+async def test_no_socket_is_unreachable_even_for_stop(short_tmp) -> None:
     """A vfkit whose API is not up yet has not stopped: only its exit says that."""
     from twisted.internet import reactor
 
-    client = VfkitRestClient(reactor, str(tmp_path / "gone.sock"))
+    client = VfkitRestClient(reactor, str(short_tmp / "gone.sock"))
     for state in ("Stop", "HardStop", "Pause"):
         with pytest.raises(RestUnreachable, match="unreachable"):
             await client.request(state)
@@ -99,12 +99,12 @@ async def test_no_socket_is_unreachable_even_for_stop(tmp_path) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_socket_nobody_listens_on_is_unreachable(tmp_path) -> None:
+async def test_a_socket_nobody_listens_on_is_unreachable(short_tmp) -> None:
     import socket
 
     from twisted.internet import reactor
 
-    path = str(tmp_path / "stale.sock")
+    path = str(short_tmp / "stale.sock")
     with socket.socket(socket.AF_UNIX) as stale:
         stale.bind(path)
         with pytest.raises(RestUnreachable):

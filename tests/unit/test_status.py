@@ -9,7 +9,6 @@ import socket
 
 import pytest
 import pytest_twisted
-from twisted.internet.testing import StringTransport
 
 from virby.config import from_mapping
 from virby.control import CONTROL_SOCKET, ControlFactory, controlEndpoint
@@ -36,25 +35,6 @@ RUNNING = {
     "ttl": 10800,
     "version": "0.1.0",
 }
-
-
-def test_the_control_protocol_writes_one_json_line_and_hangs_up() -> None:
-    factory = ControlFactory(lambda: {"state": "stopped"})
-    protocol = factory.buildProtocol(None)
-    transport = StringTransport()
-    protocol.makeConnection(transport)
-    assert transport.value() == b'{"state": "stopped"}\n'
-    assert transport.disconnecting
-
-
-def test_a_broken_status_still_answers() -> None:
-    def broken() -> dict:
-        raise RuntimeError("bug")
-
-    protocol = ControlFactory(broken).buildProtocol(None)
-    transport = StringTransport()
-    protocol.makeConnection(transport)
-    assert json.loads(transport.value())["state"] == "unknown"
 
 
 @pytest.mark.parametrize(
@@ -150,8 +130,12 @@ def _serve_once_and_query(short_tmp, payload: bytes) -> dict:
 async def test_status_reads_the_daemons_control_socket(short_tmp) -> None:
     from twisted.internet import reactor
 
+    class Commands:
+        def status(self) -> dict:
+            return RUNNING
+
     port = await controlEndpoint(reactor, str(short_tmp / CONTROL_SOCKET)).listen(
-        ControlFactory(lambda: RUNNING)
+        ControlFactory(Commands(), reactor)
     )
     try:
         assert os.stat(short_tmp / CONTROL_SOCKET).st_mode & 0o777 == 0o600

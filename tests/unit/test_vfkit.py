@@ -64,6 +64,7 @@ def test_the_command_line_of_the_design() -> None:
         "--device", "virtio-serial,logFilePath=/var/lib/virby/serial.log",
         "--device", "virtio-rng",
         "--device", "virtio-balloon",
+        "--timesync", "vsockPort=1234",
         "--restful-uri", "unix:///var/lib/virby/vfkit.sock",
     ]  # fmt: skip
 
@@ -447,12 +448,12 @@ LONG = StopTimings(rest_timeout=0.2, acpi=60.0, hard=60.0, term=60.0, kill=60.0)
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_hung_vfkit_is_not_waited_for(tmp_path, logged) -> None:
+async def test_a_hung_vfkit_is_not_waited_for(short_tmp, logged) -> None:
     from twisted.internet import reactor
 
-    api = HungAPI(reactor, str(tmp_path / "vfkit.sock"))
+    api = HungAPI(reactor, str(short_tmp / "vfkit.sock"))
     try:
-        vm, transport = real_process(tmp_path, reactor, {"TERM"}, LONG)
+        vm, transport = real_process(short_tmp, reactor, {"TERM"}, LONG)
         status = await vm.stop().addTimeout(20, reactor)
     finally:
         await api.port.stopListening()
@@ -464,19 +465,19 @@ async def test_a_hung_vfkit_is_not_waited_for(tmp_path, logged) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_vfkit_without_its_api_yet_is_signalled_at_once(tmp_path, logged) -> None:
+async def test_a_vfkit_without_its_api_yet_is_signalled_at_once(short_tmp, logged) -> None:
     from twisted.internet import reactor
 
-    vm, transport = real_process(tmp_path, reactor, {"TERM"}, LONG)
+    vm, transport = real_process(short_tmp, reactor, {"TERM"}, LONG)
     status = await vm.stop().addTimeout(20, reactor)
     assert status == ExitStatus(None, 15) and transport.signals == ["TERM"]
     assert "unreachable" in " | ".join(logged)
 
 
-def test_a_dropped_answer_to_hardstop_waits_only_for_the_exit(tmp_path) -> None:
+def test_a_dropped_answer_to_hardstop_waits_only_for_the_exit(short_tmp) -> None:
     from virby.rest import RestDropped
 
-    vm, clock, rest, transport = process(tmp_path, powers_off=set(), dies_on=set())
+    vm, clock, rest, transport = process(short_tmp, powers_off=set(), dies_on=set())
 
     async def drop(state: str) -> None:
         rest.requests.append((clock.seconds(), state))
@@ -528,11 +529,11 @@ def test_a_clean_exit_says_nothing_more() -> None:
     assert protocol.status is not None and protocol.status.describe() == "exited with status 0"
 
 
-def test_vfkit_inherits_the_vm_lock_and_it_is_let_go_when_vfkit_is_gone(tmp_path) -> None:
+def test_vfkit_inherits_the_vm_lock_and_it_is_let_go_when_vfkit_is_gone(short_tmp) -> None:
     from virby.locks import FileLock
 
     reactor = RecordingReactor()
-    wd = tmp_path / "wd"
+    wd = short_tmp / "wd"
     (wd / "vm_sshd_keys").mkdir(parents=True)
     (wd / "diff.img").write_bytes(b"")
     cfg = from_mapping({"working-directory": str(wd)})

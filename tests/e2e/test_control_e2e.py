@@ -1,0 +1,146 @@
+"""
+``virby start`` and ``virby stop`` end to end: the real command, the real daemon's control
+socket, the emulated VM.  And the control socket itself against clients that misbehave.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+
+import pytest
+
+from tests.e2e.builder import Builder, tool
+
+pytestmark = pytest.mark.e2e
+
+
+def virby(builder: Builder, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [tool("virby"), *args, "--config", str(builder.config)],
+        capture_output=True, text=True, timeout=timeout, env=builder.env,
+    )  # fmt: skip
+
+
+def test_start_boots_with_no_connection_and_status_shows_it_running(make_builder) -> None:
+    builder = make_builder(ttl=600)
+    daemon = builder.start()
+    started = virby(builder, "start")
+    assert started.returncode == 0, started.stderr + daemon.text()
+    assert started.stdout.startswith("VM running at 127.0.") and "booted in" in started.stdout
+    status = builder.status()
+    assert status["state"] == "running" and status["active_connections"] == 0
+    assert status["waiting_connections"] == 0
+    assert status["idle_stop_in"] is not None, "a warmed-up VM still stops after the ttl"
+    assert len(builder.emulators()) == 1
+    again = virby(builder, "start")
+    assert again.returncode == 0 and again.stdout.startswith("VM already running at 127.0.")
+    assert daemon.text().count("booting the VM") == 1
+    result = builder.ssh("true")
+    assert result.returncode == 0, "the started VM serves builds"
+
+
+def test_stop_without_a_session_frees_the_vm(make_builder) -> None:
+    builder = make_builder()
+    daemon = builder.start()
+    assert builder.ssh("true").returncode == 0
+    daemon.wait_for_line(r"VM ready at")
+    stopped = virby(builder, "stop")
+    assert stopped.returncode == 0, stopped.stderr
+    assert stopped.stdout == "VM stopped\n"
+    assert builder.emulators() == [] and builder.status()["state"] == "stopped"
+    assert builder.status()["last_error"] is None
+    assert virby(builder, "stop").stdout == "VM was not running\n"
+    assert builder.ssh("true").returncode == 0, "the next build boots it again"
+
+
+def test_stop_is_refused_during_a_session_and_force_closes_it(make_builder) -> None:
+    builder = make_builder()
+    daemon = builder.start()
+    session = builder.ssh_background("echo", "in", "&&", "sleep", "60")
+    try:
+        session.wait_for_line(r"in", timeout=60)
+        refused = virby(builder, "stop")
+        assert refused.returncode == 1
+        assert refused.stderr == (
+            "virby stop: error: 1 connection is open (a build may be running): "
+            "`virby stop --force` closes them\n"
+        )
+        assert builder.status()["state"] == "running" and session.process.poll() is None
+        forced = virby(builder, "stop", "--force")
+        assert forced.returncode == 0, forced.stderr + daemon.text()
+        assert forced.stdout == "VM stopped; closed 1 connection\n"
+        assert session.wait_exit(30) != 0, "the session was closed"
+    finally:
+        session.kill_all()
+    assert builder.emulators() == []
+    status = builder.status()
+    assert status["state"] == "stopped" and status["active_connections"] == 0
+
+
+def raw_exchange(path: str, payload: bytes) -> bytes:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(30)
+        s.connect(path)
+        # Cut off mid-flood: what it answered is still to be read.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            s.sendall(payload)
+        data = b""
+        try:
+            while chunk := s.recv(65536):
+                data += chunk
+        except ConnectionResetError:
+            pass
+        return data
+
+
+def test_clients_that_misbehave_get_an_error_and_the_daemon_goes_on(make_builder) -> None:
+    builder = make_builder()
+    daemon = builder.start()
+    path = str(builder.wd / "control.sock")
+    garbage = json.loads(raw_exchange(path, b"please stop\n"))
+    assert garbage == {
+        "version": 1,
+        "ok": False,
+        "error": "the request is not JSON: send one JSON object on one line",
+    }
+    future = json.loads(raw_exchange(path, b'{"version": 9, "command": "status"}\n'))
+    assert future["ok"] is False and "protocol version 9" in future["error"]
+    flood = raw_exchange(path, b"x" * (8 * 1024 * 1024))
+    assert json.loads(flood)["error"] == "the request is longer than 4096 bytes"
+    assert builder.status()["state"] == "stopped", "the daemon still answers"
+    assert "Traceback" not in daemon.text()
+
+
+def test_someone_else_is_refused_by_their_credentials(make_builder) -> None:
+    """Even with the socket opened to all, another user gets one line, not the VM."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to ask as another user")
+    builder = make_builder()
+    builder.start()
+    # Open the way to the socket for everyone (the daemon would never), then restore it.
+    opened = {}
+    directory = builder.wd
+    while str(directory) not in ("/", "/tmp"):
+        opened[directory] = os.stat(directory).st_mode & 0o7777
+        os.chmod(directory, opened[directory] | 0o011)
+        directory = directory.parent
+    os.chmod(builder.wd / "control.sock", 0o666)
+    try:
+        asked = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+             tool("virby"), "stop", "--force", "--working-directory", str(builder.wd)],
+            capture_output=True, text=True, timeout=60, env=builder.env,
+        )  # fmt: skip
+    finally:
+        for directory, mode in opened.items():
+            os.chmod(directory, mode)
+    assert asked.returncode == 1
+    assert asked.stderr == (
+        "virby stop: error: only root and the daemon's user (root) may ask the daemon: "
+        "run the command with sudo\n"
+    )

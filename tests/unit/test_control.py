@@ -1,0 +1,374 @@
+"""
+The control protocol: one request, one reply; bounded in size and time; only the daemon's
+owner may ask; malformed requests get an error reply.  The server on string transports and a
+task.Clock, the client against scripted servers (old and new daemons), the commands.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from virby.config import from_mapping
+from virby.control import (
+    MAX_REQUEST,
+    REPLY_TIMEOUT,
+    REQUEST_TIMEOUT,
+    ControlFactory,
+    parseRequest,
+    socketPeerUid,
+)
+from virby.controlclient import Refused, ask
+from virby.errors import VirbyError
+from virby.lifecycle import VMBusy
+from virby.startstop import run_start, run_stop, start_timeout
+from virby.status import EXIT_DOWN
+
+OWNER = os.geteuid()
+
+
+class FakeCommands:
+    def __init__(self) -> None:
+        self.starts: list[Deferred] = []
+        self.stops: list[tuple[bool, Deferred]] = []
+        self.cancelled = 0
+
+    def status(self) -> dict[str, Any]:
+        return {"state": "running", "vm_ip": "192.168.64.7"}
+
+    def start(self) -> Deferred:
+        d: Deferred = Deferred(lambda _: self._cancel())
+        self.starts.append(d)
+        return d
+
+    def stop(self, force: bool) -> Deferred:
+        d: Deferred = Deferred(lambda _: self._cancel())
+        self.stops.append((force, d))
+        return d
+
+    def _cancel(self) -> None:
+        self.cancelled += 1
+
+
+def connect(uid: int | None = OWNER, commands: Any = None):
+    clock = Clock()
+    commands = commands or FakeCommands()
+    factory = ControlFactory(commands, clock, peerUid=lambda transport: uid)
+    protocol = factory.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    return protocol, transport, clock, commands
+
+
+def reply(transport: StringTransport) -> dict[str, Any]:
+    raw = transport.value()
+    assert raw.endswith(b"\n") and raw.count(b"\n") == 1, raw
+    assert transport.disconnecting, "one reply, then the daemon hangs up"
+    document = json.loads(raw)
+    assert document["version"] == 1
+    return document
+
+
+def line(**request: Any) -> bytes:
+    return json.dumps(request).encode() + b"\n"
+
+
+# -- the server
+
+
+def test_status_is_one_request_and_one_reply() -> None:
+    protocol, transport, _, _ = connect()
+    protocol.dataReceived(line(version=1, command="status"))
+    assert reply(transport) == {
+        "version": 1,
+        "ok": True,
+        "status": {"state": "running", "vm_ip": "192.168.64.7"},
+    }
+
+
+def test_a_request_may_come_in_pieces() -> None:
+    protocol, transport, _, _ = connect()
+    for piece in (b'{"version": 1, ', b'"command": "sta', b'tus"}', b"\n"):
+        assert transport.value() == b""
+        protocol.dataReceived(piece)
+    assert reply(transport)["ok"] is True
+
+
+def test_start_replies_once_the_vm_is_ready() -> None:
+    protocol, transport, _, commands = connect()
+    protocol.dataReceived(line(version=1, command="start"))
+    assert transport.value() == b"" and len(commands.starts) == 1
+    outcome = {"booted": True, "vm_ip": "192.168.64.7", "vm_port": 22, "boot_seconds": 8.4}
+    commands.starts[0].callback(outcome)
+    assert reply(transport) == {"version": 1, "ok": True, **outcome}
+
+
+def test_stop_passes_force_and_a_refusal_is_its_line() -> None:
+    protocol, transport, _, commands = connect()
+    protocol.dataReceived(line(version=1, command="stop", force=True))
+    ((force, d),) = commands.stops
+    assert force is True
+    d.errback(VMBusy("2 connections are open (a build may be running): `virby stop --force`"))
+    assert reply(transport) == {
+        "version": 1,
+        "ok": False,
+        "error": "2 connections are open (a build may be running): `virby stop --force`",
+    }
+
+
+@pytest.mark.parametrize(
+    ("raw", "error"),
+    [
+        (b"status\n", "the request is not JSON: send one JSON object on one line"),
+        (b"[1]\n", "the request must be a JSON object"),
+        (line(command="status"), 'the request has no "version" (an integer; this daemon speaks 1)'),
+        (line(version=True, command="status"), 'the request has no "version"'),
+        (line(version=2, command="status"),
+         "protocol version 2 is not spoken here: this daemon speaks 1; use the virby command "
+         "of the same package"),
+        (line(version=1, command="reboot"),
+         "unknown command 'reboot': the commands are status, start, stop"),
+        (line(version=1), "unknown command None: the commands are status, start, stop"),
+        (line(version=1, command="stop", forse=True), "unknown key 'forse' in the request"),
+        (line(version=1, command="stop", force="yes"), '"force" must be true or false'),
+        (b"\xff\xfe\n", "the request is not JSON"),
+    ],
+)  # fmt: skip
+def test_malformed_requests_get_an_error_reply(raw: bytes, error: str) -> None:
+    protocol, transport, _, commands = connect()
+    protocol.dataReceived(raw)
+    answer = reply(transport)
+    assert answer["ok"] is False and answer["error"].startswith(error)
+    assert commands.starts == commands.stops == []
+
+
+def test_a_client_that_sends_nothing_is_cut_off() -> None:
+    _, transport, clock, _ = connect()
+    clock.advance(REQUEST_TIMEOUT - 0.1)
+    assert transport.value() == b""
+    clock.advance(0.1)
+    assert reply(transport) == {"version": 1, "ok": False, "error": "no request within 5s"}
+
+
+def test_a_client_that_sends_megabytes_is_cut_off() -> None:
+    protocol, transport, _, commands = connect()
+    protocol.dataReceived(b"x" * (MAX_REQUEST - 1))
+    assert transport.value() == b""
+    protocol.dataReceived(b"x" * 1024 * 1024)
+    assert reply(transport)["error"] == f"the request is longer than {MAX_REQUEST} bytes"
+    protocol.dataReceived(b"x" * 1024 * 1024)  # what is still in flight is ignored
+    assert transport.value().count(b"\n") == 1 and commands.starts == []
+
+
+def test_a_long_line_is_refused_even_with_its_newline() -> None:
+    protocol, transport, _, _ = connect()
+    protocol.dataReceived(b" " * MAX_REQUEST + line(version=1, command="status"))
+    assert reply(transport)["error"] == f"the request is longer than {MAX_REQUEST} bytes"
+
+
+def test_a_flood_after_the_request_is_cut_off_and_withdraws_the_wait() -> None:
+    protocol, transport, _, commands = connect()
+    protocol.dataReceived(line(version=1, command="start"))
+    protocol.dataReceived(b"x" * MAX_REQUEST)
+    assert not transport.disconnecting
+    protocol.dataReceived(b"x")
+    protocol.connectionLost(None)
+    assert commands.cancelled == 1
+
+
+def test_a_client_that_does_not_read_its_reply_is_cut_off() -> None:
+    aborted: list[bool] = []
+    protocol, transport, clock, _ = connect()
+    transport.abortConnection = lambda: aborted.append(True)  # type: ignore[method-assign]
+    protocol.dataReceived(line(version=1, command="status"))
+    clock.advance(REPLY_TIMEOUT)
+    assert aborted == [True]
+
+
+def test_a_client_that_leaves_withdraws_its_start_but_the_boot_goes_on() -> None:
+    protocol, _, clock, commands = connect()
+    protocol.dataReceived(line(version=1, command="start"))
+    protocol.connectionLost(None)
+    assert commands.cancelled == 1
+    assert clock.getDelayedCalls() == []
+
+
+@pytest.mark.parametrize("uid", [1000, None])
+def test_only_the_daemons_owner_and_root_may_ask(uid) -> None:
+    protocol, transport, _, commands = connect(uid=uid)
+    answer = reply(transport)
+    assert answer["ok"] is False
+    assert answer["error"].startswith("only root and the daemon's user (")
+    assert answer["error"].endswith(") may ask the daemon: run the command with sudo")
+    protocol.dataReceived(line(version=1, command="stop", force=True))
+    assert commands.stops == [], "nothing a refused peer sends is read"
+
+
+def test_root_may_ask() -> None:
+    protocol, transport, _, _ = connect(uid=0)
+    protocol.dataReceived(line(version=1, command="status"))
+    assert reply(transport)["ok"] is True
+
+
+def test_a_bug_in_a_command_is_an_error_reply_and_the_daemon_goes_on(caplog) -> None:
+    class Broken(FakeCommands):
+        def status(self) -> dict[str, Any]:
+            raise RuntimeError("bug")
+
+    protocol, transport, _, _ = connect(commands=Broken())
+    protocol.dataReceived(line(version=1, command="status"))
+    assert reply(transport) == {
+        "version": 1,
+        "ok": False,
+        "error": "the request failed: see the daemon's log",
+    }
+
+
+def test_the_peer_of_a_unix_socket_is_known() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b:
+        assert socketPeerUid(a) == os.getuid()
+
+
+def test_parse_request() -> None:
+    assert parseRequest(b'{"version": 1, "command": "stop", "force": true}') == ("stop", True)
+    assert parseRequest(b'{"version": 1, "command": "start"}') == ("start", False)
+
+
+# -- the client, against scripted daemons
+
+
+def serve_once(path: str, respond) -> int:
+    """A daemon that takes one connection in a child process; returns its pid."""
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen(1)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            connection, _ = server.accept()
+            respond(connection)
+            connection.close()
+        finally:
+            os._exit(0)
+    server.close()
+    return pid
+
+
+def asked(short_tmp, respond, command: str = "status", **kwargs: Any) -> dict[str, Any]:
+    path = str(short_tmp / "control.sock")
+    pid = serve_once(path, respond)
+    try:
+        return ask(path, command, timeout=10, **kwargs)
+    finally:
+        os.waitpid(pid, 0)
+
+
+def read_request(connection: socket.socket) -> bytes:
+    data = b""
+    while not data.endswith(b"\n"):
+        data += connection.recv(4096)
+    return data
+
+
+def test_the_client_sends_one_line_and_reads_one_reply(short_tmp) -> None:
+    def respond(connection: socket.socket) -> None:
+        request = json.loads(read_request(connection))
+        connection.sendall(json.dumps({"version": 1, "ok": True, "got": request}).encode() + b"\n")
+
+    got = asked(short_tmp, respond, "stop", force=True)["got"]
+    assert got == {"version": 1, "command": "stop", "force": True}
+
+
+def test_an_error_reply_is_refused_with_its_line(short_tmp) -> None:
+    def respond(connection: socket.socket) -> None:
+        read_request(connection)
+        connection.sendall(b'{"version": 1, "ok": false, "error": "1 connection is open"}\n')
+
+    with pytest.raises(Refused, match=r"^1 connection is open$"):
+        asked(short_tmp, respond, "stop")
+
+
+def old_daemon(connection: socket.socket) -> None:
+    """Before the protocol: the status document at once, nothing read, then close."""
+    connection.sendall(json.dumps({"state": "stopped", "daemon_pid": 7}).encode() + b"\n")
+
+
+def test_status_still_works_against_a_daemon_from_before_the_protocol(short_tmp) -> None:
+    assert asked(short_tmp, old_daemon) == {
+        "ok": True,
+        "status": {"state": "stopped", "daemon_pid": 7},
+    }
+
+
+def test_start_against_a_daemon_from_before_the_protocol_says_restart_it(short_tmp) -> None:
+    with pytest.raises(Refused) as caught:
+        asked(short_tmp, old_daemon, "start")
+    assert str(caught.value).startswith("the daemon running now predates `virby start`")
+
+
+def test_a_daemon_that_never_answers_times_out_in_one_line(short_tmp) -> None:
+    path = str(short_tmp / "control.sock")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen(1)
+    with server, pytest.raises(VirbyError) as caught:
+        ask(path, "status", timeout=0.2)
+    assert str(caught.value) == f"the daemon did not answer on {path} within 0s"
+
+
+# -- the commands
+
+
+def test_start_and_stop_say_what_happened(short_tmp, monkeypatch) -> None:
+    config = from_mapping({"working-directory": str(short_tmp)})
+    replies = {
+        "start": {"ok": True, "booted": True, "vm_ip": "192.168.64.7", "vm_port": 22,
+                  "boot_seconds": 8.44},
+        "stop": {"ok": True, "stopped": True, "closed_connections": 2},
+    }  # fmt: skip
+    monkeypatch.setattr("virby.startstop.ask", lambda path, command, **kw: replies[command])
+    out = io.StringIO()
+    assert run_start(config, out) == 0 and run_stop(config, True, out) == 0
+    assert out.getvalue() == (
+        "VM running at 192.168.64.7:22: booted in 8.4s\nVM stopped; closed 2 connections\n"
+    )
+    replies["start"] = {"ok": True, "booted": False, "vm_ip": "192.168.64.7", "vm_port": 22}
+    replies["stop"] = {"ok": True, "stopped": False, "closed_connections": 0}
+    out = io.StringIO()
+    run_start(config, out)
+    run_stop(config, False, out)
+    assert out.getvalue() == "VM already running at 192.168.64.7:22\nVM was not running\n"
+
+
+def test_start_and_stop_when_the_daemon_is_down(short_tmp) -> None:
+    config = from_mapping({"working-directory": str(short_tmp)})
+    out = io.StringIO()
+    assert run_start(config, out) == EXIT_DOWN and run_stop(config, False, out) == EXIT_DOWN
+    assert out.getvalue().count("the daemon is not running") == 2
+
+
+def test_start_waits_as_long_as_a_boot_may_take() -> None:
+    assert start_timeout(from_mapping({"start-timeout": 100})) == 130
+    assert start_timeout(from_mapping({"start-timeout": 100, "ephemeral": True})) == 230
+
+
+def test_a_refused_stop_is_one_line_and_exit_1(short_tmp, capsys, monkeypatch) -> None:
+    from virby import cli
+
+    def refuse(path, command, **kw):
+        raise Refused("1 connection is open (a build may be running): `virby stop --force`")
+
+    monkeypatch.setattr("virby.startstop.ask", refuse)
+    assert cli.main(["stop", "--working-directory", str(short_tmp)]) == 1
+    assert capsys.readouterr().err == (
+        "virby stop: error: 1 connection is open (a build may be running): `virby stop --force`\n"
+    )

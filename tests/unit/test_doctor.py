@@ -1,0 +1,564 @@
+"""
+``virby doctor`` on a real prepared working directory and a played Mac: a healthy machine,
+and one broken in each way a check looks for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from virby import doctor, prepare
+from virby.config import MIB, Config, from_mapping
+from virby.doctor import (
+    LAUNCHD_LABEL,
+    VFKIT_SINCE,
+    Doctor,
+    Status,
+    parse_launchctl,
+    parse_lsof,
+    parse_vfkit_version,
+    vfkit_needs,
+)
+from virby.hostfacts import (
+    ARM64,
+    CPU_BRAND,
+    LAUNCHCTL,
+    LSOF,
+    MACOS_VERSION,
+    ROSETTA_RUNTIME,
+    SOCKETFILTERFW,
+    SSH,
+    PlayedMac,
+    ProbeError,
+)
+from virby.status import DaemonDown, NotAllowed
+
+ROOT = Path(__file__).resolve().parents[2]
+MAC = "02:94:00:00:00:07"
+NOW = 1_800_000_000.0
+DAEMON_PID = 4242
+DISK = 64 * MIB
+
+RUNNING_JOB = f"""system/{LAUNCHD_LABEL} = {{
+\tactive count = 1
+\tpath = /Library/LaunchDaemons/{LAUNCHD_LABEL}.plist
+\ttype = LaunchDaemon
+\tstate = running
+
+\tprogram = /bin/sh
+\tsockets = {{
+\t\t"Listener" = {{
+\t\t\ttype = stream
+\t\t\tstate = active
+\t\t}}
+\t}}
+\tpid = {DAEMON_PID}
+\tlast exit code = (never exited)
+}}
+"""
+
+
+class ScriptedMac:
+    """A Mac whose every answer the test sets; it records what was asked."""
+
+    def __init__(self, vfkit: str) -> None:
+        self.answers: dict[tuple[str, ...], str | ProbeError] = {
+            CPU_BRAND: "Apple M4 Pro\n",
+            ARM64: "1\n",
+            MACOS_VERSION: "15.5\n",
+            (LAUNCHCTL, "print", f"system/{LAUNCHD_LABEL}"): RUNNING_JOB,
+            (SOCKETFILTERFW, "--getglobalstate"): "Firewall is disabled. (State = 0)\n",
+            (SOCKETFILTERFW, "--getblockall"): "Firewall has block all state set to disabled.\n",
+            (vfkit, "--version"): "vfkit version: v0.6.3\n",
+            (SSH, "-o", "BatchMode=yes", "virby-vm", "true"): "",
+        }
+        self.lsof = f"p1\nclaunchd\np{DAEMON_PID}\ncvirbyd\n"
+        self.files = {ROSETTA_RUNTIME}
+        self.asked: list[tuple[str, ...]] = []
+
+    def run(self, argv: Sequence[str], timeout: float | None = None) -> str:
+        self.asked.append(tuple(argv))
+        if argv[0] == LSOF:
+            if not self.lsof:
+                raise ProbeError("exit status 1", 1)
+            return self.lsof
+        answer = self.answers.get(tuple(argv), ProbeError("not found"))
+        if isinstance(answer, ProbeError):
+            raise answer
+        return answer
+
+    def exists(self, path: str) -> bool:
+        return path in self.files
+
+
+@pytest.fixture
+def machine(short_tmp: Path) -> dict[str, Any]:
+    """A prepared working directory, a booted VM's MAC and lease, and a vfkit."""
+    image = short_tmp / "store-image.img"
+    with open(image, "wb") as f:
+        f.truncate(2 * MIB)
+        f.write(b"image")
+    vfkit = short_tmp / "vfkit"
+    vfkit.write_text("#!/bin/sh\n")
+    vfkit.chmod(0o755)
+    config = from_mapping(
+        {"working-directory": str(short_tmp / "wd"), "image": str(image), "vfkit": str(vfkit),
+         "leases-file": str(short_tmp / "dhcpd_leases"), "disk-size": "1GiB"}
+    )  # fmt: skip
+    prepare.prepare(config)
+    (short_tmp / "wd" / "mac").write_text(MAC + "\n")
+    write_leases(short_tmp / "dhcpd_leases", [("192.168.64.7", MAC, NOW + 80000, "virby-vm")])
+    return {"config": config, "mac": ScriptedMac(str(vfkit)), "root": short_tmp}
+
+
+def write_leases(path: Path, leases: list[tuple[str, str | None, float, str]]) -> None:
+    blocks = []
+    for ip, mac, expiry, name in leases:
+        hw = f"1,{mac}" if mac else "ff,f1:2:3:4"
+        blocks.append(
+            f"{{\n\tname={name}\n\tip_address={ip}\n\thw_address={hw}\n"
+            f"\tidentifier={hw}\n\tlease={hex(int(expiry))}\n}}\n"
+        )
+    path.write_text("".join(blocks))
+
+
+RUNNING_STATUS = {
+    "state": "running",
+    "daemon_pid": DAEMON_PID,
+    "vm_ip": "192.168.64.7",
+    "last_error": None,
+    "warnings": [],
+}
+
+
+class Volume:
+    def __init__(self, free: int) -> None:
+        self.f_bavail, self.f_frsize = free // 4096, 4096
+
+
+def examine(
+    machine: dict[str, Any],
+    config: Config | None = None,
+    *,
+    status: dict[str, Any] | Exception | None = None,
+    free: int = 500 * 1024 * MIB,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    answer = RUNNING_STATUS if status is None else status
+
+    def ask(path: str) -> dict[str, Any]:
+        if isinstance(answer, Exception):
+            raise answer
+        return dict(answer)
+
+    findings = Doctor(
+        config or machine["config"],
+        machine["mac"],
+        config_file="/etc/virby.json",
+        euid=kwargs.pop("euid", 0),
+        now=lambda: NOW,
+        statvfs=lambda path: Volume(free),  # type: ignore[arg-type,return-value]
+        ask=ask,
+        **kwargs,
+    ).run()
+    return {finding.check: finding for finding in findings}
+
+
+def failed(found: dict[str, Any]) -> dict[str, Any]:
+    return {name: f for name, f in found.items() if f.status is Status.FAIL}
+
+
+# -- a healthy machine
+
+
+def test_a_healthy_machine_passes_every_check(machine) -> None:
+    found = examine(machine)
+    assert list(found) == [
+        "launchd", "daemon", "port", "working-dir", "files", "keys", "image", "vfkit",
+        "ssh", "dhcp-lease", "lease-pool", "disk-space",
+    ]  # fmt: skip
+    assert {name: f.status for name, f in found.items()} == {
+        **{name: Status.OK for name in found},
+        "ssh": Status.SKIP,
+    }, "\n".join(f.line() for f in found.values())
+    assert found["launchd"].detail == f"{LAUNCHD_LABEL} is running (pid {DAEMON_PID})"
+    assert "launchd (pid 1), virbyd (pid 4242)" in found["port"].detail
+    assert "vfkit v0.6.3" in found["vfkit"].detail and "need v0.6.1" in found["vfkit"].detail
+    assert "bootpd gave 02:94:00:00:00:07 192.168.64.7" in found["dhcp-lease"].detail
+
+
+def test_rosetta_nested_and_ssh_are_checked_when_asked(machine) -> None:
+    config = dataclasses.replace(machine["config"], rosetta=True, nested_virtualization=True)
+    found = examine(machine, config, ssh=True)
+    assert found["rosetta"].status is Status.OK and found["nested"].status is Status.OK
+    assert found["ssh"].status is Status.OK and found["ssh"].detail.startswith("ssh virby-vm")
+    assert "need v0.6.2" in found["vfkit"].detail, "--nested came with v0.6.2"
+
+
+def test_the_command_prints_one_line_a_check_and_exits_0(machine, monkeypatch) -> None:
+    monkeypatch.setattr(doctor, "query", lambda path: dict(RUNNING_STATUS))
+    monkeypatch.setattr(doctor, "default_runner", lambda: machine["mac"])
+    monkeypatch.setattr(doctor.Doctor, "_boot_started", lambda self: None)
+    out = io.StringIO()
+    code = doctor.run(machine["config"], as_json=False, config_file="/c.json", out=out)
+    assert code == 0, out.getvalue()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 13 and lines[-1] == "no check failed"
+    assert all(re.match(r"^(ok|skip)  +[a-z-]+  +\S", line) for line in lines[:-1]), lines
+
+
+# -- one failure at a time
+
+
+def test_a_job_that_is_not_loaded(machine) -> None:
+    machine["mac"].answers[(LAUNCHCTL, "print", f"system/{LAUNCHD_LABEL}")] = ProbeError(
+        f'Could not find service "{LAUNCHD_LABEL}" in domain for system', 113
+    )
+    finding = failed(examine(machine))["launchd"]
+    assert finding.detail == f"{LAUNCHD_LABEL} is not loaded"
+    assert finding.fix is not None and "launchctl bootstrap system" in finding.fix
+
+
+def test_an_always_on_job_that_is_not_running(machine) -> None:
+    machine["mac"].answers[(LAUNCHCTL, "print", f"system/{LAUNCHD_LABEL}")] = (
+        f"system/{LAUNCHD_LABEL} = {{\n\tstate = not running\n\tlast exit code = 1\n}}\n"
+    )
+    finding = failed(examine(machine, status=DaemonDown("the daemon is not running")))["launchd"]
+    assert finding.detail == f"{LAUNCHD_LABEL} is loaded but not running, last exit code 1"
+    assert finding.fix is not None and "kickstart -k system/org.nixos.virbyd" in finding.fix
+
+
+def test_an_on_demand_job_waiting_for_its_socket_is_fine(machine) -> None:
+    machine["mac"].answers[(LAUNCHCTL, "print", f"system/{LAUNCHD_LABEL}")] = (
+        f"system/{LAUNCHD_LABEL} = {{\n\tstate = waiting\n}}\n"
+    )
+    machine["mac"].lsof = "p1\nclaunchd\n"
+    config = dataclasses.replace(machine["config"], on_demand=True)
+    found = examine(machine, config, status=DaemonDown("the daemon is not running"))
+    assert failed(found) == {}
+    assert "waits for the first build" in found["launchd"].detail
+
+
+def test_the_port_held_by_another_program(machine) -> None:
+    machine["mac"].lsof = "p1\nclaunchd\np999\ncssh\n"
+    finding = failed(examine(machine))["port"]
+    assert finding.detail == "127.0.0.1:31222 is held by ssh (pid 999), not by the daemon"
+    assert finding.fix is not None and "services.virby.port" in finding.fix
+
+
+def test_nothing_listening_on_the_port(machine) -> None:
+    machine["mac"].lsof = ""
+    assert failed(examine(machine))["port"].detail == "nothing listens on 127.0.0.1:31222"
+
+
+def test_a_working_directory_with_the_wrong_mode(machine) -> None:
+    os.chmod(machine["config"].working_directory, 0o755)
+    finding = failed(examine(machine))["working-dir"]
+    assert "its mode is 0755, not 0700" in finding.detail
+    assert finding.fix is not None and "virby prepare --config /etc/virby.json" in finding.fix
+
+
+def test_files_with_drifted_modes_and_a_missing_known_hosts(machine) -> None:
+    wd = Path(machine["config"].working_directory)
+    os.chmod(wd / "ssh_user_ed25519_key", 0o644)
+    (wd / "ssh_known_hosts").unlink()
+    found = failed(examine(machine))
+    assert found["files"].detail == (
+        "ssh_user_ed25519_key is 0644, not 0600; ssh_known_hosts is missing"
+    )
+    assert found["keys"].detail == "ssh_known_hosts is missing"
+
+
+def test_files_owned_by_someone_else(machine) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give a file away")
+    wd = Path(machine["config"].working_directory)
+    os.chown(wd / "base.img", 65534, 65534)
+    assert "base.img is " in failed(examine(machine))["files"].detail
+
+
+def test_a_client_key_the_guest_does_not_authorize(machine) -> None:
+    wd = Path(machine["config"].working_directory)
+    other = prepare.keys.generate("someone-else")
+    (wd / "vm_sshd_keys/ssh_user_ed25519_key.pub").write_text(other.public + "\n")
+    finding = failed(examine(machine))["keys"]
+    assert finding.detail == (
+        "the client key ssh_user_ed25519_key does not match the key the guest authorizes "
+        "(vm_sshd_keys/ssh_user_ed25519_key.pub)"
+    )
+
+
+def test_a_known_hosts_that_pins_another_key(machine) -> None:
+    wd = Path(machine["config"].working_directory)
+    other = prepare.keys.generate("impostor")
+    (wd / "ssh_known_hosts").write_text(prepare.keys.known_hosts_line(other.public))
+    assert (
+        failed(examine(machine))["keys"].detail == "ssh_known_hosts does not pin the VM's host key"
+    )
+
+
+def test_disks_made_from_another_image(machine) -> None:
+    wd = Path(machine["config"].working_directory)
+    (wd / "image-path").write_text("/nix/store/old-image/nixos.img\n")
+    finding = failed(examine(machine))["image"]
+    assert finding.detail == (
+        "the disks were made from /nix/store/old-image/nixos.img, but the config names "
+        f"{machine['config'].image}"
+    )
+
+
+def test_an_image_that_is_gone(machine) -> None:
+    os.unlink(machine["config"].image)
+    assert "does not exist" in failed(examine(machine))["image"].detail
+
+
+def test_a_vfkit_too_old_for_the_flags(machine) -> None:
+    machine["mac"].answers[(machine["config"].vfkit, "--version")] = "vfkit version: v0.5.1\n"
+    config = dataclasses.replace(machine["config"], nested_virtualization=True)
+    finding = failed(examine(machine, config))["vfkit"]
+    assert finding.detail == (
+        f"vfkit v0.5.1 at {config.vfkit} lacks virtio-balloon (since v0.6.1), "
+        "--nested (since v0.6.2)"
+    )
+    assert finding.fix == "install vfkit v0.6.2 or later (nixpkgs#vfkit)"
+
+
+def test_a_vfkit_that_cannot_say_its_version_is_a_warning(machine) -> None:
+    machine["mac"].answers[(machine["config"].vfkit, "--version")] = "vfkit version: unknown\n"
+    found = examine(machine)
+    assert found["vfkit"].status is Status.WARN and "cannot tell" in found["vfkit"].detail
+
+
+def test_no_vfkit(machine) -> None:
+    config = dataclasses.replace(machine["config"], vfkit="/nonexistent/vfkit")
+    assert "was not found" in failed(examine(machine, config))["vfkit"].detail
+
+
+def test_rosetta_on_without_rosetta(machine) -> None:
+    machine["mac"].files = set()
+    config = dataclasses.replace(machine["config"], rosetta=True)
+    finding = failed(examine(machine, config))["rosetta"]
+    assert finding.detail.startswith("Rosetta is not installed on this Mac")
+    assert finding.fix == "run `softwareupdate --install-rosetta --agree-to-license`"
+
+
+def test_nested_on_an_m1(machine) -> None:
+    machine["mac"].answers[CPU_BRAND] = "Apple M1\n"
+    config = dataclasses.replace(machine["config"], nested_virtualization=True)
+    finding = failed(examine(machine, config))["nested"]
+    assert "it needs Apple M3 or later, and this Mac has Apple M1" in finding.detail
+    assert finding.fix == "turn services.virby.nestedVirtualization off"
+
+
+def booting_for(machine, seconds: float) -> None:
+    """A VM started C{seconds} ago, whose lease file was written before it started."""
+    wd = Path(machine["config"].working_directory)
+    (wd / "vfkit.pid").write_text("777")
+    os.utime(wd / "vfkit.pid", (NOW - seconds, NOW - seconds))
+    leases = Path(machine["config"].leases_file)
+    os.utime(leases, (NOW - seconds - 600, NOW - seconds - 600))
+
+
+def test_a_boot_that_got_no_lease_points_at_the_firewall(machine) -> None:
+    booting_for(machine, 120)
+    machine["mac"].answers[(SOCKETFILTERFW, "--getglobalstate")] = (
+        "Firewall is enabled. (State = 1)\n"
+    )
+    machine["mac"].answers[(SOCKETFILTERFW, "--getblockall")] = (
+        "Firewall has block all state set to enabled.\n"
+    )
+    finding = failed(examine(machine, status={**RUNNING_STATUS, "state": "booting"}))["dhcp-lease"]
+    assert finding.detail == (
+        f"no lease for {MAC} since the VM started 120s ago: bootpd did not answer"
+    )
+    assert finding.fix is not None
+    assert finding.fix.startswith("the firewall is on and blocks all incoming connections")
+    assert "--add /usr/libexec/bootpd --unblockapp /usr/libexec/bootpd" in finding.fix
+    assert "--setblockall off" in finding.fix
+
+
+def test_a_boot_still_waiting_for_its_lease_is_not_a_failure(machine) -> None:
+    booting_for(machine, 5)
+    assert examine(machine)["dhcp-lease"].status is Status.OK
+
+
+def test_the_daemons_last_error_about_leases_points_at_the_firewall(machine) -> None:
+    error = "boot failed: no DHCP lease for MAC 02:94:00:00:00:07 in /var/db/dhcpd_leases"
+    write_leases(Path(machine["config"].leases_file), [])
+    found = examine(machine, status={**RUNNING_STATUS, "state": "stopped", "last_error": error})
+    assert found["daemon"].status is Status.WARN
+    finding = failed(found)["dhcp-lease"]
+    assert finding.fix is not None and finding.fix.startswith("the firewall is off")
+
+
+def test_a_lease_keyed_by_a_duid(machine) -> None:
+    write_leases(Path(machine["config"].leases_file), [("192.168.64.7", None, NOW + 9, "virby-vm")])
+    finding = failed(examine(machine, status={**RUNNING_STATUS, "state": "stopped"}))["dhcp-lease"]
+    assert "DUID" in finding.detail
+
+
+def test_a_lease_file_that_is_a_directory(machine) -> None:
+    leases = Path(machine["config"].leases_file)
+    leases.unlink()
+    leases.mkdir()
+    finding = failed(examine(machine))["dhcp-lease"]
+    assert finding.detail.startswith(f"cannot read {leases}")
+
+
+def test_a_crowded_lease_pool(machine) -> None:
+    crowd = [
+        (f"192.168.64.{n}", f"02:00:00:00:00:{n:02x}", NOW + 3600, "vm") for n in range(2, 203)
+    ]
+    old = [(f"192.168.65.{n}", f"02:00:00:00:01:{n:02x}", NOW + 3600, "vm") for n in range(2, 250)]
+    write_leases(Path(machine["config"].leases_file), crowd + old)
+    finding = failed(examine(machine))["lease-pool"]
+    assert finding.detail.startswith("201 unexpired leases in 192.168.64.0/24 (449 entries)")
+    assert "may run out" in finding.detail
+
+
+def test_expired_leases_do_not_crowd_the_pool(machine) -> None:
+    stale = [(f"192.168.64.{n}", f"02:00:00:00:00:{n:02x}", NOW - 60, "vm") for n in range(2, 250)]
+    write_leases(
+        Path(machine["config"].leases_file), [("192.168.64.7", MAC, NOW + 9, "virby-vm"), *stale]
+    )
+    assert examine(machine)["lease-pool"].status is Status.OK
+
+
+def test_too_little_space_for_the_disk_to_grow(machine) -> None:
+    finding = failed(examine(machine, free=100 * MIB))["disk-space"]
+    assert finding.detail.startswith("diff.img may take 1.0 GiB more (up to 1.0 GiB")
+    assert "and its volume has 0.1 GiB free" in finding.detail
+    assert finding.fix is not None and "lower diskSize" in finding.fix
+
+
+def test_an_ssh_that_fails(machine) -> None:
+    machine["mac"].answers[(SSH, "-o", "BatchMode=yes", "virby-vm", "true")] = ProbeError(
+        "builder@127.0.0.1: Permission denied (publickey).", 255
+    )
+    finding = failed(examine(machine, ssh=True))["ssh"]
+    assert finding.detail == (
+        "ssh virby-vm true failed: builder@127.0.0.1: Permission denied (publickey)."
+    )
+
+
+def test_ssh_waits_as_long_as_a_boot_may_take(machine) -> None:
+    timeouts: list[float | None] = []
+    run = machine["mac"].run
+    machine["mac"].run = lambda argv, timeout=None: timeouts.append(timeout) or run(argv, timeout)
+    examine(machine, ssh=True)
+    assert timeouts[-1] == 180 + 30
+
+
+# -- ephemeral and non-root
+
+
+def test_ephemeral_needs_no_diff_img(machine) -> None:
+    os.unlink(Path(machine["config"].working_directory) / "diff.img")
+    config = dataclasses.replace(machine["config"], ephemeral=True)
+    found = examine(machine, config)
+    assert failed(found) == {}
+    assert found["disk-space"].detail.startswith("base.img may take")
+
+
+def test_a_user_is_told_which_checks_need_root(machine) -> None:
+    found = examine(machine, status=NotAllowed("owner-only"), euid=501)
+    assert found["port"].status is Status.SUDO and found["daemon"].status is Status.SUDO
+    assert found["port"].fix == "run sudo virby doctor"
+
+
+def test_json_for_scripts(machine, monkeypatch) -> None:
+    monkeypatch.setattr(doctor, "query", lambda path: dict(RUNNING_STATUS))
+    monkeypatch.setattr(doctor, "default_runner", lambda: machine["mac"])
+    os.chmod(machine["config"].working_directory, 0o755)
+    out = io.StringIO()
+    assert doctor.run(machine["config"], as_json=True, out=out) == 1
+    document = json.loads(out.getvalue())
+    assert document["ok"] is False and document["needs_sudo"] == []
+    (failure,) = [c for c in document["checks"] if c["status"] == "fail"]
+    assert failure["check"] == "working-dir" and "virby prepare" in failure["fix"]
+
+
+# -- what the Mac says, parsed
+
+
+def test_launchctl_print_is_read_from_the_jobs_own_lines() -> None:
+    job = parse_launchctl(RUNNING_JOB)
+    assert job["state"] == "running" and job["pid"] == str(DAEMON_PID)
+    assert job["last exit code"] == "(never exited)"
+
+
+def test_lsof_field_output() -> None:
+    assert parse_lsof("p1\nclaunchd\nf3\np42\ncvirbyd\n") == [(1, "launchd"), (42, "virbyd")]
+    assert parse_lsof("") == []
+
+
+@pytest.mark.parametrize(
+    ("text", "version"),
+    [("vfkit version: v0.6.3\n", (0, 6, 3)), ("vfkit version: 0.6.1", (0, 6, 1)),
+     ("vfkit version: v0.6.3-4-gabcdef", (0, 6, 3)), ("vfkit version: unknown", None),
+     ("vfkit version: ", None)],
+)  # fmt: skip
+def test_vfkit_versions(text: str, version) -> None:
+    assert parse_vfkit_version(text) == version
+
+
+def test_every_flag_the_daemon_passes_has_its_vfkit_release() -> None:
+    everything = from_mapping(
+        {"rosetta": True, "nested-virtualization": True, "shared-dirs": {"src": "/src"}}
+    )
+    needs = vfkit_needs(everything)
+    assert set(needs) <= set(VFKIT_SINCE)
+    assert needs["--timesync"] == (0, 0, 3) and needs["rosetta"] == (0, 5, 0)
+    assert max(needs.values()) == (0, 6, 2)
+
+
+def test_the_played_mac_answers_what_doctor_asks() -> None:
+    played = PlayedMac("Apple M4", "15.5", "installed", launchd="running:77", firewall="block-all")
+    job = parse_launchctl(played.run([LAUNCHCTL, "print", f"system/{LAUNCHD_LABEL}"]))
+    assert (job["state"], job["pid"]) == ("running", "77")
+    assert doctor._says_on(played.run([SOCKETFILTERFW, "--getglobalstate"])) is True
+    assert doctor._says_on(played.run([SOCKETFILTERFW, "--getblockall"])) is True
+    with pytest.raises(ProbeError) as caught:
+        dataclasses.replace(played, launchd="missing").run(
+            [LAUNCHCTL, "print", f"system/{LAUNCHD_LABEL}"]
+        )
+    assert caught.value.status == 113
+    with pytest.raises(ProbeError) as caught:
+        dataclasses.replace(played, launchd="").run([LAUNCHCTL, "print", "system/x"])
+    assert caught.value.status is None, "no launchd: the command is missing"
+    waiting = dataclasses.replace(played, launchd="waiting", firewall="off")
+    assert parse_launchctl(waiting.run([LAUNCHCTL, "print", "system/x"]))["state"] == "waiting"
+    assert doctor._says_on(waiting.run([SOCKETFILTERFW, "--getglobalstate"])) is False
+
+
+def test_the_label_is_the_modules() -> None:
+    module = ROOT / "nix" / "module.nix"
+    if not module.is_file():
+        pytest.skip("nix/module.nix is not in this tree")
+    assert f'label = "{LAUNCHD_LABEL}";' in module.read_text()
+
+
+def test_without_config_the_modules_config_is_read(machine, monkeypatch, capsys) -> None:
+    from virby import cli
+
+    installed = machine["root"] / "config.json"
+    installed.write_text(
+        json.dumps({"working-directory": machine["config"].working_directory,
+                    "image": machine["config"].image, "vfkit": machine["config"].vfkit})
+    )  # fmt: skip
+    monkeypatch.setattr(cli, "INSTALLED_CONFIG", str(installed))
+    monkeypatch.setattr(doctor, "default_runner", lambda: machine["mac"])
+    monkeypatch.setattr(doctor, "query", lambda path: dict(RUNNING_STATUS))
+    cli.main(["doctor", "--json"])
+    document = json.loads(capsys.readouterr().out)
+    (image,) = [c for c in document["checks"] if c["check"] == "image"]
+    assert image["status"] == "ok" and machine["config"].image in image["detail"]

@@ -1,0 +1,285 @@
+"""
+The fresh disk of ephemeral mode: the child's copy on a real directory, and the daemon's
+side (spawn, timeout, cancel, failure) on a fake process reactor and a task.Clock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from twisted.internet.defer import CancelledError, succeed
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from virby import disk, freshdisk, prepare
+from virby.config import MIB, from_mapping
+from virby.daemon import VfkitHypervisor
+from virby.freshdisk import FreshDiskError, make, makeFreshDisk
+from virby.locks import FileLock
+from virby.orphans import VM_LOCK
+
+SIZE = 8 * MIB
+
+
+def write_disk(path: Path, size: int, marker: bytes, at: int = 0) -> None:
+    with open(path, "wb") as f:
+        f.truncate(size)
+        f.seek(at)
+        f.write(marker)
+
+
+@pytest.fixture
+def wd(tmp_path: Path) -> Path:
+    write_disk(tmp_path / "base.img", 2 * MIB, b"the image")
+    return tmp_path
+
+
+def test_the_disk_names_are_prepares() -> None:
+    assert (freshdisk.BASE_IMAGE, freshdisk.DIFF_IMAGE) == (prepare.BASE_IMAGE, prepare.DIFF_IMAGE)
+
+
+def test_a_fresh_copy_replaces_what_the_last_run_left_and_is_grown(wd: Path) -> None:
+    write_disk(wd / "diff.img", SIZE, b"left by a build", at=4 * MIB)
+    done = make(str(wd), SIZE)
+    data = (wd / "diff.img").read_bytes()
+    assert len(data) == SIZE and data.startswith(b"the image")
+    assert b"left by a build" not in data
+    assert os.stat(wd / "diff.img").st_mode & 0o777 == 0o600
+    assert "made a fresh diff.img from base.img" in done and f"{SIZE} bytes (grown)" in done
+    assert (wd / "base.img").read_bytes().startswith(b"the image"), "base.img is untouched"
+
+
+def test_an_image_bigger_than_disk_size_is_never_shrunk(wd: Path) -> None:
+    make(str(wd), MIB)
+    assert os.stat(wd / "diff.img").st_size == 2 * MIB
+
+
+def test_a_killed_copys_leftover_is_removed_and_nothing_else(wd: Path) -> None:
+    ours = wd / f".diff.img.0123abcd{disk.TEMP_SUFFIX}"
+    theirs = wd / f".mac.0123abcd{disk.TEMP_SUFFIX}"
+    ours.write_bytes(b"half a copy")
+    theirs.write_bytes(b"not ours")
+    make(str(wd), SIZE)
+    assert not ours.exists() and theirs.exists()
+
+
+def test_the_copy_holds_the_lock_prepare_holds(wd: Path, monkeypatch) -> None:
+    held: list[str] = []
+
+    @contextlib.contextmanager
+    def locked(path: str) -> Iterator[None]:
+        held.append(path)
+        yield
+        held.append("released")
+
+    copies: list[str] = []
+    real_copy = disk.copy
+    monkeypatch.setattr(prepare, "locked", locked)
+    monkeypatch.setattr(
+        disk, "copy", lambda *a, **k: copies.append(str(held)) or real_copy(*a, **k)
+    )
+    make(str(wd), SIZE)
+    assert held == [str(wd), "released"]
+    assert copies == [str([str(wd)])], "the copy ran inside the lock"
+
+
+def test_no_base_image_names_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(FreshDiskError) as caught:
+        make(str(tmp_path), SIZE)
+    assert str(caught.value) == (
+        f"{tmp_path}/base.img is missing: run `virby prepare --config FILE` "
+        "(the nix-darwin activation runs it)"
+    )
+
+
+def test_a_full_volume_is_one_line(wd: Path, monkeypatch) -> None:
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(wd / ".diff.img.x.virby-tmp"))
+
+    monkeypatch.setattr(disk, "copy", full)
+    with pytest.raises(FreshDiskError) as caught:
+        make(str(wd), SIZE)
+    assert "No space left on device; free space on its volume" in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_main_prints_one_line_and_exits(wd: Path, capsys) -> None:
+    assert freshdisk.main([str(wd), str(SIZE)]) == 0
+    out, err = capsys.readouterr()
+    assert out.count("\n") == 1 and err == ""
+    assert freshdisk.main([str(wd / "nowhere"), str(SIZE)]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "is missing" in err
+    assert freshdisk.main(["only-one"]) == 2
+
+
+def test_the_child_imports_what_the_daemon_imports() -> None:
+    path = freshdisk.childEnvironment({"HOME": "/h"})["PYTHONPATH"].split(os.pathsep)
+    assert path == [entry for entry in sys.path if entry]
+
+
+# -- the daemon's side
+
+
+class FakeTransport:
+    pid = 4321
+
+    def __init__(self) -> None:
+        self.signals: list[str] = []
+        self.stdinClosed = False
+
+    def signalProcess(self, name: str) -> None:
+        self.signals.append(name)
+
+    def closeStdin(self) -> None:
+        self.stdinClosed = True
+
+
+class ProcessReactor(Clock):
+    """A clock that records the processes it is asked to start."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[tuple] = []
+
+    def spawnProcess(self, protocol, executable, args, env=None, path=None, childFDs=None):
+        transport = FakeTransport()
+        protocol.makeConnection(transport)
+        self.spawned.append((protocol, executable, args, env, path))
+        return transport
+
+
+def results(d) -> list:
+    box: list = []
+    d.addBoth(box.append)
+    return box
+
+
+def test_the_child_runs_with_this_python_and_its_line_is_the_result(tmp_path) -> None:
+    reactor = ProcessReactor()
+    got = results(makeFreshDisk(reactor, str(tmp_path), SIZE, 30.0))
+    ((protocol, executable, args, env, path),) = reactor.spawned
+    assert executable == sys.executable and path == str(tmp_path)
+    assert args == [sys.executable, "-m", "virby.freshdisk", str(tmp_path), str(SIZE)]
+    assert env["PYTHONPATH"] and protocol.transport.stdinClosed
+    protocol.outReceived(b"made a fresh diff.img from base.img (reflink)\n")
+    protocol.processEnded(Failure(ProcessDone(0)))
+    assert got == ["made a fresh diff.img from base.img (reflink)"]
+    assert reactor.getDelayedCalls() == [], "the timeout is cancelled"
+
+
+def test_the_childs_error_line_fails_the_result(tmp_path) -> None:
+    reactor = ProcessReactor()
+    got = results(makeFreshDisk(reactor, str(tmp_path), SIZE, 30.0))
+    protocol = reactor.spawned[0][0]
+    protocol.errReceived(b"/wd/base.img is missing: run `virby prepare --config FILE`\n")
+    protocol.processEnded(Failure(ProcessTerminated(1)))
+    (failure,) = got
+    assert failure.check(FreshDiskError)
+    assert str(failure.value) == (
+        "no fresh diff.img: /wd/base.img is missing: run `virby prepare --config FILE`"
+    )
+
+
+def test_a_copy_that_takes_too_long_is_killed(tmp_path) -> None:
+    reactor = ProcessReactor()
+    got = results(makeFreshDisk(reactor, str(tmp_path), SIZE, 30.0))
+    protocol = reactor.spawned[0][0]
+    reactor.advance(29)
+    assert protocol.transport.signals == [] and got == []
+    reactor.advance(1)
+    assert protocol.transport.signals == ["KILL"]
+    protocol.processEnded(Failure(ProcessTerminated(signal=9)))
+    (failure,) = got
+    assert failure.check(FreshDiskError)
+    assert "took longer than 30s (start-timeout)" in str(failure.value)
+
+
+def test_a_boot_given_up_kills_the_copy(tmp_path) -> None:
+    reactor = ProcessReactor()
+    d = makeFreshDisk(reactor, str(tmp_path), SIZE, 30.0)
+    got = results(d)
+    protocol = reactor.spawned[0][0]
+    d.cancel()
+    assert protocol.transport.signals == ["KILL"]
+    assert got[0].check(CancelledError)
+    protocol.processEnded(Failure(ProcessTerminated(signal=9)))
+    assert len(got) == 1 and reactor.getDelayedCalls() == []
+
+
+def test_a_python_that_cannot_run_is_one_line(tmp_path) -> None:
+    class Refusing(ProcessReactor):
+        def spawnProcess(self, *args, **kwargs):
+            raise OSError(2, "No such file or directory")
+
+    got = results(makeFreshDisk(Refusing(), str(tmp_path), SIZE, 30.0, executable="/nope"))
+    assert got[0].check(FreshDiskError) and "cannot run /nope" in str(got[0].value)
+
+
+def hypervisor(tmp_path: Path, reactor, **settings) -> VfkitHypervisor:
+    (tmp_path / "vm_sshd_keys").mkdir(exist_ok=True)
+    write_disk(tmp_path / "base.img", 2 * MIB, b"the image")
+    config = from_mapping(
+        {"working-directory": str(tmp_path), "disk-size": "1GiB", "start-timeout": 45,
+         **settings}
+    )  # fmt: skip
+    made = VfkitHypervisor(reactor, config, "/bin/vfkit")
+    made._orphanCheck = succeed(None)
+    return made
+
+
+def test_ephemeral_boots_start_vfkit_only_after_the_fresh_disk(short_tmp) -> None:
+    reactor = ProcessReactor()
+    spawned = results(hypervisor(short_tmp, reactor, ephemeral=True).spawn())
+    ((protocol, _, args, _, _),) = reactor.spawned
+    assert args[2:] == ["virby.freshdisk", str(short_tmp), str(1024 * MIB)]
+    assert reactor.getDelayedCalls()[0].getTime() == 45, "bounded by start-timeout"
+    write_disk(short_tmp / "diff.img", MIB, b"")  # what the child made
+    protocol.processEnded(Failure(ProcessDone(0)))
+    assert len(reactor.spawned) == 2 and reactor.spawned[1][1] == "/bin/vfkit"
+    assert spawned and not isinstance(spawned[0], Failure)
+
+
+def test_a_failed_fresh_disk_fails_the_boot_without_vfkit(short_tmp) -> None:
+    reactor = ProcessReactor()
+    spawned = results(hypervisor(short_tmp, reactor, ephemeral=True).spawn())
+    protocol = reactor.spawned[0][0]
+    protocol.errReceived(b"cannot make a fresh diff.img from base.img: No space left\n")
+    protocol.processEnded(Failure(ProcessTerminated(1)))
+    assert len(reactor.spawned) == 1, "no vfkit"
+    assert spawned[0].check(FreshDiskError)
+    assert str(spawned[0].value).startswith("no fresh diff.img: cannot make")
+
+
+def test_the_vm_lock_is_held_for_the_copy_and_let_go_when_it_fails(short_tmp) -> None:
+    reactor = ProcessReactor()
+    spawned = results(hypervisor(short_tmp, reactor, ephemeral=True).spawn())
+    assert FileLock(str(short_tmp / VM_LOCK)).acquire() is False, "held during the copy"
+    protocol = reactor.spawned[0][0]
+    protocol.processEnded(Failure(ProcessTerminated(1)))
+    assert spawned[0].check(FreshDiskError)
+    assert FileLock(str(short_tmp / VM_LOCK)).acquire() is True, "released"
+
+
+def test_a_boot_given_up_during_the_copy_lets_the_vm_lock_go(short_tmp) -> None:
+    reactor = ProcessReactor()
+    spawning = hypervisor(short_tmp, reactor, ephemeral=True).spawn()
+    spawned = results(spawning)
+    spawning.cancel()
+    assert reactor.spawned[0][0].transport.signals == ["KILL"]
+    assert spawned[0].check(CancelledError)
+    assert FileLock(str(short_tmp / VM_LOCK)).acquire() is True
+
+
+def test_without_ephemeral_the_disk_is_left_alone(short_tmp) -> None:
+    reactor = ProcessReactor()
+    write_disk(short_tmp / "diff.img", MIB, b"kept")
+    results(hypervisor(short_tmp, reactor).spawn())
+    ((_, executable, _, _, _),) = reactor.spawned
+    assert executable == "/bin/vfkit"

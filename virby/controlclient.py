@@ -1,0 +1,120 @@
+"""
+Asking the daemon over its control socket (the protocol is in L{virby.control}): one request
+line, one reply line.  Used by the short-lived commands (C{virby status}, C{start}, C{stop},
+C{doctor}), never by the daemon: a plain blocking socket with a timeout is the right tool.
+
+A daemon from before the protocol wrote its status document to every connection at once,
+without reading, and closed: its reply has no C{"version"}, and is taken as the status
+(what C{virby status} asked) or refused with the fix (anything else).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import socket
+from typing import Any
+
+from virby.control import PROTOCOL_VERSION
+from virby.errors import VirbyError
+
+#: The longest reply read: a status document is a few kilobytes.
+MAX_REPLY = 1024 * 1024
+
+
+class DaemonDown(VirbyError):
+    """Nothing answers on the control socket."""
+
+
+class NotAllowed(VirbyError):
+    """The control socket is there, but this user may not open it (only root and the daemon's
+    user may)."""
+
+
+class Refused(VirbyError):
+    """The daemon answered, and said no; the message is its one line."""
+
+
+def ask(path: str, command: str, *, force: bool = False, timeout: float = 5.0) -> dict[str, Any]:
+    """
+    Send one request and return the daemon's reply (its C{"ok": true} document).
+
+    @param timeout: how long the daemon may take: a start waits for a whole boot.
+    @raise DaemonDown: when no daemon listens at C{path}.
+    @raise NotAllowed: when this user may not open the socket.
+    @raise Refused: when the daemon answered with an error.
+    @raise VirbyError: for anything else (garbage, a timeout), in one line.
+    """
+    request = {"version": PROTOCOL_VERSION, "command": command}
+    if force:
+        request["force"] = True
+    raw = _exchange(path, command, json.dumps(request).encode() + b"\n", timeout)
+    try:
+        reply = json.loads(raw)
+    except ValueError:
+        raise VirbyError(f"the daemon at {path} answered something that is not JSON") from None
+    if not isinstance(reply, dict):
+        raise VirbyError(f"the daemon at {path} answered something that is not a reply")
+    if "version" not in reply:
+        if command == "status" and "state" in reply:
+            return {"ok": True, "status": reply}  # a daemon from before the protocol
+        raise Refused(
+            f"the daemon running now predates `virby {command}`: restart it (sudo launchctl "
+            "kickstart -k system/org.nixos.virbyd) and try again"
+        )
+    if reply.get("ok") is not True:
+        raise Refused(str(reply.get("error") or "the daemon refused without saying why"))
+    return reply
+
+
+def _exchange(path: str, command: str, request: bytes, timeout: float) -> bytes:
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(path)
+            # A daemon from before the protocol may have answered and closed already.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                s.sendall(request)
+            chunks = _read_reply(s, path)
+    except FileNotFoundError:
+        raise DaemonDown(f"the daemon is not running (no control socket at {path})") from None
+    except ConnectionRefusedError:
+        raise DaemonDown(f"the daemon is not running (stale control socket at {path})") from None
+    except PermissionError:
+        raise NotAllowed(
+            f"only root may ask the daemon (its control socket {path} is owner-only): "
+            f"run `sudo virby {command}`"
+        ) from None
+    except TimeoutError:
+        raise VirbyError(f"the daemon did not answer on {path} within {timeout:.0f}s") from None
+    except ConnectionResetError:
+        raise VirbyError(f"the daemon at {path} closed the connection without a reply") from None
+    except OSError as e:
+        if e.errno == errno.ENOTDIR:
+            raise DaemonDown(f"the daemon is not running (no control socket at {path})") from None
+        raise VirbyError(f"cannot reach the daemon at {path}: {e.strerror or e}") from None
+    return b"".join(chunks)
+
+
+def _read_reply(s: socket.socket, path: str) -> list[bytes]:
+    """
+    Everything up to the daemon's close.  A daemon from before the protocol closes without
+    reading the request, which Linux reports as a reset after the reply it sent: a reset
+    once the reply is in counts as the close it is.
+    """
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        try:
+            chunk = s.recv(65536)
+        except ConnectionResetError:
+            if chunks:
+                return chunks
+            raise
+        if not chunk:
+            return chunks
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > MAX_REPLY:
+            raise VirbyError(f"the daemon at {path} answered more than a reply")

@@ -1,0 +1,898 @@
+"""
+``virby doctor [--json] [--ssh] --config FILE``: why does my builder not work?
+
+Each check is one line: ok, or what is wrong and the command that fixes it.  The exit status
+is 1 when any check failed, 0 otherwise; C{--json} prints one document for scripts.  A check
+that only root can make (the working directory is owner-only, C{lsof} sees only the caller's
+sockets) says so instead of guessing, and the last line says to run C{sudo virby doctor}.
+
+The checks, in order, and what each looks at:
+
+================  ==========================================================================
+check             looks at
+================  ==========================================================================
+launchd           C{launchctl print system/org.nixos.virbyd}: loaded, and running unless
+                  on-demand (an on-demand job waits for its socket)
+daemon            the control socket: the daemon answers, its VM's state, its last error
+port              C{lsof -iTCP@127.0.0.1:PORT -sTCP:LISTEN}: only launchd (which holds the
+                  socket it hands over) and the daemon hold the builder's port
+working-dir       the working directory: there, a directory, C{prepare}'s mode, and owned by
+                  the daemon's user (the owner of its control socket, else C{_virby})
+files             every file C{prepare} makes: there, regular, its mode, the directory's owner
+keys              the client key matches the authorized key the guest installs; the host key
+                  matches its public half and C{ssh_known_hosts}
+image             the image C{prepare} recorded is the config's, and it and C{base.img} exist
+vfkit             found, and C{vfkit --version} is a release with every flag and device the
+                  daemon passes for this config (L{VFKIT_SINCE})
+rosetta           (when on) Apple silicon, macOS 13 or later, Rosetta installed
+nested            (when on) Apple M3 or later with macOS 15 or later
+ssh               (with C{--ssh}) C{ssh virby-vm true}, as Nix connects, within start-timeout;
+                  before the leases, so that a VM it boots is the one they are checked for
+dhcp-lease        bootpd's lease file: readable, and written for this boot when a VM runs;
+                  when no lease came, the application firewall's state and how to let
+                  bootpd through (C{socketfilterfw --getglobalstate}, C{--getblockall})
+lease-pool        unexpired leases in the VM's /24 against bootpd's 253 addresses
+disk-space        free space on the working directory's volume against how much more the
+                  VM's sparse disk may take (C{disk-size} minus what is allocated now)
+================  ==========================================================================
+
+Every command goes through the host-facts runner (L{virby.hostfacts.Runner}), so a test
+plays a Mac, healthy or broken in any one way.  This is a short-lived command, never code
+on the daemon's reactor: blocking calls are fine here.
+"""
+
+from __future__ import annotations
+
+import enum
+import grp
+import ipaddress
+import json
+import os
+import pwd
+import re
+import stat
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from virby import keys
+from virby.config import MIB, Config
+from virby.control import CONTROL_SOCKET
+from virby.controlclient import DaemonDown, NotAllowed
+from virby.errors import VirbyError
+from virby.hostfacts import (
+    LAUNCHCTL,
+    LSOF,
+    NO_SUCH_SERVICE,
+    SOCKETFILTERFW,
+    SSH,
+    HostFacts,
+    ProbeError,
+    Runner,
+    default_runner,
+    gather,
+)
+from virby.leases import Lease, newest_ip, normalize_mac, parse_leases
+from virby.prepare import (
+    AUTHORIZED_KEY,
+    BASE_IMAGE,
+    CLIENT_KEY,
+    DIFF_IMAGE,
+    HOST_KEY,
+    HOST_PUBLIC_KEY,
+    KNOWN_HOSTS,
+    MODES,
+    PRIVATE_DIRECTORY,
+    REACHABLE_DIRECTORY,
+    SHARED_CLIENT_KEY,
+    SSHD_KEYS,
+    recorded_image,
+)
+from virby.status import query
+from virby.vfkit import VfkitNotFound, find_vfkit, vfkit_arguments
+
+#: The daemon's launchd job, as C{nix/module.nix} names it.
+LAUNCHD_LABEL = "org.nixos.virbyd"
+LAUNCHD_PLIST = f"/Library/LaunchDaemons/{LAUNCHD_LABEL}.plist"
+DAEMON_LOG = "/var/log/virbyd.log"
+BOOTPD = "/usr/libexec/bootpd"
+#: The user launchd runs the daemon as (C{nix/module.nix}).
+DAEMON_USER = "_virby"
+#: bootpd's pool for the VMs' NAT network, a /24: .2 to .254.
+POOL_SIZE = 253
+#: Unexpired leases from which the pool may run out: bootpd takes back an expired lease only
+#: when no free address is left, and a lease lasts a day.
+POOL_CROWDED = 200
+#: How long a boot may go without a lease before that says bootpd is not answering.
+LEASE_GRACE = 30.0
+#: ssh gets start-timeout plus this: a cold boot, then the login.
+SSH_MARGIN = 30.0
+
+#: The vfkit release that first took each flag and device kind the daemon passes, read in
+#: vfkit's git history (C{pkg/cmdline/cmdline.go}, C{cmd/vfkit/root.go},
+#: C{pkg/config/virtio.go}, C{pkg/config/bootloader.go}, C{pkg/rest/rest.go}).  A flag the
+#: daemon starts passing must be added here (a test checks every one is).
+VFKIT_SINCE: dict[str, tuple[int, int, int]] = {
+    "--cpus": (0, 0, 1),
+    "--memory": (0, 0, 1),
+    "--device": (0, 0, 1),
+    "virtio-blk": (0, 0, 1),
+    "virtio-net": (0, 0, 1),
+    "virtio-serial": (0, 0, 1),  # with logFilePath
+    "virtio-rng": (0, 0, 1),
+    "virtio-fs": (0, 0, 2),
+    "--timesync": (0, 0, 3),
+    "--bootloader": (0, 1, 0),  # efi,variable-store=...[,create]
+    "--restful-uri": (0, 1, 0),  # unix://
+    "rosetta": (0, 5, 0),
+    "virtio-balloon": (0, 6, 1),
+    "--nested": (0, 6, 2),
+}
+
+
+class Status(enum.Enum):
+    OK = "ok"
+    FAIL = "fail"
+    WARN = "warn"
+    SKIP = "skip"
+    SUDO = "needs-sudo"
+
+
+_MARKS = {
+    Status.OK: "ok",
+    Status.FAIL: "FAIL",
+    Status.WARN: "warn",
+    Status.SKIP: "skip",
+    Status.SUDO: "sudo",
+}
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One check's outcome: C{detail} says what was found, C{fix} what to run about it."""
+
+    check: str
+    status: Status
+    detail: str
+    fix: str | None = None
+
+    def line(self) -> str:
+        fix = f"; fix: {self.fix}" if self.fix else ""
+        return f"{_MARKS[self.status]:<4}  {self.check:<11}  {self.detail}{fix}"
+
+    def document(self) -> dict[str, Any]:
+        return {
+            "check": self.check,
+            "status": self.status.value,
+            "detail": self.detail,
+            "fix": self.fix,
+        }
+
+
+class _Finished(Exception):
+    """A check reached its verdict early."""
+
+    def __init__(self, finding: Finding) -> None:
+        self.finding = finding
+
+
+@dataclass
+class _Seen:
+    """What one check learnt that a later one uses."""
+
+    daemon_pids: set[int] = field(default_factory=set)
+    daemon: dict[str, Any] | None = None
+    owner: int | None = None
+    working_directory: bool = True
+    leases: list[Lease] | None = None
+    vm_ip: str | None = None
+
+
+class Doctor:
+    """
+    Runs the checks in order.
+
+    @param runner: the Mac (L{default_runner} by default).
+    @param config_file: named in the fixes, so they can be pasted as they are.
+    @param euid: whose rights the checks have (root sees everything).
+    @param now: the wall clock, to age leases and files (never to schedule anything).
+    @param statvfs: the free space of a volume.
+    @param ask: the daemon's status document from its control socket (L{query}).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        runner: Runner | None = None,
+        *,
+        config_file: str | None = None,
+        ssh: bool = False,
+        euid: int | None = None,
+        now: Callable[[], float] = time.time,
+        statvfs: Callable[[str], os.statvfs_result] = os.statvfs,
+        ask: Callable[[str], dict[str, Any]] | None = None,
+    ) -> None:
+        self.config = config
+        self.runner = runner or default_runner()
+        self.config_file = config_file or "FILE"
+        self.ssh = ssh
+        self.euid = os.geteuid() if euid is None else euid
+        self.now = now
+        self.statvfs = statvfs
+        self.ask = ask or query
+        self.seen = _Seen()
+        self._facts: HostFacts | None = None
+
+    def checks(self) -> list[tuple[str, Callable[[], Finding]]]:
+        listed = [
+            ("launchd", self.launchd),
+            ("daemon", self.daemon),
+            ("port", self.port),
+            ("working-dir", self.working_directory),
+            ("files", self.files),
+            ("keys", self.keys),
+            ("image", self.image),
+            ("vfkit", self.vfkit),
+        ]
+        if self.config.rosetta:
+            listed.append(("rosetta", self.rosetta))
+        if self.config.nested_virtualization:
+            listed.append(("nested", self.nested))
+        # ssh before the leases: when it boots the VM, they are checked for that boot.
+        listed += [
+            ("ssh", self.ssh_login),
+            ("dhcp-lease", self.dhcp_lease),
+            ("lease-pool", self.lease_pool),
+            ("disk-space", self.disk_space),
+        ]
+        return listed
+
+    def run(self) -> list[Finding]:
+        findings = []
+        for name, check in self.checks():
+            try:
+                finding = check()
+            except _Finished as done:
+                finding = done.finding
+            findings.append(Finding(name, finding.status, finding.detail, finding.fix))
+        return findings
+
+    # -- helpers
+
+    @property
+    def root(self) -> bool:
+        return self.euid == 0
+
+    def _prepare_fix(self) -> str:
+        owner = self._owner_name(self.seen.owner)
+        hand = f" --owner {owner}" if owner and owner != "root" else ""
+        return (
+            f"sudo virby prepare --config {self.config_file}{hand} "
+            "(darwin-rebuild switch runs it), then restart the daemon"
+        )
+
+    def _restart_fix(self) -> str:
+        return f"sudo launchctl kickstart -k system/{LAUNCHD_LABEL}, and read {DAEMON_LOG}"
+
+    @staticmethod
+    def _owner_name(uid: int | None) -> str | None:
+        if uid is None:
+            return None
+        try:
+            entry = pwd.getpwuid(uid)
+        except KeyError:
+            return str(uid)
+        try:
+            group = grp.getgrgid(entry.pw_gid).gr_name
+        except KeyError:
+            return entry.pw_name
+        return f"{entry.pw_name}:{group}" if entry.pw_name == DAEMON_USER else entry.pw_name
+
+    def _read(self, name: str, what: str) -> bytes:
+        """A file of the working directory; a missing one fails, an unreadable one asks sudo."""
+        try:
+            with open(self.config.path(name), "rb") as f:
+                return f.read()
+        except PermissionError:
+            raise _Finished(sudo(what)) from None
+        except FileNotFoundError:
+            raise _Finished(fail(f"{name} is missing", self._prepare_fix())) from None
+
+    # -- the checks
+
+    def launchd(self) -> Finding:
+        try:
+            text = self.runner.run([LAUNCHCTL, "print", f"system/{LAUNCHD_LABEL}"])
+        except ProbeError as e:
+            if e.status == NO_SUCH_SERVICE or "Could not find service" in str(e):
+                return fail(
+                    f"{LAUNCHD_LABEL} is not loaded",
+                    f"sudo launchctl bootstrap system {LAUNCHD_PLIST} (or darwin-rebuild switch)",
+                )
+            return skip(f"cannot ask launchd: {e}")
+        job = parse_launchctl(text)
+        pid = job.get("pid")
+        if job.get("state") == "running" and pid and pid.isdigit():
+            self.seen.daemon_pids.add(int(pid))
+            return ok(f"{LAUNCHD_LABEL} is running (pid {pid})")
+        code = job.get("last exit code")
+        exited = f", last exit code {code}" if code and code != "(never exited)" else ""
+        if self.config.on_demand:
+            return ok(f"{LAUNCHD_LABEL} is loaded and waits for the first build{exited}")
+        state = job.get("state") or "not running"
+        return fail(f"{LAUNCHD_LABEL} is loaded but {state}{exited}", self._restart_fix())
+
+    def daemon(self) -> Finding:
+        path = self.config.path(CONTROL_SOCKET)
+        try:
+            document = self.ask(path)
+        except DaemonDown as e:
+            if self.config.on_demand:
+                return ok("not running yet: launchd starts it at the first build (on-demand)")
+            return fail(str(e), self._restart_fix())
+        except NotAllowed:
+            return sudo("the control socket is owner-only")
+        except VirbyError as e:
+            return fail(str(e), self._restart_fix())
+        self.seen.daemon = document
+        if isinstance(document.get("daemon_pid"), int):
+            self.seen.daemon_pids.add(document["daemon_pid"])
+        self.seen.vm_ip = document.get("vm_ip")
+        detail = f"answers (pid {document.get('daemon_pid', '?')}); VM {document.get('state')}"
+        warnings = document.get("warnings") or []
+        if warnings:
+            return warn(f"{detail}; {'; '.join(warnings)}")
+        error = document.get("last_error")
+        if error and document.get("state") != "running":
+            return warn(f"{detail}; last error: {error}", f"read {DAEMON_LOG}")
+        return ok(detail + (f"; last error: {error}" if error else ""))
+
+    def port(self) -> Finding:
+        where = f"127.0.0.1:{self.config.port}"
+        if not self.root:
+            return sudo(f"who holds {where}")
+        argv = [LSOF, "+c", "0", "-nP", f"-iTCP@{where}", "-sTCP:LISTEN", "-Fpc"]
+        try:
+            output = self.runner.run(argv)
+        except ProbeError as e:
+            if e.status != 1:  # lsof's "found nothing" is status 1
+                return skip(f"cannot run lsof: {e}")
+            output = ""
+        holders = parse_lsof(output)
+        if not holders:
+            return fail(f"nothing listens on {where}", self._restart_fix())
+        strangers = [(pid, command) for pid, command in holders if not self._ours(pid, command)]
+        if strangers:
+            pid, command = strangers[0]
+            return fail(
+                f"{where} is held by {command} (pid {pid}), not by the daemon",
+                f"stop it (sudo kill {pid}), or set services.virby.port to a free port",
+            )
+        names = ", ".join(f"{command} (pid {pid})" for pid, command in holders)
+        return ok(f"{where} is held by {names}")
+
+    def _ours(self, pid: int, command: str) -> bool:
+        """
+        launchd holds the socket it hands over; the daemon holds it once it runs, by the pid
+        launchd or the daemon itself gave (its name says little: on macOS it is Python's).
+        """
+        return pid == 1 or pid in self.seen.daemon_pids
+
+    def working_directory(self) -> Finding:
+        wd = self.config.working_directory
+        try:
+            info = os.stat(wd)
+        except FileNotFoundError:
+            self.seen.working_directory = False
+            return fail(f"{wd} is missing", self._prepare_fix())
+        except PermissionError:
+            return sudo(f"{wd}")
+        if not stat.S_ISDIR(info.st_mode):
+            self.seen.working_directory = False
+            return fail(f"{wd} is not a directory", f"move it away, then {self._prepare_fix()}")
+        self.seen.owner = info.st_uid
+        expected = self._daemon_user()
+        want = REACHABLE_DIRECTORY if self.config.allow_user_ssh else PRIVATE_DIRECTORY
+        mode = stat.S_IMODE(info.st_mode)
+        problems = []
+        if mode != want:
+            problems.append(f"its mode is {mode:04o}, not {want:04o}")
+        if expected is not None and info.st_uid != expected:
+            problems.append(
+                f"it is {self._owner_name(info.st_uid)}'s, not the daemon's user "
+                f"{self._owner_name(expected)}'s"
+            )
+            self.seen.owner = expected
+        if problems:
+            return fail(f"{wd}: {'; '.join(problems)}", self._prepare_fix())
+        return ok(f"{wd}, mode {mode:04o}, {self._owner_name(info.st_uid)}'s")
+
+    def _daemon_user(self) -> int | None:
+        """Who the daemon runs as: its control socket's owner, else the module's user."""
+        try:
+            return os.lstat(self.config.path(CONTROL_SOCKET)).st_uid
+        except OSError:
+            pass
+        try:
+            return pwd.getpwnam(DAEMON_USER).pw_uid
+        except KeyError:
+            return None
+
+    def _needs_working_directory(self) -> None:
+        if not self.seen.working_directory:
+            raise _Finished(skip("no working directory (see working-dir)"))
+
+    def files(self) -> Finding:
+        self._needs_working_directory()
+        problems: list[str] = []
+        owner = self.seen.owner
+        wanted = dict(MODES)
+        wanted[SSHD_KEYS] = PRIVATE_DIRECTORY
+        for name, mode in wanted.items():
+            try:
+                info = os.lstat(self.config.path(name))
+            except FileNotFoundError:
+                if self._required(name):
+                    problems.append(f"{name} is missing")
+                continue
+            except PermissionError:
+                return sudo("the working directory's files")
+            if name == SHARED_CLIENT_KEY and not self.config.allow_user_ssh:
+                problems.append(f"{name} exists though allow-user-ssh is off")
+                continue
+            directory = name == SSHD_KEYS
+            if not (stat.S_ISDIR(info.st_mode) if directory else stat.S_ISREG(info.st_mode)):
+                problems.append(f"{name} is not a {'directory' if directory else 'file'}")
+            elif stat.S_IMODE(info.st_mode) != mode:
+                problems.append(f"{name} is {stat.S_IMODE(info.st_mode):04o}, not {mode:04o}")
+            elif owner is not None and info.st_uid != owner:
+                problems.append(f"{name} is {self._owner_name(info.st_uid)}'s")
+        if problems:
+            return fail("; ".join(problems), self._prepare_fix())
+        return ok(f"present, with prepare's modes and owner ({self._owner_name(owner)})")
+
+    def _required(self, name: str) -> bool:
+        if name == SHARED_CLIENT_KEY:
+            return self.config.allow_user_ssh
+        if name == DIFF_IMAGE:
+            return not self.config.ephemeral  # made before each boot
+        return True
+
+    def keys(self) -> Finding:
+        self._needs_working_directory()
+        what = "the keys"
+        host_private = self._read(HOST_KEY, what)
+        client_private = self._read(CLIENT_KEY, what)
+        host_public = self._read(HOST_PUBLIC_KEY, what)
+        authorized = self._read(AUTHORIZED_KEY, what)
+        known_hosts = self._read(KNOWN_HOSTS, what)
+        problems = []
+        try:
+            host = keys.public_of_private(host_private)
+            client = keys.public_of_private(client_private)
+        except ValueError:
+            return fail("a private key is not an OpenSSH ed25519 key", self._prepare_fix())
+        if _bare(authorized) != client:
+            problems.append(
+                f"the client key {CLIENT_KEY} does not match the key the guest authorizes "
+                f"({AUTHORIZED_KEY})"
+            )
+        if _bare(host_public) != host:
+            problems.append(f"{HOST_PUBLIC_KEY} is not the public half of the VM's host key")
+        if known_hosts.decode("ascii", "replace") != keys.known_hosts_line(host):
+            problems.append(f"{KNOWN_HOSTS} does not pin the VM's host key")
+        if self.config.allow_user_ssh:
+            shared = self._read(SHARED_CLIENT_KEY, what)
+            if shared != client_private:
+                problems.append(f"{SHARED_CLIENT_KEY} is not the client key")
+        if problems:
+            return fail("; ".join(problems), self._prepare_fix())
+        return ok("the client key is the one the guest authorizes; the host key is pinned")
+
+    def image(self) -> Finding:
+        image = self.config.image
+        if image is None:
+            return fail('no "image" in the config', "the nix-darwin module sets it; switch again")
+        try:
+            recorded = recorded_image(self.config)
+        except PermissionError:
+            return sudo("the image record")
+        if not os.path.isfile(image):
+            return fail(
+                f"the image {image} does not exist",
+                "darwin-rebuild switch (which builds it), or nix-store --realise it",
+            )
+        if recorded is None:
+            return fail("virby prepare never made the disks", self._prepare_fix())
+        if recorded != image:
+            return fail(
+                f"the disks were made from {recorded}, but the config names {image}",
+                self._prepare_fix(),
+            )
+        try:
+            os.stat(self.config.path(BASE_IMAGE))
+        except FileNotFoundError:
+            return fail(f"{BASE_IMAGE} is missing", self._prepare_fix())
+        except PermissionError:
+            return sudo(BASE_IMAGE)
+        return ok(f"the disks were made from {image}")
+
+    def vfkit(self) -> Finding:
+        try:
+            path = find_vfkit(self.config.vfkit)
+        except VfkitNotFound as e:
+            return fail(str(e))
+        try:
+            said = self.runner.run([path, "--version"]).strip()
+        except ProbeError as e:
+            return fail(f"{path} --version failed: {e}", "reinstall vfkit (nixpkgs#vfkit)")
+        needed = vfkit_needs(self.config)
+        version = parse_vfkit_version(said)
+        if version is None:
+            return warn(f"{path} says {said!r}: cannot tell which flags it has")
+        lacking = [(what, since) for what, since in needed.items() if version < since]
+        if lacking:
+            newest = max(since for _, since in lacking)
+            missing = ", ".join(f"{what} (since {_version(since)})" for what, since in lacking)
+            return fail(
+                f"vfkit {_version(version)} at {path} lacks {missing}",
+                f"install vfkit {_version(newest)} or later (nixpkgs#vfkit)",
+            )
+        newest = max(needed.values())
+        return ok(
+            f"vfkit {_version(version)} at {path} has every flag this config passes "
+            f"(they need {_version(newest)})"
+        )
+
+    def _host(self) -> HostFacts:
+        if self._facts is None:
+            self._facts = gather(self.runner)
+        return self._facts
+
+    def rosetta(self) -> Finding:
+        verdict = self._host().rosetta()
+        if verdict.ok:
+            return ok(verdict.why)
+        if verdict.ok is None:
+            return warn(verdict.why)
+        return fail(f"{verdict.why}; no VM boots until then", verdict.fix)
+
+    def nested(self) -> Finding:
+        verdict = self._host().nested_virtualization()
+        if verdict.ok:
+            return ok(verdict.why)
+        if verdict.ok is None:
+            return warn(verdict.why)
+        return fail(
+            f"this Mac cannot nest: {verdict.why}; the daemon boots the VM without --nested",
+            "turn services.virby.nestedVirtualization off",
+        )
+
+    def dhcp_lease(self) -> Finding:
+        path = self.config.leases_file
+        mac = self._mac()
+        try:
+            info = os.stat(path)
+            with open(path, encoding="utf-8", errors="replace") as f:
+                self.seen.leases = leases = parse_leases(f.read())
+        except FileNotFoundError:
+            if mac is None:
+                return ok(f"no {path} yet: bootpd writes it at the VM's first boot")
+            return fail(
+                f"no {path}, though the VM has booted before: bootpd never gave it an address",
+                self._firewall(),
+            )
+        except PermissionError:
+            return fail(
+                f"{path} is not readable", f"sudo chmod 644 {path} (bootpd keeps it readable)"
+            )
+        except OSError as e:
+            return fail(
+                f"cannot read {path}: {e.strerror or e}",
+                "set leases-file to bootpd's lease file, /var/db/dhcpd_leases",
+            )
+        ip = newest_ip(leases, mac) if mac else None
+        self.seen.vm_ip = ip or self.seen.vm_ip
+        started = self._boot_started()
+        if started is not None:
+            ago = self.now() - started
+            if ip is not None and info.st_mtime >= started:
+                return ok(f"bootpd gave {mac} {ip} for the running VM")
+            if ago < LEASE_GRACE:
+                return ok(f"the VM started {ago:.0f}s ago and has no lease yet")
+            return fail(
+                f"no lease for {mac} since the VM started {ago:.0f}s ago: bootpd did not answer",
+                self._firewall(),
+            )
+        error = (self.seen.daemon or {}).get("last_error") or ""
+        if "no DHCP lease" in error:
+            return fail(f"the last boot got no address ({error})", self._firewall())
+        if ip is not None:
+            return ok(f"bootpd gave {mac} {ip}; the VM is not running")
+        duid = [lease for lease in leases if lease.name == "virby-vm" and not lease.hw_address]
+        if duid:
+            return fail(
+                "bootpd keyed virby-vm's lease by a DUID, not its MAC: the daemon cannot find it",
+                'the image must send its MAC as DHCP client id (dhcpcd clientid "")',
+            )
+        if mac is None:
+            return ok(f"{path} is readable; the VM has not booted yet")
+        return warn(f"no lease for {mac} in {path}; the next boot asks bootpd again")
+
+    def _mac(self) -> str | None:
+        try:
+            with open(self.config.path("mac"), encoding="ascii", errors="replace") as f:
+                return normalize_mac(f.read())
+        except OSError:
+            return None
+
+    def _boot_started(self) -> float | None:
+        """When the VM now running (or booting) was started: its pidfile is written then."""
+        try:
+            return os.stat(self.config.path("vfkit.pid")).st_mtime
+        except OSError:
+            return None
+
+    def _firewall(self) -> str:
+        """What the application firewall says, and how to let bootpd through it."""
+        state = "the firewall's state is unknown"
+        try:
+            answer = self.runner.run([SOCKETFILTERFW, "--getglobalstate"])
+            on = _says_on(answer)
+            if on is not None:
+                state = f"the firewall is {'on' if on else 'off'}"
+            if on:
+                block_all = _says_on(self.runner.run([SOCKETFILTERFW, "--getblockall"]))
+                if block_all:
+                    state += " and blocks all incoming connections"
+        except ProbeError:
+            pass
+        steps = [
+            f"{state}; check `{SOCKETFILTERFW} --getglobalstate` and `--listapps`",
+            f"let bootpd through: `sudo {SOCKETFILTERFW} --add {BOOTPD} --unblockapp {BOOTPD}`",
+        ]
+        if "blocks all" in state:
+            steps.append(f"`sudo {SOCKETFILTERFW} --setblockall off`")
+        return "; ".join(steps)
+
+    def lease_pool(self) -> Finding:
+        leases = self.seen.leases
+        if leases is None:
+            return skip("no lease file was read")
+        net = _pool(leases, self.seen.vm_ip)
+        if net is None:
+            return ok(f"{len(leases)} leases, none in a pool of the VM's")
+        now = self.now()
+        active = [
+            lease
+            for lease in leases
+            if lease.lease > now and ipaddress.ip_address(lease.ip_address) in net
+        ]
+        detail = (
+            f"{len(active)} unexpired leases in {net} ({len(leases)} entries), "
+            f"of {POOL_SIZE} addresses"
+        )
+        if len(active) >= POOL_CROWDED:
+            return fail(
+                f"{detail}: the pool may run out",
+                "bootpd takes back expired leases only when the pool is full: while no VM "
+                f"runs, delete the entries of VMs you no longer use from {self.config.leases_file}",
+            )
+        return ok(detail)
+
+    def disk_space(self) -> Finding:
+        name = DIFF_IMAGE
+        if self.config.ephemeral or not os.path.lexists(self.config.path(DIFF_IMAGE)):
+            name = BASE_IMAGE  # what the next fresh disk starts from
+        try:
+            info = os.stat(self.config.path(name))
+            volume = self.statvfs(self.config.working_directory)
+        except FileNotFoundError:
+            return skip(f"no {name} yet")
+        except PermissionError:
+            return sudo(name)
+        final = max(self.config.disk_size, info.st_size)
+        allocated = info.st_blocks * 512
+        growth = max(0, final - allocated)
+        free = volume.f_bavail * volume.f_frsize
+        detail = (
+            f"{name} may take {_gib(growth)} more (up to {_gib(final)}, {_gib(allocated)} "
+            f"now), and its volume has {_gib(free)} free"
+        )
+        if free < growth:
+            return fail(
+                detail,
+                "free space on that volume, or lower diskSize (a disk never shrinks: a smaller "
+                "size takes effect with a new image, or at the next boot with ephemeral)",
+            )
+        return ok(detail)
+
+    def ssh_login(self) -> Finding:
+        if not self.ssh:
+            return skip("not tried: `virby doctor --ssh` runs `ssh virby-vm true` (boots the VM)")
+        if not self.root and not self.config.allow_user_ssh:
+            return sudo("ssh virby-vm with the root-only client key")
+        limit = self.config.start_timeout + SSH_MARGIN
+        argv = [SSH, "-o", "BatchMode=yes", "virby-vm", "true"]
+        started = time.monotonic()
+        try:
+            self.runner.run(argv, timeout=limit)
+        except ProbeError as e:
+            return fail(
+                f"ssh virby-vm true failed: {e}",
+                f"see `sudo virby status --config {self.config_file}` and {DAEMON_LOG}",
+            )
+        return ok(f"ssh virby-vm true answered in {time.monotonic() - started:.1f}s")
+
+
+# -- verdicts
+
+
+def ok(detail: str) -> Finding:
+    return Finding("", Status.OK, detail)
+
+
+def fail(detail: str, fix: str | None = None) -> Finding:
+    return Finding("", Status.FAIL, detail, fix)
+
+
+def warn(detail: str, fix: str | None = None) -> Finding:
+    return Finding("", Status.WARN, detail, fix)
+
+
+def skip(detail: str) -> Finding:
+    return Finding("", Status.SKIP, detail)
+
+
+def sudo(what: str) -> Finding:
+    return Finding("", Status.SUDO, f"{what}: only root can look", "run sudo virby doctor")
+
+
+# -- parsing what the Mac says
+
+
+def parse_launchctl(text: str) -> dict[str, str]:
+    """
+    The job's own C{key = value} lines of C{launchctl print}: the least indented ones, first
+    occurrence first, so the nested blocks (sockets, environment) cannot shadow them.
+    """
+    found: dict[str, tuple[int, str]] = {}
+    for line in text.splitlines():
+        match = re.match(r"^(\s+)([a-z][a-z ]*?) = (.*)$", line)
+        if not match:
+            continue
+        depth, key, value = len(match.group(1).expandtabs(1)), match.group(2), match.group(3)
+        if key not in found or depth < found[key][0]:
+            found[key] = (depth, value.strip())
+    return {key: value for key, (_, value) in found.items()}
+
+
+def parse_lsof(text: str) -> list[tuple[int, str]]:
+    """C{lsof -F pc} output: one C{p<pid>} line per process, then its C{c<command>}."""
+    holders: list[tuple[int, str]] = []
+    pid: int | None = None
+    for line in text.splitlines():
+        if line.startswith("p") and line[1:].isdigit():
+            pid = int(line[1:])
+            holders.append((pid, "?"))
+        elif line.startswith("c") and pid is not None and holders and holders[-1][0] == pid:
+            holders[-1] = (pid, line[1:])
+    return holders
+
+
+def parse_vfkit_version(text: str) -> tuple[int, int, int] | None:
+    """C{vfkit version: v0.6.3} (or C{0.6.3}, or C{v0.6.3-4-gabc}) -> C{(0, 6, 3)}."""
+    match = re.search(r"version:?\s*v?(\d+)\.(\d+)\.(\d+)", text)
+    if match is None:
+        return None
+    return (int(match.group(1)), int(match.group(2)), int(match.group(3)))
+
+
+def vfkit_needs(config: Config) -> dict[str, tuple[int, int, int]]:
+    """
+    Every flag and device kind of the command line the daemon builds for C{config} (with
+    C{--nested} as configured), and the vfkit release that first took it.
+
+    @raise KeyError: for one L{VFKIT_SINCE} does not know (a test keeps them in step).
+    """
+    args = vfkit_arguments(
+        config, "vfkit", "02:00:00:00:00:01", False, config.nested_virtualization
+    )
+    needed = {}
+    for index, arg in enumerate(args[1:], start=1):
+        if arg.startswith("--"):
+            needed[arg] = VFKIT_SINCE[arg]
+            if arg == "--device":
+                kind = args[index + 1].split(",", 1)[0]
+                needed[kind] = VFKIT_SINCE[kind]
+    return needed
+
+
+def _says_on(text: str) -> bool | None:
+    lowered = text.lower()
+    state = re.search(r"state = (\d)", lowered)
+    if state:
+        return state.group(1) != "0"
+    if "disabled" in lowered:
+        return False
+    if "enabled" in lowered or "block all non-essential" in lowered:
+        return True
+    return None
+
+
+def _bare(line: bytes) -> str | None:
+    try:
+        return keys.bare_public(line.decode("ascii"))
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def _pool(leases: Iterable[Lease], ip: str | None) -> ipaddress.IPv4Network | None:
+    """The /24 bootpd hands the VM's addresses from: the VM's own, else the busiest."""
+    if ip is not None:
+        return ipaddress.ip_network(f"{ip}/24", strict=False)  # type: ignore[return-value]
+    counts: dict[ipaddress.IPv4Network, int] = {}
+    for lease in leases:
+        net = ipaddress.ip_network(f"{lease.ip_address}/24", strict=False)
+        counts[net] = counts.get(net, 0) + 1  # type: ignore[index]
+    return max(counts, key=counts.__getitem__) if counts else None
+
+
+def _version(version: tuple[int, ...]) -> str:
+    return "v" + ".".join(map(str, version))
+
+
+def _gib(size: int) -> str:
+    return f"{size / (1024 * MIB):.1f} GiB"
+
+
+# -- the command
+
+
+def run(
+    config: Config,
+    as_json: bool,
+    ssh: bool = False,
+    config_file: str | None = None,
+    out: TextIO | None = None,
+    runner: Runner | None = None,
+) -> int:
+    """C{virby doctor}: 1 when any check failed, else 0 (checks that need root do not fail)."""
+    out = out or sys.stdout
+    findings = Doctor(config, runner, config_file=config_file, ssh=ssh).run()
+    failed = [f for f in findings if f.status is Status.FAIL]
+    needs_root = [f for f in findings if f.status is Status.SUDO]
+    if as_json:
+        document = {
+            "ok": not failed,
+            "checks": [f.document() for f in findings],
+            "needs_sudo": [f.check for f in needs_root],
+        }
+        out.write(json.dumps(document, indent=2) + "\n")
+    else:
+        for finding in findings:
+            out.write(finding.line() + "\n")
+        out.write(_summary(findings, failed, needs_root, config_file) + "\n")
+    return 1 if failed else 0
+
+
+def _summary(
+    findings: list[Finding],
+    failed: list[Finding],
+    needs_root: list[Finding],
+    config_file: str | None,
+) -> str:
+    parts = []
+    if failed:
+        parts.append(f"{len(failed)} of {len(findings)} checks failed")
+    else:
+        parts.append("no check failed")
+    if needs_root:
+        names = ", ".join(f.check for f in needs_root)
+        parts.append(
+            f"{len(needs_root)} need root ({names}): run "
+            f"`sudo virby doctor --config {config_file or 'FILE'}`"
+        )
+    return "; ".join(parts)
