@@ -4,15 +4,16 @@ bytes between them move here, on the reactor's thread, without a Python object p
 
 Why here, and why this way (2-core Linux, 1 GiB through a splice to a counting sink, the
 contenders interleaved; docs/benchmarks.md): Twisted's transports read each chunk into a new
-C{bytes} and write it out again, which costs the daemon 1.4 to 1.9 CPU seconds per GiB and
-caps every stream together at 0.35 to 0.6 times Go's C{io.Copy}.  Moved with C{splice(2)} by
-this module on the same one reactor thread, a GiB costs 0.2 to 0.4 CPU seconds, half of what
-Go's C{io.Copy} spends (it splices too, from as many threads as it likes), and moves 1.1 to
-1.3 times as fast, on one stream as on 64.  At that cost one thread moves 2.5 to 5 GiB a
-second, more than the machine can feed it, so the data path does not leave the reactor: no
-thread, no lock, and the control plane (accounting, aborts, shutdown) stays plain Twisted.
-The portable path costs 0.5 to 0.7 CPU seconds per GiB, less than Go's 32 KiB copy loop
-(its shape on macOS), at the same speed.
+C{bytes} and write it out again, which costs the daemon 1.4 to 2.7 CPU seconds per GiB and
+caps every stream together at 0.3 to 0.6 times Go's C{io.Copy}.  Moved with C{splice(2)} by
+this module on the same one reactor thread, a GiB costs 0.2 to 0.6 CPU seconds, about half
+of what Go's C{io.Copy} spends (it splices too, from as many threads as it likes), on one
+stream as on 64, at about its speed: across four runs on a shared machine the medians of the
+ratio went from 0.83 to 1.39.  At that cost one thread moves 2 to 5 GiB a second, more than
+the machine can feed it, so the data path does not leave the reactor: no thread, no lock,
+and the control plane (accounting, aborts, shutdown) stays plain Twisted.  The portable path
+costs 0.5 to 1.0 CPU seconds per GiB, less than Go's 32 KiB copy loop (its shape on macOS)
+in every run, at about its speed.
 
 The reactor's readiness events drive this module's own descriptors on the two raw sockets
 (C{IReactorFDSet.addReader}/C{addWriter}).  The caller owns the sockets: the client's stays
