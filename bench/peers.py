@@ -1,12 +1,15 @@
 """
-The processes the splice benchmark runs: a counting sink, a banner server, a blocking
-client, and the asyncio splice anchor.  Each is one role of this file, run as
-``python bench/peers.py ROLE ...`` so every measurement crosses real process boundaries.
+The processes the splice benchmark runs: a counting sink, a banner server, a sender of one or
+many streams, a latency client, the asyncio splice anchor, and Virby's own splice.  Each is one
+role of this file, run as ``python bench/peers.py ROLE ...`` so every measurement crosses real
+process boundaries.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import selectors
 import socket
 import sys
 import time
@@ -15,16 +18,42 @@ CHUNK = 1024 * 1024
 
 
 def sink(port: int) -> None:
-    """Count the bytes of each connection; at EOF answer with the count (proves half-close)."""
-    server = socket.create_server(("127.0.0.1", port), backlog=512)
+    """
+    Count the bytes of each connection, any number at once; at EOF answer with the count
+    (which proves the half-close came through) and close.
+    """
+    server = socket.create_server(("127.0.0.1", port), backlog=1024)
+    server.setblocking(False)
+    selector = selectors.DefaultSelector()
+    selector.register(server, selectors.EVENT_READ)
     buffer = bytearray(CHUNK)
+    counts: dict[socket.socket, int] = {}
     while True:
-        connection, _ = server.accept()
-        with connection:
-            count = 0
-            while n := connection.recv_into(buffer):
-                count += n
-            connection.sendall(b"%d\n" % count)
+        for key, _ in selector.select():
+            if key.fileobj is server:
+                try:
+                    connection, _ = server.accept()
+                except BlockingIOError:
+                    continue
+                connection.setblocking(False)
+                counts[connection] = 0
+                selector.register(connection, selectors.EVENT_READ)
+                continue
+            connection = key.fileobj  # type: ignore[assignment]
+            try:
+                n = connection.recv_into(buffer)
+            except BlockingIOError:
+                continue
+            except OSError:
+                n = 0
+            if n:
+                counts[connection] += n
+                continue
+            selector.unregister(connection)
+            connection.setblocking(True)
+            with contextlib.suppress(OSError):
+                connection.sendall(b"%d\n" % counts.pop(connection))
+            connection.close()
 
 
 def banner(port: int) -> None:
@@ -36,23 +65,50 @@ def banner(port: int) -> None:
         connection.close()
 
 
-def send(port: int, size: int) -> None:
-    """Send C{size} bytes, shut down the write side, read the count; print seconds."""
-    payload = b"x" * CHUNK
+def send(port: int, size: int, streams: int = 1) -> None:
+    """
+    Send C{size} bytes in all, split over C{streams} connections at once; each shuts down its
+    write side and reads the sink's count.  Prints the seconds from the first connect to the
+    last answer.
+    """
+    payload = memoryview(b"x" * CHUNK)
+    each = size // streams
+    selector = selectors.DefaultSelector()
     start = time.perf_counter()
-    with socket.create_connection(("127.0.0.1", port)) as s:
+    left: dict[socket.socket, int] = {}
+    answers: dict[socket.socket, bytes] = {}
+    for _ in range(streams):
+        s = socket.create_connection(("127.0.0.1", port))
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        left = size
-        while left > 0:
-            s.sendall(payload[: min(left, CHUNK)])
-            left -= CHUNK
-        s.shutdown(socket.SHUT_WR)
-        answer = b""
-        while chunk := s.recv(64):
-            answer += chunk
+        s.setblocking(False)
+        left[s] = each
+        answers[s] = b""
+        selector.register(s, selectors.EVENT_WRITE)
+    done = 0
+    while done < streams:
+        for key, events in selector.select():
+            s = key.fileobj  # type: ignore[assignment]
+            if events & selectors.EVENT_WRITE:
+                try:
+                    n = s.send(payload[: min(left[s], CHUNK)])
+                except BlockingIOError:
+                    continue
+                left[s] -= n
+                if left[s] == 0:
+                    s.shutdown(socket.SHUT_WR)
+                    selector.modify(s, selectors.EVENT_READ)
+                continue
+            chunk = s.recv(64)
+            if chunk:
+                answers[s] += chunk
+                continue
+            selector.unregister(s)
+            s.close()
+            done += 1
     elapsed = time.perf_counter() - start
-    if int(answer) != size:
-        raise SystemExit(f"sink counted {answer!r}, expected {size}")
+    for answer in answers.values():
+        if int(answer or b"-1") != each:
+            raise SystemExit(f"the sink counted {answer!r}, expected {each}")
     print(f"{elapsed:.6f}")
 
 
@@ -67,10 +123,10 @@ def latency(port: int, count: int) -> None:
 
 
 async def _asyncio_splice(listen: int, target: int) -> None:
-    """The shape of a simple asyncio runner: read 4 KiB, write, drain, repeat."""
+    """A plain asyncio splice: read 64 KiB, write, drain, repeat; EOF passed on."""
 
     async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while data := await reader.read(4096):
+        while data := await reader.read(65536):
             writer.write(data)
             await writer.drain()
         if writer.can_write_eof():
@@ -82,17 +138,22 @@ async def _asyncio_splice(listen: int, target: int) -> None:
         writer.close()
         up_writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", listen)
+    server = await asyncio.start_server(handle, "127.0.0.1", listen, backlog=1024)
     async with server:
         await server.serve_forever()
 
 
-def virby_splice(listen: int, target: int) -> None:
-    """Virby's own splice (virby.proxy) in front of C{target}, as the daemon runs it."""
+def virby_splice(listen: int, target: int, path: str = "fast") -> None:
+    """
+    Virby's own splice (L{virby.proxy}) in front of C{target}, as the daemon runs it.  C{path}
+    picks the data path: C{fast} (the daemon's: splice(2) on Linux), C{portable} (the
+    recv_into path macOS runs), or C{transports} (the Twisted protocol path, the fallback).
+    """
     from twisted.internet import reactor
     from twisted.internet.defer import succeed
 
     from virby.proxy import ProxyFactory
+    from virby.readiness import ReadyGuest
 
     class Ready:
         def connectionOpened(self, connection: object) -> None:
@@ -102,20 +163,22 @@ def virby_splice(listen: int, target: int) -> None:
             pass
 
         def whenReady(self):  # type: ignore[no-untyped-def]
-            return succeed(("127.0.0.1", target))
+            return succeed(ReadyGuest("127.0.0.1", target))
 
-    reactor.listenTCP(listen, ProxyFactory(reactor, Ready()), backlog=1024, interface="127.0.0.1")
+    factory = ProxyFactory(reactor, Ready(), dataPath=path)
+    reactor.listenTCP(listen, factory, backlog=1024, interface="127.0.0.1")
     reactor.run()
 
 
 def main(argv: list[str]) -> None:
     role, *args = argv
-    numbers = [int(a) for a in args]
     if role == "asyncio-splice":
-        asyncio.run(_asyncio_splice(*numbers))
+        asyncio.run(_asyncio_splice(int(args[0]), int(args[1])))
+    elif role == "virby-splice":
+        virby_splice(int(args[0]), int(args[1]), *args[2:])
     else:
-        {"sink": sink, "banner": banner, "send": send, "latency": latency,
-         "virby-splice": virby_splice}[role](*numbers)  # fmt: skip
+        numbers = [int(a) for a in args]
+        {"sink": sink, "banner": banner, "send": send, "latency": latency}[role](*numbers)
 
 
 if __name__ == "__main__":

@@ -49,15 +49,14 @@ from virby.logs import Logger, setVerbose
 from virby.mac import stable_mac
 from virby.orphans import VM_LOCK, stop_orphan
 from virby.proxy import ProxyFactory
-from virby.readiness import BootTimeout, wait_for_guest
+from virby.readiness import BootTimeout, ReadyGuest, wait_for_guest
 from virby.runtime import remove_quietly
 from virby.vfkit import HostPlan, VfkitProcess, find_vfkit, plan_host
 
 log = Logger()
 
-#: How often a booting VM is checked (a stat of the lease file, then one connection attempt
-#: to a local address): each check is cheap, and every interval is time a waiting build
-#: may lose after sshd is up.
+#: How often a booting VM's lease is looked up (a stat of the lease file) until it has one;
+#: from then on the guest's sshd is probed every few milliseconds (L{virby.readiness}).
 READINESS_INTERVAL = 0.05
 
 
@@ -185,20 +184,18 @@ class VfkitHypervisor:
             )
         return lock
 
-    def waitReady(self, vm: VirtualMachine) -> Deferred[tuple[str, int]]:
+    def waitReady(self, vm: VirtualMachine) -> Deferred[ReadyGuest]:
         mac = self._mac
         assert mac is not None
-        port = self._config.guest_ssh_port
         waiting = wait_for_guest(
             self._reactor,
             lambda: self._leases.lookup(mac),
-            port,
+            self._config.guest_ssh_port,
             float(self._config.start_timeout),
             interval=READINESS_INTERVAL,
             what=f"MAC {mac} in {self._config.leases_file}",
         )
-        waiting.addErrback(self._explainNoLease, mac)
-        return waiting.addCallback(lambda ip: (ip, port))
+        return waiting.addErrback(self._explainNoLease, mac)
 
     def _explainNoLease(self, reason: Failure, mac: str) -> Failure:
         """
@@ -250,6 +247,7 @@ class DaemonService(MultiService):
         self._control: IListeningPort | None = None
         self._lock: FileLock | None = None
         self._startedAt: float | None = None
+        self._proxy = ProxyFactory(reactor, lifecycle)
 
     def startService(self) -> None:
         """
@@ -277,7 +275,7 @@ class DaemonService(MultiService):
 
     def _builderFactory(self) -> Any:
         """The splice, behind the limit its open files set (L{virby.capacity})."""
-        factory = ProxyFactory(self._reactor, self.lifecycle)
+        factory = self._proxy
         if self._descriptors is None:
             return factory
         return ConnectionLimit(
@@ -352,7 +350,10 @@ class DaemonService(MultiService):
         """The status document C{virby status} shows."""
         document = asdict(self.lifecycle.snapshot())
         now = self._reactor.seconds()
+        toGuest, fromGuest = self._proxy.traffic()
         document.update(
+            bytes_to_guest=toGuest,
+            bytes_from_guest=fromGuest,
             daemon_pid=os.getpid(),
             daemon_uptime=now - self._startedAt if self._startedAt is not None else None,
             listening=[_address(port) for port in self._ports],

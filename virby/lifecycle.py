@@ -106,14 +106,27 @@ class VirtualMachine(Protocol):
     def stop(self) -> Deferred[Any] | Coroutine[Any, Any, Any]: ...
 
 
+class Guest(Protocol):
+    """
+    A guest whose sshd answers, as L{Hypervisor.waitReady} reports it.  It may hold the
+    probe's open connection for the first waiter to claim; L{release} closes what is left
+    once every waiter has had its turn.
+    """
+
+    @property
+    def address(self) -> tuple[str, int]: ...
+
+    def release(self) -> None: ...
+
+
 class Hypervisor(Protocol):
     """How the lifecycle starts VMs and learns that one is ready."""
 
     def spawn(self) -> Deferred[VirtualMachine]:
         """Start a VM; fails with a L{VirbyError} when it cannot be started."""
 
-    def waitReady(self, vm: VirtualMachine) -> Deferred[tuple[str, int]]:
-        """The guest's SSH (host, port) once it answers; cancellable; fails on timeout."""
+    def waitReady(self, vm: VirtualMachine) -> Deferred[Guest]:
+        """The guest once its SSH answers; cancellable; fails on timeout."""
 
 
 class Connection(Protocol):
@@ -160,8 +173,8 @@ class Lifecycle:
         self._ttl = ttl
         self._state = State.STOPPED
         self._vm: VirtualMachine | None = None
-        self._address: tuple[str, int] | None = None
-        self._waiters: list[Deferred[tuple[str, int]]] = []
+        self._guest: Guest | None = None
+        self._waiters: list[Deferred[Guest]] = []
         self._connections: set[Connection] = set()
         self._boot: Deferred[None] | None = None
         self._stopping: Deferred[Any] | None = None
@@ -186,17 +199,17 @@ class Lifecycle:
         if not self._onDemand and self._state is State.STOPPED:
             self._startBoot()
 
-    def whenReady(self) -> Deferred[tuple[str, int]]:
+    def whenReady(self) -> Deferred[Guest]:
         """
-        The guest's SSH address, now if the VM is running, else after the boot this call
-        may start.  Cancelling the result withdraws the wait and nothing else.
+        The guest, now if the VM is running, else after the boot this call may start.
+        Cancelling the result withdraws the wait and nothing else.
         """
         if self._state is State.RUNNING:
-            assert self._address is not None
-            return succeed(self._address)
+            assert self._guest is not None
+            return succeed(self._guest)
         if self._state is State.SHUTDOWN:
             return fail(VMUnavailable("the daemon is shutting down"))
-        waiter: Deferred[tuple[str, int]] = Deferred(self._withdraw)
+        waiter: Deferred[Guest] = Deferred(self._withdraw)
         self._waiters.append(waiter)
         if self._state is State.STOPPED:
             self._startBoot()
@@ -222,13 +235,13 @@ class Lifecycle:
         is one more waiter: it shares a boot under way, and cancelling it withdraws only it.
         """
         if self._state is State.RUNNING:
-            assert self._address is not None
-            return succeed(StartOutcome(False, self._address, self._lastBootSeconds))
+            assert self._guest is not None
+            return succeed(StartOutcome(False, self._guest.address, self._lastBootSeconds))
         if self._state is not State.SHUTDOWN:
             log.info("asked to start the VM")
         waiting = self.whenReady()
         return waiting.addCallback(
-            lambda address: StartOutcome(True, address, self._lastBootSeconds)
+            lambda guest: StartOutcome(True, guest.address, self._lastBootSeconds)
         )
 
     def stopNow(self, force: bool = False) -> Deferred[StopOutcome]:
@@ -282,11 +295,12 @@ class Lifecycle:
 
     def snapshot(self) -> Snapshot:
         now = self._clock.seconds()
+        address = self._guest.address if self._guest is not None else None
         return Snapshot(
             state=self._state.value,
             on_demand=self._onDemand,
-            vm_ip=self._address[0] if self._address else None,
-            vm_port=self._address[1] if self._address else None,
+            vm_ip=address[0] if address else None,
+            vm_port=address[1] if address else None,
             vfkit_pid=self._vm.pid if self._vm is not None else None,
             uptime=now - self._readyAt if self._readyAt is not None else None,
             active_connections=len(self._connections),
@@ -345,17 +359,18 @@ class Lifecycle:
         self._vm = vm
         vm.ended.addCallback(self._vmEnded, vm)
         try:
-            address = await self._hypervisor.waitReady(vm)
+            guest = await self._hypervisor.waitReady(vm)
         except CancelledError:
             return
         except Exception as e:
             self._bootFailed(Failure(e), vm)
             return
-        self._bootSucceeded(address)
+        self._bootSucceeded(guest)
 
-    def _bootSucceeded(self, address: tuple[str, int]) -> None:
+    def _bootSucceeded(self, guest: Guest) -> None:
         self._moveTo(State.RUNNING)
-        self._address = address
+        self._guest = guest
+        address = guest.address
         self._readyAt = self._clock.seconds()
         assert self._bootStartedAt is not None
         self._lastBootSeconds = self._readyAt - self._bootStartedAt
@@ -367,7 +382,9 @@ class Lifecycle:
         )
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
-            waiter.callback(address)
+            waiter.callback(guest)
+        # The first waiter has claimed the probe's connection, if it wanted it.
+        guest.release()
         self._armIdleTimerIfIdle()
 
     def _bootFailed(self, reason: Failure, vm: VirtualMachine | None) -> None:
@@ -481,7 +498,7 @@ class Lifecycle:
         """The VM's address and uptime stop being true when it stops running."""
         if self._readyAt is not None and self._clock.seconds() - self._readyAt >= MAX_RESTART_DELAY:
             self._failures = 0
-        self._address = None
+        self._guest = None
         self._readyAt = None
 
     def _recordError(self, message: str, vm: VirtualMachine | None) -> None:

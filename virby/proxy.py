@@ -1,34 +1,59 @@
 """
 The splice between a builder connection on the host port and the guest's sshd.
 
-The shape is Twisted's C{portforward}, with what it leaves out:
+This module is the control plane of each splice: it accepts, waits for the VM, connects to
+the guest (or takes the readiness probe's connection), tells the lifecycle what is open,
+and closes both sides when the VM dies or the daemon stops.  Once both sockets are connected
+the bytes move through L{virby.relay}, on the reactor, without a Python object per chunk;
+where that cannot be (a transport that is not a plain TCP socket, as on the memory reactors
+of the unit tests or under TLS) they move through the transports, in the shape of Twisted's
+C{portforward}, with what it leaves out.  Either way:
 
-  - The client side stops reading until the guest side is connected, so the bytes a client
-    sends while the VM boots wait in the kernel, not in our memory.
-  - Each transport is the other's streaming producer: a slow reader pauses the fast writer,
-    in both directions, so nothing is ever buffered without bound.
-  - Half-close is propagated: a client that shuts down its write side (``ssh`` after its
-    input, ``nix`` after a closure) still gets the guest's answer.  The pair closes only
-    when both directions have finished, or either side is lost.
+  - While the VM boots, the client is read, and at most L{MAX_HELD} bytes are held; then its
+    transport pauses and the rest waits in the kernel.  Reading is how a client that hangs
+    up is noticed at once: it stops being counted, and is never spliced.
+  - Each direction keeps its backpressure: a slow reader pauses the fast writer, so nothing
+    is buffered without bound.
+  - Half-close is propagated: a client that shuts down its write side still gets the guest's
+    answer.  The pair closes only when both directions have finished, or either side is lost.
   - Only loopback peers are served.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
+import socket
 from typing import Any
 from typing import Protocol as TypingProtocol
 
+from twisted.internet import tcp
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IAddress, IConnector, IHalfCloseableProtocol
+from twisted.internet.interfaces import (
+    IAddress,
+    IConnector,
+    IHalfCloseableProtocol,
+    IReactorFDSet,
+    ITransport,
+)
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from virby import relay
 from virby.logs import Logger
+from virby.readiness import ReadyGuest
+from virby.relay import PipePool, Relay, spliceAvailable
 
 log = Logger()
+
+#: What a client may send before it is spliced: an SSH client sends its banner and its key
+#: exchange offer (about 1.5 KiB) and then waits for the server's.
+MAX_HELD = 64 * 1024
+
+#: The data paths, by name: C{fast} is splice(2) where the system has it, else C{portable}.
+DATA_PATHS = ("fast", "portable", "transports")
 
 
 class Backend(TypingProtocol):
@@ -38,14 +63,18 @@ class Backend(TypingProtocol):
 
     def connectionClosed(self, connection: InboundConnection) -> None: ...
 
-    def whenReady(self) -> Deferred[tuple[str, int]]: ...
+    def whenReady(self) -> Deferred[ReadyGuest]: ...
 
 
 def is_loopback(address: IAddress) -> bool:
     """Loopback IPv4/IPv6 (also IPv4-mapped); unix-socket peers have no host and pass."""
     host = getattr(address, "host", None)
-    if host is None:
-        return True
+    return True if host is None else _isLoopbackHost(host)
+
+
+@functools.lru_cache(maxsize=256)
+def _isLoopbackHost(host: str) -> bool:
+    """Cached: every connection asks, from one of a handful of addresses."""
     try:
         ip = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
@@ -62,143 +91,304 @@ def _noDelay(transport: Any) -> None:
             setNoDelay(True)
 
 
+def _rawSocket(transport: ITransport) -> socket.socket | None:
+    """The socket under a plain (not TLS) TCP transport: what the relay can drive."""
+    if not isinstance(transport, tcp.Connection) or getattr(transport, "TLS", False):
+        return None
+    return transport.getHandle()
+
+
 @implementer(IHalfCloseableProtocol)
 class InboundConnection(Protocol):
-    """A client of the builder port, spliced to the guest once the VM is ready."""
+    """
+    A client of the builder port: it waits for the VM, then is spliced to the guest, by the
+    relay (which gets both sockets: the client's borrowed from its paused transport, the
+    guest's connected here or taken from the readiness probe) or through the transports.
+    """
 
     factory: ProxyFactory
 
     def __init__(self) -> None:
         self.guest: GuestConnection | None = None
-        self._waiting: Deferred[tuple[str, int]] | None = None
+        self._relay: Relay | None = None
+        self._guestSocket: socket.socket | None = None
+        self._waiting: Deferred[ReadyGuest] | None = None
+        self._connecting: Deferred[socket.socket] | None = None
         self._connector: IConnector | None = None
         self._held: list[bytes] = []
+        self._heldSize = 0
         self._clientDone = False
         self._guestDone = False
+        self._closing = False
+        self._guestClosing = False
         self._closed = False
-        self.bytesIn = 0
-        self.bytesOut = 0
+        self._bytesIn = 0
+        self._bytesOut = 0
+
+    @property
+    def spliced(self) -> bool:
+        return self.guest is not None or self._relay is not None
+
+    @property
+    def bytesIn(self) -> int:
+        """Bytes from the client delivered to the guest."""
+        return self._bytesIn + (self._relay.bytesToGuest if self._relay else 0)
+
+    @property
+    def bytesOut(self) -> int:
+        """Bytes from the guest delivered to the client."""
+        return self._bytesOut + (self._relay.bytesToClient if self._relay else 0)
+
+    # -- waiting for the guest
 
     def connectionMade(self) -> None:
         _noDelay(self.transport)
-        self.transport.pauseProducing()
+        self.factory.opened(self)
         self.factory.backend.connectionOpened(self)
-        log.debug("connection from {peer}", peer=self.transport.getPeer())
-        self._waiting = self.factory.backend.whenReady()
-        self._waiting.addCallbacks(self._guestReady, self._guestUnavailable)
+        # Debug lines name callables, called only when debug logging is on: these run for
+        # every connection, and formatting costs more than the rest of the line's work.
+        log.debug("connection from {peer()}", peer=self.transport.getPeer)
+        self._waiting = waiting = self.factory.backend.whenReady()
+        waiting.addCallbacks(self._guestReady, self._guestUnavailable)
 
-    def _guestReady(self, address: tuple[str, int]) -> None:
+    def _guestReady(self, guest: ReadyGuest) -> None:
         self._waiting = None
-        if self._closed:
+        if self._closing:
             return
-        host, port = address
+        client = _rawSocket(self.transport) if self.factory.relays else None
+        spare = guest.claim()
+        if spare is not None:
+            log.debug("{peer()} gets the readiness probe's connection", peer=self.transport.getPeer)
+            upstream = spare.detach() if client is not None else None
+            if client is not None and upstream is not None:
+                self._startRelay(client, upstream, spare.received)
+            else:
+                spare.attach(GuestConnection(self, greeting=spare.received))
+            return
+        if client is not None and relay.addressFamily(guest.host) is not None:
+            self._connecting = connecting = relay.connect(
+                self.factory.reactor, guest.host, guest.port, self.factory.connectTimeout
+            )
+            connecting.addCallbacks(
+                self._guestSocketConnected, self.guestFailed, callbackArgs=(client,)
+            )
+            return
         self._connector = self.factory.reactor.connectTCP(
-            host, port, GuestFactory(self), timeout=self.factory.connectTimeout
+            guest.host, guest.port, GuestFactory(self), timeout=self.factory.connectTimeout
         )
 
     def _guestUnavailable(self, reason: Failure) -> None:
         self._waiting = None
-        if reason.check(CancelledError) or self._closed:
+        if reason.check(CancelledError) or self._closing:
             return
-        log.info(
-            "closing the connection from {peer}: {why}",
-            peer=self.transport.getPeer(),
-            why=reason.getErrorMessage(),
-        )
-        self.transport.loseConnection()
-
-    def guestConnected(self, guest: GuestConnection) -> None:
-        """Splice: each side throttles the other, held bytes go first, reading resumes."""
-        if self._closed:
-            guest.transport.loseConnection()
-            return
-        self.guest = guest
-        guest.transport.registerProducer(self.transport, True)
-        self.transport.registerProducer(guest.transport, True)
-        held, self._held = self._held, []
-        for data in held:
-            guest.transport.write(data)
-        if self._clientDone:
-            guest.transport.loseWriteConnection()
-        self.transport.resumeProducing()
+        self._close(reason.getErrorMessage())
 
     def guestFailed(self, reason: Failure) -> None:
+        self._connector = self._connecting = None
+        if reason.check(CancelledError) or self._closing:
+            return
         log.warn(
             "cannot reach the guest's sshd for {peer}: {why}",
             peer=self.transport.getPeer(),
             why=reason.getErrorMessage(),
         )
+        self._closing = True
         self.transport.loseConnection()
 
+    def _takeHeld(self) -> bytes:
+        held, self._held, self._heldSize = b"".join(self._held), [], 0
+        return held
+
+    # -- the splice: the relay
+
+    def _guestSocketConnected(self, upstream: socket.socket, client: socket.socket) -> None:
+        self._connecting = None
+        self._startRelay(client, upstream, b"")
+
+    def _startRelay(self, client: socket.socket, upstream: socket.socket, greeting: bytes) -> None:
+        """Both sockets are connected: the relay moves the bytes, the held ones first."""
+        self._guestSocket = upstream
+        self.transport.pauseProducing()
+        self._relay = Relay(
+            self.factory.reactor,
+            client,
+            upstream,
+            done=self._relayDone,
+            toGuest=self._takeHeld(),
+            toClient=greeting,
+            pipes=self.factory.pipes,
+        )
+        self._relay.start()
+
+    def _relayDone(self, reason: Failure | None) -> None:
+        """Both directions ended (or one side failed): close the two sockets."""
+        if reason is not None:
+            log.debug(
+                "the splice for {peer()} ended: {why()}",
+                peer=self.transport.getPeer,
+                why=reason.getErrorMessage,
+            )
+        self._closing = True
+        self._closeGuest()
+        self.transport.loseConnection()
+
+    # -- the splice: the transports
+
+    def guestConnected(self, guest: GuestConnection) -> None:
+        """The guest's transport is connected: each side throttles the other."""
+        self._connector = None
+        if self._closing:
+            guest.transport.loseConnection()
+            return
+        self.guest = guest
+        held = self._takeHeld()
+        guest.transport.registerProducer(self.transport, True)
+        self.transport.registerProducer(guest.transport, True)
+        if guest.greeting:
+            self._bytesOut += len(guest.greeting)
+            self.transport.write(guest.greeting)
+        if held:
+            self._bytesIn += len(held)
+            guest.transport.write(held)
+        self.transport.resumeProducing()
+        guest.transport.resumeProducing()
+
     def dataReceived(self, data: bytes) -> None:
-        self.bytesIn += len(data)
         if self.guest is not None:
+            self._bytesIn += len(data)
             self.guest.transport.write(data)
-        else:
+        elif self._relay is None:
             self._held.append(data)
+            self._heldSize += len(data)
+            if self._heldSize >= MAX_HELD:
+                self.transport.pauseProducing()
 
     def readConnectionLost(self) -> None:
-        """The client has sent everything: pass the EOF on, keep reading the guest."""
+        """
+        The client has sent everything.  Spliced: pass the EOF on, keep reading the guest.
+        Not spliced yet: an SSH client never ends its stream before it has read the server's
+        banner (RFC 4253, 4.2), so this one has hung up, most likely gone altogether.
+        """
+        if self.guest is None:
+            if not self._closing:
+                log.debug("{peer()} hung up before the guest answered", peer=self.transport.getPeer)
+                self._closing = True
+                self.transport.loseConnection()
+            return
         self._clientDone = True
-        if self.guest is not None:
-            self.guest.transport.loseWriteConnection()
+        self.guest.transport.loseWriteConnection()
         self._closeIfFinished()
 
     def writeConnectionLost(self) -> None:
         pass
+
+    def guestData(self, data: bytes) -> None:
+        self._bytesOut += len(data)
+        self.transport.write(data)
 
     def guestFinishedSending(self) -> None:
         self._guestDone = True
         self.transport.loseWriteConnection()
         self._closeIfFinished()
 
+    def guestLost(self) -> None:
+        if self._closing:
+            # Our own close: the client side is already closing too.
+            return
+        self._closing = True
+        self.transport.loseConnection()
+
     def _closeIfFinished(self) -> None:
         if self._clientDone and self._guestDone:
+            self._closing = True
             self.transport.loseConnection()
-            if self.guest is not None:
+            self._closeGuest()
+
+    # -- closing
+
+    def _closeGuest(self, abort: bool = False) -> None:
+        """Close the guest side, once: in order, or (the VM is gone) at once."""
+        if self._guestClosing:
+            return
+        if self._relay is not None:
+            self._relay.stop()
+        if self._guestSocket is not None:
+            self._guestClosing = True
+            relay.closeSocket(self._guestSocket, abort)
+        elif self.guest is not None:
+            self._guestClosing = True
+            if abort:
+                self.guest.transport.abortConnection()
+            else:
                 self.guest.transport.loseConnection()
 
-    def abort(self, why: str) -> None:
-        """Close both sides now: the VM behind this connection is gone."""
+    def _close(self, why: str) -> None:
+        """Close in order: the client gets an EOF and everything sent to it before."""
+        self._closing = True
         log.info(
             "closing the connection from {peer}: {why}", peer=self.transport.getPeer(), why=why
         )
+        self.transport.loseConnection()
+
+    def abort(self, why: str) -> None:
+        """
+        The VM behind this connection is gone (or the daemon is stopping): close both sides
+        now.  A client still waiting for the VM has been sent nothing, and gets an orderly
+        close, not a reset; one that is already closing is left to it, and logged once.
+        """
+        if self._closing:
+            return
+        if not self.spliced:
+            self._close(why)
+            return
+        self._closing = True
+        log.info(
+            "closing the connection from {peer}: {why}", peer=self.transport.getPeer(), why=why
+        )
+        self._closeGuest(abort=True)
         self.transport.abortConnection()
-        if self.guest is not None:
-            self.guest.transport.abortConnection()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self._closed = True
-        self._held = []
-        if self._waiting is not None:
-            waiting, self._waiting = self._waiting, None
-            waiting.cancel()
-        if self.guest is not None:
-            self.guest.transport.loseConnection()
-        elif self._connector is not None:
-            self._connector.disconnect()
+        if self._closed:
+            return
+        self._closed = self._closing = True
+        self._held, self._heldSize = [], 0
+        for pending in (self._waiting, self._connecting):
+            if pending is not None:
+                pending.cancel()
+        self._waiting = self._connecting = None
+        if self._connector is not None:
+            connector, self._connector = self._connector, None
+            connector.disconnect()
+        self._closeGuest()
         log.debug(
             "connection closed: {bytesIn} bytes in, {bytesOut} bytes out",
             bytesIn=self.bytesIn,
             bytesOut=self.bytesOut,
         )
+        self.factory.closed(self)
         self.factory.backend.connectionClosed(self)
 
 
 @implementer(IHalfCloseableProtocol)
 class GuestConnection(Protocol):
-    """The guest side of one splice."""
+    """
+    The guest side of one splice.
 
-    def __init__(self, inbound: InboundConnection) -> None:
+    @ivar greeting: what the guest sent before this protocol took over (the banner, when the
+        connection is the readiness probe's); it goes to the client first.
+    """
+
+    def __init__(self, inbound: InboundConnection, greeting: bytes = b"") -> None:
         self.inbound = inbound
+        self.greeting = greeting
 
     def connectionMade(self) -> None:
         _noDelay(self.transport)
         self.inbound.guestConnected(self)
 
     def dataReceived(self, data: bytes) -> None:
-        self.inbound.bytesOut += len(data)
-        self.inbound.transport.write(data)
+        self.inbound.guestData(data)
 
     def readConnectionLost(self) -> None:
         self.inbound.guestFinishedSending()
@@ -207,7 +397,7 @@ class GuestConnection(Protocol):
         pass
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self.inbound.transport.loseConnection()
+        self.inbound.guestLost()
 
 
 class GuestFactory(ClientFactory):
@@ -224,19 +414,56 @@ class GuestFactory(ClientFactory):
 
 
 class ProxyFactory(Factory):
-    """Builds an L{InboundConnection} per loopback client; refuses everyone else."""
+    """
+    Builds an L{InboundConnection} per loopback client; refuses everyone else.
+
+    @param dataPath: C{fast} (splice(2) where the system has it, else C{portable}),
+        C{portable} (one shared buffer, the path macOS runs), or C{transports} (the
+        Twisted protocol path, which every splice also falls back to when either side is
+        not a plain TCP socket).
+    @ivar bytesToGuest: bytes delivered to the guest by the connections that have closed;
+        L{traffic} adds those of the open ones.
+    """
 
     noisy = False  # one log line per connection is the proxy's own, at debug
 
     protocol = InboundConnection
 
-    def __init__(self, reactor: Any, backend: Backend, connectTimeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        backend: Backend,
+        connectTimeout: float = 10.0,
+        dataPath: str = "fast",
+    ) -> None:
+        if dataPath not in DATA_PATHS:
+            raise ValueError(f"unknown data path {dataPath!r}: one of {', '.join(DATA_PATHS)}")
         self.reactor = reactor
         self.backend = backend
         self.connectTimeout = connectTimeout
+        self.relays = dataPath != "transports" and IReactorFDSet.providedBy(reactor)
+        self.pipes = PipePool(reactor) if dataPath == "fast" and spliceAvailable() else None
+        self._open: set[InboundConnection] = set()
+        self.bytesToGuest = 0
+        self.bytesToClients = 0
 
     def buildProtocol(self, addr: IAddress) -> InboundConnection | None:
         if not is_loopback(addr):
             log.warn("refused a connection from {peer}: only loopback peers are served", peer=addr)
             return None
         return super().buildProtocol(addr)  # type: ignore[return-value]
+
+    def opened(self, connection: InboundConnection) -> None:
+        self._open.add(connection)
+
+    def closed(self, connection: InboundConnection) -> None:
+        self._open.discard(connection)
+        self.bytesToGuest += connection.bytesIn
+        self.bytesToClients += connection.bytesOut
+
+    def traffic(self) -> tuple[int, int]:
+        """Bytes delivered so far to the guest and to the clients, open connections included."""
+        return (
+            self.bytesToGuest + sum(c.bytesIn for c in self._open),
+            self.bytesToClients + sum(c.bytesOut for c in self._open),
+        )

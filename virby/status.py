@@ -51,6 +51,16 @@ def duration(seconds: float | None) -> str:
     return f"{secs}s"
 
 
+def size(count: int) -> str:
+    """C{1536} -> C{"1.5 KiB"}: bytes as a person reads them."""
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
 def render(status: dict[str, Any]) -> str:
     """The status as a few aligned lines."""
     state = status.get("state", "unknown")
@@ -80,6 +90,14 @@ def render(status: dict[str, Any]) -> str:
             f"{status.get('waiting_connections', 0)} waiting for the VM",
         )
     )
+    if status.get("bytes_to_guest") is not None:
+        lines.append(
+            (
+                "Traffic",
+                f"{size(status['bytes_to_guest'])} to the guest, "
+                f"{size(status.get('bytes_from_guest') or 0)} back",
+            )
+        )
     lines.append(("Idle stop", _idle(status)))
     if status.get("restart_in") is not None:
         lines.append(("Restart", f"in {duration(status['restart_in'])}"))

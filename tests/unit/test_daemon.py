@@ -19,6 +19,7 @@ from virby.daemon import (
     makeDaemonService,
 )
 from virby.lifecycle import Lifecycle
+from virby.readiness import ReadyGuest
 from virby.vfkit import HostPlan
 
 
@@ -93,6 +94,7 @@ def test_start_listens_and_describes_itself(short_tmp) -> None:
     assert document["state"] == "stopped"
     assert document["daemon_pid"] == os.getpid() and document["daemon_uptime"] == 5
     assert document["listening"] and document["ttl"] == 10800
+    assert (document["bytes_to_guest"], document["bytes_from_guest"]) == (0, 0)
 
 
 def test_a_port_in_use_is_one_line(short_tmp) -> None:
@@ -357,7 +359,7 @@ class ReadyHypervisor(IdleHypervisor):
         return succeed(self.VM())
 
     def waitReady(self, vm) -> Deferred:
-        return succeed(("192.168.64.2", 22))
+        return succeed(ReadyGuest("192.168.64.2", 22))
 
 
 def test_the_control_commands_start_stop_and_describe(short_tmp) -> None:

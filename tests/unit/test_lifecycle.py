@@ -63,6 +63,26 @@ class FakeVM:
         return not self.ended.called
 
 
+@dataclass
+class FakeGuest:
+    """What waitReady fires with: an address, and a spare connection until released."""
+
+    host: str = "192.168.64.2"
+    port: int = 22
+    released: bool = False
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+    def release(self) -> None:
+        self.released = True
+
+
+def addresses(box: list) -> list:
+    return [getattr(item, "address", item) for item in box]
+
+
 class FakeHypervisor:
     def __init__(self) -> None:
         self.vms: list[FakeVM] = []
@@ -109,7 +129,7 @@ class FakeHypervisor:
 
     def becomeReady(self, vm: FakeVM | None = None, host: str = "192.168.64.2") -> None:
         vm = vm or self.last
-        self.ready[vm.pid].callback((host, 22))
+        self.ready[vm.pid].callback(FakeGuest(host))
 
     def alive(self) -> list[FakeVM]:
         return [vm for vm in self.vms if vm.alive]
@@ -157,11 +177,28 @@ def test_one_boot_serves_every_connection_that_arrives_while_it_runs() -> None:
     assert len(hypervisor.vms) == 1
     assert all(w == [] for w in waits)
     hypervisor.becomeReady()
-    assert all(w == [("192.168.64.2", 22)] for w in waits)
+    assert all(addresses(w) == [("192.168.64.2", 22)] for w in waits)
     assert lifecycle.state is State.RUNNING
     _, late = open_connection(lifecycle)
-    assert late == [("192.168.64.2", 22)]
+    assert addresses(late) == [("192.168.64.2", 22)]
     assert len(hypervisor.vms) == 1
+
+
+def test_the_probes_connection_is_released_after_every_waiter_had_its_turn() -> None:
+    """The first waiter may claim the probe's open connection; what is left is closed."""
+    lifecycle, hypervisor, _ = make()
+    seen: list = []
+    for _ in range(3):
+        _, _box = open_connection(lifecycle)
+    waiters = [lifecycle.whenReady() for _ in range(2)]
+    for waiter in waiters:
+        waiter.addCallback(lambda guest: seen.append(guest.released))
+    guest = FakeGuest()
+    hypervisor.ready[hypervisor.last.pid].callback(guest)
+    assert seen == [False, False], "released only after the waiters ran"
+    assert guest.released
+    late = results(lifecycle.whenReady())
+    assert late == [guest]
 
 
 def test_always_on_boots_at_start() -> None:
@@ -219,7 +256,7 @@ def test_a_connection_during_the_idle_stop_waits_then_boots_again() -> None:
     assert lifecycle.state is State.BOOTING and len(hypervisor.vms) == 2
     assert hypervisor.alive() == [hypervisor.last]
     hypervisor.becomeReady(host="192.168.64.3")
-    assert wait == [("192.168.64.3", 22)]
+    assert addresses(wait) == [("192.168.64.3", 22)]
     assert b.aborted is None
 
 
@@ -235,7 +272,7 @@ def test_vm_death_while_running_closes_its_connections_and_the_next_one_boots() 
     _, wait = open_connection(lifecycle)
     assert len(hypervisor.vms) == 2
     hypervisor.becomeReady()
-    assert wait == [("192.168.64.2", 22)]
+    assert addresses(wait) == [("192.168.64.2", 22)]
 
 
 def test_vm_death_while_booting_fails_the_waiters_and_stops_waiting() -> None:
@@ -261,7 +298,7 @@ def test_boot_timeout_stops_the_vm_fails_waiters_and_the_next_connection_retries
     vm.die("exited with status 0")
     assert len(hypervisor.vms) == 2, "the connection that waited during the stop boots again"
     hypervisor.becomeReady()
-    assert during == [("192.168.64.2", 22)]
+    assert addresses(during) == [("192.168.64.2", 22)]
     assert "no DHCP lease" in lifecycle.snapshot().last_error
 
 
@@ -625,7 +662,7 @@ class LifecycleRaces(RuleBasedStateMachine):
         for pid, d in self.hypervisor.ready.items():
             vm = next(v for v in self.hypervisor.vms if v.pid == pid)
             if not d.called and vm.alive:
-                d.callback(("192.168.64.2", 22))
+                d.callback(FakeGuest())
         assert self.stops() == before
 
     @rule()

@@ -1,18 +1,21 @@
-"""The splice, on string transports and a memory reactor."""
+"""The splice's control plane and its transports path, on string transports and a memory reactor."""
 
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass, field
 
 import pytest
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 
-from virby.lifecycle import VMUnavailable
-from virby.proxy import ProxyFactory, is_loopback
+from virby.lifecycle import Lifecycle, VMUnavailable
+from virby.proxy import MAX_HELD, ProxyFactory, is_loopback
+from virby.readiness import ReadyGuest
 
 
 class Transport(StringTransport):
@@ -52,8 +55,12 @@ class Backend:
         return self.ready
 
 
-def accept(backend: Backend, peer=None):
-    reactor = MemoryReactorClock()
+def guest(host: str = "g", port: int = 22) -> ReadyGuest:
+    return ReadyGuest(host, port)
+
+
+def accept(backend, peer=None, reactor=None):
+    reactor = reactor or MemoryReactorClock()
     factory = ProxyFactory(reactor, backend, connectTimeout=7)
     transport = Transport(peer)
     protocol = factory.buildProtocol(transport.getPeer())
@@ -61,12 +68,20 @@ def accept(backend: Backend, peer=None):
     return reactor, protocol, transport
 
 
-def connect_guest(reactor: MemoryReactorClock):
-    host, port, factory, timeout, _ = reactor.tcpClients[-1]
+def connect_guest(reactor: MemoryReactorClock, index: int = -1):
+    host, port, factory, timeout, _ = reactor.tcpClients[index]
     guest = factory.buildProtocol(None)
     transport = Transport(IPv4Address("TCP", host, port))
     guest.makeConnection(transport)
     return guest, transport, (host, port, timeout)
+
+
+def hang_up(inbound, transport) -> None:
+    """The client closes: its EOF arrives, and the transport, closing, reports the loss."""
+    inbound.readConnectionLost()
+    if transport.disconnecting and not transport.disconnected:
+        transport.disconnected = True
+        inbound.connectionLost(None)
 
 
 @pytest.mark.parametrize(
@@ -88,27 +103,50 @@ def test_loopback_only(address, allowed) -> None:
     assert (factory.buildProtocol(address) is not None) is allowed
 
 
-def test_waits_paused_then_splices_with_held_bytes_first() -> None:
+def test_unknown_data_path() -> None:
+    with pytest.raises(ValueError, match="one of fast, portable, transports"):
+        ProxyFactory(MemoryReactorClock(), Backend(), dataPath="turbo")
+
+
+def test_held_bytes_go_first_then_the_splice() -> None:
     backend = Backend()
     reactor, inbound, client = accept(backend)
     assert backend.opened == [inbound]
-    assert client.producerState == "paused" and client.noDelay
+    assert client.noDelay
     inbound.dataReceived(b"SSH-2.0-client\r\n")
     assert reactor.tcpClients == []
-    backend.ready.callback(("192.168.64.2", 22))
-    guest, guest_transport, (host, port, timeout) = connect_guest(reactor)
+    backend.ready.callback(guest("192.168.64.2", 22))
+    guest_side, guest_transport, (host, port, timeout) = connect_guest(reactor)
     assert (host, port, timeout) == ("192.168.64.2", 22, 7)
     assert guest_transport.value() == b"SSH-2.0-client\r\n"
     assert client.producerState == "producing"
     assert guest_transport.noDelay
     inbound.dataReceived(b"more")
-    guest.dataReceived(b"SSH-2.0-guest\r\n")
+    guest_side.dataReceived(b"SSH-2.0-guest\r\n")
     assert guest_transport.value().endswith(b"more")
     assert client.value() == b"SSH-2.0-guest\r\n"
+    assert (inbound.bytesIn, inbound.bytesOut) == (20, 15)
+
+
+def test_while_waiting_the_client_is_read_up_to_a_bound_then_paused() -> None:
+    """Reading is how a hang-up is noticed; the bound is what keeps a flood in the kernel."""
+    backend = Backend()
+    reactor, inbound, client = accept(backend)
+    assert client.producerState == "producing"
+    chunk = b"x" * 4096
+    for _ in range(MAX_HELD // len(chunk) - 1):
+        inbound.dataReceived(chunk)
+    assert client.producerState == "producing"
+    inbound.dataReceived(chunk)
+    assert client.producerState == "paused"
+    backend.ready.callback(guest())
+    _, guest_transport, _ = connect_guest(reactor)
+    assert guest_transport.value() == chunk * (MAX_HELD // len(chunk))
+    assert client.producerState == "producing"
 
 
 def test_backpressure_both_ways() -> None:
-    backend = Backend(succeed(("g", 22)))
+    backend = Backend(succeed(guest()))
     reactor, _inbound, client = accept(backend)
     _guest, guest_transport, _ = connect_guest(reactor)
     assert guest_transport.producer is client and guest_transport.streaming
@@ -121,40 +159,30 @@ def test_backpressure_both_ways() -> None:
 
 
 def test_half_close_client_first() -> None:
-    backend = Backend(succeed(("g", 22)))
+    backend = Backend(succeed(guest()))
     reactor, inbound, client = accept(backend)
-    guest, guest_transport, _ = connect_guest(reactor)
+    guest_side, guest_transport, _ = connect_guest(reactor)
     inbound.dataReceived(b"request")
     inbound.readConnectionLost()
     assert guest_transport.writeClosed, "EOF passed on to the guest"
     assert not client.disconnecting and not guest_transport.disconnecting
-    guest.dataReceived(b"answer")
+    guest_side.dataReceived(b"answer")
     assert client.value() == b"answer", "the guest's answer still flows after the EOF"
-    guest.readConnectionLost()
+    guest_side.readConnectionLost()
     assert client.writeClosed
     assert client.disconnecting and guest_transport.disconnecting
 
 
 def test_half_close_guest_first() -> None:
-    backend = Backend(succeed(("g", 22)))
+    backend = Backend(succeed(guest()))
     reactor, inbound, client = accept(backend)
-    guest, guest_transport, _ = connect_guest(reactor)
-    guest.readConnectionLost()
+    guest_side, guest_transport, _ = connect_guest(reactor)
+    guest_side.readConnectionLost()
     assert client.writeClosed and not client.disconnecting
     inbound.dataReceived(b"late")
     assert guest_transport.value() == b"late"
     inbound.readConnectionLost()
     assert client.disconnecting and guest_transport.disconnecting
-
-
-def test_client_eof_while_waiting_is_passed_on_after_connect() -> None:
-    backend = Backend()
-    reactor, inbound, _client = accept(backend)
-    inbound.dataReceived(b"x")
-    inbound.readConnectionLost()
-    backend.ready.callback(("g", 22))
-    _, guest_transport, _ = connect_guest(reactor)
-    assert guest_transport.value() == b"x" and guest_transport.writeClosed
 
 
 def test_boot_failure_closes_the_client() -> None:
@@ -166,7 +194,7 @@ def test_boot_failure_closes_the_client() -> None:
 
 
 def test_guest_refusal_closes_the_client() -> None:
-    backend = Backend(succeed(("g", 22)))
+    backend = Backend(succeed(guest()))
     reactor, _inbound, client = accept(backend)
     factory = reactor.tcpClients[-1][2]
     factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
@@ -182,30 +210,207 @@ def test_client_leaving_while_waiting_withdraws_the_wait() -> None:
     assert reactor.tcpClients == []
 
 
-def test_client_leaving_closes_the_guest_side() -> None:
-    backend = Backend(succeed(("g", 22)))
+def test_client_leaving_while_connecting_stops_the_connect() -> None:
+    backend = Backend(succeed(guest()))
     reactor, inbound, _client = accept(backend)
-    guest, guest_transport, _ = connect_guest(reactor)
+    connector = reactor.connectors[-1]
+    inbound.connectionLost(None)
+    assert connector._disconnected if hasattr(connector, "_disconnected") else True
+    assert backend.closed == [inbound]
+
+
+def test_client_leaving_closes_the_guest_side() -> None:
+    backend = Backend(succeed(guest()))
+    reactor, inbound, _client = accept(backend)
+    guest_side, guest_transport, _ = connect_guest(reactor)
     inbound.connectionLost(None)
     assert guest_transport.disconnecting
-    guest.connectionLost(None)
+    guest_side.connectionLost(None)
     assert backend.closed == [inbound]
 
 
 def test_guest_leaving_closes_the_client() -> None:
-    backend = Backend(succeed(("g", 22)))
+    backend = Backend(succeed(guest()))
     reactor, _inbound, client = accept(backend)
-    guest, _, _ = connect_guest(reactor)
-    guest.connectionLost(None)
+    guest_side, _, _ = connect_guest(reactor)
+    guest_side.connectionLost(None)
     assert client.disconnecting
 
 
 def test_abort_closes_both_sides_now() -> None:
-    backend = Backend(succeed(("g", 22)))
+    backend = Backend(succeed(guest()))
     reactor, inbound, client = accept(backend)
     _, guest_transport, _ = connect_guest(reactor)
     inbound.abort("the VM exited with status 1")
     assert client.aborted and guest_transport.aborted
+
+
+class Running(Backend):
+    """A VM that is up: every connection is told so at once."""
+
+    def whenReady(self) -> Deferred:
+        return succeed(guest())
+
+
+def test_traffic_counts_open_and_closed_connections() -> None:
+    reactor = MemoryReactorClock()
+    backend = Running()
+    factory = ProxyFactory(reactor, backend)
+    pairs = []
+    for _ in range(2):
+        transport = Transport()
+        inbound = factory.buildProtocol(transport.getPeer())
+        inbound.makeConnection(transport)
+        guest_side, _, _ = connect_guest(reactor)
+        inbound.dataReceived(b"12345")
+        guest_side.dataReceived(b"abc")
+        pairs.append((inbound, guest_side))
+    assert factory.traffic() == (10, 6)
+    pairs[0][0].connectionLost(None)
+    pairs[1][0].dataReceived(b"6")
+    assert factory.traffic() == (11, 6)
+
+
+# -- the probe's connection, handed over
+
+
+class Probe:
+    """Stands for the readiness probe's protocol, past the banner."""
+
+    def __init__(self, received: bytes) -> None:
+        self.received = received
+        self.lost = False
+        self.closed = False
+        self.transport = Transport(IPv4Address("TCP", "192.168.64.2", 22))
+
+    def attach(self, protocol) -> None:
+        protocol.makeConnection(self.transport)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class Booting(Backend):
+    """A VM that boots: each connection gets its own wait, all told at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiters: list[Deferred] = []
+
+    def whenReady(self) -> Deferred:
+        waiter: Deferred = Deferred()
+        self.waiters.append(waiter)
+        return waiter
+
+    def becomeReady(self, ready: ReadyGuest) -> None:
+        for waiter in self.waiters:
+            waiter.callback(ready)
+        ready.release()
+
+
+def test_the_first_waiter_gets_the_probes_connection_and_its_banner() -> None:
+    backend = Booting()
+    reactor = MemoryReactorClock()
+    _, first, first_client = accept(backend, reactor=reactor)
+    _, second, _ = accept(backend, reactor=reactor)
+    first.dataReceived(b"SSH-2.0-client\r\n")
+    probe = Probe(b"SSH-2.0-OpenSSH_9.2\r\n")
+    ready = ReadyGuest("192.168.64.2", 22, probe)  # type: ignore[arg-type]
+    backend.becomeReady(ready)
+    assert first_client.value() == b"SSH-2.0-OpenSSH_9.2\r\n", "the banner comes first"
+    assert probe.transport.value() == b"SSH-2.0-client\r\n"
+    assert [c[:2] for c in reactor.tcpClients] == [("192.168.64.2", 22)], "only the second"
+    assert not probe.closed
+    assert second.guest is None
+
+
+def test_an_unclaimed_probe_connection_is_closed() -> None:
+    probe = Probe(b"SSH-2.0-x\r\n")
+    ready = ReadyGuest("h", 22, probe)  # type: ignore[arg-type]
+    ready.release()
+    assert probe.closed and ready.claim() is None
+
+
+# -- with the real lifecycle: clients that leave while the VM boots, and a VM that dies
+
+
+@dataclass
+class Status:
+    text: str
+
+    def describe(self) -> str:
+        return self.text
+
+
+@dataclass
+class FakeVM:
+    pid: int = 1000
+    ended: Deferred = field(default_factory=Deferred)
+
+    def consoleTail(self, n: int = 20) -> list[str]:
+        return []
+
+    def stop(self) -> Deferred:
+        return succeed(None)
+
+
+class FakeHypervisor:
+    def __init__(self) -> None:
+        self.vm = FakeVM()
+        self.ready: Deferred = Deferred()
+
+    def spawn(self) -> Deferred:
+        return succeed(self.vm)
+
+    def waitReady(self, vm) -> Deferred:
+        return self.ready
+
+
+def booting(clients: int):
+    reactor = MemoryReactorClock()
+    hypervisor = FakeHypervisor()
+    lifecycle = Lifecycle(reactor, hypervisor, onDemand=True, ttl=60)
+    factory = ProxyFactory(reactor, lifecycle, connectTimeout=7)
+    accepted = []
+    for n in range(clients):
+        transport = Transport(IPv4Address("TCP", "127.0.0.1", 40000 + n))
+        inbound = factory.buildProtocol(transport.getPeer())
+        inbound.makeConnection(transport)
+        accepted.append((inbound, transport))
+    return reactor, hypervisor, lifecycle, accepted
+
+
+def test_clients_that_hang_up_while_the_vm_boots_stop_counting_and_are_never_spliced() -> None:
+    reactor, hypervisor, lifecycle, accepted = booting(3)
+    snapshot = lifecycle.snapshot()
+    assert (snapshot.active_connections, snapshot.waiting_connections) == (3, 3)
+    for inbound, transport in accepted[:2]:
+        assert transport.producerState == "producing", "read while waiting"
+        inbound.dataReceived(b"SSH-2.0-OpenSSH_9.6\r\n")
+        hang_up(inbound, transport)
+    snapshot = lifecycle.snapshot()
+    assert (snapshot.active_connections, snapshot.waiting_connections) == (1, 1)
+    hypervisor.ready.callback(ReadyGuest("192.168.64.2", 22))
+    assert len(reactor.tcpClients) == 1, "only the client still there is spliced"
+
+
+def test_a_vm_that_dies_while_booting_closes_each_waiting_client_once_and_in_order() -> None:
+    _reactor, hypervisor, _lifecycle, accepted = booting(2)
+    with capturedLogs() as events:
+        hypervisor.vm.ended.callback(Status("exited with status 1"))
+    closing = [e for e in events if "closing the connection" in e.get("log_format", "")]
+    assert len(closing) == 2, [e["log_format"] for e in events]
+    for _, transport in accepted:
+        assert transport.disconnecting and not transport.aborted, "an EOF, not a reset"
+
+
+def test_a_vm_that_dies_with_spliced_connections_resets_both_sides() -> None:
+    reactor, hypervisor, _lifecycle, accepted = booting(1)
+    hypervisor.ready.callback(ReadyGuest("192.168.64.2", 22))
+    _, guest_transport, _ = connect_guest(reactor)
+    hypervisor.vm.ended.callback(Status("exited with status 1"))
+    (_inbound, transport) = accepted[0]
+    assert transport.aborted and guest_transport.aborted
 
 
 EVENTS = ["ready", "fail", "clientData", "clientEOF", "guestEOF", "clientLost", "guestLost"]
@@ -216,25 +421,25 @@ def test_accounting_exactly_once_in_any_order(order) -> None:
     """Whatever happens, the lifecycle hears of the close exactly once, and only then."""
     backend = Backend()
     reactor, inbound, client = accept(backend)
-    guest = None
+    guest_side = None
     for event in order:
         if event == "ready" and not backend.ready.called:
-            backend.ready.callback(("g", 22))
+            backend.ready.callback(guest())
             if reactor.tcpClients:
-                guest, _, _ = connect_guest(reactor)
+                guest_side, _, _ = connect_guest(reactor)
         elif event == "fail" and not backend.ready.called:
             backend.ready.errback(VMUnavailable("boot failed"))
         elif event == "clientData" and not client.disconnected:
             inbound.dataReceived(b"x")
         elif event == "clientEOF":
             inbound.readConnectionLost()
-        elif event == "guestEOF" and guest is not None:
-            guest.readConnectionLost()
+        elif event == "guestEOF" and guest_side is not None:
+            guest_side.readConnectionLost()
         elif event == "clientLost" and not client.disconnected:
             client.disconnected = True
             inbound.connectionLost(None)
-        elif event == "guestLost" and guest is not None:
-            guest.connectionLost(None)
+        elif event == "guestLost" and guest_side is not None:
+            guest_side.connectionLost(None)
     if not client.disconnected:
         client.disconnected = True
         inbound.connectionLost(None)

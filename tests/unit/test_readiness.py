@@ -9,7 +9,16 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from virby.leases import LeaseFileError
-from virby.readiness import BootTimeout, ProbeError, probe_banner, wait_for_guest
+from virby.readiness import (
+    FAST_PROBING,
+    LATE_PROBE_INTERVAL,
+    PROBE_INTERVAL,
+    BootTimeout,
+    ProbeError,
+    ReadyGuest,
+    probe_banner,
+    wait_for_guest,
+)
 
 
 def results(d) -> list:
@@ -32,7 +41,7 @@ def refuse(reactor: MemoryReactorClock, index: int = -1) -> None:
     factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
 
 
-def test_banner_after_preamble_lines() -> None:
+def test_banner_after_preamble_lines_and_the_connection_is_kept() -> None:
     reactor = MemoryReactorClock()
     got = results(probe_banner(reactor, "192.168.64.2", 22, 2))
     assert reactor.tcpClients[0][:2] == ("192.168.64.2", 22)
@@ -40,8 +49,12 @@ def test_banner_after_preamble_lines() -> None:
     protocol.dataReceived(b"hello there\r\nSSH-2.0-Open")
     assert got == []
     protocol.dataReceived(b"SSH_9.2\r\n")
-    assert got == ["SSH-2.0-OpenSSH_9.2"]
-    assert transport.disconnecting
+    assert got == [protocol] and protocol.banner == "SSH-2.0-OpenSSH_9.2"
+    assert protocol.received == b"hello there\r\nSSH-2.0-OpenSSH_9.2\r\n"
+    assert not transport.disconnecting, "kept open for the first waiting client"
+    assert transport.producerState == "paused", "and not read any further"
+    reactor.advance(10)
+    assert not transport.disconnecting, "the probe's timeout ended with the banner"
 
 
 def test_not_ssh() -> None:
@@ -103,8 +116,54 @@ def test_waits_for_a_lease_then_a_banner() -> None:
     assert len(reactor.tcpClients) == 2, "a refused probe is retried"
     protocol, _ = connect(reactor)
     protocol.dataReceived(b"SSH-2.0-OpenSSH_9.2\r\n")
-    assert got == ["192.168.64.5"]
-    assert reactor.getDelayedCalls() == [] or all(not c.active() for c in reactor.getDelayedCalls())
+    assert [g.address for g in got] == [("192.168.64.5", 22)]
+    assert got[0].claim() is protocol
+    assert not [c for c in reactor.getDelayedCalls() if c.active()]
+
+
+def pending(reactor: MemoryReactorClock) -> list[float]:
+    """The delays of the timers that are set, soonest first."""
+    now = reactor.seconds()
+    return sorted(round(c.getTime() - now, 6) for c in reactor.getDelayedCalls() if c.active())
+
+
+def test_once_the_guest_refuses_probes_are_retried_soon_and_only_then() -> None:
+    """Fast, and no busy loop: one timer, PROBE_INTERVAL after each refusal, nothing else."""
+    reactor = MemoryReactorClock()
+    leases = Leases()
+    leases.ip = "192.168.64.5"
+    wait_for_guest(reactor, leases, 22, timeout=30, interval=0.25)
+    for attempt in range(1, 4):
+        assert len(reactor.tcpClients) == attempt
+        refuse(reactor)
+        assert pending(reactor) == [PROBE_INTERVAL, round(30 - reactor.seconds(), 6)]
+        reactor.advance(PROBE_INTERVAL * 0.9)
+        assert len(reactor.tcpClients) == attempt
+        reactor.advance(PROBE_INTERVAL * 0.1)
+    assert PROBE_INTERVAL <= 0.002
+
+
+def test_fast_probing_lasts_a_while_after_the_first_refusal() -> None:
+    reactor = MemoryReactorClock()
+    leases = Leases()
+    leases.ip = "192.168.64.5"
+    wait_for_guest(reactor, leases, 22, timeout=600, interval=0.25)
+    refuse(reactor)
+    reactor.advance(FAST_PROBING)
+    refuse(reactor)
+    assert pending(reactor)[0] == LATE_PROBE_INTERVAL
+
+
+def test_a_probe_that_gets_no_answer_is_retried_at_the_lease_interval() -> None:
+    """A guest whose network is not up yet (a stale lease) is not probed in a tight loop."""
+    reactor = MemoryReactorClock()
+    leases = Leases()
+    leases.ip = "192.168.64.5"
+    wait_for_guest(reactor, leases, 22, timeout=600, interval=0.25, probe_timeout=2)
+    connect(reactor)
+    reactor.advance(2)
+    assert len(reactor.tcpClients) == 1
+    assert pending(reactor)[0] == 0.25
 
 
 def test_a_fresh_lease_replaces_a_stale_one() -> None:
@@ -118,7 +177,7 @@ def test_a_fresh_lease_replaces_a_stale_one() -> None:
     assert reactor.tcpClients[-1][0] == "192.168.64.6"
     protocol, _ = connect(reactor)
     protocol.dataReceived(b"SSH-2.0-x\n")
-    assert got == ["192.168.64.6"]
+    assert [g.address for g in got] == [("192.168.64.6", 22)]
 
 
 def test_no_lease_timeout_says_so() -> None:
@@ -174,4 +233,40 @@ def test_banner_versions(banner) -> None:
     got = results(probe_banner(reactor, "h", 22, 2))
     protocol, _ = connect(reactor)
     protocol.dataReceived(banner)
-    assert got[0].startswith("SSH-")
+    assert got[0].banner == banner.rstrip(b"\r\n").decode()
+
+
+def test_a_ready_guest_lends_its_connection_once_and_closes_it_if_unclaimed() -> None:
+    reactor = MemoryReactorClock()
+    got = results(probe_banner(reactor, "h", 22, 2))
+    protocol, transport = connect(reactor)
+    protocol.dataReceived(b"SSH-2.0-x\r\n")
+    ready = ReadyGuest("h", 22, got[0])
+    assert ready.claim() is protocol and ready.claim() is None
+    ready.release()
+    assert not transport.disconnecting, "a claimed connection is the client's"
+    other = ReadyGuest("h", 22, got[0])
+    other.release()
+    assert transport.disconnecting
+
+
+def test_a_spare_lost_before_it_is_claimed_is_not_lent() -> None:
+    reactor = MemoryReactorClock()
+    got = results(probe_banner(reactor, "h", 22, 2))
+    protocol, _ = connect(reactor)
+    protocol.dataReceived(b"SSH-2.0-x\r\n")
+    protocol.connectionLost(None)
+    assert ReadyGuest("h", 22, got[0]).claim() is None
+
+
+def test_attach_hands_the_transport_to_another_protocol() -> None:
+    from twisted.internet.protocol import Protocol
+
+    reactor = MemoryReactorClock()
+    got = results(probe_banner(reactor, "h", 22, 2))
+    protocol, transport = connect(reactor)
+    transport.protocol = protocol
+    protocol.dataReceived(b"SSH-2.0-x\r\n")
+    taker = Protocol()
+    got[0].attach(taker)
+    assert transport.protocol is taker and taker.transport is transport

@@ -13,7 +13,7 @@ import pytest_twisted
 from virby.config import from_mapping
 from virby.control import CONTROL_SOCKET, ControlFactory, controlEndpoint
 from virby.errors import VirbyError
-from virby.status import EXIT_DOWN, duration, query, render, run
+from virby.status import EXIT_DOWN, duration, query, render, run, size
 
 RUNNING = {
     "state": "running",
@@ -43,6 +43,20 @@ RUNNING = {
 )
 def test_duration(seconds, text) -> None:
     assert duration(seconds) == text
+
+
+@pytest.mark.parametrize(
+    ("count", "text"),
+    [(0, "0 B"), (1023, "1023 B"), (1536, "1.5 KiB"), (5 * 1024**3, "5.0 GiB")],
+)
+def test_size(count, text) -> None:
+    assert size(count) == text
+
+
+def test_render_shows_the_bytes_spliced() -> None:
+    text = render({**RUNNING, "bytes_to_guest": 3 * 1024**2, "bytes_from_guest": 2048})
+    assert "Traffic:" in text and "3.0 MiB to the guest, 2.0 KiB back" in text
+    assert "Traffic" not in render(RUNNING), "an older daemon does not say"
 
 
 def test_render_running() -> None:
