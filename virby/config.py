@@ -23,9 +23,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-#: Where vfkit's REST socket lives; its full path must fit in sun_path (vfkit allows 103).
-REST_SOCKET_NAME = "vfkit.sock"
-MAX_UNIX_SOCKET_PATH = 103
+from virby import layout
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB
@@ -267,12 +265,13 @@ def _command(value: object) -> str:
 
 
 def _working_directory(value: object) -> str:
+    """Room for the longest of its sockets' paths in C{sun_path} (L{virby.layout})."""
     path = _absolute_path(value)
-    socket_path = os.path.join(path, REST_SOCKET_NAME)
-    if len(socket_path.encode()) > MAX_UNIX_SOCKET_PATH:
+    name, size = layout.longestSocket(path)
+    if size > layout.MAX_UNIX_SOCKET_PATH:
         raise ValueError(
-            f"{_shown(path)} is too long: {_shown(socket_path)} must fit in "
-            f"{MAX_UNIX_SOCKET_PATH} bytes for vfkit's REST socket"
+            f"{_shown(path)} is too long: the path of its socket {name} would be {size} "
+            f"bytes, and a unix socket's path holds at most {layout.MAX_UNIX_SOCKET_PATH} bytes"
         )
     return path
 
@@ -308,7 +307,7 @@ def _memory(value: object) -> int:
 
 
 _TAG_RE = re.compile(r"[A-Za-z0-9_.-]+", re.ASCII)
-_RESERVED_TAGS = frozenset({"sshd-keys", "rosetta"})
+_RESERVED_TAGS = frozenset({layout.SSHD_KEYS_TAG, layout.ROSETTA_TAG})
 
 
 def _shared_dirs(value: object) -> dict[str, str]:

@@ -55,18 +55,10 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
 from virby.errors import VirbyError
+from virby.layout import OLD_SOCKET_LOCK
 from virby.logs import Logger
 
 log = Logger()
-
-#: The control socket's name inside the working directory.
-CONTROL_SOCKET = "control.sock"
-
-#: The lock one daemon per working directory holds for its whole life.
-DAEMON_LOCK = "daemon.lock"
-
-#: Older daemons locked the socket with a symlink naming their pid; it is junk now.
-_OLD_SOCKET_LOCK = CONTROL_SOCKET + ".lock"
 
 #: The protocol versions this daemon speaks; it replies in the request's.
 PROTOCOL_VERSION = 1
@@ -324,7 +316,7 @@ def clearStaleSocket(path: str) -> None:
             pass
         except OSError as e:
             raise StaleSocketError(f"cannot replace {path}: {e.strerror or e}") from None
-    old = os.path.join(os.path.dirname(path), _OLD_SOCKET_LOCK)
+    old = os.path.join(os.path.dirname(path), OLD_SOCKET_LOCK)
     with contextlib.suppress(OSError):
         if stat.S_ISLNK(os.lstat(old).st_mode):
             os.unlink(old)

@@ -33,8 +33,6 @@ from virby.capacity import (
 )
 from virby.config import Config
 from virby.control import (
-    CONTROL_SOCKET,
-    DAEMON_LOCK,
     ControlFactory,
     StaleSocketError,
     clearStaleSocket,
@@ -42,12 +40,21 @@ from virby.control import (
 )
 from virby.errors import VirbyError
 from virby.freshdisk import makeFreshDisk
+from virby.layout import (
+    CONTROL_SOCKET,
+    DAEMON_LOCK,
+    DAEMON_UMASK,
+    MAC,
+    PREPARE_FIX,
+    VM_LOCK,
+    checkWorkingDirectory,
+)
 from virby.leases import LeaseFile
 from virby.lifecycle import Lifecycle, VirtualMachine
 from virby.locks import FileLock, LockError
 from virby.logs import Logger, setVerbose
 from virby.mac import stable_mac
-from virby.orphans import VM_LOCK, stop_orphan
+from virby.orphans import stop_orphan
 from virby.proxy import ProxyFactory
 from virby.readiness import BootTimeout, ReadyGuest, wait_for_guest
 from virby.runtime import remove_quietly
@@ -149,12 +156,12 @@ class VfkitHypervisor:
                 raise
             log.info("{done}", done=done)
         try:
-            self._mac = stable_mac(self._config.path("mac"))
+            self._mac = stable_mac(self._config.path(MAC))
         except OSError as e:
             lock.release()
             raise StartupError(
-                f"cannot keep the VM's MAC in {self._config.path('mac')}: {e.strerror or e}; "
-                "run `virby prepare` to repair the working directory"
+                f"cannot keep the VM's MAC in {self._config.path(MAC)}: {e.strerror or e}; "
+                f"{PREPARE_FIX}"
             ) from None
         try:
             return VfkitProcess.start(
@@ -175,7 +182,7 @@ class VfkitHypervisor:
         try:
             acquired = lock.acquire()
         except LockError as e:
-            raise StartupError(f"{e}; run `virby prepare` to repair it") from None
+            raise StartupError(f"{e}; {PREPARE_FIX}") from None
         if not acquired:
             raise StartupError(
                 f"a VM of {self._config.working_directory} is still running: a process "
@@ -289,11 +296,10 @@ class DaemonService(MultiService):
     def _lockWorkingDirectory(self) -> None:
         """One daemon per working directory: the kernel drops the lock when this one dies."""
         lock = FileLock(self._config.path(DAEMON_LOCK))
-        fix = "run `virby prepare --config FILE` to repair the working directory"
         try:
             acquired = lock.acquire()
         except LockError as e:
-            raise StartupError(f"{e}; {fix}") from None
+            raise StartupError(f"{e}; {PREPARE_FIX}") from None
         if not acquired:
             holder = lock.holder()
             raise StartupError(
@@ -433,19 +439,6 @@ def _oneLine(reason: Failure) -> str:
     return " ".join((str(reason.value) or reason.type.__name__).split())
 
 
-def checkWorkingDirectory(config: Config) -> None:
-    """The daemon writes its runtime files here; prepare makes it."""
-    path = config.working_directory
-    fix = "run `virby prepare --config FILE` (the nix-darwin activation runs it)"
-    if not os.path.isdir(path):
-        raise StartupError(f"working directory {path} is missing: {fix}")
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise StartupError(
-            f"working directory {path} is not writable by uid {os.getuid()}: {fix} "
-            "with --owner set to the daemon's user"
-        )
-
-
 def installSignalHandlers(reactor: Any) -> None:
     """
     SIGTERM and SIGINT shut down cleanly and exit 0.  twistd's own handlers would re-raise
@@ -466,7 +459,7 @@ def installSignalHandlers(reactor: Any) -> None:
 def makeDaemonService(config: Config, reactor: Any) -> DaemonService:
     """Check the setup, then build the service tree; any problem is one line and exit 1."""
     try:
-        checkWorkingDirectory(config)
+        checkWorkingDirectory(config.working_directory)
         executable = find_vfkit(config.vfkit)
         endpoint = _endpoint(reactor, config.listen)
     except VirbyError as e:
@@ -475,7 +468,7 @@ def makeDaemonService(config: Config, reactor: Any) -> DaemonService:
     setVerbose(config.debug)
     # vfkit creates its REST socket with our umask: owner-only, even when allow-user-ssh
     # opens the working directory for traversal.
-    os.umask(0o077)
+    os.umask(DAEMON_UMASK)
     # What the Mac can do, asked once, before the reactor runs (see plan_host).
     plan = plan_host(config)
     for warning in plan.warnings:

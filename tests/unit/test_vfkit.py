@@ -14,6 +14,7 @@ from twisted.python.failure import Failure
 
 from virby.config import from_mapping
 from virby.hostfacts import HostFacts
+from virby.layout import WorkingDirectoryError
 from virby.rest import RestError
 from virby.vfkit import (
     ExitStatus,
@@ -22,7 +23,6 @@ from virby.vfkit import (
     VfkitNotFound,
     VfkitProcess,
     VfkitProtocol,
-    WorkingDirectoryError,
     find_vfkit,
     plan_host,
     read_tail,

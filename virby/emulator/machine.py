@@ -20,6 +20,7 @@ from typing import Any
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
+from virby import layout
 from virby.emulator import guest, lease
 from virby.emulator.cmdline import Emulated
 from virby.emulator.vmconfig import VM
@@ -125,7 +126,7 @@ class EmulatedMachine:
         self.guestState.boots += 1
         try:
             ran = guest.install_keys(
-                self.vm.shared_dir(guest.SHARE_TAG), self.guestState, self.settings.guest_keys
+                self.vm.shared_dir(layout.SSHD_KEYS_TAG), self.guestState, self.settings.guest_keys
             )
         except guest.KeyUnitFailed as e:
             self.console.line(f"virby-install-keys[301]: {e}")
