@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 from dataclasses import asdict
 from typing import Any
 
@@ -59,6 +58,7 @@ from virby.proxy import ProxyFactory
 from virby.readiness import BootTimeout, ReadyGuest, wait_for_guest
 from virby.runtime import remove_quietly
 from virby.vfkit import HostPlan, VfkitProcess, find_vfkit, plan_host
+from virby.virbyd import exitWithError
 
 log = Logger()
 
@@ -463,8 +463,7 @@ def makeDaemonService(config: Config, reactor: Any) -> DaemonService:
         executable = find_vfkit(config.vfkit)
         endpoint = _endpoint(reactor, config.listen)
     except VirbyError as e:
-        sys.stderr.write(f"twistd virby: error: {e}\n")
-        raise SystemExit(1) from None
+        exitWithError(str(e))
     setVerbose(config.debug)
     # vfkit creates its REST socket with our umask: owner-only, even when allow-user-ssh
     # opens the working directory for traversal.
@@ -499,6 +498,5 @@ class _ExitOnStartupError(DaemonService):
         try:
             super().startService()
         except VirbyError as e:
-            sys.stderr.write(f"twistd virby: error: {e}\n")
             log.critical("cannot start: {why}", why=str(e))
-            raise SystemExit(1) from None
+            exitWithError(str(e))

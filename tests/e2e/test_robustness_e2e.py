@@ -187,7 +187,7 @@ def test_a_failed_start_leaves_nothing_behind(make_builder) -> None:
         daemon = builder.start(wait=False)
         assert daemon.wait_exit(60) == 1
     lines = [line for line in daemon.text().splitlines() if "error" in line.lower()]
-    assert any("twistd virby: error: cannot listen on" in line for line in lines), daemon.text()
+    assert any("virbyd: error: cannot listen on" in line for line in lines), daemon.text()
     assert "Traceback" not in daemon.text()
     left = {p.name for p in builder.wd.iterdir()}
     assert not left & {"control.sock", "control.sock.lock", "daemon.lock"}, left
@@ -198,9 +198,9 @@ def test_two_daemons_cannot_serve_one_working_directory(make_builder) -> None:
     first = builder.start()
     second = builder.start("--listen", "tcp:0:interface=127.0.0.1", wait=False)
     assert second.wait_exit(60) == 1
-    errors = [line for line in second.text().splitlines() if "twistd virby: error" in line]
+    errors = [line for line in second.text().splitlines() if "virbyd: error" in line]
     assert len(errors) == 1 and errors[0].endswith(
-        f"twistd virby: error: another virby daemon (pid {first.pid}) is already serving "
+        f"virbyd: error: another virby daemon (pid {first.pid}) is already serving "
         f"{builder.wd}: stop it first, or give this daemon its own working-directory"
     ), second.text()
     assert status_of(builder)["daemon_pid"] == first.pid
