@@ -339,7 +339,11 @@ class StopTimings:
 
 
 class VfkitProcess:
-    """One running vfkit, as the lifecycle drives it."""
+    """
+    One running vfkit, as the lifecycle drives it.
+
+    @ivar mac: the MAC of the VM's network device, which its DHCP lease is found by.
+    """
 
     def __init__(
         self,
@@ -350,9 +354,12 @@ class VfkitProcess:
         rest: VfkitRestClient,
         timings: StopTimings = StopTimings(),
         vmLock: FileLock | None = None,
+        *,
+        mac: str,
     ) -> None:
         self._reactor = reactor
         self._config = config
+        self.mac = mac
         self.protocol = protocol
         self._transport = transport
         self.rest = rest
@@ -402,7 +409,7 @@ class VfkitProcess:
         pidfile = config.path(layout.VFKIT_PIDFILE)
         write_atomically(pidfile, str(transport.pid).encode(), layout.PUBLIC)
         rest = VfkitRestClient(reactor, config.path(layout.REST_SOCKET), timings.rest_timeout)
-        return cls(reactor, config, protocol, transport, rest, timings, vmLock)
+        return cls(reactor, config, protocol, transport, rest, timings, vmLock, mac=mac)
 
     @property
     def ended(self) -> Deferred[ExitStatus]:

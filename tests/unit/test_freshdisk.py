@@ -19,8 +19,8 @@ from twisted.python.failure import Failure
 
 from virby import disk, freshdisk, prepare
 from virby.config import MIB, from_mapping
-from virby.daemon import VfkitHypervisor
 from virby.freshdisk import FreshDiskError, make, makeFreshDisk
+from virby.hypervisor import VfkitHypervisor
 from virby.layout import VM_LOCK
 from virby.locks import FileLock
 

@@ -221,7 +221,7 @@ def process(tmp_path, works=True, powers_off=("Stop",), dies_on=("TERM",), **set
     (tmp_path / "vfkit.pid").write_text("4242")
     (tmp_path / "vfkit.sock").write_text("")
     return (
-        VfkitProcess(clock, cfg, protocol, transport, rest, StopTimings()),
+        VfkitProcess(clock, cfg, protocol, transport, rest, StopTimings(), mac=MAC),
         clock,
         rest,
         transport,
@@ -440,7 +440,7 @@ def real_process(tmp_path, reactor, dies_on: set[str], timings: StopTimings):
     transport = FakeTransport(protocol, dies_on)
     rest = VfkitRestClient(reactor, str(tmp_path / "vfkit.sock"), timings.rest_timeout)
     cfg = from_mapping({"working-directory": str(tmp_path)})
-    return VfkitProcess(reactor, cfg, protocol, transport, rest, timings), transport
+    return VfkitProcess(reactor, cfg, protocol, transport, rest, timings, mac=MAC), transport
 
 
 #: Graces long enough that a stop that waited one out would blow the test's bound.
