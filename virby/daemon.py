@@ -50,6 +50,7 @@ from virby.lifecycle import Lifecycle
 from virby.locks import FileLock, LockError
 from virby.logs import Logger, setVerbose
 from virby.proxy import ProxyFactory
+from virby.relay import spliceAvailable
 from virby.runtime import remove_quietly
 from virby.vfkit import HostPlan, find_vfkit, plan_host
 from virby.virbyd import exitWithError
@@ -93,7 +94,9 @@ class DaemonService(Service):
         self._control: IListeningPort | None = None
         self._lock: FileLock | None = None
         self._startedAt: float | None = None
-        self._proxy = ProxyFactory(reactor, lifecycle)
+        self._proxy = ProxyFactory(
+            reactor, lifecycle, pipeLimit=descriptors.pipes if descriptors else None
+        )
 
     def startService(self) -> None:
         """
@@ -129,7 +132,7 @@ class DaemonService(Service):
             self._descriptors.connections,
             lambda: self.lifecycle.snapshot().active_connections,
             self._reactor,
-            f"two open files each, and its open-file limit is {self._descriptors.soft}",
+            self._descriptors.why(),
         )
 
     def _lockWorkingDirectory(self) -> None:
@@ -311,7 +314,7 @@ def makeDaemonService(config: Config, reactor: Any) -> DaemonService:
     plan = plan_host(config)
     for warning in plan.warnings:
         log.warn("{warning}", warning=warning)
-    descriptors = adjustDescriptorLimit(reactor)
+    descriptors = adjustDescriptorLimit(reactor, splicing=spliceAvailable())
     log.info("{limit}", limit=descriptors.describe())
     hypervisor = VfkitHypervisor(reactor, config, executable, plan)
     lifecycle = Lifecycle(reactor, hypervisor, onDemand=config.on_demand, ttl=config.ttl)

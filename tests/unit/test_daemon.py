@@ -15,6 +15,7 @@ from virby.daemon import DaemonCommands, DaemonService, StartupError, makeDaemon
 from virby.hypervisor import BootError, VfkitHypervisor
 from virby.lifecycle import Lifecycle
 from virby.readiness import ReadyGuest
+from virby.relay import spliceAvailable
 from virby.vfkit import HostPlan
 
 
@@ -331,6 +332,26 @@ def test_the_builder_port_serves_as_many_connections_as_its_descriptors_allow(sh
     DaemonService(reactor, cfg, endpoint, hypervisor, lifecycle, limit).startService()
     factory = reactor.tcpServers[0][1]
     assert isinstance(factory, ConnectionLimit) and factory.limit == 480
+
+
+@pytest.mark.skipif(not spliceAvailable(), reason="splice(2) is Linux's")
+def test_the_relays_pipes_are_held_to_the_budget_that_counts_the_connections(short_tmp) -> None:
+    from virby.capacity import ConnectionLimit, DescriptorLimit
+
+    reactor = MemoryReactorClock()
+    hypervisor = IdleHypervisor()
+    lifecycle = Lifecycle(reactor, hypervisor, onDemand=True, ttl=60)
+    endpoint = TCP4ServerEndpoint(reactor, 31222, interface="127.0.0.1")
+    limit = DescriptorLimit(256, 1024, None, None, pipes=64)
+    daemon = DaemonService(reactor, config(short_tmp), endpoint, hypervisor, lifecycle, limit)
+    daemon.startService()
+    factory = reactor.tcpServers[0][1]
+    assert isinstance(factory, ConnectionLimit) and factory.limit == (1024 - 64 - 128) // 2
+    pool = factory.wrapped.pipes
+    taken = [pool.take() for _ in range(65)]
+    assert taken[-1] is None and None not in taken[:-1], "the pool lends 64 pipes, no more"
+    for pipe in taken[:-1]:
+        pool.discard(pipe)
 
 
 class ReadyHypervisor(IdleHypervisor):
