@@ -54,7 +54,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime, IReactorUNIX
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
-from virby.errors import VirbyError
+from virby.errors import VirbyError, oneLine
 from virby.layout import OLD_SOCKET_LOCK
 from virby.logs import Logger
 
@@ -122,7 +122,7 @@ def encodeReply(reply: dict[str, Any]) -> bytes:
 
 
 def errorReply(message: str) -> dict[str, Any]:
-    return {"ok": False, "error": " ".join(message.split())}
+    return {"ok": False, "error": oneLine(message)}
 
 
 # -- who is asking

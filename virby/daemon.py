@@ -37,7 +37,7 @@ from virby.control import (
     clearStaleSocket,
     controlEndpoint,
 )
-from virby.errors import VirbyError
+from virby.errors import VirbyError, oneLine
 from virby.hypervisor import VfkitHypervisor
 from virby.layout import (
     CONTROL_SOCKET,
@@ -260,7 +260,7 @@ def _listenNow(endpoint: IStreamServerEndpoint, factory: Any, what: str) -> ILis
     if not outcome:
         raise StartupError(f"listening on {what} did not complete at startup")
     if isinstance(outcome[0], Failure):
-        raise StartupError(f"cannot listen on {what}: {_oneLine(outcome[0])}")
+        raise StartupError(f"cannot listen on {what}: {oneLine(outcome[0])}")
     return outcome[0]
 
 
@@ -275,10 +275,6 @@ def _address(port: IListeningPort) -> str:
     if hasattr(host, "port"):
         return f"{host.host}:{host.port}" if ":" not in host.host else f"[{host.host}]:{host.port}"
     return str(getattr(host, "name", host))
-
-
-def _oneLine(reason: Failure) -> str:
-    return " ".join((str(reason.value) or reason.type.__name__).split())
 
 
 def installSignalHandlers(reactor: Any) -> None:

@@ -20,8 +20,6 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-from twisted.python import usage
-
 from virby.config import KEYS, ConfigError, Key
 
 #: The option every command takes besides the keys.
@@ -79,17 +77,17 @@ def collected(namespace: argparse.Namespace) -> dict[str, Any]:
     return collect(lambda name: getattr(namespace, name, None))
 
 
-# -- the daemon's usage.Options
+# -- the daemon's usage.Options (L{virby.tap.Options} is made of these)
 
 
-def _parameters() -> list[list[Any]]:
+def usageParameters() -> list[list[Any]]:
     """twistd's C{--KEY TEXT} options: C{--config} and every C{value} key."""
     return [["config", None, None, CONFIG_HELP]] + [
         [key.name, None, None, key.help] for key in KEYS if key.value.form == "value"
     ]
 
 
-def _switches() -> list[list[Any]]:
+def usageSwitches() -> list[list[Any]]:
     """twistd's C{--KEY} and C{--no-KEY} options, for every C{switch} key."""
     return [
         flag
@@ -99,33 +97,22 @@ def _switches() -> list[list[Any]]:
     ]
 
 
-class ConfigOptions(usage.Options):
-    """C{--config FILE} and one option per key; L{configFlags} collects what was given."""
-
-    optParameters = _parameters()
-    optFlags = _switches()
-
-    def __init__(self) -> None:
-        super().__init__()
-        for key in KEYS:
-            if key.value.form == "repeated":
-                self[key.name] = []
-
-    def configFlags(self) -> dict[str, Any]:
-        """The config flags given (L{collect})."""
-        return collect(self.get)
+def usageHandlers() -> dict[str, Callable[[Any, str], None]]:
+    """
+    twistd's handlers of the C{repeated} keys, by method name (C{opt_KEY}): each call adds an
+    item to the list the options hold under the key's name (L{usageDefaults}).
+    """
+    return {f"opt_{key.attribute}": _appender(key) for key in KEYS if key.value.form == "repeated"}
 
 
-def _appender(key: Key) -> Callable[[ConfigOptions, str], None]:
-    """twistd's handler of a C{repeated} key (C{opt_KEY}): each one adds an item."""
+def usageDefaults() -> dict[str, Any]:
+    """What the options hold before parsing beyond twistd's own defaults: empty lists."""
+    return {key.name: [] for key in KEYS if key.value.form == "repeated"}
 
-    def append(self: ConfigOptions, text: str) -> None:
-        self[key.name].append(text)
+
+def _appender(key: Key) -> Callable[[Any, str], None]:
+    def append(options: Any, text: str) -> None:
+        options[key.name].append(text)
 
     append.__doc__ = f"{key.help} (repeatable)"
     return append
-
-
-for _key in KEYS:
-    if _key.value.form == "repeated":
-        setattr(ConfigOptions, f"opt_{_key.attribute}", _appender(_key))

@@ -7,19 +7,36 @@ twistd's plugins never imports the daemon.
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.application.service import IService
 from twisted.python import usage
 
+from virby import flags
 from virby.config import Config, load
 from virby.errors import VirbyError
-from virby.flags import ConfigOptions
 from virby.virbyd import exitWithError
 
 
-class Options(ConfigOptions):
+class Options(usage.Options):
     """C{--config FILE} plus one flag per config key, which wins over the file."""
 
     synopsis = "[--config FILE] [--KEY VALUE ...]"
+    optParameters = flags.usageParameters()
+    optFlags = flags.usageSwitches()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.update(flags.usageDefaults())
+
+    def configFlags(self) -> dict[str, Any]:
+        """The config flags given, by key name (L{virby.flags.collect})."""
+        return flags.collect(self.get)
+
+
+# The repeated keys' handlers, which twistd finds as methods named opt_KEY.
+for _name, _handler in flags.usageHandlers().items():
+    setattr(Options, _name, _handler)
 
 
 def loadConfig(options: Options) -> Config:

@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 
 from virby import layout
 from virby.config import Config
-from virby.errors import VirbyError
+from virby.errors import VirbyError, oneLine
 from virby.hostfacts import HostFacts, gather
 from virby.locks import FileLock
 from virby.logs import Logger
@@ -245,7 +245,7 @@ def vfkit_error(line: str) -> str | None:
             message = json.loads(message)
         except ValueError:
             message = message.strip('"')
-    return " ".join(message.split())[:300] or None
+    return oneLine(message)[:300] or None
 
 
 class VfkitProtocol(ProcessProtocol):
