@@ -34,8 +34,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.e2e.builder import Builder  # noqa: E402
-from tests.e2e.support import free_port, pids_of  # noqa: E402
+from testbed.builder import Builder  # noqa: E402
+from testbed.processes import free_port, pids_of  # noqa: E402
 from virby.errors import oneLine  # noqa: E402
 
 PEERS = [sys.executable, str(ROOT / "bench" / "peers.py")]

@@ -111,7 +111,6 @@ ENTRIES: tuple[Entry, ...] = (
     Entry(REST_SOCKET, None, "vfkit", "vfkit's REST API"),
     Entry(SERIAL_LOG, None, "vfkit", "the guest's console"),
 )
-BY_NAME = {entry.name: entry for entry in ENTRIES}
 
 #: What C{virby prepare} makes, and the mode it keeps each at (the record is written last).
 PREPARED_MODES: dict[str, int] = {

@@ -14,8 +14,8 @@ import subprocess
 
 import pytest
 
-from tests.e2e.builder import Builder, read_line, tool
-from tests.e2e.support import ProcessUnderTest
+from testbed.builder import Builder, read_line, tool
+from testbed.processes import ProcessUnderTest
 
 pytestmark = pytest.mark.e2e
 

@@ -17,8 +17,8 @@ import time
 
 import pytest
 
-from tests.e2e.builder import Builder, tool
-from tests.e2e.support import ProcessUnderTest
+from testbed.builder import Builder, tool
+from testbed.processes import ProcessUnderTest
 
 pytestmark = pytest.mark.e2e
 
@@ -32,22 +32,6 @@ os.close({fd})
 os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1", LISTEN_FDNAMES="builder")
 os.execv(sys.argv[1], sys.argv[1:])
 """
-
-
-@pytest.fixture
-def make_builder(tmp_path):
-    made: list[Builder] = []
-
-    def make(**settings) -> Builder:
-        root = tmp_path / f"builder{len(made)}"
-        root.mkdir()
-        builder = Builder(root, **settings)
-        made.append(builder)
-        return builder
-
-    yield make
-    for builder in made:
-        builder.cleanup()
 
 
 def start(builder: Builder, *flags: str, prefix=(), reactor=(), pass_fds=()) -> ProcessUnderTest:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.support import ProcessUnderTest, free_port
+from testbed.processes import ProcessUnderTest, free_port
 from virby import keys, layout
 from virby.config import Config
 from virby.sshconfig import ssh_config_block

@@ -16,26 +16,10 @@ import sys
 
 import pytest
 
-from tests.e2e.builder import Builder, tool
-from tests.e2e.support import pids_of, wait_gone
+from testbed.builder import Builder, tool
+from testbed.processes import pids_of, wait_gone
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def make_builder(tmp_path):
-    made: list[Builder] = []
-
-    def make(**settings) -> Builder:
-        root = tmp_path / f"builder{len(made)}"
-        root.mkdir()
-        builder = Builder(root, **settings)
-        made.append(builder)
-        return builder
-
-    yield make
-    for builder in made:
-        builder.cleanup()
 
 
 def status_of(builder: Builder, timeout: float = 30) -> dict:

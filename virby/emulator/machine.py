@@ -76,7 +76,6 @@ class EmulatedMachine:
         self._exitCode = 0
         self._poweringOff = False
         self._bootCall: Any = None
-        self._paused = False
         self.guestState = guest.GuestState()
 
     # -- boot
@@ -236,8 +235,6 @@ class EmulatedMachine:
         self._poweringOff = True
         if self._bootCall is not None and self._bootCall.active():
             self._bootCall.cancel()
-        if self._paused:
-            self._signalGuest(18)
         if self._guardian is not None and self._guardian.pid is not None:
             self._signalGuest(18)
             self._guardian.signalProcess("TERM")

@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tests.e2e.nixenv import nix_environment
-from tests.e2e.support import ProcessUnderTest, free_port, pids_of
+from testbed.nixenv import nix_environment
+from testbed.processes import ProcessUnderTest, free_port, pids_of
 
 BIN = Path(sys.executable).parent
 
