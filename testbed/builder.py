@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -124,6 +125,15 @@ class Builder:
             capture_output=True, text=True, timeout=120, check=True,
         )  # fmt: skip
         return result.stdout
+
+    def orphan(self) -> int:
+        """Boot the VM, then kill the daemon with SIGKILL: the pid of the VM left running."""
+        daemon = self.start()
+        assert self.ssh("true").returncode == 0, daemon.text()
+        (orphan,) = self.emulators()
+        daemon.signal(signal.SIGKILL)
+        daemon.wait_exit(10)
+        return orphan
 
     def emulators(self) -> list[int]:
         """Live vfkit emulators of this working directory."""

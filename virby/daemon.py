@@ -43,11 +43,10 @@ from virby.layout import (
     CONTROL_SOCKET,
     DAEMON_LOCK,
     DAEMON_UMASK,
-    PREPARE_FIX,
     checkWorkingDirectory,
 )
 from virby.lifecycle import Lifecycle
-from virby.locks import FileLock, LockError
+from virby.locks import FileLock, takeLock
 from virby.logs import Logger, setVerbose
 from virby.proxy import ProxyFactory
 from virby.relay import spliceAvailable
@@ -137,19 +136,15 @@ class DaemonService(Service):
 
     def _lockWorkingDirectory(self) -> None:
         """One daemon per working directory: the kernel drops the lock when this one dies."""
-        lock = FileLock(self._config.path(DAEMON_LOCK))
-        try:
-            acquired = lock.acquire()
-        except LockError as e:
-            raise StartupError(f"{e}; {PREPARE_FIX}") from None
-        if not acquired:
-            holder = lock.holder()
-            raise StartupError(
-                f"another virby daemon ({f'pid {holder}' if holder else 'unknown pid'}) "
-                f"is already serving {self._config.working_directory}: stop it first, or "
-                "give this daemon its own working-directory"
-            )
-        self._lock = lock
+        self._lock = takeLock(self._config.path(DAEMON_LOCK), StartupError, self._anotherDaemon)
+
+    def _anotherDaemon(self, lock: FileLock) -> str:
+        holder = lock.holder()
+        return (
+            f"another virby daemon ({f'pid {holder}' if holder else 'unknown pid'}) "
+            f"is already serving {self._config.working_directory}: stop it first, or "
+            "give this daemon its own working-directory"
+        )
 
     def _listenControl(self) -> IListeningPort:
         path = self._config.path(CONTROL_SOCKET)

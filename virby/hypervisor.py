@@ -23,7 +23,7 @@ from virby.freshdisk import makeFreshDisk
 from virby.layout import MAC, PREPARE_FIX, VM_LOCK
 from virby.leases import LeaseFile
 from virby.lifecycle import VirtualMachine
-from virby.locks import FileLock, LockError
+from virby.locks import FileLock, takeLock
 from virby.logs import Logger
 from virby.mac import stable_mac
 from virby.orphans import stop_orphan
@@ -142,18 +142,13 @@ class VfkitHypervisor:
 
     def _lockVM(self) -> FileLock:
         """The VM lock, which the vfkit about to start inherits and holds for its life."""
-        lock = FileLock(self._config.path(VM_LOCK))
-        try:
-            acquired = lock.acquire()
-        except LockError as e:
-            raise BootError(f"{e}; {PREPARE_FIX}") from None
-        if not acquired:
-            raise BootError(
-                f"a VM of {self._config.working_directory} is still running: a process "
-                f"holds {lock.path} (find it with `lsof {lock.path}`); stop it and connect "
-                "again"
-            )
-        return lock
+        return takeLock(self._config.path(VM_LOCK), BootError, self._anotherVM)
+
+    def _anotherVM(self, lock: FileLock) -> str:
+        return (
+            f"a VM of {self._config.working_directory} is still running: a process "
+            f"holds {lock.path} (find it with `lsof {lock.path}`); stop it and connect again"
+        )
 
     def waitReady(self, vm: VirtualMachine) -> Deferred[ReadyGuest]:
         """The guest of C{vm}, which this adapter spawned, once its sshd answers."""

@@ -10,7 +10,6 @@ from twisted.internet.interfaces import ILoggingContext
 from twisted.internet.selectreactor import SelectReactor
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import formatEvent, globalLogPublisher
 
 from virby.capacity import (
     RESERVED_DESCRIPTORS,
@@ -156,18 +155,6 @@ class Wrapped:
     def buildProtocol(self, addr):
         self.built.append(addr)
         return f"protocol for {addr}"
-
-
-@pytest.fixture
-def logged():
-    lines: list[str] = []
-
-    def observe(event) -> None:
-        lines.append(formatEvent(event))
-
-    globalLogPublisher.addObserver(observe)
-    yield lines
-    globalLogPublisher.removeObserver(observe)
 
 
 def test_past_the_limit_connections_are_closed_and_logged(logged) -> None:

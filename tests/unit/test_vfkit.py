@@ -33,21 +33,6 @@ from virby.vfkit import (
 MAC = "02:94:00:00:00:01"
 
 
-@pytest.fixture
-def logged():
-    """The text of every event logged while the test runs."""
-    from twisted.logger import formatEvent, globalLogPublisher
-
-    lines: list[str] = []
-
-    def observe(event) -> None:
-        lines.append(formatEvent(event))
-
-    globalLogPublisher.addObserver(observe)
-    yield lines
-    globalLogPublisher.removeObserver(observe)
-
-
 def config(**extra):
     return from_mapping({"working-directory": "/var/lib/virby", **extra})
 
