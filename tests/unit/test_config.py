@@ -21,7 +21,7 @@ from virby.config import KEYS, KEYS_BY_NAME, Config, ConfigError, from_mapping, 
 GIB = 1024**3
 
 
-def test_defaults_match_the_design() -> None:
+def test_defaults_are_the_ones_the_readme_states() -> None:
     config = from_mapping({})
     assert config == Config()
     assert config.cores == 8
