@@ -27,9 +27,10 @@ and be at most L{MAX_REQUEST} bytes: a client that sends nothing, or megabytes, 
 and cut off.  Daemons before version 1 wrote the status document at once to every
 connection, without reading; L{virby.controlclient} still understands that reply.
 
-Two daemons are kept off one working directory by L{DAEMON_LOCK}, an flock the kernel drops
-when the daemon dies (L{virby.locks}), not by the socket: so whatever is found at the
-socket's path by a daemon that holds the lock is left over from a dead one, and replaced.
+Two daemons are kept off one working directory by L{virby.layout.DAEMON_LOCK}, an flock the
+kernel drops when the daemon dies (L{virby.locks}), not by the socket: so whatever is found
+at the socket's path by a daemon that holds the lock is left over from a dead one, and
+replaced.
 """
 
 from __future__ import annotations
@@ -298,8 +299,8 @@ class StaleSocketError(Exception):
 def clearStaleSocket(path: str) -> None:
     """
     Remove what a dead daemon left at C{path} (its socket, or any junk file), and the pid
-    symlink an older version used as its lock.  Only a daemon holding L{DAEMON_LOCK} may
-    call this: no live daemon can be using the path then.
+    symlink an older version used as its lock.  Only a daemon holding
+    L{virby.layout.DAEMON_LOCK} may call this: no live daemon can be using the path then.
 
     @raise StaleSocketError: when C{path} is a directory or cannot be removed.
     """
@@ -324,7 +325,7 @@ def clearStaleSocket(path: str) -> None:
 
 def controlEndpoint(reactor: IReactorUNIX, path: str) -> UNIXServerEndpoint:
     """
-    Owner-only.  Not locked by pid (L{DAEMON_LOCK} keeps a second daemon away), so a stale
-    pid can never stop a start.
+    Owner-only.  Not locked by pid (L{virby.layout.DAEMON_LOCK} keeps a second daemon away),
+    so a stale pid can never stop a start.
     """
     return UNIXServerEndpoint(reactor, path, mode=0o600, wantPID=False)
