@@ -34,8 +34,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.e2e.builder import Builder  # noqa: E402
-from tests.e2e.support import free_port, pids_of  # noqa: E402
+from testbed.builder import Builder  # noqa: E402
+from testbed.processes import free_port, pids_of  # noqa: E402
+from virby.errors import oneLine  # noqa: E402
 
 PEERS = [sys.executable, str(ROOT / "bench" / "peers.py")]
 GIB = 1024**3
@@ -511,8 +512,8 @@ def memory(root: Path, connections: int, targets: list[Target]) -> Section:
         ("Python alone", "pass"),
         ("Python + Twisted's reactor, endpoints, logger (with its TLS imports)", twisted),
         ("the same without pyOpenSSL (Twisted loads it whenever installed)", without_tls),
-        ("the same with twisted.web.client (vfkit's REST client, which virby.rest imports)",
-         twisted + ", twisted.web.client"),
+        ("the same with twisted.web.client (vfkit's REST client, imported at its first "
+         "request)", twisted + ", twisted.web.client"),
         ("the same with the splice's modules (virby.proxy, .relay, .readiness)",
          twisted + ", virby.proxy"),
         ("the same with all the daemon's modules (not twistd's own)", twisted + ", virby.daemon"),
@@ -675,7 +676,7 @@ def main() -> None:
             except Exception as e:
                 traceback.print_exc()
                 failed = Section(f"{name}: not measured", ["step", "result"])
-                failed.failed(name, " ".join(str(e).split()) or type(e).__name__)
+                failed.failed(name, oneLine(e))
                 sections.append(failed)
         leftovers = pids_of(r"vfkit-emulator.*" + re.escape(scratch))
     header = (

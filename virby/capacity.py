@@ -15,11 +15,13 @@ was given:
     macOS C{kern.ipc.somaxconn}, 128 by default).
   - Open files.  A spliced connection holds two descriptors (the client's and the guest's),
     and launchd starts jobs with a soft limit of 256.  The daemon raises its soft limit as
-    far as the hard limit and its reactor allow (L{adjustDescriptorLimit}), keeps
-    L{RESERVED_DESCRIPTORS} for everything else, and serves at most half of the rest as
-    connections.  Past that, L{ConnectionLimit} closes each new connection at once and
-    says so in the log: the client sees the connection closed, never a hang, and Nix moves
-    on to another builder or retries.
+    far as the hard limit and its reactor allow (L{adjustDescriptorLimit}) and splits it in
+    one budget (L{DescriptorLimit}): L{RESERVED_DESCRIPTORS} for everything else, on Linux
+    an eighth for the relay's pipes (L{pipesWithin}, two descriptors a pipe, lent to the
+    chunks in flight: L{virby.relay.PipePool}), and the rest, two each, for connections.
+    Past that, L{ConnectionLimit} closes each new connection at once and says so in the
+    log: the client sees the connection closed, never a hang, and Nix moves on to another
+    builder or retries.
 
 The reactor matters on macOS: Twisted's default reactor there is the select reactor, and
 C{select(2)} cannot watch a descriptor numbered C{FD_SETSIZE} (1024) or above (CPython
@@ -36,7 +38,7 @@ import resource
 import socket
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from twisted.internet.interfaces import (
@@ -60,22 +62,34 @@ WANTED_DESCRIPTORS = 4096
 #: vfkit's pipes and lock, the REST client, readiness probes, the lease file, status
 #: queries, Twisted's own (its waker, its reserve for EMFILE).
 RESERVED_DESCRIPTORS = 64
+#: The relay's pipes may hold up to an eighth of the open files: two descriptors a pipe,
+#: within these bounds.
+PIPE_SHARE = 8
+MIN_PIPES = 4
+MAX_PIPES = 256
 #: C{select(2)} cannot watch descriptors at or above C{FD_SETSIZE}.
 SELECT_CEILING = 1024
 #: One warning per this many seconds while connections are refused, with their count.
 WARNING_INTERVAL = 10.0
 
 
+def pipesWithin(soft: int) -> int:
+    """How many pipes the relay's pool may hold under a soft open-file limit of C{soft}."""
+    return max(MIN_PIPES, min(MAX_PIPES, soft // (2 * PIPE_SHARE)))
+
+
 @dataclass(frozen=True)
 class DescriptorLimit:
     """
-    The open-file limit the daemon runs with.
+    The open-file limit the daemon runs with, and how it is spent: the one budget that the
+    connection limit and the relay's pipe pool both read, so together they stay within it.
 
     @ivar before: the soft limit it was started with.
     @ivar soft: the soft limit now.
     @ivar hard: the hard limit, C{None} when unlimited.
     @ivar ceiling: what the reactor can watch, C{None} when it has no limit.
     @ivar problem: why the soft limit could not be set as wanted, if it could not.
+    @ivar pipes: how many pipes the relay may hold (0 where it does not splice).
     """
 
     before: int
@@ -83,11 +97,17 @@ class DescriptorLimit:
     hard: int | None
     ceiling: int | None
     problem: str | None = None
+    pipes: int = 0
 
     @property
     def connections(self) -> int:
-        """How many connections fit: two descriptors each, after the reserve."""
-        return max(1, (self.soft - RESERVED_DESCRIPTORS) // 2)
+        """How many connections fit: two descriptors each, after the reserve and the pipes."""
+        return max(1, (self.soft - RESERVED_DESCRIPTORS - 2 * self.pipes) // 2)
+
+    def why(self) -> str:
+        """Why L{connections} is the most: what the budget gives them, in a few words."""
+        pipes = f", beside {self.pipes} pipes of two" if self.pipes else ""
+        return f"two open files each{pipes}, and its open-file limit is {self.soft}"
 
     def describe(self) -> str:
         hard = "unlimited" if self.hard is None else str(self.hard)
@@ -95,6 +115,8 @@ class DescriptorLimit:
             f"open files: {self.soft} (started with {self.before}, hard limit {hard}); "
             f"serving up to {self.connections} connections at once"
         )
+        if self.pipes:
+            text += f", beside up to {self.pipes} pipes for splice(2)"
         if self.ceiling is not None and self.soft >= self.ceiling:
             text += f" (the select reactor watches descriptors below {self.ceiling} only)"
         if self.problem:
@@ -114,11 +136,27 @@ def adjustDescriptorLimit(
     wanted: int = WANTED_DESCRIPTORS,
     getrlimit: Callable[[int], tuple[int, int]] = resource.getrlimit,
     setrlimit: Callable[[int, tuple[int, int]], None] = resource.setrlimit,
+    *,
+    splicing: bool = False,
 ) -> DescriptorLimit:
     """
     Raise the soft open-file limit to C{wanted} (never lowering one set higher), within the
     hard limit, and hold it at the reactor's ceiling when it has one (lowering it if need be).
+
+    @param splicing: whether the relay moves bytes through pipes (L{pipesWithin} of them).
     """
+    limit = _adjusted(reactor, wanted, getrlimit, setrlimit)
+    if not splicing:
+        return limit
+    return replace(limit, pipes=pipesWithin(limit.soft))
+
+
+def _adjusted(
+    reactor: Any,
+    wanted: int,
+    getrlimit: Callable[[int], tuple[int, int]],
+    setrlimit: Callable[[int, tuple[int, int]], None],
+) -> DescriptorLimit:
     soft, hard = getrlimit(resource.RLIMIT_NOFILE)
     infinite = resource.RLIM_INFINITY
     ceiling = reactorCeiling(reactor)

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from virby import __version__
-from virby.config import Config, ConfigError, load
+from virby.config import Config, load
 from virby.errors import VirbyError
 from virby.flags import add_arguments, collected
 
@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load(args.config, collected(args))
         return _run(args, config)
-    except (ConfigError, VirbyError) as e:
+    except VirbyError as e:
         sys.stderr.write(f"virby {args.command}: error: {e}\n")
         return 1
 

@@ -21,11 +21,10 @@ import re
 import stat
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Literal
 
-#: Where vfkit's REST socket lives; its full path must fit in sun_path (vfkit allows 103).
-REST_SOCKET_NAME = "vfkit.sock"
-MAX_UNIX_SOCKET_PATH = 103
+from virby import layout
+from virby.errors import VirbyError
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB
@@ -51,7 +50,7 @@ MAX_DIGITS = 20
 MAX_FILE_BYTES = 1024 * 1024
 
 
-class ConfigError(Exception):
+class ConfigError(VirbyError):
     """
     A configuration mistake a user can fix; C{str()} is one line naming the key.
 
@@ -267,12 +266,13 @@ def _command(value: object) -> str:
 
 
 def _working_directory(value: object) -> str:
+    """Room for the longest of its sockets' paths in C{sun_path} (L{virby.layout})."""
     path = _absolute_path(value)
-    socket_path = os.path.join(path, REST_SOCKET_NAME)
-    if len(socket_path.encode()) > MAX_UNIX_SOCKET_PATH:
+    name, size = layout.longestSocket(path)
+    if size > layout.MAX_UNIX_SOCKET_PATH:
         raise ValueError(
-            f"{_shown(path)} is too long: {_shown(socket_path)} must fit in "
-            f"{MAX_UNIX_SOCKET_PATH} bytes for vfkit's REST socket"
+            f"{_shown(path)} is too long: the path of its socket {name} would be {size} "
+            f"bytes, and a unix socket's path holds at most {layout.MAX_UNIX_SOCKET_PATH} bytes"
         )
     return path
 
@@ -308,7 +308,7 @@ def _memory(value: object) -> int:
 
 
 _TAG_RE = re.compile(r"[A-Za-z0-9_.-]+", re.ASCII)
-_RESERVED_TAGS = frozenset({"sshd-keys", "rosetta"})
+_RESERVED_TAGS = frozenset({layout.SSHD_KEYS_TAG, layout.ROSETTA_TAG})
 
 
 def _shared_dirs(value: object) -> dict[str, str]:
@@ -341,46 +341,145 @@ def _optional(check: Callable[[object], Any]) -> Callable[[object], Any]:
     return optional
 
 
+# -- command-line text: each takes what a flag gave and returns the JSON value it stands for
+
+
+def _given(text: object) -> object:
+    """Text the key's own check reads as it is: strings, paths, sizes, memory like C{6GiB}."""
+    return text
+
+
+def _integer_text(text: str) -> object:
+    if not _INTEGER_RE.fullmatch(text):
+        raise ValueError(f"expected an integer, got {_shown(text)}")
+    return _json_integer(text.strip())
+
+
+def _switch_text(given: bool | str) -> bool:
+    """C{--KEY}/C{--no-KEY} give a boolean; a word is read the way a person means it."""
+    if isinstance(given, bool):
+        return given
+    lowered = given.strip().lower()
+    if lowered in ("true", "yes", "1", "on"):
+        return True
+    if lowered in ("false", "no", "0", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {_shown(given)}")
+
+
+def _shared_dirs_text(items: str | Iterable[str]) -> dict[str, Any]:
+    """C{TAG=DIR}, given again for each share, or a JSON object of them."""
+    result: dict[str, Any] = {}
+    for item in [items] if isinstance(items, str) else items:
+        if item.lstrip().startswith("{"):
+            decoded = decode_json(item, "the flag's JSON")
+            if not isinstance(decoded, dict):
+                raise ValueError(f"expected a JSON object, got {_describe(decoded)}")
+            result.update(decoded)
+            continue
+        tag, sep, path = item.partition("=")
+        if not sep:
+            raise ValueError(f"expected TAG=DIR, got {_shown(item)}")
+        result[tag] = path
+    return result
+
+
 # -- the schema
+
+#: How a key is given on the command line: C{--KEY TEXT}, C{--KEY}/C{--no-KEY}, or
+#: C{--KEY TEXT} once for each item.
+Form = Literal["value", "switch", "repeated"]
+
+
+@dataclass(frozen=True)
+class Value:
+    """
+    A kind of setting: how a value in the file is checked, and how a flag's text becomes one.
+
+    @ivar check: the JSON value to the typed value, or C{ValueError}.
+    @ivar fromText: what the command line gave (a string, a boolean for a switch, a list for a
+        repeated flag) to the JSON value, or C{ValueError}; L{check} comes after it.
+    @ivar form: how the flag is given (L{Form}).
+    @ivar metavar: what the flag's value is called in the help.
+    """
+
+    check: Callable[[object], Any]
+    fromText: Callable[[Any], object] = _given
+    form: Form = "value"
+    metavar: str = "VALUE"
+
+
+def _bounded(low: int, high: int) -> Value:
+    return Value(_integer(low, high), _integer_text)
+
+
+BOOLEAN = Value(_boolean, _switch_text, "switch")
+STRING = Value(_string)
+PATH = Value(_absolute_path, metavar="PATH")
 
 
 @dataclass(frozen=True)
 class Key:
-    """One configuration key: its name in JSON and on the command line, and how to check it."""
+    """One configuration key: its name in JSON and on the command line, and its L{Value}."""
 
     name: str
     default: Any
-    check: Callable[[object], Any]
+    value: Value
     help: str
-    kind: str = "value"  # "value", "flag" (boolean), or "map" (shared-dirs)
 
     @property
     def attribute(self) -> str:
         return self.name.replace("-", "_")
 
+    def check(self, raw: object) -> Any:
+        return self.value.check(raw)
+
+    def fromText(self, given: object) -> object:
+        """
+        The JSON value a flag's C{given} text stands for.
+
+        @raise ConfigError: naming this key.
+        """
+        try:
+            return self.value.fromText(given)
+        except ValueError as e:
+            raise ConfigError(self.name, str(e)) from None
+        except ConfigError as e:
+            raise ConfigError(self.name, e.message) from None
+
 
 DAY = 24 * 3600
 
 KEYS: tuple[Key, ...] = (
-    Key("cores", 8, _integer(1, 256), "vCPUs of the VM"),
-    Key("memory", 6144, _memory, "RAM of the VM in MiB (at least 1024)"),
-    Key("disk-size", "100GiB", _disk_size, "size of the VM's writable disk, e.g. 100GiB"),
-    Key("port", 31222, _integer(1024, 65535), "host port of the builder"),
-    Key("listen", "launchd:name=Listener", _string, "Twisted server endpoint to accept on"),
-    Key("on-demand", False, _boolean, "boot at the first connection", "flag"),
-    Key("ttl", 10800, _integer(1, 365 * DAY), "idle seconds before an on-demand VM is stopped"),
-    Key("rosetta", False, _boolean, "share Rosetta with the VM (aarch64-darwin)", "flag"),
-    Key("nested-virtualization", False, _boolean, "pass --nested to vfkit", "flag"),
-    Key("shared-dirs", {}, _shared_dirs, "extra virtio-fs share TAG=DIR", "map"),
-    Key("debug", False, _boolean, "keep serial.log and log verbosely", "flag"),
-    Key("allow-user-ssh", False, _boolean, "keep a client key readable by all users", "flag"),
-    Key("working-directory", "/var/lib/virby", _working_directory, "where all state lives"),
-    Key("image", None, _optional(_absolute_path), "the raw EFI NixOS image"),
-    Key("vfkit", "vfkit", _command, "the hypervisor command"),
-    Key("leases-file", "/var/db/dhcpd_leases", _absolute_path, "bootpd's lease file"),
-    Key("guest-ssh-port", 22, _integer(1, 65535), "the VM's sshd port"),
-    Key("start-timeout", 180, _integer(1, 3600), "seconds a boot may take to reach a working sshd"),
-    Key("ephemeral", False, _boolean, "boot every time from a fresh copy of base.img", "flag"),
+    Key("cores", 8, _bounded(1, 256), "vCPUs of the VM"),
+    Key("memory", 6144, Value(_memory, metavar="MIB"), "RAM of the VM in MiB (at least 1024)"),
+    Key(
+        "disk-size",
+        "100GiB",
+        Value(_disk_size, metavar="SIZE"),
+        "size of the VM's disk, e.g. 100GiB",
+    ),
+    Key("port", 31222, _bounded(1024, 65535), "host port of the builder"),
+    Key("listen", "launchd:name=Listener", STRING, "Twisted server endpoint to accept on"),
+    Key("on-demand", False, BOOLEAN, "boot at the first connection"),
+    Key("ttl", 10800, _bounded(1, 365 * DAY), "idle seconds before an on-demand VM is stopped"),
+    Key("rosetta", False, BOOLEAN, "share Rosetta with the VM (aarch64-darwin)"),
+    Key("nested-virtualization", False, BOOLEAN, "pass --nested to vfkit"),
+    Key(
+        "shared-dirs",
+        {},
+        Value(_shared_dirs, _shared_dirs_text, "repeated", "TAG=DIR"),
+        "extra virtio-fs share TAG=DIR",
+    ),
+    Key("debug", False, BOOLEAN, "keep serial.log and log verbosely"),
+    Key("allow-user-ssh", False, BOOLEAN, "keep a client key readable by all users"),
+    Key("working-directory", "/var/lib/virby", Value(_working_directory), "where all state lives"),
+    Key("image", None, Value(_optional(_absolute_path), metavar="PATH"), "the raw EFI NixOS image"),
+    Key("vfkit", "vfkit", Value(_command, metavar="COMMAND"), "the hypervisor command"),
+    Key("leases-file", "/var/db/dhcpd_leases", PATH, "bootpd's lease file"),
+    Key("guest-ssh-port", 22, _bounded(1, 65535), "the VM's sshd port"),
+    Key("start-timeout", 180, _bounded(1, 3600), "seconds a boot may take to reach a working sshd"),
+    Key("ephemeral", False, BOOLEAN, "boot every time from a fresh copy of base.img"),
 )
 KEYS_BY_NAME: Mapping[str, Key] = {key.name: key for key in KEYS}
 
@@ -503,63 +602,16 @@ def read_file(path: str) -> dict[str, Any]:
     return document
 
 
-# -- command-line flags
-
-
-def parse_flag(name: str, text: str | Iterable[str] | bool) -> Any:
-    """
-    Turn a command-line flag's text into the JSON value of key C{name}, so that flags and the
-    file are checked by exactly the same validators.
-    """
-    key = KEYS_BY_NAME[name]
-    if isinstance(text, bool):
-        return text
-    if key.kind == "map":
-        return _parse_map_flag(name, [text] if isinstance(text, str) else list(text))
-    assert isinstance(text, str)
-    if key.kind == "flag":
-        lowered = text.strip().lower()
-        if lowered in ("true", "yes", "1", "on"):
-            return True
-        if lowered in ("false", "no", "0", "off"):
-            return False
-        raise ConfigError(name, f"expected true or false, got {_shown(text)}")
-    if key.check is _memory:
-        return text
-    if isinstance(key.default, int) and not isinstance(key.default, bool):
-        if not _INTEGER_RE.fullmatch(text):
-            raise ConfigError(name, f"expected an integer, got {_shown(text)}")
-        return _json_integer(text.strip())
-    return text
-
-
-def _parse_map_flag(name: str, items: list[str]) -> dict[str, Any]:
-    """C{--shared-dirs} takes C{TAG=DIR} (repeatable) or a JSON object."""
-    result: dict[str, Any] = {}
-    for item in items:
-        if item.lstrip().startswith("{"):
-            decoded = decode_json(item, f"--{name}", name)
-            if not isinstance(decoded, dict):
-                raise ConfigError(name, f"expected a JSON object, got {_describe(decoded)}")
-            result.update(decoded)
-            continue
-        tag, sep, path = item.partition("=")
-        if not sep:
-            raise ConfigError(name, f"expected TAG=DIR, got {_shown(item)}")
-        result[tag] = path
-    return result
-
-
 def load(path: str | None, flags: Mapping[str, Any] | None = None) -> Config:
     """
     Load the config file at C{path} (or only defaults when C{None}) with command-line flags,
-    keyed by kebab-case name, laid over it.
+    keyed by kebab-case name, laid over it: their texts as the command line gave them
+    (L{virby.flags.collect}), read by each key's own L{Value}.
 
     @raise ConfigError: for any mistake, naming the key.
     """
     document: dict[str, Any] = read_file(path) if path is not None else {}
-    for name, text in (flags or {}).items():
-        if text is None:
-            continue
-        document[name] = parse_flag(name, text)
+    for name, given in (flags or {}).items():
+        if given is not None:
+            document[name] = KEYS_BY_NAME[name].fromText(given)
     return from_mapping(document)

@@ -27,9 +27,10 @@ and be at most L{MAX_REQUEST} bytes: a client that sends nothing, or megabytes, 
 and cut off.  Daemons before version 1 wrote the status document at once to every
 connection, without reading; L{virby.controlclient} still understands that reply.
 
-Two daemons are kept off one working directory by L{DAEMON_LOCK}, an flock the kernel drops
-when the daemon dies (L{virby.locks}), not by the socket: so whatever is found at the
-socket's path by a daemon that holds the lock is left over from a dead one, and replaced.
+Two daemons are kept off one working directory by L{virby.layout.DAEMON_LOCK}, an flock the
+kernel drops when the daemon dies (L{virby.locks}), not by the socket: so whatever is found
+at the socket's path by a daemon that holds the lock is left over from a dead one, and
+replaced.
 """
 
 from __future__ import annotations
@@ -54,19 +55,11 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime, IReactorUNIX
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
-from virby.errors import VirbyError
+from virby.errors import VirbyError, oneLine
+from virby.layout import OLD_SOCKET_LOCK
 from virby.logs import Logger
 
 log = Logger()
-
-#: The control socket's name inside the working directory.
-CONTROL_SOCKET = "control.sock"
-
-#: The lock one daemon per working directory holds for its whole life.
-DAEMON_LOCK = "daemon.lock"
-
-#: Older daemons locked the socket with a symlink naming their pid; it is junk now.
-_OLD_SOCKET_LOCK = CONTROL_SOCKET + ".lock"
 
 #: The protocol versions this daemon speaks; it replies in the request's.
 PROTOCOL_VERSION = 1
@@ -130,7 +123,7 @@ def encodeReply(reply: dict[str, Any]) -> bytes:
 
 
 def errorReply(message: str) -> dict[str, Any]:
-    return {"ok": False, "error": " ".join(message.split())}
+    return {"ok": False, "error": oneLine(message)}
 
 
 # -- who is asking
@@ -306,8 +299,8 @@ class StaleSocketError(Exception):
 def clearStaleSocket(path: str) -> None:
     """
     Remove what a dead daemon left at C{path} (its socket, or any junk file), and the pid
-    symlink an older version used as its lock.  Only a daemon holding L{DAEMON_LOCK} may
-    call this: no live daemon can be using the path then.
+    symlink an older version used as its lock.  Only a daemon holding
+    L{virby.layout.DAEMON_LOCK} may call this: no live daemon can be using the path then.
 
     @raise StaleSocketError: when C{path} is a directory or cannot be removed.
     """
@@ -324,7 +317,7 @@ def clearStaleSocket(path: str) -> None:
             pass
         except OSError as e:
             raise StaleSocketError(f"cannot replace {path}: {e.strerror or e}") from None
-    old = os.path.join(os.path.dirname(path), _OLD_SOCKET_LOCK)
+    old = os.path.join(os.path.dirname(path), OLD_SOCKET_LOCK)
     with contextlib.suppress(OSError):
         if stat.S_ISLNK(os.lstat(old).st_mode):
             os.unlink(old)
@@ -332,7 +325,7 @@ def clearStaleSocket(path: str) -> None:
 
 def controlEndpoint(reactor: IReactorUNIX, path: str) -> UNIXServerEndpoint:
     """
-    Owner-only.  Not locked by pid (L{DAEMON_LOCK} keeps a second daemon away), so a stale
-    pid can never stop a start.
+    Owner-only.  Not locked by pid (L{virby.layout.DAEMON_LOCK} keeps a second daemon away),
+    so a stale pid can never stop a start.
     """
     return UNIXServerEndpoint(reactor, path, mode=0o600, wantPID=False)

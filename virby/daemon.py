@@ -1,6 +1,6 @@
 """
-The daemon's service tree: the builder port, the control socket, and the lifecycle that
-ties vfkit, the lease file and the splice together.
+The daemon's wiring: the builder port, the control socket, and the lifecycle, which drives
+the hypervisor adapter (L{virby.hypervisor}) and the splice (L{virby.proxy}).
 
 C{makeDaemonService} is all that C{twistd virby} calls.  It checks what can be checked before
 the reactor runs (the working directory, the vfkit command, the endpoint string) so that a
@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 from dataclasses import asdict
 from typing import Any
 
-from twisted.application.service import MultiService
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
@@ -33,198 +32,45 @@ from virby.capacity import (
 )
 from virby.config import Config
 from virby.control import (
-    CONTROL_SOCKET,
-    DAEMON_LOCK,
     ControlFactory,
     StaleSocketError,
     clearStaleSocket,
     controlEndpoint,
 )
-from virby.errors import VirbyError
-from virby.freshdisk import makeFreshDisk
-from virby.leases import LeaseFile
-from virby.lifecycle import Lifecycle, VirtualMachine
-from virby.locks import FileLock, LockError
+from virby.errors import VirbyError, oneLine
+from virby.hypervisor import VfkitHypervisor
+from virby.layout import (
+    CONTROL_SOCKET,
+    DAEMON_LOCK,
+    DAEMON_UMASK,
+    checkWorkingDirectory,
+)
+from virby.lifecycle import Lifecycle
+from virby.locks import FileLock, takeLock
 from virby.logs import Logger, setVerbose
-from virby.mac import stable_mac
-from virby.orphans import VM_LOCK, stop_orphan
 from virby.proxy import ProxyFactory
-from virby.readiness import BootTimeout, ReadyGuest, wait_for_guest
+from virby.relay import spliceAvailable
 from virby.runtime import remove_quietly
-from virby.vfkit import HostPlan, VfkitProcess, find_vfkit, plan_host
+from virby.vfkit import HostPlan, find_vfkit, plan_host
+from virby.virbyd import exitWithError
 
 log = Logger()
-
-#: How often a booting VM's lease is looked up (a stat of the lease file) until it has one;
-#: from then on the guest's sshd is probed every few milliseconds (L{virby.readiness}).
-READINESS_INTERVAL = 0.05
 
 
 class StartupError(VirbyError):
     """The daemon cannot start serving; the message says why and what to do."""
 
 
-class VfkitHypervisor:
+class DaemonService(Service):
     """
-    Starts vfkit and finds out when its guest answers SSH: the lifecycle's view of the VM.
+    Listens on the builder endpoint and the control socket, and runs the lifecycle: one
+    service with ordered steps of its own, not a tree of services.
 
-    A VM left behind by a crashed daemon is stopped before the first boot, and no VM is
-    ever booted while a process still holds the working directory's VM lock: two VMs on
-    one disk image would corrupt it (L{virby.orphans}).  With C{ephemeral}, every boot
-    starts from a fresh C{diff.img} (L{virby.freshdisk}), made under that lock in a child
-    process, so the reactor never waits on a copy; it is bounded by C{start-timeout} of its
-    own, and its failure fails the boot.
-    """
-
-    def __init__(
-        self, reactor: Any, config: Config, executable: str, plan: HostPlan | None = None
-    ) -> None:
-        self._reactor = reactor
-        self._config = config
-        self._executable = executable
-        self.plan = plan or HostPlan(nested=config.nested_virtualization)
-        self._leases = LeaseFile(config.leases_file)
-        self._orphanCheck: Deferred[Exception | None] | None = None
-        self._mac: str | None = None
-
-    def stopOrphan(self) -> Deferred[None]:
-        """
-        Stop a VM left by a previous daemon; every spawn waits for this.  It runs once per
-        daemon when it succeeds, and again at the next spawn when it could not.
-        """
-        check = self._orphanCheck
-        if check is None:
-            check = self._orphanCheck = Deferred.fromCoroutine(self._checkOrphan())
-            check.addCallback(self._forgetFailedCheck, check)
-        waiting: Deferred[None] = Deferred()
-
-        def relay(outcome: Exception | None) -> Exception | None:
-            if outcome is None:
-                waiting.callback(None)
-            else:
-                waiting.errback(outcome)
-            return outcome
-
-        check.addCallback(relay)
-        return waiting
-
-    async def _checkOrphan(self) -> Exception | None:
-        """The outcome, never a failure: each caller gets its own copy of an error."""
-        try:
-            await stop_orphan(self._reactor, self._config.working_directory)
-        except VirbyError as e:
-            log.error("{why}", why=str(e))
-            return e
-        except Exception:
-            log.failure("checking for a VM left by a previous daemon failed")
-            return StartupError("checking for a VM left by a previous daemon failed: see the log")
-        return None
-
-    def _forgetFailedCheck(
-        self, outcome: Exception | None, check: Deferred[Exception | None]
-    ) -> Exception | None:
-        if outcome is not None and self._orphanCheck is check:
-            self._orphanCheck = None
-        return outcome
-
-    def spawn(self) -> Deferred[VirtualMachine]:
-        return Deferred.fromCoroutine(self._spawn())
-
-    async def _spawn(self) -> VirtualMachine:
-        if self.plan.refusal is not None:
-            raise StartupError(self.plan.refusal)
-        await self.stopOrphan()
-        lock = self._lockVM()
-        if self._config.ephemeral:
-            # Under the VM lock: no VM, not even one a previous daemon left, has the disk open.
-            try:
-                done = await makeFreshDisk(
-                    self._reactor,
-                    self._config.working_directory,
-                    self._config.disk_size,
-                    float(self._config.start_timeout),
-                )
-            except BaseException:
-                lock.release()
-                raise
-            log.info("{done}", done=done)
-        try:
-            self._mac = stable_mac(self._config.path("mac"))
-        except OSError as e:
-            lock.release()
-            raise StartupError(
-                f"cannot keep the VM's MAC in {self._config.path('mac')}: {e.strerror or e}; "
-                "run `virby prepare` to repair the working directory"
-            ) from None
-        try:
-            return VfkitProcess.start(
-                self._reactor,
-                self._config,
-                self._executable,
-                self._mac,
-                vmLock=lock,
-                plan=self.plan,
-            )
-        except BaseException:
-            lock.release()
-            raise
-
-    def _lockVM(self) -> FileLock:
-        """The VM lock, which the vfkit about to start inherits and holds for its life."""
-        lock = FileLock(self._config.path(VM_LOCK))
-        try:
-            acquired = lock.acquire()
-        except LockError as e:
-            raise StartupError(f"{e}; run `virby prepare` to repair it") from None
-        if not acquired:
-            raise StartupError(
-                f"a VM of {self._config.working_directory} is still running: a process "
-                f"holds {lock.path} (find it with `lsof {lock.path}`); stop it and connect "
-                "again"
-            )
-        return lock
-
-    def waitReady(self, vm: VirtualMachine) -> Deferred[ReadyGuest]:
-        mac = self._mac
-        assert mac is not None
-        waiting = wait_for_guest(
-            self._reactor,
-            lambda: self._leases.lookup(mac),
-            self._config.guest_ssh_port,
-            float(self._config.start_timeout),
-            interval=READINESS_INTERVAL,
-            what=f"MAC {mac} in {self._config.leases_file}",
-        )
-        return waiting.addErrback(self._explainNoLease, mac)
-
-    def _explainNoLease(self, reason: Failure, mac: str) -> Failure:
-        """
-        A wait that ends without a lease says why when the lease file knows: a lease named
-        for the VM under a DUID client id is a guest misconfiguration no wait can outlast.
-        """
-        timeout = reason.value
-        if not isinstance(timeout, BootTimeout) or timeout.reason != "no-lease":
-            return reason
-        explanation = self._leases.explainMissing(mac)
-        if explanation is None:
-            return reason
-        return Failure(
-            BootTimeout(
-                timeout.reason,
-                f"no DHCP lease for MAC {mac} within {self._config.start_timeout}s: {explanation}",
-                timeout.ip,
-                timeout.last_error,
-            )
-        )
-
-
-class DaemonService(MultiService):
-    """
-    Listens on the builder endpoint and the control socket, and runs the lifecycle.
-
-    Stopping (SIGTERM from launchd, or ^C) stops accepting first, then powers the guest off
-    within launchd's 20 s, then closes the control socket, so C{virby status} can watch the
-    shutdown, and last lets go of the working directory's lock.
+    Starting locks the working directory, listens on the builder endpoint, then on the
+    control socket, then starts the lifecycle (an always-on VM boots); a start that fails
+    takes back what it made.  Stopping (SIGTERM from launchd, or ^C) stops accepting first,
+    then powers the guest off within launchd's 20 s, then closes the control socket, so
+    C{virby status} can watch the shutdown, and last lets go of the working directory's lock.
     """
 
     def __init__(
@@ -247,7 +93,9 @@ class DaemonService(MultiService):
         self._control: IListeningPort | None = None
         self._lock: FileLock | None = None
         self._startedAt: float | None = None
-        self._proxy = ProxyFactory(reactor, lifecycle)
+        self._proxy = ProxyFactory(
+            reactor, lifecycle, pipeLimit=descriptors.pipes if descriptors else None
+        )
 
     def startService(self) -> None:
         """
@@ -283,25 +131,20 @@ class DaemonService(MultiService):
             self._descriptors.connections,
             lambda: self.lifecycle.snapshot().active_connections,
             self._reactor,
-            f"two open files each, and its open-file limit is {self._descriptors.soft}",
+            self._descriptors.why(),
         )
 
     def _lockWorkingDirectory(self) -> None:
         """One daemon per working directory: the kernel drops the lock when this one dies."""
-        lock = FileLock(self._config.path(DAEMON_LOCK))
-        fix = "run `virby prepare --config FILE` to repair the working directory"
-        try:
-            acquired = lock.acquire()
-        except LockError as e:
-            raise StartupError(f"{e}; {fix}") from None
-        if not acquired:
-            holder = lock.holder()
-            raise StartupError(
-                f"another virby daemon ({f'pid {holder}' if holder else 'unknown pid'}) "
-                f"is already serving {self._config.working_directory}: stop it first, or "
-                "give this daemon its own working-directory"
-            )
-        self._lock = lock
+        self._lock = takeLock(self._config.path(DAEMON_LOCK), StartupError, self._anotherDaemon)
+
+    def _anotherDaemon(self, lock: FileLock) -> str:
+        holder = lock.holder()
+        return (
+            f"another virby daemon ({f'pid {holder}' if holder else 'unknown pid'}) "
+            f"is already serving {self._config.working_directory}: stop it first, or "
+            "give this daemon its own working-directory"
+        )
 
     def _listenControl(self) -> IListeningPort:
         path = self._config.path(CONTROL_SOCKET)
@@ -412,7 +255,7 @@ def _listenNow(endpoint: IStreamServerEndpoint, factory: Any, what: str) -> ILis
     if not outcome:
         raise StartupError(f"listening on {what} did not complete at startup")
     if isinstance(outcome[0], Failure):
-        raise StartupError(f"cannot listen on {what}: {_oneLine(outcome[0])}")
+        raise StartupError(f"cannot listen on {what}: {oneLine(outcome[0])}")
     return outcome[0]
 
 
@@ -427,23 +270,6 @@ def _address(port: IListeningPort) -> str:
     if hasattr(host, "port"):
         return f"{host.host}:{host.port}" if ":" not in host.host else f"[{host.host}]:{host.port}"
     return str(getattr(host, "name", host))
-
-
-def _oneLine(reason: Failure) -> str:
-    return " ".join((str(reason.value) or reason.type.__name__).split())
-
-
-def checkWorkingDirectory(config: Config) -> None:
-    """The daemon writes its runtime files here; prepare makes it."""
-    path = config.working_directory
-    fix = "run `virby prepare --config FILE` (the nix-darwin activation runs it)"
-    if not os.path.isdir(path):
-        raise StartupError(f"working directory {path} is missing: {fix}")
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise StartupError(
-            f"working directory {path} is not writable by uid {os.getuid()}: {fix} "
-            "with --owner set to the daemon's user"
-        )
 
 
 def installSignalHandlers(reactor: Any) -> None:
@@ -466,21 +292,20 @@ def installSignalHandlers(reactor: Any) -> None:
 def makeDaemonService(config: Config, reactor: Any) -> DaemonService:
     """Check the setup, then build the service tree; any problem is one line and exit 1."""
     try:
-        checkWorkingDirectory(config)
+        checkWorkingDirectory(config.working_directory)
         executable = find_vfkit(config.vfkit)
         endpoint = _endpoint(reactor, config.listen)
     except VirbyError as e:
-        sys.stderr.write(f"twistd virby: error: {e}\n")
-        raise SystemExit(1) from None
+        exitWithError(str(e))
     setVerbose(config.debug)
     # vfkit creates its REST socket with our umask: owner-only, even when allow-user-ssh
     # opens the working directory for traversal.
-    os.umask(0o077)
+    os.umask(DAEMON_UMASK)
     # What the Mac can do, asked once, before the reactor runs (see plan_host).
     plan = plan_host(config)
     for warning in plan.warnings:
         log.warn("{warning}", warning=warning)
-    descriptors = adjustDescriptorLimit(reactor)
+    descriptors = adjustDescriptorLimit(reactor, splicing=spliceAvailable())
     log.info("{limit}", limit=descriptors.describe())
     hypervisor = VfkitHypervisor(reactor, config, executable, plan)
     lifecycle = Lifecycle(reactor, hypervisor, onDemand=config.on_demand, ttl=config.ttl)
@@ -506,6 +331,5 @@ class _ExitOnStartupError(DaemonService):
         try:
             super().startService()
         except VirbyError as e:
-            sys.stderr.write(f"twistd virby: error: {e}\n")
             log.critical("cannot start: {why}", why=str(e))
-            raise SystemExit(1) from None
+            exitWithError(str(e))

@@ -59,7 +59,6 @@ from typing import Any, TextIO
 
 from virby import keys
 from virby.config import MIB, Config
-from virby.control import CONTROL_SOCKET
 from virby.controlclient import DaemonDown, NotAllowed
 from virby.errors import VirbyError
 from virby.hostfacts import (
@@ -74,22 +73,28 @@ from virby.hostfacts import (
     default_runner,
     gather,
 )
-from virby.leases import Lease, newest_ip, normalize_mac, parse_leases
-from virby.prepare import (
+from virby.layout import (
     AUTHORIZED_KEY,
     BASE_IMAGE,
     CLIENT_KEY,
+    CONTROL_SOCKET,
     DIFF_IMAGE,
     HOST_KEY,
     HOST_PUBLIC_KEY,
     KNOWN_HOSTS,
-    MODES,
+    MAC,
+    PREPARE_FIX,
+    PREPARED_MODES,
     PRIVATE_DIRECTORY,
-    REACHABLE_DIRECTORY,
     SHARED_CLIENT_KEY,
     SSHD_KEYS,
-    recorded_image,
+    VFKIT_PIDFILE,
+    WorkingDirectoryError,
+    checkWorkingDirectory,
+    directoryMode,
 )
+from virby.leases import Lease, newest_ip, normalize_mac, parse_leases
+from virby.prepare import recorded_image
 from virby.status import query
 from virby.vfkit import VfkitNotFound, find_vfkit, vfkit_arguments
 
@@ -383,18 +388,18 @@ class Doctor:
     def working_directory(self) -> Finding:
         wd = self.config.working_directory
         try:
-            info = os.stat(wd)
-        except FileNotFoundError:
+            # Whether the daemon's user can write there is what its mode and owner say.
+            info = checkWorkingDirectory(wd, writable=False)
+        except WorkingDirectoryError as e:
+            if e.denied:
+                return sudo(f"{wd}")
             self.seen.working_directory = False
-            return fail(f"{wd} is missing", self._prepare_fix())
-        except PermissionError:
-            return sudo(f"{wd}")
-        if not stat.S_ISDIR(info.st_mode):
-            self.seen.working_directory = False
-            return fail(f"{wd} is not a directory", f"move it away, then {self._prepare_fix()}")
+            prepare = self._prepare_fix()
+            return fail(e.problem, prepare if e.fix == PREPARE_FIX else f"{e.fix}, then {prepare}")
+        assert info is not None
         self.seen.owner = info.st_uid
         expected = self._daemon_user()
-        want = REACHABLE_DIRECTORY if self.config.allow_user_ssh else PRIVATE_DIRECTORY
+        want = directoryMode(self.config.allow_user_ssh)
         mode = stat.S_IMODE(info.st_mode)
         problems = []
         if mode != want:
@@ -428,7 +433,7 @@ class Doctor:
         self._needs_working_directory()
         problems: list[str] = []
         owner = self.seen.owner
-        wanted = dict(MODES)
+        wanted = dict(PREPARED_MODES)
         wanted[SSHD_KEYS] = PRIVATE_DIRECTORY
         for name, mode in wanted.items():
             try:
@@ -623,7 +628,7 @@ class Doctor:
 
     def _mac(self) -> str | None:
         try:
-            with open(self.config.path("mac"), encoding="ascii", errors="replace") as f:
+            with open(self.config.path(MAC), encoding="ascii", errors="replace") as f:
                 return normalize_mac(f.read())
         except OSError:
             return None
@@ -631,7 +636,7 @@ class Doctor:
     def _boot_started(self) -> float | None:
         """When the VM now running (or booting) was started: its pidfile is written then."""
         try:
-            return os.stat(self.config.path("vfkit.pid")).st_mtime
+            return os.stat(self.config.path(VFKIT_PIDFILE)).st_mtime
         except OSError:
             return None
 

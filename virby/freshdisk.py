@@ -34,14 +34,11 @@ from twisted.python.failure import Failure
 
 from virby import disk
 from virby.errors import VirbyError
+from virby.layout import BASE_IMAGE, DIFF_IMAGE, PREPARE_FIX, PRIVATE
 from virby.logs import Logger
 
 log = Logger()
 
-#: The disks' names in the working directory (those of L{virby.prepare}, which this does not
-#: import: the daemon has no use for the rest of it).
-BASE_IMAGE = "base.img"
-DIFF_IMAGE = "diff.img"
 #: What the daemon keeps of the child's output: its one line, and a little more.
 OUTPUT_LIMIT = 4096
 
@@ -61,20 +58,21 @@ def make(working_directory: str, size: int) -> str:
     @return: what was done, in one line.
     @raise FreshDiskError: when it cannot be done.
     """
-    from virby.prepare import PRIVATE, locked
+    from virby.prepare import locked
 
     base = os.path.join(working_directory, BASE_IMAGE)
     diff = os.path.join(working_directory, DIFF_IMAGE)
-    fix = "run `virby prepare --config FILE` (the nix-darwin activation runs it)"
     try:
         with locked(working_directory):
             if not os.path.isfile(base):
-                raise FreshDiskError(f"{base} is missing: {fix}")
+                raise FreshDiskError(f"{base} is missing: {PREPARE_FIX}")
             _remove_leftovers(working_directory)
             method = disk.copy(base, diff, PRIVATE)
             resize = disk.grow(diff, size)
     except FileNotFoundError as e:
-        raise FreshDiskError(f"{e.filename or working_directory} is missing: {fix}") from None
+        raise FreshDiskError(
+            f"{e.filename or working_directory} is missing: {PREPARE_FIX}"
+        ) from None
     except OSError as e:
         where = e.filename or diff
         raise FreshDiskError(

@@ -145,10 +145,14 @@ class LaunchdServerEndpoint:
 
 @implementer(IPlugin, IStreamServerEndpointStringParser)
 class LaunchdParser:
-    """C{launchd:name=Listener} (the name is the key of the plist's C{Sockets} dict)."""
+    """
+    C{launchd:name=Listener} (the name is the key of the plist's C{Sockets} dict), or
+    C{launchd:Listener}.  The parameter is named, as Twisted's own parsers name theirs, so a
+    misspelt one (C{launchd:nmae=Listener}) fails with one line at start instead of being
+    ignored for the default name.
+    """
 
     prefix = "launchd"
 
-    def parseStreamServer(self, reactor: Any, *args: str, **kwargs: str) -> LaunchdServerEndpoint:
-        name = kwargs.pop("name", args[0] if args else "Listener")
+    def parseStreamServer(self, reactor: Any, name: str = "Listener") -> LaunchdServerEndpoint:
         return LaunchdServerEndpoint(reactor, name)

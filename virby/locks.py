@@ -21,8 +21,10 @@ import errno
 import fcntl
 import os
 import stat
+from collections.abc import Callable
 
 from virby.errors import VirbyError
+from virby.layout import PREPARE_FIX
 
 
 class LockError(VirbyError):
@@ -141,3 +143,18 @@ def _isSymlink(path: str) -> bool:
         return stat.S_ISLNK(os.lstat(path).st_mode)
     except OSError:
         return False
+
+
+def takeLock(path: str, error: type[VirbyError], busy: Callable[[FileLock], str]) -> FileLock:
+    """
+    The lock at C{path}, taken, or C{error} with one line: C{busy(lock)} when another process
+    holds it, the fix when the file cannot be a lock (it is C{virby prepare}'s to repair).
+    """
+    lock = FileLock(path)
+    try:
+        acquired = lock.acquire()
+    except LockError as e:
+        raise error(f"{e}; {PREPARE_FIX}") from None
+    if not acquired:
+        raise error(busy(lock))
+    return lock

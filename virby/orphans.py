@@ -28,18 +28,13 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.internet.utils import getProcessOutputAndValue
 
-from virby.config import REST_SOCKET_NAME
 from virby.errors import VirbyError
+from virby.layout import DIFF_IMAGE, REST_SOCKET, VFKIT_PIDFILE
 from virby.logs import Logger
 from virby.rest import RestError, VfkitRestClient
 from virby.runtime import remove_quietly
 
 log = Logger()
-
-#: The pidfile of the running vfkit, and the lock its process holds for its whole life.
-PIDFILE = "vfkit.pid"
-VM_LOCK = "vm.lock"
-DISK = "diff.img"
 
 #: BSD ps truncates the command to the terminal's width unless given -ww.
 PS = "/bin/ps"
@@ -83,8 +78,8 @@ def is_our_vfkit(command: str | None, working_directory: str) -> bool:
     """
     if not command:
         return False
-    socket = re.escape(f"unix://{os.path.join(working_directory, REST_SOCKET_NAME)}")
-    disk = re.escape(f"virtio-blk,path={os.path.join(working_directory, DISK)}")
+    socket = re.escape(f"unix://{os.path.join(working_directory, REST_SOCKET)}")
+    disk = re.escape(f"virtio-blk,path={os.path.join(working_directory, DIFF_IMAGE)}")
     return (
         re.search(rf"(?:^|\s){socket}(?=\s|$)", command) is not None
         and re.search(rf"(?:^|\s){disk}(?=[\s,]|$)", command) is not None
@@ -151,7 +146,7 @@ async def stop_orphan(
     @return: the pid stopped, or C{None} when there was nothing of ours to stop.
     @raise OrphanError: when it survives SIGKILL; the pidfile is kept, naming it.
     """
-    pidfile = os.path.join(working_directory, PIDFILE)
+    pidfile = os.path.join(working_directory, VFKIT_PIDFILE)
     pid = read_pid(pidfile)
     if pid is None or pid == os.getpid() or not alive(pid):
         remove_quietly(pidfile)
@@ -168,7 +163,7 @@ async def stop_orphan(
         remove_quietly(pidfile)
         return None
     log.warn("stopping vfkit (pid {pid}) left running by a previous daemon", pid=pid)
-    socket = os.path.join(working_directory, REST_SOCKET_NAME)
+    socket = os.path.join(working_directory, REST_SOCKET)
     steps: list[tuple[str, float]] = [("TERM", 5.0), ("KILL", 2.0)]
     if os.path.exists(socket):
         try:
@@ -187,7 +182,7 @@ async def stop_orphan(
     else:
         raise OrphanError(
             f"the VM left by a previous daemon (vfkit pid {pid}) survived SIGKILL and still "
-            f"holds {os.path.join(working_directory, DISK)}: no second VM is booted on it"
+            f"holds {os.path.join(working_directory, DIFF_IMAGE)}: no second VM is booted on it"
         )
     remove_quietly(pidfile)
     remove_quietly(socket)

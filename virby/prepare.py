@@ -7,27 +7,10 @@ to do changes nothing (not even an mtime), and a run killed at any moment is fin
 next one.  Every file is written under a temporary name and renamed, and the image path is
 recorded last, so an interrupted switch to a new image is simply redone.
 
-Layout and modes, where C{<wd>} is the working directory:
-
-=======================================  =====  ===============================================
-path                                     mode   why
-=======================================  =====  ===============================================
-<wd>/                                    0700   owner-only; 0711 with allow-user-ssh, so other
-                                                users can reach the two files below made for
-                                                them, but still cannot list the directory
-<wd>/base.img, diff.img                  0600   the VM's disks
-<wd>/vm_sshd_keys/                       0700   shared into the VM (mountTag sshd-keys)
-<wd>/vm_sshd_keys/ssh_host_ed25519_key   0600   the VM's host key
-<wd>/vm_sshd_keys/ssh_user_ed25519_key   0644   the client's public key, authorized in the VM
-.pub
-<wd>/ssh_user_ed25519_key                0600   the client's private key
-<wd>/ssh_host_ed25519_key.pub            0644   the VM's public host key
-<wd>/ssh_known_hosts                     0644   C{virby-vm-key <host public key>}
-<wd>/ssh_user_ed25519_key.shared         0644   only with allow-user-ssh: the client key for
-                                                every local user
-<wd>/image-path                          0644   the image path the disks were made from, one
-                                                line; a different path means a new image
-=======================================  =====  ===============================================
+The names and modes of what it makes are those of L{virby.layout} (and of
+C{docs/working-directory.md}): the directory owner-only (0711 with allow-user-ssh, so other
+users can reach the two files made for them but still cannot list it), the disks and private
+keys 0600, the public halves, C{ssh_known_hosts} and the image record 0644.
 
 Whether the image changed is decided by its path: a Nix store path changes with its content.
 A changed image is the only reason C{diff.img} (the VM's state) is ever replaced; a larger
@@ -38,9 +21,8 @@ every boot (L{virby.freshdisk}), grown to C{disk-size}, so prepare keeps C{base.
 keys as always but neither makes, replaces nor grows C{diff.img}.  One that is there stays
 until the next boot replaces it: the VM may be running on it while the activation runs.
 
-Runtime files (C{vfkit.pid}, C{vfkit.sock}, C{serial.log}, C{efistore.nvram}, C{mac}) belong
-to the daemon and are not made here; C{--owner} hands the whole tree, them included, to the
-daemon's user so that it can write there.
+The runtime files (those the daemon and vfkit make) are not made here; C{--owner} hands the
+whole tree, them included, to the daemon's user so that it can write there.
 """
 
 from __future__ import annotations
@@ -58,36 +40,25 @@ from dataclasses import dataclass
 from virby import disk, keys
 from virby.config import MIB, Config
 from virby.errors import VirbyError
+from virby.layout import (
+    AUTHORIZED_KEY,
+    BASE_IMAGE,
+    CLIENT_KEY,
+    DIFF_IMAGE,
+    HOST_KEY,
+    HOST_PUBLIC_KEY,
+    IMAGE_RECORD,
+    KNOWN_HOSTS,
+    PREPARED_MODES,
+    PRIVATE,
+    PRIVATE_DIRECTORY,
+    PUBLIC,
+    SHARED_CLIENT_KEY,
+    SSHD_KEYS,
+    checkWorkingDirectory,
+    directoryMode,
+)
 from virby.sshconfig import ssh_config_block
-
-BASE_IMAGE = "base.img"
-DIFF_IMAGE = "diff.img"
-SSHD_KEYS = "vm_sshd_keys"
-HOST_KEY = os.path.join(SSHD_KEYS, "ssh_host_ed25519_key")
-AUTHORIZED_KEY = os.path.join(SSHD_KEYS, "ssh_user_ed25519_key.pub")
-CLIENT_KEY = "ssh_user_ed25519_key"
-HOST_PUBLIC_KEY = "ssh_host_ed25519_key.pub"
-KNOWN_HOSTS = "ssh_known_hosts"
-SHARED_CLIENT_KEY = "ssh_user_ed25519_key.shared"
-IMAGE_RECORD = "image-path"
-
-PRIVATE = 0o600
-PUBLIC = 0o644
-PRIVATE_DIRECTORY = 0o700
-REACHABLE_DIRECTORY = 0o711
-
-#: Every file prepare manages, and its mode (the disks and keys; the record is written last).
-MODES: dict[str, int] = {
-    BASE_IMAGE: PRIVATE,
-    DIFF_IMAGE: PRIVATE,
-    HOST_KEY: PRIVATE,
-    AUTHORIZED_KEY: PUBLIC,
-    CLIENT_KEY: PRIVATE,
-    HOST_PUBLIC_KEY: PUBLIC,
-    KNOWN_HOSTS: PUBLIC,
-    SHARED_CLIENT_KEY: PUBLIC,
-    IMAGE_RECORD: PUBLIC,
-}
 
 Report = Callable[[str], None]
 
@@ -152,23 +123,6 @@ def _check_image(image: str | None) -> str:
     if not os.access(image, os.R_OK):
         raise PrepareError(f"image: {image} is not readable; run virby prepare as root")
     return image
-
-
-def _check_working_directory(path: str) -> None:
-    """Refuse before touching anything when the working directory cannot be one."""
-    try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        return
-    except OSError as e:
-        raise PrepareError(f"working-directory: cannot use {path}: {e.strerror}") from None
-    if not stat.S_ISDIR(info.st_mode):
-        raise PrepareError(
-            f"working-directory: {path} exists and is not a directory; move it away or "
-            'set another "working-directory"'
-        )
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise PrepareError(f"working-directory: {path} is not writable; run virby prepare as root")
 
 
 @contextlib.contextmanager
@@ -314,7 +268,7 @@ def prepare(
     image = _check_image(config.image)
     who = parse_owner(owner) if owner is not None else None
     wd = config.working_directory
-    _check_working_directory(wd)
+    checkWorkingDirectory(wd, absentOk=True)
     try:
         os.makedirs(wd, PRIVATE_DIRECTORY, exist_ok=True)
         with locked(wd):
@@ -331,7 +285,7 @@ def prepare(
 
 def _prepare_locked(config: Config, image: str, warn: Report, inform: Report) -> None:
     wd = config.working_directory
-    _chmod(wd, REACHABLE_DIRECTORY if config.allow_user_ssh else PRIVATE_DIRECTORY)
+    _chmod(wd, directoryMode(config.allow_user_ssh))
     share = config.path(SSHD_KEYS)
     os.makedirs(share, PRIVATE_DIRECTORY, exist_ok=True)
     _chmod(share, PRIVATE_DIRECTORY)
@@ -347,7 +301,7 @@ def _prepare_locked(config: Config, image: str, warn: Report, inform: Report) ->
         _make_keys(config)
         inform("made new SSH keys for the VM and its client")
     _share_client_key(config, inform)
-    for name, mode in MODES.items():
+    for name, mode in PREPARED_MODES.items():
         if os.path.lexists(config.path(name)):
             _chmod(config.path(name), mode)
     if changed:

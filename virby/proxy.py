@@ -421,6 +421,9 @@ class ProxyFactory(Factory):
         C{portable} (one shared buffer, the path macOS runs), or C{transports} (the
         Twisted protocol path, which every splice also falls back to when either side is
         not a plain TCP socket).
+    @param pipeLimit: how many pipes splice(2) may hold at once: the daemon's budget
+        (L{virby.capacity.DescriptorLimit.pipes}); by default, the pipes' share of the
+        open-file limit now.
     @ivar bytesToGuest: bytes delivered to the guest by the connections that have closed;
         L{traffic} adds those of the open ones.
     """
@@ -435,6 +438,7 @@ class ProxyFactory(Factory):
         backend: Backend,
         connectTimeout: float = 10.0,
         dataPath: str = "fast",
+        pipeLimit: int | None = None,
     ) -> None:
         if dataPath not in DATA_PATHS:
             raise ValueError(f"unknown data path {dataPath!r}: one of {', '.join(DATA_PATHS)}")
@@ -442,7 +446,8 @@ class ProxyFactory(Factory):
         self.backend = backend
         self.connectTimeout = connectTimeout
         self.relays = dataPath != "transports" and IReactorFDSet.providedBy(reactor)
-        self.pipes = PipePool(reactor) if dataPath == "fast" and spliceAvailable() else None
+        splicing = dataPath == "fast" and spliceAvailable()
+        self.pipes = PipePool(reactor, limit=pipeLimit) if splicing else None
         self._open: set[InboundConnection] = set()
         self.bytesToGuest = 0
         self.bytesToClients = 0

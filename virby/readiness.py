@@ -34,7 +34,7 @@ from twisted.internet.interfaces import IConnector, IDelayedCall, IProtocol, ISy
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
 
-from virby.errors import VirbyError
+from virby.errors import VirbyError, oneLine
 from virby.logs import Logger
 
 log = Logger()
@@ -199,10 +199,6 @@ class ReadyGuest:
         return f"<ReadyGuest {self.host}:{self.port}{' with a spare' if self._spare else ''}>"
 
 
-def _describe(reason: Failure) -> str:
-    return " ".join((str(reason.value) or reason.type.__name__).split())
-
-
 class _GuestWait:
     """
     One wait for one boot: lease lookups every C{interval} until the VM has a lease, then
@@ -267,7 +263,7 @@ class _GuestWait:
     def _probeFailed(self, reason: Failure) -> None:
         self._probe = None
         if not reason.check(CancelledError) or self._lastError is None:
-            self._lastError = _describe(reason)
+            self._lastError = oneLine(reason)
         if not self._stopped:
             self._next = self._reactor.callLater(self._retryAfter(reason), self._tick)
 

@@ -54,6 +54,8 @@ from twisted.internet.interfaces import IDelayedCall, IReadDescriptor, IWriteDes
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from virby.capacity import MAX_PIPES, MIN_PIPES, pipesWithin
+
 try:
     import fcntl
 except ImportError:  # not a POSIX system: no splice either
@@ -75,10 +77,6 @@ COPY_ROUNDS = 2
 
 #: Empty pipes kept for the next chunk; more are closed when returned.
 SPARE_PIPES = 8
-
-#: Bounds of L{pipeLimit}.
-MIN_PIPES = 4
-MAX_PIPES = 256
 
 #: How long the spare pipes outlive the last relay.
 IDLE_PIPE_SECONDS = 5.0
@@ -200,10 +198,10 @@ class PipePool:
 
 def pipeLimit() -> int:
     """
-    How many pipes the pool may hold at once: an eighth of the open-file limit (two
-    descriptors a pipe, so a sixteenth in pipes).  The daemon's budget of open files gives
-    each connection two (L{virby.capacity}); pipes are lent only to chunks in flight, and a
-    chunk that finds none is copied instead, so pipes never take what a connection needs.
+    How many pipes a pool may hold when its maker gives no limit: the pipes' share of the
+    open-file limit now (L{virby.capacity.pipesWithin}), the share the daemon's budget keeps
+    for them beside its connections.  Pipes are lent only to chunks in flight, and a chunk
+    that finds none is copied instead.
     """
     try:
         import resource
@@ -213,7 +211,7 @@ def pipeLimit() -> int:
         return MIN_PIPES
     if soft == getattr(resource, "RLIM_INFINITY", -1) or soft <= 0:
         return MAX_PIPES
-    return max(MIN_PIPES, min(MAX_PIPES, soft // 16))
+    return pipesWithin(soft)
 
 
 class _Buffers:

@@ -10,27 +10,27 @@ has not started its API yet, or is gone), vfkit closed the connection before ans
 (L{RestDropped}: after HardStop vfkit exits the instant the VM is off, often before its
 reply, vfkit pkg/rest/vf/state_change.go), or nothing answered in time (L{RestTimeout}:
 a hung vfkit).  None of them means "stopped": only the process's exit says that.
+
+Twisted's HTTP client (C{twisted.web.client}) is imported at the first request, not with
+this module: a daemon whose VM is not running never talks to vfkit, and the import costs
+about 1 MiB of resident memory for its whole life (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
 from twisted.internet import error as neterror
 from twisted.internet.endpoints import UNIXClientEndpoint
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed, readBody
-from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from virby.errors import VirbyError
 
-try:
-    from twisted.web._newclient import ResponseNeverReceived
-except ImportError:  # pragma: no cover - older Twisted
-    ResponseNeverReceived = ResponseFailed  # type: ignore[misc,assignment]
+if TYPE_CHECKING:
+    from twisted.web.client import Agent
 
 
 class RestError(VirbyError):
@@ -58,6 +58,8 @@ _TIMEOUTS = (defer.TimeoutError, defer.CancelledError, neterror.TimeoutError)
 
 def _classify(e: Exception, what: str, socket_path: str, timeout: float) -> RestError:
     """The L{RestError} that says what happened to a request that got no answer."""
+    from twisted.web.client import ResponseFailed, ResponseNeverReceived
+
     if isinstance(e, _TIMEOUTS):
         return RestTimeout(f"vfkit did not answer {what} within {timeout:g}s")
     if isinstance(e, ResponseFailed | ResponseNeverReceived):
@@ -78,6 +80,8 @@ def _classify(e: Exception, what: str, socket_path: str, timeout: float) -> Rest
 
 @implementer(IAgentEndpointFactory)
 class _UNIXSocket:
+    """The agent's endpoint factory: every URI is the socket."""
+
     def __init__(self, reactor: Any, path: str, timeout: float) -> None:
         self._reactor = reactor
         self._path = path
@@ -117,17 +121,28 @@ class VfkitRestClient:
         self._reactor = reactor
         self.socket_path = socket_path
         self._timeout = timeout
-        self._agent = Agent.usingEndpointFactory(
-            reactor,
-            _UNIXSocket(reactor, socket_path, timeout),
-            pool=HTTPConnectionPool(reactor, persistent=False),
-        )
+        self._agent: Agent | None = None
+
+    def _client(self) -> Agent:
+        """The HTTP agent, made (and Twisted's HTTP client imported) at the first request."""
+        if self._agent is None:
+            from twisted.web.client import Agent, HTTPConnectionPool
+
+            self._agent = Agent.usingEndpointFactory(
+                self._reactor,
+                _UNIXSocket(self._reactor, self.socket_path, self._timeout),
+                pool=HTTPConnectionPool(self._reactor, persistent=False),
+            )
+        return self._agent
 
     async def _call(
         self, method: bytes, path: bytes, body: bytes | None = None
     ) -> tuple[int, bytes]:
+        from twisted.web.client import readBody
+        from twisted.web.http_headers import Headers
+
         headers = Headers({b"Content-Type": [b"application/json"]}) if body else None
-        requesting = self._agent.request(
+        requesting = self._client().request(
             method, b"http://vfkit" + path, headers, _Body(body) if body else None
         )
         response = await requesting.addTimeout(self._timeout, self._reactor)

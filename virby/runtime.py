@@ -1,4 +1,8 @@
-"""Small file helpers for the daemon's runtime files in the working directory."""
+"""
+Small file helpers for the daemon's runtime files in the working directory, run on the
+reactor.  L{write_atomically} is the disks' own (L{virby.disk}), which is fit for the reactor
+for the few bytes of a pidfile or a MAC: a few milliseconds at most, once per boot.
+"""
 
 from __future__ import annotations
 

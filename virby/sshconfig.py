@@ -21,11 +21,10 @@ from __future__ import annotations
 
 from virby.config import Config
 from virby.keys import HOST_KEY_ALIAS
+from virby.layout import CLIENT_KEY, KNOWN_HOSTS
 
 HOST = "virby-vm"
 USER = "builder"
-CLIENT_KEY = "ssh_user_ed25519_key"
-KNOWN_HOSTS = "ssh_known_hosts"
 
 
 def _quoted(path: str) -> str:

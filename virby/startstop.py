@@ -20,8 +20,8 @@ import sys
 from typing import TextIO
 
 from virby.config import Config
-from virby.control import CONTROL_SOCKET
 from virby.controlclient import DaemonDown, ask
+from virby.layout import CONTROL_SOCKET
 from virby.status import EXIT_DOWN
 
 #: Beyond the daemon's own bounds: its reply must still come back.

@@ -13,9 +13,9 @@ import sys
 from typing import Any, TextIO
 
 from virby.config import Config
-from virby.control import CONTROL_SOCKET
 from virby.controlclient import DaemonDown, NotAllowed, ask
 from virby.errors import VirbyError
+from virby.layout import CONTROL_SOCKET
 
 #: Exit status when the daemon is not running, as ``systemctl status`` does for inactive.
 EXIT_DOWN = 3

@@ -7,52 +7,36 @@ twistd's plugins never imports the daemon.
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 from twisted.application.service import IService
 from twisted.python import usage
 
-from virby.config import KEYS, Config, ConfigError, load
+from virby import flags
+from virby.config import Config, load
+from virby.errors import VirbyError
+from virby.virbyd import exitWithError
 
 
 class Options(usage.Options):
     """C{--config FILE} plus one flag per config key, which wins over the file."""
 
     synopsis = "[--config FILE] [--KEY VALUE ...]"
-    optParameters = [["config", None, None, "the JSON config file"]] + [
-        [key.name, None, None, key.help] for key in KEYS if key.kind == "value"
-    ]
-    optFlags = [
-        flag
-        for key in KEYS
-        if key.kind == "flag"
-        for flag in ([key.name, None, key.help], [f"no-{key.name}", None, "(off)"])
-    ]
+    optParameters = flags.usageParameters()
+    optFlags = flags.usageSwitches()
 
     def __init__(self) -> None:
         super().__init__()
-        self["shared-dirs"] = []
+        self.update(flags.usageDefaults())
 
-    def opt_shared_dirs(self, value: str) -> None:
-        """extra virtio-fs share TAG=DIR (repeatable)"""
-        self["shared-dirs"].append(value)
+    def configFlags(self) -> dict[str, Any]:
+        """The config flags given, by key name (L{virby.flags.collect})."""
+        return flags.collect(self.get)
 
-    def flags(self) -> dict[str, Any]:
-        """The config flags given, by key name."""
-        given: dict[str, Any] = {}
-        for key in KEYS:
-            if key.kind == "flag":
-                if self[key.name] and self[f"no-{key.name}"]:
-                    raise usage.UsageError(f"--{key.name} and --no-{key.name} conflict")
-                if self[key.name] or self[f"no-{key.name}"]:
-                    given[key.name] = bool(self[key.name])
-            elif key.kind == "map":
-                if self[key.name]:
-                    given[key.name] = self[key.name]
-            elif self[key.name] is not None:
-                given[key.name] = self[key.name]
-        return given
+
+# The repeated keys' handlers, which twistd finds as methods named opt_KEY.
+for _name, _handler in flags.usageHandlers().items():
+    setattr(Options, _name, _handler)
 
 
 def loadConfig(options: Options) -> Config:
@@ -61,10 +45,9 @@ def loadConfig(options: Options) -> Config:
     usage text (for a usage error) or a traceback (for anything else).
     """
     try:
-        return load(options["config"], options.flags())
-    except (ConfigError, usage.UsageError) as e:
-        sys.stderr.write(f"twistd virby: error: {e}\n")
-        raise SystemExit(1) from None
+        return load(options["config"], options.configFlags())
+    except (VirbyError, usage.UsageError) as e:
+        exitWithError(str(e))
 
 
 def makeService(options: Options) -> IService:

@@ -27,8 +27,9 @@ from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
-from virby.config import REST_SOCKET_NAME, Config
-from virby.errors import VirbyError
+from virby import layout
+from virby.config import Config
+from virby.errors import VirbyError, oneLine
 from virby.hostfacts import HostFacts, gather
 from virby.locks import FileLock
 from virby.logs import Logger
@@ -37,8 +38,6 @@ from virby.runtime import remove_quietly, write_atomically
 
 log = Logger()
 
-#: The guest's serial console, in the working directory.
-SERIAL_LOG = "serial.log"
 #: Console lines kept in memory when vfkit ends, for the message about its end.
 CONSOLE_LINES = 50
 #: How much of the console's end is read for its last lines: a console that grew to
@@ -56,10 +55,6 @@ TIMESYNC_VSOCK_PORT = 1234
 
 class VfkitNotFound(VirbyError):
     """The hypervisor command is not there."""
-
-
-class WorkingDirectoryError(VirbyError):
-    """The working directory lacks what a boot needs."""
 
 
 def find_vfkit(name: str, path: str | None = None) -> str:
@@ -89,23 +84,24 @@ def vfkit_arguments(
     C{nested} says whether to pass C{--nested} (by default, as configured); the daemon
     decides it from what the Mac can do (L{HostPlan}).
     """
-    store = f"efi,variable-store={config.path('efistore.nvram')}"
+    store = f"efi,variable-store={config.path(layout.EFI_STORE)}"
+    keys = f"sharedDir={config.path(layout.SSHD_KEYS)},mountTag={layout.SSHD_KEYS_TAG}"
     args = [
         executable,
         "--cpus", str(config.cores),
         "--memory", str(config.memory),
         "--bootloader", store + (",create" if create_variable_store else ""),
-        "--device", f"virtio-blk,path={config.path('diff.img')}",
-        "--device", f"virtio-fs,sharedDir={config.path('vm_sshd_keys')},mountTag=sshd-keys",
+        "--device", f"virtio-blk,path={config.path(layout.DIFF_IMAGE)}",
+        "--device", f"virtio-fs,{keys}",
         "--device", f"virtio-net,nat,mac={mac}",
-        "--device", f"virtio-serial,logFilePath={config.path(SERIAL_LOG)}",
+        "--device", f"virtio-serial,logFilePath={config.path(layout.SERIAL_LOG)}",
         "--device", "virtio-rng",
         "--device", "virtio-balloon",
         "--timesync", f"vsockPort={TIMESYNC_VSOCK_PORT}",
-        "--restful-uri", f"unix://{config.path(REST_SOCKET_NAME)}",
+        "--restful-uri", f"unix://{config.path(layout.REST_SOCKET)}",
     ]  # fmt: skip
     if config.rosetta:
-        args += ["--device", "rosetta,mountTag=rosetta"]
+        args += ["--device", f"rosetta,mountTag={layout.ROSETTA_TAG}"]
     if config.nested_virtualization if nested is None else nested:
         args += ["--nested"]
     for tag, directory in sorted(config.shared_dirs.items()):
@@ -249,7 +245,7 @@ def vfkit_error(line: str) -> str | None:
             message = json.loads(message)
         except ValueError:
             message = message.strip('"')
-    return " ".join(message.split())[:300] or None
+    return oneLine(message)[:300] or None
 
 
 class VfkitProtocol(ProcessProtocol):
@@ -343,7 +339,11 @@ class StopTimings:
 
 
 class VfkitProcess:
-    """One running vfkit, as the lifecycle drives it."""
+    """
+    One running vfkit, as the lifecycle drives it.
+
+    @ivar mac: the MAC of the VM's network device, which its DHCP lease is found by.
+    """
 
     def __init__(
         self,
@@ -354,9 +354,12 @@ class VfkitProcess:
         rest: VfkitRestClient,
         timings: StopTimings = StopTimings(),
         vmLock: FileLock | None = None,
+        *,
+        mac: str,
     ) -> None:
         self._reactor = reactor
         self._config = config
+        self.mac = mac
         self.protocol = protocol
         self._transport = transport
         self.rest = rest
@@ -387,10 +390,10 @@ class VfkitProcess:
             which it ignores) so that the lock lives as long as the VM, even if this daemon
             dies first (L{virby.orphans}).
         """
-        _check_working_directory(config)
-        remove_quietly(config.path(REST_SOCKET_NAME))
-        remove_quietly(config.path(SERIAL_LOG))
-        create = not os.path.exists(config.path("efistore.nvram"))
+        layout.checkWorkingDirectory(config.working_directory, layout.BOOT_NEEDS)
+        remove_quietly(config.path(layout.REST_SOCKET))
+        remove_quietly(config.path(layout.SERIAL_LOG))
+        create = not os.path.exists(config.path(layout.EFI_STORE))
         nested = plan.nested if plan is not None else None
         args = vfkit_arguments(config, executable, mac, create, nested)
         protocol = VfkitProtocol()
@@ -403,9 +406,10 @@ class VfkitProcess:
             path=config.working_directory,
             childFDs={0: "w", 1: "r", 2: "r", **({3: vmLock.fileno()} if vmLock else {})},
         )
-        write_atomically(config.path("vfkit.pid"), str(transport.pid).encode(), 0o644)
-        rest = VfkitRestClient(reactor, config.path(REST_SOCKET_NAME), timings.rest_timeout)
-        return cls(reactor, config, protocol, transport, rest, timings, vmLock)
+        pidfile = config.path(layout.VFKIT_PIDFILE)
+        write_atomically(pidfile, str(transport.pid).encode(), layout.PUBLIC)
+        rest = VfkitRestClient(reactor, config.path(layout.REST_SOCKET), timings.rest_timeout)
+        return cls(reactor, config, protocol, transport, rest, timings, vmLock, mac=mac)
 
     @property
     def ended(self) -> Deferred[ExitStatus]:
@@ -416,7 +420,7 @@ class VfkitProcess:
         """The console's last C{n} lines: from C{serial.log}, or as it was when vfkit ended."""
         if self._finalConsole is not None:
             return self._finalConsole[-n:] if n > 0 else []
-        return read_tail(self._config.path(SERIAL_LOG), n)
+        return read_tail(self._config.path(layout.SERIAL_LOG), n)
 
     def stop(self) -> Deferred[ExitStatus | None]:
         """
@@ -509,11 +513,11 @@ class VfkitProcess:
         of the VM lock.  The console's tail is kept in memory first (the lifecycle reads it to
         say why the VM died); the file itself stays only with C{debug}.
         """
-        self._finalConsole = read_tail(self._config.path(SERIAL_LOG), CONSOLE_LINES)
+        self._finalConsole = read_tail(self._config.path(layout.SERIAL_LOG), CONSOLE_LINES)
         if self._vmLock is not None:
             lock, self._vmLock = self._vmLock, None
             lock.release()
-        pidfile = self._config.path("vfkit.pid")
+        pidfile = self._config.path(layout.VFKIT_PIDFILE)
         try:
             with open(pidfile, encoding="ascii") as f:
                 ours = f.read().strip() == str(self.pid)
@@ -521,9 +525,9 @@ class VfkitProcess:
             ours = False
         if ours:
             remove_quietly(pidfile)
-            remove_quietly(self._config.path(REST_SOCKET_NAME))
+            remove_quietly(self._config.path(layout.REST_SOCKET))
             if not self._config.debug:
-                remove_quietly(self._config.path(SERIAL_LOG))
+                remove_quietly(self._config.path(layout.SERIAL_LOG))
         log.info("vfkit (pid {pid}) {how}", pid=self.pid, how=status.describe())
         return status
 
@@ -539,15 +543,3 @@ def _relay(result: Any, target: Deferred[Any]) -> Any:
     else:
         target.callback(result)
     return result
-
-
-def _check_working_directory(config: Config) -> None:
-    fix = "run `virby prepare --config FILE` (the nix-darwin activation runs it)"
-    wd = config.working_directory
-    if not os.path.isdir(wd):
-        raise WorkingDirectoryError(f"working directory {wd} is missing: {fix}")
-    if not os.access(wd, os.W_OK | os.X_OK):
-        raise WorkingDirectoryError(f"working directory {wd} is not writable: {fix}")
-    for needed in ("diff.img", "vm_sshd_keys"):
-        if not os.path.exists(config.path(needed)):
-            raise WorkingDirectoryError(f"{config.path(needed)} is missing: {fix}")

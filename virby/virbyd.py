@@ -12,8 +12,27 @@ that has no Virby at all.  C{twistd ... virby} keeps working for runs by hand.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
+
+#: The name this program goes by, which L{main} gives it; run by hand it is twistd's plugin.
+PROGRAM = "virbyd"
+
+
+def programName() -> str:
+    """How the daemon names itself in its error line: as the program it was started as."""
+    return PROGRAM if os.path.basename(sys.argv[0]) == PROGRAM else "twistd virby"
+
+
+def exitWithError(message: str) -> NoReturn:
+    """
+    End the daemon with one line on stderr and status 1, where launchd's log shows it: the
+    one way a daemon that cannot serve stops, before the reactor runs or as it starts.
+    """
+    sys.stderr.write(f"{programName()}: error: {message}\n")
+    raise SystemExit(1)
 
 
 def twistd_arguments(arguments: Sequence[str]) -> list[str]:
@@ -30,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from twisted.scripts.twistd import run
 
     arguments = sys.argv[1:] if argv is None else list(argv)
-    sys.argv = ["virbyd", *twistd_arguments(arguments)]
+    sys.argv = [PROGRAM, *twistd_arguments(arguments)]
     run()
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e.builder import Builder
+from testbed.builder import Builder
 
 
 @pytest.fixture

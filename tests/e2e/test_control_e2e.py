@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from tests.e2e.builder import Builder, tool
+from testbed.builder import Builder, tool
 
 pytestmark = pytest.mark.e2e
 

@@ -14,8 +14,8 @@ import subprocess
 
 import pytest
 
-from tests.e2e.builder import Builder, read_line, tool
-from tests.e2e.support import ProcessUnderTest
+from testbed.builder import Builder, read_line, tool
+from testbed.processes import ProcessUnderTest
 
 pytestmark = pytest.mark.e2e
 
@@ -134,11 +134,7 @@ def test_sigterm_during_a_session(make_builder) -> None:
 
 def test_kill_9_then_restart_stops_the_orphan_first(make_builder) -> None:
     builder = make_builder()
-    daemon = builder.start()
-    assert builder.ssh("true").returncode == 0
-    (orphan,) = builder.emulators()
-    daemon.signal(signal.SIGKILL)
-    daemon.wait_exit(10)
+    orphan = builder.orphan()
     assert builder.emulators() == [orphan], "the orphan outlives its daemon"
     again = builder.start()
     again.wait_for_line(rf"stopped the leftover vfkit \(pid {orphan}\)", timeout=30)

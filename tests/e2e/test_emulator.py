@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.support import ProcessUnderTest, pids_of, wait_gone
+from testbed.processes import ProcessUnderTest, pids_of, wait_gone
 from virby.emulator.guardian import descendants
 from virby.leases import LeaseFile
 

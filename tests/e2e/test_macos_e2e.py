@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.builder import Builder, tool
+from testbed.builder import Builder, tool
 from virby.emulator import guest
 
 pytestmark = pytest.mark.e2e

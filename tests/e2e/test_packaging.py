@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.builder import Builder
+from testbed.builder import Builder
 
 REPO = Path(__file__).resolve().parents[2]
 #: No venv, no twistd: what launchd's environment has.

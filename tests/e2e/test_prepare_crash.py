@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.support import ProcessUnderTest
+from testbed.processes import ProcessUnderTest
 from virby import disk, prepare
 from virby.config import Config
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.support import ProcessUnderTest, free_port
-from virby import keys, prepare
+from testbed.processes import ProcessUnderTest, free_port
+from virby import keys, layout
 from virby.config import Config
 from virby.sshconfig import ssh_config_block
 
@@ -54,8 +54,8 @@ def sshd(config: Config, tmp_path: Path) -> Iterator[int]:
     sshd_config = tmp_path / "sshd_config"
     sshd_config.write_text(
         f"ListenAddress 127.0.0.1:{port}\n"
-        f"HostKey {config.path(prepare.HOST_KEY)}\n"
-        f"AuthorizedKeysFile {config.path(prepare.AUTHORIZED_KEY)}\n"
+        f"HostKey {config.path(layout.HOST_KEY)}\n"
+        f"AuthorizedKeysFile {config.path(layout.AUTHORIZED_KEY)}\n"
         "StrictModes no\nUsePAM no\nPidFile none\nPasswordAuthentication no\n"
         "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
     )
@@ -70,9 +70,9 @@ def sshd(config: Config, tmp_path: Path) -> Iterator[int]:
 def ssh(config: Config, port: int, *options: str) -> subprocess.CompletedProcess[str]:
     """Log in as the VM's users would be reached: strict host key check, only our key."""
     return subprocess.run(
-        ["ssh", "-F", "/dev/null", "-i", config.path(prepare.CLIENT_KEY),
+        ["ssh", "-F", "/dev/null", "-i", config.path(layout.CLIENT_KEY),
          "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
-         "-o", f"UserKnownHostsFile={config.path(prepare.KNOWN_HOSTS)}",
+         "-o", f"UserKnownHostsFile={config.path(layout.KNOWN_HOSTS)}",
          "-o", "GlobalKnownHostsFile=/dev/null", "-o", "HostKeyAlias=virby-vm-key",
          "-o", "IdentitiesOnly=yes", *options,
          "-p", str(port), f"{getpass.getuser()}@127.0.0.1", "true"],
@@ -82,8 +82,8 @@ def ssh(config: Config, port: int, *options: str) -> subprocess.CompletedProcess
 
 def test_ssh_keygen_derives_the_public_keys_from_the_private_ones(config: Config) -> None:
     for private, public in (
-        (prepare.CLIENT_KEY, prepare.AUTHORIZED_KEY),
-        (prepare.HOST_KEY, prepare.HOST_PUBLIC_KEY),
+        (layout.CLIENT_KEY, layout.AUTHORIZED_KEY),
+        (layout.HOST_KEY, layout.HOST_PUBLIC_KEY),
     ):
         derived = subprocess.run(
             ["ssh-keygen", "-y", "-f", config.path(private)],
@@ -99,7 +99,7 @@ def test_sshd_accepts_the_client_with_the_host_key_pinned(config: Config, sshd: 
 
 def test_a_host_key_other_than_the_pinned_one_is_refused(config: Config, sshd: int) -> None:
     """The check above is real: pin some other key, and ssh must refuse the same server."""
-    Path(config.path(prepare.KNOWN_HOSTS)).write_text(
+    Path(config.path(layout.KNOWN_HOSTS)).write_text(
         keys.known_hosts_line(keys.generate("other").public)
     )
     result = ssh(config, sshd)

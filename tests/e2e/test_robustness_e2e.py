@@ -16,26 +16,10 @@ import sys
 
 import pytest
 
-from tests.e2e.builder import Builder, tool
-from tests.e2e.support import pids_of, wait_gone
+from testbed.builder import Builder, tool
+from testbed.processes import pids_of, wait_gone
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def make_builder(tmp_path):
-    made: list[Builder] = []
-
-    def make(**settings) -> Builder:
-        root = tmp_path / f"builder{len(made)}"
-        root.mkdir()
-        builder = Builder(root, **settings)
-        made.append(builder)
-        return builder
-
-    yield make
-    for builder in made:
-        builder.cleanup()
 
 
 def status_of(builder: Builder, timeout: float = 30) -> dict:
@@ -187,7 +171,7 @@ def test_a_failed_start_leaves_nothing_behind(make_builder) -> None:
         daemon = builder.start(wait=False)
         assert daemon.wait_exit(60) == 1
     lines = [line for line in daemon.text().splitlines() if "error" in line.lower()]
-    assert any("twistd virby: error: cannot listen on" in line for line in lines), daemon.text()
+    assert any("virbyd: error: cannot listen on" in line for line in lines), daemon.text()
     assert "Traceback" not in daemon.text()
     left = {p.name for p in builder.wd.iterdir()}
     assert not left & {"control.sock", "control.sock.lock", "daemon.lock"}, left
@@ -198,9 +182,9 @@ def test_two_daemons_cannot_serve_one_working_directory(make_builder) -> None:
     first = builder.start()
     second = builder.start("--listen", "tcp:0:interface=127.0.0.1", wait=False)
     assert second.wait_exit(60) == 1
-    errors = [line for line in second.text().splitlines() if "twistd virby: error" in line]
+    errors = [line for line in second.text().splitlines() if "virbyd: error" in line]
     assert len(errors) == 1 and errors[0].endswith(
-        f"twistd virby: error: another virby daemon (pid {first.pid}) is already serving "
+        f"virbyd: error: another virby daemon (pid {first.pid}) is already serving "
         f"{builder.wd}: stop it first, or give this daemon its own working-directory"
     ), second.text()
     assert status_of(builder)["daemon_pid"] == first.pid
@@ -267,11 +251,7 @@ def test_a_process_named_vfkit_that_is_not_ours_is_left_alone(make_builder) -> N
 
 def test_no_second_vm_boots_on_a_disk_an_unknown_vm_holds(make_builder) -> None:
     builder = make_builder()
-    daemon = builder.start()
-    assert builder.ssh("true").returncode == 0
-    (orphan,) = builder.emulators()
-    daemon.signal(signal.SIGKILL)
-    daemon.wait_exit(10)
+    orphan = builder.orphan()
     (builder.wd / "vfkit.pid").unlink()  # nothing says where the orphan is any more
     again = builder.start()
     assert builder.ssh("true", timeout=60).returncode != 0

@@ -12,7 +12,7 @@ import socket
 
 import pytest
 
-from tests.e2e.builder import Builder
+from testbed.builder import Builder
 
 pytestmark = pytest.mark.e2e
 

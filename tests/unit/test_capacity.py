@@ -10,13 +10,13 @@ from twisted.internet.interfaces import ILoggingContext
 from twisted.internet.selectreactor import SelectReactor
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import formatEvent, globalLogPublisher
 
 from virby.capacity import (
     RESERVED_DESCRIPTORS,
     ConnectionLimit,
     DescriptorLimit,
     adjustDescriptorLimit,
+    pipesWithin,
     widenAcceptQueue,
 )
 
@@ -39,8 +39,10 @@ class Limits:
         self.soft, self.hard = limits
 
 
-def adjust(reactor, limits: Limits) -> DescriptorLimit:
-    return adjustDescriptorLimit(reactor, getrlimit=limits.get, setrlimit=limits.put)
+def adjust(reactor, limits: Limits, splicing: bool = False) -> DescriptorLimit:
+    return adjustDescriptorLimit(
+        reactor, getrlimit=limits.get, setrlimit=limits.put, splicing=splicing
+    )
 
 
 def select_reactor() -> SelectReactor:
@@ -65,6 +67,24 @@ def test_the_soft_limit_is_raised_as_far_as_it_sensibly_goes(reactor, soft, hard
     assert limit.soft == limits.soft == result and limit.before == soft
     assert limits.set == ([] if result == soft else [(result, hard)])
     assert limit.connections == (result - RESERVED_DESCRIPTORS) // 2
+
+
+@pytest.mark.parametrize("soft", [256, 1000, 1024, 4096, 20000, 65536])
+def test_connections_and_the_relays_pipes_fit_in_the_open_files_together(soft) -> None:
+    """
+    Every connection holds two descriptors, and every pipe the relay may hold two more: the
+    capacity the daemon states must leave room for both, and the pool must be held to it.
+    """
+    limit = adjust(MemoryReactorClock(), Limits(soft, soft), splicing=True)
+    assert limit.pipes == pipesWithin(soft) > 0
+    assert RESERVED_DESCRIPTORS + 2 * limit.pipes + 2 * limit.connections <= limit.soft
+    assert f"beside up to {limit.pipes} pipes" in limit.describe()
+    assert f"beside {limit.pipes} pipes of two" in limit.why()
+
+
+def test_without_splice_the_budget_is_all_connections() -> None:
+    limit = adjust(MemoryReactorClock(), Limits(256, 256))
+    assert limit.pipes == 0 and limit.connections == (256 - RESERVED_DESCRIPTORS) // 2
 
 
 def test_a_limit_that_cannot_be_raised_is_kept_and_said(tmp_path) -> None:
@@ -135,18 +155,6 @@ class Wrapped:
     def buildProtocol(self, addr):
         self.built.append(addr)
         return f"protocol for {addr}"
-
-
-@pytest.fixture
-def logged():
-    lines: list[str] = []
-
-    def observe(event) -> None:
-        lines.append(formatEvent(event))
-
-    globalLogPublisher.addObserver(observe)
-    yield lines
-    globalLogPublisher.removeObserver(observe)
 
 
 def test_past_the_limit_connections_are_closed_and_logged(logged) -> None:

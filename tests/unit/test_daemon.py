@@ -11,15 +11,11 @@ from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.testing import MemoryReactorClock
 
 from virby.config import from_mapping
-from virby.daemon import (
-    DaemonCommands,
-    DaemonService,
-    StartupError,
-    VfkitHypervisor,
-    makeDaemonService,
-)
+from virby.daemon import DaemonCommands, DaemonService, StartupError, makeDaemonService
+from virby.hypervisor import BootError, VfkitHypervisor
 from virby.lifecycle import Lifecycle
 from virby.readiness import ReadyGuest
+from virby.relay import spliceAvailable
 from virby.vfkit import HostPlan
 
 
@@ -156,7 +152,7 @@ def test_missing_rosetta_refuses_each_boot_at_once_without_vfkit(short_tmp) -> N
     hypervisor = VfkitHypervisor(None, cfg, "/nonexistent/vfkit", HostPlan(refusal=refusal))
     failures: list = []
     hypervisor.spawn().addErrback(failures.append)
-    assert failures and failures[0].check(StartupError)
+    assert failures and failures[0].check(BootError)
     assert str(failures[0].value) == refusal
     assert not (short_tmp / "vfkit.pid").exists()
 
@@ -167,23 +163,22 @@ def test_the_status_document_has_no_warnings_when_all_is_well(short_tmp) -> None
 
 
 def test_a_boot_without_a_lease_says_when_the_guest_sent_a_duid(short_tmp) -> None:
-    from twisted.internet.task import Clock
-
     from tests.unit.test_leases import DUID_ONLY
-    from virby.daemon import VfkitHypervisor
     from virby.readiness import BootTimeout
 
     leases = short_tmp / "dhcpd_leases"
     leases.write_text(DUID_ONLY)
-    clock = Clock()
+    prepared(short_tmp)
+    (short_tmp / "mac").write_text("52:54:00:12:03:0a\n")
     cfg = config(short_tmp, **{"leases-file": str(leases), "start-timeout": 5})
-    hypervisor = VfkitHypervisor(clock, cfg, "/bin/vfkit")
-    hypervisor._mac = "52:54:00:12:03:0a"
-    outcome: list = []
-    hypervisor.waitReady(None).addBoth(outcome.append)
-    clock.advance(5)
-    clock.advance(1)
-    (failure,) = outcome
+    reactor = SpawningReactor()
+    hypervisor = VfkitHypervisor(reactor, cfg, "/bin/vfkit")
+    (vm,) = outcome(hypervisor.spawn())
+    assert vm.mac == "52:54:00:12:03:0a", "the VM carries the MAC it was started with"
+    waiting = outcome(hypervisor.waitReady(vm))
+    reactor.advance(5)
+    reactor.advance(1)
+    (failure,) = waiting
     assert failure.check(BootTimeout) and failure.value.reason == "no-lease"
     message = str(failure.value)
     assert "DUID client id" in message and 'clientid ""' in message and "\n" not in message
@@ -285,7 +280,6 @@ def outcome(d) -> list:
 
 
 def test_no_vm_boots_while_a_process_holds_the_vm_lock(short_tmp) -> None:
-    from virby.daemon import VfkitHypervisor
     from virby.locks import FileLock
 
     held = FileLock(str(short_tmp / "vm.lock"))
@@ -293,7 +287,7 @@ def test_no_vm_boots_while_a_process_holds_the_vm_lock(short_tmp) -> None:
     reactor = SpawningReactor()
     hypervisor = VfkitHypervisor(reactor, prepared(short_tmp), "/bin/vfkit")
     (failure,) = outcome(hypervisor.spawn())
-    assert failure.check(StartupError)
+    assert failure.check(BootError)
     assert f"a VM of {short_tmp} is still running: a process holds {short_tmp}/vm.lock" in str(
         failure.value
     )
@@ -304,7 +298,7 @@ def test_no_vm_boots_while_a_process_holds_the_vm_lock(short_tmp) -> None:
 
 
 def test_an_orphan_that_could_not_be_stopped_is_checked_again(short_tmp, monkeypatch) -> None:
-    import virby.daemon
+    import virby.hypervisor
     from virby.orphans import OrphanError
 
     attempts: list = []
@@ -315,9 +309,9 @@ def test_an_orphan_that_could_not_be_stopped_is_checked_again(short_tmp, monkeyp
             raise OrphanError("the VM left by a previous daemon (vfkit pid 7) survived SIGKILL")
         return None
 
-    monkeypatch.setattr(virby.daemon, "stop_orphan", stubborn)
+    monkeypatch.setattr(virby.hypervisor, "stop_orphan", stubborn)
     reactor = SpawningReactor()
-    hypervisor = virby.daemon.VfkitHypervisor(reactor, prepared(short_tmp), "/bin/vfkit")
+    hypervisor = virby.hypervisor.VfkitHypervisor(reactor, prepared(short_tmp), "/bin/vfkit")
     (failure,) = outcome(hypervisor.spawn())
     assert failure.check(OrphanError) and reactor.spawned == []
     (vm,) = outcome(hypervisor.spawn())
@@ -338,6 +332,26 @@ def test_the_builder_port_serves_as_many_connections_as_its_descriptors_allow(sh
     DaemonService(reactor, cfg, endpoint, hypervisor, lifecycle, limit).startService()
     factory = reactor.tcpServers[0][1]
     assert isinstance(factory, ConnectionLimit) and factory.limit == 480
+
+
+@pytest.mark.skipif(not spliceAvailable(), reason="splice(2) is Linux's")
+def test_the_relays_pipes_are_held_to_the_budget_that_counts_the_connections(short_tmp) -> None:
+    from virby.capacity import ConnectionLimit, DescriptorLimit
+
+    reactor = MemoryReactorClock()
+    hypervisor = IdleHypervisor()
+    lifecycle = Lifecycle(reactor, hypervisor, onDemand=True, ttl=60)
+    endpoint = TCP4ServerEndpoint(reactor, 31222, interface="127.0.0.1")
+    limit = DescriptorLimit(256, 1024, None, None, pipes=64)
+    daemon = DaemonService(reactor, config(short_tmp), endpoint, hypervisor, lifecycle, limit)
+    daemon.startService()
+    factory = reactor.tcpServers[0][1]
+    assert isinstance(factory, ConnectionLimit) and factory.limit == (1024 - 64 - 128) // 2
+    pool = factory.wrapped.pipes
+    taken = [pool.take() for _ in range(65)]
+    assert taken[-1] is None and None not in taken[:-1], "the pool lends 64 pipes, no more"
+    for pipe in taken[:-1]:
+        pool.discard(pipe)
 
 
 class ReadyHypervisor(IdleHypervisor):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from virby import layout
 from virby.config import from_mapping
 from virby.emulator import api, guest, lease
 from virby.emulator.__main__ import USAGE, main, start_up
@@ -501,8 +502,8 @@ def test_a_disk_too_small_for_a_filesystem(wd) -> None:
 
 def test_the_key_unit_takes_the_shares_keys_at_every_boot(wd) -> None:
     keys = wd / "keys"
-    (keys / guest.HOST_KEY).write_text("new host key")
-    (keys / guest.AUTHORIZED_KEY).write_text("new client key")
+    (keys / layout.SHARE_HOST_KEY).write_text("new host key")
+    (keys / layout.SHARE_AUTHORIZED_KEY).write_text("new client key")
     state = guest.GuestState(host_key="old host key", authorized_keys="old client key")
     assert guest.install_keys(str(keys), state, "every-boot") is True
     assert (state.host_key, state.authorized_keys) == ("new host key", "new client key")
@@ -510,8 +511,8 @@ def test_the_key_unit_takes_the_shares_keys_at_every_boot(wd) -> None:
 
 def test_the_old_key_unit_kept_the_first_keys(wd) -> None:
     keys = wd / "keys"
-    (keys / guest.HOST_KEY).write_text("new host key")
-    (keys / guest.AUTHORIZED_KEY).write_text("new client key")
+    (keys / layout.SHARE_HOST_KEY).write_text("new host key")
+    (keys / layout.SHARE_AUTHORIZED_KEY).write_text("new client key")
     state = guest.GuestState(host_key="old host key", authorized_keys="old client key")
     assert guest.install_keys(str(keys), state, "when-absent") is False
     assert state.host_key == "old host key"

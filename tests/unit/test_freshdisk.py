@@ -19,10 +19,10 @@ from twisted.python.failure import Failure
 
 from virby import disk, freshdisk, prepare
 from virby.config import MIB, from_mapping
-from virby.daemon import VfkitHypervisor
 from virby.freshdisk import FreshDiskError, make, makeFreshDisk
+from virby.hypervisor import VfkitHypervisor
+from virby.layout import VM_LOCK
 from virby.locks import FileLock
-from virby.orphans import VM_LOCK
 
 SIZE = 8 * MIB
 
@@ -38,10 +38,6 @@ def write_disk(path: Path, size: int, marker: bytes, at: int = 0) -> None:
 def wd(tmp_path: Path) -> Path:
     write_disk(tmp_path / "base.img", 2 * MIB, b"the image")
     return tmp_path
-
-
-def test_the_disk_names_are_prepares() -> None:
-    assert (freshdisk.BASE_IMAGE, freshdisk.DIFF_IMAGE) == (prepare.BASE_IMAGE, prepare.DIFF_IMAGE)
 
 
 def test_a_fresh_copy_replaces_what_the_last_run_left_and_is_grown(wd: Path) -> None:

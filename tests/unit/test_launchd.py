@@ -67,6 +67,27 @@ def test_the_string_parser_is_found(monkeypatch) -> None:
     assert isinstance(endpoint, LaunchdServerEndpoint)
     assert endpoint._name == "Other"
     assert serverFromString(reactor, "launchd")._name == "Listener"
+    assert serverFromString(reactor, "launchd:Other")._name == "Other"
+
+
+@pytest.mark.parametrize("description", ["launchd:nmae=Listener", "launchd:Listener:extra"])
+def test_a_misspelt_endpoint_fails_at_start_with_one_line(short_tmp, capsys, description) -> None:
+    from twisted.internet.testing import MemoryReactorClock
+
+    from tests.unit.test_daemon import fake_vfkit
+    from virby.config import from_mapping
+    from virby.daemon import makeDaemonService
+
+    (short_tmp / "wd").mkdir()
+    config = from_mapping(
+        {"working-directory": str(short_tmp / "wd"), "vfkit": fake_vfkit(short_tmp),
+         "listen": description}
+    )  # fmt: skip
+    with pytest.raises(SystemExit) as caught:
+        makeDaemonService(config, MemoryReactorClock())
+    assert caught.value.code == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"twistd virby: error: listen endpoint {description!r} is not valid")
 
 
 @pytest_twisted.ensureDeferred

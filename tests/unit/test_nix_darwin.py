@@ -25,8 +25,8 @@ import pytest
 from tests.darwin_harness import PAIRS, ROOT, Pair, determinate, evaluate
 from virby.cli import INSTALLED_CONFIG
 from virby.config import from_mapping
-from virby.prepare import SHARED_CLIENT_KEY
-from virby.sshconfig import CLIENT_KEY, ssh_config_block
+from virby.layout import CLIENT_KEY, SHARED_CLIENT_KEY
+from virby.sshconfig import ssh_config_block
 
 ENABLED = {"enable": True}
 

@@ -14,6 +14,7 @@ import pytest
 
 from virby import cli, disk, keys, prepare
 from virby.config import MIB, Config
+from virby.errors import VirbyError
 
 DISK = 8 * MIB
 
@@ -338,7 +339,7 @@ def test_a_crash_after_any_step_is_finished_by_the_next_run(config, image, tmp_p
 
 
 def refused(config: Config, owner: str | None = None) -> str:
-    with pytest.raises(prepare.PrepareError) as caught:
+    with pytest.raises(VirbyError) as caught:
         prepare.prepare(config, owner=owner)
     message = str(caught.value)
     assert "\n" not in message

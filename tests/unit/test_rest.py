@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import pytest_twisted
@@ -141,3 +143,12 @@ async def test_no_answer_times_out(server) -> None:
     with pytest.raises(RestTimeout):
         await VfkitRestClient(reactor, path, timeout=0.2).state()
     assert issubclass(RestTimeout, RestError)
+
+
+def test_an_idle_daemon_has_not_imported_the_http_client() -> None:
+    """twisted.web.client costs about 1 MiB for the daemon's life: it comes with a request."""
+    program = "import sys, virby.tap, virby.daemon; print('twisted.web.client' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout == "False\n"

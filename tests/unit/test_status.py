@@ -11,8 +11,9 @@ import pytest
 import pytest_twisted
 
 from virby.config import from_mapping
-from virby.control import CONTROL_SOCKET, ControlFactory, controlEndpoint
+from virby.control import ControlFactory, controlEndpoint
 from virby.errors import VirbyError
+from virby.layout import CONTROL_SOCKET
 from virby.status import EXIT_DOWN, duration, query, render, run, size
 
 RUNNING = {

@@ -14,6 +14,7 @@ from twisted.python.failure import Failure
 
 from virby.config import from_mapping
 from virby.hostfacts import HostFacts
+from virby.layout import WorkingDirectoryError
 from virby.rest import RestError
 from virby.vfkit import (
     ExitStatus,
@@ -22,7 +23,6 @@ from virby.vfkit import (
     VfkitNotFound,
     VfkitProcess,
     VfkitProtocol,
-    WorkingDirectoryError,
     find_vfkit,
     plan_host,
     read_tail,
@@ -31,21 +31,6 @@ from virby.vfkit import (
 )
 
 MAC = "02:94:00:00:00:01"
-
-
-@pytest.fixture
-def logged():
-    """The text of every event logged while the test runs."""
-    from twisted.logger import formatEvent, globalLogPublisher
-
-    lines: list[str] = []
-
-    def observe(event) -> None:
-        lines.append(formatEvent(event))
-
-    globalLogPublisher.addObserver(observe)
-    yield lines
-    globalLogPublisher.removeObserver(observe)
 
 
 def config(**extra):
@@ -221,7 +206,7 @@ def process(tmp_path, works=True, powers_off=("Stop",), dies_on=("TERM",), **set
     (tmp_path / "vfkit.pid").write_text("4242")
     (tmp_path / "vfkit.sock").write_text("")
     return (
-        VfkitProcess(clock, cfg, protocol, transport, rest, StopTimings()),
+        VfkitProcess(clock, cfg, protocol, transport, rest, StopTimings(), mac=MAC),
         clock,
         rest,
         transport,
@@ -440,7 +425,7 @@ def real_process(tmp_path, reactor, dies_on: set[str], timings: StopTimings):
     transport = FakeTransport(protocol, dies_on)
     rest = VfkitRestClient(reactor, str(tmp_path / "vfkit.sock"), timings.rest_timeout)
     cfg = from_mapping({"working-directory": str(tmp_path)})
-    return VfkitProcess(reactor, cfg, protocol, transport, rest, timings), transport
+    return VfkitProcess(reactor, cfg, protocol, transport, rest, timings, mac=MAC), transport
 
 
 #: Graces long enough that a stop that waited one out would blow the test's bound.

@@ -21,15 +21,15 @@ import struct
 import zlib
 from dataclasses import asdict, dataclass
 
+from virby import layout
+
 RECORD_OFFSET = 0x10000
 RECORD_END = 0x100000
 MAGIC = b"VIRBYGST"
 _HEADER = struct.Struct(">8sIII")  # magic, version, payload length, crc32 of the payload
 VERSION = 1
-
-HOST_KEY = "ssh_host_ed25519_key"
-AUTHORIZED_KEY = "ssh_user_ed25519_key.pub"
-SHARE_TAG = "sshd-keys"
+#: Where the image's sshd finds its host key, in its C{/etc/ssh} (C{nix/image.nix}).
+ETC_HOST_KEY = "ssh_host_ed25519_key"
 
 
 @dataclass
@@ -107,14 +107,14 @@ def install_keys(share: str | None, state: GuestState, rule: str) -> bool:
     if rule == "when-absent" and state.host_key is not None:
         return False
     if share is None:
-        raise KeyUnitFailed(f"mount: {SHARE_TAG}: no such virtiofs tag")
+        raise KeyUnitFailed(f"mount: {layout.SSHD_KEYS_TAG}: no such virtiofs tag")
     try:
-        with open(os.path.join(share, HOST_KEY), encoding="ascii") as f:
+        with open(os.path.join(share, layout.SHARE_HOST_KEY), encoding="ascii") as f:
             host_key = f.read()
-        with open(os.path.join(share, AUTHORIZED_KEY), encoding="ascii") as f:
+        with open(os.path.join(share, layout.SHARE_AUTHORIZED_KEY), encoding="ascii") as f:
             authorized = f.read()
     except (OSError, UnicodeDecodeError) as e:
-        raise KeyUnitFailed(f"install: cannot read the {SHARE_TAG} share: {e}") from None
+        raise KeyUnitFailed(f"install: cannot read the {layout.SSHD_KEYS_TAG} share: {e}") from None
     state.host_key, state.authorized_keys = host_key, authorized
     return True
 
@@ -123,7 +123,7 @@ def materialize(state: GuestState, etc: str) -> None:
     """Lay the installed keys out where the guest's sshd reads them (its C{/etc/ssh})."""
     if state.host_key is None or state.authorized_keys is None:
         raise KeyUnitFailed("sshd: no host key installed")
-    key = os.path.join(etc, HOST_KEY)
+    key = os.path.join(etc, ETC_HOST_KEY)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(key)
     fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -138,7 +138,7 @@ def sshd_config(etc: str, address: str, port: int) -> str:
     return "\n".join(
         [
             f"ListenAddress {address}:{port}",
-            f"HostKey {etc}/{HOST_KEY}",
+            f"HostKey {etc}/{ETC_HOST_KEY}",
             f"AuthorizedKeysFile {etc}/authorized_keys",
             "PidFile none",
             "UsePAM no",

@@ -20,6 +20,7 @@ from typing import Any
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
+from virby import layout
 from virby.emulator import guest, lease
 from virby.emulator.cmdline import Emulated
 from virby.emulator.vmconfig import VM
@@ -75,7 +76,6 @@ class EmulatedMachine:
         self._exitCode = 0
         self._poweringOff = False
         self._bootCall: Any = None
-        self._paused = False
         self.guestState = guest.GuestState()
 
     # -- boot
@@ -125,7 +125,7 @@ class EmulatedMachine:
         self.guestState.boots += 1
         try:
             ran = guest.install_keys(
-                self.vm.shared_dir(guest.SHARE_TAG), self.guestState, self.settings.guest_keys
+                self.vm.shared_dir(layout.SSHD_KEYS_TAG), self.guestState, self.settings.guest_keys
             )
         except guest.KeyUnitFailed as e:
             self.console.line(f"virby-install-keys[301]: {e}")
@@ -235,8 +235,6 @@ class EmulatedMachine:
         self._poweringOff = True
         if self._bootCall is not None and self._bootCall.active():
             self._bootCall.cancel()
-        if self._paused:
-            self._signalGuest(18)
         if self._guardian is not None and self._guardian.pid is not None:
             self._signalGuest(18)
             self._guardian.signalProcess("TERM")

@@ -12,14 +12,15 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from tests.e2e.nixenv import nix_environment
-from tests.e2e.support import ProcessUnderTest, free_port, pids_of
+from testbed.nixenv import nix_environment
+from testbed.processes import ProcessUnderTest, free_port, pids_of
 
 BIN = Path(sys.executable).parent
 
@@ -124,6 +125,15 @@ class Builder:
             capture_output=True, text=True, timeout=120, check=True,
         )  # fmt: skip
         return result.stdout
+
+    def orphan(self) -> int:
+        """Boot the VM, then kill the daemon with SIGKILL: the pid of the VM left running."""
+        daemon = self.start()
+        assert self.ssh("true").returncode == 0, daemon.text()
+        (orphan,) = self.emulators()
+        daemon.signal(signal.SIGKILL)
+        daemon.wait_exit(10)
+        return orphan
 
     def emulators(self) -> list[int]:
         """Live vfkit emulators of this working directory."""

@@ -1,7 +1,8 @@
 """
-Helpers for the end-to-end layer, which runs real processes (the vfkit emulator, sshd, ssh,
-twistd, nix).  Waits are driven by events the processes report (a line on their output, their
-exit, a socket accepting) and bounded by a deadline; nothing here sleeps.
+Real processes for the end-to-end tests and the benchmarks (the vfkit emulator, sshd, ssh,
+twistd, nix): started, read line by line, waited for, and killed with all they started.
+Waits are driven by events the processes report (a line on their output, their exit, a
+socket accepting) and bounded by a deadline; nothing here sleeps.
 """
 
 from __future__ import annotations
