@@ -82,7 +82,7 @@ from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
-from virby.errors import PermanentError, VirbyError
+from virby.errors import PermanentError, VirbyError, oneLine
 from virby.logs import Logger
 
 log = Logger()
@@ -876,7 +876,7 @@ class Lifecycle:
         self._armIdleTimer(running)
 
     def _bootFailed(self, booting: _Booting, reason: Failure) -> None:
-        why = _oneLine(reason)
+        why = oneLine(reason)
         vm = booting.run.vm
         self._recordError(f"boot failed: {why}", vm)
         self._failWaiters(f"the VM did not boot: {why}")
@@ -1033,9 +1033,3 @@ def _remaining(call: IDelayedCall | None, now: float) -> float | None:
     if call is None or not call.active():
         return None
     return max(0.0, call.getTime() - now)
-
-
-def _oneLine(reason: Failure) -> str:
-    """A failure as the one line a person reads: expected errors carry their own."""
-    text = str(reason.value) or reason.type.__name__
-    return " ".join(text.split())
