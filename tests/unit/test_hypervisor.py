@@ -17,21 +17,21 @@ REFUSAL = (
 )
 
 
-def refusing(tmp_path) -> VfkitHypervisor:
-    config = from_mapping({"working-directory": str(tmp_path), "rosetta": True})
+def refusing(directory) -> VfkitHypervisor:
+    config = from_mapping({"working-directory": str(directory), "rosetta": True})
     return VfkitHypervisor(None, config, "/nonexistent/vfkit", HostPlan(refusal=REFUSAL))
 
 
-def test_a_host_refusal_is_a_boot_error_no_retry_can_cure(tmp_path) -> None:
+def test_a_host_refusal_is_a_boot_error_no_retry_can_cure(short_tmp) -> None:
     failures: list = []
-    refusing(tmp_path).spawn().addErrback(failures.append)
+    refusing(short_tmp).spawn().addErrback(failures.append)
     assert failures[0].check(HostRefusal) and str(failures[0].value) == REFUSAL
     assert failures[0].check(BootError) and failures[0].check(PermanentError)
 
 
-def test_an_always_on_daemon_on_a_refusing_mac_tries_once_and_says_so_once(tmp_path) -> None:
+def test_an_always_on_daemon_on_a_refusing_mac_tries_once_and_says_so_once(short_tmp) -> None:
     clock = Clock()
-    lifecycle = Lifecycle(clock, refusing(tmp_path), onDemand=False, ttl=60)
+    lifecycle = Lifecycle(clock, refusing(short_tmp), onDemand=False, ttl=60)
     with capturedLogs() as events:
         lifecycle.start()
         clock.advance(24 * 3600)
