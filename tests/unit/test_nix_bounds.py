@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.darwin_harness import PAIRS, ROOT, Pair, evaluate
+from tests.darwin_harness import ROOT, Pair, evaluate
 from virby import layout
 from virby.config import ConfigError, from_mapping
 
@@ -212,14 +212,6 @@ def test_the_daemons_config_from_the_options_loads_at_each_bound() -> None:
 
 
 # -- the module's option types, inside nix-darwin
-
-
-@pytest.fixture(scope="module", params=PAIRS, ids=lambda pair: pair.name)
-def pair(request: pytest.FixtureRequest) -> Pair:
-    why = request.param.missing()
-    if why is not None:
-        pytest.skip(why)
-    return request.param
 
 
 def module_cases() -> dict[str, tuple[str, dict, bool]]:
