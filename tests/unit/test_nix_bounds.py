@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -92,7 +93,7 @@ def nixError(function: str, value: object) -> str:
     return str(caught.value)
 
 
-def evaluateExpression(expression: str) -> list[bool]:
+def evaluateExpression(expression: str) -> Any:
     command = ["nix-instantiate", "--eval", "--strict", "--json", "--readonly-mode"]
     result = subprocess.run(
         [*command, "--expr", expression], capture_output=True, text=True, timeout=120, cwd=ROOT
@@ -121,7 +122,7 @@ def memory_probes() -> list:
     low, _, high, _ = integer("memory", 6144)
     mib = around(low, high)
     strings = [f"{m}MiB" for m in mib] + [f"{m * 1024}KiB" for m in mib] + [str(m) for m in mib]
-    strings += [f"{m * MIB}B" for m in mib] + [f"{m * MIB}" for m in mib[:1]]
+    strings += [f"{m * MIB}B" for m in mib]
     strings += [f"{m // 1024}GiB" for m in mib if m % 1024 == 0]
     strings += [f"{m // MIB}T" for m in mib if m % MIB == 0]
     strings += [f"{(high // MIB) + 1}TiB", " +1024 ", "-1024", "0001024", "0" * 30 + "2048"]
@@ -219,7 +220,7 @@ def module_cases() -> dict[str, tuple[str, dict, bool]]:
     cases: dict[str, tuple[str, dict, bool]] = {}
 
     def case(option: str, virby: dict, key: str, value: object) -> None:
-        cases[f"{option}={json.dumps(virby)[:60]}"] = (option, virby, takes(key, value))
+        cases[f"{option}-{len(cases)}"] = (option, virby, takes(key, value))
 
     for option, key, inside in (("cores", "cores", 8), ("port", "port", 31222)):
         for n in integer(key, inside):
@@ -241,8 +242,8 @@ def test_the_module_takes_what_the_daemon_takes_and_refuses_the_rest(pair: Pair)
     cases = module_cases()
     harness = {name: {"virby": {"enable": True, **virby}} for name, (_, virby, _) in cases.items()}
     verdicts = evaluate(pair, harness, attribute="verdicts")
-    differ = [name for name, (_, _, took) in cases.items() if verdicts[name] != took]
-    assert not differ, f"the module and the loader disagree on: {differ}"
+    differ = [(harness[n], took) for n, (_, _, took) in cases.items() if verdicts[n] != took]
+    assert not differ, f"(case, the loader takes it) where the module disagrees: {differ}"
     shown = set()
     for name, (option, _, took) in cases.items():
         if took or option in shown:
