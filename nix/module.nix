@@ -53,6 +53,11 @@ let
   imageBuild = imageSystem.config.system.build.virbyImage;
   image = "${imageBuild}/nixos.img";
 
+  # The daemon's bounds of each value (its config loader is the source; lib/bounds.nix says
+  # how they are kept in step).
+  bounds = import ./lib/bounds.nix;
+  between = range: types.ints.between range.min range.max;
+
   daemonConfig = import ./lib/config.nix {
     inherit cfg image workingDirectory;
     vfkit = "${pkgs.vfkit}/bin/vfkit";
@@ -97,23 +102,23 @@ in
       description = "The Virby package: `virby` (prepare, status, start, stop, doctor) and the daemon `virbyd`.";
     };
     cores = mkOption {
-      type = types.ints.positive;
+      type = between bounds.cores;
       default = 8;
       description = "vCPUs of the VM; also the builder's maxJobs.";
     };
     memory = mkOption {
-      type = types.either types.ints.positive types.str;
+      type = types.either (between bounds.memory) types.str;
       default = 6144;
       example = "8GiB";
-      description = "RAM of the VM: MiB as an integer, or a size such as \"6GiB\" (at least 1024 MiB).";
+      description = "RAM of the VM: MiB as an integer, or a size such as \"6GiB\" (1 GiB to 1 TiB).";
     };
     diskSize = mkOption {
       type = types.str;
       default = "100GiB";
-      description = "Size of the VM's writable disk. It grows when raised and is never shrunk.";
+      description = "Size of the VM's writable disk (1 GiB to 64 TiB). It grows when raised and is never shrunk.";
     };
     port = mkOption {
-      type = types.port;
+      type = between bounds.port;
       default = 31222;
       description = "Loopback port of the builder (the launchd socket the daemon adopts).";
     };
@@ -146,9 +151,10 @@ in
         description = "Boot the VM at the first build instead of keeping it running.";
       };
       ttl = mkOption {
-        type = types.ints.positive;
+        # The daemon counts seconds, up to 365 days.
+        type = types.ints.between 1 (bounds.ttl.max / 60);
         default = 180;
-        description = "Minutes without a connection before an on-demand VM is powered off.";
+        description = "Minutes without a connection before an on-demand VM is powered off (at most 365 days).";
       };
     };
     rosetta = mkOption {
@@ -167,7 +173,11 @@ in
       example = {
         src = "/Users/me/src";
       };
-      description = "Host directories shared with the VM, by tag; mounted at /mnt/virtiofs/<tag>.";
+      description = ''
+        Host directories shared with the VM, by tag; mounted at /mnt/virtiofs/<tag>. A tag is
+        letters, digits, `.`, `_` or `-`, at most ${toString bounds.shareTagBytes} bytes; a
+        directory is an absolute path without `,`; at most ${toString bounds.shares} of them.
+      '';
     };
     supportDeterminateNix = mkOption {
       type = types.bool;
@@ -214,9 +224,15 @@ in
               message = "services.virby.rosetta needs an aarch64-darwin host (Apple silicon).";
             }
             {
-              # Forces the checks of lib/size.nix, whose errors name the option.
-              assertion = builtins.isAttrs daemonConfig && daemonConfig.memory >= 1024;
-              message = "services.virby.memory must be at least 1024 MiB.";
+              # Forces the checks of lib/ (memory, disk size, shared directories), so that a
+              # value the daemon would refuse fails the evaluation, with an error naming the
+              # option; the option types check the rest.
+              assertion = builtins.deepSeq [
+                daemonConfig.memory
+                daemonConfig.disk-size
+                daemonConfig.shared-dirs
+              ] true;
+              message = "services.virby: the daemon's config could not be checked.";
             }
             {
               assertion = cfg.supportDeterminateNix -> haveDeterminate;

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.darwin_harness import PAIRS, Pair
+
 MODE = "VIRBY_TEST_MACOS_SANDBOX"
 #: Longer than Nix gives a build on macOS, so that whatever passes here passes there.
 SANDBOX_TMPDIR = "/tmp/virby-macos-sandbox/private/tmp/nix-build-virby-0.1.0.drv-0/build"
@@ -92,3 +94,12 @@ def short_tmp() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module", params=PAIRS, ids=lambda pair: pair.name)
+def pair(request: pytest.FixtureRequest) -> Pair:
+    """Each nix-darwin branch with its nixpkgs lib (L{tests.darwin_harness}), or a skip."""
+    why = request.param.missing()
+    if why is not None:
+        pytest.skip(why)
+    return request.param

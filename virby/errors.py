@@ -15,6 +15,14 @@ class VirbyError(Exception):
     """An expected failure with a message fit to show a person as it is."""
 
 
+class PermanentError(VirbyError):
+    """
+    An expected failure that trying again cannot cure: something must change first (the
+    config, the host, the working directory).  What retries on failure stops and says so
+    once; a person's next request still tries again.
+    """
+
+
 def oneLine(what: Failure | BaseException | str) -> str:
     """
     A failure, an exception or a message as the one line a person reads: its text with every

@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from virby.config import Config
-from virby.errors import VirbyError
+from virby.errors import PermanentError, VirbyError
 from virby.freshdisk import makeFreshDisk
 from virby.layout import MAC, PREPARE_FIX, VM_LOCK
 from virby.leases import LeaseFile
@@ -39,6 +39,13 @@ READINESS_INTERVAL = 0.05
 
 class BootError(VirbyError):
     """No VM can be booted now; the message says why and what to do."""
+
+
+class HostRefusal(BootError, PermanentError):
+    """
+    This Mac cannot run what the config asks (L{virby.vfkit.HostPlan.refusal}): no boot can
+    succeed until the config or the Mac changes, so an always-on daemon does not retry it.
+    """
 
 
 class VfkitHypervisor:
@@ -108,7 +115,7 @@ class VfkitHypervisor:
 
     async def _spawn(self) -> VirtualMachine:
         if self.plan.refusal is not None:
-            raise BootError(self.plan.refusal)
+            raise HostRefusal(self.plan.refusal)
         await self.stopOrphan()
         lock = self._lockVM()
         if self._config.ephemeral:

@@ -4,12 +4,7 @@ The VM's lifecycle: when to boot it, who waits for it, when to stop it.
 This is the one place that decides.  It is an explicit state machine because every bug
 upstream had lived in the gaps between states: two connections at cold start each booting
 a VM, an idle timer armed on every close, a connection accepted while a stop was in flight
-and then frozen, a stop that left the runner unable to start again.  Here each event is a
-method, each state names what is allowed in it, and an illegal transition raises.
-
-    STOPPED --boot--> BOOTING --ready--> RUNNING --idle/shutdown--> STOPPING --> STOPPED
-       ^                 |                  |                                     |
-       +----failed/died--+-------died-------+                        (waiters? boot again)
+and then frozen, a stop that left the runner unable to start again.
 
 Connections never wait on anything but L{Lifecycle.whenReady}: one boot serves every
 connection that arrives while it is under way, and a connection that arrives while a stop is
@@ -23,20 +18,71 @@ connections are open unless forced (then they are closed), cancels a boot under 
 leaves the VM stopped: in always-on mode too, it is not restarted until a connection or a
 C{virby start} boots it again (a pending crash restart is cancelled), since the point of
 stopping it was to free its memory now.
+
+A boot that fails with a L{PermanentError} (the host refuses what the config asks, say) is
+not retried in always-on mode: retrying cannot help until something changes.  That is said
+once; the next connection or C{virby start} tries again.
+
+How it is built
+===============
+
+Every input is an L{Event}: the methods called from outside (L{Lifecycle.whenReady},
+L{Lifecycle.stopNow}...) and the answers to what the machine itself started (the hypervisor
+made the VM, its guest answered, a timer fired).  L{RULES} has one row per event and one
+column per L{State}; each cell names the method that handles the event in that state and
+the states it may move to, or says that the event means nothing there (L{IGNORE}) or cannot
+happen there (L{ILLEGAL}, a bug, logged with its traceback).  Nothing else decides what is
+legal: the handlers have no guards on the state, and a handler that moves anywhere its cell
+does not name fails the same way.
+
+What is true only in one state lives in that state's object (the idle timer while running,
+the restart timer while stopped, the wait under way while booting), and the VM of one run
+with it (L{_Run}), from the boot that starts it to the stop that ends it: leaving a state
+drops its data and cancels its timers, so nothing of a past run can act on the next.  An
+answer that comes for a state the machine has left (a wait it cancelled, a timer that fired
+late) is dropped before the table is consulted; a VM or a guest connection that comes that
+way is stopped or closed, never leaked.
+
+Events are handled one at a time, each to its end, before anyone outside is told of it.
+The waiters of L{Lifecycle.whenReady}, L{Lifecycle.startNow} and L{Lifecycle.stopNow}, and
+the connections to close, are told after the step that decided it, still in the same
+reactor turn (nothing waits a turn longer than before); an input that their callbacks make
+(a stop, a start, a new connection, a shutdown) is queued and handled after it, and never
+runs inside another step.  The answers to the machine's own work come before queued
+requests from outside: it finishes what it started before it takes the next request.
+Cancelling a wait is not an event: it only takes the waiter off the list, at once, in any
+state, and a waiter cancelled before its turn is skipped.
+
+The transitions, generated from L{RULES} by L{diagram} (a test keeps this copy true):
+
+    stopped  -> booting   start, whenReady, startNow, restartDue, wanted
+    stopped  -> shutdown  shutdown
+    booting  -> stopped   stopNow, bootFailed, vmEnded
+    booting  -> running   ready
+    booting  -> stopping  stopNow, bootFailed
+    booting  -> shutdown  shutdown
+    running  -> stopped   vmEnded
+    running  -> stopping  stopNow, idleExpired
+    running  -> shutdown  shutdown
+    stopping -> stopped   vmStopped
+    stopping -> shutdown  shutdown
+
+C{docs/lifecycle.md} has the whole table and says where a new event goes.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Coroutine
+from collections import deque
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
-from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, fail, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
-from virby.errors import VirbyError
+from virby.errors import PermanentError, VirbyError, oneLine
 from virby.logs import Logger
 
 log = Logger()
@@ -53,17 +99,219 @@ class State(enum.Enum):
     SHUTDOWN = "shutdown"
 
 
-_ALLOWED: dict[State, frozenset[State]] = {
-    State.STOPPED: frozenset({State.BOOTING, State.SHUTDOWN}),
-    State.BOOTING: frozenset({State.RUNNING, State.STOPPING, State.STOPPED, State.SHUTDOWN}),
-    State.RUNNING: frozenset({State.STOPPING, State.STOPPED, State.SHUTDOWN}),
-    State.STOPPING: frozenset({State.STOPPED, State.SHUTDOWN}),
-    State.SHUTDOWN: frozenset(),
+class Event(enum.Enum):
+    """The machine's inputs, named as the diagram shows them."""
+
+    # Asked from outside, by the methods of the same name.
+    START = "start"
+    WHEN_READY = "whenReady"
+    OPENED = "connectionOpened"
+    CLOSED = "connectionClosed"
+    START_NOW = "startNow"
+    STOP_NOW = "stopNow"
+    SHUTDOWN = "shutdown"
+    # The answers to what the machine started.
+    SPAWNED = "spawned"  # the hypervisor made the VM
+    READY = "ready"  # its guest answers SSH
+    BOOT_FAILED = "bootFailed"  # making it or waiting for its guest failed
+    VM_ENDED = "vmEnded"  # its process ended, unasked
+    VM_STOPPED = "vmStopped"  # a stop the machine asked for is done
+    IDLE_EXPIRED = "idleExpired"  # the idle timer fired
+    RESTART_DUE = "restartDue"  # the always-on restart timer fired
+    WANTED = "wanted"  # the VM has stopped, and connections wait for it
+
+
+@dataclass(frozen=True)
+class Rule:
+    """
+    One cell of L{RULES}: the method that handles the event in the state, and the states
+    it may move to (staying is always allowed).  Without a handler, the event is ignored
+    there, or, when not C{legal}, it cannot happen there and is a bug.
+    """
+
+    handler: str | None
+    targets: frozenset[State] = frozenset()
+    legal: bool = True
+
+
+def on(handler: str, *targets: State) -> Rule:
+    return Rule(handler, frozenset(targets))
+
+
+#: The event means nothing in this state.
+IGNORE = Rule(None)
+#: The event cannot happen in this state: handling it there would be a bug.
+ILLEGAL = Rule(None, legal=False)
+
+
+def row(*, stopped: Rule, booting: Rule, running: Rule, stopping: Rule, shutdown: Rule) -> _Row:
+    """One event's row of L{RULES}: every state must be named."""
+    return (stopped, booting, running, stopping, shutdown)
+
+
+_Row = tuple[Rule, Rule, Rule, Rule, Rule]
+STOPPED, BOOTING, RUNNING, STOPPING, SHUTDOWN = State
+
+#: What each event does in each state.
+RULES: dict[Event, _Row] = {
+    Event.START: row(
+        stopped=on("_startAlwaysOn", BOOTING),
+        booting=IGNORE,
+        running=IGNORE,
+        stopping=IGNORE,
+        shutdown=IGNORE,
+    ),
+    Event.WHEN_READY: row(
+        stopped=on("_waitAndBoot", BOOTING),
+        booting=on("_wait"),
+        running=on("_serve"),
+        stopping=on("_wait"),
+        shutdown=on("_refuseWait"),
+    ),
+    Event.OPENED: row(
+        stopped=on("_opened"),
+        booting=on("_opened"),
+        running=on("_openedWhileRunning"),
+        stopping=on("_opened"),
+        shutdown=on("_opened"),
+    ),
+    Event.CLOSED: row(
+        stopped=on("_closed"),
+        booting=on("_closed"),
+        running=on("_closedWhileRunning"),
+        stopping=on("_closed"),
+        shutdown=on("_closed"),
+    ),
+    Event.START_NOW: row(
+        stopped=on("_startNowAndBoot", BOOTING),
+        booting=on("_startNowWait"),
+        running=on("_alreadyRunning"),
+        stopping=on("_startNowWait"),
+        shutdown=on("_refuseWait"),
+    ),
+    Event.STOP_NOW: row(
+        stopped=on("_stopNowWhileStopped"),
+        booting=on("_stopNowWhileBooting", STOPPED, STOPPING),
+        running=on("_stopNowWhileRunning", STOPPING),
+        stopping=on("_stopNowWhileStopping"),
+        shutdown=on("_refuseStop"),
+    ),
+    Event.SHUTDOWN: row(
+        stopped=on("_shutdownNow", SHUTDOWN),
+        booting=on("_shutdownWithVM", SHUTDOWN),
+        running=on("_shutdownWithVM", SHUTDOWN),
+        stopping=on("_shutdownWhileStopping", SHUTDOWN),
+        shutdown=on("_alreadyShutDown"),
+    ),
+    Event.SPAWNED: row(
+        stopped=ILLEGAL,
+        booting=on("_spawned"),
+        running=ILLEGAL,
+        stopping=ILLEGAL,
+        shutdown=ILLEGAL,
+    ),
+    Event.READY: row(
+        stopped=ILLEGAL,
+        booting=on("_ready", RUNNING),
+        running=ILLEGAL,
+        stopping=ILLEGAL,
+        shutdown=ILLEGAL,
+    ),
+    Event.BOOT_FAILED: row(
+        stopped=ILLEGAL,
+        booting=on("_bootFailed", STOPPED, STOPPING),
+        running=ILLEGAL,
+        stopping=ILLEGAL,
+        shutdown=ILLEGAL,
+    ),
+    Event.VM_ENDED: row(
+        stopped=ILLEGAL,
+        booting=on("_died", STOPPED),
+        running=on("_died", STOPPED),
+        stopping=IGNORE,  # expected: the stop's own answer moves on
+        shutdown=ILLEGAL,
+    ),
+    Event.VM_STOPPED: row(
+        stopped=ILLEGAL,
+        booting=ILLEGAL,
+        running=ILLEGAL,
+        stopping=on("_stopped", STOPPED),
+        shutdown=on("_shutdownDone"),
+    ),
+    Event.IDLE_EXPIRED: row(
+        stopped=ILLEGAL,
+        booting=ILLEGAL,
+        running=on("_idleExpired", STOPPING),
+        stopping=ILLEGAL,
+        shutdown=ILLEGAL,
+    ),
+    Event.RESTART_DUE: row(
+        stopped=on("_boot", BOOTING),
+        booting=ILLEGAL,
+        running=ILLEGAL,
+        stopping=ILLEGAL,
+        shutdown=ILLEGAL,
+    ),
+    Event.WANTED: row(
+        stopped=on("_boot", BOOTING),
+        booting=ILLEGAL,
+        running=ILLEGAL,
+        stopping=ILLEGAL,
+        shutdown=ILLEGAL,
+    ),
 }
 
 
+def rule(event: Event, state: State) -> Rule:
+    """The cell of L{RULES} for C{event} in C{state}."""
+    return RULES[event][_COLUMN[state]]
+
+
+_COLUMN = {state: column for column, state in enumerate(State)}
+
+
+def diagram() -> str:
+    """
+    The transitions L{RULES} allows, one line per pair of states with the events that move
+    between them: the module's docstring and C{docs/lifecycle.md} show this text.
+    """
+    moves: dict[tuple[State, State], list[str]] = {}
+    for event, row in RULES.items():
+        for state, cell in zip(State, row, strict=True):
+            for target in cell.targets:
+                if target is not state:
+                    moves.setdefault((state, target), []).append(event.value)
+    width = max(len(state.value) for state in State)
+    order = list(State)
+    lines = [
+        f"{source.value:<{width}} -> {target.value:<{width}}  {', '.join(events)}".rstrip()
+        for (source, target), events in sorted(
+            moves.items(), key=lambda item: (order.index(item[0][0]), order.index(item[0][1]))
+        )
+    ]
+    return "\n".join(lines)
+
+
+def table() -> str:
+    """L{RULES} as a Markdown table, for C{docs/lifecycle.md}."""
+
+    def cell(r: Rule) -> str:
+        if r.handler is None:
+            return "ignored" if r.legal else "illegal"
+        moves = " or ".join(state.value for state in State if state in r.targets)
+        return f"`{r.handler}`" + (f" → {moves}" if moves else "")
+
+    header = "| event | " + " | ".join(state.value for state in State) + " |"
+    rule_line = "|---" * (len(State) + 1) + "|"
+    rows = [
+        f"| `{event.value}` | " + " | ".join(cell(r) for r in row) + " |"
+        for event, row in RULES.items()
+    ]
+    return "\n".join([header, rule_line, *rows])
+
+
 class IllegalTransition(Exception):
-    """A bug: the machine was asked to move between states that do not connect."""
+    """A bug: an event came where L{RULES} says it cannot, or a handler moved off its cell."""
 
 
 class VMUnavailable(VirbyError):
@@ -123,7 +371,10 @@ class Hypervisor(Protocol):
     """How the lifecycle starts VMs and learns that one is ready."""
 
     def spawn(self) -> Deferred[VirtualMachine]:
-        """Start a VM; fails with a L{VirbyError} when it cannot be started."""
+        """
+        Start a VM; fails with a L{VirbyError} when it cannot be started, and with a
+        L{PermanentError} when no retry can succeed until something changes.
+        """
 
     def waitReady(self, vm: VirtualMachine) -> Deferred[Guest]:
         """The guest once its SSH answers; cancellable; fails on timeout."""
@@ -154,10 +405,104 @@ class Snapshot:
     boots: int
 
 
+# -- the data of each state
+
+
+@dataclass(eq=False)
+class _Run:
+    """
+    One VM, from the boot that starts it until it has stopped; the machine holds it only
+    while booting, running or stopping.
+    """
+
+    startedAt: float
+    #: None while the hypervisor is still making it.
+    vm: VirtualMachine | None = None
+
+
+@dataclass(eq=False)
+class _Stopped:
+    state: ClassVar[State] = State.STOPPED
+    #: Always-on, after a crash: the boot to come.
+    restart: IDelayedCall | None = None
+
+    def leave(self) -> None:
+        _cancel(self.restart)
+
+
+@dataclass(eq=False)
+class _Booting:
+    state: ClassVar[State] = State.BOOTING
+    run: _Run
+    #: The spawn, then the wait for the guest: given up when the boot is.
+    pending: Deferred[Any]
+
+    def leave(self) -> None:
+        self.pending.cancel()
+
+
+@dataclass(eq=False)
+class _Running:
+    state: ClassVar[State] = State.RUNNING
+    run: _Run
+    guest: Guest
+    readyAt: float
+    #: Armed only while no connection is open (and only on demand).
+    idle: IDelayedCall | None = None
+
+    def leave(self) -> None:
+        _cancel(self.idle)
+
+
+@dataclass(eq=False)
+class _Stopping:
+    state: ClassVar[State] = State.STOPPING
+    run: _Run
+    #: The VM's stop: a shutdown that comes meanwhile waits for it.
+    done: Deferred[Any]
+    #: Whether an always-on VM boots again afterwards (it failed; nobody asked).
+    retry: bool
+
+    def leave(self) -> None:
+        pass
+
+
+@dataclass(eq=False)
+class _Shutdown:
+    state: ClassVar[State] = State.SHUTDOWN
+    #: Fired once the VM has stopped and the connections are closed.
+    answer: Deferred[None]
+
+    def leave(self) -> None:
+        pass
+
+
+_Phase = _Stopped | _Booting | _Running | _Stopping | _Shutdown
+
+
+@dataclass(eq=False)
+class _Waiter:
+    """Someone waiting for the guest: what they get is made from it when it answers."""
+
+    answer: Deferred[Any]
+    onReady: Callable[[Guest], object]
+
+
+@dataclass(eq=False)
+class _Queued:
+    event: Event
+    args: tuple[Any, ...]
+    #: The state (or run) the answer belongs to; None for a request from outside.
+    owner: object
+    #: What to do with an answer that comes after its state was left.
+    ifStale: Callable[[], object] | None
+
+
 class Lifecycle:
     """
     The state machine.  Inputs: L{start}, L{whenReady}, L{connectionOpened},
-    L{connectionClosed}, L{shutdown}, and the VM's own events (ready, failed, ended).
+    L{connectionClosed}, L{startNow}, L{stopNow}, L{shutdown}, and the VM's own events;
+    L{RULES} says what each does in each state.
 
     @param ttl: idle seconds before an on-demand VM is stopped.
     @param onDemand: boot at the first connection; otherwise boot at L{start} and restart
@@ -171,209 +516,352 @@ class Lifecycle:
         self._hypervisor = hypervisor
         self._onDemand = onDemand
         self._ttl = ttl
-        self._state = State.STOPPED
-        self._vm: VirtualMachine | None = None
-        self._guest: Guest | None = None
-        self._waiters: list[Deferred[Guest]] = []
+        self._phase: _Phase = _Stopped()
+        # What lives across states: who waits, what is open, what the status shows.
+        self._waiters: list[_Waiter] = []
+        self._stopAnswers: list[tuple[Deferred[StopOutcome], int]] = []
         self._connections: set[Connection] = set()
-        self._boot: Deferred[None] | None = None
-        self._stopping: Deferred[Any] | None = None
-        self._idleTimer: IDelayedCall | None = None
-        self._restartTimer: IDelayedCall | None = None
         self._failures = 0
-        self._bootStartedAt: float | None = None
-        self._readyAt: float | None = None
         self._lastBootSeconds: float | None = None
         self._lastError: str | None = None
         self._boots = 0
-        self._stoppedWaiters: list[Deferred[None]] = []
+        # Run to completion: the events waiting their turn (the answers to the machine's own
+        # work first), and what to tell outside code after the step under way.
+        self._results: deque[_Queued] = deque()
+        self._requests: deque[_Queued] = deque()
+        self._outbox: list[Callable[[], object]] = []
+        self._handling = False
+        self._step: tuple[Event, Rule] | None = None
 
     # -- inputs
 
     @property
     def state(self) -> State:
-        return self._state
+        return self._phase.state
 
     def start(self) -> None:
         """The daemon is up: an always-on VM boots now."""
-        if not self._onDemand and self._state is State.STOPPED:
-            self._startBoot()
+        self._handle(Event.START)
 
     def whenReady(self) -> Deferred[Guest]:
         """
         The guest, now if the VM is running, else after the boot this call may start.
         Cancelling the result withdraws the wait and nothing else.
         """
-        if self._state is State.RUNNING:
-            assert self._guest is not None
-            return succeed(self._guest)
-        if self._state is State.SHUTDOWN:
-            return fail(VMUnavailable("the daemon is shutting down"))
-        waiter: Deferred[Guest] = Deferred(self._withdraw)
-        self._waiters.append(waiter)
-        if self._state is State.STOPPED:
-            self._startBoot()
-        return waiter
+        answer: Deferred[Guest] = Deferred(self._withdraw)
+        self._handle(Event.WHEN_READY, _Waiter(answer, _same))
+        return answer
 
     def connectionOpened(self, connection: Connection) -> None:
         """Any open connection stops the idle clock."""
-        self._connections.add(connection)
-        self._cancelIdleTimer()
+        self._handle(Event.OPENED, connection)
 
     def connectionClosed(self, connection: Connection) -> None:
         """The last connection to close starts the idle clock."""
-        self._connections.discard(connection)
-        self._armIdleTimerIfIdle()
+        self._handle(Event.CLOSED, connection)
 
     def shutdown(self) -> Deferred[None]:
         """Stop serving: fail the waiters, stop the VM gracefully, close what is left."""
-        return Deferred.fromCoroutine(self._shutdown())
+        answer: Deferred[None] = Deferred()
+        self._handle(Event.SHUTDOWN, answer)
+        return answer
 
     def startNow(self) -> Deferred[StartOutcome]:
         """
         Boot now and fire once the VM is ready (C{virby start}); at once when it runs.  It
         is one more waiter: it shares a boot under way, and cancelling it withdraws only it.
         """
-        if self._state is State.RUNNING:
-            assert self._guest is not None
-            return succeed(StartOutcome(False, self._guest.address, self._lastBootSeconds))
-        if self._state is not State.SHUTDOWN:
-            log.info("asked to start the VM")
-        waiting = self.whenReady()
-        return waiting.addCallback(
-            lambda guest: StartOutcome(True, guest.address, self._lastBootSeconds)
-        )
+        answer: Deferred[StartOutcome] = Deferred(self._withdraw)
+        self._handle(Event.START_NOW, _Waiter(answer, self._booted))
+        return answer
 
     def stopNow(self, force: bool = False) -> Deferred[StopOutcome]:
         """
         Stop the VM now (C{virby stop}) and fire once it has stopped.  Refused with
         L{VMBusy} while connections are open, unless C{force}, which closes them; anything
         waiting for a boot is told the VM was stopped.  A boot under way is given up.
+        Cancelling the result leaves the stop going on, and tells nobody.
         """
-        if self._state is State.SHUTDOWN:
-            return fail(VMUnavailable("the daemon is shutting down"))
-        open_ = len(self._connections)
-        if open_ and not force:
-            return fail(
-                VMBusy(
-                    f"{open_} connection{'s are' if open_ != 1 else ' is'} open (a build may "
-                    "be running): `virby stop --force` closes them"
-                )
-            )
-        self._cancelRestartTimer()
-        how = "virby stop --force" if force else "virby stop"
-        if force:
-            self._abortConnections(f"the VM was stopped ({how})")
-        if self._state is State.STOPPED:
-            return succeed(StopOutcome(False, open_ if force else 0))
-        log.info("asked to stop the VM{forced}", forced=" (forced)" if force else "")
-        self._failWaiters(f"the VM was stopped ({how})")
-        done: Deferred[None] = Deferred(self._forgetStopWaiter)
-        self._stoppedWaiters.append(done)
-        if self._state is State.RUNNING:
-            self._stopVM(crashed=False)
-        elif self._state is State.BOOTING:
-            self._giveUpBoot()
-        return done.addCallback(lambda _: StopOutcome(True, open_ if force else 0))
-
-    def _forgetStopWaiter(self, done: Deferred[None]) -> None:
-        """Who asked for the stop left: the stop goes on, nobody is told of it."""
-        if done in self._stoppedWaiters:
-            self._stoppedWaiters.remove(done)
-
-    def _giveUpBoot(self) -> None:
-        """Cancel the boot under way: stop its VM, or, while it is still being made, none."""
-        if self._boot is not None:
-            boot, self._boot = self._boot, None
-            boot.cancel()
-        if self._vm is not None:
-            self._stopVM(crashed=False)
-        else:
-            self._forgetRun()
-            self._moveTo(State.STOPPED)
-            log.info("boot given up")
+        answer: Deferred[StopOutcome] = Deferred(self._forgetStopAnswer)
+        self._handle(Event.STOP_NOW, answer, force)
+        return answer
 
     def snapshot(self) -> Snapshot:
         now = self._clock.seconds()
-        address = self._guest.address if self._guest is not None else None
+        phase = self._phase
+        run = getattr(phase, "run", None)
+        running = phase if isinstance(phase, _Running) else None
+        address = running.guest.address if running is not None else None
         return Snapshot(
-            state=self._state.value,
+            state=phase.state.value,
             on_demand=self._onDemand,
             vm_ip=address[0] if address else None,
             vm_port=address[1] if address else None,
-            vfkit_pid=self._vm.pid if self._vm is not None else None,
-            uptime=now - self._readyAt if self._readyAt is not None else None,
+            vfkit_pid=run.vm.pid if run is not None and run.vm is not None else None,
+            uptime=now - running.readyAt if running is not None else None,
             active_connections=len(self._connections),
             waiting_connections=len(self._waiters),
-            idle_stop_in=_remaining(self._idleTimer, now),
-            restart_in=_remaining(self._restartTimer, now),
+            idle_stop_in=_remaining(running.idle if running else None, now),
+            restart_in=_remaining(phase.restart if isinstance(phase, _Stopped) else None, now),
             last_boot_seconds=self._lastBootSeconds,
             last_error=self._lastError,
             boots=self._boots,
         )
 
-    # -- transitions
+    # -- the dispatcher
 
-    def _moveTo(self, new: State) -> None:
-        if new not in _ALLOWED[self._state]:
-            raise IllegalTransition(f"{self._state.value} -> {new.value}")
-        log.debug("VM state {old} -> {new}", old=self._state.value, new=new.value)
-        self._state = new
-        if new in (State.STOPPED, State.SHUTDOWN):
-            waiting, self._stoppedWaiters = self._stoppedWaiters, []
-            for done in waiting:
-                if new is State.STOPPED:
-                    done.callback(None)
-                else:
-                    done.errback(VMUnavailable("the daemon is shutting down"))
+    def _handle(
+        self,
+        event: Event,
+        *args: Any,
+        owner: object = None,
+        ifStale: Callable[[], object] | None = None,
+    ) -> None:
+        """
+        Queue C{event}, and handle the queue unless a step is under way (this call then
+        comes from inside it, and the loop below takes the event in its turn).
+        """
+        queued = _Queued(event, args, owner, ifStale)
+        (self._requests if owner is None else self._results).append(queued)
+        if self._handling:
+            return
+        self._handling = True
+        try:
+            while self._results or self._requests:
+                queue = self._results if self._results else self._requests
+                self._takeStep(queue.popleft())
+                self._deliver()
+        finally:
+            self._handling = False
 
-    def _startBoot(self) -> None:
-        self._cancelRestartTimer()
-        self._moveTo(State.BOOTING)
+    def _takeStep(self, queued: _Queued) -> None:
+        """One step: the event's cell of L{RULES}, in the state the machine is in now."""
+        phase = self._phase
+        cell = rule(queued.event, phase.state)
+        try:
+            if queued.owner is not None and not self._current(queued.owner):
+                log.debug("{event} of a state left: dropped", event=queued.event.value)
+                if queued.ifStale is not None:
+                    queued.ifStale()
+                return
+            if cell.handler is None:
+                if not cell.legal:
+                    raise IllegalTransition(
+                        f"{queued.event.value} cannot happen while {phase.state.value}"
+                    )
+                return
+            self._step = (queued.event, cell)
+            getattr(self, cell.handler)(phase, *queued.args)
+        except Exception:
+            log.failure(
+                "the VM lifecycle broke its rules: {event} while {state}",
+                event=queued.event.value,
+                state=phase.state.value,
+            )
+        finally:
+            self._step = None
+
+    def _current(self, owner: object) -> bool:
+        """Whether an answer still belongs: to the state the machine is in, or its run."""
+        return owner is self._phase or owner is getattr(self._phase, "run", None)
+
+    def _deliver(self) -> None:
+        """Tell outside code what the step decided; what it asks in turn is queued."""
+        outbox, self._outbox = self._outbox, []
+        for tell in outbox:
+            try:
+                tell()
+            except Exception:
+                log.failure("telling the outcome of a VM lifecycle step failed")
+
+    def _tell(self, tell: Callable[[], object]) -> None:
+        self._outbox.append(tell)
+
+    def _enter(self, new: _Phase) -> None:
+        """Move to C{new}, if the step's cell allows it; the state left drops its data."""
+        assert self._step is not None, "states change only inside a step"
+        event, cell = self._step
+        old = self._phase
+        if new.state not in cell.targets:
+            raise IllegalTransition(
+                f"{event.value} may not move {old.state.value} -> {new.state.value}"
+            )
+        old.leave()
+        if isinstance(old, _Running) and self._clock.seconds() - old.readyAt >= MAX_RESTART_DELAY:
+            self._failures = 0  # a healthy run: the next crash restarts at once
+        log.debug("VM state {old} -> {new}", old=old.state.value, new=new.state.value)
+        self._phase = new
+
+    def _answerFor(
+        self,
+        owner: _Booting,
+        d: Deferred[Any],
+        event: Event,
+        ifStale: Callable[[Any], object],
+    ) -> None:
+        """
+        Turn the outcome of the boot's step C{d} into C{event}, or L{Event.BOOT_FAILED}.  A
+        result that comes after the boot was given up is not lost: C{ifStale} disposes of it.
+        """
+
+        def succeeded(result: object) -> None:
+            self._handle(event, result, owner=owner, ifStale=lambda: ifStale(result))
+
+        def failed(reason: Failure) -> None:
+            self._handle(Event.BOOT_FAILED, reason, owner=owner)
+
+        d.addCallbacks(succeeded, failed)
+
+    # -- handlers: each is named in RULES, and takes the state's data first
+
+    def _startAlwaysOn(self, stopped: _Stopped) -> None:
+        if not self._onDemand:
+            self._boot(stopped)
+
+    def _boot(self, stopped: _Stopped) -> None:
         self._boots += 1
-        self._bootStartedAt = self._clock.seconds()
+        run = _Run(startedAt=self._clock.seconds())
         log.info("booting the VM")
-        boot = Deferred.fromCoroutine(self._bootSequence())
-        boot.addErrback(_ignoreCancellation)
-        if not boot.called:
-            self._boot = boot
-            boot.addBoth(self._bootDone, boot)
+        spawning = maybeDeferred(self._hypervisor.spawn)
+        booting = _Booting(run, spawning)
+        # Before the move: should it fail, the VM made meanwhile is not left running.
+        self._answerFor(booting, spawning, Event.SPAWNED, self._strayVM)
+        self._enter(booting)
 
-    def _bootDone(self, result: object, boot: Deferred[None]) -> object:
-        if self._boot is boot:
-            self._boot = None
-        return result
+    def _waitAndBoot(self, stopped: _Stopped, waiter: _Waiter) -> None:
+        self._waiters.append(waiter)
+        self._boot(stopped)
 
-    async def _bootSequence(self) -> None:
-        try:
-            vm = await self._hypervisor.spawn()
-        except CancelledError:
-            return
-        except Exception as e:
-            self._bootFailed(Failure(e), None)
-            return
-        if self._state is not State.BOOTING:
-            # Shut down while spawning: the shutdown path could not see this VM yet.
-            await vm.stop()
-            return
-        self._vm = vm
-        vm.ended.addCallback(self._vmEnded, vm)
-        try:
-            guest = await self._hypervisor.waitReady(vm)
-        except CancelledError:
-            return
-        except Exception as e:
-            self._bootFailed(Failure(e), vm)
-            return
-        self._bootSucceeded(guest)
+    def _wait(self, phase: _Phase, waiter: _Waiter) -> None:
+        self._waiters.append(waiter)
 
-    def _bootSucceeded(self, guest: Guest) -> None:
-        self._moveTo(State.RUNNING)
-        self._guest = guest
+    def _serve(self, running: _Running, waiter: _Waiter) -> None:
+        self._tell(lambda: _fire(waiter.answer, waiter.onReady(running.guest)))
+
+    def _refuseWait(self, shutdown: _Shutdown, waiter: _Waiter) -> None:
+        self._tell(lambda: _fail(waiter.answer, VMUnavailable("the daemon is shutting down")))
+
+    def _opened(self, phase: _Phase, connection: Connection) -> None:
+        self._connections.add(connection)
+
+    def _openedWhileRunning(self, running: _Running, connection: Connection) -> None:
+        self._connections.add(connection)
+        _cancel(running.idle)
+        running.idle = None
+
+    def _closed(self, phase: _Phase, connection: Connection) -> None:
+        self._connections.discard(connection)
+
+    def _closedWhileRunning(self, running: _Running, connection: Connection) -> None:
+        self._connections.discard(connection)
+        self._armIdleTimer(running)
+
+    def _startNowAndBoot(self, stopped: _Stopped, waiter: _Waiter) -> None:
+        log.info("asked to start the VM")
+        self._waitAndBoot(stopped, waiter)
+
+    def _startNowWait(self, phase: _Booting | _Stopping, waiter: _Waiter) -> None:
+        log.info("asked to start the VM")
+        self._wait(phase, waiter)
+
+    def _alreadyRunning(self, running: _Running, waiter: _Waiter) -> None:
+        outcome = StartOutcome(False, running.guest.address, self._lastBootSeconds)
+        self._tell(lambda: _fire(waiter.answer, outcome))
+
+    def _stopNowWhileStopped(self, stopped: _Stopped, answer: Deferred[Any], force: bool) -> None:
+        closed = self._stopAsked(answer, force)
+        if closed is None:
+            return
+        _cancel(stopped.restart)
+        stopped.restart = None
+        self._tell(lambda: _fire(answer, StopOutcome(False, closed)))
+
+    def _stopNowWhileBooting(self, booting: _Booting, answer: Deferred[Any], force: bool) -> None:
+        if not self._stopNowUnderWay(answer, force):
+            return
+        if booting.run.vm is not None:
+            self._stop(booting, retry=False)
+        else:
+            self._enterStopped(retry=False)
+            log.info("boot given up")
+
+    def _stopNowWhileRunning(self, running: _Running, answer: Deferred[Any], force: bool) -> None:
+        if self._stopNowUnderWay(answer, force):
+            self._stop(running, retry=False)
+
+    def _stopNowWhileStopping(
+        self, stopping: _Stopping, answer: Deferred[Any], force: bool
+    ) -> None:
+        if self._stopNowUnderWay(answer, force):
+            stopping.retry = False  # stopped on request: no always-on restart after all
+
+    def _refuseStop(self, shutdown: _Shutdown, answer: Deferred[Any], force: bool) -> None:
+        self._tell(lambda: _fail(answer, VMUnavailable("the daemon is shutting down")))
+
+    def _stopAsked(self, answer: Deferred[Any], force: bool) -> int | None:
+        """
+        Refuse a stop while connections are open, unless forced (then close them); the
+        number of connections closed, or None when refused.
+        """
+        open_ = len(self._connections)
+        if open_ and not force:
+            busy = VMBusy(
+                f"{open_} connection{'s are' if open_ != 1 else ' is'} open (a build may "
+                "be running): `virby stop --force` closes them"
+            )
+            self._tell(lambda: _fail(answer, busy))
+            return None
+        if force:
+            self._abortConnections("the VM was stopped (virby stop --force)")
+        return open_ if force else 0
+
+    def _stopNowUnderWay(self, answer: Deferred[Any], force: bool) -> bool:
+        """A stop that is not refused: those who wait are told, the asker answered later."""
+        closed = self._stopAsked(answer, force)
+        if closed is None:
+            return False
+        log.info("asked to stop the VM{forced}", forced=" (forced)" if force else "")
+        how = "virby stop --force" if force else "virby stop"
+        self._failWaiters(f"the VM was stopped ({how})")
+        self._stopAnswers.append((answer, closed))
+        return True
+
+    def _shutdownNow(self, stopped: _Stopped, answer: Deferred[None]) -> None:
+        self._shutdownDone(self._enterShutdown(answer))
+
+    def _shutdownWithVM(self, phase: _Booting | _Running, answer: Deferred[None]) -> None:
+        vm = phase.run.vm
+        shutdown = self._enterShutdown(answer)
+        if vm is None:
+            self._shutdownDone(shutdown)  # leaving BOOTING gave up the VM's making
+        else:
+            log.info("stopping the VM for shutdown")
+            self._whenStopped(self._stopVM(vm), shutdown)
+
+    def _shutdownWhileStopping(self, stopping: _Stopping, answer: Deferred[None]) -> None:
+        self._whenStopped(stopping.done, self._enterShutdown(answer))
+
+    def _alreadyShutDown(self, shutdown: _Shutdown, answer: Deferred[None]) -> None:
+        self._tell(lambda: _fire(answer, None))
+
+    def _spawned(self, booting: _Booting, vm: VirtualMachine) -> None:
+        run = booting.run
+        run.vm = vm
+
+        def ended(status: ExitInfo) -> ExitInfo:
+            self._handle(Event.VM_ENDED, status, owner=run)
+            return status
+
+        vm.ended.addCallback(ended)
+        booting.pending = waiting = maybeDeferred(self._hypervisor.waitReady, vm)
+        self._answerFor(booting, waiting, Event.READY, _releaseGuest)
+
+    def _ready(self, booting: _Booting, guest: Guest) -> None:
+        now = self._clock.seconds()
+        self._lastBootSeconds = now - booting.run.startedAt
+        running = _Running(booting.run, guest, readyAt=now)
+        self._enter(running)
         address = guest.address
-        self._readyAt = self._clock.seconds()
-        assert self._bootStartedAt is not None
-        self._lastBootSeconds = self._readyAt - self._bootStartedAt
         log.info(
             "VM ready at {host}:{port} after {seconds:.1f}s",
             host=address[0],
@@ -382,124 +870,125 @@ class Lifecycle:
         )
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
-            waiter.callback(guest)
+            self._tell(lambda waiter=waiter: _fire(waiter.answer, waiter.onReady(guest)))
         # The first waiter has claimed the probe's connection, if it wanted it.
-        guest.release()
-        self._armIdleTimerIfIdle()
+        self._tell(guest.release)
+        self._armIdleTimer(running)
 
-    def _bootFailed(self, reason: Failure, vm: VirtualMachine | None) -> None:
-        why = _oneLine(reason)
+    def _bootFailed(self, booting: _Booting, reason: Failure) -> None:
+        why = oneLine(reason)
+        vm = booting.run.vm
         self._recordError(f"boot failed: {why}", vm)
         self._failWaiters(f"the VM did not boot: {why}")
-        if vm is not None and self._vm is vm:
-            self._stopVM(crashed=True)
-        else:
-            self._moveTo(State.STOPPED)
-            self._afterStopped(crashed=True)
-
-    def _vmEnded(self, status: ExitInfo, vm: VirtualMachine) -> None:
-        """The hypervisor process is gone.  Expected while stopping; otherwise a crash."""
-        if vm is not self._vm:
-            return
-        if self._state in (State.STOPPING, State.SHUTDOWN):
-            return
-        self._vm = None
-        self._cancelIdleTimer()
-        self._recordError(f"the VM {status.describe()}", vm)
-        if self._boot is not None:
-            boot, self._boot = self._boot, None
-            boot.cancel()
-        self._failWaiters(f"the VM {status.describe()} while booting")
-        self._abortConnections(f"the VM {status.describe()}")
-        self._forgetRun()
-        self._moveTo(State.STOPPED)
-        self._afterStopped(crashed=True)
-
-    def _idleExpired(self) -> None:
-        self._idleTimer = None
-        if self._state is not State.RUNNING or self._connections:
-            return
-        log.info("no connection for {ttl}s: stopping the VM to free its memory", ttl=self._ttl)
-        self._stopVM(crashed=False)
-
-    def _stopVM(self, *, crashed: bool) -> None:
-        vm = self._vm
-        assert vm is not None
-        self._moveTo(State.STOPPING)
-        self._cancelIdleTimer()
-        self._forgetRun()
-        self._stopping = stopping = ensureDeferred(vm.stop())
-        stopping.addErrback(lambda f: log.failure("stopping the VM failed", f))
-        stopping.addCallback(lambda _: self._vmStopped(vm, crashed))
-
-    def _vmStopped(self, vm: VirtualMachine, crashed: bool) -> None:
-        self._stopping = None
-        if self._vm is vm:
-            self._vm = None
-        if self._state is State.SHUTDOWN:
-            return
-        self._moveTo(State.STOPPED)
-        log.info("VM stopped")
-        self._afterStopped(crashed=crashed)
-
-    def _afterStopped(self, *, crashed: bool) -> None:
-        """Boot again for whoever waits; an always-on VM comes back after a pause."""
-        if self._waiters:
-            self._startBoot()
-        elif not self._onDemand and crashed:
-            self._scheduleRestart()
-
-    def _scheduleRestart(self) -> None:
-        self._failures += 1
-        delay = min(MAX_RESTART_DELAY, 2.0 ** (self._failures - 1))
-        log.info("restarting the VM in {delay:.0f}s", delay=delay)
-        self._restartTimer = self._clock.callLater(delay, self._restartDue)
-
-    def _restartDue(self) -> None:
-        self._restartTimer = None
-        if self._state is State.STOPPED:
-            self._startBoot()
-
-    async def _shutdown(self) -> None:
-        if self._state is State.SHUTDOWN:
-            return
-        self._moveTo(State.SHUTDOWN)
-        self._cancelIdleTimer()
-        self._cancelRestartTimer()
-        self._failWaiters("the daemon is shutting down")
-        if self._boot is not None:
-            boot, self._boot = self._boot, None
-            boot.cancel()
-        vm, self._vm = self._vm, None
+        permanent = reason.check(PermanentError) is not None
+        if permanent and not self._onDemand:
+            log.warn(
+                "not booting the VM again until something changes: the next connection "
+                "or `virby start` tries again"
+            )
         if vm is not None:
-            log.info("stopping the VM for shutdown")
-            await vm.stop()
-        elif self._stopping is not None:
-            await self._stopping
-        self._forgetRun()
+            self._stop(booting, retry=not permanent)
+        else:
+            self._enterStopped(retry=not permanent)
+
+    def _died(self, phase: _Booting | _Running, status: ExitInfo) -> None:
+        """The hypervisor process is gone, unasked: a crash."""
+        what = f"the VM {status.describe()}"
+        self._recordError(what, phase.run.vm)
+        self._failWaiters(f"{what} while booting")
+        self._abortConnections(what)
+        self._enterStopped(retry=True)
+
+    def _idleExpired(self, running: _Running) -> None:
+        running.idle = None
+        log.info("no connection for {ttl}s: stopping the VM to free its memory", ttl=self._ttl)
+        self._stop(running, retry=False)
+
+    def _stopped(self, stopping: _Stopping) -> None:
+        self._enterStopped(retry=stopping.retry)
+        log.info("VM stopped")
+
+    def _shutdownDone(self, shutdown: _Shutdown) -> None:
         self._abortConnections("the daemon is shutting down")
+        self._tell(lambda: _fire(shutdown.answer, None))
+
+    # -- the ways into a state
+
+    def _stop(self, phase: _Booting | _Running, *, retry: bool) -> None:
+        """Stop the VM of C{phase}; an always-on VM boots again afterwards if C{retry}."""
+        vm = phase.run.vm
+        assert vm is not None
+        done = self._stopVM(vm)
+        stopping = _Stopping(phase.run, done, retry)
+        self._enter(stopping)
+        self._whenStopped(done, stopping)
+
+    def _whenStopped(self, done: Deferred[Any], owner: _Stopping | _Shutdown) -> None:
+        done.addCallback(lambda _: self._handle(Event.VM_STOPPED, owner=owner))
+
+    def _enterStopped(self, *, retry: bool) -> None:
+        """
+        Stopped: answer who asked for the stop, and boot again for who waits; an always-on
+        VM that failed comes back after a pause.
+        """
+        stopped = _Stopped()
+        self._enter(stopped)
+        answers, self._stopAnswers = self._stopAnswers, []
+        for answer, closed in answers:
+            self._tell(
+                lambda answer=answer, closed=closed: _fire(answer, StopOutcome(True, closed))
+            )
+        if self._waiters:
+            self._handle(Event.WANTED, owner=stopped)
+        elif retry and not self._onDemand:
+            self._failures += 1
+            delay = min(MAX_RESTART_DELAY, 2.0 ** (self._failures - 1))
+            log.info("restarting the VM in {delay:.0f}s", delay=delay)
+            stopped.restart = self._clock.callLater(
+                delay, lambda: self._handle(Event.RESTART_DUE, owner=stopped)
+            )
+
+    def _enterShutdown(self, answer: Deferred[None]) -> _Shutdown:
+        """Shut down: who waits and who asked for a stop are refused from now on."""
+        shutdown = _Shutdown(answer)
+        self._enter(shutdown)
+        answers, self._stopAnswers = self._stopAnswers, []
+        for stopAnswer, _ in answers:
+            self._tell(lambda a=stopAnswer: _fail(a, VMUnavailable("the daemon is shutting down")))
+        self._failWaiters("the daemon is shutting down")
+        return shutdown
 
     # -- helpers
 
-    def _withdraw(self, waiter: Deferred[Any]) -> None:
-        if waiter in self._waiters:
-            self._waiters.remove(waiter)
+    def _stopVM(self, vm: VirtualMachine) -> Deferred[None]:
+        """Ask the VM to stop; a stop that fails is logged, and counts as done."""
+        stopping: Deferred[Any] = ensureDeferred(vm.stop())
+        return stopping.addErrback(lambda f: log.failure("stopping the VM failed", f))
+
+    def _strayVM(self, vm: VirtualMachine) -> None:
+        """A VM made for a boot that was given up meanwhile: nobody will use it."""
+        log.info("stopping a VM made for a boot that was given up")
+        self._stopVM(vm)
+
+    def _booted(self, guest: Guest) -> StartOutcome:
+        return StartOutcome(True, guest.address, self._lastBootSeconds)
+
+    def _withdraw(self, answer: Deferred[Any]) -> None:
+        """A waiter that left: it is forgotten, and the boot it may have started goes on."""
+        self._waiters = [w for w in self._waiters if w.answer is not answer]
+
+    def _forgetStopAnswer(self, answer: Deferred[Any]) -> None:
+        """Who asked for the stop left: the stop goes on, nobody is told of it."""
+        self._stopAnswers = [a for a in self._stopAnswers if a[0] is not answer]
 
     def _failWaiters(self, why: str) -> None:
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
-            waiter.errback(VMUnavailable(why))
+            self._tell(lambda waiter=waiter: _fail(waiter.answer, VMUnavailable(why)))
 
     def _abortConnections(self, why: str) -> None:
         for connection in list(self._connections):
-            connection.abort(why)
-
-    def _forgetRun(self) -> None:
-        """The VM's address and uptime stop being true when it stops running."""
-        if self._readyAt is not None and self._clock.seconds() - self._readyAt >= MAX_RESTART_DELAY:
-            self._failures = 0
-        self._guest = None
-        self._readyAt = None
+            self._tell(lambda connection=connection: connection.abort(why))
 
     def _recordError(self, message: str, vm: VirtualMachine | None) -> None:
         self._lastError = message
@@ -508,19 +997,31 @@ class Lifecycle:
         if tail:
             log.error("last console lines:\n{console}", console="\n".join(tail))
 
-    def _armIdleTimerIfIdle(self) -> None:
-        if not self._onDemand or self._state is not State.RUNNING or self._connections:
+    def _armIdleTimer(self, running: _Running) -> None:
+        if not self._onDemand or self._connections or running.idle is not None:
             return
-        if self._idleTimer is None:
-            self._idleTimer = self._clock.callLater(self._ttl, self._idleExpired)
+        running.idle = self._clock.callLater(
+            self._ttl, lambda: self._handle(Event.IDLE_EXPIRED, owner=running)
+        )
 
-    def _cancelIdleTimer(self) -> None:
-        _cancel(self._idleTimer)
-        self._idleTimer = None
 
-    def _cancelRestartTimer(self) -> None:
-        _cancel(self._restartTimer)
-        self._restartTimer = None
+def _same(guest: Guest) -> Guest:
+    return guest
+
+
+def _releaseGuest(guest: Guest) -> None:
+    guest.release()
+
+
+def _fire(d: Deferred[Any], result: object) -> None:
+    """Fire C{d}, unless it was cancelled before its turn came."""
+    if not d.called:
+        d.callback(result)
+
+
+def _fail(d: Deferred[Any], error: Exception) -> None:
+    if not d.called:
+        d.errback(error)
 
 
 def _cancel(call: IDelayedCall | None) -> None:
@@ -532,15 +1033,3 @@ def _remaining(call: IDelayedCall | None, now: float) -> float | None:
     if call is None or not call.active():
         return None
     return max(0.0, call.getTime() - now)
-
-
-def _ignoreCancellation(reason: Failure) -> None:
-    """A cancelled boot was cancelled on purpose; anything else is a bug worth a traceback."""
-    if not reason.check(CancelledError):
-        log.failure("the boot sequence failed unexpectedly", reason)
-
-
-def _oneLine(reason: Failure) -> str:
-    """A failure as the one line a person reads: expected errors carry their own."""
-    text = str(reason.value) or reason.type.__name__
-    return " ".join(text.split())

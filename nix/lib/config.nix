@@ -12,6 +12,7 @@
 }:
 let
   size = import ./size.nix;
+  sharedDirs = import ./shared-dirs.nix;
 in
 {
   cores = cfg.cores;
@@ -23,7 +24,7 @@ in
   ttl = cfg.onDemand.ttl * 60;
   rosetta = cfg.rosetta;
   nested-virtualization = cfg.nestedVirtualization;
-  shared-dirs = cfg.sharedDirectories;
+  shared-dirs = sharedDirs cfg.sharedDirectories;
   debug = cfg.debug;
   allow-user-ssh = cfg.allowUserSsh;
   working-directory = workingDirectory;

@@ -10,7 +10,8 @@
 # Each case is { system ? "aarch64-darwin", virby ? {...services.virby...},
 # determinate ? false, config ? {...more nix-darwin options...} }; the result has, per case,
 # what nix-darwin made of it (see `report`).  `systems.<case>` holds the evaluated systems,
-# for building with nix-build.
+# for building with nix-build; `verdicts.<case>` whether the module takes the case at all,
+# and `checked.<case>` the daemon's config, or the error that refuses it.
 {
   nixDarwin,
   nixpkgsLib,
@@ -182,10 +183,37 @@ let
         else
           null;
     };
+  # What the module settles at evaluation for a case: the daemon's config and the failed
+  # assertions.  A value the module refuses throws here, with a message naming the option.
+  checked =
+    name: evaluated:
+    let
+      config = evaluated.config;
+    in
+    {
+      settings = config.services.virby.settings;
+      assertions = map (a: a.message) (builtins.filter (a: !a.assertion) config.assertions);
+    };
+
+  # Whether the module takes a case: it neither throws nor fails an assertion.  tryEval
+  # keeps no message, so that every case fits in one evaluation; `checked` has the message.
+  verdict =
+    name: evaluated:
+    let
+      tried = builtins.tryEval (
+        let
+          c = checked name evaluated;
+        in
+        builtins.deepSeq c c
+      );
+    in
+    tried.success && tried.value.assertions == [ ];
 in
 {
   inherit systems flake;
   results = builtins.mapAttrs report systems;
+  checked = builtins.mapAttrs checked systems;
+  verdicts = builtins.mapAttrs verdict systems;
   # The flake's check of the pure parts, on this machine's system: the command it runs, and
   # its derivation (instantiating it puts the sources it names into the store).
   pureCheck =

@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
+import gc
+import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher
+from twisted.logger import LogLevel, capturedLogs, globalLogPublisher
+from twisted.python.failure import Failure
 
-from virby.errors import VirbyError
+from virby import lifecycle as lifecycle_module
+from virby.errors import PermanentError, VirbyError
 from virby.lifecycle import (
+    RULES,
+    Event,
     IllegalTransition,
     Lifecycle,
     StartOutcome,
@@ -21,7 +35,12 @@ from virby.lifecycle import (
     StopOutcome,
     VMBusy,
     VMUnavailable,
+    diagram,
+    on,
+    table,
 )
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -92,12 +111,30 @@ class FakeHypervisor:
         self.slowSpawn = False
         self.spawning: Deferred | None = None
         self.cancelledSpawns = 0
+        self.spawns = 0
+        #: A VM that a cancelled slow spawn hands over anyway.
+        self.onCancelSpawn: FakeVM | None = None
+        #: A guest that a cancelled readiness wait hands over anyway.
+        self.readyOnCancel: FakeGuest | None = None
+        #: Whether the last boot failure was one no retry can cure.
+        self.permanentFailure = False
+        #: For the next spawn only: how it fails, or that it is slow.
+        self.nextSpawnError: Exception | None = None
+        self.nextSpawnSlow = False
 
     def spawn(self) -> Deferred:
-        if self.spawnError is not None:
-            return fail(self.spawnError)
-        if self.slowSpawn:
-            self.spawning = Deferred(lambda _: self._spawnCancelled())
+        self.spawns += 1
+        error, self.nextSpawnError = self.nextSpawnError or self.spawnError, None
+        if error is not None:
+            self.permanentFailure = isinstance(error, PermanentError)
+            return fail(error)
+        slow, self.nextSpawnSlow = self.slowSpawn or self.nextSpawnSlow, False
+        if slow:
+            stray = self.onCancelSpawn
+            if stray is not None:
+                self.spawning = Deferred(lambda d: d.callback(stray))
+            else:
+                self.spawning = Deferred(lambda _: self._spawnCancelled())
             return self.spawning
         return succeed(self._newVM())
 
@@ -119,7 +156,11 @@ class FakeHypervisor:
         return vm
 
     def waitReady(self, vm: FakeVM) -> Deferred:
-        d: Deferred = Deferred(lambda _: self.cancelledReady.append(vm.pid))
+        guest = self.readyOnCancel
+        if guest is not None:
+            d: Deferred = Deferred(lambda d: d.callback(guest))
+        else:
+            d = Deferred(lambda _: self.cancelledReady.append(vm.pid))
         self.ready[vm.pid] = d
         return d
 
@@ -153,6 +194,14 @@ def results(d: Deferred) -> list:
     box: list = []
     d.addBoth(box.append)
     return box
+
+
+def failuresLogged(action: Callable[[], object]) -> list[Failure]:
+    """What C{action} logged as failures, errors left unhandled in a Deferred included."""
+    with capturedLogs() as events:
+        action()
+        gc.collect()
+    return [event["log_failure"] for event in events if "log_failure" in event]
 
 
 def open_connection(lifecycle: Lifecycle) -> tuple[FakeConnection, list]:
@@ -607,29 +656,319 @@ def test_shutdown_answers_a_pending_stop_and_refuses_the_next() -> None:
     assert late[0].check(VMUnavailable) and results(lifecycle.startNow())[0].check(VMUnavailable)
 
 
-def test_illegal_transitions_fail_loudly() -> None:
-    lifecycle, _, _ = make()
-    with pytest.raises(IllegalTransition):
-        lifecycle._moveTo(State.RUNNING)
+# -- the table, the diagram and the docs
+
+
+def test_every_event_has_a_row_and_every_handler_exists() -> None:
+    assert set(RULES) == set(Event)
+    for event, row in RULES.items():
+        assert len(row) == len(State)
+        for state, cell in zip(State, row, strict=True):
+            if cell.handler is not None:
+                assert callable(getattr(Lifecycle, cell.handler)), (event, state)
+            assert cell.legal or cell.handler is None
+
+
+def test_the_docstring_shows_the_transitions_the_table_allows() -> None:
+    generated = textwrap.indent(diagram(), "    ")
+    assert generated in (lifecycle_module.__doc__ or ""), f"the diagram is now:\n{generated}"
+
+
+def test_the_docs_show_the_table_and_its_diagram() -> None:
+    path = ROOT / "docs" / "lifecycle.md"
+    if not path.is_file():
+        pytest.skip("docs/ is not in this tree")
+    text = path.read_text()
+    assert table() in text, f"the table is now:\n{table()}"
+    assert f"```\n{diagram()}\n```" in text, f"the diagram is now:\n{diagram()}"
+
+
+def test_an_event_where_the_table_says_it_cannot_happen_fails_loudly_and_changes_nothing() -> None:
+    lifecycle, hypervisor, _ = make()
+    failures = failuresLogged(
+        lambda: lifecycle._handle(Event.READY, FakeGuest(), owner=lifecycle._phase)
+    )
+    assert len(failures) == 1 and failures[0].check(IllegalTransition)
+    assert "ready cannot happen while stopped" in str(failures[0].value)
+    assert lifecycle.state is State.STOPPED and hypervisor.vms == []
+
+
+def test_a_handler_that_moves_off_its_cell_fails_loudly(monkeypatch) -> None:
+    """A cell names where its handler may go: anywhere else is a bug, and no move happens."""
+    lifecycle, hypervisor, _ = make(onDemand=False)
+    start = dict(RULES)
+    start[Event.START] = (on("_startAlwaysOn"), *RULES[Event.START][1:])
+    monkeypatch.setattr("virby.lifecycle.RULES", start)
+    failures = failuresLogged(lifecycle.start)
+    assert len(failures) == 1 and failures[0].check(IllegalTransition)
+    assert str(failures[0].value) == "start may not move stopped -> booting"
+    assert lifecycle.state is State.STOPPED
+    assert [vm.stopRequests for vm in hypervisor.vms] == [1], "the VM made meanwhile is stopped"
+
+
+# -- a failure no retry can cure
+
+
+def test_a_permanent_failure_is_not_retried_in_always_on_mode_and_says_so_once() -> None:
+    lifecycle, hypervisor, clock = make(onDemand=False)
+    hypervisor.spawnError = PermanentError("this Mac cannot share Rosetta: install it")
+    with capturedLogs() as events:
+        lifecycle.start()
+        clock.advance(24 * 3600)
+    assert hypervisor.spawns == 1 and lifecycle.state is State.STOPPED
+    snap = lifecycle.snapshot()
+    assert snap.restart_in is None
+    assert snap.last_error == "boot failed: this Mac cannot share Rosetta: install it"
+    said = [e["log_format"] for e in events if e["log_level"] >= LogLevel.warn]
+    assert said == [
+        "{message}",
+        "not booting the VM again until something changes: the next connection or "
+        "`virby start` tries again",
+    ]
+
+
+def test_after_a_permanent_failure_a_connection_or_virby_start_tries_again() -> None:
+    lifecycle, hypervisor, _ = make(onDemand=False)
+    hypervisor.spawnError = PermanentError("refused")
+    lifecycle.start()
+    _, wait = open_connection(lifecycle)
+    assert hypervisor.spawns == 2 and wait[0].check(VMUnavailable)
+    started = results(lifecycle.startNow())
+    assert hypervisor.spawns == 3 and started[0].check(VMUnavailable)
+    hypervisor.spawnError = None
+    started = results(lifecycle.startNow())
+    hypervisor.becomeReady()
+    assert started[0].booted and lifecycle.state is State.RUNNING
+
+
+def test_a_permanent_failure_of_a_made_vm_stops_it_and_does_not_restart() -> None:
+    lifecycle, hypervisor, clock = make(onDemand=False)
+    lifecycle.start()
+    vm = hypervisor.last
+    hypervisor.ready[vm.pid].errback(PermanentError("the guest asks for a lease by DUID"))
+    assert vm.stopRequests == 1 and lifecycle.state is State.STOPPING
+    vm.die("exited with status 0")
+    clock.advance(3600)
+    assert lifecycle.state is State.STOPPED and len(hypervisor.vms) == 1
+    assert lifecycle.snapshot().restart_in is None
+
+
+def test_other_failures_are_still_retried_with_backoff_in_always_on_mode() -> None:
+    lifecycle, hypervisor, clock = make(onDemand=False)
+    hypervisor.spawnError = VirbyError("a VM of /var/lib/virby is still running")
+    lifecycle.start()
+    assert lifecycle.snapshot().restart_in == 1
+    clock.advance(1)
+    assert hypervisor.spawns == 2 and lifecycle.snapshot().restart_in == 2
+
+
+def test_a_permanent_failure_on_demand_fails_the_waiters_and_the_next_connection_retries() -> None:
+    lifecycle, hypervisor, _ = make()
+    hypervisor.spawnError = PermanentError("refused")
+    with capturedLogs() as events:
+        _, wait = open_connection(lifecycle)
+    assert wait[0].check(VMUnavailable) and str(wait[0].value) == "the VM did not boot: refused"
+    assert not [e for e in events if "not booting the VM again" in e.get("log_format", "")]
+    open_connection(lifecycle)
+    assert hypervisor.spawns == 2
+
+
+# -- waiters are told after the step; what their callbacks ask comes next
+
+
+def test_a_stop_answer_that_starts_the_vm_again_boots_one_vm() -> None:
+    lifecycle, hypervisor, _ = make()
+    lifecycle.startNow()
+    hypervisor.becomeReady()
+    seen: list = []
+    stopped = lifecycle.stopNow()
+    stopped.addCallback(lambda _: seen.append(lifecycle.state))
+    stopped.addCallback(lambda _: lifecycle.startNow())
+    assert failuresLogged(lambda: hypervisor.last.die("exited with status 0")) == []
+    assert seen == [State.STOPPED], "the stop is answered while the VM is stopped"
+    assert lifecycle.state is State.BOOTING and len(hypervisor.vms) == 2
+    hypervisor.becomeReady()
+    assert lifecycle.state is State.RUNNING and len(hypervisor.alive()) == 1
+
+
+def test_a_waiter_that_cancels_another_does_not_break_the_boot() -> None:
+    lifecycle, hypervisor, _ = make(ttl=30)
+    first, second = lifecycle.whenReady(), lifecycle.whenReady()
+    second.addErrback(lambda f: f.trap(CancelledError))
+    first.addCallback(lambda _: second.cancel())
+    guest = FakeGuest()
+    assert failuresLogged(lambda: hypervisor.ready[hypervisor.last.pid].callback(guest)) == []
+    assert guest.released and lifecycle.snapshot().idle_stop_in == 30
+
+
+def test_a_waiter_sees_the_state_its_step_decided() -> None:
+    lifecycle, hypervisor, _ = make(ttl=30)
+    seen: list = []
+    lifecycle.whenReady().addCallback(lambda _: seen.append(lifecycle.snapshot()))
+    hypervisor.becomeReady()
+    assert seen[0].state == "running" and seen[0].idle_stop_in == 30
+    assert seen[0].waiting_connections == 0
+
+
+def test_a_waiter_that_opens_a_connection_stops_the_idle_clock() -> None:
+    lifecycle, hypervisor, _ = make(ttl=30)
+    opened: list = []
+    lifecycle.whenReady().addCallback(lambda _: opened.append(open_connection(lifecycle)))
+    hypervisor.becomeReady()
+    assert opened and lifecycle.snapshot().idle_stop_in is None
+    assert lifecycle.snapshot().active_connections == 1
+
+
+def test_a_waiter_that_closes_the_last_connection_starts_the_idle_clock() -> None:
+    lifecycle, hypervisor, _ = make(ttl=30)
+    connection, wait = open_connection(lifecycle)
+    lifecycle.whenReady().addCallback(lambda _: lifecycle.connectionClosed(connection))
+    hypervisor.becomeReady()
+    assert wait and lifecycle.snapshot().active_connections == 0
+    assert lifecycle.snapshot().idle_stop_in == 30
+
+
+def test_a_waiter_that_stops_the_vm_by_force_is_served_first_then_the_vm_stops() -> None:
+    lifecycle, hypervisor, _ = make()
+    a, first = open_connection(lifecycle)
+    b, second = open_connection(lifecycle)
+    stops: list = []
+    lifecycle.whenReady().addCallback(lambda _: stops.append(lifecycle.stopNow(force=True)))
+    assert failuresLogged(hypervisor.becomeReady) == []
+    assert addresses(first) == addresses(second) == [("192.168.64.2", 22)]
+    assert a.aborted == b.aborted == "the VM was stopped (virby stop --force)"
+    assert lifecycle.state is State.STOPPING and hypervisor.last.stopRequests == 1
+    hypervisor.last.die("exited with status 0")
+    assert results(stops[0]) == [StopOutcome(True, 2)]
+
+
+def test_a_waiter_that_starts_the_vm_is_told_it_runs() -> None:
+    lifecycle, hypervisor, _ = make()
+    starts: list = []
+    lifecycle.whenReady().addCallback(lambda _: starts.append(results(lifecycle.startNow())))
+    hypervisor.becomeReady()
+    assert starts == [[StartOutcome(False, ("192.168.64.2", 22), 0.0)]]
+    assert len(hypervisor.vms) == 1
+
+
+def test_a_waiter_that_shuts_the_daemon_down_stops_the_vm() -> None:
+    lifecycle, hypervisor, _ = make()
+    connection, _ = open_connection(lifecycle)
+    done: list = []
+    lifecycle.whenReady().addCallback(lambda _: done.append(results(lifecycle.shutdown())))
+    hypervisor.becomeReady()
+    assert lifecycle.state is State.SHUTDOWN and hypervisor.last.stopRequests == 1
+    hypervisor.last.die("exited with status 0")
+    assert done == [[None]] and connection.aborted == "the daemon is shutting down"
+
+
+def test_a_waiter_told_the_boot_failed_that_waits_again_gets_the_next_boot() -> None:
+    lifecycle, hypervisor, _ = make()
+    again: list = []
+    first = lifecycle.whenReady()
+    first.addErrback(lambda f: again.append(results(lifecycle.whenReady())))
+    hypervisor.spawnError = VirbyError("vfkit: not found")
+    hypervisor.ready[hypervisor.last.pid].errback(VirbyError("timed out"))
+    hypervisor.spawnError = None
+    hypervisor.last.die("exited with status 0")
+    assert again == [[]] and len(hypervisor.vms) == 2
+    hypervisor.becomeReady()
+    assert addresses(again[0]) == [("192.168.64.2", 22)]
+
+
+def test_an_always_on_vm_stopped_on_request_while_a_crash_stops_it_stays_stopped() -> None:
+    lifecycle, hypervisor, clock = make(onDemand=False)
+    lifecycle.start()
+    vm = hypervisor.last
+    hypervisor.ready[vm.pid].errback(VirbyError("no DHCP lease"))
+    assert lifecycle.state is State.STOPPING
+    stopped = results(lifecycle.stopNow())
+    vm.die("exited with status 0")
+    assert stopped == [StopOutcome(True, 0)]
+    clock.advance(3600)
+    assert len(hypervisor.vms) == 1 and lifecycle.snapshot().restart_in is None
+
+
+def test_the_machine_finishes_what_it_started_before_the_next_request() -> None:
+    """
+    A start and then a stop asked by callbacks: the VM the start makes at once is known
+    before the stop is handled, so the stop stops it and is answered once it has stopped.
+    """
+    lifecycle, hypervisor, _ = make()
+    lifecycle.startNow()
+    hypervisor.becomeReady()
+    first = lifecycle.stopNow()
+    asked: list = []
+
+    def startThenStop(_: object) -> None:
+        asked.extend([results(lifecycle.startNow()), results(lifecycle.stopNow())])
+
+    first.addCallback(startThenStop)
+    hypervisor.last.die("exited with status 0")
+    started, stopped = asked
+    assert started[0].check(VMUnavailable) and stopped == []
+    assert lifecycle.state is State.STOPPING and lifecycle.snapshot().vfkit_pid == 1001
+    hypervisor.last.die("exited with status 0")
+    assert stopped == [StopOutcome(True, 0)] and lifecycle.state is State.STOPPED
+
+
+# -- answers that come after their state was left
+
+
+def test_a_vm_made_for_a_boot_given_up_is_stopped_not_adopted() -> None:
+    """A hypervisor that cannot take back a VM it is making hands it over anyway."""
+    lifecycle, hypervisor, _ = make()
+    hypervisor.slowSpawn = True
+    stray = FakeVM(pid=999)
+    hypervisor.onCancelSpawn = stray
+    lifecycle.startNow().addErrback(lambda f: f.trap(VMUnavailable))
+    stopped = results(lifecycle.stopNow())
+    assert stopped == [StopOutcome(True, 0)] and lifecycle.state is State.STOPPED
+    assert stray.stopRequests == 1 and lifecycle.snapshot().vfkit_pid is None
+
+
+def test_a_guest_that_answers_after_its_boot_was_given_up_is_released() -> None:
+    lifecycle, hypervisor, _ = make()
+    guest = FakeGuest()
+    hypervisor.readyOnCancel = guest
+    lifecycle.startNow().addErrback(lambda f: f.trap(VMUnavailable))
+    lifecycle.stopNow()
+    assert guest.released and lifecycle.state is State.STOPPING
+
+
+#: What a callback may ask for while the machine tells it something.
+ACTIONS = st.sampled_from(
+    ["connect", "disconnect", "startNow", "stopNow", "forceStop", "shutdown", "cancel"]
+)
 
 
 class LifecycleRaces(RuleBasedStateMachine):
     """
-    Any interleaving of connections, readiness, deaths, idle time, C{virby start} and
-    C{virby stop} (forced or not) and shutdown keeps the promises users rely on: at most one
-    VM alive, no stop while a connection is open unless the boot failed, the daemon stops
-    or a stop was forced (which closes them), no waiter left behind by a settled machine,
-    and a start or stop answered only once the VM is running or stopped.
+    Any interleaving of connections, readiness, deaths, failed boots, idle time,
+    C{virby start} and C{virby stop} (forced or not) and shutdown keeps the promises users
+    rely on: at most one VM alive, no stop while a connection is open unless the boot
+    failed, the daemon stops or a stop was forced (which closes them), no waiter left
+    behind by a settled machine, a start or stop answered only once the VM is running or
+    stopped, no restart after a failure no retry can cure, and no rule broken.
     """
 
     def __init__(self) -> None:
         super().__init__()
-        self.lifecycle, self.hypervisor, self.clock = make(ttl=10)
         self.open: list[FakeConnection] = []
+        self.waiting: list[Deferred] = []
         self.shutdown = False
         self.answeredIn: list[tuple[str, State]] = []
         self.failures: list[str] = []
+        self.reentries = 0
         globalLogPublisher.addObserver(self._observe)
+
+    @initialize()
+    def begin(self) -> None:
+        self.startIn(onDemand=True)
+
+    def startIn(self, *, onDemand: bool) -> None:
+        self.lifecycle, self.hypervisor, self.clock = make(onDemand=onDemand, ttl=10)
+        self.lifecycle.start()
 
     def _observe(self, event: dict) -> None:
         if "log_failure" in event:
@@ -641,83 +980,162 @@ class LifecycleRaces(RuleBasedStateMachine):
     def stops(self) -> int:
         return sum(vm.stopRequests for vm in self.hypervisor.vms)
 
-    @rule()
-    def connect(self) -> None:
-        before = self.stops()
-        connection, _ = open_connection(self.lifecycle)
+    def noted(self) -> tuple[int, int]:
+        """The stops so far, and the callbacks so far that asked for more."""
+        return self.stops(), self.reentries
+
+    def stoppedNothing(self, before: tuple[int, int]) -> bool:
+        """No stop since C{before}, or one that a callback's own request may explain."""
+        return self.stops() == before[0] or self.reentries != before[1]
+
+    # -- what a callback may do while it is told something
+
+    def _then(self, action: str | None) -> Callable[[object], object]:
+        def act(result: object) -> object:
+            self.reentries += action is not None
+            if action == "connect":
+                self._connect(None)
+            elif action == "disconnect" and self.open:
+                self.lifecycle.connectionClosed(self.open.pop())
+            elif action == "startNow":
+                self._startNow(None)
+            elif action in ("stopNow", "forceStop"):
+                answer = self._answer(lambda: self.lifecycle.stopNow(action == "forceStop"), "stop")
+                answer.addErrback(lambda f: f.trap(VMBusy, VMUnavailable))
+            elif action == "shutdown":
+                self.shutdown = True
+                self.lifecycle.shutdown()
+            elif action == "cancel":
+                for waiting in self.waiting:
+                    if not waiting.called:
+                        waiting.cancel()
+                        break
+            return result
+
+        return act
+
+    def _connect(self, then: str | None) -> None:
+        connection, box = FakeConnection(), []
+        self.lifecycle.connectionOpened(connection)
+        waiting = self.lifecycle.whenReady()
+        waiting.addBoth(self._then(then))
+        waiting.addBoth(box.append)
         self.open.append(connection)
-        assert self.stops() == before
+        self.waiting.append(waiting)
 
-    @precondition(lambda self: self.open)
-    @rule(index=st.integers(min_value=0))
-    def disconnect(self, index: int) -> None:
-        before = self.stops()
-        connection = self.open.pop(index % len(self.open))
-        self.lifecycle.connectionClosed(connection)
-        assert self.stops() == before, "the idle clock, not a close, stops the VM"
-
-    @rule()
-    def ready(self) -> None:
-        before = self.stops()
-        for pid, d in self.hypervisor.ready.items():
-            vm = next(v for v in self.hypervisor.vms if v.pid == pid)
-            if not d.called and vm.alive:
-                d.callback(FakeGuest())
-        assert self.stops() == before
-
-    @rule()
-    def bootTimesOut(self) -> None:
-        for d in self.hypervisor.ready.values():
-            if not d.called:
-                d.errback(VirbyError("timed out"))
-
-    @rule()
-    def vmDies(self) -> None:
-        before = self.stops()
-        for vm in self.hypervisor.alive():
-            vm.die()
-        assert self.stops() == before
-
-    @rule(seconds=st.sampled_from([1, 5, 10, 60]))
-    def time(self, seconds: int) -> None:
-        before = self.stops()
-        self.clock.advance(seconds)
-        if self.stops() > before:
-            assert not self.open, "idle stop while a connection was open"
-
-    @rule()
-    def startNow(self) -> None:
-        before = self.stops()
-        answer = self.lifecycle.startNow()
-        answer.addCallback(self._answered, "start")
-        answer.addErrback(lambda f: f.trap(VMUnavailable))
-        assert self.stops() == before, "a start stops nothing"
-
-    @rule(force=st.booleans())
-    def stopNow(self, force: bool) -> None:
-        before = self.stops()
-        open_ = list(self.open)
-        answer = results(self.lifecycle.stopNow(force).addCallback(self._answered, "stop"))
-        if self.shutdown:
-            assert answer and answer[0].check(VMUnavailable)
-        elif open_ and not force:
-            assert answer and answer[0].check(VMBusy)
-            assert self.stops() == before, "a refused stop stops nothing"
-        elif force:
-            assert all(connection.aborted for connection in open_), "forced: all closed"
-            for connection in open_:  # their transports go away
-                self.lifecycle.connectionClosed(connection)
-            self.open = []
+    def _startNow(self, then: str | None) -> None:
+        answer = self._answer(self.lifecycle.startNow, "start")
+        answer.addBoth(self._then(then))
+        answer.addErrback(lambda f: f.trap(VMUnavailable, CancelledError))
+        self.waiting.append(answer)
 
     def _answered(self, outcome: object, command: str) -> object:
         self.answeredIn.append((command, self.lifecycle.state))
         return outcome
+
+    def _answer(self, ask: Callable[[], Deferred], command: str) -> Deferred:
+        """
+        Ask, and note the state each answer comes in.  An answer given before the call
+        returned is noted with the state then, unless a callback asked for more meanwhile
+        (the answer came before that was handled, at a moment the test cannot see).
+        """
+        before = self.reentries
+        answer = ask()
+        if not answer.called or self.reentries == before:
+            answer.addCallback(self._answered, command)
+        return answer
+
+    def _ready(self, then: str | None) -> None:
+        before = self.noted()
+        for waiting in self.waiting[-1:]:
+            waiting.addBoth(self._then(then))
+        for pid, d in list(self.hypervisor.ready.items()):
+            vm = next(v for v in self.hypervisor.vms if v.pid == pid)
+            if not d.called and vm.alive:
+                d.callback(FakeGuest())
+        assert self.stoppedNothing(before)
+
+    def _bootFails(self, error: Exception) -> None:
+        for d in list(self.hypervisor.ready.values()):
+            if not d.called:
+                self.hypervisor.permanentFailure = isinstance(error, PermanentError)
+                d.errback(error)
+
+    def _stopNow(self, force: bool, then: str | None) -> None:
+        before = self.noted()
+        open_, shutdown = list(self.open), self.shutdown
+        answer = self._answer(lambda: self.lifecycle.stopNow(force), "stop")
+        answer.addBoth(self._then(then))
+        answer = results(answer)
+        if shutdown:
+            assert answer and answer[0].check(VMUnavailable)
+        elif open_ and not force:
+            assert answer and answer[0].check(VMBusy)
+            assert self.stoppedNothing(before), "a refused stop stops nothing"
+        elif force:
+            assert all(connection.aborted for connection in open_), "forced: all closed"
+            for connection in open_:  # their transports go away
+                if connection in self.open:
+                    self.open.remove(connection)
+                    self.lifecycle.connectionClosed(connection)
+
+    # -- rules
+
+    @rule()
+    def connect(self) -> None:
+        before = self.noted()
+        self._connect(None)
+        assert self.stoppedNothing(before)
+
+    @precondition(lambda self: self.open)
+    @rule(index=st.integers(min_value=0))
+    def disconnect(self, index: int) -> None:
+        before = self.noted()
+        connection = self.open.pop(index % len(self.open))
+        self.lifecycle.connectionClosed(connection)
+        assert self.stoppedNothing(before), "the idle clock, not a close, stops the VM"
+
+    @rule()
+    def ready(self) -> None:
+        self._ready(None)
+
+    @rule()
+    def bootTimesOut(self) -> None:
+        self._bootFails(VirbyError("timed out"))
+
+    @rule()
+    def vmDies(self) -> None:
+        before = self.noted()
+        if self.lifecycle.state in (State.BOOTING, State.RUNNING) and self.hypervisor.alive():
+            self.hypervisor.permanentFailure = False  # a crash: always-on comes back
+        for vm in self.hypervisor.alive():
+            vm.die()
+        assert self.stoppedNothing(before)
+
+    @rule(seconds=st.sampled_from([1, 5, 10, 60]))
+    def time(self, seconds: int) -> None:
+        before = self.noted()
+        self.clock.advance(seconds)
+        if not self.stoppedNothing(before):
+            assert not self.open, "idle stop while a connection was open"
+
+    @rule()
+    def startNow(self) -> None:
+        before = self.noted()
+        self._startNow(None)
+        assert self.stoppedNothing(before), "a start stops nothing"
+
+    @rule(force=st.booleans())
+    def stopNow(self, force: bool) -> None:
+        self._stopNow(force, None)
 
     @precondition(lambda self: not self.shutdown)
     @rule()
     def stop(self) -> None:
         self.shutdown = True
         self.lifecycle.shutdown()
+
+    # -- invariants
 
     @invariant()
     def nothing_went_wrong_unseen(self) -> None:
@@ -739,13 +1157,71 @@ class LifecycleRaces(RuleBasedStateMachine):
         snap = self.lifecycle.snapshot()
         if snap.idle_stop_in is not None:
             assert snap.state == "running" and snap.active_connections == 0
+            assert snap.on_demand
+
+    @invariant()
+    def restarts_only_after_a_failure_a_retry_can_cure(self) -> None:
+        snap = self.lifecycle.snapshot()
+        if snap.restart_in is not None:
+            assert snap.state == "stopped" and not snap.on_demand
+            assert not self.hypervisor.permanentFailure, "restart pending after a permanent failure"
 
     @invariant()
     def no_waiter_left_behind(self) -> None:
         snap = self.lifecycle.snapshot()
         if snap.state in ("running", "stopped", "shutdown"):
             assert snap.waiting_connections == 0
+            assert all(waiting.called for waiting in self.waiting), "a wait never answered"
 
 
+class ReentrantLifecycleRaces(LifecycleRaces):
+    """
+    The same promises in either mode, when the callbacks the machine tells something ask
+    for more at once (a connection, a close, a start, a stop, a shutdown, a cancelled wait),
+    and when boots fail for good, fail at the spawn, or take a while to spawn.
+    """
+
+    @initialize(onDemand=st.booleans())
+    def begin(self, onDemand: bool) -> None:  # type: ignore[override]
+        self.startIn(onDemand=onDemand)
+
+    @rule(then=ACTIONS)
+    def connectAndAsk(self, then: str) -> None:
+        self._connect(then)
+
+    @rule(then=ACTIONS)
+    def readyAndAsk(self, then: str) -> None:
+        self._ready(then)
+
+    @rule(then=ACTIONS)
+    def startNowAndAsk(self, then: str) -> None:
+        self._startNow(then)
+
+    @rule(force=st.booleans(), then=ACTIONS)
+    def stopNowAndAsk(self, force: bool, then: str) -> None:
+        self._stopNow(force, then)
+
+    @rule()
+    def bootFailsForGood(self) -> None:
+        self._bootFails(PermanentError("the guest asks for a lease by DUID"))
+
+    @rule(permanent=st.booleans())
+    def nextSpawnFails(self, permanent: bool) -> None:
+        error = PermanentError("refused") if permanent else VirbyError("vfkit: busy")
+        self.hypervisor.nextSpawnError = error
+
+    @rule()
+    def nextSpawnIsSlow(self) -> None:
+        self.hypervisor.nextSpawnSlow = True
+
+    @precondition(lambda self: self.hypervisor.spawning is not None)
+    @rule()
+    def spawnDone(self) -> None:
+        self.hypervisor.finishSpawn()
+
+
+RACES = settings(max_examples=300, stateful_step_count=40, deadline=None)
 TestLifecycleRaces = LifecycleRaces.TestCase
-TestLifecycleRaces.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
+TestLifecycleRaces.settings = RACES
+TestReentrantLifecycleRaces = ReentrantLifecycleRaces.TestCase
+TestReentrantLifecycleRaces.settings = RACES

@@ -68,7 +68,7 @@ def test_memory_refused_with_a_message(value: str, words: str) -> None:
 
 @pytest.mark.parametrize(
     "text", ["100GiB", "100G", "512MiB", "1TiB", "4096", " 2 GiB ", "6TB", "x", "10iB", "1.5G",
-             "100GB", "0K"],
+             "100GB", "0K", "100B", "0100GiB", "999999999999999999", "8388607T"],
 )  # fmt: skip
 def test_sizes_agree_with_python(text: str) -> None:
     try:
@@ -132,9 +132,13 @@ def test_option_sets_load_in_the_python_loader(changes: dict, checks: dict) -> N
         assert getattr(config, name) == value
 
 
-def test_a_bad_shared_directory_is_caught_by_the_loader() -> None:
+def test_a_bad_shared_directory_is_refused_by_the_module_as_by_the_loader() -> None:
+    with pytest.raises(
+        RuntimeError, match=re.escape('services.virby.sharedDirectories: tag "src"')
+    ):
+        daemon_config(sharedDirectories={"src": "relative/path"})
     with pytest.raises(ConfigError, match="shared-dirs"):
-        from_mapping(daemon_config(sharedDirectories={"src": "relative/path"}))
+        from_mapping({"shared-dirs": {"src": "relative/path"}})
 
 
 @pytest.mark.parametrize("port", [31222, 40000])

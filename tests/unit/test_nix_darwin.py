@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.darwin_harness import PAIRS, ROOT, Pair, determinate, evaluate
+from tests.darwin_harness import ROOT, Pair, determinate, evaluate
 from virby.cli import INSTALLED_CONFIG
 from virby.config import from_mapping
 from virby.layout import CLIENT_KEY, SHARED_CLIENT_KEY
@@ -66,14 +66,6 @@ RUNS_VIRBY = sorted(name for name in BUILDS if name != "disabled")
 pytestmark = pytest.mark.skipif(
     shutil.which("nix-instantiate") is None, reason="nix-instantiate is not installed (nix-bin)"
 )
-
-
-@pytest.fixture(scope="module", params=PAIRS, ids=lambda pair: pair.name)
-def pair(request: pytest.FixtureRequest) -> Pair:
-    why = request.param.missing()
-    if why is not None:
-        pytest.skip(why)
-    return request.param
 
 
 @pytest.fixture(scope="module")

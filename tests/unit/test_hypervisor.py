@@ -1,0 +1,49 @@
+"""The hypervisor adapter's failures as the lifecycle meets them, on a task.Clock."""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+from twisted.logger import LogLevel, capturedLogs, formatEvent
+
+from virby.config import from_mapping
+from virby.errors import PermanentError
+from virby.hypervisor import BootError, HostRefusal, VfkitHypervisor
+from virby.lifecycle import Lifecycle, VMUnavailable
+from virby.vfkit import HostPlan
+
+REFUSAL = (
+    "rosetta is on, but Rosetta is not installed on this Mac: run `softwareupdate "
+    "--install-rosetta`, then restart virbyd; until then no VM boots"
+)
+
+
+def refusing(directory) -> VfkitHypervisor:
+    config = from_mapping({"working-directory": str(directory), "rosetta": True})
+    return VfkitHypervisor(None, config, "/nonexistent/vfkit", HostPlan(refusal=REFUSAL))
+
+
+def test_a_host_refusal_is_a_boot_error_no_retry_can_cure(short_tmp) -> None:
+    failures: list = []
+    refusing(short_tmp).spawn().addErrback(failures.append)
+    assert failures[0].check(HostRefusal) and str(failures[0].value) == REFUSAL
+    assert failures[0].check(BootError) and failures[0].check(PermanentError)
+
+
+def test_an_always_on_daemon_on_a_refusing_mac_tries_once_and_says_so_once(short_tmp) -> None:
+    clock = Clock()
+    lifecycle = Lifecycle(clock, refusing(short_tmp), onDemand=False, ttl=60)
+    with capturedLogs() as events:
+        lifecycle.start()
+        clock.advance(24 * 3600)
+    said = [formatEvent(e) for e in events if e["log_level"] >= LogLevel.warn]
+    assert said == [
+        f"boot failed: {REFUSAL}",
+        "not booting the VM again until something changes: the next connection or "
+        "`virby start` tries again",
+    ]
+    snapshot = lifecycle.snapshot()
+    assert snapshot.state == "stopped" and snapshot.restart_in is None
+    assert snapshot.last_error == f"boot failed: {REFUSAL}" and snapshot.boots == 1
+    waiting: list = []
+    lifecycle.whenReady().addErrback(waiting.append)
+    assert waiting[0].check(VMUnavailable) and lifecycle.snapshot().boots == 2
