@@ -9,13 +9,13 @@ import os
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 from unittest import mock
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.programs import TWISTD, VIRBY
 from virby.config import KEYS, KEYS_BY_NAME, Config, ConfigError, from_mapping, load, parse_size
 
 GIB = 1024**3
@@ -409,13 +409,10 @@ def test_any_flag_loads_or_is_one_line_in_every_command(command, key, text) -> N
     assert_one_line_or_loaded(code, stderr, key.name)
 
 
-TWISTD = str(Path(sys.executable).parent / "twistd")
-
-
 def command_line(command: str, path: str) -> list[str]:
     if command == "twistd":
-        return [TWISTD, "--nodaemon", "--pidfile=", "virby", "--config", path]
-    return [sys.executable, "-m", "virby.cli", command, "--config", path]
+        return [*TWISTD, "--nodaemon", "--pidfile=", "virby", "--config", path]
+    return [*VIRBY, command, "--config", path]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

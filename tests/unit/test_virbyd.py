@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import twisted.scripts.twistd
 
+from tests.programs import TWISTD, VIRBY, VIRBYD
 from virby.virbyd import main, twistd_arguments
 
 
@@ -31,11 +31,10 @@ def run(argv: list[str], tmp_path) -> subprocess.CompletedProcess[str]:
 
 def test_an_error_names_the_program_the_daemon_was_started_as(tmp_path) -> None:
     """launchd runs virbyd: its log must say virbyd, not twistd's plugin."""
-    bin = Path(sys.executable).parent
     flags = ["--config", str(tmp_path / "missing.json")]
     for program, argv in [
-        ("virbyd", [str(bin / "virbyd"), *flags]),
-        ("twistd virby", [str(bin / "twistd"), *twistd_arguments(flags)]),
+        ("virbyd", [*VIRBYD, *flags]),
+        ("twistd virby", [*TWISTD, *twistd_arguments(flags)]),
     ]:
         result = run(argv, tmp_path)
         assert result.returncode == 1, result.stderr
@@ -46,9 +45,8 @@ def test_an_error_names_the_program_the_daemon_was_started_as(tmp_path) -> None:
 
 
 def test_both_ways_of_a_switch_at_once_are_one_error_in_both_command_lines(tmp_path) -> None:
-    bin = Path(sys.executable).parent
-    virby = run([str(bin / "virby"), "status", "--debug", "--no-debug"], tmp_path)
-    daemon = run([str(bin / "virbyd"), "--debug", "--no-debug"], tmp_path)
+    virby = run([*VIRBY, "status", "--debug", "--no-debug"], tmp_path)
+    daemon = run([*VIRBYD, "--debug", "--no-debug"], tmp_path)
     why = "config key 'debug': --debug and --no-debug conflict\n"
     assert (virby.returncode, virby.stderr) == (1, f"virby status: error: {why}")
     assert (daemon.returncode, daemon.stderr) == (1, f"virbyd: error: {why}")
