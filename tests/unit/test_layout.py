@@ -25,6 +25,7 @@ def documented() -> set[tuple[str, str, str]]:
     return rows
 
 
+@pytest.mark.repository
 def test_the_doc_states_the_layout_the_code_uses() -> None:
     coded = {
         (entry.name, "umask" if entry.mode is None else f"{entry.mode:04o}", entry.maker)

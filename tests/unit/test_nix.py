@@ -21,9 +21,12 @@ from virby.vfkit import TIMESYNC_VSOCK_PORT
 ROOT = Path(__file__).resolve().parents[2]
 NIX_FILES = sorted(p for p in ROOT.glob("**/*.nix") if ".venv" not in p.parts)
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("nix-instantiate") is None, reason="nix-instantiate is not installed (nix-bin)"
-)
+pytestmark = [
+    pytest.mark.repository,
+    pytest.mark.skipif(
+        shutil.which("nix-instantiate") is None, reason="nix-instantiate is not installed (nix-bin)"
+    ),
+]
 
 
 def evaluate(expression: str) -> object:
@@ -156,11 +159,7 @@ def test_ssh_block_names_the_readable_key_when_users_may_ssh() -> None:
 # The image cannot be evaluated here (no NixOS modules), so what it must say is checked as
 # text: each line below is a setting read against nixpkgs' modules.
 def image() -> str:
-    path = ROOT / "nix" / "image.nix"
-    if not path.is_file():
-        # The package's own test run has only the Python tree.
-        pytest.skip("nix/image.nix is not in this tree")
-    return path.read_text()
+    return (ROOT / "nix" / "image.nix").read_text()
 
 
 def unit_script() -> str:

@@ -23,9 +23,12 @@ from tests.darwin_harness import ROOT, Pair, evaluate
 from virby import layout
 from virby.config import ConfigError, from_mapping
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("nix-instantiate") is None, reason="nix-instantiate is not installed (nix-bin)"
-)
+pytestmark = [
+    pytest.mark.repository,
+    pytest.mark.skipif(
+        shutil.which("nix-instantiate") is None, reason="nix-instantiate is not installed (nix-bin)"
+    ),
+]
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB

@@ -63,9 +63,12 @@ ALL = {**CASES, **DETERMINATE_CASES}
 BUILDS = sorted(name for name in ALL if name not in REFUSED)
 RUNS_VIRBY = sorted(name for name in BUILDS if name != "disabled")
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("nix-instantiate") is None, reason="nix-instantiate is not installed (nix-bin)"
-)
+pytestmark = [
+    pytest.mark.repository,
+    pytest.mark.skipif(
+        shutil.which("nix-instantiate") is None, reason="nix-instantiate is not installed (nix-bin)"
+    ),
+]
 
 
 @pytest.fixture(scope="module")
