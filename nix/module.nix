@@ -91,6 +91,16 @@ let
     ${var}=$(dscl . -read ${record} ${key} 2>/dev/null) || ${var}=
     ${var}=''${${var}#${key}: }
   '';
+  # Delete a user or group record only when it carries Virby's id.
+  deleteIfOurs = what: record: key: idName: id: ''
+    ${readRecord "virby_have" record key}
+    if [ "$virby_have" = ${toString id} ]; then
+      echo "deleting ${what}..." >&2
+      dscl . -delete ${record}
+    elif [ -n "$virby_have" ]; then
+      echo "leaving ${what} alone: its ${idName} is $virby_have, not Virby's ${toString id}" >&2
+    fi
+  '';
 in
 {
   options.services.virby = {
@@ -380,20 +390,8 @@ in
           echo "removing the Virby VM's working directory..." >&2
           rm -rf ${workingDirectory}
         fi
-        ${readRecord "virby_have" "/Users/_virby" "UniqueID"}
-        if [ "$virby_have" = ${toString uid} ]; then
-          echo "deleting user _virby..." >&2
-          dscl . -delete /Users/_virby
-        elif [ -n "$virby_have" ]; then
-          echo "leaving user _virby alone: its uid is $virby_have, not Virby's ${toString uid}" >&2
-        fi
-        ${readRecord "virby_have" "/Groups/virby" "PrimaryGroupID"}
-        if [ "$virby_have" = ${toString gid} ]; then
-          echo "deleting group virby..." >&2
-          dscl . -delete /Groups/virby
-        elif [ -n "$virby_have" ]; then
-          echo "leaving group virby alone: its gid is $virby_have, not Virby's ${toString gid}" >&2
-        fi
+        ${deleteIfOurs "user _virby" "/Users/_virby" "UniqueID" "uid" uid}
+        ${deleteIfOurs "group virby" "/Groups/virby" "PrimaryGroupID" "gid" gid}
       '';
     })
   ];
