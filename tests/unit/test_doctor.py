@@ -440,6 +440,22 @@ def test_too_little_space_for_the_disk_to_grow(machine) -> None:
     assert finding.fix is not None and "lower diskSize" in finding.fix
 
 
+def test_room_for_builds_but_not_for_the_whole_disk_is_a_warning(machine) -> None:
+    config = dataclasses.replace(machine["config"], disk_size=100 * 1024 * MIB)
+    found = examine(machine, config, free=20 * 1024 * MIB)
+    assert failed(found) == {}
+    finding = found["disk-space"]
+    assert finding.status is Status.WARN
+    assert "and its volume has 20.0 GiB free" in finding.detail
+    assert finding.fix is not None and "lower diskSize" in finding.fix
+
+
+def test_too_little_room_for_a_build_fails_however_large_the_disk(machine) -> None:
+    config = dataclasses.replace(machine["config"], disk_size=100 * 1024 * MIB)
+    finding = failed(examine(machine, config, free=4 * 1024 * MIB))["disk-space"]
+    assert "and its volume has 4.0 GiB free" in finding.detail
+
+
 def test_an_ssh_that_fails(machine) -> None:
     machine["mac"].answers[(SSH, "-o", "BatchMode=yes", "virby-vm", "true")] = ProbeError(
         "builder@127.0.0.1: Permission denied (publickey).", 255
