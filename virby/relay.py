@@ -65,7 +65,7 @@ from virby.reactors import IRelayReactor
 try:
     import fcntl
 except ImportError:  # not a POSIX system: no splice either
-    fcntl = None  # type: ignore[assignment]
+    fcntl = None  # type: ignore[assignment]  # None stands for the missing module
 
 #: The size asked for each pipe (Linux's default unprivileged maximum, pipe-max-size): one
 #: C{splice} pair then moves up to this much, so the per-call cost vanishes beside the copy.
