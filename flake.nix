@@ -63,6 +63,8 @@
                 pytest
                 pytest-twisted
                 hypothesis
+                mypy
+                mypy-zope
               ]
             ))
             pkgs.ruff

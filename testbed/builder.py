@@ -87,7 +87,7 @@ class Builder:
         env: dict[str, str] | None = None,
         wait: bool = True,
         program: str | None = None,
-    ):
+    ) -> ProcessUnderTest:
         """Start the daemon in the foreground, as launchd would: C{virbyd --config FILE}."""
         daemon = ProcessUnderTest(
             [program or tool("virbyd"), "--config", str(self.config), *flags],
@@ -116,7 +116,8 @@ class Builder:
             [tool("virby"), "status", "--json", "--config", str(self.config)],
             capture_output=True, text=True, timeout=30,
         )  # fmt: skip
-        return json.loads(result.stdout)
+        status: dict[str, Any] = json.loads(result.stdout)
+        return status
 
     def prepare(self) -> str:
         """Run `virby prepare` again, as an activation would; its report."""

@@ -39,15 +39,15 @@ import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
 
 from twisted.internet.interfaces import (
     IAddress,
     IListeningPort,
     ILoggingContext,
+    IProtocol,
     IProtocolFactory,
+    IReactorTime,
 )
-from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
 from virby.logs import Logger
@@ -124,7 +124,7 @@ class DescriptorLimit:
         return text
 
 
-def reactorCeiling(reactor: Any) -> int | None:
+def reactorCeiling(reactor: object) -> int | None:
     """The highest descriptor count C{reactor} can watch, or C{None} when unbounded."""
     from twisted.internet.selectreactor import SelectReactor
 
@@ -132,7 +132,7 @@ def reactorCeiling(reactor: Any) -> int | None:
 
 
 def adjustDescriptorLimit(
-    reactor: Any,
+    reactor: object,
     wanted: int = WANTED_DESCRIPTORS,
     getrlimit: Callable[[int], tuple[int, int]] = resource.getrlimit,
     setrlimit: Callable[[int, tuple[int, int]], None] = resource.setrlimit,
@@ -152,7 +152,7 @@ def adjustDescriptorLimit(
 
 
 def _adjusted(
-    reactor: Any,
+    reactor: object,
     wanted: int,
     getrlimit: Callable[[int], tuple[int, int]],
     setrlimit: Callable[[int, tuple[int, int]], None],
@@ -224,7 +224,12 @@ class ConnectionLimit:
     """
 
     def __init__(
-        self, wrapped: Any, limit: int, count: Callable[[], int], clock: Any, why: str
+        self,
+        wrapped: IProtocolFactory,
+        limit: int,
+        count: Callable[[], int],
+        clock: IReactorTime,
+        why: str,
     ) -> None:
         self.wrapped = wrapped
         self.limit = limit
@@ -245,7 +250,7 @@ class ConnectionLimit:
     def doStop(self) -> None:
         self.wrapped.doStop()
 
-    def buildProtocol(self, addr: IAddress) -> Protocol | None:
+    def buildProtocol(self, addr: IAddress) -> IProtocol | None:
         if self._count() < self.limit:
             return self.wrapped.buildProtocol(addr)
         self.refused += 1

@@ -49,10 +49,17 @@ from collections.abc import Callable
 from typing import Any
 from typing import Protocol as TypingProtocol
 
-from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import UNIXServerEndpoint
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, IReactorUNIX
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IReactorTime,
+    IReactorUNIX,
+    ISystemHandle,
+    ITCPTransport,
+    ITransport,
+)
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
 from virby.errors import VirbyError, oneLine
@@ -138,7 +145,7 @@ def socketPeerUid(sock: socket.socket) -> int | None:
     if sys.platform.startswith("linux"):
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         _pid, uid, _gid = struct.unpack("3i", creds)
-        return uid
+        return int(uid)
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     if not hasattr(libc, "getpeereid"):
         return None
@@ -148,11 +155,14 @@ def socketPeerUid(sock: socket.socket) -> int | None:
     return uid.value
 
 
-def transportPeerUid(transport: Any) -> int | None:
+def transportPeerUid(transport: ITransport | None) -> int | None:
     """L{socketPeerUid} of a Twisted unix-socket transport."""
+    handle = transport.getHandle() if ISystemHandle.providedBy(transport) else None
+    if not isinstance(handle, socket.socket):
+        return None
     try:
-        return socketPeerUid(transport.getHandle())
-    except (AttributeError, OSError):
+        return socketPeerUid(handle)
+    except OSError:
         return None
 
 
@@ -170,6 +180,8 @@ class ControlProtocol(Protocol):
     """One request, one reply, then hang up."""
 
     factory: ControlFactory
+    # A unix socket's transport is Twisted's TCP one, with abortConnection.
+    transport: ITCPTransport | None
 
     def __init__(self) -> None:
         self._buffer = b""
@@ -217,10 +229,10 @@ class ControlProtocol(Protocol):
         self._request.addCallbacks(lambda reply: {"ok": True, **reply}, _explain)
         self._request.addCallback(self._reply)
 
-    def _run(self, command: str, force: bool) -> Any:
+    def _run(self, command: str, force: bool) -> Deferred[dict[str, Any]]:
         commands = self.factory.commands
         if command == "status":
-            return {"status": commands.status()}
+            return succeed({"status": commands.status()})
         if command == "start":
             return commands.start()
         return commands.stop(force)
@@ -241,14 +253,15 @@ class ControlProtocol(Protocol):
 
     def _cutOff(self) -> None:
         self._deadline = None
-        self.transport.abortConnection()
+        if self.transport is not None:
+            self.transport.abortConnection()
 
     def _cancelDeadline(self) -> None:
         if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()
         self._deadline = None
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancelDeadline()
         self._answered = True
         if self._request is not None and not self._request.called:
@@ -266,7 +279,7 @@ def _explain(reason: Failure) -> dict[str, Any]:
     return errorReply("the request failed: see the daemon's log")
 
 
-class ControlFactory(Factory):
+class ControlFactory(Factory[ControlProtocol]):
     """
     @param commands: what requests act on.
     @param clock: for the request and reply timeouts.
@@ -282,7 +295,7 @@ class ControlFactory(Factory):
         self,
         commands: Commands,
         clock: IReactorTime,
-        peerUid: Callable[[Any], int | None] = transportPeerUid,
+        peerUid: Callable[[ITransport | None], int | None] = transportPeerUid,
         allowed: frozenset[int] | None = None,
     ) -> None:
         self.commands = commands

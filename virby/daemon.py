@@ -16,9 +16,14 @@ from dataclasses import asdict
 from typing import Any
 
 from twisted.application.service import Service
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IStreamServerEndpoint,
+)
 from twisted.python.failure import Failure
 
 from virby import __version__
@@ -49,6 +54,8 @@ from virby.lifecycle import Lifecycle
 from virby.locks import FileLock, takeLock
 from virby.logs import Logger, setVerbose
 from virby.proxy import ProxyFactory
+from virby.reactors import IHostReactor
+from virby.readiness import ReadyGuest
 from virby.relay import spliceAvailable
 from virby.runtime import remove_quietly
 from virby.vfkit import HostPlan, find_vfkit, plan_host
@@ -75,11 +82,11 @@ class DaemonService(Service):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IHostReactor,
         config: Config,
         endpoint: IStreamServerEndpoint,
         hypervisor: VfkitHypervisor,
-        lifecycle: Lifecycle,
+        lifecycle: Lifecycle[ReadyGuest],
         descriptors: DescriptorLimit | None = None,
     ) -> None:
         super().__init__()
@@ -121,7 +128,7 @@ class DaemonService(Service):
         self._hypervisor.stopOrphan().addErrback(lambda _: None)  # logged where it failed
         self.lifecycle.start()
 
-    def _builderFactory(self) -> Any:
+    def _builderFactory(self) -> IProtocolFactory:
         """The splice, behind the limit its open files set (L{virby.capacity})."""
         factory = self._proxy
         if self._descriptors is None:
@@ -248,18 +255,23 @@ def _logAcceptQueue() -> None:
         log.info("accept queue: {backlog} connections", backlog=BACKLOG)
 
 
-def _listenNow(endpoint: IStreamServerEndpoint, factory: Any, what: str) -> IListeningPort:
+def _listenNow(
+    endpoint: IStreamServerEndpoint, factory: IProtocolFactory, what: str
+) -> IListeningPort:
     """Listen and return the port at once, or raise L{StartupError} naming C{what}."""
-    outcome: list[Any] = []
+    outcome: list[IListeningPort | Failure] = []
     endpoint.listen(factory).addBoth(outcome.append)
     if not outcome:
         raise StartupError(f"listening on {what} did not complete at startup")
-    if isinstance(outcome[0], Failure):
-        raise StartupError(f"cannot listen on {what}: {oneLine(outcome[0])}")
-    return outcome[0]
+    port = outcome[0]
+    if isinstance(port, Failure):
+        raise StartupError(f"cannot listen on {what}: {oneLine(port)}")
+    return port
 
 
-def _listenAll(endpoint: IStreamServerEndpoint, factory: Any, what: str) -> list[IListeningPort]:
+def _listenAll(
+    endpoint: IStreamServerEndpoint, factory: IProtocolFactory, what: str
+) -> list[IListeningPort]:
     """The builder endpoint may be several sockets (launchd hands IPv4 and IPv6)."""
     port = _listenNow(endpoint, factory, what)
     return list(getattr(port, "ports", None) or [port])
@@ -267,12 +279,12 @@ def _listenAll(endpoint: IStreamServerEndpoint, factory: Any, what: str) -> list
 
 def _address(port: IListeningPort) -> str:
     host = port.getHost()
-    if hasattr(host, "port"):
+    if isinstance(host, IPv4Address | IPv6Address):
         return f"{host.host}:{host.port}" if ":" not in host.host else f"[{host.host}]:{host.port}"
     return str(getattr(host, "name", host))
 
 
-def installSignalHandlers(reactor: Any) -> None:
+def installSignalHandlers(reactor: IHostReactor) -> None:
     """
     SIGTERM and SIGINT shut down cleanly and exit 0.  twistd's own handlers would re-raise
     the signal at exit, which launchd logs as a crash.  Installed before the reactor runs
@@ -289,7 +301,7 @@ def installSignalHandlers(reactor: Any) -> None:
         signal.signal(signum, shutdown)
 
 
-def makeDaemonService(config: Config, reactor: Any) -> DaemonService:
+def makeDaemonService(config: Config, reactor: IHostReactor) -> DaemonService:
     """Check the setup, then build the service tree; any problem is one line and exit 1."""
     try:
         checkWorkingDirectory(config.working_directory)
@@ -315,13 +327,14 @@ def makeDaemonService(config: Config, reactor: Any) -> DaemonService:
     return service
 
 
-def _endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
+def _endpoint(reactor: IHostReactor, description: str) -> IStreamServerEndpoint:
     try:
-        return serverFromString(reactor, description)
+        endpoint: IStreamServerEndpoint = serverFromString(reactor, description)
     except VirbyError:
         raise
     except Exception as e:
         raise StartupError(f"listen endpoint {description!r} is not valid: {e}") from None
+    return endpoint
 
 
 class _ExitOnStartupError(DaemonService):

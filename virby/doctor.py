@@ -842,14 +842,18 @@ def _bare(line: bytes) -> str | None:
         return None
 
 
-def _pool(leases: Iterable[Lease], ip: str | None) -> ipaddress.IPv4Network | None:
+#: bootpd leases IPv4 addresses; the lease file's parser takes either kind.
+_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _pool(leases: Iterable[Lease], ip: str | None) -> _Network | None:
     """The /24 bootpd hands the VM's addresses from: the VM's own, else the busiest."""
     if ip is not None:
-        return ipaddress.ip_network(f"{ip}/24", strict=False)  # type: ignore[return-value]
-    counts: dict[ipaddress.IPv4Network, int] = {}
+        return ipaddress.ip_network(f"{ip}/24", strict=False)
+    counts: dict[_Network, int] = {}
     for lease in leases:
         net = ipaddress.ip_network(f"{lease.ip_address}/24", strict=False)
-        counts[net] = counts.get(net, 0) + 1  # type: ignore[index]
+        counts[net] = counts.get(net, 0) + 1
     return max(counts, key=counts.__getitem__) if counts else None
 
 

@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from virby.config import KEYS, ConfigError, Key
+
+if TYPE_CHECKING:
+    from twisted.python.usage import Options
 
 #: The option every command takes besides the keys.
 CONFIG_HELP = "the JSON config file"
@@ -97,7 +100,7 @@ def usageSwitches() -> list[list[Any]]:
     ]
 
 
-def usageHandlers() -> dict[str, Callable[[Any, str], None]]:
+def usageHandlers() -> dict[str, Callable[[Options, str], None]]:
     """
     twistd's handlers of the C{repeated} keys, by method name (C{opt_KEY}): each call adds an
     item to the list the options hold under the key's name (L{usageDefaults}).
@@ -110,8 +113,8 @@ def usageDefaults() -> dict[str, Any]:
     return {key.name: [] for key in KEYS if key.value.form == "repeated"}
 
 
-def _appender(key: Key) -> Callable[[Any, str], None]:
-    def append(options: Any, text: str) -> None:
+def _appender(key: Key) -> Callable[[Options, str], None]:
+    def append(options: Options, text: str) -> None:
         options[key.name].append(text)
 
     append.__doc__ = f"{key.help} (repeatable)"

@@ -24,11 +24,10 @@ import contextlib
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ProcessExitedAlready
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IProcessTransport
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
@@ -36,6 +35,7 @@ from virby import disk
 from virby.errors import VirbyError
 from virby.layout import BASE_IMAGE, DIFF_IMAGE, PREPARE_FIX, PRIVATE
 from virby.logs import Logger
+from virby.reactors import IProcessReactor
 
 log = Logger()
 
@@ -123,6 +123,9 @@ def childEnvironment(environ: dict[str, str] | None = None) -> dict[str, str]:
 
 
 class _FreshDiskProtocol(ProcessProtocol):
+    # Set by makeConnection, which spawnProcess calls before it returns.
+    transport: IProcessTransport
+
     def __init__(self, result: Deferred[str], timeout: float) -> None:
         self.result = result
         self._timeout = timeout
@@ -172,7 +175,7 @@ def _lastLine(data: bytes) -> str:
 
 
 def makeFreshDisk(
-    reactor: Any,
+    reactor: IProcessReactor,
     working_directory: str,
     size: int,
     timeout: float,

@@ -12,8 +12,6 @@ no state of a boot: the lifecycle may start the next while the last one's wait e
 
 from __future__ import annotations
 
-from typing import Any
-
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
@@ -27,6 +25,7 @@ from virby.locks import FileLock, takeLock
 from virby.logs import Logger
 from virby.mac import stable_mac
 from virby.orphans import stop_orphan
+from virby.reactors import IVMReactor
 from virby.readiness import BootTimeout, ReadyGuest, wait_for_guest
 from virby.vfkit import HostPlan, VfkitProcess
 
@@ -61,7 +60,7 @@ class VfkitHypervisor:
     """
 
     def __init__(
-        self, reactor: Any, config: Config, executable: str, plan: HostPlan | None = None
+        self, reactor: IVMReactor, config: Config, executable: str, plan: HostPlan | None = None
     ) -> None:
         self._reactor = reactor
         self._config = config

@@ -16,16 +16,19 @@ import errno
 import os
 import socket
 from collections.abc import Callable
-from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, succeed
 from twisted.internet.endpoints import AdoptedStreamServerEndpoint
 from twisted.internet.interfaces import (
+    IAddress,
     IListeningPort,
+    IProtocolFactory,
+    IReactorSocket,
     IStreamServerEndpoint,
     IStreamServerEndpointStringParser,
 )
 from twisted.plugin import IPlugin
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from virby.errors import VirbyError
@@ -101,12 +104,12 @@ class ListeningPorts:
         for port in self.ports:
             port.startListening()
 
-    def stopListening(self) -> Deferred[Any]:
+    def stopListening(self) -> Deferred[None]:
         return DeferredList([maybeDeferred(p.stopListening) for p in self.ports]).addCallback(
             lambda _: None
         )
 
-    def getHost(self) -> Any:
+    def getHost(self) -> IAddress:
         return self.ports[0].getHost()
 
 
@@ -115,13 +118,16 @@ class LaunchdServerEndpoint:
     """Listens on every socket launchd bound for C{name}."""
 
     def __init__(
-        self, reactor: Any, name: str, activate: Callable[[str], list[int]] | None = None
+        self,
+        reactor: IReactorSocket,
+        name: str,
+        activate: Callable[[str], list[int]] | None = None,
     ) -> None:
         self._reactor = reactor
         self._name = name
         self._activate = activate
 
-    def listen(self, factory: Any) -> Deferred[IListeningPort]:
+    def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
         activate = self._activate or activate_socket
         try:
             fds = activate(self._name)
@@ -131,15 +137,16 @@ class LaunchdServerEndpoint:
             return fail(LaunchdError(f"launchd: socket {self._name!r} came with no descriptors"))
         ports: list[IListeningPort] = []
         for fd in fds:
-            outcome: list[Any] = []
+            outcome: list[IListeningPort | Failure] = []
             AdoptedStreamServerEndpoint(self._reactor, fd, _family(fd)).listen(factory).addBoth(
                 outcome.append
             )
-            if not outcome or not IListeningPort.providedBy(outcome[0]):
-                for port in ports:
-                    port.stopListening()
-                return fail(outcome[0]) if outcome else fail(LaunchdError("adoption stalled"))
-            ports.append(outcome[0])
+            port = outcome[0] if outcome else Failure(LaunchdError("adoption stalled"))
+            if isinstance(port, Failure):
+                for adopted in ports:
+                    adopted.stopListening()
+                return fail(port)
+            ports.append(port)
         return succeed(ListeningPorts(ports))
 
 
@@ -154,5 +161,8 @@ class LaunchdParser:
 
     prefix = "launchd"
 
-    def parseStreamServer(self, reactor: Any, name: str = "Listener") -> LaunchdServerEndpoint:
+    # Narrower than the interface on purpose: a named parameter, so that a misspelt one fails.
+    def parseStreamServer(  # type: ignore[override]
+        self, reactor: IReactorSocket, name: str = "Listener"
+    ) -> LaunchdServerEndpoint:
         return LaunchdServerEndpoint(reactor, name)

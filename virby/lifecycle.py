@@ -73,10 +73,11 @@ C{docs/lifecycle.md} has the whole table and says where a new event goes.
 from __future__ import annotations
 
 import enum
+import functools
 from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -347,7 +348,10 @@ class VirtualMachine(Protocol):
     """One running hypervisor process, as the lifecycle sees it."""
 
     pid: int
-    ended: Deferred[Any]
+
+    @property
+    def ended(self) -> Deferred[Any]:
+        """Fires with an L{ExitInfo} when the process exits."""
 
     def consoleTail(self, n: int = 20) -> list[str]: ...
 
@@ -367,7 +371,11 @@ class Guest(Protocol):
     def release(self) -> None: ...
 
 
-class Hypervisor(Protocol):
+#: The guests one hypervisor reports: what the lifecycle hands its waiters is that type.
+G = TypeVar("G", bound=Guest)
+
+
+class Hypervisor(Protocol[G]):
     """How the lifecycle starts VMs and learns that one is ready."""
 
     def spawn(self) -> Deferred[VirtualMachine]:
@@ -376,7 +384,7 @@ class Hypervisor(Protocol):
         L{PermanentError} when no retry can succeed until something changes.
         """
 
-    def waitReady(self, vm: VirtualMachine) -> Deferred[Guest]:
+    def waitReady(self, vm: VirtualMachine) -> Deferred[G]:
         """The guest once its SSH answers; cancellable; fails on timeout."""
 
 
@@ -498,7 +506,7 @@ class _Queued:
     ifStale: Callable[[], object] | None
 
 
-class Lifecycle:
+class Lifecycle(Generic[G]):
     """
     The state machine.  Inputs: L{start}, L{whenReady}, L{connectionOpened},
     L{connectionClosed}, L{startNow}, L{stopNow}, L{shutdown}, and the VM's own events;
@@ -510,7 +518,7 @@ class Lifecycle:
     """
 
     def __init__(
-        self, clock: IReactorTime, hypervisor: Hypervisor, *, onDemand: bool, ttl: float
+        self, clock: IReactorTime, hypervisor: Hypervisor[G], *, onDemand: bool, ttl: float
     ) -> None:
         self._clock = clock
         self._hypervisor = hypervisor
@@ -543,12 +551,12 @@ class Lifecycle:
         """The daemon is up: an always-on VM boots now."""
         self._handle(Event.START)
 
-    def whenReady(self) -> Deferred[Guest]:
+    def whenReady(self) -> Deferred[G]:
         """
         The guest, now if the VM is running, else after the boot this call may start.
         Cancelling the result withdraws the wait and nothing else.
         """
-        answer: Deferred[Guest] = Deferred(self._withdraw)
+        answer: Deferred[G] = Deferred(self._withdraw)
         self._handle(Event.WHEN_READY, _Waiter(answer, _same))
         return answer
 
@@ -870,7 +878,7 @@ class Lifecycle:
         )
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
-            self._tell(lambda waiter=waiter: _fire(waiter.answer, waiter.onReady(guest)))
+            self._tell(functools.partial(_answer, waiter, guest))
         # The first waiter has claimed the probe's connection, if it wanted it.
         self._tell(guest.release)
         self._armIdleTimer(running)
@@ -935,9 +943,7 @@ class Lifecycle:
         self._enter(stopped)
         answers, self._stopAnswers = self._stopAnswers, []
         for answer, closed in answers:
-            self._tell(
-                lambda answer=answer, closed=closed: _fire(answer, StopOutcome(True, closed))
-            )
+            self._tell(functools.partial(_fire, answer, StopOutcome(True, closed)))
         if self._waiters:
             self._handle(Event.WANTED, owner=stopped)
         elif retry and not self._onDemand:
@@ -954,7 +960,9 @@ class Lifecycle:
         self._enter(shutdown)
         answers, self._stopAnswers = self._stopAnswers, []
         for stopAnswer, _ in answers:
-            self._tell(lambda a=stopAnswer: _fail(a, VMUnavailable("the daemon is shutting down")))
+            self._tell(
+                functools.partial(_fail, stopAnswer, VMUnavailable("the daemon is shutting down"))
+            )
         self._failWaiters("the daemon is shutting down")
         return shutdown
 
@@ -984,11 +992,11 @@ class Lifecycle:
     def _failWaiters(self, why: str) -> None:
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
-            self._tell(lambda waiter=waiter: _fail(waiter.answer, VMUnavailable(why)))
+            self._tell(functools.partial(_fail, waiter.answer, VMUnavailable(why)))
 
     def _abortConnections(self, why: str) -> None:
         for connection in list(self._connections):
-            self._tell(lambda connection=connection: connection.abort(why))
+            self._tell(functools.partial(connection.abort, why))
 
     def _recordError(self, message: str, vm: VirtualMachine | None) -> None:
         self._lastError = message
@@ -1003,6 +1011,11 @@ class Lifecycle:
         running.idle = self._clock.callLater(
             self._ttl, lambda: self._handle(Event.IDLE_EXPIRED, owner=running)
         )
+
+
+def _answer(waiter: _Waiter, guest: Guest) -> None:
+    """Tell C{waiter} what it waited for, made from C{guest} now."""
+    _fire(waiter.answer, waiter.onReady(guest))
 
 
 def _same(guest: Guest) -> Guest:

@@ -21,16 +21,17 @@ from __future__ import annotations
 import os
 import re
 import signal
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorProcess, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.internet.utils import getProcessOutputAndValue
 
 from virby.errors import VirbyError
 from virby.layout import DIFF_IMAGE, REST_SOCKET, VFKIT_PIDFILE
 from virby.logs import Logger
+from virby.reactors import IVMReactor
 from virby.rest import RestError, VfkitRestClient
 from virby.runtime import remove_quietly
 
@@ -86,7 +87,9 @@ def is_our_vfkit(command: str | None, working_directory: str) -> bool:
     )
 
 
-async def command_line(reactor: Any, pid: int, proc: str | None = "/proc") -> str | None:
+async def command_line(
+    reactor: IReactorProcess, pid: int, proc: str | None = "/proc"
+) -> str | None:
     """
     The process's arguments joined by spaces, or C{None} when it cannot be read: from
     C{/proc} on Linux, from C{ps -ww} elsewhere (a child process, so the reactor never
@@ -108,7 +111,7 @@ async def command_line(reactor: Any, pid: int, proc: str | None = "/proc") -> st
 
 
 async def _gone_within(
-    reactor: Any, pid: int, seconds: float, alive: Callable[[int], bool]
+    reactor: IReactorTime, pid: int, seconds: float, alive: Callable[[int], bool]
 ) -> bool:
     """Poll (an orphan is not our child: there is no exit event to wait on)."""
     if not alive(pid):
@@ -131,13 +134,13 @@ async def _gone_within(
 
 
 async def stop_orphan(
-    reactor: Any,
+    reactor: IVMReactor,
     working_directory: str,
     grace: float = 10.0,
     *,
     alive: Callable[[int], bool] = is_alive,
     kill: Callable[[int, int], None] = os.kill,
-    argv: Callable[[Any, int], Any] = command_line,
+    argv: Callable[[IReactorProcess, int], Awaitable[str | None]] = command_line,
 ) -> int | None:
     """
     Stop the vfkit named by C{<wd>/vfkit.pid} if it is this working directory's: REST Stop

@@ -246,7 +246,10 @@ def _hand_over(root: str, owner: Owner) -> None:
 
 
 def _stderr(prefix: str) -> Report:
-    return lambda message: sys.stderr.write(f"virby prepare: {prefix}{message}\n")
+    def report(message: str) -> None:
+        sys.stderr.write(f"virby prepare: {prefix}{message}\n")
+
+    return report
 
 
 def prepare(
@@ -309,10 +312,14 @@ def _prepare_locked(config: Config, image: str, warn: Report, inform: Report) ->
         inform(f"recorded {image} as the image of {wd}")
 
 
+def _say(message: str) -> None:
+    sys.stdout.write(f"virby prepare: {message}\n")
+
+
 def run(config: Config, owner: str | None, print_ssh_config: bool) -> int:
     """The C{virby prepare} command; expected failures raise L{VirbyError} for the caller."""
     if print_ssh_config:
         sys.stdout.write(ssh_config_block(config))
         return 0
-    prepare(config, owner, inform=lambda message: sys.stdout.write(f"virby prepare: {message}\n"))
+    prepare(config, owner, inform=_say)
     return 0

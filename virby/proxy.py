@@ -25,7 +25,6 @@ import contextlib
 import functools
 import ipaddress
 import socket
-from typing import Any
 from typing import Protocol as TypingProtocol
 
 from twisted.internet import tcp
@@ -37,12 +36,13 @@ from twisted.internet.interfaces import (
     IReactorFDSet,
     ITransport,
 )
-from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.internet.protocol import ClientFactory, Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from virby import relay
 from virby.logs import Logger
+from virby.reactors import ISpliceReactor, IStreamTransport
 from virby.readiness import ReadyGuest
 from virby.relay import PipePool, Relay, spliceAvailable
 
@@ -83,7 +83,7 @@ def _isLoopbackHost(host: str) -> bool:
     return ip.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
-def _noDelay(transport: Any) -> None:
+def _noDelay(transport: object) -> None:
     """SSH is interactive: Nagle's delay would add up to 40 ms to every round trip."""
     setNoDelay = getattr(transport, "setTcpNoDelay", None)
     if setNoDelay is not None:
@@ -107,6 +107,8 @@ class InboundConnection(Protocol):
     """
 
     factory: ProxyFactory
+    # Set by makeConnection, before any event reaches this protocol.
+    transport: IStreamTransport
 
     def __init__(self) -> None:
         self.guest: GuestConnection | None = None
@@ -348,7 +350,7 @@ class InboundConnection(Protocol):
         self._closeGuest(abort=True)
         self.transport.abortConnection()
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._closed:
             return
         self._closed = self._closing = True
@@ -379,6 +381,9 @@ class GuestConnection(Protocol):
         connection is the readiness probe's); it goes to the client first.
     """
 
+    # Set by makeConnection, before any event reaches this protocol.
+    transport: IStreamTransport
+
     def __init__(self, inbound: InboundConnection, greeting: bytes = b"") -> None:
         self.inbound = inbound
         self.greeting = greeting
@@ -396,24 +401,24 @@ class GuestConnection(Protocol):
     def writeConnectionLost(self) -> None:
         pass
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.inbound.guestLost()
 
 
-class GuestFactory(ClientFactory):
+class GuestFactory(ClientFactory[GuestConnection]):
     noisy = False  # per-connection factory start/stop lines say nothing useful
 
     def __init__(self, inbound: InboundConnection) -> None:
         self.inbound = inbound
 
-    def buildProtocol(self, addr: IAddress) -> GuestConnection:
+    def buildProtocol(self, addr: IAddress | None) -> GuestConnection:
         return GuestConnection(self.inbound)
 
     def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
         self.inbound.guestFailed(reason)
 
 
-class ProxyFactory(Factory):
+class ProxyFactory(Factory[InboundConnection]):
     """
     Builds an L{InboundConnection} per loopback client; refuses everyone else.
 
@@ -434,7 +439,7 @@ class ProxyFactory(Factory):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: ISpliceReactor,
         backend: Backend,
         connectTimeout: float = 10.0,
         dataPath: str = "fast",
@@ -452,11 +457,11 @@ class ProxyFactory(Factory):
         self.bytesToGuest = 0
         self.bytesToClients = 0
 
-    def buildProtocol(self, addr: IAddress) -> InboundConnection | None:
-        if not is_loopback(addr):
+    def buildProtocol(self, addr: IAddress | None) -> InboundConnection | None:
+        if addr is not None and not is_loopback(addr):
             log.warn("refused a connection from {peer}: only loopback peers are served", peer=addr)
             return None
-        return super().buildProtocol(addr)  # type: ignore[return-value]
+        return super().buildProtocol(addr)
 
     def opened(self, connection: InboundConnection) -> None:
         self._open.add(connection)

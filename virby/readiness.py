@@ -26,16 +26,22 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable
-from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionRefusedError
-from twisted.internet.interfaces import IConnector, IDelayedCall, IProtocol, ISystemHandle
-from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.interfaces import (
+    IAddress,
+    IConnector,
+    IDelayedCall,
+    IProtocol,
+    ISystemHandle,
+)
+from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
 from virby.errors import VirbyError, oneLine
 from virby.logs import Logger
+from virby.reactors import IProbeReactor, IStreamTransport
 
 log = Logger()
 
@@ -77,6 +83,9 @@ class BannerProbe(Protocol):
     L{ReadyGuest} lends it, already past the banner, to the first client that wants it.
     """
 
+    # Set by makeConnection, before any event reaches this protocol.
+    transport: IStreamTransport
+
     def __init__(self, result: Deferred[BannerProbe]) -> None:
         self._result = result
         self.received = b""
@@ -98,7 +107,7 @@ class BannerProbe(Protocol):
         if len(self.received) > MAX_PREAMBLE:
             self._fail(ProbeError("answered without an SSH banner"))
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.lost = True
         self._fail(ProbeError("closed the connection before sending an SSH banner"))
 
@@ -136,13 +145,13 @@ class BannerProbe(Protocol):
         return socket.socket(handle.family, handle.type, handle.proto, fileno=handle.detach())
 
 
-class _BannerFactory(ClientFactory):
+class _BannerFactory(ClientFactory[BannerProbe]):
     noisy = False  # per-connection factory start/stop lines say nothing useful
 
     def __init__(self, result: Deferred[BannerProbe]) -> None:
         self._result = result
 
-    def buildProtocol(self, addr: Any) -> Protocol:
+    def buildProtocol(self, addr: IAddress | None) -> BannerProbe:
         return BannerProbe(self._result)
 
     def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
@@ -150,13 +159,20 @@ class _BannerFactory(ClientFactory):
             self._result.errback(reason)
 
 
-def probe_banner(reactor: Any, host: str, port: int, timeout: float) -> Deferred[BannerProbe]:
+def probe_banner(
+    reactor: IProbeReactor, host: str, port: int, timeout: float
+) -> Deferred[BannerProbe]:
     """
     Connect to C{host:port} and fire, once the SSH banner line arrived, with the open
     connection (paused after the banner; close it or L{BannerProbe.attach} it); cancellable.
     """
     connector: list[IConnector] = []
-    result: Deferred[BannerProbe] = Deferred(lambda _: connector and connector[0].disconnect())
+
+    def cancel(_: Deferred[BannerProbe]) -> None:
+        if connector:
+            connector[0].disconnect()
+
+    result: Deferred[BannerProbe] = Deferred(cancel)
     connector.append(reactor.connectTCP(host, port, _BannerFactory(result), timeout=timeout))
     result.addTimeout(timeout, reactor)
     return result
@@ -207,7 +223,7 @@ class _GuestWait:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IProbeReactor,
         lookup: Callable[[], str | None],
         port: int,
         timeout: float,
@@ -320,7 +336,7 @@ class _GuestWait:
 
 
 def wait_for_guest(
-    reactor: Any,
+    reactor: IProbeReactor,
     lookup: Callable[[], str | None],
     port: int,
     timeout: float,

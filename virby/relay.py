@@ -46,20 +46,26 @@ import socket
 import struct
 import sys
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from twisted.internet import error
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReadDescriptor, IWriteDescriptor
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IReactorTime,
+    IReadDescriptor,
+    IWriteDescriptor,
+)
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from virby.capacity import MAX_PIPES, MIN_PIPES, pipesWithin
+from virby.reactors import IRelayReactor
 
 try:
     import fcntl
 except ImportError:  # not a POSIX system: no splice either
-    fcntl = None  # type: ignore[assignment]
+    fcntl = None  # type: ignore[assignment]  # None stands for the missing module
 
 #: The size asked for each pipe (Linux's default unprivileged maximum, pipe-max-size): one
 #: C{splice} pair then moves up to this much, so the per-call cost vanishes beside the copy.
@@ -84,7 +90,7 @@ IDLE_PIPE_SECONDS = 5.0
 #: fcntl(2)'s F_SETPIPE_SZ (Linux only; Python names it from 3.10).
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031) if fcntl is not None else 1031
 
-_SPLICE = getattr(os, "splice", None)
+_SPLICE: Callable[..., int] | None = getattr(os, "splice", None)
 
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 
@@ -114,7 +120,7 @@ class PipePool:
 
     def __init__(
         self,
-        clock: Any,
+        clock: IReactorTime,
         size: int = PIPE_SIZE,
         spare: int = SPARE_PIPES,
         linger: float = IDLE_PIPE_SECONDS,
@@ -520,7 +526,7 @@ class Relay:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IRelayReactor,
         client: socket.socket,
         guest: socket.socket,
         *,
@@ -536,7 +542,7 @@ class Relay:
         self._done = done
         self._pipes = pipes
         self._finished = False
-        self._report: Any = None
+        self._report: IDelayedCall | None = None
         self._client = _End(self, client)
         self._guest = _End(self, guest)
         self._up = _Flow(self, self._client, self._guest, toGuest, pipes, self._countUp)
@@ -617,7 +623,9 @@ def closeSocket(sock: socket.socket, abort: bool = False) -> None:
 class _Connecting:
     """Waits, as a reactor writer, for a non-blocking connect to finish."""
 
-    def __init__(self, reactor: Any, sock: socket.socket, result: Deferred[socket.socket]):
+    def __init__(
+        self, reactor: IRelayReactor, sock: socket.socket, result: Deferred[socket.socket]
+    ) -> None:
         self._reactor = reactor
         self._socket = sock
         self._fd = sock.fileno()
@@ -684,7 +692,9 @@ def addressFamily(host: str) -> socket.AddressFamily | None:
     return socket.AF_INET6 if version == 6 else socket.AF_INET
 
 
-def connect(reactor: Any, host: str, port: int, timeout: float) -> Deferred[socket.socket]:
+def connect(
+    reactor: IRelayReactor, host: str, port: int, timeout: float
+) -> Deferred[socket.socket]:
     """
     Connect to C{host} (an IP address) and C{port} without Twisted's transports: the socket,
     once connected, is the relay's to drive.  This spares each connection the transport's
@@ -698,7 +708,12 @@ def connect(reactor: Any, host: str, port: int, timeout: float) -> Deferred[sock
     if family is None:
         raise ValueError(f"not an IP address: {host!r}")
     waiting: list[_Connecting] = []
-    result: Deferred[socket.socket] = Deferred(lambda _: waiting and waiting[0].cancel())
+
+    def cancel(_: Deferred[socket.socket]) -> None:
+        if waiting:
+            waiting[0].cancel()
+
+    result: Deferred[socket.socket] = Deferred(cancel)
     try:
         sock = socket.socket(family, socket.SOCK_STREAM)
     except OSError as e:

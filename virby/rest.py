@@ -24,13 +24,15 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet import defer
 from twisted.internet import error as neterror
 from twisted.internet.endpoints import UNIXClientEndpoint
-from twisted.web.iweb import IAgentEndpointFactory
+from twisted.internet.interfaces import IConsumer, IReactorUNIX
+from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
 from virby.errors import VirbyError
+from virby.reactors import IRestReactor
 
 if TYPE_CHECKING:
-    from twisted.web.client import Agent
+    from twisted.web.client import URI, Agent
 
 
 class RestError(VirbyError):
@@ -82,15 +84,16 @@ def _classify(e: Exception, what: str, socket_path: str, timeout: float) -> Rest
 class _UNIXSocket:
     """The agent's endpoint factory: every URI is the socket."""
 
-    def __init__(self, reactor: Any, path: str, timeout: float) -> None:
+    def __init__(self, reactor: IReactorUNIX, path: str, timeout: float) -> None:
         self._reactor = reactor
         self._path = path
         self._timeout = timeout
 
-    def endpointForURI(self, uri: Any) -> UNIXClientEndpoint:
+    def endpointForURI(self, uri: URI) -> UNIXClientEndpoint:
         return UNIXClientEndpoint(self._reactor, self._path, timeout=self._timeout)
 
 
+@implementer(IBodyProducer)
 class _Body:
     """A tiny IBodyProducer for a JSON request body."""
 
@@ -98,11 +101,9 @@ class _Body:
         self.body = data
         self.length = len(data)
 
-    def startProducing(self, consumer: Any) -> Any:
-        from twisted.internet.defer import succeed
-
+    def startProducing(self, consumer: IConsumer) -> defer.Deferred[None]:
         consumer.write(self.body)
-        return succeed(None)
+        return defer.succeed(None)
 
     def pauseProducing(self) -> None:
         pass
@@ -117,7 +118,7 @@ class _Body:
 class VfkitRestClient:
     """Talks to one vfkit; every call is bounded by C{timeout} seconds."""
 
-    def __init__(self, reactor: Any, socket_path: str, timeout: float = 5.0) -> None:
+    def __init__(self, reactor: IRestReactor, socket_path: str, timeout: float = 5.0) -> None:
         self._reactor = reactor
         self.socket_path = socket_path
         self._timeout = timeout
@@ -158,7 +159,7 @@ class VfkitRestClient:
         if code != 200:
             raise RestRefused(f"vfkit answered {code} to {what}: {_error(content)}")
         try:
-            document = json.loads(content)
+            document: dict[str, Any] = json.loads(content)
         except ValueError:
             raise RestError(f"vfkit answered GET {path.decode()} with non-JSON") from None
         return document

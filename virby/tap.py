@@ -56,5 +56,6 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     from virby.daemon import makeDaemonService
+    from virby.reactors import hostReactor
 
-    return makeDaemonService(config, reactor)
+    return makeDaemonService(config, hostReactor(reactor))

@@ -20,10 +20,11 @@ import re
 import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TypeVar
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.interfaces import IProcessTransport
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
@@ -33,6 +34,7 @@ from virby.errors import VirbyError, oneLine
 from virby.hostfacts import HostFacts, gather
 from virby.locks import FileLock
 from virby.logs import Logger
+from virby.reactors import IVMReactor
 from virby.rest import RestDropped, RestError, VfkitRestClient
 from virby.runtime import remove_quietly, write_atomically
 
@@ -347,10 +349,10 @@ class VfkitProcess:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IVMReactor,
         config: Config,
         protocol: VfkitProtocol,
-        transport: Any,
+        transport: IProcessTransport,
         rest: VfkitRestClient,
         timings: StopTimings = StopTimings(),
         vmLock: FileLock | None = None,
@@ -373,7 +375,7 @@ class VfkitProcess:
     @classmethod
     def start(
         cls,
-        reactor: Any,
+        reactor: IVMReactor,
         config: Config,
         executable: str,
         mac: str,
@@ -537,7 +539,10 @@ def _usage_line(line: str) -> bool:
     return not line.strip() or line[:1].isspace() or line.rstrip().endswith(":")
 
 
-def _relay(result: Any, target: Deferred[Any]) -> Any:
+_T = TypeVar("_T")
+
+
+def _relay(result: _T | Failure, target: Deferred[_T]) -> _T | Failure:
     if isinstance(result, Failure):
         target.errback(result)
     else:

@@ -34,6 +34,7 @@ from twisted.web.server import Site
 from virby.emulator import api, cmdline, vmconfig, vz
 from virby.emulator.cmdline import EmulatorError, UsageError
 from virby.emulator.machine import EmulatedMachine, vfkit_log
+from virby.reactors import hostReactor
 
 VERSION = "v0.6.3"
 
@@ -142,8 +143,9 @@ def main(argv: list[str] | None = None, stdin: int = 0) -> int:
         settings, vm, console, endpoint = start_up(argv, stdin)
     except UsageError as e:
         return refuse(e)
-    from twisted.internet import reactor
+    from twisted.internet import reactor as globalReactor
 
+    reactor = hostReactor(globalReactor)
     machine = EmulatedMachine(reactor, settings, vm, console)
     if endpoint.scheme != "none":
         try:
@@ -168,7 +170,7 @@ def main(argv: list[str] | None = None, stdin: int = 0) -> int:
     played = settings.played
     vfkit_log("info", f"emulating vfkit {VERSION} on Linux, playing a Mac with {played.cpu}, "
                       f"macOS {played.macos}, Rosetta {played.rosetta}")  # fmt: skip
-    reactor.run(installSignalHandlers=True)
+    reactor.run()  # with Twisted's signal handlers, which are the default
     if endpoint.scheme == "unix":
         # An exit handler registered by the REST server (pkg/rest/rest.go Start).
         with contextlib.suppress(FileNotFoundError):

@@ -10,14 +10,19 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_to_bytes
 
+from twisted.internet.interfaces import IListeningPort
 from twisted.web.resource import Resource
-from twisted.web.server import Site
+from twisted.web.server import Request, Site
 
 from virby.emulator.cmdline import UsageError
 from virby.emulator.golang import quote
+from virby.reactors import IListenReactor
+
+if TYPE_CHECKING:
+    from virby.emulator.machine import EmulatedMachine
 
 #: C{len(syscall.RawSockaddrUnix{}.Path) - 1} on macOS: 104 bytes, less the C{NUL}.
 MAX_SOCKET_PATH = 103
@@ -105,7 +110,7 @@ def parse_restful_uri(text: str) -> Endpoint:
     return Endpoint("none", "", "")
 
 
-def listen(reactor: Any, endpoint: Endpoint, site: Site) -> Any:
+def listen(reactor: IListenReactor, endpoint: Endpoint, site: Site) -> IListeningPort:
     """
     Serve the API as gin does: a unix socket made with the process's umask (vfkit does not
     chmod it), not removed first when a stale one is in the way, or a TCP address.
@@ -113,12 +118,14 @@ def listen(reactor: Any, endpoint: Endpoint, site: Site) -> Any:
     if endpoint.scheme == "unix":
         umask = os.umask(0)
         os.umask(umask)
-        return reactor.listenUNIX(endpoint.path, site, mode=0o777 & ~umask)
+        # Twisted annotates the factory as the bare generic Factory, which no factory of a
+        # particular protocol (a Site makes HTTPChannels) matches: its type is invariant.
+        return reactor.listenUNIX(endpoint.path, site, mode=0o777 & ~umask)  # type: ignore[arg-type]
     host, _, port = endpoint.host.rpartition(":")
     host = host.strip("[]")
     if host == "localhost":
         host = "127.0.0.1"
-    return reactor.listenTCP(int(port), site, interface=host)
+    return reactor.listenTCP(int(port), site, interface=host)  # type: ignore[arg-type]  # as above
 
 
 class StateResource(Resource):
@@ -126,11 +133,11 @@ class StateResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, machine: Any) -> None:
+    def __init__(self, machine: EmulatedMachine) -> None:
         super().__init__()
         self.machine = machine
 
-    def render(self, request: Any) -> bytes:
+    def render(self, request: Request) -> bytes:
         path = request.path
         if path == b"/vm/state" and request.method == b"GET":
             return _json(request, 200, self.machine.stateDocument())
@@ -142,9 +149,10 @@ class StateResource(Resource):
         request.setHeader(b"content-type", b"text/plain")
         return b"404 page not found"
 
-    def _change(self, request: Any) -> bytes:
+    def _change(self, request: Request) -> bytes:
         try:
-            wanted = json.loads(request.content.read())["state"]
+            body = request.content.read() if request.content is not None else b""
+            wanted = json.loads(body)["state"]
         except (ValueError, KeyError, TypeError) as e:
             return _json(request, 400, {"error": str(e)})
         actions = {
@@ -163,7 +171,7 @@ class StateResource(Resource):
         return b""
 
 
-def _json(request: Any, code: int, document: dict[str, Any]) -> bytes:
+def _json(request: Request, code: int, document: dict[str, Any]) -> bytes:
     request.setResponseCode(code)
     request.setHeader(b"content-type", b"application/json; charset=utf-8")
     return json.dumps(document, sort_keys=True, separators=(",", ":")).encode()

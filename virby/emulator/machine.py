@@ -17,6 +17,7 @@ import tempfile
 import time
 from typing import Any
 
+from twisted.internet.interfaces import IDelayedCall, IProcessTransport
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
@@ -25,6 +26,7 @@ from virby.emulator import guest, lease
 from virby.emulator.cmdline import Emulated
 from virby.emulator.vmconfig import VM
 from virby.emulator.vz import Console
+from virby.reactors import IMachineReactor
 
 SSHD = "/usr/sbin/sshd"
 STATE_PREFIX = "VirtualMachineState"
@@ -63,7 +65,9 @@ class GuardianProtocol(ProcessProtocol):
 
 
 class EmulatedMachine:
-    def __init__(self, reactor: Any, settings: Emulated, vm: VM, console: Console) -> None:
+    def __init__(
+        self, reactor: IMachineReactor, settings: Emulated, vm: VM, console: Console
+    ) -> None:
         self.reactor = reactor
         self.settings = settings
         self.vm = vm
@@ -71,11 +75,11 @@ class EmulatedMachine:
         self.mac = vm.mac or _random_mac()
         self.state = "Starting"
         self.address: str | None = None
-        self._guardian: Any = None
+        self._guardian: IProcessTransport | None = None
         self._stateDir: str | None = None
         self._exitCode = 0
         self._poweringOff = False
-        self._bootCall: Any = None
+        self._bootCall: IDelayedCall | None = None
         self.guestState = guest.GuestState()
 
     # -- boot
