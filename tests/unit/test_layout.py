@@ -26,6 +26,8 @@ def documented() -> set[tuple[str, str, str]]:
 
 
 def test_the_doc_states_the_layout_the_code_uses() -> None:
+    if not DOC.is_file():
+        pytest.skip("docs/ is not in this tree")
     coded = {
         (entry.name, "umask" if entry.mode is None else f"{entry.mode:04o}", entry.maker)
         for entry in layout.ENTRIES
