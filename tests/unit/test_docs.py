@@ -31,7 +31,9 @@ COMMAND = re.compile(r"`(?:sudo )?(virbyd?)((?: [^`]*)?)`")
 
 
 #: The pages checked: docs/ and the README.  The package's own source (nix/package.nix) has
-#: no docs/, and then there is nothing to check.
+#: no docs/: these tests are the repository's.
+pytestmark = pytest.mark.repository
+
 PAGES = [*sorted(DOCS.glob("*.md")), ROOT / "README.md"] if DOCS.is_dir() else []
 DOC_PAGES = [page for page in PAGES if page.parent == DOCS]
 
