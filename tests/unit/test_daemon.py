@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
+from collections.abc import Iterator
 
 import pytest
 from twisted.internet.defer import Deferred, succeed
@@ -17,6 +19,18 @@ from virby.lifecycle import Lifecycle
 from virby.readiness import ReadyGuest
 from virby.relay import spliceAvailable
 from virby.vfkit import HostPlan
+
+
+@pytest.fixture
+def signals() -> Iterator[dict[int, object]]:
+    """
+    The daemon installs the process's SIGTERM and SIGINT handlers: the test sees pytest's,
+    and gets them back afterwards, so that ^C still stops the test run.
+    """
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    yield saved
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
 
 
 def config(tmp_path, **extra):
@@ -120,7 +134,9 @@ def test_shutdown_stops_listening_then_the_vm_then_the_control_socket(short_tmp)
     assert daemon.lifecycle.state.value == "shutdown"
 
 
-def test_a_mac_that_cannot_nest_boots_without_nested_and_says_why(short_tmp, monkeypatch) -> None:
+def test_a_mac_that_cannot_nest_boots_without_nested_and_says_why(
+    short_tmp, monkeypatch, signals
+) -> None:
     from twisted.logger import globalLogPublisher
 
     monkeypatch.setenv("VIRBY_EMULATOR_CPU", "Apple M1")
@@ -143,6 +159,7 @@ def test_a_mac_that_cannot_nest_boots_without_nested_and_says_why(short_tmp, mon
     )
     assert [line for line in logged if line] == [warning]
     assert daemon.describe()["warnings"] == [warning]
+    assert all(signal.getsignal(signum) is not before for signum, before in signals.items())
     assert daemon._hypervisor.plan.nested is False
 
 
