@@ -1,5 +1,6 @@
 """
-vfkit's REST API (C{GET/POST /vm/state}, C{GET /vm/inspect}) over its unix socket.
+vfkit's REST API over its unix socket: the daemon only asks for state changes
+(C{POST /vm/state}); vfkit's C{GET /vm/state} and C{GET /vm/inspect} it has no use for.
 
 The socket lives in the owner-only working directory: upstream served the API on a TCP
 port where any local user could stop the VM.
@@ -19,7 +20,7 @@ about 1 MiB of resident memory for its whole life (docs/benchmarks.md).
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from twisted.internet import defer
 from twisted.internet import error as neterror
@@ -149,28 +150,6 @@ class VfkitRestClient:
         response = await requesting.addTimeout(self._timeout, self._reactor)
         content = await readBody(response).addTimeout(self._timeout, self._reactor)
         return response.code, content
-
-    async def _json(self, path: bytes) -> dict[str, Any]:
-        what = f"GET {path.decode()}"
-        try:
-            code, content = await self._call(b"GET", path)
-        except Exception as e:
-            raise _classify(e, what, self.socket_path, self._timeout) from None
-        if code != 200:
-            raise RestRefused(f"vfkit answered {code} to {what}: {_error(content)}")
-        try:
-            document: dict[str, Any] = json.loads(content)
-        except ValueError:
-            raise RestError(f"vfkit answered GET {path.decode()} with non-JSON") from None
-        return document
-
-    async def state(self) -> dict[str, Any]:
-        """C{GET /vm/state}: C{{"state": "VirtualMachineStateRunning", "canStop": ...}}."""
-        return await self._json(b"/vm/state")
-
-    async def inspect(self) -> dict[str, Any]:
-        """C{GET /vm/inspect}: the VM's configuration as vfkit sees it."""
-        return await self._json(b"/vm/inspect")
 
     async def request(self, state: str) -> None:
         """
