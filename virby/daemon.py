@@ -47,17 +47,20 @@ from virby.hypervisor import VfkitHypervisor
 from virby.layout import (
     CONTROL_SOCKET,
     DAEMON_LOCK,
+    DAEMON_PIDFILE,
     DAEMON_UMASK,
+    PUBLIC,
     checkWorkingDirectory,
 )
 from virby.lifecycle import Lifecycle
 from virby.locks import FileLock, takeLock
+from virby.logfile import LogFile
 from virby.logs import Logger, setVerbose
 from virby.proxy import ProxyFactory
 from virby.reactors import IHostReactor
 from virby.readiness import ReadyGuest
 from virby.relay import spliceAvailable
-from virby.runtime import remove_quietly
+from virby.runtime import remove_quietly, write_atomically
 from virby.vfkit import HostPlan, find_vfkit, plan_host
 from virby.virbyd import exitWithError
 
@@ -120,6 +123,9 @@ class DaemonService(Service):
         except BaseException:
             self._abandonStart()
             raise
+        # Written once the daemon serves, and only by the one that holds the lock: the pid
+        # newsyslog signals after it rotates the log (nix/module.nix).
+        write_atomically(self._config.path(DAEMON_PIDFILE), f"{os.getpid()}\n".encode(), PUBLIC)
         widened = [widenAcceptQueue(port) for port in self._ports]
         for port in self._ports:
             log.info("serving the builder on {address}", address=_address(port))
@@ -180,6 +186,7 @@ class DaemonService(Service):
     def _releaseLock(self) -> None:
         lock, self._lock = self._lock, None
         if lock is not None:
+            remove_quietly(self._config.path(DAEMON_PIDFILE))  # no signal for a stopped daemon
             lock.release(remove=True)
 
     def stopService(self) -> Deferred[None]:
@@ -284,21 +291,28 @@ def _address(port: IListeningPort) -> str:
     return str(getattr(host, "name", host))
 
 
-def installSignalHandlers(reactor: IHostReactor) -> None:
+def installSignalHandlers(reactor: IHostReactor, logFile: LogFile) -> None:
     """
     SIGTERM and SIGINT shut down cleanly and exit 0.  twistd's own handlers would re-raise
     the signal at exit, which launchd logs as a crash.  Installed before the reactor runs
     too: an always-on VM is spawned while the service starts, and a SIGTERM in that window
     would otherwise kill the daemon outright and leave vfkit behind.  A stop requested
     then runs as soon as the reactor does.
+
+    SIGHUP reopens the log (L{virby.logfile}): newsyslog sends it after a rotation, and by
+    default it would kill the daemon.
     """
 
     def shutdown(signum: int, frame: object) -> None:
         log.info("received {signal}: shutting down", signal=signal.Signals(signum).name)
         reactor.callFromThread(reactor.stop)
 
+    def reopen(signum: int, frame: object) -> None:
+        reactor.callFromThread(logFile.reopen)
+
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, shutdown)
+    signal.signal(signal.SIGHUP, reopen)
 
 
 def makeDaemonService(config: Config, reactor: IHostReactor) -> DaemonService:
@@ -322,8 +336,9 @@ def makeDaemonService(config: Config, reactor: IHostReactor) -> DaemonService:
     hypervisor = VfkitHypervisor(reactor, config, executable, plan)
     lifecycle = Lifecycle(reactor, hypervisor, onDemand=config.on_demand, ttl=config.ttl)
     service = _ExitOnStartupError(reactor, config, endpoint, hypervisor, lifecycle, descriptors)
-    installSignalHandlers(reactor)
-    reactor.callWhenRunning(installSignalHandlers, reactor)
+    logFile = LogFile.ofStandardStreams()
+    installSignalHandlers(reactor, logFile)
+    reactor.callWhenRunning(installSignalHandlers, reactor, logFile)
     return service
 
 

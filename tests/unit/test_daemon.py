@@ -24,10 +24,11 @@ from virby.vfkit import HostPlan
 @pytest.fixture
 def signals() -> Iterator[dict[int, object]]:
     """
-    The daemon installs the process's SIGTERM and SIGINT handlers: the test sees pytest's,
-    and gets them back afterwards, so that ^C still stops the test run.
+    The daemon installs the process's SIGTERM, SIGINT and SIGHUP handlers: the test sees
+    pytest's, and gets them back afterwards, so that ^C still stops the test run.
     """
-    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    signums = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    saved = {signum: signal.getsignal(signum) for signum in signums}
     yield saved
     for signum, handler in saved.items():
         signal.signal(signum, handler)

@@ -1,0 +1,150 @@
+"""
+The daemon's log is reopened after newsyslog renamed it: new lines go to the new file, the
+old file keeps what was written before, and a failure leaves the daemon writing where it was.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from twisted.logger import globalLogPublisher
+
+from virby.logfile import LogFile, openedPath
+
+
+@pytest.fixture
+def logged() -> Iterator[list[str]]:
+    lines: list[str] = []
+
+    def observe(event: dict) -> None:
+        lines.append(event["log_format"].format(**event))
+
+    globalLogPublisher.addObserver(observe)
+    yield lines
+    globalLogPublisher.removeObserver(observe)
+
+
+def descriptor(path: Path) -> int:
+    """A descriptor open on C{path} as launchd opens StandardOutPath: append, create."""
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+
+def write(fd: int, text: str) -> None:
+    os.write(fd, text.encode())
+
+
+def test_a_regular_file_is_named_by_its_path(tmp_path: Path) -> None:
+    fd = descriptor(tmp_path / "virbyd.log")
+    try:
+        assert openedPath(fd) == str(tmp_path / "virbyd.log")
+    finally:
+        os.close(fd)
+
+
+def test_a_renamed_file_is_named_by_its_new_name_so_the_path_is_taken_at_start(
+    tmp_path: Path,
+) -> None:
+    fd = descriptor(tmp_path / "virbyd.log")
+    try:
+        os.rename(tmp_path / "virbyd.log", tmp_path / "virbyd.log.0")
+        (tmp_path / "virbyd.log").touch()
+        assert openedPath(fd) == str(tmp_path / "virbyd.log.0")
+    finally:
+        os.close(fd)
+
+
+def test_a_pipe_or_a_deleted_file_has_no_path_to_reopen(tmp_path: Path) -> None:
+    reader, writer = os.pipe()
+    fd = descriptor(tmp_path / "virbyd.log")
+    try:
+        assert openedPath(writer) is None
+        os.unlink(tmp_path / "virbyd.log")
+        assert openedPath(fd) is None
+    finally:
+        for each in (reader, writer, fd):
+            os.close(each)
+
+
+def test_after_a_rotation_new_lines_go_to_the_new_file(tmp_path: Path, logged) -> None:
+    log, rotated = tmp_path / "virbyd.log", tmp_path / "virbyd.log.0"
+    out, err = descriptor(log), descriptor(log)
+    stream = io.StringIO()
+    logFile = LogFile(openedPath(out), [(out, stream), (err, stream)])
+    try:
+        write(out, "before\n")
+        os.rename(log, rotated)  # newsyslog: rename, then a new file, then SIGHUP
+        log.touch()
+        write(out, "in between\n")
+        assert logFile.reopen()
+        write(out, "after, from stdout\n")
+        write(err, "after, from stderr\n")
+    finally:
+        os.close(out)
+        os.close(err)
+    assert rotated.read_text() == "before\nin between\n"
+    assert log.read_text() == "after, from stdout\nafter, from stderr\n"
+    assert logged == [f"SIGHUP: reopened the log {log}"]
+
+
+def test_a_log_newsyslog_did_not_recreate_is_created(tmp_path: Path) -> None:
+    log = tmp_path / "virbyd.log"
+    out = descriptor(log)
+    logFile = LogFile(openedPath(out), [(out, io.StringIO())])
+    try:
+        os.rename(log, tmp_path / "virbyd.log.0")
+        assert logFile.reopen()
+        write(out, "after\n")
+    finally:
+        os.close(out)
+    assert log.read_text() == "after\n"
+    assert oct(log.stat().st_mode & 0o777) == oct(0o644 & ~_umask())
+
+
+def test_a_log_that_cannot_be_opened_keeps_the_old_file(tmp_path: Path, logged) -> None:
+    folder = tmp_path / "log"
+    folder.mkdir()
+    log = folder / "virbyd.log"
+    out = descriptor(log)
+    logFile = LogFile(openedPath(out), [(out, io.StringIO())])
+    try:
+        os.rename(log, tmp_path / "virbyd.log.0")
+        folder.rmdir()
+        assert not logFile.reopen()
+        write(out, "still here\n")
+    finally:
+        os.close(out)
+    assert (tmp_path / "virbyd.log.0").read_text() == "still here\n"
+    assert logged == [
+        f"SIGHUP: cannot reopen the log {log}: No such file or directory; "
+        "still writing to the old file"
+    ]
+
+
+def test_without_a_file_there_is_nothing_to_reopen(logged) -> None:
+    assert not LogFile(None, []).reopen()
+    assert logged == ["SIGHUP: the log is not a file, so there is nothing to reopen"]
+
+
+def test_stdout_and_stderr_are_both_moved_only_when_they_share_the_file(tmp_path: Path) -> None:
+    """As launchd opens them: StandardOutPath and StandardErrorPath are the same file."""
+    program = (
+        "from virby.logfile import LogFile; f = LogFile.ofStandardStreams(); "
+        "print(f.path, [fd for fd, _ in f.descriptors])"
+    )
+    log, other = tmp_path / "virbyd.log", tmp_path / "other.log"
+    for stderr, moved in [(log, [1, 2]), (other, [1])]:
+        with open(log, "ab") as out, open(stderr, "ab") as err:
+            subprocess.run([sys.executable, "-c", program], stdout=out, stderr=err, check=True)
+        assert log.read_text().splitlines()[-1] == f"{log} {moved}"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -1,0 +1,132 @@
+"""
+The daemon's log file, opened again after it was rotated.
+
+Under launchd the daemon's stdout and stderr are C{/var/log/virbyd.log}, opened by launchd
+before the daemon runs (C{StandardOutPath}, C{StandardErrorPath}).  The daemon cannot rotate
+that file itself (it runs as C{_virby}, and C{/var/log} is root's), so macOS's C{newsyslog}
+does, from the entry the nix-darwin module installs in C{/etc/newsyslog.d}: it renames the
+file, creates an empty one in its place, and sends C{SIGHUP} to the pid in C{virbyd.pid}.
+Without the signal the daemon would go on writing into the renamed file, and once that is
+deleted, into nothing at all.
+
+On C{SIGHUP}, L{LogFile.reopen} opens the path again and puts the new file under the same
+descriptors (C{dup2}), so every writer (twistd's observer on C{sys.stdout}, a traceback on
+C{sys.stderr}) moves with it.  The path is the one the descriptor had when the daemon
+started: after the rename, the descriptor itself names the renamed file.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import IO
+
+from virby.logs import Logger
+
+log = Logger()
+
+#: macOS's fcntl command that names the file an open descriptor refers to (sys/fcntl.h).
+_F_GETPATH = 50
+#: macOS's MAXPATHLEN: the buffer F_GETPATH fills.
+_MAXPATHLEN = 1024
+
+
+def openedPath(fd: int) -> str | None:
+    """
+    The path of the regular file open at C{fd}, when it still names that file; C{None} for
+    a pipe, a terminal, or a file since renamed or deleted.
+    """
+    try:
+        opened = os.fstat(fd)
+    except OSError:
+        return None
+    if not stat.S_ISREG(opened.st_mode):
+        return None
+    path = _pathOf(fd)
+    if path is None:
+        return None
+    try:
+        named = os.stat(path)
+    except OSError:
+        return None
+    if (named.st_dev, named.st_ino) != (opened.st_dev, opened.st_ino):
+        return None
+    return path
+
+
+def _pathOf(fd: int) -> str | None:
+    """Ask the kernel: F_GETPATH on macOS, the /proc link on Linux."""
+    if sys.platform == "darwin":
+        import fcntl
+
+        try:
+            command = getattr(fcntl, "F_GETPATH", _F_GETPATH)
+            answer = fcntl.fcntl(fd, command, bytes(_MAXPATHLEN))
+        except OSError:
+            return None
+        return os.fsdecode(answer.split(b"\0", 1)[0])
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None
+
+
+@dataclass(frozen=True)
+class LogFile:
+    """
+    The file the daemon logs to, and the descriptors that write into it.
+
+    @ivar path: what to open again; C{None} when the log is not a file (a pipe, a terminal:
+        run by hand or under a test), and then there is nothing to reopen.
+    @ivar descriptors: the descriptors to move to the new file, each with the stream that
+        writes through it (flushed first, so no line goes to the wrong file).
+    """
+
+    path: str | None
+    descriptors: Sequence[tuple[int, IO[str]]]
+
+    @classmethod
+    def ofStandardStreams(cls) -> LogFile:
+        """stdout's file, and stderr too when it is the same file (as launchd opens them)."""
+        path = openedPath(1)
+        descriptors: list[tuple[int, IO[str]]] = [(1, sys.stdout)]
+        if path is not None and _sameFile(1, 2):
+            descriptors.append((2, sys.stderr))
+        return cls(path, descriptors)
+
+    def reopen(self) -> bool:
+        """
+        Open the path again (creating it if newsyslog has not) and move the descriptors to
+        it.  On failure the daemon keeps writing where it did, and says why.
+        """
+        if self.path is None:
+            log.info("SIGHUP: the log is not a file, so there is nothing to reopen")
+            return False
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as e:
+            log.error(
+                "SIGHUP: cannot reopen the log {path}: {why}; still writing to the old file",
+                path=self.path,
+                why=e.strerror or str(e),
+            )
+            return False
+        try:
+            for target, stream in self.descriptors:
+                stream.flush()
+                os.dup2(fd, target)
+        finally:
+            os.close(fd)
+        log.info("SIGHUP: reopened the log {path}", path=self.path)
+        return True
+
+
+def _sameFile(a: int, b: int) -> bool:
+    try:
+        first, second = os.fstat(a), os.fstat(b)
+    except OSError:
+        return False
+    return (first.st_dev, first.st_ino) == (second.st_dev, second.st_ino)
