@@ -362,6 +362,14 @@ in
           # Where `virby status`, `doctor`, `start` and `stop` find the daemon's config
           # without --config (its store path changes with every option).
           environment.etc."virby/config.json".source = configFile;
+          # The daemon's log, rotated by macOS's newsyslog (run by launchd every hour): past
+          # 10 MiB it is renamed, 5 old ones are kept, a new file is made for _virby, and the
+          # daemon is sent SIGHUP through its pid file so that it opens the new file (launchd
+          # opened the old one for it).  B: no "logfile turned over" line in the daemon's log.
+          environment.etc."newsyslog.d/${label}.conf".text = ''
+            # logfile  owner:group  mode  count  size(KiB)  when  flags  pid_file
+            ${logFile}  _virby:virby  644  5  10240  *  B  ${workingDirectory}/virbyd.pid
+          '';
         }
         {
           # Names fixed up front (mkIf, not if-then-else): the module system must know which

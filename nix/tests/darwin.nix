@@ -148,6 +148,7 @@ let
       determinateConf = etcText "nix/nix.custom.conf";
       distributedBuilds = if config.nix.enable then config.nix.distributedBuilds else null;
       sshConfig = etcText "ssh/ssh_config.d/100-virby-vm.conf";
+      newsyslog = etcText "newsyslog.d/org.nixos.virbyd.conf";
       configLink =
         if config.environment.etc ? "virby/config.json" then
           "${config.environment.etc."virby/config.json".source}"
