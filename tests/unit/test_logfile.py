@@ -148,3 +148,24 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_on_macos_the_kernel_is_asked_with_f_getpath(tmp_path: Path, monkeypatch) -> None:
+    """fcntl(fd, F_GETPATH, buf) fills a MAXPATHLEN buffer with a NUL-terminated path."""
+    import fcntl
+
+    log = tmp_path / "virbyd.log"
+    asked: list[tuple[int, int, int]] = []
+
+    def getpath(fd: int, command: int, buffer: bytes) -> bytes:
+        asked.append((fd, command, len(buffer)))
+        return os.fsencode(log) + b"\0" * (len(buffer) - len(os.fsencode(log)))
+
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.setattr(fcntl, "fcntl", getpath)
+    fd = descriptor(log)
+    try:
+        assert openedPath(fd) == str(log)
+    finally:
+        os.close(fd)
+    assert asked == [(fd, getattr(fcntl, "F_GETPATH", 50), 1024)]
