@@ -141,3 +141,14 @@ def test_every_command_line_a_page_shows_is_one_the_commands_take(page: Path) ->
         if any(option not in accepted for option in options):
             wrong.append(match.group(0))
     assert wrong == [], f"{page.name} shows command lines the commands refuse: {wrong}"
+
+
+def test_every_module_has_its_row_in_the_design() -> None:
+    """A newcomer finds each concern's module in docs/design.md's table."""
+    design = (DOCS / "design.md").read_text()
+    modules = sorted(
+        path.relative_to(ROOT).as_posix()
+        for path in (ROOT / "virby").glob("*.py")
+        if path.name != "__init__.py"
+    )
+    assert [m for m in modules if f"`{m}`" not in design] == []
