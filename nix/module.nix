@@ -363,12 +363,14 @@ in
           # without --config (its store path changes with every option).
           environment.etc."virby/config.json".source = configFile;
           # The daemon's log, rotated by macOS's newsyslog (run by launchd every hour): past
-          # 10 MiB it is renamed, 5 old ones are kept, a new file is made for _virby, and the
-          # daemon is sent SIGHUP through its pid file so that it opens the new file (launchd
-          # opened the old one for it).  B: no "logfile turned over" line in the daemon's log.
+          # 10 MiB it is renamed, 5 old ones are kept uncompressed, and a new file is made
+          # for _virby.  The daemon notices within a minute and opens the new file (launchd
+          # opened the old one for it; virby/logfile.py).  N: no signal, so no pid file that
+          # a crashed daemon could leave naming another process.  B: no "logfile turned over"
+          # line in the daemon's log.
           environment.etc."newsyslog.d/${label}.conf".text = ''
-            # logfile  owner:group  mode  count  size(KiB)  when  flags  pid_file
-            ${logFile}  _virby:virby  644  5  10240  *  B  ${workingDirectory}/virbyd.pid
+            # logfile  owner:group  mode  count  size(KiB)  when  flags
+            ${logFile}  _virby:virby  644  5  10240  *  BN
           '';
         }
         {

@@ -47,9 +47,7 @@ from virby.hypervisor import VfkitHypervisor
 from virby.layout import (
     CONTROL_SOCKET,
     DAEMON_LOCK,
-    DAEMON_PIDFILE,
     DAEMON_UMASK,
-    PUBLIC,
     checkWorkingDirectory,
 )
 from virby.lifecycle import Lifecycle
@@ -60,7 +58,7 @@ from virby.proxy import ProxyFactory
 from virby.reactors import IHostReactor
 from virby.readiness import ReadyGuest
 from virby.relay import spliceAvailable
-from virby.runtime import remove_quietly, write_atomically
+from virby.runtime import remove_quietly
 from virby.vfkit import HostPlan, find_vfkit, plan_host
 from virby.virbyd import exitWithError
 
@@ -123,9 +121,6 @@ class DaemonService(Service):
         except BaseException:
             self._abandonStart()
             raise
-        # Written once the daemon serves, and only by the one that holds the lock: the pid
-        # newsyslog signals after it rotates the log (nix/module.nix).
-        write_atomically(self._config.path(DAEMON_PIDFILE), f"{os.getpid()}\n".encode(), PUBLIC)
         widened = [widenAcceptQueue(port) for port in self._ports]
         for port in self._ports:
             log.info("serving the builder on {address}", address=_address(port))
@@ -186,7 +181,6 @@ class DaemonService(Service):
     def _releaseLock(self) -> None:
         lock, self._lock = self._lock, None
         if lock is not None:
-            remove_quietly(self._config.path(DAEMON_PIDFILE))  # no signal for a stopped daemon
             lock.release(remove=True)
 
     def stopService(self) -> Deferred[None]:
@@ -299,8 +293,8 @@ def installSignalHandlers(reactor: IHostReactor, logFile: LogFile) -> None:
     would otherwise kill the daemon outright and leave vfkit behind.  A stop requested
     then runs as soon as the reactor does.
 
-    SIGHUP reopens the log (L{virby.logfile}): newsyslog sends it after a rotation, and by
-    default it would kill the daemon.
+    SIGHUP reopens the log now (L{virby.logfile}), instead of killing the daemon as it would
+    by default.
     """
 
     def shutdown(signum: int, frame: object) -> None:
@@ -308,7 +302,7 @@ def installSignalHandlers(reactor: IHostReactor, logFile: LogFile) -> None:
         reactor.callFromThread(reactor.stop)
 
     def reopen(signum: int, frame: object) -> None:
-        reactor.callFromThread(logFile.reopen)
+        reactor.callFromThread(logFile.reopen, "SIGHUP")
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, shutdown)
@@ -339,6 +333,7 @@ def makeDaemonService(config: Config, reactor: IHostReactor) -> DaemonService:
     logFile = LogFile.ofStandardStreams()
     installSignalHandlers(reactor, logFile)
     reactor.callWhenRunning(installSignalHandlers, reactor, logFile)
+    reactor.callWhenRunning(logFile.watch, reactor)
     return service
 
 

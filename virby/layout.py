@@ -63,8 +63,6 @@ REST_SOCKET = "vfkit.sock"
 SERIAL_LOG = "serial.log"
 CONTROL_SOCKET = "control.sock"
 DAEMON_LOCK = "daemon.lock"
-#: The running daemon's pid, for newsyslog's SIGHUP once it has rotated the log.
-DAEMON_PIDFILE = "virbyd.pid"
 VM_LOCK = "vm.lock"
 #: Older daemons locked the control socket with a symlink naming their pid: junk now.
 OLD_SOCKET_LOCK = CONTROL_SOCKET + ".lock"
@@ -106,7 +104,6 @@ ENTRIES: tuple[Entry, ...] = (
     Entry(IMAGE_RECORD, PUBLIC, "prepare", "the image path the disks were made from"),
     Entry(MAC, PUBLIC, "daemon", "the VM's stable MAC (bootpd keys leases by MAC)"),
     Entry(DAEMON_LOCK, PRIVATE, "daemon", "held for the daemon's whole life"),
-    Entry(DAEMON_PIDFILE, PUBLIC, "daemon", "the serving daemon's pid, for newsyslog"),
     Entry(CONTROL_SOCKET, PRIVATE, "daemon", "what virby status, start, stop and doctor ask"),
     Entry(VM_LOCK, PRIVATE, "daemon", "held by the daemon and its vfkit for the VM's life"),
     Entry(VFKIT_PIDFILE, PUBLIC, "daemon", "the running vfkit's pid"),

@@ -5,14 +5,19 @@ Under launchd the daemon's stdout and stderr are C{/var/log/virbyd.log}, opened 
 before the daemon runs (C{StandardOutPath}, C{StandardErrorPath}).  The daemon cannot rotate
 that file itself (it runs as C{_virby}, and C{/var/log} is root's), so macOS's C{newsyslog}
 does, from the entry the nix-darwin module installs in C{/etc/newsyslog.d}: it renames the
-file, creates an empty one in its place, and sends C{SIGHUP} to the pid in C{virbyd.pid}.
-Without the signal the daemon would go on writing into the renamed file, and once that is
-deleted, into nothing at all.
+file and creates an empty one in its place.  Left alone, the daemon would go on writing into
+the renamed file, and once that is deleted, into nothing at all.
 
-On C{SIGHUP}, L{LogFile.reopen} opens the path again and puts the new file under the same
-descriptors (C{dup2}), so every writer (twistd's observer on C{sys.stdout}, a traceback on
-C{sys.stderr}) moves with it.  The path is the one the descriptor had when the daemon
-started: after the rename, the descriptor itself names the renamed file.
+So the daemon notices: every minute (L{LogFile.watch}, on the reactor's clock) it compares the
+file its stdout writes to with the file the path names now, and when they differ it opens the
+path again and puts the new file under the same descriptors (C{dup2}), so every writer
+(twistd's observer on C{sys.stdout}, a traceback on C{sys.stderr}) moves with it.  SIGHUP asks
+for the same at once.  The entry tells newsyslog to send no signal: a signal needs a pid file,
+and a pid file left by a daemon that crashed (an on-demand daemon is not restarted until the
+next build) could name another process by then, which SIGHUP would kill.
+
+The path is the one the descriptor had when the daemon started: after the rename, the
+descriptor itself names the renamed file.
 """
 
 from __future__ import annotations
@@ -24,9 +29,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import IO
 
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+
 from virby.logs import Logger
 
 log = Logger()
+
+#: How often the daemon checks whether its log was rotated: lines written in between go to
+#: the renamed file, which newsyslog keeps.
+CHECK_INTERVAL = 60.0
 
 #: macOS's fcntl command that names the file an open descriptor refers to (sys/fcntl.h).
 _F_GETPATH = 50
@@ -97,21 +109,34 @@ class LogFile:
             descriptors.append((2, sys.stderr))
         return cls(path, descriptors)
 
-    def reopen(self) -> bool:
+    def rotated(self) -> bool:
+        """Whether the path no longer names the file the log is written to."""
+        if self.path is None or not self.descriptors:
+            return False
+        try:
+            named = os.stat(self.path)
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+        return not _sameFile(self.descriptors[0][0], named)
+
+    def reopen(self, why: str) -> bool:
         """
-        Open the path again (creating it if newsyslog has not) and move the descriptors to
-        it.  On failure the daemon keeps writing where it did, and says why.
+        Open the path again (creating it if the rotator has not) and move the descriptors
+        to it.  On failure the daemon keeps writing where it did, and says why.
         """
         if self.path is None:
-            log.info("SIGHUP: the log is not a file, so there is nothing to reopen")
+            log.info("{why}: the log is not a file, so there is nothing to reopen", why=why)
             return False
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         except OSError as e:
             log.error(
-                "SIGHUP: cannot reopen the log {path}: {why}; still writing to the old file",
+                "{why}: cannot reopen the log {path}: {reason}; still writing to the old file",
+                why=why,
                 path=self.path,
-                why=e.strerror or str(e),
+                reason=e.strerror or str(e),
             )
             return False
         try:
@@ -120,13 +145,26 @@ class LogFile:
                 os.dup2(fd, target)
         finally:
             os.close(fd)
-        log.info("SIGHUP: reopened the log {path}", path=self.path)
+        log.info("{why}: reopened the log {path}", why=why, path=self.path)
         return True
 
+    def reopenIfRotated(self) -> None:
+        if self.rotated():
+            self.reopen("the log was rotated")
 
-def _sameFile(a: int, b: int) -> bool:
+    def watch(self, clock: IReactorTime, interval: float = CHECK_INTERVAL) -> LoopingCall:
+        """Check every C{interval} seconds, from the first interval on; stop the call to end."""
+        check = LoopingCall(self.reopenIfRotated)
+        check.clock = clock
+        check.start(interval, now=False)
+        return check
+
+
+def _sameFile(fd: int, other: int | os.stat_result) -> bool:
+    """Whether C{fd} is open on the same file as descriptor or stat result C{other}."""
     try:
-        first, second = os.fstat(a), os.fstat(b)
+        first = os.fstat(fd)
+        second = os.fstat(other) if isinstance(other, int) else other
     except OSError:
         return False
     return (first.st_dev, first.st_ino) == (second.st_dev, second.st_ino)

@@ -1,6 +1,7 @@
 """
 The daemon's log is reopened after newsyslog renamed it: new lines go to the new file, the
 old file keeps what was written before, and a failure leaves the daemon writing where it was.
+The daemon notices the rotation itself, on its clock, or at once on SIGHUP.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 
-from virby.logfile import LogFile, openedPath
+from virby.logfile import CHECK_INTERVAL, LogFile, openedPath
 
 
 @pytest.fixture
@@ -81,7 +83,7 @@ def test_after_a_rotation_new_lines_go_to_the_new_file(tmp_path: Path, logged) -
         os.rename(log, rotated)  # newsyslog: rename, then a new file, then SIGHUP
         log.touch()
         write(out, "in between\n")
-        assert logFile.reopen()
+        assert logFile.reopen("SIGHUP")
         write(out, "after, from stdout\n")
         write(err, "after, from stderr\n")
     finally:
@@ -98,7 +100,7 @@ def test_a_log_newsyslog_did_not_recreate_is_created(tmp_path: Path) -> None:
     logFile = LogFile(openedPath(out), [(out, io.StringIO())])
     try:
         os.rename(log, tmp_path / "virbyd.log.0")
-        assert logFile.reopen()
+        assert logFile.reopen("SIGHUP")
         write(out, "after\n")
     finally:
         os.close(out)
@@ -115,7 +117,7 @@ def test_a_log_that_cannot_be_opened_keeps_the_old_file(tmp_path: Path, logged) 
     try:
         os.rename(log, tmp_path / "virbyd.log.0")
         folder.rmdir()
-        assert not logFile.reopen()
+        assert not logFile.reopen("SIGHUP")
         write(out, "still here\n")
     finally:
         os.close(out)
@@ -127,7 +129,7 @@ def test_a_log_that_cannot_be_opened_keeps_the_old_file(tmp_path: Path, logged) 
 
 
 def test_without_a_file_there_is_nothing_to_reopen(logged) -> None:
-    assert not LogFile(None, []).reopen()
+    assert not LogFile(None, []).reopen("SIGHUP")
     assert logged == ["SIGHUP: the log is not a file, so there is nothing to reopen"]
 
 
@@ -169,3 +171,41 @@ def test_on_macos_the_kernel_is_asked_with_f_getpath(tmp_path: Path, monkeypatch
     finally:
         os.close(fd)
     assert asked == [(fd, getattr(fcntl, "F_GETPATH", 50), 1024)]
+
+
+def test_the_clock_finds_the_rotation_and_the_new_file_gets_the_lines(
+    tmp_path: Path, logged
+) -> None:
+    log, rotated = tmp_path / "virbyd.log", tmp_path / "virbyd.log.0"
+    out = descriptor(log)
+    logFile = LogFile(openedPath(out), [(out, io.StringIO())])
+    clock = Clock()
+    check = logFile.watch(clock)
+    try:
+        clock.advance(CHECK_INTERVAL)
+        assert not logFile.rotated() and logged == [], "nothing to do before a rotation"
+        os.rename(log, rotated)  # newsyslog: rename, then a new file, no signal
+        log.touch()
+        write(out, "before the check\n")
+        assert logFile.rotated()
+        clock.advance(CHECK_INTERVAL)
+        write(out, "after the check\n")
+        assert not logFile.rotated()
+    finally:
+        check.stop()
+        os.close(out)
+    assert rotated.read_text() == "before the check\n"
+    assert log.read_text() == "after the check\n"
+    assert logged == [f"the log was rotated: reopened the log {log}"]
+
+
+def test_a_rotation_that_made_no_new_file_counts(tmp_path: Path) -> None:
+    log = tmp_path / "virbyd.log"
+    out = descriptor(log)
+    try:
+        logFile = LogFile(openedPath(out), [(out, io.StringIO())])
+        os.rename(log, tmp_path / "virbyd.log.0")
+        assert logFile.rotated()
+        assert not LogFile(None, [(out, io.StringIO())]).rotated(), "no path, nothing to check"
+    finally:
+        os.close(out)
