@@ -156,7 +156,8 @@ class LogFile:
         """Check every C{interval} seconds, from the first interval on; stop the call to end."""
         check = LoopingCall(self.reopenIfRotated)
         check.clock = clock
-        check.start(interval, now=False)
+        stopped = check.start(interval, now=False)
+        stopped.addErrback(lambda failure: log.failure("the log's rotation check stopped", failure))
         return check
 
 

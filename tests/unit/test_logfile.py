@@ -209,3 +209,14 @@ def test_a_rotation_that_made_no_new_file_counts(tmp_path: Path) -> None:
         assert not LogFile(None, [(out, io.StringIO())]).rotated(), "no path, nothing to check"
     finally:
         os.close(out)
+
+
+def test_a_check_that_breaks_is_logged_not_lost(logged) -> None:
+    class Broken(LogFile):
+        def rotated(self) -> bool:
+            raise OSError("the disk went away")
+
+    clock = Clock()
+    Broken("/nowhere", []).watch(clock)
+    clock.advance(CHECK_INTERVAL)
+    assert logged == ["the log's rotation check stopped"]
