@@ -15,21 +15,8 @@ from pathlib import Path
 
 import pytest
 from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher
 
 from virby.logfile import CHECK_INTERVAL, LogFile, openedPath
-
-
-@pytest.fixture
-def logged() -> Iterator[list[str]]:
-    lines: list[str] = []
-
-    def observe(event: dict) -> None:
-        lines.append(event["log_format"].format(**event))
-
-    globalLogPublisher.addObserver(observe)
-    yield lines
-    globalLogPublisher.removeObserver(observe)
 
 
 def descriptor(path: Path) -> int:
@@ -41,36 +28,42 @@ def write(fd: int, text: str) -> None:
     os.write(fd, text.encode())
 
 
-def test_a_regular_file_is_named_by_its_path(tmp_path: Path) -> None:
-    fd = descriptor(tmp_path / "virbyd.log")
-    try:
-        assert openedPath(fd) == str(tmp_path / "virbyd.log")
-    finally:
-        os.close(fd)
+@pytest.fixture
+def stdout(tmp_path: Path) -> Iterator[tuple[Path, int]]:
+    """C{virbyd.log}, and a descriptor standing for the daemon's stdout on it."""
+    log = tmp_path / "virbyd.log"
+    fd = descriptor(log)
+    yield log, fd
+    os.close(fd)
 
 
-def test_a_renamed_file_is_named_by_its_new_name_so_the_path_is_taken_at_start(
-    tmp_path: Path,
-) -> None:
-    fd = descriptor(tmp_path / "virbyd.log")
-    try:
-        os.rename(tmp_path / "virbyd.log", tmp_path / "virbyd.log.0")
-        (tmp_path / "virbyd.log").touch()
-        assert openedPath(fd) == str(tmp_path / "virbyd.log.0")
-    finally:
-        os.close(fd)
+def logFileOf(fd: int) -> LogFile:
+    """The log as the daemon takes it at start: the path C{fd} has now, and C{fd}."""
+    return LogFile(openedPath(fd), [(fd, io.StringIO())])
 
 
-def test_a_pipe_or_a_deleted_file_has_no_path_to_reopen(tmp_path: Path) -> None:
+def test_a_regular_file_is_named_by_its_path(stdout) -> None:
+    log, fd = stdout
+    assert openedPath(fd) == str(log)
+
+
+def test_a_renamed_file_is_named_by_its_new_name_so_the_path_is_taken_at_start(stdout) -> None:
+    log, fd = stdout
+    os.rename(log, log.with_name("virbyd.log.0"))
+    log.touch()
+    assert openedPath(fd) == str(log.with_name("virbyd.log.0"))
+
+
+def test_a_pipe_or_a_deleted_file_has_no_path_to_reopen(stdout) -> None:
+    log, fd = stdout
     reader, writer = os.pipe()
-    fd = descriptor(tmp_path / "virbyd.log")
     try:
         assert openedPath(writer) is None
-        os.unlink(tmp_path / "virbyd.log")
-        assert openedPath(fd) is None
     finally:
-        for each in (reader, writer, fd):
-            os.close(each)
+        os.close(reader)
+        os.close(writer)
+    os.unlink(log)
+    assert openedPath(fd) is None
 
 
 def test_after_a_rotation_new_lines_go_to_the_new_file(tmp_path: Path, logged) -> None:
@@ -94,16 +87,12 @@ def test_after_a_rotation_new_lines_go_to_the_new_file(tmp_path: Path, logged) -
     assert logged == [f"SIGHUP: reopened the log {log}"]
 
 
-def test_a_log_newsyslog_did_not_recreate_is_created(tmp_path: Path) -> None:
-    log = tmp_path / "virbyd.log"
-    out = descriptor(log)
-    logFile = LogFile(openedPath(out), [(out, io.StringIO())])
-    try:
-        os.rename(log, tmp_path / "virbyd.log.0")
-        assert logFile.reopen("SIGHUP")
-        write(out, "after\n")
-    finally:
-        os.close(out)
+def test_a_log_newsyslog_did_not_recreate_is_created(stdout) -> None:
+    log, out = stdout
+    logFile = logFileOf(out)
+    os.rename(log, log.with_name("virbyd.log.0"))
+    assert logFile.reopen("SIGHUP")
+    write(out, "after\n")
     assert log.read_text() == "after\n"
     assert oct(log.stat().st_mode & 0o777) == oct(0o644 & ~_umask())
 
@@ -152,11 +141,11 @@ def _umask() -> int:
     return mask
 
 
-def test_on_macos_the_kernel_is_asked_with_f_getpath(tmp_path: Path, monkeypatch) -> None:
+def test_on_macos_the_kernel_is_asked_with_f_getpath(stdout, monkeypatch) -> None:
     """fcntl(fd, F_GETPATH, buf) fills a MAXPATHLEN buffer with a NUL-terminated path."""
     import fcntl
 
-    log = tmp_path / "virbyd.log"
+    log, fd = stdout
     asked: list[tuple[int, int, int]] = []
 
     def getpath(fd: int, command: int, buffer: bytes) -> bytes:
@@ -165,20 +154,14 @@ def test_on_macos_the_kernel_is_asked_with_f_getpath(tmp_path: Path, monkeypatch
 
     monkeypatch.setattr(sys, "platform", "darwin")
     monkeypatch.setattr(fcntl, "fcntl", getpath)
-    fd = descriptor(log)
-    try:
-        assert openedPath(fd) == str(log)
-    finally:
-        os.close(fd)
+    assert openedPath(fd) == str(log)
     assert asked == [(fd, getattr(fcntl, "F_GETPATH", 50), 1024)]
 
 
-def test_the_clock_finds_the_rotation_and_the_new_file_gets_the_lines(
-    tmp_path: Path, logged
-) -> None:
-    log, rotated = tmp_path / "virbyd.log", tmp_path / "virbyd.log.0"
-    out = descriptor(log)
-    logFile = LogFile(openedPath(out), [(out, io.StringIO())])
+def test_the_clock_finds_the_rotation_and_the_new_file_gets_the_lines(stdout, logged) -> None:
+    log, out = stdout
+    rotated = log.with_name("virbyd.log.0")
+    logFile = logFileOf(out)
     clock = Clock()
     check = logFile.watch(clock)
     try:
@@ -193,22 +176,17 @@ def test_the_clock_finds_the_rotation_and_the_new_file_gets_the_lines(
         assert not logFile.rotated()
     finally:
         check.stop()
-        os.close(out)
     assert rotated.read_text() == "before the check\n"
     assert log.read_text() == "after the check\n"
     assert logged == [f"the log was rotated: reopened the log {log}"]
 
 
-def test_a_rotation_that_made_no_new_file_counts(tmp_path: Path) -> None:
-    log = tmp_path / "virbyd.log"
-    out = descriptor(log)
-    try:
-        logFile = LogFile(openedPath(out), [(out, io.StringIO())])
-        os.rename(log, tmp_path / "virbyd.log.0")
-        assert logFile.rotated()
-        assert not LogFile(None, [(out, io.StringIO())]).rotated(), "no path, nothing to check"
-    finally:
-        os.close(out)
+def test_a_rotation_that_made_no_new_file_counts(stdout) -> None:
+    log, out = stdout
+    logFile = logFileOf(out)
+    os.rename(log, log.with_name("virbyd.log.0"))
+    assert logFile.rotated()
+    assert not LogFile(None, [(out, io.StringIO())]).rotated(), "no path, nothing to check"
 
 
 def test_a_check_that_breaks_is_logged_not_lost(logged) -> None:
