@@ -16,6 +16,7 @@ from virby.config import from_mapping
 from virby.daemon import DaemonCommands, DaemonService, StartupError, makeDaemonService
 from virby.hypervisor import BootError, VfkitHypervisor
 from virby.lifecycle import Lifecycle
+from virby.logfile import CHECK_INTERVAL, LogFile
 from virby.readiness import ReadyGuest
 from virby.relay import spliceAvailable
 from virby.vfkit import HostPlan
@@ -162,6 +163,25 @@ def test_a_mac_that_cannot_nest_boots_without_nested_and_says_why(
     assert daemon.describe()["warnings"] == [warning]
     assert all(signal.getsignal(signum) is not before for signum, before in signals.items())
     assert daemon._hypervisor.plan.nested is False
+
+
+def test_once_running_the_daemon_checks_on_its_clock_whether_its_log_was_rotated(
+    short_tmp, monkeypatch, signals
+) -> None:
+    checked: list[str | None] = []
+    monkeypatch.setattr(LogFile, "rotated", lambda self: checked.append(self.path) or False)
+    (short_tmp / "wd").mkdir()
+    cfg = from_mapping(
+        {"working-directory": str(short_tmp / "wd"), "vfkit": fake_vfkit(short_tmp),
+         "listen": "tcp:0:interface=127.0.0.1"}
+    )  # fmt: skip
+    reactor = MemoryReactorClock()
+    makeDaemonService(cfg, reactor)
+    reactor.run()
+    assert checked == []
+    reactor.advance(CHECK_INTERVAL)
+    reactor.advance(CHECK_INTERVAL)
+    assert len(checked) == 2
 
 
 def test_missing_rosetta_refuses_each_boot_at_once_without_vfkit(short_tmp) -> None:
