@@ -205,6 +205,12 @@ class InboundConnection(Protocol):
 
     def _guestSocketConnected(self, upstream: socket.socket, client: socket.socket) -> None:
         self._connecting = None
+        if self._closing:
+            # Closed (aborted, or the client hung up) while the connect was under way, and
+            # its connectionLost is yet to come: a relay now would take over the client's
+            # descriptor from its closing transport, which then never finishes closing.
+            relay.closeSocket(upstream)
+            return
         self._startRelay(client, upstream, b"")
 
     def _startRelay(self, client: socket.socket, upstream: socket.socket, greeting: bytes) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import socket
 from dataclasses import dataclass, field
 
 import pytest
@@ -217,6 +218,26 @@ def test_client_leaving_while_connecting_stops_the_connect() -> None:
     inbound.connectionLost(None)
     assert connector._disconnected if hasattr(connector, "_disconnected") else True
     assert backend.closed == [inbound]
+
+
+def test_a_client_closed_while_the_guest_socket_connects_is_never_relayed() -> None:
+    """
+    virby stop --force (or the client's EOF) between the guest connect starting and ending,
+    before the client's connectionLost: the guest's socket is closed and the closing client
+    transport keeps its descriptor, so that it finishes closing.
+    """
+    backend = Backend()
+    _reactor, inbound, client = accept(backend)
+    inbound.abort("forced stop")
+    upstream, other = socket.socketpair()
+    try:
+        inbound._guestSocketConnected(upstream, other)
+        assert inbound._relay is None and inbound._guestSocket is None
+        assert upstream.fileno() == -1, "the guest's socket is closed"
+        assert client.disconnecting
+    finally:
+        upstream.close()
+        other.close()
 
 
 def test_client_leaving_closes_the_guest_side() -> None:
