@@ -229,8 +229,8 @@ _LOGRUS_MESSAGE = re.compile(r'(?:^|\s)msg=("(?:[^"\\]|\\.)*"|\S+)')
 def vfkit_error(line: str) -> str | None:
     """
     The error in one line of vfkit's stderr, if it reports one: a logrus line at level
-    error, fatal or panic (its C{msg}), or a bare line, which is how vfkit prints the error
-    it exits with (cmd/vfkit/root.go: C{fmt.Fprintln(os.Stderr, err)}).
+    error, fatal or panic (its C{msg}), or a bare line (not logrus's).  The error vfkit
+    exits with comes through cobra instead (L{VfkitProtocol}).
     """
     text = line.strip()
     level = _LOGRUS_LEVEL.search(text)
@@ -255,9 +255,11 @@ class VfkitProtocol(ProcessProtocol):
     Logs what vfkit writes (its log on stderr, anything on stdout) and reports its exit at
     once.  The guest's console is not here: it is in C{serial.log}.
 
-    vfkit reports a refused command line the way cobra does: C{Error: <why>}, then the
-    whole usage text, then C{<why>} again.  The first line is the one that matters; the
-    usage text goes to the debug log and the repeated line is dropped.
+    vfkit ends on every error its command returns the way cobra does: C{Error: <why>}, then
+    the whole usage text, then C{<why>} again (cmd/vfkit/root.go C{Execute}); a VM that
+    fails while running ends so too, with no logrus line (C{virtualization error: ...},
+    cmd/vfkit/main.go).  The first line is the one that matters, and is the exit's reason;
+    the usage text goes to the debug log and the repeated line is dropped.
     """
 
     def __init__(self) -> None:
@@ -285,6 +287,7 @@ class VfkitProtocol(ProcessProtocol):
     def _logVfkit(self, line: str) -> None:
         if line.startswith("Error: "):
             self._refusal = line[len("Error: ") :]
+            self.lastError = oneLine(self._refusal)[:300] or self.lastError
             self._inUsage = False
             log.warn("vfkit: {line}", line=line)
             return

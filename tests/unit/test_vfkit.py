@@ -493,6 +493,21 @@ def test_vfkit_errors_are_read_from_its_log(line: str, error: str | None) -> Non
     assert vfkit_error(line) == error
 
 
+def test_the_exit_carries_the_error_vfkit_returns_through_cobra() -> None:
+    """cmd/vfkit/main.go returns it, cmd/vfkit/root.go prints it: no logrus line at all."""
+    protocol = VfkitProtocol()
+    protocol.errReceived(b'time="x" level=info msg="waiting for VM to stop"\n')
+    why = b"virtualization error: hypervisor virtualization error"
+    protocol.errReceived(b"Error: " + why + b"\nUsage:\n  vfkit [flags]\n\nFlags:\n")
+    protocol.errReceived(b"      --bootloader string   bootloader configuration\n\n" + why + b"\n")
+    protocol.processEnded(Failure(ProcessTerminated(1)))
+    status = protocol.status
+    assert status is not None
+    assert status.describe() == (
+        "exited with status 1 (vfkit: virtualization error: hypervisor virtualization error)"
+    )
+
+
 def test_the_exit_carries_vfkits_last_error() -> None:
     protocol = VfkitProtocol()
     protocol.errReceived(b'time="x" level=info msg="virtual machine is running"\n')

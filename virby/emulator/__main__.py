@@ -73,6 +73,14 @@ def refuse(error: UsageError) -> int:
     if isinstance(error, EmulatorError):
         sys.stderr.write(f"{error}\n")
         return 1
+    return exitAsCobra(str(error))
+
+
+def exitAsCobra(error: str) -> int:
+    """
+    What cobra prints for an error that vfkit's command returns (C{RunE}, no
+    C{SilenceErrors}/C{SilenceUsage}), and what C{Execute} adds: the exit status is 1.
+    """
     sys.stderr.write(f"Error: {error}\n{USAGE}\n{error}\n")
     sys.stderr.flush()
     return 1
@@ -175,6 +183,9 @@ def main(argv: list[str] | None = None, stdin: int = 0) -> int:
         # An exit handler registered by the REST server (pkg/rest/rest.go Start).
         with contextlib.suppress(FileNotFoundError):
             os.unlink(endpoint.path)
+    if machine.error is not None:
+        # runVirtualMachine returns it: cmd/vfkit/main.go, then cmd/vfkit/root.go Execute.
+        return exitAsCobra(machine.error)
     return machine.exitCode
 
 

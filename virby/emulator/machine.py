@@ -78,6 +78,8 @@ class EmulatedMachine:
         self._guardian: IProcessTransport | None = None
         self._stateDir: str | None = None
         self._exitCode = 0
+        #: The error vfkit's command returns, when the VM failed.
+        self.error: str | None = None
         self._poweringOff = False
         self._bootCall: IDelayedCall | None = None
         self.guestState = guest.GuestState()
@@ -194,7 +196,9 @@ class EmulatedMachine:
             self.reactor.callLater(self.settings.crash_after, self._crash)
 
     def _crash(self) -> None:
-        vfkit_log("error", "virtualization error: hypervisor virtualization error")
+        # vfkit logs nothing here: waitForVMState's error is returned through cobra, which
+        # the emulator's main prints once the machine is off (cmd/vfkit/main.go).
+        self.error = "virtualization error: hypervisor virtualization error"
         self.state = "Error"
         self._exitCode = 1
         self._powerOff()
