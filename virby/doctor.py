@@ -94,7 +94,7 @@ from virby.layout import (
     checkWorkingDirectory,
     directoryMode,
 )
-from virby.leases import Lease, newest_ip, normalize_mac, parse_leases
+from virby.leases import GUEST_HOSTNAME, Lease, newest_ip, normalize_mac, parse_leases
 from virby.prepare import recorded_image
 from virby.status import query
 from virby.vfkit import VfkitNotFound, find_vfkit, vfkit_arguments
@@ -360,7 +360,7 @@ class Doctor:
         return ok(detail + (f"; last error: {error}" if error else ""))
 
     def port(self) -> Finding:
-        where = f"127.0.0.1:{self.config.port}"
+        where = f"127.0.0.1:{self.config.builder_port}"
         if not self.root:
             return sudo(f"who holds {where}")
         argv = [LSOF, "+c", "0", "-nP", f"-iTCP@{where}", "-sTCP:LISTEN", "-Fpc"]
@@ -621,10 +621,11 @@ class Doctor:
             return fail(f"the last boot got no address ({error})", self._firewall())
         if ip is not None:
             return ok(f"bootpd gave {mac} {ip}; the VM is not running")
-        duid = [lease for lease in leases if lease.name == "virby-vm" and not lease.hw_address]
+        duid = [lease for lease in leases if lease.name == GUEST_HOSTNAME and lease.is_duid]
         if duid:
             return fail(
-                "bootpd keyed virby-vm's lease by a DUID, not its MAC: the daemon cannot find it",
+                f"bootpd keyed {GUEST_HOSTNAME}'s lease by a DUID, not its MAC: the daemon "
+                "cannot find it",
                 'the image must send its MAC as DHCP client id (dhcpcd clientid "")',
             )
         if mac is None:

@@ -255,6 +255,13 @@ def test_the_port_held_by_another_program(machine) -> None:
     assert finding.fix is not None and "services.virby.port" in finding.fix
 
 
+def test_the_port_checked_is_the_one_listen_names(machine) -> None:
+    config = dataclasses.replace(machine["config"], listen="tcp:31333:interface=127.0.0.1")
+    machine["mac"].lsof = ""
+    detail = failed(examine(machine, config))["port"].detail
+    assert detail == "nothing listens on 127.0.0.1:31333"
+
+
 def test_nothing_listening_on_the_port(machine) -> None:
     machine["mac"].lsof = ""
     assert failed(examine(machine))["port"].detail == "nothing listens on 127.0.0.1:31222"
