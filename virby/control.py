@@ -193,11 +193,11 @@ class ControlProtocol(Protocol):
     def connectionMade(self) -> None:
         uid = self.factory.peerUid(self.transport)
         if uid is None or uid not in self.factory.allowed:
-            who = "someone the system would not name" if uid is None else _userName(uid)
+            who = "someone the system would not name" if uid is None else f"uid {uid}"
             log.info("refused a control request from {who}", who=who)
             self._reply(
                 errorReply(
-                    f"only root and the daemon's user ({_userName(self.factory.owner)}) may "
+                    f"only root and the daemon's user ({self.factory.ownerName}) may "
                     "ask the daemon: run the command with sudo"
                 )
             )
@@ -302,6 +302,9 @@ class ControlFactory(Factory[ControlProtocol]):
         self.clock = clock
         self.peerUid = peerUid
         self.owner = os.geteuid()
+        # Looked up once, before the reactor runs: the user database can be slow on a Mac
+        # (opendirectoryd, network accounts), and a refusal must not wait on it.
+        self.ownerName = _userName(self.owner)
         self.allowed = allowed if allowed is not None else frozenset({0, self.owner})
 
 
