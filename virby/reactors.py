@@ -49,7 +49,7 @@ class ISpliceReactor(IProbeReactor, IRelayReactor):
 
 
 class IProcessReactor(IReactorProcess, IReactorTime):
-    """A child process bounded in time (L{virby.freshdisk}, L{virby.orphans})."""
+    """A child process bounded in time (L{virby.freshdisk}, and vfkit with its stop sequence)."""
 
 
 class IRestReactor(IReactorUNIX, IReactorTime):

@@ -61,11 +61,11 @@ _TIMEOUTS = (defer.TimeoutError, defer.CancelledError, neterror.TimeoutError)
 
 def _classify(e: Exception, what: str, socket_path: str, timeout: float) -> RestError:
     """The L{RestError} that says what happened to a request that got no answer."""
-    from twisted.web.client import ResponseFailed, ResponseNeverReceived
+    from twisted.web.client import ResponseFailed  # ResponseNeverReceived is one too
 
     if isinstance(e, _TIMEOUTS):
         return RestTimeout(f"vfkit did not answer {what} within {timeout:g}s")
-    if isinstance(e, ResponseFailed | ResponseNeverReceived):
+    if isinstance(e, ResponseFailed):
         reasons = getattr(e, "reasons", [])
         if any(reason.check(*_TIMEOUTS) for reason in reasons):
             return RestTimeout(f"vfkit did not answer {what} within {timeout:g}s")
