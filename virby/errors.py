@@ -37,3 +37,8 @@ def oneLine(what: Failure | BaseException | str) -> str:
         error = what.value if isinstance(what, Failure) else what
         text = str(error) or type(error).__name__
     return " ".join(text.split())
+
+
+def clip(text: str, limit: int) -> str:
+    """C{text}, cut to C{limit} characters with an ellipsis when longer: for quoting."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -22,7 +22,7 @@ import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from virby.errors import VirbyError
+from virby.errors import VirbyError, clip
 
 #: The hostname Virby's image sends with DHCP, which bootpd records as the lease's C{name}.
 GUEST_HOSTNAME = "virby-vm"
@@ -178,7 +178,7 @@ class LeaseFile:
             if lease.name == GUEST_HOSTNAME and lease.is_duid:
                 return (
                     f"{self.path} holds a lease for {GUEST_HOSTNAME} ({lease.ip_address}) "
-                    f"under a DUID client id (hw_address={_clip(lease.client_id or '')}), so "
+                    f"under a DUID client id (hw_address={clip(lease.client_id or '', 40)}), so "
                     "bootpd recorded no MAC: the guest must send its MAC as DHCP client id "
                     '(Virby\'s image sets dhcpcd `clientid ""`; rebuild the image from this '
                     "version, or set networkd's ClientIdentifier=mac)"
@@ -252,7 +252,3 @@ def _kind(mode: int) -> str:
         if test(mode):
             return name
     return "not a file"
-
-
-def _clip(text: str, limit: int = 40) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."

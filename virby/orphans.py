@@ -28,7 +28,7 @@ from twisted.internet.interfaces import IReactorProcess, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.internet.utils import getProcessOutputAndValue
 
-from virby.errors import VirbyError
+from virby.errors import VirbyError, clip
 from virby.layout import DIFF_IMAGE, REST_SOCKET, VFKIT_PIDFILE
 from virby.logs import Logger
 from virby.reactors import IVMReactor
@@ -161,7 +161,7 @@ async def stop_orphan(
             "({command}): leaving it alone",
             pidfile=pidfile,
             pid=pid,
-            command=_clip(command or "its command line cannot be read"),
+            command=clip(command or "its command line cannot be read", 300),
         )
         remove_quietly(pidfile)
         return None
@@ -191,7 +191,3 @@ async def stop_orphan(
     remove_quietly(socket)
     log.info("stopped the leftover vfkit (pid {pid})", pid=pid)
     return pid
-
-
-def _clip(text: str, limit: int = 300) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
