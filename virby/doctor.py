@@ -424,11 +424,7 @@ class Doctor:
         try:
             return os.lstat(self.config.path(CONTROL_SOCKET)).st_uid
         except OSError:
-            pass
-        try:
-            return pwd.getpwnam(DAEMON_USER).pw_uid
-        except KeyError:
-            return None
+            return self.runner.userId(DAEMON_USER)
 
     def _needs_working_directory(self) -> None:
         if not self.seen.working_directory:
@@ -876,10 +872,11 @@ def run(
     config_file: str | None = None,
     out: TextIO | None = None,
     runner: Runner | None = None,
+    euid: int | None = None,
 ) -> int:
     """C{virby doctor}: 1 when any check failed, else 0 (checks that need root do not fail)."""
     out = out or sys.stdout
-    findings = Doctor(config, runner, config_file=config_file, ssh=ssh).run()
+    findings = Doctor(config, runner, config_file=config_file, ssh=ssh, euid=euid).run()
     failed = [f for f in findings if f.status is Status.FAIL]
     needs_root = [f for f in findings if f.status is Status.SUDO]
     if as_json:

@@ -25,6 +25,7 @@ and for short-lived commands, never for code on a running reactor.
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import subprocess
 import sys
@@ -81,6 +82,9 @@ class Runner(Protocol):
     def exists(self, path: str) -> bool:
         """Whether C{path} exists."""
 
+    def userId(self, name: str) -> int | None:
+        """The uid of the user C{name}, or C{None} when the host has no such user."""
+
 
 class MacRunner:
     """Runs the commands for real (macOS)."""
@@ -106,6 +110,12 @@ class MacRunner:
 
     def exists(self, path: str) -> bool:
         return os.path.exists(path)
+
+    def userId(self, name: str) -> int | None:
+        try:
+            return pwd.getpwnam(name).pw_uid
+        except KeyError:
+            return None
 
 
 @dataclass(frozen=True)
@@ -222,6 +232,13 @@ class PlayedMac:
 
     def exists(self, path: str) -> bool:
         return path == ROSETTA_RUNTIME and self.apple_silicon and self.rosetta == "installed"
+
+    def userId(self, name: str) -> int | None:
+        """
+        None: the played Mac's daemon runs as whoever started it, never as a user the
+        module made, whatever users this system has.
+        """
+        return None
 
 
 def default_runner() -> Runner:

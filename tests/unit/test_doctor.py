@@ -83,6 +83,9 @@ class ScriptedMac:
         }
         self.lsof = f"p1\nclaunchd\np{DAEMON_PID}\ncvirbyd\n"
         self.files = {ROSETTA_RUNTIME}
+        #: The host's users: none by default, so no test depends on the users of the host
+        #: that runs it (a Mac where Virby was installed before has a _virby).
+        self.users: dict[str, int] = {}
         self.asked: list[tuple[str, ...]] = []
 
     def run(self, argv: Sequence[str], timeout: float | None = None) -> str:
@@ -98,6 +101,9 @@ class ScriptedMac:
 
     def exists(self, path: str) -> bool:
         return path in self.files
+
+    def userId(self, name: str) -> int | None:
+        return self.users.get(name)
 
 
 @pytest.fixture
@@ -209,7 +215,7 @@ def test_the_command_prints_one_line_a_check_and_exits_0(machine, monkeypatch) -
     monkeypatch.setattr(doctor, "default_runner", lambda: machine["mac"])
     monkeypatch.setattr(doctor.Doctor, "_boot_started", lambda self: None)
     out = io.StringIO()
-    code = doctor.run(machine["config"], as_json=False, config_file="/c.json", out=out)
+    code = doctor.run(machine["config"], as_json=False, config_file="/c.json", out=out, euid=0)
     assert code == 0, out.getvalue()
     lines = out.getvalue().splitlines()
     assert len(lines) == 13 and lines[-1] == "no check failed"
@@ -283,6 +289,16 @@ def test_files_with_drifted_modes_and_a_missing_known_hosts(machine) -> None:
         "ssh_user_ed25519_key is 0644, not 0600; ssh_known_hosts is missing"
     )
     assert found["keys"].detail == "ssh_known_hosts is missing"
+
+
+def test_without_a_daemon_the_owner_is_the_hosts_daemon_user(machine) -> None:
+    """No control socket: the working directory must be the module's user's, when it exists."""
+    me = os.geteuid()
+    machine["mac"].users["_virby"] = me
+    assert "working-dir" not in failed(examine(machine))
+    machine["mac"].users["_virby"] = me + 1
+    found = failed(examine(machine))
+    assert "not the daemon's user" in found["working-dir"].detail
 
 
 def test_files_owned_by_someone_else(machine) -> None:
@@ -503,7 +519,7 @@ def test_json_for_scripts(machine, monkeypatch) -> None:
     monkeypatch.setattr(doctor, "default_runner", lambda: machine["mac"])
     os.chmod(machine["config"].working_directory, 0o755)
     out = io.StringIO()
-    assert doctor.run(machine["config"], as_json=True, out=out) == 1
+    assert doctor.run(machine["config"], as_json=True, out=out, euid=0) == 1
     document = json.loads(out.getvalue())
     assert document["ok"] is False and document["needs_sudo"] == []
     (failure,) = [c for c in document["checks"] if c["status"] == "fail"]
