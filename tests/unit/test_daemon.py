@@ -18,7 +18,6 @@ from virby.hypervisor import BootError, VfkitHypervisor
 from virby.lifecycle import Lifecycle
 from virby.logfile import CHECK_INTERVAL, LogFile
 from virby.readiness import ReadyGuest
-from virby.relay import spliceAvailable
 from virby.vfkit import HostPlan
 
 
@@ -372,7 +371,7 @@ def test_the_builder_port_serves_as_many_connections_as_its_descriptors_allow(sh
     assert isinstance(factory, ConnectionLimit) and factory.limit == 480
 
 
-@pytest.mark.skipif(not spliceAvailable(), reason="splice(2) is Linux's")
+@pytest.mark.linux
 def test_the_relays_pipes_are_held_to_the_budget_that_counts_the_connections(short_tmp) -> None:
     from virby.capacity import ConnectionLimit, DescriptorLimit
 

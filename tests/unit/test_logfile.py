@@ -37,16 +37,22 @@ def stdout(tmp_path: Path) -> Iterator[tuple[Path, int]]:
     os.close(fd)
 
 
-def logFileOf(fd: int) -> LogFile:
-    """The log as the daemon takes it at start: the path C{fd} has now, and C{fd}."""
-    return LogFile(openedPath(fd), [(fd, io.StringIO())])
+def logFileOf(log: Path, fd: int) -> LogFile:
+    """
+    The log as the daemon takes it at start: the path C{fd} has now, and C{fd}.  The path is
+    the one the test opened: the kernel's own naming of it (L{openedPath}) has tests of its
+    own, Linux's through C{/proc} and the Mac's through C{F_GETPATH}.
+    """
+    return LogFile(str(log), [(fd, io.StringIO())])
 
 
+@pytest.mark.linux
 def test_a_regular_file_is_named_by_its_path(stdout) -> None:
     log, fd = stdout
     assert openedPath(fd) == str(log)
 
 
+@pytest.mark.linux
 def test_a_renamed_file_is_named_by_its_new_name_so_the_path_is_taken_at_start(stdout) -> None:
     log, fd = stdout
     os.rename(log, log.with_name("virbyd.log.0"))
@@ -54,14 +60,18 @@ def test_a_renamed_file_is_named_by_its_new_name_so_the_path_is_taken_at_start(s
     assert openedPath(fd) == str(log.with_name("virbyd.log.0"))
 
 
-def test_a_pipe_or_a_deleted_file_has_no_path_to_reopen(stdout) -> None:
-    log, fd = stdout
+def test_a_pipe_has_no_path_to_reopen() -> None:
     reader, writer = os.pipe()
     try:
         assert openedPath(writer) is None
     finally:
         os.close(reader)
         os.close(writer)
+
+
+@pytest.mark.linux
+def test_a_deleted_file_has_no_path_to_reopen(stdout) -> None:
+    log, fd = stdout
     os.unlink(log)
     assert openedPath(fd) is None
 
@@ -70,7 +80,7 @@ def test_after_a_rotation_new_lines_go_to_the_new_file(tmp_path: Path, logged) -
     log, rotated = tmp_path / "virbyd.log", tmp_path / "virbyd.log.0"
     out, err = descriptor(log), descriptor(log)
     stream = io.StringIO()
-    logFile = LogFile(openedPath(out), [(out, stream), (err, stream)])
+    logFile = LogFile(str(log), [(out, stream), (err, stream)])
     try:
         write(out, "before\n")
         os.rename(log, rotated)  # newsyslog: rename, then a new file, then SIGHUP
@@ -89,7 +99,7 @@ def test_after_a_rotation_new_lines_go_to_the_new_file(tmp_path: Path, logged) -
 
 def test_a_log_newsyslog_did_not_recreate_is_created(stdout) -> None:
     log, out = stdout
-    logFile = logFileOf(out)
+    logFile = logFileOf(log, out)
     os.rename(log, log.with_name("virbyd.log.0"))
     assert logFile.reopen("SIGHUP")
     write(out, "after\n")
@@ -102,7 +112,7 @@ def test_a_log_that_cannot_be_opened_keeps_the_old_file(tmp_path: Path, logged) 
     folder.mkdir()
     log = folder / "virbyd.log"
     out = descriptor(log)
-    logFile = LogFile(openedPath(out), [(out, io.StringIO())])
+    logFile = logFileOf(log, out)
     try:
         os.rename(log, tmp_path / "virbyd.log.0")
         folder.rmdir()
@@ -122,6 +132,7 @@ def test_without_a_file_there_is_nothing_to_reopen(logged) -> None:
     assert logged == ["SIGHUP: the log is not a file, so there is nothing to reopen"]
 
 
+@pytest.mark.linux
 def test_stdout_and_stderr_are_both_moved_only_when_they_share_the_file(tmp_path: Path) -> None:
     """As launchd opens them: StandardOutPath and StandardErrorPath are the same file."""
     program = (
@@ -161,7 +172,7 @@ def test_on_macos_the_kernel_is_asked_with_f_getpath(stdout, monkeypatch) -> Non
 def test_the_clock_finds_the_rotation_and_the_new_file_gets_the_lines(stdout, logged) -> None:
     log, out = stdout
     rotated = log.with_name("virbyd.log.0")
-    logFile = logFileOf(out)
+    logFile = logFileOf(log, out)
     clock = Clock()
     check = logFile.watch(clock)
     try:
@@ -183,7 +194,7 @@ def test_the_clock_finds_the_rotation_and_the_new_file_gets_the_lines(stdout, lo
 
 def test_a_rotation_that_made_no_new_file_counts(stdout) -> None:
     log, out = stdout
-    logFile = logFileOf(out)
+    logFile = logFileOf(log, out)
     os.rename(log, log.with_name("virbyd.log.0"))
     assert logFile.rotated()
     assert not LogFile(None, [(out, io.StringIO())]).rotated(), "no path, nothing to check"

@@ -67,6 +67,7 @@ def test_is_alive() -> None:
     assert not is_alive(2**22 + 12345)
 
 
+@pytest.mark.linux
 @pytest_twisted.ensureDeferred
 async def test_command_line_reads_the_process_arguments() -> None:
     from twisted.internet import reactor
@@ -180,22 +181,24 @@ def test_a_dead_pid_is_only_cleaned_up(tmp_path) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_command_line_through_ps_as_on_macos(monkeypatch) -> None:
-    """The macOS path (ps -ww, run as a child process), taken here with Linux's ps."""
-    import shutil
-
+async def test_command_line_through_ps_as_on_macos(monkeypatch, short_tmp) -> None:
+    """
+    The macOS path: C{ps -ww -o command= -p PID} as a child process, where there is no
+    C{/proc}.  The C{ps} here plays BSD's: the command line alone, no header, and exit
+    status 1 with nothing printed when no process has the pid.
+    """
     from twisted.internet import reactor
 
     import virby.orphans
 
-    ps = shutil.which("ps")
-    if ps is None:
-        pytest.skip("no ps")
-    real_isdir = os.path.isdir
-    monkeypatch.setattr(
-        virby.orphans.os.path, "isdir", lambda p: p != "/proc/self" and real_isdir(p)
+    ps = short_tmp / "ps"
+    ps.write_text(
+        "#!/bin/sh\n"
+        '[ "$*" = "-ww -o command= -p 4242" ] || exit 1\n'
+        "echo '/usr/bin/vfkit --cpus 2 --restful-uri unix:///var/lib/virby/vfkit.sock'\n"
     )
-    monkeypatch.setattr(virby.orphans, "PS", ps)
-    command = await command_line(reactor, os.getpid())
-    assert command is not None and "pytest" in command and "\n" not in command
-    assert await command_line(reactor, 2**22 + 12345) is None
+    ps.chmod(0o755)
+    monkeypatch.setattr(virby.orphans, "PS", str(ps))
+    command = await command_line(reactor, 4242, proc=None)
+    assert command == "/usr/bin/vfkit --cpus 2 --restful-uri unix:///var/lib/virby/vfkit.sock"
+    assert await command_line(reactor, 2**22 + 12345, proc=None) is None
