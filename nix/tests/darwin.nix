@@ -170,6 +170,7 @@ let
           {
             enabledTestPaths = args.enabledTestPaths or null;
             pytestFlagsArray = args.pytestFlagsArray or null;
+            disabledTestMarks = args.disabledTestMarks or null;
             darwinAllowLocalNetworking = args.__darwinAllowLocalNetworking or false;
             postInstall = args.postInstall or null;
           }

@@ -330,7 +330,28 @@ def test_the_package_runs_the_unit_tests_in_the_darwin_sandbox(results: dict) ->
     check = result(results, "default")["packageCheck"]
     # pytestCheckHook takes test paths in enabledTestPaths; pytestFlagsArray is for flags.
     assert check["enabledTestPaths"] == ["tests/unit"] and check["pytestFlagsArray"] is None
+    # A Mac has no splice(2), /proc or epoll: the tests of those branches are left out there.
+    assert check["disabledTestMarks"] == ["linux"]
     # The unit tests listen on loopback, which Nix's darwin sandbox refuses without this.
     assert check["darwinAllowLocalNetworking"] is True
     # A plugin cache built at install time is ignored in the store (all mtimes equal).
     assert check["postInstall"] is None
+
+
+def test_the_package_leaves_out_the_linux_tests_on_darwin_only(pair: Pair) -> None:
+    """The same expression, called for a Linux system, runs every unit test."""
+    expression = (
+        "{ nixpkgsLib, system }: let pkgs = import ./nix/tests/stub-pkgs.nix "
+        "{ lib = import ./nix/tests/nixpkgs-lib.nix nixpkgsLib; inherit system; }; in "
+        "(pkgs.callPackage ./nix/package.nix { }).stubArgs.disabledTestMarks"
+    )
+    marks = {}
+    for system in ("aarch64-darwin", "aarch64-linux", "x86_64-linux"):
+        found = subprocess.run(
+            ["nix-instantiate", "--eval", "--strict", "--json", "--readonly-mode", "--expr",
+             expression, "--arg", "nixpkgsLib", str(pair.lib), "--argstr", "system", system],
+            capture_output=True, text=True, timeout=120, cwd=ROOT,
+        )  # fmt: skip
+        assert found.returncode == 0, found.stderr
+        marks[system] = json.loads(found.stdout)
+    assert marks == {"aarch64-darwin": ["linux"], "aarch64-linux": [], "x86_64-linux": []}
