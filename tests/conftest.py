@@ -4,13 +4,19 @@ Test-wide settings, and the test mode that plays Nix's macOS build sandbox.
 The package's check phase runs C{pytest tests/unit} on the user's Mac inside Nix's build
 sandbox, where C{TMPDIR} is long (C{/private/tmp/nix-build-virby-0.1.0.drv-0/...}), a unix
 socket path holds at most 103 bytes, and APFS clones files.  With
-C{VIRBY_TEST_MACOS_SANDBOX=1} (C{dev/test} runs C{tests/unit} so), this machine plays it:
+C{VIRBY_TEST_MACOS_SANDBOX=1}, this machine plays it:
 
- - C{TMPDIR} is longer than the Mac's, for this process and every process it starts;
- - binding or connecting a unix socket path of more than 103 bytes fails as on macOS, in
-   this process and in every Python process it starts (C{tests/macos_sandbox});
+ - C{TMPDIR} is at least as long as the Mac's, for this process and every process it starts
+   (a long one already given is kept);
+ - in this process and in every Python process it starts (C{tests/macos_sandbox}), Python
+   lacks what a Mac's lacks: a unix socket path of more than 103 bytes fails, an abstract
+   name is a path that is not found, and C{os.splice} and C{select.epoll} are gone;
  - copying a disk clones it, as APFS's C{clonefile} does, so no test may assume a sparse
    copy unless it asks for one.
+
+C{dev/check-phase} (L{testbed.checkphase}) runs the mode as strictly as the Mac's build: the
+package's fileset alone, an unprivileged build user, a C{_virby} user on the host, no
+C{/proc}, and the tests marked C{linux} deselected, as the package deselects them on darwin.
 
 Tests that need a unix socket or a working directory take L{short_tmp}: a directory under
 C{/tmp}, short on both systems, since a working directory must leave room for its sockets.
@@ -48,8 +54,9 @@ def sandboxed() -> bool:
 def pytest_configure(config: pytest.Config) -> None:
     if not sandboxed():
         return
-    os.makedirs(SANDBOX_TMPDIR, exist_ok=True)
-    os.environ["TMPDIR"] = SANDBOX_TMPDIR
+    if len(os.environ.get("TMPDIR", "")) < len(SANDBOX_TMPDIR):
+        os.makedirs(SANDBOX_TMPDIR, exist_ok=True)
+        os.environ["TMPDIR"] = SANDBOX_TMPDIR
     tempfile.tempdir = None
     os.environ["PYTHONPATH"] = os.pathsep.join(
         [str(SHIM), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
@@ -68,7 +75,10 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 def pytest_report_header(config: pytest.Config) -> str | None:
     if sandboxed():
-        return f"macOS sandbox mode: TMPDIR={SANDBOX_TMPDIR}, unix socket paths <= 103 bytes"
+        return (
+            f"macOS sandbox mode: TMPDIR={os.environ['TMPDIR']}, unix socket paths <= 103 bytes, "
+            "no abstract socket names, no os.splice or select.epoll"
+        )
     return None
 
 

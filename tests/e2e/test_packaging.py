@@ -8,16 +8,13 @@ that forgets the directory ships a daemon twistd cannot find.
 Everything here runs from a wheel installed into a fresh environment, with this source tree
 nowhere on ``sys.path`` and no ``twistd`` on ``PATH``.
 
-And the package's check phase runs the unit tests on the package's source alone (the fileset
-of nix/package.nix), in Nix's macOS build sandbox: a failing check fails the user's
-``darwin-rebuild switch``, so that run is played here too.
+The package's check phase (the unit tests on the package's source alone, as a Mac's build
+runs them) is played by ``dev/check-phase``, which ``dev/test`` runs first.
 """
 
 from __future__ import annotations
 
 import os
-import re
-import shutil
 import subprocess
 import sys
 import sysconfig
@@ -138,53 +135,3 @@ def test_virbyd_refuses_what_twistd_virby_refuses(installed: Path, tmp_path: Pat
     )  # fmt: skip
     assert result.returncode == 1
     assert "cannot read" in result.stderr and "Traceback" not in result.stderr
-
-
-def package_source() -> list[str]:
-    """The top-level paths that nix/package.nix gives its build, as its fileset names them."""
-    text = (REPO / "nix" / "package.nix").read_text()
-    found = re.search(r"fileset\.unions \[(.*?)\];", text, re.DOTALL)
-    assert found is not None, "nix/package.nix has no lib.fileset.unions list"
-    return re.findall(r"\.\./([\w.-]+)", found.group(1))
-
-
-def test_the_check_phase_passes_on_the_package_source_alone(
-    installed: Path, tmp_path: Path
-) -> None:
-    """
-    What nixpkgs' pytestCheckHook runs (nix/package.nix: C{tests/unit}), in a copy of the
-    package's source and nothing else: the bare interpreter with the installed package and
-    its dependencies on C{PYTHONPATH} (so no C{virbyd} or C{twistd} beside it), no Nix
-    fixtures, a home that does not exist, and the macOS sandbox mode (long TMPDIR, 103-byte
-    socket paths).
-    """
-    names = package_source()
-    assert {"virby", "tests", "pyproject.toml"} <= set(names), names
-    source = tmp_path / "source"
-    source.mkdir()
-    for name in names:
-        if (REPO / name).is_dir():
-            ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-            shutil.copytree(REPO / name, source / name, ignore=ignore)
-        else:
-            shutil.copy2(REPO / name, source / name)
-    site = subprocess.run(
-        [str(installed / "bin" / "python"), "-c",
-         "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True, text=True, check=True,
-    ).stdout.strip()  # fmt: skip
-    env = {
-        "PATH": os.environ["PATH"],
-        "PYTHONPATH": os.pathsep.join([site, sysconfig.get_paths()["purelib"]]),
-        "HOME": "/homeless-shelter",
-        "LANG": "C.UTF-8",
-        "VIRBY_TEST_MACOS_SANDBOX": "1",
-    }
-    python = getattr(sys, "_base_executable", sys.executable)
-    assert not (Path(python).parent / "twistd").exists(), "an interpreter without twistd"
-    result = subprocess.run(
-        [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/unit"],
-        capture_output=True, text=True, timeout=900, cwd=str(source), env=env,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout.splitlines()[-1]
