@@ -22,6 +22,16 @@ from virby.errors import VirbyError
 #: The longest reply read: a status document is a few kilobytes.
 MAX_REPLY = 1024 * 1024
 
+#: The daemon's launchd job, as C{nix/module.nix} names it, and where launchd sends its
+#: output: the fixes of every command that asks the daemon name them.
+LAUNCHD_LABEL = "org.nixos.virbyd"
+LAUNCHD_PLIST = f"/Library/LaunchDaemons/{LAUNCHD_LABEL}.plist"
+DAEMON_LOG = "/var/log/virbyd.log"
+#: The fix when the job is loaded but its daemon is not running (or is stuck).
+RESTART_FIX = f"sudo launchctl kickstart -k system/{LAUNCHD_LABEL}, and read {DAEMON_LOG}"
+#: The fix when launchd has no such job, so nothing holds the builder's port.
+LOAD_FIX = f"sudo launchctl bootstrap system {LAUNCHD_PLIST} (or darwin-rebuild switch)"
+
 
 class DaemonDown(VirbyError):
     """Nothing answers on the control socket."""
@@ -61,7 +71,7 @@ def ask(path: str, command: str, *, force: bool = False, timeout: float = 5.0) -
             return {"ok": True, "status": reply}  # a daemon from before the protocol
         raise Refused(
             f"the daemon running now predates `virby {command}`: restart it (sudo launchctl "
-            "kickstart -k system/org.nixos.virbyd) and try again"
+            f"kickstart -k system/{LAUNCHD_LABEL}) and try again"
         )
     if reply.get("ok") is not True:
         raise Refused(str(reply.get("error") or "the daemon refused without saying why"))

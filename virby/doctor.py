@@ -60,7 +60,14 @@ from typing import Any, TextIO
 
 from virby import keys
 from virby.config import MIB, Config
-from virby.controlclient import DaemonDown, NotAllowed
+from virby.controlclient import (
+    DAEMON_LOG,
+    LAUNCHD_LABEL,
+    LOAD_FIX,
+    RESTART_FIX,
+    DaemonDown,
+    NotAllowed,
+)
 from virby.errors import VirbyError
 from virby.hostfacts import (
     LAUNCHCTL,
@@ -103,10 +110,6 @@ from virby.vfkit import VfkitNotFound, find_vfkit, vfkit_arguments
 #: in the guest would fail: less than this (or than all the disk may still grow) fails.
 ROOM_TO_BUILD = 5 * 1024**3
 
-#: The daemon's launchd job, as C{nix/module.nix} names it.
-LAUNCHD_LABEL = "org.nixos.virbyd"
-LAUNCHD_PLIST = f"/Library/LaunchDaemons/{LAUNCHD_LABEL}.plist"
-DAEMON_LOG = "/var/log/virbyd.log"
 BOOTPD = "/usr/libexec/bootpd"
 #: The user launchd runs the daemon as (C{nix/module.nix}).
 DAEMON_USER = "_virby"
@@ -284,7 +287,7 @@ class Doctor:
         )
 
     def _restart_fix(self) -> str:
-        return f"sudo launchctl kickstart -k system/{LAUNCHD_LABEL}, and read {DAEMON_LOG}"
+        return RESTART_FIX
 
     @staticmethod
     def _owner_name(uid: int | None) -> str | None:
@@ -319,7 +322,7 @@ class Doctor:
             if e.status == NO_SUCH_SERVICE or "Could not find service" in str(e):
                 return fail(
                     f"{LAUNCHD_LABEL} is not loaded",
-                    f"sudo launchctl bootstrap system {LAUNCHD_PLIST} (or darwin-rebuild switch)",
+                    LOAD_FIX,
                 )
             return skip(f"cannot ask launchd: {e}")
         job = parse_launchctl(text)
