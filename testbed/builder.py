@@ -99,6 +99,25 @@ class Builder:
             daemon.wait_for_line(r"serving the builder on", timeout=60)
         return daemon
 
+    def socket_activated(self) -> ProcessUnderTest:
+        """
+        The daemon as launchd runs an on-demand job: C{systemd-socket-activate} binds the
+        builder's port now and starts the daemon, handing it the socket, at the first
+        connection.  Returns once the port is bound, with no daemon running yet.
+        """
+        activator = ProcessUnderTest(
+            [shutil.which("systemd-socket-activate") or "systemd-socket-activate",
+             "-l", f"127.0.0.1:{self.port}", "--fdname=builder",
+             "-E", "VIRBY_EMULATOR_LEASES_FILE", "-E", "VIRBY_EMULATOR_GUEST_PORT",
+             "-E", "VIRBY_EMULATOR_BOOT_DELAY", "-E", "PATH",
+             tool("twistd"), "--nodaemon", "--pidfile=", "virby", "--config", str(self.config),
+             "--listen", "systemd:domain=INET:index=0"],
+            env=self.env,
+        )  # fmt: skip
+        self.daemons.append(activator)
+        activator.wait_for_line(r"Listening on", timeout=30)
+        return activator
+
     def ssh(self, *command: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             ["ssh", "-F", str(self.ssh_config), "virby-vm", *command],

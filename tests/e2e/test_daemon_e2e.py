@@ -14,8 +14,7 @@ import subprocess
 
 import pytest
 
-from testbed.builder import Builder, read_line, tool
-from testbed.processes import ProcessUnderTest
+from testbed.builder import Builder, read_line
 
 pytestmark = pytest.mark.e2e
 
@@ -46,17 +45,7 @@ def test_ssh_through_a_tcp_listener_runs_a_command_in_the_guest(make_builder) ->
 
 def test_started_by_its_first_connection_under_systemd_socket_activate(make_builder) -> None:
     builder = make_builder()
-    activator = ProcessUnderTest(
-        [shutil.which("systemd-socket-activate") or "systemd-socket-activate",
-         "-l", f"127.0.0.1:{builder.port}", "--fdname=builder",
-         "-E", "VIRBY_EMULATOR_LEASES_FILE", "-E", "VIRBY_EMULATOR_GUEST_PORT",
-         "-E", "VIRBY_EMULATOR_BOOT_DELAY", "-E", "PATH",
-         tool("twistd"), "--nodaemon", "--pidfile=", "virby", "--config", str(builder.config),
-         "--listen", "systemd:domain=INET:index=0"],
-        env=builder.env,
-    )  # fmt: skip
-    builder.daemons.append(activator)
-    activator.wait_for_line(r"Listening on", timeout=30)
+    activator = builder.socket_activated()
     assert "serving the builder" not in activator.text()
     result = builder.ssh("uname", "-s")
     assert result.returncode == 0, result.stderr + activator.text()
