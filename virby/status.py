@@ -4,6 +4,12 @@ program).
 
 This is a short-lived command, not the daemon: a plain blocking socket with a timeout is the
 right tool here.
+
+Exit status: 0 the daemon answered, 1 it cannot be asked, L{EXIT_DOWN} (3) it is not
+running.  An on-demand daemon that launchd has not started yet is not running either, and is
+reported so, with the 3 of any daemon that is not running (as C{systemctl status} reports a
+socket-activated service that waits for its first connection): what differs is the line,
+which says that this is how it rests and what starts it.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import sys
 from typing import Any, TextIO
 
 from virby.config import Config
-from virby.controlclient import DaemonDown, NotAllowed, ask
+from virby.controlclient import RESTART_FIX, DaemonDown, NotAllowed, ask
 from virby.errors import VirbyError
 from virby.layout import CONTROL_SOCKET
 
@@ -21,7 +27,7 @@ from virby.layout import CONTROL_SOCKET
 EXIT_DOWN = 3
 
 
-__all__ = ["DaemonDown", "NotAllowed", "query", "render", "run"]
+__all__ = ["DaemonDown", "NotAllowed", "not_running", "query", "render", "run"]
 
 
 def query(path: str, timeout: float = 5.0) -> dict[str, Any]:
@@ -35,6 +41,19 @@ def query(path: str, timeout: float = 5.0) -> dict[str, Any]:
     if not isinstance(status, dict):
         raise VirbyError(f"the daemon at {path} answered something that is not a status")
     return status
+
+
+def not_running(config: Config, down: DaemonDown) -> str:
+    """
+    Why no daemon answers, in one line: an on-demand daemon rests that way until the first
+    connection has launchd start it; any other should be running, and the line gives the fix.
+    """
+    if config.on_demand:
+        return (
+            "the daemon is not started yet (on-demand): the first connection to the builder's "
+            "port (a build, `ssh virby-vm`, or `sudo virby start`) starts it"
+        )
+    return f"{down}: start it with {RESTART_FIX}"
 
 
 def duration(seconds: float | None) -> str:
@@ -120,9 +139,11 @@ def _idle(status: dict[str, Any]) -> str:
 
 def run(config: Config, as_json: bool, out: TextIO = sys.stdout) -> int:
     """
-    C{virby status}: 0 when the daemon answered, L{EXIT_DOWN} when it is not running, 1 when
-    it cannot be asked (e.g. a user who may not open the control socket).  With C{--json}
-    every outcome is one JSON document, so a program never has to parse an error line.
+    C{virby status}: 0 when the daemon answered, L{EXIT_DOWN} when it is not running (an
+    on-demand one not started yet too), 1 when it cannot be asked (e.g. a user who may not
+    open the control socket).  With C{--json} every outcome is one JSON document, so a
+    program never has to parse an error line; when the daemon is down, its C{"on_demand"}
+    says whether that is how it rests.
 
     @raise VirbyError: when the daemon cannot be asked, unless C{as_json}.
     """
@@ -130,10 +151,12 @@ def run(config: Config, as_json: bool, out: TextIO = sys.stdout) -> int:
     try:
         status = query(path)
     except DaemonDown as e:
+        why = not_running(config, e)
         if as_json:
-            out.write(json.dumps({"state": "down", "reason": str(e)}) + "\n")
+            document = {"state": "down", "on_demand": config.on_demand, "reason": why}
+            out.write(json.dumps(document) + "\n")
         else:
-            out.write(f"Virby: {e}\n")
+            out.write(f"Virby: {why}\n")
         return EXIT_DOWN
     except VirbyError as e:
         if not as_json:

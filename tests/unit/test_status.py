@@ -90,6 +90,33 @@ def test_status_when_the_daemon_is_down(short_tmp) -> None:
     assert json.loads(out.getvalue())["state"] == "down"
 
 
+def test_an_on_demand_daemon_not_started_yet_is_said_so_with_what_starts_it(short_tmp) -> None:
+    config = from_mapping({"working-directory": str(short_tmp), "on-demand": True})
+    out = io.StringIO()
+    assert run(config, as_json=False, out=out) == EXIT_DOWN
+    line = (
+        "the daemon is not started yet (on-demand): the first connection to the builder's "
+        "port (a build, `ssh virby-vm`, or `sudo virby start`) starts it"
+    )
+    assert out.getvalue() == f"Virby: {line}\n"
+    out = io.StringIO()
+    assert run(config, as_json=True, out=out) == EXIT_DOWN
+    assert json.loads(out.getvalue()) == {"state": "down", "on_demand": True, "reason": line}
+
+
+def test_an_always_on_daemon_not_running_is_said_so_with_the_fix(short_tmp) -> None:
+    out = io.StringIO()
+    assert run(_config(short_tmp), as_json=False, out=out) == EXIT_DOWN
+    assert out.getvalue() == (
+        f"Virby: the daemon is not running (no control socket at {short_tmp}/control.sock): "
+        "start it with sudo launchctl kickstart -k system/org.nixos.virbyd, and read "
+        "/var/log/virbyd.log\n"
+    )
+    out = io.StringIO()
+    run(_config(short_tmp), as_json=True, out=out)
+    assert json.loads(out.getvalue())["on_demand"] is False
+
+
 def test_status_with_a_stale_socket_file(short_tmp) -> None:
     import socket
 
