@@ -44,6 +44,44 @@ def test_start_boots_with_no_connection_and_status_shows_it_running(make_builder
     assert result.returncode == 0, "the started VM serves builds"
 
 
+def test_start_starts_an_on_demand_daemon_launchd_has_not_started(make_builder) -> None:
+    """
+    After a reboot or a switch an on-demand daemon runs only once a connection reaches the
+    port launchd holds: status and stop say so, and start has it started, then boots.
+    """
+    builder = make_builder(ttl=2)
+    activator = builder.socket_activated()
+    status = virby(builder, "status")
+    assert status.returncode == 3, status.stdout + status.stderr
+    assert status.stdout.startswith("Virby: the daemon is not started yet (on-demand)")
+    stopped = virby(builder, "stop")
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert stopped.stdout == "Virby: nothing to stop: the daemon is not started yet (on-demand)\n"
+    assert "serving the builder" not in activator.text(), "neither of them started it"
+    started = virby(builder, "start")
+    assert started.returncode == 0, started.stdout + started.stderr + activator.text()
+    assert started.stdout.startswith("VM running at 127.0.") and "booted in" in started.stdout
+    assert activator.text().count("booting the VM") == 1
+    assert len(builder.emulators()) == 1
+    status = builder.status()
+    assert status["state"] == "running" and status["active_connections"] == 0
+    activator.wait_for_line(r"no connection for 2s: stopping the VM", timeout=30)
+    activator.wait_for_line(r"VM stopped", timeout=30)
+    assert builder.emulators() == [], "the connection that started the daemon holds nothing up"
+
+
+def test_start_with_nothing_on_the_port_says_how_to_load_the_job(make_builder) -> None:
+    builder = make_builder()
+    started = virby(builder, "start")
+    assert started.returncode == 3
+    assert started.stdout.endswith(
+        f"and nothing listens on 127.0.0.1:{builder.port} to start it: load its launchd job: "
+        "sudo launchctl bootstrap system /Library/LaunchDaemons/org.nixos.virbyd.plist "
+        "(or darwin-rebuild switch)\n"
+    )
+    assert started.stdout.count("\n") == 1 and started.stderr == ""
+
+
 def test_stop_without_a_session_frees_the_vm(make_builder) -> None:
     builder = make_builder()
     daemon = builder.start()

@@ -26,10 +26,10 @@ from virby.control import (
     parseRequest,
     socketPeerUid,
 )
-from virby.controlclient import Refused, ask
+from virby.controlclient import LAUNCHD_PLIST, DaemonDown, Refused, ask
 from virby.errors import VirbyError
 from virby.lifecycle import VMBusy
-from virby.startstop import run_start, run_stop, start_timeout
+from virby.startstop import WAKE_POLL, WAKE_TIMEOUT, knock, run_start, run_stop, start_timeout
 from virby.status import EXIT_DOWN
 
 OWNER = os.geteuid()
@@ -349,11 +349,162 @@ def test_start_and_stop_say_what_happened(short_tmp, monkeypatch) -> None:
     assert out.getvalue() == "VM already running at 192.168.64.7:22\nVM was not running\n"
 
 
-def test_start_and_stop_when_the_daemon_is_down(short_tmp) -> None:
+def refused(port: int) -> None:
+    """The builder's port with nothing listening: no launchd job holds it."""
+    raise ConnectionRefusedError(111, "Connection refused")
+
+
+def test_start_when_nothing_listens_to_start_the_daemon_is_one_line_and_3(short_tmp) -> None:
+    config = from_mapping({"working-directory": str(short_tmp), "port": 4000})
+    out = io.StringIO()
+    slept: list[float] = []
+    assert run_start(config, out, knock=refused, sleep=slept.append) == EXIT_DOWN
+    assert out.getvalue() == (
+        f"Virby: the daemon is not running (no control socket at {short_tmp}/control.sock), "
+        "and nothing listens on 127.0.0.1:4000 to start it: load its launchd job: "
+        f"sudo launchctl bootstrap system {LAUNCHD_PLIST} (or darwin-rebuild switch)\n"
+    )
+    assert slept == [], "nothing to wait for"
+
+
+def test_start_when_the_connection_that_starts_the_daemon_fails_is_one_line_and_3(
+    short_tmp,
+) -> None:
+    def unreachable(port: int) -> None:
+        raise TimeoutError("timed out")
+
     config = from_mapping({"working-directory": str(short_tmp)})
     out = io.StringIO()
-    assert run_start(config, out) == EXIT_DOWN and run_stop(config, False, out) == EXIT_DOWN
-    assert out.getvalue().count("the daemon is not running") == 2
+    assert run_start(config, out, knock=unreachable, sleep=lambda s: None) == EXIT_DOWN
+    assert out.getvalue().endswith(
+        ", and the connection to 127.0.0.1:31222 that starts it failed (timed out): "
+        "run `sudo virby doctor`\n"
+    )
+    assert out.getvalue().count("\n") == 1
+
+
+class Launchd:
+    """
+    The Mac of an on-demand daemon that is not started: the builder's port is held, and the
+    daemon answers on its control socket a few tries after the first connection.
+    """
+
+    def __init__(self, answersAfter: int | None, reply: dict[str, Any] | None = None) -> None:
+        self.answersAfter = answersAfter
+        self.reply = reply or {"ok": True, "booted": True, "vm_ip": "192.168.64.7",
+                               "vm_port": 22, "boot_seconds": 8.44}  # fmt: skip
+        self.knocks: list[int] = []
+        self.asked: list[tuple[str, float]] = []
+        self.now = 1000.0
+
+    def knock(self, port: int) -> None:
+        self.knocks.append(port)
+
+    def ask(self, path: str, command: str, *, timeout: float, **kw: Any) -> dict[str, Any]:
+        self.asked.append((command, self.now))
+        tries = len(self.asked) - 1  # the first ask comes before any connection
+        if not self.knocks or self.answersAfter is None or tries < self.answersAfter:
+            raise DaemonDown(f"the daemon is not running (no control socket at {path})")
+        return self.reply
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        assert 0 < seconds <= WAKE_POLL
+        self.now += seconds
+
+    def start(self, config, out) -> int:
+        return run_start(config, out, knock=self.knock, clock=self.clock, sleep=self.sleep)
+
+
+def test_start_has_launchd_start_an_on_demand_daemon_then_boots(short_tmp, monkeypatch) -> None:
+    mac = Launchd(answersAfter=5)
+    monkeypatch.setattr("virby.startstop.ask", mac.ask)
+    config = from_mapping({"working-directory": str(short_tmp), "on-demand": True})
+    out = io.StringIO()
+    assert mac.start(config, out) == 0
+    assert out.getvalue() == "VM running at 192.168.64.7:22: booted in 8.4s\n"
+    assert mac.knocks == [31222], "one connection, to the port launchd holds"
+    assert [command for command, _ in mac.asked] == ["start"] * 6
+    assert mac.now == pytest.approx(1000 + 4 * WAKE_POLL), "tried again at once, then polled"
+
+
+def test_start_knocks_where_the_daemon_really_accepts(short_tmp, monkeypatch) -> None:
+    mac = Launchd(answersAfter=1)
+    monkeypatch.setattr("virby.startstop.ask", mac.ask)
+    config = from_mapping(
+        {"working-directory": str(short_tmp), "port": 31222, "listen": "tcp:4000"}
+    )
+    assert mac.start(config, io.StringIO()) == 0
+    assert mac.knocks == [4000]
+
+
+def test_start_waits_for_a_started_daemon_on_a_deadline(short_tmp, monkeypatch) -> None:
+    mac = Launchd(answersAfter=None)
+    monkeypatch.setattr("virby.startstop.ask", mac.ask)
+    config = from_mapping({"working-directory": str(short_tmp), "on-demand": True})
+    out = io.StringIO()
+    assert mac.start(config, out) == EXIT_DOWN
+    assert mac.knocks == [31222], "one connection, not one per try"
+    assert mac.now == pytest.approx(1000 + WAKE_TIMEOUT)
+    assert mac.asked[-1][1] == pytest.approx(1000 + WAKE_TIMEOUT), "a last try at the deadline"
+    assert out.getvalue() == (
+        f"Virby: the daemon did not answer on {short_tmp}/control.sock within 60s of the "
+        "connection to 127.0.0.1:31222 that has launchd start it: read /var/log/virbyd.log, "
+        "and run `sudo virby doctor`\n"
+    )
+
+
+def test_a_daemon_that_answers_is_never_knocked_on(short_tmp, monkeypatch) -> None:
+    def fail(port: int) -> None:
+        raise AssertionError("a connection to the builder's port")
+
+    reply = {"ok": True, "booted": False, "vm_ip": "192.168.64.7", "vm_port": 22}
+    monkeypatch.setattr("virby.startstop.ask", lambda path, command, **kw: reply)
+    config = from_mapping({"working-directory": str(short_tmp), "on-demand": True})
+    assert run_start(config, io.StringIO(), knock=fail) == 0
+
+
+def test_a_refusal_once_started_is_the_daemons_line(short_tmp, monkeypatch) -> None:
+    mac = Launchd(answersAfter=2)
+
+    def ask(path: str, command: str, **kw: Any) -> dict[str, Any]:
+        mac.ask(path, command, **kw)
+        raise Refused("no image yet: run `sudo darwin-rebuild switch`")
+
+    monkeypatch.setattr("virby.startstop.ask", ask)
+    config = from_mapping({"working-directory": str(short_tmp), "on-demand": True})
+    with pytest.raises(Refused, match=r"^no image yet"):
+        mac.start(config, io.StringIO())
+    assert len(mac.asked) == 3, "no more tries once the daemon answered"
+
+
+def test_knock_is_one_connection_closed_in_order(short_tmp) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        knock(port)
+        server.settimeout(10)
+        accepted, _ = server.accept()
+        with accepted:
+            accepted.settimeout(10)
+            assert accepted.recv(1) == b"", "an orderly end, not a reset, and no bytes"
+    with pytest.raises(ConnectionRefusedError):
+        knock(port)
+
+
+@pytest.mark.parametrize(
+    ("onDemand", "why"),
+    [
+        (True, "the daemon is not started yet (on-demand)"),
+        (False, "the daemon is not running (no control socket at {wd}/control.sock)"),
+    ],
+)
+def test_stop_with_no_daemon_running_has_nothing_to_stop(short_tmp, onDemand, why) -> None:
+    config = from_mapping({"working-directory": str(short_tmp), "on-demand": onDemand})
+    out = io.StringIO()
+    assert run_stop(config, False, out) == 0
+    assert out.getvalue() == f"Virby: nothing to stop: {why.format(wd=short_tmp)}\n"
 
 
 def test_start_waits_as_long_as_a_boot_may_take() -> None:

@@ -415,6 +415,27 @@ def test_clients_that_hang_up_while_the_vm_boots_stop_counting_and_are_never_spl
     assert len(reactor.tcpClients) == 1, "only the client still there is spliced"
 
 
+def test_a_connection_made_and_closed_at_once_begins_a_boot_and_holds_nothing_up() -> None:
+    """
+    What C{virby start} does to start an on-demand daemon: one connection, closed before
+    the daemon runs, so the daemon reads its end as soon as it accepts it.  Its boot is the
+    one the start then shares, and the VM is left to the idle clock as after any boot.
+    """
+    reactor, hypervisor, lifecycle, [(inbound, transport)] = booting(1)
+    assert lifecycle.state.value == "booting"
+    hang_up(inbound, transport)
+    assert transport.disconnecting and not transport.aborted
+    snapshot = lifecycle.snapshot()
+    assert (snapshot.active_connections, snapshot.waiting_connections) == (0, 0)
+    assert lifecycle.state.value == "booting", "the boot it began goes on"
+    started = lifecycle.startNow()
+    hypervisor.ready.callback(ReadyGuest("192.168.64.2", 22))
+    assert started.result.booted and reactor.tcpClients == [], "shared, and never spliced"
+    assert lifecycle.snapshot().idle_stop_in == 60, "nothing holds the VM up"
+    reactor.advance(60)
+    assert lifecycle.state.value in ("stopping", "stopped")
+
+
 def test_a_vm_that_dies_while_booting_closes_each_waiting_client_once_and_in_order() -> None:
     _reactor, hypervisor, _lifecycle, accepted = booting(2)
     with capturedLogs() as events:
