@@ -5,6 +5,8 @@ The virby admin command: prepare, status, start, stop and doctor the Linux build
 ``doctor`` are for people.
 
 Every failure a user can meet ends in one line on stderr and exit status 1, never a traceback.
+``status`` and ``start`` exit with 3 when the daemon is not running (L{EXIT_STATUSES} says, in
+each command's C{--help}, what its statuses mean).
 """
 
 from __future__ import annotations
@@ -12,12 +14,65 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 from collections.abc import Sequence
+from typing import Any
 
 from virby import __version__
 from virby.config import Config, load
 from virby.errors import VirbyError
 from virby.flags import add_arguments, collected
+
+#: What each command's exit statuses mean, shown under its C{--help}: 0 done, 1 failed, 3 the
+#: daemon is not running (L{virby.status.EXIT_DOWN}).
+EXIT_STATUSES: dict[str, tuple[tuple[int, str], ...]] = {
+    "status": (
+        (0, "the daemon answered"),
+        (1, "it cannot be asked (run it with sudo: the control socket is owner-only)"),
+        (
+            3,
+            "the daemon is not running; an on-demand daemon rests so until its first "
+            "connection (a build, `ssh virby-vm`, or `virby start`) starts it",
+        ),
+    ),
+    "start": (
+        (0, "the VM is ready"),
+        (1, "the boot failed, or the daemon refused"),
+        (
+            3,
+            "the daemon is not running and could not be started: nothing listens on the "
+            "builder's port for launchd to start it, or the daemon did not answer in time",
+        ),
+    ),
+    "stop": (
+        (
+            0,
+            "the VM is stopped, or was not running; with no daemon running there is no VM to "
+            "stop, so 3 (the daemon is not running) is never the answer here",
+        ),
+        (1, "refused (connections are open: --force closes them), or failed"),
+    ),
+}
+
+
+def _exitHelp(command: str) -> str:
+    """The epilog of C{command}'s C{--help}: one status a paragraph, wrapped under its text."""
+    rows = (
+        textwrap.fill(meaning, 78, initial_indent=f"  {code:<3}", subsequent_indent=" " * 5)
+        for code, meaning in EXIT_STATUSES[command]
+    )
+    return "exit status:\n" + "\n".join(rows)
+
+
+def _withExitHelp(commands: Any, name: str, help: str) -> argparse.ArgumentParser:
+    """A subcommand whose C{--help} ends with what its exit statuses mean."""
+    parser: argparse.ArgumentParser = commands.add_parser(
+        name,
+        help=help,
+        epilog=_exitHelp(name),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    return parser
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,14 +87,16 @@ def _parser() -> argparse.ArgumentParser:
         "--print-ssh-config", action="store_true", help="print the ssh Host block and exit"
     )
 
-    status = commands.add_parser("status", help="tell what the daemon is doing")
+    status = _withExitHelp(commands, "status", "tell what the daemon is doing")
     add_arguments(status)
     status.add_argument("--json", action="store_true", help="print JSON for programs")
 
-    start = commands.add_parser("start", help="boot the VM now and wait until it is ready")
+    start = _withExitHelp(
+        commands, "start", "boot the VM now (starting an on-demand daemon) and wait until ready"
+    )
     add_arguments(start)
 
-    stop = commands.add_parser("stop", help="stop the VM now")
+    stop = _withExitHelp(commands, "stop", "stop the VM now")
     add_arguments(stop)
     stop.add_argument(
         "--force", action="store_true", help="stop even while connections are open (closes them)"

@@ -507,6 +507,18 @@ def test_stop_with_no_daemon_running_has_nothing_to_stop(short_tmp, onDemand, wh
     assert out.getvalue() == f"Virby: nothing to stop: {why.format(wd=short_tmp)}\n"
 
 
+@pytest.mark.parametrize("command", ["status", "start", "stop"])
+def test_each_command_says_what_its_exit_statuses_mean(command, capsys) -> None:
+    from virby import cli
+
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    epilog = capsys.readouterr().out.split("exit status:\n", 1)[1]
+    codes = [line.split()[0] for line in epilog.splitlines() if not line.startswith("     ")]
+    assert codes == (["0", "1"] if command == "stop" else ["0", "1", "3"])
+    assert "3 (the daemon is not running)" in epilog or "3  the daemon is not running" in epilog
+
+
 def test_start_waits_as_long_as_a_boot_may_take() -> None:
     assert start_timeout(from_mapping({"start-timeout": 100})) == 130
     assert start_timeout(from_mapping({"start-timeout": 100, "ephemeral": True})) == 230
