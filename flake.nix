@@ -7,10 +7,8 @@
     { self, nixpkgs }:
     let
       inherit (nixpkgs) lib;
-      darwinSystems = [
-        "aarch64-darwin"
-        "x86_64-darwin"
-      ];
+      # nixpkgs 26.11 dropped x86_64-darwin: evaluating any of its packages throws.
+      darwinSystems = [ "aarch64-darwin" ];
       linuxSystems = [
         "aarch64-linux"
         "x86_64-linux"

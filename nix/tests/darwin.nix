@@ -67,12 +67,16 @@ let
     lib = lib // {
       nixosSystem = stubNixosSystem;
     };
-    legacyPackages = lib.genAttrs [
-      "aarch64-darwin"
-      "x86_64-darwin"
-      "aarch64-linux"
-      "x86_64-linux"
-    ] stubPkgs;
+    # As nixpkgs 26.11 does: any x86_64-darwin package throws.
+    legacyPackages =
+      lib.genAttrs [
+        "aarch64-darwin"
+        "aarch64-linux"
+        "x86_64-linux"
+      ] stubPkgs
+      // {
+        x86_64-darwin = throw "Nixpkgs 26.11 has dropped support for x86_64-darwin";
+      };
     outPath = "/stub/nixpkgs";
   };
 
@@ -216,6 +220,23 @@ in
   results = builtins.mapAttrs report systems;
   checked = builtins.mapAttrs checked systems;
   verdicts = builtins.mapAttrs verdict systems;
+  # The flake's per-system outputs, each as the systems it has, and the derivations of its
+  # packages and checks, all evaluated as `nix flake check` does: on the stand-in nixpkgs,
+  # which throws at x86_64-darwin as nixpkgs 26.11 does.
+  flakeOutputs =
+    let
+      drvPaths = builtins.mapAttrs (_: builtins.mapAttrs (_: drv: drv.drvPath));
+    in
+    {
+      systems = lib.genAttrs [
+        "packages"
+        "checks"
+        "devShells"
+        "formatter"
+      ] (output: builtins.attrNames flake.${output});
+      packages = drvPaths flake.packages;
+      checks = drvPaths flake.checks;
+    };
   # The flake's check of the pure parts, on this machine's system: the command it runs, and
   # its derivation (instantiating it puts the sources it names into the store).
   pureCheck =

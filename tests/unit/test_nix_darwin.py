@@ -103,6 +103,21 @@ def test_rosetta_is_refused_on_intel_macs(results: dict) -> None:
     ]
 
 
+def test_the_flake_has_no_x86_64_darwin_output(pair: Pair) -> None:
+    """
+    Every per-system output of the flake evaluates, as `nix flake check` does, on a nixpkgs
+    that throws at any x86_64-darwin package, as nixpkgs 26.11 does.
+    """
+    outputs = evaluate(pair, {}, attribute="flakeOutputs")
+    systems = ["aarch64-darwin", "aarch64-linux", "x86_64-linux"]
+    assert outputs["systems"] == dict.fromkeys(
+        ["checks", "devShells", "formatter", "packages"], systems
+    )
+    assert sorted(outputs["packages"]) == sorted(outputs["checks"]) == systems
+    assert set(outputs["packages"]["aarch64-darwin"]) == {"default"}
+    assert set(outputs["packages"]["aarch64-linux"]) == {"default", "vm-image"}
+
+
 def test_asking_for_determinate_without_its_module_is_refused(results: dict) -> None:
     (message,) = result(results, "determinate-asked-without-module")["assertions"]
     assert "determinate.darwinModules.default" in message
