@@ -170,7 +170,7 @@ in
     rosetta = mkOption {
       type = types.bool;
       default = false;
-      description = "Share Rosetta with the VM, so it also builds x86_64-linux (aarch64-darwin only).";
+      description = "Share Rosetta with the VM, so it also builds x86_64-linux.";
     };
     extraConfig = mkOption {
       type = types.deferredModule;
@@ -230,8 +230,10 @@ in
 
           assertions = [
             {
-              assertion = !cfg.rosetta || hostSystem == "aarch64-darwin";
-              message = "services.virby.rosetta needs an aarch64-darwin host (Apple silicon).";
+              # The one host Virby supports (nixpkgs 26.11 dropped x86_64-darwin), said first
+              # and alone: Rosetta, the VM's system and the package all follow from it.
+              assertion = hostSystem == "aarch64-darwin";
+              message = "services.virby supports only aarch64-darwin hosts (Apple silicon); this one is ${hostSystem}.";
             }
             {
               # Forces the checks of lib/ (memory, disk size, shared directories), so that a

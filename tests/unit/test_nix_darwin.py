@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.darwin_harness import ROOT, Pair, determinate, evaluate
+from tests.darwin_harness import HARNESS, ROOT, Pair, arguments, determinate, evaluate
 from virby.cli import INSTALLED_CONFIG
 from virby.config import from_mapping
 from virby.doctor import DAEMON_LOG
@@ -44,8 +44,8 @@ CASES: dict[str, dict] = {
     "linux-builder": {"virby": ENABLED, "config": {"nix": {"linux-builder": {"enable": True}}}},
     "nix-disabled-without-determinate": {"virby": ENABLED, "config": {"nix": {"enable": False}}},
     "disabled": {"virby": {}},
-    "x86_64-darwin": {"virby": ENABLED, "system": "x86_64-darwin"},
     # Refused with an assertion:
+    "x86_64-darwin": {"virby": ENABLED, "system": "x86_64-darwin"},
     "rosetta-on-x86_64-darwin": {"virby": {**ENABLED, "rosetta": True}, "system": "x86_64-darwin"},
     "determinate-asked-without-module": {
         "virby": {**ENABLED, "supportDeterminateNix": True},
@@ -59,7 +59,7 @@ DETERMINATE_CASES: dict[str, dict] = {
         "determinate": True,
     },
 }
-REFUSED = {"rosetta-on-x86_64-darwin", "determinate-asked-without-module"}
+REFUSED = {"x86_64-darwin", "rosetta-on-x86_64-darwin", "determinate-asked-without-module"}
 ALL = {**CASES, **DETERMINATE_CASES}
 BUILDS = sorted(name for name in ALL if name not in REFUSED)
 RUNS_VIRBY = sorted(name for name in BUILDS if name != "disabled")
@@ -97,10 +97,30 @@ def test_the_system_instantiates(results: dict, case: str) -> None:
     assert got["drvPath"].startswith("/nix/store/") and got["drvPath"].endswith(".drv")
 
 
-def test_rosetta_is_refused_on_intel_macs(results: dict) -> None:
-    assert result(results, "rosetta-on-x86_64-darwin")["assertions"] == [
-        "services.virby.rosetta needs an aarch64-darwin host (Apple silicon)."
-    ]
+INTEL = (
+    "services.virby supports only aarch64-darwin hosts (Apple silicon); this one is x86_64-darwin."
+)
+
+
+@pytest.mark.parametrize("case", ["x86_64-darwin", "rosetta-on-x86_64-darwin"])
+def test_an_intel_mac_is_refused_with_one_line(results: dict, case: str) -> None:
+    """nixpkgs 26.11 dropped x86_64-darwin, and Virby with it; Rosetta adds nothing to say."""
+    assert result(results, case)["assertions"] == [INTEL]
+
+
+def test_nix_darwin_stops_the_switch_of_an_intel_mac_with_that_line(pair: Pair) -> None:
+    """Through nix-darwin's own check of the assertions, as darwin-rebuild meets it."""
+    command = [
+        "nix-instantiate", "--eval", "--readonly-mode", str(HARNESS),
+        "-A", "systems.intel.config.system.build.toplevel.drvPath",
+        *arguments(pair, {"intel": CASES["x86_64-darwin"]}),
+    ]  # fmt: skip
+    ran = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert ran.returncode != 0
+    lines = [line.strip() for line in ran.stderr.splitlines()]
+    assert "Failed assertions:" in lines, ran.stderr
+    listed = lines[lines.index("Failed assertions:") + 1 :]
+    assert [line for line in listed if line.startswith("- ")] == [f"- {INTEL}"], ran.stderr
 
 
 def test_the_flake_has_no_x86_64_darwin_output(pair: Pair) -> None:
@@ -183,8 +203,7 @@ def machine_lines(results: dict, case: str) -> dict[str, list[str]]:
 @pytest.mark.parametrize(
     ("case", "systems"),
     [("default", "aarch64-linux"), ("rosetta", "aarch64-linux,x86_64-linux"),
-     ("x86_64-darwin", "x86_64-linux"), ("determinate", "aarch64-linux"),
-     ("linux-builder", "aarch64-linux")],
+     ("determinate", "aarch64-linux"), ("linux-builder", "aarch64-linux")],
 )  # fmt: skip
 def test_the_builder_in_etc_nix_machines(results: dict, case: str, systems: str) -> None:
     lines = machine_lines(results, case)
@@ -195,7 +214,7 @@ def test_the_builder_in_etc_nix_machines(results: dict, case: str, systems: str)
         assert "ssh-ng://builder@linux-builder" in lines, "nix.linux-builder's machine is kept"
 
 
-@pytest.mark.parametrize("case", ["default", "linux-builder", "x86_64-darwin"])
+@pytest.mark.parametrize("case", ["default", "linux-builder"])
 def test_builders_use_substitutes(results: dict, case: str) -> None:
     got = result(results, case)
     assert got["nixSettings"] == {"builders-use-substitutes": True}
