@@ -74,9 +74,13 @@ let
     protocol = "ssh-ng";
     maxJobs = cfg.cores;
     inherit (cfg) speedFactor;
+    # kvm and nixos-test need /dev/kvm in the VM, which only nested virtualization gives:
+    # without it such a build would run its QEMU under slow emulation (TCG) or fail.
     supportedFeatures = [
       "benchmark"
       "big-parallel"
+    ]
+    ++ lib.optionals cfg.nestedVirtualization [
       "kvm"
       "nixos-test"
     ];
@@ -207,7 +211,14 @@ in
     nestedVirtualization = mkOption {
       type = types.bool;
       default = false;
-      description = "Pass --nested to vfkit (Apple M3 or later, macOS 15 or later).";
+      description = ''
+        Pass --nested to vfkit (Apple M3 or later, macOS 15 or later), so that the VM has
+        /dev/kvm, and advertise the builder's `kvm` and `nixos-test` features, which only
+        then hold: without nesting a build that needs them (a NixOS test, a disk image such as
+        Virby's own) would run its QEMU under emulation, many times slower, or fail, so Nix
+        must send it to another builder.  On a Mac that cannot nest, the daemon drops
+        --nested and says so in its log, and such builds then run emulated after all.
+      '';
     };
     ephemeral = mkOption {
       type = types.bool;

@@ -45,6 +45,7 @@ CASES: dict[str, dict] = {
     "nix-disabled-without-determinate": {"virby": ENABLED, "config": {"nix": {"enable": False}}},
     "disabled": {"virby": {}},
     "x86_64-darwin": {"virby": ENABLED, "system": "x86_64-darwin"},
+    "nested": {"virby": {**ENABLED, "nestedVirtualization": True}},
     # Refused with an assertion:
     "rosetta-on-x86_64-darwin": {"virby": {**ENABLED, "rosetta": True}, "system": "x86_64-darwin"},
     "determinate-asked-without-module": {
@@ -56,6 +57,10 @@ DETERMINATE_CASES: dict[str, dict] = {
     "determinate": {"virby": ENABLED, "determinate": True},
     "determinate-on-demand": {
         "virby": {**ENABLED, "onDemand": {"enable": True}},
+        "determinate": True,
+    },
+    "determinate-nested": {
+        "virby": {**ENABLED, "nestedVirtualization": True},
         "determinate": True,
     },
 }
@@ -175,9 +180,20 @@ def test_the_builder_in_etc_nix_machines(results: dict, case: str, systems: str)
     lines = machine_lines(results, case)
     fields = lines["ssh-ng://virby-vm"]
     assert fields[1:5] == [systems, "-", "8", "1"]
-    assert fields[5].split(",") == ["benchmark", "big-parallel", "kvm", "nixos-test"]
+    # No nesting, no /dev/kvm in the VM: kvm and nixos-test builds must go elsewhere.
+    assert fields[5].split(",") == ["benchmark", "big-parallel"]
     if case == "linux-builder":
         assert "ssh-ng://builder@linux-builder" in lines, "nix.linux-builder's machine is kept"
+
+
+@pytest.mark.parametrize("case", ["nested", "determinate-nested"])
+def test_kvm_is_advertised_only_with_nested_virtualization(results: dict, case: str) -> None:
+    """The VM has /dev/kvm only when vfkit runs it with --nested."""
+    if case not in results:
+        pytest.skip("Determinate's module is not there (VIRBY_DETERMINATE)")
+    fields = machine_lines(results, case)["ssh-ng://virby-vm"]
+    assert fields[5].split(",") == ["benchmark", "big-parallel", "kvm", "nixos-test"]
+    assert result(results, case)["settings"]["nested-virtualization"] is True
 
 
 @pytest.mark.parametrize("case", ["default", "linux-builder", "x86_64-darwin"])
