@@ -108,7 +108,15 @@ let
 in
 {
   options.services.virby = {
-    enable = mkEnableOption "Virby, an on-demand Linux builder VM for Nix";
+    enable = mkEnableOption "Virby, an on-demand Linux builder VM for Nix" // {
+      description = ''
+        Whether to run Virby, an on-demand Linux builder VM for Nix.  It also sets Nix's
+        `builders-use-substitutes` to true (as a default, so a value of your own wins), and
+        that setting is Nix's, not Virby's: it applies to every remote builder of this Mac,
+        each of which then fetches a build's inputs from the binary caches itself instead of
+        receiving them from the Mac.
+      '';
+    };
     package = mkOption {
       type = types.package;
       default = defaultPackage;
@@ -357,10 +365,13 @@ in
               StandardOutPath = logFile;
               StandardErrorPath = logFile;
               ThrottleInterval = 10;
-              # Each spliced connection holds two descriptors: 200 concurrent builds need
-              # 400 beside the daemon's own, and launchd's default soft limit is 256.  launchd
-              # applies this with setrlimit(2) in the job's process; the hard limit (unlimited
-              # by default) is left alone.
+              # launchd starts a job with a soft limit of 256 open files, and each spliced
+              # connection holds two.  launchd applies this with setrlimit(2) in the job's
+              # process; the hard limit (unlimited by default) is left alone.  The daemon does
+              # not use all of it on macOS: under Twisted's default reactor there, select(2),
+              # which cannot watch a descriptor of 1024 or above, it holds its soft limit at
+              # 1024, keeps 64 for itself and serves up to 480 connections at once
+              # (virby/capacity.py, which would raise the limit itself as far as that anyway).
               SoftResourceLimits.NumberOfFiles = 4096;
             };
           };
@@ -390,7 +401,9 @@ in
           nix.distributedBuilds = mkIf useNix true;
           nix.buildMachines = mkIf useNix [ buildMachine ];
           # The VM fetches its inputs from the binary caches itself instead of having the Mac
-          # download them and copy them over ssh (as nix-darwin's linux-builder does).
+          # download them and copy them over ssh (as nix-darwin's linux-builder does).  The
+          # setting is global: every other remote builder gets it too (the enable option says
+          # so).
           nix.settings.builders-use-substitutes = mkIf useNix (mkDefault true);
         }
         (lib.optionalAttrs haveDeterminate {

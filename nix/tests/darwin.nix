@@ -155,6 +155,7 @@ let
         else
           null;
       activate = config.system.activationScripts.script.text;
+      enableDescription = evaluated.options.services.virby.enable.description;
       settings = if virby.enable then virby.settings else null;
       package =
         if virby.enable then
@@ -213,6 +214,8 @@ in
 {
   inherit systems flake;
   results = builtins.mapAttrs report systems;
+  # The flake's formatter, as `nix fmt` would take it on each system.
+  formatters = builtins.mapAttrs (_: formatter: formatter.pname) flake.formatter;
   checked = builtins.mapAttrs checked systems;
   verdicts = builtins.mapAttrs verdict systems;
   # The flake's check of the pure parts, on this machine's system: the command it runs, and

@@ -14,6 +14,7 @@ import json
 import os
 import plistlib
 import re
+import resource
 import shutil
 import subprocess
 import tempfile
@@ -21,8 +22,10 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from twisted.internet.selectreactor import SelectReactor
 
 from tests.darwin_harness import ROOT, Pair, determinate, evaluate
+from virby.capacity import SELECT_CEILING, adjustDescriptorLimit
 from virby.cli import INSTALLED_CONFIG
 from virby.config import from_mapping
 from virby.doctor import DAEMON_LOG
@@ -145,13 +148,44 @@ def test_the_launchd_plist_as_nix_darwin_renders_it(results: dict, case: str) ->
     assert job["StandardOutPath"] == job["StandardErrorPath"] == "/var/log/virbyd.log"
 
 
-def test_the_descriptor_limit_serves_200_connections(results: dict) -> None:
+def test_the_descriptor_limit_is_what_the_module_says_the_daemon_makes_of_it(
+    results: dict,
+) -> None:
+    """
+    launchd hands the daemon NumberOfFiles; under macOS's default reactor, select(2), the
+    daemon holds it at 1024 and serves what capacity.py computes, which the module's comment
+    states.
+    """
     job = plist(results, "default")
-    # Two descriptors a spliced connection, plus the daemon's own, well above launchd's 256.
-    assert job["SoftResourceLimits"] == {"NumberOfFiles": 4096}
-    assert 4096 >= 200 * 2 + 256
+    soft = job["SoftResourceLimits"]["NumberOfFiles"]
+    limit = adjustDescriptorLimit(
+        SelectReactor.__new__(SelectReactor),
+        getrlimit=lambda which: (soft, resource.RLIM_INFINITY),
+        setrlimit=lambda which, limits: None,
+    )
+    assert soft > 256, "above launchd's default"
+    assert limit.soft == SELECT_CEILING
+    module = (ROOT / "nix" / "module.nix").read_text()
+    comment = module[: module.index("SoftResourceLimits.NumberOfFiles")].rsplit("\n\n", 1)[-1]
+    stated = re.search(r"holds its soft limit at\s+#?\s*(\d+)", comment)
+    serves = re.search(r"serves up to (\d+) connections", comment)
+    assert stated and int(stated.group(1)) == limit.soft
+    assert serves and int(serves.group(1)) == limit.connections
     # The hard limit stays launchd's (unlimited): lowering it would gain nothing.
     assert "HardResourceLimits" not in job
+
+
+def test_the_enable_option_says_builders_use_substitutes_is_for_every_builder(
+    results: dict,
+) -> None:
+    text = " ".join(result(results, "default")["enableDescription"].split())
+    assert "`builders-use-substitutes`" in text
+    assert "every remote builder of this Mac" in text
+
+
+def test_the_flake_formats_with_nixfmt_not_its_deprecated_alias(pair: Pair) -> None:
+    formatters = evaluate(pair, {}, attribute="formatters")
+    assert set(formatters.values()) == {"nixfmt"}
 
 
 def test_the_daemon_program_is_one_the_package_installs(results: dict) -> None:
@@ -350,3 +384,9 @@ def test_the_package_runs_the_unit_tests_in_the_darwin_sandbox(results: dict) ->
     assert check["darwinAllowLocalNetworking"] is True
     # A plugin cache built at install time is ignored in the store (all mtimes equal).
     assert check["postInstall"] is None
+    readme = " ".join((ROOT / "nix" / "README.md").read_text().split())
+    assert "plugin cache built in" not in readme
+    assert (
+        "`package.nix`: the daemon and the `virby` command, from `pyproject.toml`, with no "
+        "twistd plugin cache" in readme
+    )
