@@ -35,6 +35,14 @@ let
   defaultPackage =
     if virbyPackage != null then virbyPackage pkgs else pkgs.callPackage ./package.nix { };
   package = cfg.package;
+  # What goes on the Mac's PATH: the `virby` command alone.  The package's other programs
+  # are the daemon, which launchd runs by its store path, and vfkit-emulator, the tests'
+  # stand-in for vfkit, which is Linux-only (it calls prctl(2)) and of no use on a Mac.
+  # lib.getExe names the package's meta.mainProgram, `virby`.
+  command = pkgs.runCommand "virby-command" { meta.mainProgram = "virby"; } ''
+    mkdir -p $out/bin
+    ln -s ${lib.getExe package} $out/bin/virby
+  '';
 
   # The VM image, rebuilt whenever extraConfig or an image-affecting option changes; its
   # store path goes into the daemon's config, so a new image changes the launchd plist.
@@ -380,7 +388,7 @@ in
             inherit (cfg) port allowUserSsh;
             inherit workingDirectory;
           };
-          environment.systemPackages = [ package ];
+          environment.systemPackages = [ command ];
           # Where `virby status`, `doctor`, `start` and `stop` find the daemon's config
           # without --config (its store path changes with every option).
           environment.etc."virby/config.json".source = configFile;
