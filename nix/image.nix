@@ -55,11 +55,6 @@ in
       default = { };
       description = "Host directories shared by tag; mounted at /mnt/virtiofs/<tag>.";
     };
-    debug = lib.mkOption {
-      type = lib.types.bool;
-      default = false;
-      description = "Log root in on the serial console (hvc0) without a password, to look inside a VM that does not come up.";
-    };
     diskSize = lib.mkOption {
       type = lib.types.either (lib.types.enum [ "auto" ]) lib.types.int;
       default = "auto";
@@ -205,8 +200,9 @@ in
       );
     };
 
-    # The serial console is where a VM that does not come up can be looked at.
-    services.getty.autologinUser = lib.mkIf cfg.debug "root";
+    # No login on the serial console: hvc0 is vfkit's `virtio-serial,logFilePath` console,
+    # which the framework only writes to a file (serial.log), so nothing could be typed on it.
+    # Its output is where a VM that does not come up can be looked at.
 
     # Accounts are exactly what this configuration says; nothing inside the VM changes them.
     # No account has a password: the builder logs in with the key the host hands over at

@@ -52,7 +52,7 @@ let
       ./image.nix
       {
         virby.image = {
-          inherit (cfg) rosetta sharedDirectories debug;
+          inherit (cfg) rosetta sharedDirectories;
         };
       }
       cfg.extraConfig
@@ -170,8 +170,9 @@ in
       type = types.bool;
       default = false;
       description = ''
-        Log verbosely, keep the VM's serial console in ${workingDirectory}/serial.log after the
-        VM stops, and log root in on the VM's serial console (hvc0) without a password.
+        Log verbosely, and keep the VM's serial console in ${workingDirectory}/serial.log after
+        the VM stops.  The console is output only (vfkit writes it to that file), so it offers
+        no login.
       '';
     };
     onDemand = {

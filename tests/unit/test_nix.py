@@ -194,7 +194,6 @@ def test_the_key_unit_installs_each_key_atomically_from_a_locked_down_share() ->
         "system.disableInstallerTools = true;",
         "builtins.readFile ../virby/guest-sshd.json",
         'authorizedKeysFiles = lib.mkForce [ "/etc/ssh/authorized_keys.d/%u" ];',
-        'services.getty.autologinUser = lib.mkIf cfg.debug "root";',
     ],
 )  # fmt: skip
 def test_the_image_says(setting: str) -> None:

@@ -287,10 +287,19 @@ def test_the_image_gets_what_the_module_asks(results: dict, case: str) -> None:
     image = result(results, case)["image"]
     assert image["imageModuleIncluded"]
     assert image["settings"] == {
-        "debug": virby(case).get("debug", False),
         "rosetta": virby(case).get("rosetta", False),
         "sharedDirectories": virby(case).get("sharedDirectories", {}),
     }
+
+
+def test_debug_leaves_the_image_alone(results: dict) -> None:
+    """
+    The serial console is vfkit's logFilePath console, output only: a login on it could not
+    be used, so debug gives the VM none and the image stays the same.
+    """
+    assert result(results, "debug")["image"]["path"] == result(results, "default")["image"]["path"]
+    assert result(results, "debug")["settings"]["debug"] is True
+    assert "autologin" not in (ROOT / "nix" / "image.nix").read_text()
 
 
 def test_extra_config_makes_a_new_image(results: dict) -> None:
