@@ -72,6 +72,7 @@
         };
       });
 
-      formatter = forSystems allSystems (pkgs: pkgs.nixfmt-rfc-style);
+      # nixfmt is the RFC 166 formatter; nixfmt-rfc-style is now a deprecated alias of it.
+      formatter = forSystems allSystems (pkgs: pkgs.nixfmt);
     };
 }

@@ -10,13 +10,39 @@
 let
   cfg = config.virby.image;
   keysMount = "/run/virby-sshd-keys";
+  # The guest sshd's settings that the vfkit emulator's guest takes too (virby/emulator/
+  # guest.py), so that what the tests see is what the VM does.  MaxStartups is the number of
+  # unauthenticated connections sshd keeps before it refuses more; OpenSSH's default,
+  # 10:30:100, starts refusing at random past 10.  All of the daemon's connections reach the
+  # guest from one address at once when many builds start together, and on a Mac it serves
+  # up to 480 of them (virby/capacity.py: the select reactor holds it to 1024 open files,
+  # 64 kept, two for each connection), so the guest takes 512 before refusing any, and
+  # drops none at random below that (a test keeps it above the daemon's cap).
+  guestSshd = builtins.fromJSON (builtins.readFile ../virby/guest-sshd.json);
+  # No host key is generated in the VM (hostKeys is empty), and nixpkgs' sshd-keygen unit
+  # would then have an empty script, hence no ExecStart: systemd refuses such a unit, which
+  # sshd wants, and the boot ends degraded.  Where the sshd module has generateHostKeys
+  # (nixpkgs since late 2025), it is turned off and the unit is left out; before that, the
+  # unit is masked.  A module of its own, since which option to set depends on `options`.
+  noHostKeyGeneration =
+    { options, ... }:
+    {
+      config =
+        if options ? services.openssh.generateHostKeys then
+          { services.openssh.generateHostKeys = false; }
+        else
+          { systemd.services.sshd-keygen.enable = false; };
+    };
   # The port vfkit's --timesync connects to (TIMESYNC_VSOCK_PORT in virby/vfkit.py), and
   # VMADDR_CID_ANY: listen whatever CID the guest was given.
   timesyncVsockPort = 1234;
   vsockAnyCid = 4294967295;
 in
 {
-  imports = [ "${modulesPath}/profiles/minimal.nix" ];
+  imports = [
+    "${modulesPath}/profiles/minimal.nix"
+    noHostKeyGeneration
+  ];
 
   options.virby.image = {
     rosetta = lib.mkOption {
@@ -28,11 +54,6 @@ in
       type = lib.types.attrsOf lib.types.str;
       default = { };
       description = "Host directories shared by tag; mounted at /mnt/virtiofs/<tag>.";
-    };
-    debug = lib.mkOption {
-      type = lib.types.bool;
-      default = false;
-      description = "Log root in on the serial console (hvc0) without a password, to look inside a VM that does not come up.";
     };
     diskSize = lib.mkOption {
       type = lib.types.either (lib.types.enum [ "auto" ]) lib.types.int;
@@ -96,13 +117,22 @@ in
     # finds the VM's address in /var/db/dhcpd_leases.
     networking.useDHCP = true;
     networking.dhcpcd.extraConfig = ''clientid ""'';
+    # systemd-networkd's DHCP client sends a DUID as client id by default, so bootpd would
+    # record no MAC and the daemon (virby/leases.py) would never find the VM's address.
+    assertions = [
+      {
+        assertion = !config.networking.useNetworkd;
+        message = "services.virby.extraConfig: networking.useNetworkd is not supported: networkd's DHCP client id is a DUID, so bootpd records no MAC and the daemon cannot find the VM's address; keep dhcpcd.";
+      }
+    ];
 
     services.openssh = {
       enable = true;
-      hostKeys = [ ]; # the host key comes from the sshd-keys share, never generated here
-      settings = {
-        PasswordAuthentication = false;
-        KbdInteractiveAuthentication = false;
+      # The host key comes from the sshd-keys share, never generated here (see
+      # noHostKeyGeneration).
+      hostKeys = [ ];
+      # PermitRootLogin is the image's alone: the emulated guest logs in whoever runs it.
+      settings = guestSshd // {
         PermitRootLogin = "no";
       };
       extraConfig = "HostKey /etc/ssh/ssh_host_ed25519_key";
@@ -130,10 +160,14 @@ in
         RemainAfterExit = true;
       };
       path = [ pkgs.util-linux ];
+      # The unit runs under `set -e`, and a command that fails in the EXIT trap would make
+      # the whole unit fail (and sshd, which requires it, never start) after the keys were
+      # installed: the clean-up only says what it could not do.  A failure before the trap
+      # still fails the unit, with its own status.
       script = ''
         mkdir -p ${keysMount}
         mount -t virtiofs -o ro,nodev,noexec,nosuid sshd-keys ${keysMount}
-        trap 'umount ${keysMount}; rmdir ${keysMount}' EXIT
+        trap 'umount ${keysMount} || echo "cannot unmount ${keysMount}" >&2; rmdir ${keysMount} || echo "cannot remove ${keysMount}" >&2' EXIT
         install -d -m 755 /etc/ssh /etc/ssh/authorized_keys.d
         install -m 600 ${keysMount}/ssh_host_ed25519_key /etc/ssh/.ssh_host_ed25519_key.tmp
         mv -f /etc/ssh/.ssh_host_ed25519_key.tmp /etc/ssh/ssh_host_ed25519_key
@@ -166,8 +200,9 @@ in
       );
     };
 
-    # The serial console is where a VM that does not come up can be looked at.
-    services.getty.autologinUser = lib.mkIf cfg.debug "root";
+    # No login on the serial console: hvc0 is vfkit's `virtio-serial,logFilePath` console,
+    # which the framework only writes to a file (serial.log), so nothing could be typed on it.
+    # Its output is where a VM that does not come up can be looked at.
 
     # Accounts are exactly what this configuration says; nothing inside the VM changes them.
     # No account has a password: the builder logs in with the key the host hands over at
@@ -179,12 +214,19 @@ in
       description = "Nix remote builds";
     };
 
-    # No channel: the image would carry a copy of nixpkgs' source as one.  `<nixpkgs>` and
-    # `nixpkgs#...` resolve through the flake registry instead, pinned to the nixpkgs the
-    # image was built from (lib.nixosSystem sets nixpkgs.flake.source; say so explicitly).
+    # No copy of nixpkgs' source in the image: no channel, and neither the flake registry
+    # entry nor the NIX_PATH that lib.nixosSystem would pin to it (nixpkgs.flake.source; both
+    # put the source into the system's closure).  A builder gets derivations evaluated on
+    # the Mac and never looks up `<nixpkgs>` or `nixpkgs#...`; the source would only make
+    # the image larger and change it with every nixpkgs update.  extraConfig may turn them
+    # back on.
     nix.channel.enable = false;
-    nixpkgs.flake.setFlakeRegistry = true;
-    nixpkgs.flake.setNixPath = true;
+    nixpkgs.flake.setFlakeRegistry = lib.mkDefault false;
+    nixpkgs.flake.setNixPath = lib.mkDefault false;
+    # No nixos-rebuild, nixos-install or the other installer tools: nothing reconfigures
+    # the VM from inside, a new image replaces it.  (make-disk-image takes nixos-install
+    # from system.build, which nixpkgs defines whatever this says.)
+    system.disableInstallerTools = true;
 
     nix.settings = {
       trusted-users = [ "builder" ];

@@ -35,6 +35,14 @@ let
   defaultPackage =
     if virbyPackage != null then virbyPackage pkgs else pkgs.callPackage ./package.nix { };
   package = cfg.package;
+  # What goes on the Mac's PATH: the `virby` command alone.  The package's other programs
+  # are the daemon, which launchd runs by its store path, and vfkit-emulator, the tests'
+  # stand-in for vfkit, which is Linux-only (it calls prctl(2)) and of no use on a Mac.
+  # lib.getExe names the package's meta.mainProgram, `virby`.
+  command = pkgs.runCommand "virby-command" { meta.mainProgram = "virby"; } ''
+    mkdir -p $out/bin
+    ln -s ${lib.getExe package} $out/bin/virby
+  '';
 
   # The VM image, rebuilt whenever extraConfig or an image-affecting option changes; its
   # store path goes into the daemon's config, so a new image changes the launchd plist.
@@ -44,7 +52,7 @@ let
       ./image.nix
       {
         virby.image = {
-          inherit (cfg) rosetta sharedDirectories debug;
+          inherit (cfg) rosetta sharedDirectories;
         };
       }
       cfg.extraConfig
@@ -74,9 +82,13 @@ let
     protocol = "ssh-ng";
     maxJobs = cfg.cores;
     inherit (cfg) speedFactor;
+    # kvm and nixos-test need /dev/kvm in the VM, which only nested virtualization gives:
+    # without it such a build would run its QEMU under slow emulation (TCG) or fail.
     supportedFeatures = [
       "benchmark"
       "big-parallel"
+    ]
+    ++ lib.optionals cfg.nestedVirtualization [
       "kvm"
       "nixos-test"
     ];
@@ -104,7 +116,15 @@ let
 in
 {
   options.services.virby = {
-    enable = mkEnableOption "Virby, an on-demand Linux builder VM for Nix";
+    enable = mkEnableOption "Virby, an on-demand Linux builder VM for Nix" // {
+      description = ''
+        Whether to run Virby, an on-demand Linux builder VM for Nix.  It also sets Nix's
+        `builders-use-substitutes` to true (as a default, so a value of your own wins), and
+        that setting is Nix's, not Virby's: it applies to every remote builder of this Mac,
+        each of which then fetches a build's inputs from the binary caches itself instead of
+        receiving them from the Mac.
+      '';
+    };
     package = mkOption {
       type = types.package;
       default = defaultPackage;
@@ -150,8 +170,9 @@ in
       type = types.bool;
       default = false;
       description = ''
-        Log verbosely, keep the VM's serial console in ${workingDirectory}/serial.log after the
-        VM stops, and log root in on the VM's serial console (hvc0) without a password.
+        Log verbosely, and keep the VM's serial console in ${workingDirectory}/serial.log after
+        the VM stops.  The console is output only (vfkit writes it to that file), so it offers
+        no login.
       '';
     };
     onDemand = {
@@ -207,7 +228,14 @@ in
     nestedVirtualization = mkOption {
       type = types.bool;
       default = false;
-      description = "Pass --nested to vfkit (Apple M3 or later, macOS 15 or later).";
+      description = ''
+        Pass --nested to vfkit (Apple M3 or later, macOS 15 or later), so that the VM has
+        /dev/kvm, and advertise the builder's `kvm` and `nixos-test` features, which only
+        then hold: without nesting a build that needs them (a NixOS test, a disk image such as
+        Virby's own) would run its QEMU under emulation, many times slower, or fail, so Nix
+        must send it to another builder.  On a Mac that cannot nest, the daemon drops
+        --nested and says so in its log, and such builds then run emulated after all.
+      '';
     };
     ephemeral = mkOption {
       type = types.bool;
@@ -348,10 +376,13 @@ in
               StandardOutPath = logFile;
               StandardErrorPath = logFile;
               ThrottleInterval = 10;
-              # Each spliced connection holds two descriptors: 200 concurrent builds need
-              # 400 beside the daemon's own, and launchd's default soft limit is 256.  launchd
-              # applies this with setrlimit(2) in the job's process; the hard limit (unlimited
-              # by default) is left alone.
+              # launchd starts a job with a soft limit of 256 open files, and each spliced
+              # connection holds two.  launchd applies this with setrlimit(2) in the job's
+              # process; the hard limit (unlimited by default) is left alone.  The daemon does
+              # not use all of it on macOS: under Twisted's default reactor there, select(2),
+              # which cannot watch a descriptor of 1024 or above, it holds its soft limit at
+              # 1024, keeps 64 for itself and serves up to 480 connections at once
+              # (virby/capacity.py, which would raise the limit itself as far as that anyway).
               SoftResourceLimits.NumberOfFiles = 4096;
             };
           };
@@ -360,7 +391,7 @@ in
             inherit (cfg) port allowUserSsh;
             inherit workingDirectory;
           };
-          environment.systemPackages = [ package ];
+          environment.systemPackages = [ command ];
           # Where `virby status`, `doctor`, `start` and `stop` find the daemon's config
           # without --config (its store path changes with every option).
           environment.etc."virby/config.json".source = configFile;
@@ -381,7 +412,9 @@ in
           nix.distributedBuilds = mkIf useNix true;
           nix.buildMachines = mkIf useNix [ buildMachine ];
           # The VM fetches its inputs from the binary caches itself instead of having the Mac
-          # download them and copy them over ssh (as nix-darwin's linux-builder does).
+          # download them and copy them over ssh (as nix-darwin's linux-builder does).  The
+          # setting is global: every other remote builder gets it too (the enable option says
+          # so).
           nix.settings.builders-use-substitutes = mkIf useNix (mkDefault true);
         }
         (lib.optionalAttrs haveDeterminate {

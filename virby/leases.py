@@ -180,8 +180,8 @@ class LeaseFile:
                     f"{self.path} holds a lease for {GUEST_HOSTNAME} ({lease.ip_address}) "
                     f"under a DUID client id (hw_address={clip(lease.client_id or '', 40)}), so "
                     "bootpd recorded no MAC: the guest must send its MAC as DHCP client id "
-                    '(Virby\'s image sets dhcpcd `clientid ""`; rebuild the image from this '
-                    "version, or set networkd's ClientIdentifier=mac)"
+                    '(Virby\'s image sets dhcpcd `clientid ""` and refuses networkd, whose '
+                    "client id is a DUID; rebuild the image from this version)"
                 )
         return None
 

@@ -18,6 +18,11 @@ next build) could name another process by then, which SIGHUP would kill.
 
 The path is the one the descriptor had when the daemon started: after the rename, the
 descriptor itself names the renamed file.
+
+A log the daemon has to create itself (newsyslog made none) is given L{LOG_MODE}, as
+newsyslog's entry and the activation script make it: the daemon's umask (C{077}, so that what
+vfkit makes is owner-only) would otherwise leave it readable by C{_virby} alone, and the log
+is promised readable by everyone.
 """
 
 from __future__ import annotations
@@ -39,6 +44,9 @@ log = Logger()
 #: How often the daemon checks whether its log was rotated: lines written in between go to
 #: the renamed file, which newsyslog keeps.
 CHECK_INTERVAL = 60.0
+
+#: The mode of a log the daemon creates: readable by everyone, whatever the umask.
+LOG_MODE = 0o644
 
 #: macOS's fcntl command that names the file an open descriptor refers to (sys/fcntl.h).
 _F_GETPATH = 50
@@ -130,7 +138,7 @@ class LogFile:
             log.info("{why}: the log is not a file, so there is nothing to reopen", why=why)
             return False
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            fd = _openForAppend(self.path)
         except OSError as e:
             log.error(
                 "{why}: cannot reopen the log {path}: {reason}; still writing to the old file",
@@ -159,6 +167,24 @@ class LogFile:
         stopped = check.start(interval, now=False)
         stopped.addErrback(lambda failure: log.failure("the log's rotation check stopped", failure))
         return check
+
+
+def _openForAppend(path: str) -> int:
+    """
+    Open C{path} to append to it.  A file this call creates gets L{LOG_MODE} set explicitly,
+    since the umask trims the mode C{open} is given; a file that exists keeps the mode its
+    maker (newsyslog, the activation script) chose.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, LOG_MODE)
+    except FileExistsError:
+        return os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        os.fchmod(fd, LOG_MODE)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _sameFile(fd: int, other: int | os.stat_result) -> bool:

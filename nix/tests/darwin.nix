@@ -159,6 +159,7 @@ let
         else
           null;
       activate = config.system.activationScripts.script.text;
+      enableDescription = evaluated.options.services.virby.enable.description;
       settings = if virby.enable then virby.settings else null;
       package =
         if virby.enable then
@@ -218,6 +219,8 @@ in
 {
   inherit systems flake;
   results = builtins.mapAttrs report systems;
+  # The flake's formatter, as `nix fmt` would take it on each system.
+  formatters = builtins.mapAttrs (_: formatter: formatter.pname) flake.formatter;
   checked = builtins.mapAttrs checked systems;
   verdicts = builtins.mapAttrs verdict systems;
   # The flake's per-system outputs, each as the systems it has, and the derivations of its

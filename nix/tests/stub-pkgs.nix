@@ -394,6 +394,10 @@ let
       version = "0.6.3";
       programs = [ "vfkit" ];
     };
+    # The flake's formatter.  nixpkgs keeps nixfmt-rfc-style only as an alias of nixfmt
+    # that warns when used (pkgs/top-level/aliases.nix, since 2025-07-14): here a use fails.
+    nixfmt = mkPackage "nixfmt" { programs = [ "nixfmt" ]; };
+    nixfmt-rfc-style = throw "nixfmt-rfc-style is a deprecated alias: use nixfmt";
     darwin = {
       linux-builder = linuxBuilder;
     };

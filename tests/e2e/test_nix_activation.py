@@ -278,6 +278,16 @@ def test_a_fresh_mac_switches_and_starts_the_daemon(systems: dict, mac: FakeMac)
     assert mac.path("/etc/ssh/ssh_config.d/100-virby-vm.conf").is_symlink()
 
 
+def test_only_the_virby_command_is_on_the_macs_path(systems: dict) -> None:
+    """
+    The package also installs virbyd, which launchd runs by its store path, and
+    vfkit-emulator, a Linux-only stand-in for vfkit: neither belongs on the Mac's PATH.
+    """
+    on_path = set(os.listdir(Path(systems["enabled"]) / "sw" / "bin"))
+    assert "virby" in on_path
+    assert not {"vfkit-emulator", "virbyd"} & on_path
+
+
 def test_a_second_switch_with_nothing_changed_leaves_the_daemon_alone(
     systems: dict, mac: FakeMac
 ) -> None:

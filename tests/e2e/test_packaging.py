@@ -80,6 +80,8 @@ def test_the_wheel_ships_the_plugin_as_a_drop_in_and_declares_virbyd(wheel: Path
     assert "twisted/plugins/__init__.py" not in names
     assert not [n for n in names if n.endswith("dropin.cache")]
     assert "virby/emulator/__main__.py" in names
+    # The VM's sshd settings, which the emulated guest reads at run time.
+    assert "virby/guest-sshd.json" in names
     (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
     scripts = archive.read(entry_points).decode()
     assert "virbyd = virby.virbyd:main" in scripts

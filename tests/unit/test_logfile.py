@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from twisted.internet.task import Clock
 
-from virby.logfile import CHECK_INTERVAL, LogFile, openedPath
+from virby.layout import DAEMON_UMASK
+from virby.logfile import CHECK_INTERVAL, LOG_MODE, LogFile, openedPath
 
 
 def descriptor(path: Path) -> int:
@@ -97,14 +98,30 @@ def test_after_a_rotation_new_lines_go_to_the_new_file(tmp_path: Path, logged) -
     assert logged == [f"SIGHUP: reopened the log {log}"]
 
 
-def test_a_log_newsyslog_did_not_recreate_is_created(stdout) -> None:
+def test_a_log_newsyslog_did_not_recreate_is_created_readable_by_all(stdout) -> None:
+    """The daemon runs under umask 077, and the log it makes is still 0644, as promised."""
     log, out = stdout
     logFile = logFileOf(log, out)
     os.rename(log, log.with_name("virbyd.log.0"))
-    assert logFile.reopen("SIGHUP")
+    previous = os.umask(DAEMON_UMASK)
+    try:
+        assert logFile.reopen("SIGHUP")
+    finally:
+        os.umask(previous)
     write(out, "after\n")
     assert log.read_text() == "after\n"
-    assert oct(log.stat().st_mode & 0o777) == oct(0o644 & ~_umask())
+    assert oct(log.stat().st_mode & 0o777) == oct(LOG_MODE) == oct(0o644)
+
+
+def test_a_log_newsyslog_recreated_keeps_the_mode_it_was_given(stdout) -> None:
+    """newsyslog's entry names the mode; the daemon does not second-guess it."""
+    log, out = stdout
+    logFile = logFileOf(log, out)
+    os.rename(log, log.with_name("virbyd.log.0"))
+    log.touch(mode=0o600)
+    log.chmod(0o640)
+    assert logFile.reopen("SIGHUP")
+    assert oct(log.stat().st_mode & 0o777) == oct(0o640)
 
 
 def test_a_log_that_cannot_be_opened_keeps_the_old_file(tmp_path: Path, logged) -> None:
@@ -144,12 +161,6 @@ def test_stdout_and_stderr_are_both_moved_only_when_they_share_the_file(tmp_path
         with open(log, "ab") as out, open(stderr, "ab") as err:
             subprocess.run([sys.executable, "-c", program], stdout=out, stderr=err, check=True)
         assert log.read_text().splitlines()[-1] == f"{log} {moved}"
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def test_on_macos_the_kernel_is_asked_with_f_getpath(stdout, monkeypatch) -> None:

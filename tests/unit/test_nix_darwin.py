@@ -14,6 +14,7 @@ import json
 import os
 import plistlib
 import re
+import resource
 import shutil
 import subprocess
 import tempfile
@@ -21,8 +22,10 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from twisted.internet.selectreactor import SelectReactor
 
 from tests.darwin_harness import HARNESS, ROOT, Pair, arguments, determinate, evaluate
+from virby.capacity import SELECT_CEILING, adjustDescriptorLimit
 from virby.cli import INSTALLED_CONFIG
 from virby.config import from_mapping
 from virby.doctor import DAEMON_LOG
@@ -44,6 +47,7 @@ CASES: dict[str, dict] = {
     "linux-builder": {"virby": ENABLED, "config": {"nix": {"linux-builder": {"enable": True}}}},
     "nix-disabled-without-determinate": {"virby": ENABLED, "config": {"nix": {"enable": False}}},
     "disabled": {"virby": {}},
+    "nested": {"virby": {**ENABLED, "nestedVirtualization": True}},
     # Refused with an assertion:
     "x86_64-darwin": {"virby": ENABLED, "system": "x86_64-darwin"},
     "rosetta-on-x86_64-darwin": {"virby": {**ENABLED, "rosetta": True}, "system": "x86_64-darwin"},
@@ -56,6 +60,10 @@ DETERMINATE_CASES: dict[str, dict] = {
     "determinate": {"virby": ENABLED, "determinate": True},
     "determinate-on-demand": {
         "virby": {**ENABLED, "onDemand": {"enable": True}},
+        "determinate": True,
+    },
+    "determinate-nested": {
+        "virby": {**ENABLED, "nestedVirtualization": True},
         "determinate": True,
     },
 }
@@ -175,13 +183,44 @@ def test_the_launchd_plist_as_nix_darwin_renders_it(results: dict, case: str) ->
     assert job["StandardOutPath"] == job["StandardErrorPath"] == "/var/log/virbyd.log"
 
 
-def test_the_descriptor_limit_serves_200_connections(results: dict) -> None:
+def test_the_descriptor_limit_is_what_the_module_says_the_daemon_makes_of_it(
+    results: dict,
+) -> None:
+    """
+    launchd hands the daemon NumberOfFiles; under macOS's default reactor, select(2), the
+    daemon holds it at 1024 and serves what capacity.py computes, which the module's comment
+    states.
+    """
     job = plist(results, "default")
-    # Two descriptors a spliced connection, plus the daemon's own, well above launchd's 256.
-    assert job["SoftResourceLimits"] == {"NumberOfFiles": 4096}
-    assert 4096 >= 200 * 2 + 256
+    soft = job["SoftResourceLimits"]["NumberOfFiles"]
+    limit = adjustDescriptorLimit(
+        SelectReactor.__new__(SelectReactor),
+        getrlimit=lambda which: (soft, resource.RLIM_INFINITY),
+        setrlimit=lambda which, limits: None,
+    )
+    assert soft > 256, "above launchd's default"
+    assert limit.soft == SELECT_CEILING
+    module = (ROOT / "nix" / "module.nix").read_text()
+    comment = module[: module.index("SoftResourceLimits.NumberOfFiles")].rsplit("\n\n", 1)[-1]
+    stated = re.search(r"holds its soft limit at\s+#?\s*(\d+)", comment)
+    serves = re.search(r"serves up to (\d+) connections", comment)
+    assert stated and int(stated.group(1)) == limit.soft
+    assert serves and int(serves.group(1)) == limit.connections
     # The hard limit stays launchd's (unlimited): lowering it would gain nothing.
     assert "HardResourceLimits" not in job
+
+
+def test_the_enable_option_says_builders_use_substitutes_is_for_every_builder(
+    results: dict,
+) -> None:
+    text = " ".join(result(results, "default")["enableDescription"].split())
+    assert "`builders-use-substitutes`" in text
+    assert "every remote builder of this Mac" in text
+
+
+def test_the_flake_formats_with_nixfmt_not_its_deprecated_alias(pair: Pair) -> None:
+    formatters = evaluate(pair, {}, attribute="formatters")
+    assert set(formatters.values()) == {"nixfmt"}
 
 
 def test_the_daemon_program_is_one_the_package_installs(results: dict) -> None:
@@ -209,9 +248,20 @@ def test_the_builder_in_etc_nix_machines(results: dict, case: str, systems: str)
     lines = machine_lines(results, case)
     fields = lines["ssh-ng://virby-vm"]
     assert fields[1:5] == [systems, "-", "8", "1"]
-    assert fields[5].split(",") == ["benchmark", "big-parallel", "kvm", "nixos-test"]
+    # No nesting, no /dev/kvm in the VM: kvm and nixos-test builds must go elsewhere.
+    assert fields[5].split(",") == ["benchmark", "big-parallel"]
     if case == "linux-builder":
         assert "ssh-ng://builder@linux-builder" in lines, "nix.linux-builder's machine is kept"
+
+
+@pytest.mark.parametrize("case", ["nested", "determinate-nested"])
+def test_kvm_is_advertised_only_with_nested_virtualization(results: dict, case: str) -> None:
+    """The VM has /dev/kvm only when vfkit runs it with --nested."""
+    if case not in results:
+        pytest.skip("Determinate's module is not there (VIRBY_DETERMINATE)")
+    fields = machine_lines(results, case)["ssh-ng://virby-vm"]
+    assert fields[5].split(",") == ["benchmark", "big-parallel", "kvm", "nixos-test"]
+    assert result(results, case)["settings"]["nested-virtualization"] is True
 
 
 @pytest.mark.parametrize("case", ["default", "linux-builder"])
@@ -271,10 +321,19 @@ def test_the_image_gets_what_the_module_asks(results: dict, case: str) -> None:
     image = result(results, case)["image"]
     assert image["imageModuleIncluded"]
     assert image["settings"] == {
-        "debug": virby(case).get("debug", False),
         "rosetta": virby(case).get("rosetta", False),
         "sharedDirectories": virby(case).get("sharedDirectories", {}),
     }
+
+
+def test_debug_leaves_the_image_alone(results: dict) -> None:
+    """
+    The serial console is vfkit's logFilePath console, output only: a login on it could not
+    be used, so debug gives the VM none and the image stays the same.
+    """
+    assert result(results, "debug")["image"]["path"] == result(results, "default")["image"]["path"]
+    assert result(results, "debug")["settings"]["debug"] is True
+    assert "autologin" not in (ROOT / "nix" / "image.nix").read_text()
 
 
 def test_extra_config_makes_a_new_image(results: dict) -> None:
@@ -370,6 +429,12 @@ def test_the_package_runs_the_unit_tests_in_the_darwin_sandbox(results: dict) ->
     assert check["darwinAllowLocalNetworking"] is True
     # A plugin cache built at install time is ignored in the store (all mtimes equal).
     assert check["postInstall"] is None
+    readme = " ".join((ROOT / "nix" / "README.md").read_text().split())
+    assert "plugin cache built in" not in readme
+    assert (
+        "`package.nix`: the daemon and the `virby` command, from `pyproject.toml`, with no "
+        "twistd plugin cache" in readme
+    )
 
 
 def test_the_package_leaves_out_the_linux_tests_on_darwin_only(pair: Pair) -> None:

@@ -33,7 +33,8 @@ from twisted.web.server import Site
 
 from virby.emulator import api, cmdline, vmconfig, vz
 from virby.emulator.cmdline import EmulatorError, UsageError
-from virby.emulator.machine import EmulatedMachine, vfkit_log
+from virby.emulator.golang import vfkit_log
+from virby.emulator.machine import EmulatedMachine
 from virby.reactors import hostReactor
 
 VERSION = "v0.6.3"

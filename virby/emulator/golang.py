@@ -1,6 +1,7 @@
 """
 Go's error texts and parsers, as vfkit's refusals show them: vfkit prints the error of the
-Go call that failed, so the emulator builds the same text from the same parts.
+Go call that failed, so the emulator builds the same text from the same parts.  Also
+vfkit's log lines, which logrus writes.
 """
 
 from __future__ import annotations
@@ -9,6 +10,15 @@ import errno
 import json
 import os
 import re
+import sys
+import time
+
+
+def vfkit_log(level: str, message: str) -> None:
+    """vfkit's own log lines, on stderr, in logrus's text format."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    sys.stderr.write(f'time="{stamp}" level={level} msg="{message}"\n')
+    sys.stderr.flush()
 
 
 def quote(text: str) -> str:

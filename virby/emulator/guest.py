@@ -20,6 +20,7 @@ import os
 import struct
 import zlib
 from dataclasses import asdict, dataclass
+from importlib import resources
 
 from virby import layout
 
@@ -30,6 +31,23 @@ _HEADER = struct.Struct(">8sIII")  # magic, version, payload length, crc32 of th
 VERSION = 1
 #: Where the image's sshd finds its host key, in its C{/etc/ssh} (C{nix/image.nix}).
 ETC_HOST_KEY = "ssh_host_ed25519_key"
+#: The image's sshd settings that the emulated guest takes as they are (its limits and the
+#: ways to log in), from the one file C{nix/image.nix} reads too.
+IMAGE_SSHD_SETTINGS = "guest-sshd.json"
+
+
+def image_sshd_settings() -> dict[str, bool | int | str]:
+    """The settings C{nix/image.nix} gives the VM's sshd from C{virby/guest-sshd.json}."""
+    text = resources.files("virby").joinpath(IMAGE_SSHD_SETTINGS).read_text(encoding="utf-8")
+    settings: dict[str, bool | int | str] = json.loads(text)
+    return settings
+
+
+def _sshd_value(value: bool | int | str) -> str:
+    """A value as NixOS writes it into sshd_config: booleans as yes and no."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
 
 
 @dataclass
@@ -134,7 +152,13 @@ def materialize(state: GuestState, etc: str) -> None:
 
 
 def sshd_config(etc: str, address: str, port: int) -> str:
-    """The emulated guest's sshd: keys only, on its own loopback address."""
+    """
+    The emulated guest's sshd: keys only, on its own loopback address, with the image's
+    own settings (C{MaxStartups} above all, so that a test sees the VM's limit).  What is
+    the emulator's alone is what a process of the user running it needs: no PAM, no strict
+    modes, no pid file, and root may log in with a key when that user is root.
+    """
+    image = [f"{key} {_sshd_value(value)}" for key, value in image_sshd_settings().items()]
     return "\n".join(
         [
             f"ListenAddress {address}:{port}",
@@ -143,11 +167,8 @@ def sshd_config(etc: str, address: str, port: int) -> str:
             "PidFile none",
             "UsePAM no",
             "StrictModes no",
-            "PasswordAuthentication no",
-            "KbdInteractiveAuthentication no",
+            *image,
             "PermitRootLogin prohibit-password",
-            "MaxStartups 300:30:400",
-            "MaxSessions 100",
             "LogLevel INFO",
             *_guest_environment(),
             "",

@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 from virby import layout
 from virby.emulator import guest, lease
 from virby.emulator.cmdline import Emulated
+from virby.emulator.golang import vfkit_log
 from virby.emulator.vmconfig import VM
 from virby.emulator.vz import Console
 from virby.reactors import IMachineReactor
@@ -33,13 +34,6 @@ STATE_PREFIX = "VirtualMachineState"
 #: How long the guest takes to power off after an ACPI request.
 ACPI_POWEROFF = 0.3
 KEY_UNIT = "Install the SSH keys handed to the VM by Virby"
-
-
-def vfkit_log(level: str, message: str) -> None:
-    """vfkit's own log lines, on stderr, in logrus's text format."""
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    sys.stderr.write(f'time="{stamp}" level={level} msg="{message}"\n')
-    sys.stderr.flush()
 
 
 class GuardianProtocol(ProcessProtocol):

@@ -18,13 +18,21 @@ import time
 from typing import IO
 
 from virby.emulator.cmdline import UsageError
-from virby.emulator.golang import os_error, strerror
+from virby.emulator.golang import os_error, strerror, vfkit_log
 from virby.emulator.vmconfig import VM, Bootloader, Device
 from virby.hostfacts import ROSETTA_MIN_MACOS, PlayedMac, gather
 
 #: A virtio-fs tag must be non-empty and fewer than 36 bytes in UTF-8 (Apple's
 #: C{+[VZVirtioFileSystemDeviceConfiguration validateTag:error:]}, see docs/vfkit.md).
 TAG_LIMIT = 36
+
+#: The install error the played Mac gives: it installs nothing, and says it is the emulator.
+CANNOT_INSTALL_ROSETTA = "virby emulator: cannot install Rosetta"
+
+#: The code of the error the framework's C{-[VZLinuxRosettaDirectoryShare initWithError:]}
+#: gives without Rosetta.  Apple's code and wording are not in any source read here: this
+#: is vz's C{ErrorNotSupported}, the emulator's choice, and the description says whose it is.
+ROSETTA_SHARE_ERROR_CODE = 10
 
 #: What the emulator writes as a fresh EFI variable store.
 BLANK_STORE = b"virby emulator: a blank EFI variable store\n"
@@ -165,7 +173,15 @@ def _rosetta(device: Device, played: PlayedMac) -> None:
     """
     C{pkg/vf/rosetta_arm64.go} (C{rosetta_amd64.go} on Intel): the share needs a tag,
     Rosetta available on this Mac (vz's C{LinuxRosettaDirectoryShareAvailability}: not
-    supported before macOS 13 or off Apple silicon, else installed or not), then a valid tag.
+    supported before macOS 13 or off Apple silicon, else installed or not), then the share
+    itself (vz's C{NewLinuxRosettaDirectoryShare}), then a valid tag.
+
+    When Rosetta is missing: without C{install}, C{rosetta is not installed}, whatever
+    C{ignore-if-missing} says; with C{install}, vfkit asks the framework to install it (the
+    played Mac never can), and when that fails, without C{ignore-if-missing} it ends with
+    C{failed to install rosetta: ...}; with it, vfkit logs that it goes on without Rosetta,
+    prints the install error, and goes on to make the share anyway, which the framework
+    refuses while Rosetta is not installed: so C{ignore-if-missing} never boots a VM here.
     """
     if not played.apple_silicon:
         raise UsageError("rosetta is unsupported on non-arm64 platforms")
@@ -177,11 +193,17 @@ def _rosetta(device: Device, played: PlayedMac) -> None:
     if played.rosetta != "installed":
         if not device["install"]:
             raise UsageError("rosetta is not installed")
-        # The played Mac cannot install anything.
         if not device["ignoreIfMissing"]:
-            raise UsageError("failed to install rosetta: virby emulator: cannot install Rosetta")
-        sys.stderr.write("virby emulator: cannot install Rosetta\n")
-        return
+            raise UsageError(f"failed to install rosetta: {CANNOT_INSTALL_ROSETTA}")
+        vfkit_log("info", "Rosetta installation failed. Continuing without Rosetta.")
+        sys.stderr.write(f"{CANNOT_INSTALL_ROSETTA}\n")
+        sys.stderr.flush()
+        refused = _ns_error(
+            "VZErrorDomain",
+            ROSETTA_SHARE_ERROR_CODE,
+            "virby emulator: Rosetta is not installed, so there is no Rosetta share",
+        )
+        raise UsageError(f"failed to create a new rosetta directory share: {refused}")
     try:
         validate_tag(device["mountTag"])
     except UsageError as e:
