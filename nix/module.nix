@@ -201,13 +201,25 @@ in
     sharedDirectories = mkOption {
       type = types.attrsOf types.str;
       default = { };
+      # Outside /Users: a home folder lets no other user through (see below).
       example = {
-        src = "/Users/me/src";
+        src = "/opt/src";
       };
       description = ''
         Host directories shared with the VM, by tag; mounted at /mnt/virtiofs/<tag>. A tag is
         letters, digits, `.`, `_` or `-`, at most ${toString bounds.shareTagBytes} bytes; a
         directory is an absolute path without `,`; at most ${toString bounds.shares} of them.
+
+        vfkit runs as the daemon's user `_virby`, and stops every boot at a share that user
+        cannot reach: `_virby` must be able to search every folder above the directory and to
+        list the directory itself, and the VM reads there what `_virby` may read. A home
+        folder (`/Users/<name>`, `drwxr-x---`) lets no other user through, and macOS's
+        privacy protection keeps daemons out of Desktop, Documents, Downloads and iCloud Drive
+        (`~/Library/Mobile Documents`) whatever the permissions say. Share a folder outside
+        `/Users`, or let `_virby` through the folders above it with an ACL
+        (`sudo chmod +a "_virby allow search" /Users/<name>`). `virby prepare`, which the
+        switch runs, refuses a share `_virby` cannot reach, naming the folder in the way and
+        the fix; `sudo virby doctor` checks the same.
       '';
     };
     supportDeterminateNix = mkOption {

@@ -24,6 +24,9 @@ keys              the client key matches the authorized key the guest installs; 
 image             the image C{prepare} recorded is the config's, and it and C{base.img} exist
 vfkit             found, and C{vfkit --version} is a release with every flag and device the
                   daemon passes for this config (L{VFKIT_SINCE})
+shared-dirs       (when any) the daemon's user can reach each one: not a folder macOS's
+                  privacy protection keeps from daemons, there, and every folder on the way
+                  searchable and the share listable, asked as that user (L{virby.shares})
 rosetta           (when on) Apple silicon, macOS 13 or later, Rosetta installed
 nested            (when on) Apple M3 or later with macOS 15 or later
 ssh               (with C{--ssh}) C{ssh virby-vm true}, as Nix connects, within start-timeout;
@@ -56,9 +59,10 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TextIO
 
-from virby import keys
+from virby import keys, shares
 from virby.config import MIB, Config
 from virby.controlclient import (
     DAEMON_LOG,
@@ -213,6 +217,8 @@ class Doctor:
     @param now: the wall clock, to age leases and files (never to schedule anything).
     @param statvfs: the free space of a volume.
     @param ask: the daemon's status document from its control socket (L{query}).
+    @param ask_as: how the shared directories are asked about as that user
+        (L{shares.ask_as}).
     """
 
     def __init__(
@@ -226,6 +232,7 @@ class Doctor:
         now: Callable[[], float] = time.time,
         statvfs: Callable[[str], os.statvfs_result] = os.statvfs,
         ask: Callable[[str], dict[str, Any]] | None = None,
+        ask_as: shares.Ask | None = None,
     ) -> None:
         self.config = config
         self.runner = runner or default_runner()
@@ -235,6 +242,7 @@ class Doctor:
         self.now = now
         self.statvfs = statvfs
         self.ask = ask or query
+        self._ask_as = ask_as
         self.seen = _Seen()
         self._facts: HostFacts | None = None
 
@@ -249,6 +257,8 @@ class Doctor:
             ("image", self.image),
             ("vfkit", self.vfkit),
         ]
+        if self.config.shared_dirs:
+            listed.append(("shared-dirs", self.shared_directories))
         if self.config.rosetta:
             listed.append(("rosetta", self.rosetta))
         if self.config.nested_virtualization:
@@ -429,6 +439,20 @@ class Doctor:
         except OSError:
             return self.runner.userId(DAEMON_USER)
 
+    def daemon_account(self) -> shares.Account | None:
+        """
+        Who the daemon runs as, with its group: its control socket's owner and group, else the
+        module's user (asked through the runner, as L{_daemon_user} does) with its own group;
+        C{None} when neither is there.
+        """
+        try:
+            info = os.lstat(self.config.path(CONTROL_SOCKET))
+        except OSError:
+            uid = self.runner.userId(DAEMON_USER)
+            return None if uid is None else shares.Account(DAEMON_USER, uid)
+        account = shares.Account.of(info.st_uid, info.st_gid)
+        return account or shares.Account(str(info.st_uid), info.st_uid, info.st_gid)
+
     def _needs_working_directory(self) -> None:
         if not self.seen.working_directory:
             raise _Finished(skip("no working directory (see working-dir)"))
@@ -554,6 +578,26 @@ class Doctor:
             f"vfkit {_version(version)} at {path} has every flag this config passes "
             f"(they need {_version(newest)})"
         )
+
+    def shared_directories(self) -> Finding:
+        account = self.daemon_account()
+        name = account.name if account is not None else DAEMON_USER
+        ask = self._ask_as or partial(shares.ask_as, euid=self.euid)
+        reach = shares.check(self.config.shared_dirs, account, ask)
+        if reach.unreachable:
+            problems = "; ".join(
+                f'"{found.tag}" ({found.directory}): {found.problem}' for found in reach.unreachable
+            )
+            fixes = "; ".join(f'"{found.tag}": {found.fix}' for found in reach.unreachable)
+            return fail(f"{problems}; vfkit runs as {name} and stops every boot there", fixes)
+        if isinstance(reach.unknown, shares.CannotAsk):
+            return sudo(f"whether {name} can reach the shared directories")
+        if isinstance(reach.unknown, shares.NoAccount):
+            return skip(f"no user {name} yet (darwin-rebuild switch makes it)")
+        if reach.unknown is not None:
+            return warn(f"cannot tell whether {name} can reach the shares: {reach.unknown}")
+        reached = ", ".join(f'"{tag}" ({self.config.shared_dirs[tag]})' for tag in reach.reachable)
+        return ok(f"{name} can reach {reached}")
 
     def _host(self) -> HostFacts:
         if self._facts is None:

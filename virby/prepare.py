@@ -23,6 +23,10 @@ until the next boot replaces it: the VM may be running on it while the activatio
 
 The runtime files (those the daemon and vfkit make) are not made here; C{--owner} hands the
 whole tree, them included, to the daemon's user so that it can write there.
+
+Before anything is touched, the shared directories are checked as that user
+(L{virby.shares}): vfkit runs as it and fails every boot on a share it cannot reach, so
+prepare refuses such a share, naming the folder in the way and the fix.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from virby import disk, keys
+from virby import disk, keys, shares
 from virby.config import MIB, Config
 from virby.errors import VirbyError
 from virby.layout import (
@@ -252,11 +256,44 @@ def _stderr(prefix: str) -> Report:
     return report
 
 
+def _check_shares(config: Config, owner: Owner | None, ask: shares.Ask, warn: Report) -> None:
+    """
+    Refuse a shared directory the daemon's user cannot reach: vfkit, which runs as that
+    user, would fail every boot on it.  One that does not exist only warns, since a volume
+    may be mounted later; so does a check that cannot be made (a caller that is not root, a
+    volume that does not answer): prepare does not guess.
+
+    The daemon's user is the one the tree is handed to.  The activation script passes
+    C{--owner _virby:virby} and runs prepare in nix-darwin's launchd step, after its users
+    step has made C{_virby}, so that user exists by then (and L{parse_owner} refuses one that
+    does not).  Without C{--owner} the tree stays the caller's, and so would a daemon run by
+    hand on it: the shares are checked as the caller.
+    """
+    if not config.shared_dirs:
+        return
+    if owner is None:
+        account: shares.Account | None = shares.Account.caller()
+    else:
+        account = shares.Account.of(owner.uid, owner.gid)
+    reach = shares.check(config.shared_dirs, account, ask)
+    refused = [found for found in reach.unreachable if not found.missing]
+    if refused:
+        more = len(refused) - 1
+        also = f" ({more} more shared {'directory' if more == 1 else 'directories'} too)"
+        raise PrepareError(refused[0].line() + (also if more else ""))
+    for found in reach.unreachable:
+        warn(found.line())
+    if reach.unknown is not None:
+        warn(f"shared-dirs: not checked: {reach.unknown}; run `sudo virby doctor` later")
+
+
 def prepare(
     config: Config,
     owner: str | None = None,
     warn: Report | None = None,
     inform: Report | None = None,
+    *,
+    ask: shares.Ask = shares.ask_as,
 ) -> None:
     """
     Bring the working directory to the state the config asks for; see the module docstring.
@@ -264,12 +301,15 @@ def prepare(
     @param owner: C{USER[:GROUP]} to hand the tree to, or C{None} to leave owners alone.
     @param warn: called with each warning (default: a line on stderr).
     @param inform: called with each change made (default: silent).
+    @param ask: how the shared directories are asked about as the daemon's user
+        (L{shares.ask_as}).
     @raise PrepareError: with one line, before anything is touched when the input is bad.
     """
     warn = warn or _stderr("warning: ")
     inform = inform or (lambda message: None)
     image = _check_image(config.image)
     who = parse_owner(owner) if owner is not None else None
+    _check_shares(config, who, ask, warn)
     wd = config.working_directory
     checkWorkingDirectory(wd, absentOk=True)
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -19,3 +20,16 @@ def logged() -> Iterator[list[str]]:
     globalLogPublisher.addObserver(observe)
     yield lines
     globalLogPublisher.removeObserver(observe)
+
+
+@pytest.fixture(autouse=True)
+def _umask() -> Iterator[None]:
+    """
+    Each test gets the umask the run started with: building the daemon's service sets the
+    daemon's own (077) for the whole process, which would make later tests' folders
+    owner-only.
+    """
+    mask = os.umask(0o022)
+    os.umask(mask)
+    yield
+    os.umask(mask)

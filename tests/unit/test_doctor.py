@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from tests.played_user import PLAYED, PlayedUser
 from virby import doctor, prepare
 from virby.config import MIB, Config, from_mapping
 from virby.doctor import (
@@ -40,6 +41,8 @@ from virby.hostfacts import (
     PlayedMac,
     ProbeError,
 )
+from virby.layout import CONTROL_SOCKET
+from virby.shares import Account
 from virby.status import DaemonDown, NotAllowed
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -506,6 +509,92 @@ def test_ephemeral_needs_no_diff_img(machine) -> None:
     found = examine(machine, config)
     assert failed(found) == {}
     assert found["disk-space"].detail.startswith("base.img may take")
+
+
+# -- shared directories: vfkit runs as the daemon's user and stops at a share it cannot reach
+
+
+def sharing(machine, **shared: Path | str) -> tuple[Config, Path]:
+    """The machine's config with these shares, and a home folder as macOS makes it."""
+    root = machine["root"]
+    root.chmod(0o755)
+    home = root / "Users" / "me"
+    (home / "src").mkdir(parents=True, exist_ok=True)
+    home.chmod(0o750)
+    machine["mac"].users["_virby"] = PLAYED.uid
+    shares = {tag: str(path).replace("HOME", str(home)) for tag, path in shared.items()}
+    return dataclasses.replace(machine["config"], shared_dirs=shares), home
+
+
+def test_shares_the_daemons_user_reaches_pass(machine) -> None:
+    config, home = sharing(machine, src="HOME/src")
+    home.chmod(0o755)
+    played = PlayedUser(machine["root"])
+    found = examine(machine, config, ask_as=played)
+    names = list(found)
+    assert names.index("shared-dirs") == names.index("vfkit") + 1
+    assert found["shared-dirs"].status is Status.OK
+    assert found["shared-dirs"].detail == f'_virby can reach "src" ({home}/src)'
+    assert played.asked[0][0] == Account("_virby", PLAYED.uid)
+
+
+def test_a_share_in_a_home_folder_fails_with_the_acl_that_fixes_it(machine) -> None:
+    config, home = sharing(machine, src="HOME/src")
+    found = failed(examine(machine, config, ask_as=PlayedUser(machine["root"])))
+    shared = found["shared-dirs"]
+    assert shared.detail.startswith(f'"src" ({home}/src): _virby may not search {home} (')
+    assert shared.detail.endswith("vfkit runs as _virby and stops every boot there")
+    assert f'sudo chmod +a "_virby allow search" {home}' in shared.fix
+
+
+def test_a_protected_folder_fails_even_without_root(machine) -> None:
+    config, _ = sharing(machine, docs="/Users/me/Documents/src", src="HOME/src")
+    found = examine(machine, config, euid=PLAYED.uid + 1)
+    assert found["shared-dirs"].status is Status.FAIL
+    assert "/Users/me/Documents is kept from daemons" in found["shared-dirs"].detail
+
+
+def test_only_root_can_ask_as_the_daemons_user(machine) -> None:
+    config, _ = sharing(machine, src="HOME/src")
+    found = examine(machine, config, euid=PLAYED.uid + 1)
+    assert found["shared-dirs"].status is Status.SUDO
+    assert found["shared-dirs"].detail.startswith("whether _virby can reach")
+
+
+def test_without_the_daemons_user_the_shares_are_not_guessed(machine) -> None:
+    config, _ = sharing(machine, src="HOME/src")
+    machine["mac"].users.clear()
+    found = examine(machine, config, ask_as=PlayedUser(machine["root"]))
+    assert found["shared-dirs"].status is Status.SKIP
+    assert "no user _virby" in found["shared-dirs"].detail
+
+
+def test_the_shares_are_asked_about_as_the_running_daemons_user(machine) -> None:
+    """A running daemon's control socket says who it runs as, whatever the host's users."""
+    import socket
+
+    config, home = sharing(machine, src="HOME/src")
+    home.chmod(0o755)
+    listening = socket.socket(socket.AF_UNIX)
+    listening.bind(config.path(CONTROL_SOCKET))
+    try:
+        owner = os.lstat(config.path(CONTROL_SOCKET))
+        played = PlayedUser(machine["root"])
+        examine(machine, config, ask_as=played)
+    finally:
+        listening.close()
+    account = played.asked[0][0]
+    assert (account.uid, account.gid) == (owner.st_uid, owner.st_gid) != (PLAYED.uid, None)
+
+
+def test_json_names_the_unreachable_share_and_its_fix(machine, monkeypatch) -> None:
+    config, _ = sharing(machine, docs="/Users/me/Downloads")
+    monkeypatch.setattr(doctor, "query", lambda path: dict(RUNNING_STATUS))
+    monkeypatch.setattr(doctor, "default_runner", lambda: machine["mac"])
+    out = io.StringIO()
+    assert doctor.run(config, as_json=True, out=out, euid=0) == 1
+    (check,) = [c for c in json.loads(out.getvalue())["checks"] if c["check"] == "shared-dirs"]
+    assert check["status"] == "fail" and "outside /Users" in check["fix"]
 
 
 def test_a_user_is_told_which_checks_need_root(machine) -> None:

@@ -454,3 +454,30 @@ def test_the_package_leaves_out_the_linux_tests_on_darwin_only(pair: Pair) -> No
         assert found.returncode == 0, found.stderr
         marks[system] = json.loads(found.stdout)
     assert marks == {"aarch64-darwin": ["linux"], "aarch64-linux": [], "x86_64-linux": []}
+
+
+def test_the_shared_directories_option_says_what_the_daemons_user_can_reach(pair: Pair) -> None:
+    """
+    vfkit runs as _virby, which a home folder shuts out and macOS's privacy protection keeps
+    from Desktop, Documents and Downloads: the option's example is a folder outside /Users,
+    and its description says so and how to let _virby through.
+    """
+    expression = (
+        "{ nixpkgsLib }: let lib = import ./nix/tests/nixpkgs-lib.nix nixpkgsLib; "
+        "module = import ./nix/module.nix { nixpkgs = { }; } "
+        "{ inherit lib; config = { }; pkgs = { }; options = { }; }; "
+        "in { inherit (module.options.services.virby.sharedDirectories) example description; }"
+    )
+    found = subprocess.run(
+        ["nix-instantiate", "--eval", "--strict", "--json", "--readonly-mode", "--expr",
+         expression, "--arg", "nixpkgsLib", str(pair.lib)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert found.returncode == 0, found.stderr
+    option = json.loads(found.stdout)
+    assert all(not path.startswith("/Users/") for path in option["example"].values())
+    description = " ".join(option["description"].split())
+    for words in ("vfkit runs as the daemon's user `_virby`", "Desktop, Documents, Downloads",
+                  'sudo chmod +a "_virby allow search" /Users/<name>', "`virby prepare`",
+                  "`sudo virby doctor`"):  # fmt: skip
+        assert words in description

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from virby import cli, disk, keys, prepare
+from tests.played_user import PlayedUser
+from virby import cli, disk, keys, prepare, shares
 from virby.config import MIB, Config
 from virby.errors import VirbyError
 
@@ -415,6 +416,116 @@ def test_owner_hands_over_the_whole_tree(config: Config) -> None:
     prepare.prepare(config, owner="nobody")
     owners = {(p.lstat().st_uid, p.lstat().st_gid) for p in [wd, *wd.rglob("*")]}
     assert owners == {(nobody.pw_uid, nobody.pw_gid)}
+
+
+# -- shared directories: vfkit runs as the daemon's user and stops every boot at a share
+# that user cannot reach, so prepare refuses one before touching anything
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    """A home folder as macOS makes it (drwxr-x---), with a source folder in it."""
+    tmp_path.chmod(0o755)
+    (tmp_path / "Users" / "me" / "src").mkdir(parents=True)
+    (tmp_path / "Users").chmod(0o755)
+    (tmp_path / "Users" / "me").chmod(0o750)
+    return tmp_path / "Users" / "me"
+
+
+def sharing(config: Config, **shared: Path | str) -> Config:
+    return dataclasses.replace(config, shared_dirs={k: str(v) for k, v in shared.items()})
+
+
+def test_a_share_in_a_home_folder_is_refused_naming_the_folder_and_the_fix(config, home) -> None:
+    with pytest.raises(VirbyError) as caught:
+        prepare.prepare(sharing(config, src=home / "src"), ask=PlayedUser(home.parent.parent))
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f'shared-dirs: "src" ({home}/src): ')
+    assert f"may not search {home} " in message
+    # Without --owner the tree stays the caller's: the share is checked as the caller.
+    assert f'sudo chmod +a "{shares.Account.caller().name} allow search" {home}' in message
+    assert not Path(config.working_directory).exists()
+
+
+def test_a_share_in_a_privacy_protected_folder_is_refused(config) -> None:
+    def never(account, questions):
+        raise AssertionError("refused by name, whatever the system would answer")
+
+    with pytest.raises(VirbyError, match="kept from daemons") as caught:
+        prepare.prepare(sharing(config, docs="/Users/me/Documents/src"), ask=never)
+    assert "/Users/me/Documents" in str(caught.value)
+    assert not Path(config.working_directory).exists()
+
+
+def test_every_unreachable_share_is_counted_in_the_one_line(config, home) -> None:
+    shared = sharing(config, a=home / "src", b=home, c="/Users/me/Desktop")
+    with pytest.raises(VirbyError) as caught:
+        prepare.prepare(shared, ask=PlayedUser(home.parent.parent))
+    assert str(caught.value).startswith('shared-dirs: "a" ')
+    assert str(caught.value).endswith("(2 more shared directories too)")
+
+
+def test_a_reachable_share_is_prepared_and_a_second_run_changes_nothing(config, home) -> None:
+    home.chmod(0o755)
+    played = PlayedUser(home.parent.parent)
+    shared = sharing(config, src=home / "src")
+    prepare.prepare(shared, ask=played)
+    wd = Path(config.working_directory)
+    before = snapshot(wd)
+    prepare.prepare(shared, ask=played)
+    assert snapshot(wd) == before
+    assert len(played.asked) == 2
+
+
+def test_what_an_acl_allows_beyond_the_modes_is_not_refused(config, home) -> None:
+    """The home is drwxr-x---, but the system, which sees ACLs, lets the user through."""
+    prepare.prepare(
+        sharing(config, src=home / "src"), ask=lambda account, asked: [True] * len(asked)
+    )
+    assert Path(config.working_directory, "diff.img").exists()
+
+
+def test_a_missing_share_or_one_that_cannot_be_asked_about_only_warns(config, home) -> None:
+    warnings: list[str] = []
+
+    def not_root(account, questions):
+        raise shares.CannotAsk("only root can ask what _virby may reach")
+
+    shared = sharing(config, gone=home / "gone", src=home / "src")
+    prepare.prepare(shared, warn=warnings.append, ask=not_root)
+    assert warnings[0].startswith(f'shared-dirs: "gone" ({home}/gone): it does not exist')
+    assert warnings[1] == (
+        "shared-dirs: not checked: only root can ask what _virby may reach; "
+        "run `sudo virby doctor` later"
+    )
+    assert Path(config.working_directory, "diff.img").exists()
+
+
+def test_the_shares_are_asked_about_as_the_owner_the_tree_goes_to(config, home) -> None:
+    asked: list[shares.Account] = []
+
+    def record(account, questions):
+        asked.append(account)
+        raise shares.AskFailed("recorded")
+
+    prepare.prepare(sharing(config, src=home / "src"), ask=record, warn=lambda m: None)
+    assert asked[-1].uid == os.geteuid()  # without --owner the tree stays the caller's
+    shared = sharing(config, src=home / "src")
+    with pytest.raises(VirbyError, match="no user"):
+        prepare.prepare(shared, owner="no-such-user-virby", ask=record)
+    assert len(asked) == 1
+
+
+def test_cli_refuses_an_unreachable_share_in_one_line(short_tmp: Path, image, capsys) -> None:
+    wd = short_tmp / "wd"
+    argv = ["prepare", "--working-directory", str(wd), "--image", str(image),
+            "--shared-dirs", "src=/Users/me/Downloads/src"]  # fmt: skip
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith('virby prepare: error: shared-dirs: "src" (/Users/me/Downloads/src): ')
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not wd.exists()
 
 
 # -- the command
