@@ -7,25 +7,10 @@ user stop the VM; here the working directory (0700) and the socket (0600) keep i
 daemon's user and root, and the daemon checks the peer's credentials as well (a socket
 whose mode was loosened, or a directory opened with allow-user-ssh, lets no one else in).
 
-The protocol (version 1), documented in C{docs/control.md}:
-
-    request, one line:  {"version": 1, "command": "status" | "start" | "stop", "force": bool}
-    reply, one line:    {"version": 1, "ok": true, ...}  or  {"version": 1, "ok": false,
-                                                              "error": "<one line>"}
-
-then the daemon closes the connection.  C{status} replies C{"status": <document>};
-C{start} boots the VM (a no-op when it runs) and replies once it is ready
-(C{"booted"}, C{"vm_ip"}, C{"vm_port"}, C{"boot_seconds"}); C{stop} stops it (refused while
-connections are open unless C{force}) and replies once it has stopped (C{"stopped"},
-C{"closed_connections"}).  C{force} is optional, and meaningful for C{stop} only.
-
-Version rules: a request names the version it speaks, and the daemon replies in it; a
-version the daemon does not speak, an unknown command or key, a value of the wrong type,
-anything that is not one JSON object on one line gets an error reply, never a dropped
-connection or a daemon in trouble.  A request must arrive within L{REQUEST_TIMEOUT} seconds
+The protocol's wire format (version 1, C{docs/control.md}) is L{virby.wire}'s, shared with
+the commands that ask.  A request must arrive within L{REQUEST_TIMEOUT} seconds
 and be at most L{MAX_REQUEST} bytes: a client that sends nothing, or megabytes, is told so
-and cut off.  Daemons before version 1 wrote the status document at once to every
-connection, without reading; L{virby.controlclient} still understands that reply.
+and cut off.
 
 Two daemons are kept off one working directory by L{virby.layout.DAEMON_LOCK}, an flock the
 kernel drops when the daemon dies (L{virby.locks}), not by the socket: so whatever is found
@@ -38,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
-import json
 import os
 import pwd
 import socket
@@ -62,25 +46,17 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
-from virby.errors import VirbyError, oneLine
+from virby.errors import VirbyError
 from virby.layout import OLD_SOCKET_LOCK
 from virby.logs import Logger
+from virby.wire import MAX_REQUEST, RequestError, encodeReply, errorReply, parseRequest
 
 log = Logger()
 
-#: The protocol versions this daemon speaks; it replies in the request's.
-PROTOCOL_VERSION = 1
-COMMANDS = ("status", "start", "stop")
-#: The longest request line, newline included: a request is a few dozen bytes.
-MAX_REQUEST = 4096
 #: How long a client has to send its request once connected.
 REQUEST_TIMEOUT = 5.0
 #: How long a reply may take to be read once written, before the connection is cut.
 REPLY_TIMEOUT = 10.0
-
-
-class RequestError(VirbyError):
-    """A request this daemon cannot take; the message is the reply's error line."""
 
 
 class Commands(TypingProtocol):
@@ -91,46 +67,6 @@ class Commands(TypingProtocol):
     def start(self) -> Deferred[dict[str, Any]]: ...
 
     def stop(self, force: bool) -> Deferred[dict[str, Any]]: ...
-
-
-def parseRequest(line: bytes) -> tuple[str, bool]:
-    """
-    One request line into C{(command, force)}.
-
-    @raise RequestError: with the reason, fit to send back.
-    """
-    try:
-        request = json.loads(line)
-    except (ValueError, UnicodeDecodeError):
-        raise RequestError("the request is not JSON: send one JSON object on one line") from None
-    if not isinstance(request, dict):
-        raise RequestError("the request must be a JSON object")
-    version = request.get("version")
-    if isinstance(version, bool) or not isinstance(version, int):
-        raise RequestError('the request has no "version" (an integer; this daemon speaks 1)')
-    if version != PROTOCOL_VERSION:
-        raise RequestError(
-            f"protocol version {version} is not spoken here: this daemon speaks "
-            f"{PROTOCOL_VERSION}; use the virby command of the same package"
-        )
-    unknown = sorted(set(request) - {"version", "command", "force"})
-    if unknown:
-        raise RequestError(f"unknown key {unknown[0]!r} in the request")
-    command = request.get("command")
-    if command not in COMMANDS:
-        raise RequestError(f"unknown command {command!r}: the commands are {', '.join(COMMANDS)}")
-    force = request.get("force", False)
-    if not isinstance(force, bool):
-        raise RequestError('"force" must be true or false')
-    return command, force
-
-
-def encodeReply(reply: dict[str, Any]) -> bytes:
-    return json.dumps({"version": PROTOCOL_VERSION, **reply}, sort_keys=True).encode() + b"\n"
-
-
-def errorReply(message: str) -> dict[str, Any]:
-    return {"ok": False, "error": oneLine(message)}
 
 
 # -- who is asking

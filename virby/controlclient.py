@@ -1,30 +1,25 @@
 """
-Asking the daemon over its control socket (the protocol is in L{virby.control}): one request
+Asking the daemon over its control socket (the wire format is L{virby.wire}'s): one request
 line, one reply line.  Used by the short-lived commands (C{virby status}, C{start}, C{stop},
-C{doctor}), never by the daemon: a plain blocking socket with a timeout is the right tool.
+C{doctor}), never by the daemon: a plain blocking socket with a timeout is the right tool,
+and no reactor is loaded.
 
 A daemon from before the protocol wrote its status document to every connection at once,
-without reading, and closed: its reply has no C{"version"}, and is taken as the status
-(what C{virby status} asked) or refused with the fix (anything else).
+without reading, and closed: the reply is read to the end whatever the request did.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import socket
 from typing import Any
 
-from virby.control import PROTOCOL_VERSION
 from virby.errors import VirbyError
+from virby.wire import LAUNCHD_LABEL, MAX_REPLY, encodeRequest, parseReply
 
-#: The longest reply read: a status document is a few kilobytes.
-MAX_REPLY = 1024 * 1024
-
-#: The daemon's launchd job, as C{nix/module.nix} names it, and where launchd sends its
-#: output: the fixes of every command that asks the daemon name them.
-LAUNCHD_LABEL = "org.nixos.virbyd"
+#: The daemon's launchd job (L{LAUNCHD_LABEL}, as C{nix/module.nix} names it), and where
+#: launchd sends its output: the fixes of every command that asks the daemon name them.
 LAUNCHD_PLIST = f"/Library/LaunchDaemons/{LAUNCHD_LABEL}.plist"
 DAEMON_LOG = "/var/log/virbyd.log"
 #: The fix when the job is loaded but its daemon is not running (or is stuck).
@@ -42,10 +37,6 @@ class NotAllowed(VirbyError):
     user may)."""
 
 
-class Refused(VirbyError):
-    """The daemon answered, and said no; the message is its one line."""
-
-
 def ask(path: str, command: str, *, force: bool = False, timeout: float = 5.0) -> dict[str, Any]:
     """
     Send one request and return the daemon's reply (its C{"ok": true} document).
@@ -56,26 +47,8 @@ def ask(path: str, command: str, *, force: bool = False, timeout: float = 5.0) -
     @raise Refused: when the daemon answered with an error.
     @raise VirbyError: for anything else (garbage, a timeout), in one line.
     """
-    request = {"version": PROTOCOL_VERSION, "command": command}
-    if force:
-        request["force"] = True
-    raw = _exchange(path, command, json.dumps(request).encode() + b"\n", timeout)
-    try:
-        reply = json.loads(raw)
-    except ValueError:
-        raise VirbyError(f"the daemon at {path} answered something that is not JSON") from None
-    if not isinstance(reply, dict):
-        raise VirbyError(f"the daemon at {path} answered something that is not a reply")
-    if "version" not in reply:
-        if command == "status" and "state" in reply:
-            return {"ok": True, "status": reply}  # a daemon from before the protocol
-        raise Refused(
-            f"the daemon running now predates `virby {command}`: restart it (sudo launchctl "
-            f"kickstart -k system/{LAUNCHD_LABEL}) and try again"
-        )
-    if reply.get("ok") is not True:
-        raise Refused(str(reply.get("error") or "the daemon refused without saying why"))
-    return reply
+    raw = _exchange(path, command, encodeRequest(command, force), timeout)
+    return parseReply(raw, command, path)
 
 
 def _exchange(path: str, command: str, request: bytes, timeout: float) -> bytes:

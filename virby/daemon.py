@@ -36,20 +36,10 @@ from virby.capacity import (
     widenAcceptQueue,
 )
 from virby.config import Config
-from virby.control import (
-    ControlFactory,
-    StaleSocketError,
-    clearStaleSocket,
-    controlEndpoint,
-)
+from virby.control import ControlFactory, StaleSocketError, clearStaleSocket, controlEndpoint
 from virby.errors import VirbyError, oneLine
 from virby.hypervisor import VfkitHypervisor
-from virby.layout import (
-    CONTROL_SOCKET,
-    DAEMON_LOCK,
-    DAEMON_UMASK,
-    checkWorkingDirectory,
-)
+from virby.layout import CONTROL_SOCKET, DAEMON_LOCK, DAEMON_UMASK, checkWorkingDirectory
 from virby.lifecycle import Lifecycle
 from virby.locks import FileLock, takeLock
 from virby.logfile import LogFile
@@ -59,7 +49,7 @@ from virby.reactors import IHostReactor
 from virby.readiness import ReadyGuest
 from virby.relay import spliceAvailable
 from virby.runtime import remove_quietly
-from virby.vfkit import HostPlan, find_vfkit, plan_host
+from virby.vfkitflags import HostPlan, find_vfkit, plan_host
 from virby.virbyd import exitWithError
 
 log = Logger()

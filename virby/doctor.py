@@ -64,14 +64,7 @@ from typing import Any, TextIO
 
 from virby import keys, shares
 from virby.config import MIB, Config
-from virby.controlclient import (
-    DAEMON_LOG,
-    LAUNCHD_LABEL,
-    LOAD_FIX,
-    RESTART_FIX,
-    DaemonDown,
-    NotAllowed,
-)
+from virby.controlclient import DAEMON_LOG, LOAD_FIX, RESTART_FIX, DaemonDown, NotAllowed
 from virby.errors import VirbyError
 from virby.hostfacts import (
     LAUNCHCTL,
@@ -84,6 +77,8 @@ from virby.hostfacts import (
     Runner,
     default_runner,
     gather,
+    parse_launchctl,
+    parse_lsof,
 )
 from virby.layout import (
     AUTHORIZED_KEY,
@@ -108,7 +103,8 @@ from virby.layout import (
 from virby.leases import GUEST_HOSTNAME, Lease, newest_ip, normalize_mac, parse_leases
 from virby.prepare import recorded_image
 from virby.status import query
-from virby.vfkit import VfkitNotFound, find_vfkit, vfkit_arguments
+from virby.vfkitflags import VfkitNotFound, find_vfkit, parse_vfkit_version, vfkit_needs
+from virby.wire import LAUNCHD_LABEL
 
 #: Free space below which the VM's disk cannot take even one large build's output, so writes
 #: in the guest would fail: less than this (or than all the disk may still grow) fails.
@@ -126,27 +122,6 @@ POOL_CROWDED = 200
 LEASE_GRACE = 30.0
 #: ssh gets start-timeout plus this: a cold boot, then the login.
 SSH_MARGIN = 30.0
-
-#: The vfkit release that first took each flag and device kind the daemon passes, read in
-#: vfkit's git history (C{pkg/cmdline/cmdline.go}, C{cmd/vfkit/root.go},
-#: C{pkg/config/virtio.go}, C{pkg/config/bootloader.go}, C{pkg/rest/rest.go}).  A flag the
-#: daemon starts passing must be added here (a test checks every one is).
-VFKIT_SINCE: dict[str, tuple[int, int, int]] = {
-    "--cpus": (0, 0, 1),
-    "--memory": (0, 0, 1),
-    "--device": (0, 0, 1),
-    "virtio-blk": (0, 0, 1),
-    "virtio-net": (0, 0, 1),
-    "virtio-serial": (0, 0, 1),  # with logFilePath
-    "virtio-rng": (0, 0, 1),
-    "virtio-fs": (0, 0, 2),
-    "--timesync": (0, 0, 3),
-    "--bootloader": (0, 1, 0),  # efi,variable-store=...[,create]
-    "--restful-uri": (0, 1, 0),  # unix://
-    "rosetta": (0, 5, 0),
-    "virtio-balloon": (0, 6, 1),
-    "--nested": (0, 6, 2),
-}
 
 
 class Status(enum.Enum):
@@ -805,66 +780,6 @@ def skip(detail: str) -> Finding:
 
 def sudo(what: str) -> Finding:
     return Finding("", Status.SUDO, f"{what}: only root can look", "run sudo virby doctor")
-
-
-# -- parsing what the Mac says
-
-
-def parse_launchctl(text: str) -> dict[str, str]:
-    """
-    The job's own C{key = value} lines of C{launchctl print}: the least indented ones, first
-    occurrence first, so the nested blocks (sockets, environment) cannot shadow them.
-    """
-    found: dict[str, tuple[int, str]] = {}
-    for line in text.splitlines():
-        match = re.match(r"^(\s+)([a-z][a-z ]*?) = (.*)$", line)
-        if not match:
-            continue
-        depth, key, value = len(match.group(1).expandtabs(1)), match.group(2), match.group(3)
-        if key not in found or depth < found[key][0]:
-            found[key] = (depth, value.strip())
-    return {key: value for key, (_, value) in found.items()}
-
-
-def parse_lsof(text: str) -> list[tuple[int, str]]:
-    """C{lsof -F pc} output: one C{p<pid>} line per process, then its C{c<command>}."""
-    holders: list[tuple[int, str]] = []
-    pid: int | None = None
-    for line in text.splitlines():
-        if line.startswith("p") and line[1:].isdigit():
-            pid = int(line[1:])
-            holders.append((pid, "?"))
-        elif line.startswith("c") and pid is not None and holders and holders[-1][0] == pid:
-            holders[-1] = (pid, line[1:])
-    return holders
-
-
-def parse_vfkit_version(text: str) -> tuple[int, int, int] | None:
-    """C{vfkit version: v0.6.3} (or C{0.6.3}, or C{v0.6.3-4-gabc}) -> C{(0, 6, 3)}."""
-    match = re.search(r"version:?\s*v?(\d+)\.(\d+)\.(\d+)", text)
-    if match is None:
-        return None
-    return (int(match.group(1)), int(match.group(2)), int(match.group(3)))
-
-
-def vfkit_needs(config: Config) -> dict[str, tuple[int, int, int]]:
-    """
-    Every flag and device kind of the command line the daemon builds for C{config} (with
-    C{--nested} as configured), and the vfkit release that first took it.
-
-    @raise KeyError: for one L{VFKIT_SINCE} does not know (a test keeps them in step).
-    """
-    args = vfkit_arguments(
-        config, "vfkit", "02:00:00:00:00:01", False, config.nested_virtualization
-    )
-    needed = {}
-    for index, arg in enumerate(args[1:], start=1):
-        if arg.startswith("--"):
-            needed[arg] = VFKIT_SINCE[arg]
-            if arg == "--device":
-                kind = args[index + 1].split(",", 1)[0]
-                needed[kind] = VFKIT_SINCE[kind]
-    return needed
 
 
 def _says_on(text: str) -> bool | None:

@@ -58,7 +58,7 @@ def make(working_directory: str, size: int) -> str:
     @return: what was done, in one line.
     @raise FreshDiskError: when it cannot be done.
     """
-    from virby.prepare import locked
+    from virby.locks import locked
 
     base = os.path.join(working_directory, BASE_IMAGE)
     diff = os.path.join(working_directory, DIFF_IMAGE)

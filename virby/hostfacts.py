@@ -379,3 +379,35 @@ def parse_version(text: str | None) -> tuple[int, ...] | None:
     if not text or not re.fullmatch(r"\d+(\.\d+)*", text.strip()):
         return None
     return tuple(int(part) for part in text.strip().split("."))
+
+
+# -- what the Mac's commands print
+
+
+def parse_launchctl(text: str) -> dict[str, str]:
+    """
+    The job's own C{key = value} lines of C{launchctl print}: the least indented ones, first
+    occurrence first, so the nested blocks (sockets, environment) cannot shadow them.
+    """
+    found: dict[str, tuple[int, str]] = {}
+    for line in text.splitlines():
+        match = re.match(r"^(\s+)([a-z][a-z ]*?) = (.*)$", line)
+        if not match:
+            continue
+        depth, key, value = len(match.group(1).expandtabs(1)), match.group(2), match.group(3)
+        if key not in found or depth < found[key][0]:
+            found[key] = (depth, value.strip())
+    return {key: value for key, (_, value) in found.items()}
+
+
+def parse_lsof(text: str) -> list[tuple[int, str]]:
+    """C{lsof -F pc} output: one C{p<pid>} line per process, then its C{c<command>}."""
+    holders: list[tuple[int, str]] = []
+    pid: int | None = None
+    for line in text.splitlines():
+        if line.startswith("p") and line[1:].isdigit():
+            pid = int(line[1:])
+            holders.append((pid, "?"))
+        elif line.startswith("c") and pid is not None and holders and holders[-1][0] == pid:
+            holders[-1] = (pid, line[1:])
+    return holders

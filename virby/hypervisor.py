@@ -27,7 +27,8 @@ from virby.mac import stable_mac
 from virby.orphans import stop_orphan
 from virby.reactors import IVMReactor
 from virby.readiness import BootTimeout, ReadyGuest, wait_for_guest
-from virby.vfkit import HostPlan, VfkitProcess
+from virby.vfkit import VfkitProcess
+from virby.vfkitflags import HostPlan
 
 log = Logger()
 

@@ -21,7 +21,7 @@ import errno
 import fcntl
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from virby.errors import VirbyError
 from virby.layout import PREPARE_FIX
@@ -158,3 +158,17 @@ def takeLock(path: str, error: type[VirbyError], busy: Callable[[FileLock], str]
     if not acquired:
         raise error(busy(lock))
     return lock
+
+
+@contextlib.contextmanager
+def locked(path: str) -> Iterator[None]:
+    """
+    Serialise concurrent runs on one directory (two activations, or a person and one), and
+    the daemon's fresh disk (L{virby.freshdisk}) with them.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import os
 
+from virby.disk import write_atomically
 from virby.leases import normalize_mac
 from virby.logs import Logger
-from virby.runtime import write_atomically
 
 log = Logger()
 

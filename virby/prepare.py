@@ -31,14 +31,12 @@ prepare refuses such a share, naming the folder in the way and the fix.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import grp
 import os
 import pwd
 import stat
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from virby import disk, keys, shares
@@ -62,6 +60,7 @@ from virby.layout import (
     checkWorkingDirectory,
     directoryMode,
 )
+from virby.locks import locked
 from virby.sshconfig import ssh_config_block
 
 Report = Callable[[str], None]
@@ -127,20 +126,6 @@ def _check_image(image: str | None) -> str:
     if not os.access(image, os.R_OK):
         raise PrepareError(f"image: {image} is not readable; run virby prepare as root")
     return image
-
-
-@contextlib.contextmanager
-def locked(path: str) -> Iterator[None]:
-    """
-    Serialise concurrent runs on one directory (two activations, or a person and one), and
-    the daemon's fresh disk (L{virby.freshdisk}) with them.
-    """
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def _chmod(path: str, mode: int) -> None:

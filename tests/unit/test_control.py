@@ -18,19 +18,13 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from virby.config import from_mapping
-from virby.control import (
-    MAX_REQUEST,
-    REPLY_TIMEOUT,
-    REQUEST_TIMEOUT,
-    ControlFactory,
-    parseRequest,
-    socketPeerUid,
-)
-from virby.controlclient import LAUNCHD_PLIST, DaemonDown, Refused, ask
+from virby.control import REPLY_TIMEOUT, REQUEST_TIMEOUT, ControlFactory, socketPeerUid
+from virby.controlclient import LAUNCHD_PLIST, DaemonDown, ask
 from virby.errors import VirbyError
 from virby.lifecycle import VMBusy
 from virby.startstop import WAKE_POLL, WAKE_TIMEOUT, knock, run_start, run_stop, start_timeout
 from virby.status import EXIT_DOWN
+from virby.wire import MAX_REQUEST, Refused, parseRequest
 
 OWNER = os.geteuid()
 

@@ -18,7 +18,7 @@ from virby.hypervisor import BootError, VfkitHypervisor
 from virby.lifecycle import Lifecycle
 from virby.logfile import CHECK_INTERVAL, LogFile
 from virby.readiness import ReadyGuest
-from virby.vfkit import HostPlan
+from virby.vfkitflags import HostPlan
 
 
 @pytest.fixture

@@ -19,16 +19,8 @@ import pytest
 from tests.played_user import PLAYED, PlayedUser
 from virby import doctor, prepare
 from virby.config import MIB, Config, from_mapping
-from virby.doctor import (
-    LAUNCHD_LABEL,
-    VFKIT_SINCE,
-    Doctor,
-    Status,
-    parse_launchctl,
-    parse_lsof,
-    parse_vfkit_version,
-    vfkit_needs,
-)
+from virby.controlclient import DaemonDown, NotAllowed
+from virby.doctor import Doctor, Status
 from virby.hostfacts import (
     ARM64,
     CPU_BRAND,
@@ -40,10 +32,13 @@ from virby.hostfacts import (
     SSH,
     PlayedMac,
     ProbeError,
+    parse_launchctl,
+    parse_lsof,
 )
 from virby.layout import CONTROL_SOCKET
 from virby.shares import Account
-from virby.status import DaemonDown, NotAllowed
+from virby.vfkitflags import VFKIT_SINCE, parse_vfkit_version, vfkit_needs
+from virby.wire import LAUNCHD_LABEL
 
 ROOT = Path(__file__).resolve().parents[2]
 MAC = "02:94:00:00:00:07"

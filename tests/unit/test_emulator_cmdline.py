@@ -20,7 +20,7 @@ from virby.emulator.cmdline import EmulatorError, UsageError, parse
 from virby.emulator.golang import parse_mac, parse_uint
 from virby.emulator.vz import BLANK_STORE
 from virby.leases import LeaseFile, parse_leases
-from virby.vfkit import TIMESYNC_VSOCK_PORT, vfkit_arguments
+from virby.vfkitflags import TIMESYNC_VSOCK_PORT, vfkit_arguments
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from virby import disk, freshdisk, prepare
+from virby import disk, freshdisk, locks
 from virby.config import MIB, from_mapping
 from virby.freshdisk import FreshDiskError, make, makeFreshDisk
 from virby.hypervisor import VfkitHypervisor
@@ -76,7 +76,7 @@ def test_the_copy_holds_the_lock_prepare_holds(wd: Path, monkeypatch) -> None:
 
     copies: list[str] = []
     real_copy = disk.copy
-    monkeypatch.setattr(prepare, "locked", locked)
+    monkeypatch.setattr(locks, "locked", locked)
     monkeypatch.setattr(
         disk, "copy", lambda *a, **k: copies.append(str(held)) or real_copy(*a, **k)
     )

@@ -9,7 +9,7 @@ from virby.config import from_mapping
 from virby.errors import PermanentError
 from virby.hypervisor import BootError, HostRefusal, VfkitHypervisor
 from virby.lifecycle import Lifecycle, VMUnavailable
-from virby.vfkit import HostPlan
+from virby.vfkitflags import HostPlan
 
 REFUSAL = (
     "rosetta is on, but Rosetta is not installed on this Mac: run `softwareupdate "

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from virby.config import ConfigError, from_mapping, parse_size
-from virby.prepare import SHARED_CLIENT_KEY
+from virby.layout import SHARED_CLIENT_KEY
 from virby.sshconfig import ssh_config_block
-from virby.vfkit import TIMESYNC_VSOCK_PORT
+from virby.vfkitflags import TIMESYNC_VSOCK_PORT
 
 ROOT = Path(__file__).resolve().parents[2]
 NIX_FILES = sorted(p for p in ROOT.glob("**/*.nix") if ".venv" not in p.parts)

@@ -28,7 +28,7 @@ from tests.darwin_harness import HARNESS, ROOT, Pair, arguments, determinate, ev
 from virby.capacity import SELECT_CEILING, adjustDescriptorLimit
 from virby.cli import INSTALLED_CONFIG
 from virby.config import from_mapping
-from virby.doctor import DAEMON_LOG
+from virby.controlclient import DAEMON_LOG
 from virby.layout import CLIENT_KEY, SHARED_CLIENT_KEY
 from virby.sshconfig import ssh_config_block
 

@@ -16,19 +16,8 @@ from virby.config import from_mapping
 from virby.hostfacts import HostFacts
 from virby.layout import WorkingDirectoryError
 from virby.rest import RestError
-from virby.vfkit import (
-    ExitStatus,
-    HostPlan,
-    StopTimings,
-    VfkitNotFound,
-    VfkitProcess,
-    VfkitProtocol,
-    find_vfkit,
-    plan_host,
-    read_tail,
-    vfkit_arguments,
-    vfkit_error,
-)
+from virby.vfkit import ExitStatus, StopTimings, VfkitProcess, VfkitProtocol, read_tail, vfkit_error
+from virby.vfkitflags import HostPlan, VfkitNotFound, find_vfkit, plan_host, vfkit_arguments
 
 MAC = "02:94:00:00:00:01"
 
