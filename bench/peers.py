@@ -145,15 +145,15 @@ async def _asyncio_splice(listen: int, target: int) -> None:
 
 def virby_splice(listen: int, target: int, path: str = "fast") -> None:
     """
-    Virby's own splice (L{virby.proxy}) in front of C{target}, as the daemon runs it.  C{path}
-    picks the data path: C{fast} (the daemon's: splice(2) on Linux), C{portable} (the
+    Virby's own splice (L{virby.daemon.proxy}) in front of C{target}, as the daemon runs it.
+    C{path} picks the data path: C{fast} (the daemon's: splice(2) on Linux), C{portable} (the
     recv_into path macOS runs), or C{transports} (the Twisted protocol path, the fallback).
     """
     from twisted.internet import reactor
     from twisted.internet.defer import succeed
 
-    from virby.proxy import ProxyFactory
-    from virby.readiness import ReadyGuest
+    from virby.daemon.proxy import ProxyFactory
+    from virby.daemon.readiness import ReadyGuest
 
     class Ready:
         def connectionOpened(self, connection: object) -> None:

@@ -514,9 +514,10 @@ def memory(root: Path, connections: int, targets: list[Target]) -> Section:
         ("the same without pyOpenSSL (Twisted loads it whenever installed)", without_tls),
         ("the same with twisted.web.client (vfkit's REST client, imported at its first "
          "request)", twisted + ", twisted.web.client"),
-        ("the same with the splice's modules (virby.proxy, .relay, .readiness)",
-         twisted + ", virby.proxy"),
-        ("the same with all the daemon's modules (not twistd's own)", twisted + ", virby.daemon"),
+        ("the same with the splice's modules (virby.daemon.proxy, .relay, .readiness)",
+         twisted + ", virby.daemon.proxy"),
+        ("the same with all the daemon's modules (not twistd's own)",
+         twisted + ", virby.daemon.service"),
     ]  # fmt: skip
     measured = {name: _imports_rss(program) for name, program in baselines}
     builder = Builder(root)
@@ -646,7 +647,7 @@ What bounds the figures, where a target is missed (or nearly):
   for its next probe (at most 2 ms) and the hand-over of the probe's connection.
 - Idle RSS: Twisted imports pyOpenSSL and cryptography whenever they are installed (the
   daemon installs Twisted's TLS extras); most of the rest is Twisted's HTTP client, which
-  virby.rest imports at start for vfkit's REST API.
+  virby.daemon.rest imports at start for vfkit's REST API.
 """
 
 

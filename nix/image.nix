@@ -15,7 +15,7 @@ let
   # unauthenticated connections sshd keeps before it refuses more; OpenSSH's default,
   # 10:30:100, starts refusing at random past 10.  All of the daemon's connections reach the
   # guest from one address at once when many builds start together, and on a Mac it serves
-  # up to 480 of them (virby/capacity.py: the select reactor holds it to 1024 open files,
+  # up to 480 of them (virby/daemon/capacity.py: the select reactor holds it to 1024 open files,
   # 64 kept, two for each connection), so the guest takes 512 before refusing any, and
   # drops none at random below that (a test keeps it above the daemon's cap).
   guestSshd = builtins.fromJSON (builtins.readFile ../virby/guest-sshd.json);
@@ -33,7 +33,7 @@ let
         else
           { systemd.services.sshd-keygen.enable = false; };
     };
-  # The port vfkit's --timesync connects to (TIMESYNC_VSOCK_PORT in virby/vfkit.py), and
+  # The port vfkit's --timesync connects to (TIMESYNC_VSOCK_PORT in virby/daemon/vfkit.py), and
   # VMADDR_CID_ANY: listen whatever CID the guest was given.
   timesyncVsockPort = 1234;
   vsockAnyCid = 4294967295;
@@ -177,7 +177,7 @@ in
     };
 
     # The guest's clock after the Mac sleeps: vfkit (--timesync vsockPort=1234, see
-    # virby/vfkit.py) connects to this agent over vsock at every wake of the Mac and sends
+    # virby/daemon/vfkit.py) connects to this agent over vsock at every wake of the Mac and sends
     # guest-set-time with the Mac's time.  nixpkgs' module starts the agent only when a
     # virtio-serial port named org.qemu.guest_agent.0 appears, which vfkit never makes, so
     # the unit is wanted at boot and told to listen on vsock instead: on every CID (the

@@ -394,7 +394,7 @@ in
               # not use all of it on macOS: under Twisted's default reactor there, select(2),
               # which cannot watch a descriptor of 1024 or above, it holds its soft limit at
               # 1024, keeps 64 for itself and serves up to 480 connections at once
-              # (virby/capacity.py, which would raise the limit itself as far as that anyway).
+              # (virby/daemon/capacity.py, which would raise the limit itself as far as that anyway).
               SoftResourceLimits.NumberOfFiles = 4096;
             };
           };
@@ -410,7 +410,7 @@ in
           # The daemon's log, rotated by macOS's newsyslog (run by launchd every hour): past
           # 10 MiB it is renamed, 5 old ones are kept uncompressed, and a new file is made
           # for _virby.  The daemon notices within a minute and opens the new file (launchd
-          # opened the old one for it; virby/logfile.py).  N: no signal, so no pid file that
+          # opened the old one for it; virby/daemon/logfile.py).  N: no signal, so no pid file that
           # a crashed daemon could leave naming another process.  B: no "logfile turned over"
           # line in the daemon's log.
           environment.etc."newsyslog.d/${label}.conf".text = ''

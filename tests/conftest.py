@@ -89,21 +89,21 @@ def _apfs_clones(monkeypatch: pytest.MonkeyPatch) -> None:
         return
     from virby import disk
 
-    copy_keeping_holes = disk._sparse_copy  # an APFS clone keeps the source's holes too
+    copy_keeping_holes = disk._sparseCopy  # an APFS clone keeps the source's holes too
 
     def clonefile(source: str, destination: str) -> bool:
-        source_fd = os.open(source, os.O_RDONLY)
+        sourceFd = os.open(source, os.O_RDONLY)
         try:
             fd = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                copy_keeping_holes(source_fd, fd, os.fstat(source_fd).st_size)
+                copy_keeping_holes(sourceFd, fd, os.fstat(sourceFd).st_size)
             finally:
                 os.close(fd)
         finally:
-            os.close(source_fd)
+            os.close(sourceFd)
         return True
 
-    monkeypatch.setattr(disk, "platform_clone", lambda: ("clonefile", clonefile))
+    monkeypatch.setattr(disk, "platformClone", lambda: ("clonefile", clonefile))
 
 
 @pytest.fixture

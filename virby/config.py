@@ -84,7 +84,7 @@ class HugeNumber:
         return f"a {self.digits}-digit number"
 
 
-def _json_integer(text: str) -> int | HugeNumber:
+def _jsonInteger(text: str) -> int | HugeNumber:
     digits = len(text.lstrip("+-"))
     return HugeNumber(digits) if digits > MAX_DIGITS else int(text)
 
@@ -123,7 +123,7 @@ def _scan(text: str, stop: int | None = None) -> tuple[bool, str | None]:
     return False, key
 
 
-def decode_json(text: str, what: str, key: str | None = None) -> Any:
+def decodeJson(text: str, what: str, key: str | None = None) -> Any:
     """
     Decode JSON text the way the config needs it: nesting and integer size bounded first.
 
@@ -138,7 +138,7 @@ def decode_json(text: str, what: str, key: str | None = None) -> Any:
             f"{what} nests more than {MAX_NESTING} levels deep; a Virby config nests at most 2",
         )
     try:
-        return json.loads(text, parse_int=_json_integer)
+        return json.loads(text, parse_int=_jsonInteger)
     except RecursionError:
         raise ConfigError(key, f"{what} nests too deeply") from None
     except ValueError as e:
@@ -147,7 +147,7 @@ def decode_json(text: str, what: str, key: str | None = None) -> Any:
         raise ConfigError(key, f"{what} is not valid JSON: {e}") from None
 
 
-def parse_size(text: str) -> int:
+def parseSize(text: str) -> int:
     """
     Parse a size like C{"100GiB"}, C{"512M"} or C{"4096"} (bytes) into bytes.
 
@@ -247,7 +247,7 @@ def _string(value: object) -> str:
     return _text(value)
 
 
-def _absolute_path(value: object) -> str:
+def _absolutePath(value: object) -> str:
     """
     An absolute path that vfkit can be given: vfkit splits device options on commas and has
     no escaping, so a comma in a path can never work.
@@ -265,9 +265,9 @@ def _command(value: object) -> str:
     return _text(value, MAX_PATH_BYTES)
 
 
-def _working_directory(value: object) -> str:
+def _workingDirectory(value: object) -> str:
     """Room for the longest of its sockets' paths in C{sun_path} (L{virby.layout})."""
-    path = _absolute_path(value)
+    path = _absolutePath(value)
     name, size = layout.longestSocket(path)
     if size > layout.MAX_UNIX_SOCKET_PATH:
         raise ValueError(
@@ -281,10 +281,10 @@ MIN_DISK = GIB
 MAX_DISK = 64 * TIB
 
 
-def _disk_size(value: object) -> int:
+def _diskSize(value: object) -> int:
     if not isinstance(value, str):
         raise ValueError(f"expected a size like '100GiB', got {_describe(value)}")
-    size = parse_size(value)
+    size = parseSize(value)
     if not MIN_DISK <= size <= MAX_DISK:
         raise ValueError(f"expected a size between 1GiB and 64TiB, got {_shown(value)}")
     return size
@@ -298,9 +298,9 @@ def _memory(value: object) -> int:
     """MiB as an integer; a size string such as C{"6GiB"} is accepted on the command line."""
     if isinstance(value, str):
         if _INTEGER_RE.fullmatch(value):
-            value = _json_integer(value.strip())
+            value = _jsonInteger(value.strip())
         else:
-            size = parse_size(value)
+            size = parseSize(value)
             if size % MIB:
                 raise ValueError(f"expected whole MiB, got {_shown(value)}")
             value = size // MIB
@@ -311,7 +311,7 @@ _TAG_RE = re.compile(r"[A-Za-z0-9_.-]+", re.ASCII)
 _RESERVED_TAGS = frozenset({layout.SSHD_KEYS_TAG, layout.ROSETTA_TAG})
 
 
-def _shared_dirs(value: object) -> dict[str, str]:
+def _sharedDirs(value: object) -> dict[str, str]:
     if not isinstance(value, dict):
         raise ValueError(f"expected an object of tag to absolute directory, got {_describe(value)}")
     if len(value) > MAX_SHARES:
@@ -328,7 +328,7 @@ def _shared_dirs(value: object) -> dict[str, str]:
         if tag in _RESERVED_TAGS:
             raise ValueError(f"tag {tag!r} is reserved by Virby")
         try:
-            result[tag] = _absolute_path(path)
+            result[tag] = _absolutePath(path)
         except ValueError as e:
             raise ValueError(f"tag {tag!r}: {e}") from None
     return result
@@ -349,13 +349,13 @@ def _given(text: object) -> object:
     return text
 
 
-def _integer_text(text: str) -> object:
+def _integerText(text: str) -> object:
     if not _INTEGER_RE.fullmatch(text):
         raise ValueError(f"expected an integer, got {_shown(text)}")
-    return _json_integer(text.strip())
+    return _jsonInteger(text.strip())
 
 
-def _switch_text(given: bool | str) -> bool:
+def _switchText(given: bool | str) -> bool:
     """C{--KEY}/C{--no-KEY} give a boolean; a word is read the way a person means it."""
     if isinstance(given, bool):
         return given
@@ -367,12 +367,12 @@ def _switch_text(given: bool | str) -> bool:
     raise ValueError(f"expected true or false, got {_shown(given)}")
 
 
-def _shared_dirs_text(items: str | Iterable[str]) -> dict[str, Any]:
+def _sharedDirsText(items: str | Iterable[str]) -> dict[str, Any]:
     """C{TAG=DIR}, given again for each share, or a JSON object of them."""
     result: dict[str, Any] = {}
     for item in [items] if isinstance(items, str) else items:
         if item.lstrip().startswith("{"):
-            decoded = decode_json(item, "the flag's JSON")
+            decoded = decodeJson(item, "the flag's JSON")
             if not isinstance(decoded, dict):
                 raise ValueError(f"expected a JSON object, got {_describe(decoded)}")
             result.update(decoded)
@@ -410,12 +410,12 @@ class Value:
 
 
 def _bounded(low: int, high: int) -> Value:
-    return Value(_integer(low, high), _integer_text)
+    return Value(_integer(low, high), _integerText)
 
 
-BOOLEAN = Value(_boolean, _switch_text, "switch")
+BOOLEAN = Value(_boolean, _switchText, "switch")
 STRING = Value(_string)
-PATH = Value(_absolute_path, metavar="PATH")
+PATH = Value(_absolutePath, metavar="PATH")
 
 
 @dataclass(frozen=True)
@@ -456,7 +456,7 @@ KEYS: tuple[Key, ...] = (
     Key(
         "disk-size",
         "100GiB",
-        Value(_disk_size, metavar="SIZE"),
+        Value(_diskSize, metavar="SIZE"),
         "size of the VM's disk, e.g. 100GiB",
     ),
     Key("port", 31222, _bounded(1024, 65535), "host port of the builder"),
@@ -468,13 +468,13 @@ KEYS: tuple[Key, ...] = (
     Key(
         "shared-dirs",
         {},
-        Value(_shared_dirs, _shared_dirs_text, "repeated", "TAG=DIR"),
+        Value(_sharedDirs, _sharedDirsText, "repeated", "TAG=DIR"),
         "extra virtio-fs share TAG=DIR",
     ),
     Key("debug", False, BOOLEAN, "keep serial.log and log verbosely"),
     Key("allow-user-ssh", False, BOOLEAN, "keep a client key readable by all users"),
-    Key("working-directory", "/var/lib/virby", Value(_working_directory), "where all state lives"),
-    Key("image", None, Value(_optional(_absolute_path), metavar="PATH"), "the raw EFI NixOS image"),
+    Key("working-directory", "/var/lib/virby", Value(_workingDirectory), "where all state lives"),
+    Key("image", None, Value(_optional(_absolutePath), metavar="PATH"), "the raw EFI NixOS image"),
     Key("vfkit", "vfkit", Value(_command, metavar="COMMAND"), "the hypervisor command"),
     Key("leases-file", "/var/db/dhcpd_leases", PATH, "bootpd's lease file"),
     Key("guest-ssh-port", 22, _bounded(1, 65535), "the VM's sshd port"),
@@ -515,20 +515,20 @@ class Config:
         return os.path.join(self.working_directory, *parts)
 
     @property
-    def builder_port(self) -> int:
+    def builderPort(self) -> int:
         """
         The port clients reach the builder on.  A C{tcp:} endpoint in C{listen} names it
         and wins, since that is where the daemon really accepts; an adopted socket
         (C{launchd:}, C{systemd:}) names none, and then C{port} says which one launchd bound.
         """
-        named = listen_port(self.listen)
+        named = listenPort(self.listen)
         return named if named is not None else self.port
 
 
 assert {f.name for f in fields(Config)} == {key.attribute for key in KEYS}
 
 
-def listen_port(description: str) -> int | None:
+def listenPort(description: str) -> int | None:
     """
     The port a C{tcp:}/C{tcp6:} server endpoint string binds (C{tcp:31222:interface=...} or
     C{tcp:port=31222}), or C{None} for any other kind.  Colons escaped with a backslash
@@ -545,7 +545,7 @@ def listen_port(description: str) -> int | None:
     return None
 
 
-def from_mapping(document: object) -> Config:
+def fromMapping(document: object) -> Config:
     """
     Validate a decoded JSON document into a L{Config}.
 
@@ -568,7 +568,7 @@ def from_mapping(document: object) -> Config:
     return Config(**values)
 
 
-def read_file(path: str) -> dict[str, Any]:
+def readFile(path: str) -> dict[str, Any]:
     """
     Read the JSON config file into a plain dict (not yet validated).  The file is opened
     without blocking and must be a regular file of sane size: a FIFO or a device given by
@@ -596,7 +596,7 @@ def read_file(path: str) -> dict[str, Any]:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(None, f"{path} is not UTF-8 text") from None
-    document = decode_json(text, path)
+    document = decodeJson(text, path)
     if not isinstance(document, dict):
         raise ConfigError(None, f"{path} must hold a JSON object, not {_describe(document)}")
     return document
@@ -610,8 +610,8 @@ def load(path: str | None, flags: Mapping[str, Any] | None = None) -> Config:
 
     @raise ConfigError: for any mistake, naming the key.
     """
-    document: dict[str, Any] = read_file(path) if path is not None else {}
+    document: dict[str, Any] = readFile(path) if path is not None else {}
     for name, given in (flags or {}).items():
         if given is not None:
             document[name] = KEYS_BY_NAME[name].fromText(given)
-    return from_mapping(document)
+    return fromMapping(document)

@@ -11,8 +11,8 @@ Linux filesystem has one, and otherwise a sparse copy that reads only the data r
 source and writes no block that is all zeros, so a 100 GiB disk with 3 GiB in it costs 3 GiB.
 
 This is plain blocking code.  Copying and growing disks runs in C{virby prepare} and in the
-fresh disk's child process (L{virby.freshdisk}), never on the daemon's reactor.  The one
-part the daemon runs on its reactor is L{write_atomically} of a few bytes (the VM's pidfile
+fresh disk's child process (L{virby.daemon.freshdisk}), never on the daemon's reactor.  The one
+part the daemon runs on its reactor is L{writeAtomically} of a few bytes (the VM's pidfile
 and MAC, once per boot; L{virby.runtime}): a write and two C{fsync}s of a tiny file, a few
 milliseconds at most, worth it for a file that must never be found torn.
 """
@@ -45,13 +45,13 @@ _NO_CLONE = frozenset(
 )
 
 
-def temporary_name(path: str) -> str:
+def temporaryName(path: str) -> str:
     """A fresh name beside C{path}, hidden, and recognisable as Virby's garbage after a crash."""
     directory, name = os.path.split(path)
     return os.path.join(directory, f".{name}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
 
 
-def fsync_directory(path: str) -> None:
+def fsyncDirectory(path: str) -> None:
     """Make a rename in directory C{path} durable, so a power cut cannot undo it."""
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -66,7 +66,7 @@ def replacing(path: str) -> Iterator[str]:
     Yield a temporary name to build C{path}'s new content in; on success rename it over
     C{path} (after an fsync of the file and then of the directory), on failure delete it.
     """
-    temporary = temporary_name(path)
+    temporary = temporaryName(path)
     try:
         yield temporary
         fd = os.open(temporary, os.O_RDONLY)
@@ -79,10 +79,10 @@ def replacing(path: str) -> Iterator[str]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         raise
-    fsync_directory(os.path.dirname(path) or ".")
+    fsyncDirectory(os.path.dirname(path) or ".")
 
 
-def write_atomically(path: str, data: bytes, mode: int) -> None:
+def writeAtomically(path: str, data: bytes, mode: int) -> None:
     """
     Replace C{path} with C{data} atomically: a crash leaves the old content or the new.  Fit
     for the reactor when C{data} is a few bytes (see above); never for more.
@@ -96,7 +96,7 @@ def write_atomically(path: str, data: bytes, mode: int) -> None:
             os.close(fd)
 
 
-def remove_temporaries(directory: str) -> list[str]:
+def removeTemporaries(directory: str) -> list[str]:
     """Delete what an interrupted run left in C{directory}; return the names removed."""
     removed = []
     with contextlib.suppress(FileNotFoundError, NotADirectoryError):
@@ -119,10 +119,10 @@ def _clonefile(source: str, destination: str) -> bool:
     raise OSError(code, os.strerror(code), destination)
 
 
-def _reflink(source_fd: int, destination_fd: int) -> bool:
+def _reflink(sourceFd: int, destinationFd: int) -> bool:
     """Linux C{FICLONE}: share extents (btrfs, XFS, bcachefs).  False when it cannot here."""
     try:
-        fcntl.ioctl(destination_fd, FICLONE, source_fd)
+        fcntl.ioctl(destinationFd, FICLONE, sourceFd)
     except OSError as e:
         if e.errno in _NO_CLONE:
             return False
@@ -130,7 +130,7 @@ def _reflink(source_fd: int, destination_fd: int) -> bool:
     return True
 
 
-def _data_regions(fd: int, size: int) -> Iterator[tuple[int, int]]:
+def _dataRegions(fd: int, size: int) -> Iterator[tuple[int, int]]:
     """
     The (start, end) ranges of C{fd} that may hold data, found with SEEK_DATA/SEEK_HOLE;
     the whole file when the filesystem cannot tell.
@@ -154,33 +154,33 @@ def _data_regions(fd: int, size: int) -> Iterator[tuple[int, int]]:
         position = end
 
 
-def _sparse_copy(source_fd: int, destination_fd: int, size: int) -> None:
+def _sparseCopy(sourceFd: int, destinationFd: int, size: int) -> None:
     """Copy data regions only, leaving a hole for every chunk that is all zeros."""
-    for start, end in _data_regions(source_fd, size):
+    for start, end in _dataRegions(sourceFd, size):
         position = start
         while position < end:
-            chunk = os.pread(source_fd, min(_CHUNK, end - position), position)
+            chunk = os.pread(sourceFd, min(_CHUNK, end - position), position)
             if not chunk:
                 break
             if chunk != _ZEROS[: len(chunk)]:
                 written = 0
                 while written < len(chunk):
-                    written += os.pwrite(destination_fd, chunk[written:], position + written)
+                    written += os.pwrite(destinationFd, chunk[written:], position + written)
             position += len(chunk)
-    os.ftruncate(destination_fd, size)
+    os.ftruncate(destinationFd, size)
 
 
-def _reflink_file(source: str, destination: str) -> bool:
+def _reflinkFile(source: str, destination: str) -> bool:
     """L{_reflink} between paths; C{destination} is made, and left only when it worked."""
-    source_fd = os.open(source, os.O_RDONLY)
+    sourceFd = os.open(source, os.O_RDONLY)
     try:
-        destination_fd = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        destinationFd = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            cloned = _reflink(source_fd, destination_fd)
+            cloned = _reflink(sourceFd, destinationFd)
         finally:
-            os.close(destination_fd)
+            os.close(destinationFd)
     finally:
-        os.close(source_fd)
+        os.close(sourceFd)
     if not cloned:
         os.unlink(destination)
     return cloned
@@ -190,12 +190,12 @@ def _reflink_file(source: str, destination: str) -> bool:
 Cloner = Callable[[str, str], bool]
 
 
-def platform_clone() -> tuple[str, Cloner] | None:
+def platformClone() -> tuple[str, Cloner] | None:
     """This system's copy-on-write clone, by name: APFS on macOS, reflink on Linux."""
     if sys.platform == "darwin":
         return ("clonefile", _clonefile)
     if sys.platform.startswith("linux"):
-        return ("reflink", _reflink_file)
+        return ("reflink", _reflinkFile)
     return None
 
 
@@ -206,21 +206,21 @@ def copy(source: str, destination: str, mode: int = 0o600, *, clone: bool = True
 
     @return: the method used: C{"clonefile"}, C{"reflink"} or C{"sparse copy"}.
     """
-    cloning = platform_clone() if clone else None
+    cloning = platformClone() if clone else None
     with replacing(destination) as temporary:
         if cloning is not None and cloning[1](source, temporary):
             os.chmod(temporary, mode)
             return cloning[0]
-        source_fd = os.open(source, os.O_RDONLY)
+        sourceFd = os.open(source, os.O_RDONLY)
         try:
-            destination_fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            destinationFd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
             try:
-                os.fchmod(destination_fd, mode)  # whatever the umask says
-                _sparse_copy(source_fd, destination_fd, os.fstat(source_fd).st_size)
+                os.fchmod(destinationFd, mode)  # whatever the umask says
+                _sparseCopy(sourceFd, destinationFd, os.fstat(sourceFd).st_size)
             finally:
-                os.close(destination_fd)
+                os.close(destinationFd)
         finally:
-            os.close(source_fd)
+            os.close(sourceFd)
     return "sparse copy"
 
 

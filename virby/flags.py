@@ -56,7 +56,7 @@ def collect(given: Callable[[str], Any]) -> dict[str, Any]:
 # -- virby's argparse
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def addArguments(parser: argparse.ArgumentParser) -> None:
     """Add C{--config} and one flag per key (C{--KEY}/C{--no-KEY} for a switch)."""
     parser.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
     for key in KEYS:
@@ -80,7 +80,7 @@ def collected(namespace: argparse.Namespace) -> dict[str, Any]:
     return collect(lambda name: getattr(namespace, name, None))
 
 
-# -- the daemon's usage.Options (L{virby.tap.Options} is made of these)
+# -- the daemon's usage.Options (L{virby.daemon.tap.Options} is made of these)
 
 
 def usageParameters() -> list[list[Any]]:

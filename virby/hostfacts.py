@@ -149,7 +149,7 @@ class PlayedMac:
     ssh_config: str = ""
 
     @classmethod
-    def from_environment(cls, environ: Mapping[str, str] | None = None) -> PlayedMac:
+    def fromEnvironment(cls, environ: Mapping[str, str] | None = None) -> PlayedMac:
         environ = os.environ if environ is None else environ
         values = {
             name: environ.get(f"VIRBY_EMULATOR_{name}") or default
@@ -165,19 +165,19 @@ class PlayedMac:
         )
 
     @property
-    def apple_silicon(self) -> bool:
+    def appleSilicon(self) -> bool:
         return self.cpu.startswith("Apple")
 
     @property
-    def macos_version(self) -> tuple[int, ...] | None:
-        return parse_version(self.macos)
+    def macosVersion(self) -> tuple[int, ...] | None:
+        return parseVersion(self.macos)
 
     def run(self, argv: Sequence[str], timeout: float | None = None) -> str:
         if argv[0] in (SYSCTL, SW_VERS):
             answers = {
                 CPU_BRAND: self.cpu,
                 MACOS_VERSION: self.macos,
-                ARM64: "1" if self.apple_silicon else None,
+                ARM64: "1" if self.appleSilicon else None,
             }
             answer = answers.get(tuple(argv))
             if answer is None:
@@ -231,7 +231,7 @@ class PlayedMac:
         raise ProbeError(f"socketfilterfw: {' '.join(argv[1:])} is not played", 1)
 
     def exists(self, path: str) -> bool:
-        return path == ROSETTA_RUNTIME and self.apple_silicon and self.rosetta == "installed"
+        return path == ROSETTA_RUNTIME and self.appleSilicon and self.rosetta == "installed"
 
     def userId(self, name: str) -> int | None:
         """
@@ -241,9 +241,9 @@ class PlayedMac:
         return None
 
 
-def default_runner() -> Runner:
+def defaultRunner() -> Runner:
     """The real Mac on macOS; elsewhere, the Mac the emulator plays."""
-    return MacRunner() if sys.platform == "darwin" else PlayedMac.from_environment()
+    return MacRunner() if sys.platform == "darwin" else PlayedMac.fromEnvironment()
 
 
 @dataclass(frozen=True)
@@ -277,47 +277,47 @@ class HostFacts:
     The facts, each C{None} when it could not be found out.
 
     @ivar cpu: the CPU brand string (C{sysctl machdep.cpu.brand_string}).
-    @ivar apple_silicon: C{hw.optional.arm64} is 1.
+    @ivar appleSilicon: C{hw.optional.arm64} is 1.
     @ivar macos: the macOS version as numbers, e.g. C{(15, 1)}.
     @ivar rosetta_installed: Rosetta's translator is on disk.
     @ivar probes: every question asked, in order, with its answer.
     """
 
     cpu: str | None
-    apple_silicon: bool | None
+    appleSilicon: bool | None
     macos: tuple[int, ...] | None
     rosetta_installed: bool | None
     probes: tuple[Probe, ...]
 
     @property
-    def chip_generation(self) -> int | None:
+    def chipGeneration(self) -> int | None:
         """C{3} for "Apple M3 Pro"; C{None} for Intel or a name this does not know."""
         match = re.match(r"Apple M(\d+)\b", self.cpu or "")
         return int(match.group(1)) if match else None
 
     @property
-    def macos_text(self) -> str:
+    def macosText(self) -> str:
         return ".".join(map(str, self.macos)) if self.macos else "an unknown version"
 
-    def nested_virtualization(self) -> Verdict:
+    def nestedVirtualization(self) -> Verdict:
         """Apple M3 or later with macOS 15 or later (what C{vz} checks before C{--nested})."""
-        generation = self.chip_generation
-        if self.apple_silicon is False:
+        generation = self.chipGeneration
+        if self.appleSilicon is False:
             why = f"it needs Apple silicon, and this Mac has {self._cpu()}"
             return Verdict(False, why)
         if generation is None or self.macos is None:
-            why = f"cannot tell whether {self._cpu()} on macOS {self.macos_text} supports it"
+            why = f"cannot tell whether {self._cpu()} on macOS {self.macosText} supports it"
             return Verdict(None, why)
         if generation < NESTED_MIN_CHIP:
             return Verdict(False, f"it needs Apple M3 or later, and this Mac has {self.cpu}")
         if self.macos < NESTED_MIN_MACOS:
-            why = f"it needs macOS 15 or later, and this Mac runs macOS {self.macos_text}"
+            why = f"it needs macOS 15 or later, and this Mac runs macOS {self.macosText}"
             return Verdict(False, why)
-        return Verdict(True, f"{self.cpu} on macOS {self.macos_text} supports it")
+        return Verdict(True, f"{self.cpu} on macOS {self.macosText} supports it")
 
     def rosetta(self) -> Verdict:
         """Rosetta's share for Linux needs Apple silicon, macOS 13 or later, and Rosetta."""
-        if self.apple_silicon is False:
+        if self.appleSilicon is False:
             return Verdict(
                 False,
                 f"Rosetta needs Apple silicon, and this Mac has {self._cpu()}",
@@ -327,14 +327,14 @@ class HostFacts:
             return Verdict(
                 False,
                 f"Rosetta for Linux VMs needs macOS 13 or later, and this Mac runs macOS "
-                f"{self.macos_text}",
+                f"{self.macosText}",
                 "update macOS or turn rosetta off",
             )
         if self.rosetta_installed is False:
             return Verdict(
                 False, "Rosetta is not installed on this Mac", f"run `{INSTALL_ROSETTA}`"
             )
-        if self.rosetta_installed is None or self.apple_silicon is None:
+        if self.rosetta_installed is None or self.appleSilicon is None:
             return Verdict(None, "cannot tell whether Rosetta is installed")
         return Verdict(True, "Rosetta is installed")
 
@@ -343,8 +343,8 @@ class HostFacts:
 
 
 def gather(runner: Runner | None = None) -> HostFacts:
-    """Ask the host (through C{runner}, by default L{default_runner}) everything above."""
-    runner = runner or default_runner()
+    """Ask the host (through C{runner}, by default L{defaultRunner}) everything above."""
+    runner = runner or defaultRunner()
     probes: list[Probe] = []
 
     def ask(argv: Sequence[str]) -> str | None:
@@ -360,21 +360,21 @@ def gather(runner: Runner | None = None) -> HostFacts:
     arm64 = ask(ARM64)
     version = ask(MACOS_VERSION)
     # On Intel the oid does not exist: that failure is itself the answer.
-    apple_silicon = arm64.strip() == "1" if arm64 is not None else (False if cpu else None)
+    appleSilicon = arm64.strip() == "1" if arm64 is not None else (False if cpu else None)
     rosetta: bool | None = None
-    if apple_silicon:
+    if appleSilicon:
         rosetta = runner.exists(ROSETTA_RUNTIME)
         probes.append(Probe(f"test -e {ROSETTA_RUNTIME}", "yes" if rosetta else "no"))
     return HostFacts(
         cpu=cpu,
-        apple_silicon=apple_silicon,
-        macos=parse_version(version),
+        appleSilicon=appleSilicon,
+        macos=parseVersion(version),
         rosetta_installed=rosetta,
         probes=tuple(probes),
     )
 
 
-def parse_version(text: str | None) -> tuple[int, ...] | None:
+def parseVersion(text: str | None) -> tuple[int, ...] | None:
     """C{"14.6.1"} -> C{(14, 6, 1)}; C{None} for anything else."""
     if not text or not re.fullmatch(r"\d+(\.\d+)*", text.strip()):
         return None
@@ -384,7 +384,7 @@ def parse_version(text: str | None) -> tuple[int, ...] | None:
 # -- what the Mac's commands print
 
 
-def parse_launchctl(text: str) -> dict[str, str]:
+def parseLaunchctl(text: str) -> dict[str, str]:
     """
     The job's own C{key = value} lines of C{launchctl print}: the least indented ones, first
     occurrence first, so the nested blocks (sockets, environment) cannot shadow them.
@@ -400,7 +400,7 @@ def parse_launchctl(text: str) -> dict[str, str]:
     return {key: value for key, (_, value) in found.items()}
 
 
-def parse_lsof(text: str) -> list[tuple[int, str]]:
+def parseLsof(text: str) -> list[tuple[int, str]]:
     """C{lsof -F pc} output: one C{p<pid>} line per process, then its C{c<command>}."""
     holders: list[tuple[int, str]] = []
     pid: int | None = None

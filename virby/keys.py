@@ -48,7 +48,7 @@ def generate(comment: str) -> KeyPair:
     return KeyPair(private=private, public=f"{public.decode('ascii')} {comment}")
 
 
-def public_of_private(private: bytes) -> str:
+def publicOfPrivate(private: bytes) -> str:
     """
     The bare public key (C{"ssh-ed25519 AAAA..."}, no comment) of an OpenSSH private key.
 
@@ -61,7 +61,7 @@ def public_of_private(private: bytes) -> str:
     return public.decode("ascii")
 
 
-def bare_public(line: str) -> str:
+def barePublic(line: str) -> str:
     """
     The key type and key of a public key line, without comment or known_hosts host names,
     so two lines can be compared for the key they hold.
@@ -77,6 +77,6 @@ def bare_public(line: str) -> str:
     raise ValueError(f"no public key in {line!r}")
 
 
-def known_hosts_line(public: str, alias: str = HOST_KEY_ALIAS) -> str:
+def knownHostsLine(public: str, alias: str = HOST_KEY_ALIAS) -> str:
     """The C{ssh_known_hosts} line that pins C{public} under C{alias} (with newline)."""
-    return f"{alias} {bare_public(public)}\n"
+    return f"{alias} {barePublic(public)}\n"

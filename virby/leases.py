@@ -36,7 +36,7 @@ class LeaseFileError(VirbyError):
     """The lease file exists but cannot be read."""
 
 
-def normalize_mac(text: str) -> str | None:
+def normalizeMac(text: str) -> str | None:
     """C{"52:54:0:12:3:A"} -> C{"52:54:00:12:03:0a"}; C{None} when C{text} is not a MAC."""
     parts = text.strip().split(":")
     if len(parts) != 6:
@@ -66,7 +66,7 @@ class Lease:
     client_id: str | None = None
 
     @property
-    def is_duid(self) -> bool:
+    def isDuid(self) -> bool:
         """bootpd recorded a DUID (type C{ff}) where the MAC should be."""
         return (self.client_id or "").strip().lower().startswith("ff,")
 
@@ -97,7 +97,7 @@ def _hardware(value: str | None) -> str | None:
     kind, sep, address = value.partition(",")
     if not sep or kind.strip() != "1":
         return None
-    return normalize_mac(address)
+    return normalizeMac(address)
 
 
 def _expiry(value: str | None) -> int:
@@ -118,7 +118,7 @@ def _address(value: str | None) -> str | None:
         return None
 
 
-def parse_leases(text: str) -> list[Lease]:
+def parseLeases(text: str) -> list[Lease]:
     """Every usable lease in file order (newest first).  Never raises."""
     leases = []
     for block in _blocks(text):
@@ -137,9 +137,9 @@ def parse_leases(text: str) -> list[Lease]:
     return leases
 
 
-def newest_ip(leases: Iterable[Lease], mac: str) -> str | None:
+def newestIp(leases: Iterable[Lease], mac: str) -> str | None:
     """The address of the newest lease for C{mac}: largest expiry, first in file on ties."""
-    wanted = normalize_mac(mac)
+    wanted = normalizeMac(mac)
     best: Lease | None = None
     for lease in leases:
         if lease.hw_address == wanted and (best is None or lease.lease > best.lease):
@@ -160,7 +160,7 @@ class LeaseFile:
 
     def lookup(self, mac: str) -> str | None:
         """The VM's current address, or C{None} while it has no lease (or no file yet)."""
-        return newest_ip(self._read(), mac)
+        return newestIp(self._read(), mac)
 
     def explainMissing(self, mac: str) -> str | None:
         """
@@ -172,10 +172,10 @@ class LeaseFile:
             leases = self._read()
         except LeaseFileError:
             return None
-        if newest_ip(leases, mac) is not None:
+        if newestIp(leases, mac) is not None:
             return None
         for lease in leases:
-            if lease.name == GUEST_HOSTNAME and lease.is_duid:
+            if lease.name == GUEST_HOSTNAME and lease.isDuid:
                 return (
                     f"{self.path} holds a lease for {GUEST_HOSTNAME} ({lease.ip_address}) "
                     f"under a DUID client id (hw_address={clip(lease.client_id or '', 40)}), so "
@@ -209,13 +209,13 @@ class LeaseFile:
                     f"cannot read the lease file {self.path}: {info.st_size} bytes is too large "
                     'for bootpd\'s lease file; check the "leases-file" setting'
                 )
-            data = _read_all(fd, MAX_LEASE_FILE_BYTES)
+            data = _readAll(fd, MAX_LEASE_FILE_BYTES)
         except OSError as e:
             raise LeaseFileError(self._explain(e)) from None
         finally:
             os.close(fd)
         text = data.decode("utf-8", errors="replace")
-        self._stamp, self._leases = stamp, parse_leases(text)
+        self._stamp, self._leases = stamp, parseLeases(text)
         return self._leases
 
     def _explain(self, error: OSError) -> str:
@@ -228,7 +228,7 @@ class LeaseFile:
         return f"cannot read the lease file {self.path}: {error.strerror or error}; {fix}"
 
 
-def _read_all(fd: int, limit: int) -> bytes:
+def _readAll(fd: int, limit: int) -> bytes:
     """Read a regular file to its end (at most C{limit} bytes)."""
     chunks: list[bytes] = []
     size = 0

@@ -164,7 +164,7 @@ def takeLock(path: str, error: type[VirbyError], busy: Callable[[FileLock], str]
 def locked(path: str) -> Iterator[None]:
     """
     Serialise concurrent runs on one directory (two activations, or a person and one), and
-    the daemon's fresh disk (L{virby.freshdisk}) with them.
+    the daemon's fresh disk (L{virby.daemon.freshdisk}) with them.
     """
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -1,7 +1,7 @@
 """
 The daemon's logger.  Debug events (every connection, every probe) are dropped unless the
 ``debug`` setting is on: under launchd the log is a file that newsyslog rotates only past
-10 MiB (L{virby.logfile}), and twistd's observer writes every level it is given.
+10 MiB (L{virby.daemon.logfile}), and twistd's observer writes every level it is given.
 """
 
 from __future__ import annotations

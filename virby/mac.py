@@ -10,25 +10,25 @@ from __future__ import annotations
 
 import os
 
-from virby.disk import write_atomically
-from virby.leases import normalize_mac
+from virby.disk import writeAtomically
+from virby.leases import normalizeMac
 from virby.logs import Logger
 
 log = Logger()
 
 
-def random_mac() -> str:
+def randomMac() -> str:
     """A random locally administered unicast MAC (first octet: bit 1 set, bit 0 clear)."""
     octets = bytearray(os.urandom(6))
     octets[0] = (octets[0] | 0x02) & 0xFE
     return ":".join(f"{octet:02x}" for octet in octets)
 
 
-def stable_mac(path: str) -> str:
+def stableMac(path: str) -> str:
     """The MAC stored at C{path}, made and stored first if missing or malformed."""
     try:
         with open(path, encoding="ascii", errors="replace") as f:
-            stored = normalize_mac(f.read())
+            stored = normalizeMac(f.read())
     except FileNotFoundError:
         stored = None
     else:
@@ -36,6 +36,6 @@ def stable_mac(path: str) -> str:
             log.warn("{path} does not hold a MAC address: making a new one", path=path)
     if stored is not None:
         return stored
-    mac = random_mac()
-    write_atomically(path, (mac + "\n").encode(), 0o644)
+    mac = randomMac()
+    writeAtomically(path, (mac + "\n").encode(), 0o644)
     return mac

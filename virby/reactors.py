@@ -37,29 +37,32 @@ from zope.interface.interface import InterfaceClass
 
 
 class IRelayReactor(IReactorFDSet, IReactorTime):
-    """The relay (L{virby.relay}): it watches raw sockets, and reports on a later turn."""
+    """The relay (L{virby.daemon.relay}): it watches raw sockets, and reports on a later turn."""
 
 
 class IProbeReactor(IReactorTCP, IReactorTime):
-    """The readiness probe (L{virby.readiness}): it connects to the guest, within a time."""
+    """The readiness probe (L{virby.daemon.readiness}): it connects to the guest, within a time."""
 
 
 class ISpliceReactor(IProbeReactor, IRelayReactor):
-    """The splice (L{virby.proxy}): it connects to the guest and relays between sockets."""
+    """The splice (L{virby.daemon.proxy}): it connects to the guest and relays between sockets."""
 
 
 class IProcessReactor(IReactorProcess, IReactorTime):
-    """A child process bounded in time (L{virby.freshdisk}, and vfkit with its stop sequence)."""
+    """
+    A child process bounded in time (L{virby.daemon.freshdisk}, and vfkit with its stop
+    sequence).
+    """
 
 
 class IRestReactor(IReactorUNIX, IReactorTime):
-    """vfkit's REST client (L{virby.rest}): a unix socket, each request bounded in time."""
+    """vfkit's REST client (L{virby.daemon.rest}): a unix socket, each request bounded in time."""
 
 
 class IVMReactor(IProcessReactor, IProbeReactor, IRestReactor):
     """
-    The hypervisor adapter (L{virby.hypervisor}, L{virby.vfkit}): it spawns vfkit, talks to
-    its REST socket and probes the guest's sshd.
+    The hypervisor adapter (L{virby.daemon.hypervisor}, L{virby.daemon.vfkit}): it spawns
+    vfkit, talks to its REST socket and probes the guest's sshd.
     """
 
 
@@ -83,7 +86,7 @@ class IHostReactor(
     """
     Everything a Virby program (the daemon, the vfkit emulator) asks of its reactor: it runs
     and stops it, a signal handler reaches it from outside its loop, and the daemon listens
-    on sockets launchd made (L{virby.launchd}).
+    on sockets launchd made (L{virby.daemon.launchd}).
     """
 
 

@@ -17,7 +17,7 @@ Two things decide what the user may do, and C{st_mode} shows neither whole:
    (C{chmod +a}, the fix this module proposes) may grant what the mode does not, and
    C{stat} does not show it.  So the verdict is the system's own: a short child process,
    switched to the user's uid, gid and groups, answers C{access(2)} for each folder
-   (L{ask_as}).  The modes appear in a refusal only to explain it.
+   (L{askAs}).  The modes appear in a refusal only to explain it.
  - macOS's privacy protection (TCC), which keeps daemons out of the Desktop, Documents and
    Downloads folders and iCloud Drive (C{~/Library/Mobile Documents}) whatever the modes and
    ACLs say.  A child started from the activation script is no launchd daemon, and the
@@ -134,7 +134,7 @@ def become(account: Account) -> None:
     os.setuid(account.uid)
 
 
-def ask_as(
+def askAs(
     account: Account,
     questions: Sequence[Question],
     *,
@@ -221,7 +221,7 @@ def protected(directory: str) -> str | None:
     return None
 
 
-def folders_above(directory: str) -> list[str]:
+def foldersAbove(directory: str) -> list[str]:
     """
     Every folder that must be passed through to reach C{directory}, from C{/} down: those
     above it as written, then those above where it resolves (a symbolic link on the way
@@ -271,7 +271,7 @@ class Reach:
     unknown: VirbyError | None = None
 
 
-def check(shared: Mapping[str, str], account: Account | None, ask: Ask = ask_as) -> Reach:
+def check(shared: Mapping[str, str], account: Account | None, ask: Ask = askAs) -> Reach:
     """
     Whether C{account} can reach each shared directory (tag to path): the privacy-protected
     folders first, by name; then, as the caller, whether each directory exists; then, as
@@ -308,7 +308,7 @@ def check(shared: Mapping[str, str], account: Account | None, ask: Ask = ask_as)
                     )
                 )
                 continue
-        pending[tag] = [(path, os.X_OK) for path in folders_above(directory)]
+        pending[tag] = [(path, os.X_OK) for path in foldersAbove(directory)]
         pending[tag].append((directory, os.R_OK | os.X_OK))
     if not pending:
         return reach

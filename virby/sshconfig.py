@@ -32,20 +32,20 @@ def _quoted(path: str) -> str:
     return f'"{path}"' if any(c.isspace() for c in path) else path
 
 
-def ssh_config_block(config: Config, identity_file: str | None = None) -> str:
+def sshConfigBlock(config: Config, identityFile: str | None = None) -> str:
     """
     The ssh_config text for C{Host virby-vm}, ending with a newline.
 
-    @param identity_file: the client key to log in with; the working directory's private
+    @param identityFile: the client key to log in with; the working directory's private
         key when C{None}.
     """
     lines = [
         f"Host {HOST}",
         "  HostName 127.0.0.1",
-        f"  Port {config.builder_port}",
+        f"  Port {config.builderPort}",
         f"  User {USER}",
         f"  HostKeyAlias {HOST_KEY_ALIAS}",
-        f"  IdentityFile {_quoted(identity_file or config.path(CLIENT_KEY))}",
+        f"  IdentityFile {_quoted(identityFile or config.path(CLIENT_KEY))}",
         f"  UserKnownHostsFile {_quoted(config.path(KNOWN_HOSTS))}",
         "  StrictHostKeyChecking yes",
         "  IdentitiesOnly yes",

@@ -1,6 +1,6 @@
 """
 vfkit's command line as the daemon builds it, what this Mac lets it hold, and which vfkit
-release takes it: pure facts, shared by the daemon (L{virby.daemon.vfkit}, which runs vfkit)
+release takes it: pure facts, shared by the daemon (L{virby.daemon.service.vfkit}, which runs vfkit)
 and C{virby doctor} (which checks the vfkit found against them).  No reactor here.
 
 The command line is C{docs/vfkit.md}'s.  The console is a file (C{virtio-serial,
@@ -35,7 +35,7 @@ class VfkitNotFound(VirbyError):
     """The hypervisor command is not there."""
 
 
-def find_vfkit(name: str, path: str | None = None) -> str:
+def findVfkit(name: str, path: str | None = None) -> str:
     """The absolute path of the vfkit command: a name is looked up on C{PATH}."""
     if "/" in name:
         found = name if os.path.isfile(name) and os.access(name, os.X_OK) else None
@@ -49,11 +49,11 @@ def find_vfkit(name: str, path: str | None = None) -> str:
     return os.path.abspath(found)
 
 
-def vfkit_arguments(
+def vfkitArguments(
     config: Config,
     executable: str,
     mac: str,
-    create_variable_store: bool,
+    createVariableStore: bool,
     nested: bool | None = None,
 ) -> list[str]:
     """
@@ -68,7 +68,7 @@ def vfkit_arguments(
         executable,
         "--cpus", str(config.cores),
         "--memory", str(config.memory),
-        "--bootloader", store + (",create" if create_variable_store else ""),
+        "--bootloader", store + (",create" if createVariableStore else ""),
         "--device", f"virtio-blk,path={config.path(layout.DIFF_IMAGE)}",
         "--device", f"virtio-fs,{keys}",
         "--device", f"virtio-net,nat,mac={mac}",
@@ -102,7 +102,7 @@ class HostPlan:
     warnings: tuple[str, ...] = field(default=())
 
 
-def plan_host(config: Config, facts: Callable[[], HostFacts] = gather) -> HostPlan:
+def planHost(config: Config, facts: Callable[[], HostFacts] = gather) -> HostPlan:
     """
     Decide C{--nested} and the Rosetta share from what the Mac can do, asking it only when
     an option depends on it.
@@ -126,7 +126,7 @@ def plan_host(config: Config, facts: Callable[[], HostFacts] = gather) -> HostPl
     warnings: list[str] = []
     refusal = None
     if nested:
-        verdict = found.nested_virtualization()
+        verdict = found.nestedVirtualization()
         if verdict.refused:
             nested = False
             warnings.append(
@@ -173,7 +173,7 @@ VFKIT_SINCE: dict[str, tuple[int, int, int]] = {
 }
 
 
-def parse_vfkit_version(text: str) -> tuple[int, int, int] | None:
+def parseVfkitVersion(text: str) -> tuple[int, int, int] | None:
     """C{vfkit version: v0.6.3} (or C{0.6.3}, or C{v0.6.3-4-gabc}) -> C{(0, 6, 3)}."""
     match = re.search(r"version:?\s*v?(\d+)\.(\d+)\.(\d+)", text)
     if match is None:
@@ -181,16 +181,14 @@ def parse_vfkit_version(text: str) -> tuple[int, int, int] | None:
     return (int(match.group(1)), int(match.group(2)), int(match.group(3)))
 
 
-def vfkit_needs(config: Config) -> dict[str, tuple[int, int, int]]:
+def vfkitNeeds(config: Config) -> dict[str, tuple[int, int, int]]:
     """
     Every flag and device kind of the command line the daemon builds for C{config} (with
     C{--nested} as configured), and the vfkit release that first took it.
 
     @raise KeyError: for one L{VFKIT_SINCE} does not know (a test keeps them in step).
     """
-    args = vfkit_arguments(
-        config, "vfkit", "02:00:00:00:00:01", False, config.nested_virtualization
-    )
+    args = vfkitArguments(config, "vfkit", "02:00:00:00:00:01", False, config.nested_virtualization)
     needed = {}
     for index, arg in enumerate(args[1:], start=1):
         if arg.startswith("--"):

@@ -1,6 +1,6 @@
 """
 The control protocol's wire format, shared by the daemon's control socket
-(L{virby.daemon.control}) and the commands that ask it (L{virby.cli.client}): what a request
+(L{virby.daemon.service.control}) and the commands that ask it (L{virby.cli.client}): what a request
 and a reply look like, written once for both sides.  Pure: no reactor, no socket.
 
 The protocol (version 1), documented in C{docs/control.md}:

@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from virby.emulator.guest import read_state
+from virby.emulator.guest import readState
 
 pytestmark = pytest.mark.e2e
 
@@ -36,7 +36,7 @@ def test_what_a_run_wrote_is_gone_after_a_stop_and_the_disk_is_grown(make_builde
     assert first.returncode == 0, first.stderr + daemon.text()
     daemon.wait_for_line(r"made a fresh diff\.img from base\.img")
     assert os.stat(diff).st_size == GIB
-    assert read_state(str(diff)).boots == 1
+    assert readState(str(diff)).boots == 1
     with open(diff, "r+b") as f:  # what a build leaves on the VM's disk
         f.seek(MARK_AT)
         f.write(MARK)
@@ -53,7 +53,7 @@ def test_what_a_run_wrote_is_gone_after_a_stop_and_the_disk_is_grown(make_builde
     assert os.stat(diff).st_ino != inode, "a new file, not the old one rewritten"
     assert read_at(diff, MARK_AT, len(MARK)) == bytes(len(MARK))
     assert os.stat(diff).st_size == GIB, "the fresh copy is grown to disk-size"
-    assert read_state(str(diff)).boots == 1, "the guest remembers no earlier boot"
+    assert readState(str(diff)).boots == 1, "the guest remembers no earlier boot"
 
 
 def test_a_missing_base_image_fails_the_boot_with_one_line(make_builder) -> None:

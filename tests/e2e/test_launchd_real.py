@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from virby.launchd import activate_socket
+from virby.daemon.launchd import activateSocket
 
 pytestmark = pytest.mark.e2e
 
@@ -19,5 +19,5 @@ pytestmark = pytest.mark.e2e
 @pytest.mark.skipif(sys.platform == "darwin", reason="a Mac has launchd: the answer depends on it")
 def test_not_under_launchd_on_this_system() -> None:
     with pytest.raises(OSError) as caught:
-        activate_socket("Listener")
+        activateSocket("Listener")
     assert caught.value.errno == errno.ESRCH

@@ -127,20 +127,20 @@ def test_new_keys_with_the_same_disk(make_builder, rule, works) -> None:
     daemon.signal(signal.SIGTERM)
     assert daemon.wait_exit(30) == 0
     disk = builder.wd / "diff.img"
-    before = (disk.stat().st_ino, guest.read_state(str(disk)))
+    before = (disk.stat().st_ino, guest.readState(str(disk)))
     old_host_key = (builder.wd / "ssh_host_ed25519_key.pub").read_text()
     assert before[1].boots == 1 and before[1].host_key is not None
 
     (builder.wd / "ssh_user_ed25519_key").unlink()  # lost: prepare makes a whole new set
     assert "made new SSH keys" in builder.prepare()
     assert (builder.wd / "ssh_host_ed25519_key.pub").read_text() != old_host_key
-    assert (disk.stat().st_ino, guest.read_state(str(disk))) == before, "the disk was kept"
+    assert (disk.stat().st_ino, guest.readState(str(disk))) == before, "the disk was kept"
 
     again = builder.start()
     result = builder.ssh("echo", "new keys")
     if works:
         assert result.stdout == "new keys\n", result.stderr + again.text()
-        state = guest.read_state(str(disk))
+        state = guest.readState(str(disk))
         assert state.boots == 2 and state.host_key != before[1].host_key
     else:
         assert result.returncode != 0

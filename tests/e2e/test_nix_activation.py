@@ -168,7 +168,7 @@ class FakeMac:
             '<?xml version="1.0" encoding="UTF-8"?>\n<plist version="1.0"><dict>'
             "<key>Label</key><string>org.nixos.nix-daemon</string></dict></plist>\n"
         )
-        self.write_state(
+        self.writeState(
             "launchd.json", {"jobs": {"org.nixos.nix-daemon": {"plist": NIX_DAEMON_PLIST}}}
         )
         self.directory = {
@@ -199,11 +199,11 @@ class FakeMac:
         return {"UniqueID": [str(uid)], "PrimaryGroupID": [str(gid)], "RealName": [name],
                 "NFSHomeDirectory": [home], "UserShell": [shell]}  # fmt: skip
 
-    def write_state(self, name: str, data: dict) -> None:
+    def writeState(self, name: str, data: dict) -> None:
         (self.root / "var/db/standins" / name).write_text(json.dumps(data))
 
     def save_directory(self) -> None:
-        self.write_state("directory.json", self.directory)
+        self.writeState("directory.json", self.directory)
         users = [
             f"{n}:*:{r['UniqueID'][0]}:{r['PrimaryGroupID'][0]}:{r['RealName'][0]}:"
             f"{r['NFSHomeDirectory'][0]}:{r['UserShell'][0]}"

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from testbed.processes import ProcessUnderTest
-from virby import disk, prepare
+from virby import disk
+from virby.cli import prepare
 from virby.config import Config
 
 pytestmark = pytest.mark.e2e
@@ -81,8 +82,8 @@ def finish(image: Path, wd: Path) -> None:
     finally:
         rerun.kill_all()
     config = Config(working_directory=str(wd), image=str(image))
-    assert prepare.recorded_image(config) == str(image)
-    assert prepare.keys_consistent(config)
+    assert prepare.recordedImage(config) == str(image)
+    assert prepare.keysConsistent(config)
     assert temporaries(wd) == [] and temporaries(wd / "vm_sshd_keys") == []
     assert os.stat(wd / "diff.img").st_size == 4096 * MIB
     with open(image, "rb") as source, open(wd / "diff.img", "rb") as copy:

@@ -19,7 +19,7 @@ import pytest
 from testbed.processes import ProcessUnderTest, free_port
 from virby import keys, layout
 from virby.config import Config
-from virby.sshconfig import ssh_config_block
+from virby.sshconfig import sshConfigBlock
 
 pytestmark = [
     pytest.mark.e2e,
@@ -51,15 +51,15 @@ def sshd(config: Config, tmp_path: Path) -> Iterator[int]:
     if os.geteuid() == 0:
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
     port = free_port()
-    sshd_config = tmp_path / "sshd_config"
-    sshd_config.write_text(
+    sshdConfig = tmp_path / "sshdConfig"
+    sshdConfig.write_text(
         f"ListenAddress 127.0.0.1:{port}\n"
         f"HostKey {config.path(layout.HOST_KEY)}\n"
         f"AuthorizedKeysFile {config.path(layout.AUTHORIZED_KEY)}\n"
         "StrictModes no\nUsePAM no\nPidFile none\nPasswordAuthentication no\n"
         "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
     )
-    server = ProcessUnderTest(["/usr/sbin/sshd", "-D", "-e", "-f", str(sshd_config)])
+    server = ProcessUnderTest(["/usr/sbin/sshd", "-D", "-e", "-f", str(sshdConfig)])
     try:
         server.wait_for_line(r"Server listening on 127\.0\.0\.1 port", timeout=30)
         yield port
@@ -89,7 +89,7 @@ def test_ssh_keygen_derives_the_public_keys_from_the_private_ones(config: Config
             ["ssh-keygen", "-y", "-f", config.path(private)],
             capture_output=True, text=True, timeout=30, check=True,
         ).stdout  # fmt: skip
-        assert derived.strip() == keys.bare_public(Path(config.path(public)).read_text())
+        assert derived.strip() == keys.barePublic(Path(config.path(public)).read_text())
 
 
 def test_sshd_accepts_the_client_with_the_host_key_pinned(config: Config, sshd: int) -> None:
@@ -100,7 +100,7 @@ def test_sshd_accepts_the_client_with_the_host_key_pinned(config: Config, sshd: 
 def test_a_host_key_other_than_the_pinned_one_is_refused(config: Config, sshd: int) -> None:
     """The check above is real: pin some other key, and ssh must refuse the same server."""
     Path(config.path(layout.KNOWN_HOSTS)).write_text(
-        keys.known_hosts_line(keys.generate("other").public)
+        keys.knownHostsLine(keys.generate("other").public)
     )
     result = ssh(config, sshd)
     assert result.returncode != 0
@@ -113,7 +113,7 @@ def test_the_printed_ssh_config_block_reaches_the_server(
     config: Config, sshd: int, tmp_path: Path
 ) -> None:
     """What --print-ssh-config shows, used as ssh's only config, logs in (user aside)."""
-    block = ssh_config_block(Config(working_directory=config.working_directory, port=sshd))
+    block = sshConfigBlock(Config(working_directory=config.working_directory, port=sshd))
     (tmp_path / "ssh_config").write_text(block)
     result = subprocess.run(
         ["ssh", "-F", str(tmp_path / "ssh_config"), "-o", "BatchMode=yes",
@@ -125,7 +125,7 @@ def test_the_printed_ssh_config_block_reaches_the_server(
 
 def test_ssh_reads_the_block_as_intended(config: Config, tmp_path: Path) -> None:
     wd = tmp_path / "work dir"
-    block = ssh_config_block(Config(working_directory=str(wd), port=31222))
+    block = sshConfigBlock(Config(working_directory=str(wd), port=31222))
     (tmp_path / "ssh_config").write_text(block)
     effective = subprocess.run(
         ["ssh", "-G", "-F", str(tmp_path / "ssh_config"), "virby-vm"],

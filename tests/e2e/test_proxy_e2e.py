@@ -17,9 +17,9 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
 
-from virby import relay
-from virby.proxy import ProxyFactory
-from virby.readiness import ReadyGuest
+from virby.daemon import relay
+from virby.daemon.proxy import ProxyFactory
+from virby.daemon.readiness import ReadyGuest
 
 pytestmark = pytest.mark.e2e
 

@@ -11,7 +11,7 @@ from twisted.internet.selectreactor import SelectReactor
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 
-from virby.capacity import (
+from virby.daemon.capacity import (
     RESERVED_DESCRIPTORS,
     ConnectionLimit,
     DescriptorLimit,

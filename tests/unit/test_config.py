@@ -16,13 +16,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.programs import TWISTD, VIRBY
-from virby.config import KEYS, KEYS_BY_NAME, Config, ConfigError, from_mapping, load, parse_size
+from virby.config import KEYS, KEYS_BY_NAME, Config, ConfigError, fromMapping, load, parseSize
 
 GIB = 1024**3
 
 
 def test_defaults_are_the_ones_the_readme_states() -> None:
-    config = from_mapping({})
+    config = fromMapping({})
     assert config == Config()
     assert config.cores == 8
     assert config.memory == 6144
@@ -62,7 +62,7 @@ def test_every_key_round_trips_from_a_full_document() -> None:
         "ephemeral": True,
     }
     assert set(document) == set(KEYS_BY_NAME)
-    config = from_mapping(document)
+    config = fromMapping(document)
     assert config.disk_size == 200 * GIB
     assert config.shared_dirs == {"src": "/Users/me/src"}
     assert config.on_demand and config.nested_virtualization and config.ephemeral
@@ -100,7 +100,7 @@ def test_every_key_round_trips_from_a_full_document() -> None:
 )
 def test_mistakes_name_the_key(document: dict, key: str, words: str) -> None:
     with pytest.raises(ConfigError) as caught:
-        from_mapping(document)
+        fromMapping(document)
     assert caught.value.key == key
     message = str(caught.value)
     assert key in message and words in message
@@ -119,13 +119,13 @@ def test_mistakes_name_the_key(document: dict, key: str, words: str) -> None:
     ],
 )
 def test_sizes(text: str, size: int) -> None:
-    assert parse_size(text) == size
+    assert parseSize(text) == size
 
 
 @pytest.mark.parametrize("text", ["6TB", "x", "", "1.5GiB", "-1G", "GiB", "10iB"])
 def test_sizes_refused(text: str) -> None:
     with pytest.raises(ValueError):
-        parse_size(text)
+        parseSize(text)
 
 
 def test_flags_win_over_the_file(tmp_path) -> None:
@@ -180,7 +180,7 @@ known_or_not = st.sampled_from([key.name for key in KEYS]) | st.text(max_size=12
 @given(st.dictionaries(known_or_not, json_values, max_size=6) | json_values)
 def test_any_document_loads_or_names_a_key(document: object) -> None:
     try:
-        config = from_mapping(document)
+        config = fromMapping(document)
     except ConfigError as e:
         if isinstance(document, dict):
             assert e.key in document
@@ -192,7 +192,7 @@ def test_any_document_loads_or_names_a_key(document: object) -> None:
 @given(st.sampled_from(KEYS), json_values)
 def test_any_value_for_a_key_loads_or_names_it(key, value) -> None:
     try:
-        from_mapping({key.name: value})
+        fromMapping({key.name: value})
     except ConfigError as e:
         assert e.key == key.name
 
@@ -245,7 +245,7 @@ HUGE = 10**400
 )
 def test_every_key_is_bounded(document: dict, key: str, words: str) -> None:
     with pytest.raises(ConfigError) as caught:
-        from_mapping(document)
+        fromMapping(document)
     assert caught.value.key == key
     message = str(caught.value)
     assert words in message, message
@@ -253,7 +253,7 @@ def test_every_key_is_bounded(document: dict, key: str, words: str) -> None:
 
 
 def test_a_share_tag_of_35_bytes_is_the_longest_allowed() -> None:
-    assert from_mapping({"shared-dirs": {"a" * 35: "/x"}}).shared_dirs == {"a" * 35: "/x"}
+    assert fromMapping({"shared-dirs": {"a" * 35: "/x"}}).shared_dirs == {"a" * 35: "/x"}
 
 
 def write(tmp_path, text: str):
@@ -331,7 +331,7 @@ def run_command(command: str, config_path: str | None, flags: list[str]) -> tupl
         if command == "twistd":
             from twisted.python import usage
 
-            from virby import tap
+            from virby.daemon import tap
 
             options = tap.Options()
             try:
@@ -409,7 +409,7 @@ def test_any_flag_loads_or_is_one_line_in_every_command(command, key, text) -> N
     assert_one_line_or_loaded(code, stderr, key.name)
 
 
-def command_line(command: str, path: str) -> list[str]:
+def commandLine(command: str, path: str) -> list[str]:
     if command == "twistd":
         return [*TWISTD, "--nodaemon", "--pidfile=", "virby", "--config", path]
     return [*VIRBY, command, "--config", path]
@@ -430,7 +430,7 @@ def command_line(command: str, path: str) -> list[str]:
 def test_each_command_says_one_line(tmp_path, command, text, words) -> None:
     path = write(tmp_path, text)
     result = subprocess.run(
-        command_line(command, path), capture_output=True, text=True, timeout=120, cwd=tmp_path
+        commandLine(command, path), capture_output=True, text=True, timeout=120, cwd=tmp_path
     )
     assert result.returncode == 1, result.stderr
     lines = result.stderr.strip().splitlines()
@@ -452,7 +452,7 @@ def test_each_command_says_one_line(tmp_path, command, text, words) -> None:
     ],
 )
 def test_a_tcp_listen_string_names_the_builder_port(listen: str, port: int) -> None:
-    assert from_mapping({"listen": listen, "port": 31222}).builder_port == port
+    assert fromMapping({"listen": listen, "port": 31222}).builderPort == port
 
 
 def flag_text(key, value) -> object:
@@ -467,5 +467,5 @@ def flag_text(key, value) -> object:
 @pytest.mark.parametrize("key", KEYS, ids=lambda key: key.name)
 def test_every_key_reads_a_value_from_the_command_line_as_from_the_file(key) -> None:
     value = key.default if key.default is not None else "/nix/store/0000-image/nixos.img"
-    from_file = from_mapping({key.name: value})
+    from_file = fromMapping({key.name: value})
     assert load(None, {key.name: flag_text(key, value)}) == from_file

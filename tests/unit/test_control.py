@@ -17,13 +17,13 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from virby.config import from_mapping
-from virby.control import REPLY_TIMEOUT, REQUEST_TIMEOUT, ControlFactory, socketPeerUid
-from virby.controlclient import LAUNCHD_PLIST, DaemonDown, ask
+from virby.cli.client import LAUNCHD_PLIST, DaemonDown, ask
+from virby.cli.startstop import WAKE_POLL, WAKE_TIMEOUT, knock, runStart, runStop, startTimeout
+from virby.cli.status import EXIT_DOWN
+from virby.config import fromMapping
+from virby.daemon.control import REPLY_TIMEOUT, REQUEST_TIMEOUT, ControlFactory, socketPeerUid
+from virby.daemon.lifecycle import VMBusy
 from virby.errors import VirbyError
-from virby.lifecycle import VMBusy
-from virby.startstop import WAKE_POLL, WAKE_TIMEOUT, knock, run_start, run_stop, start_timeout
-from virby.status import EXIT_DOWN
 from virby.wire import MAX_REQUEST, Refused, parseRequest
 
 OWNER = os.geteuid()
@@ -323,23 +323,23 @@ def test_a_daemon_that_never_answers_times_out_in_one_line(short_tmp) -> None:
 
 
 def test_start_and_stop_say_what_happened(short_tmp, monkeypatch) -> None:
-    config = from_mapping({"working-directory": str(short_tmp)})
+    config = fromMapping({"working-directory": str(short_tmp)})
     replies = {
         "start": {"ok": True, "booted": True, "vm_ip": "192.168.64.7", "vm_port": 22,
                   "boot_seconds": 8.44},
         "stop": {"ok": True, "stopped": True, "closed_connections": 2},
     }  # fmt: skip
-    monkeypatch.setattr("virby.startstop.ask", lambda path, command, **kw: replies[command])
+    monkeypatch.setattr("virby.cli.startstop.ask", lambda path, command, **kw: replies[command])
     out = io.StringIO()
-    assert run_start(config, out) == 0 and run_stop(config, True, out) == 0
+    assert runStart(config, out) == 0 and runStop(config, True, out) == 0
     assert out.getvalue() == (
         "VM running at 192.168.64.7:22: booted in 8.4s\nVM stopped; closed 2 connections\n"
     )
     replies["start"] = {"ok": True, "booted": False, "vm_ip": "192.168.64.7", "vm_port": 22}
     replies["stop"] = {"ok": True, "stopped": False, "closed_connections": 0}
     out = io.StringIO()
-    run_start(config, out)
-    run_stop(config, False, out)
+    runStart(config, out)
+    runStop(config, False, out)
     assert out.getvalue() == "VM already running at 192.168.64.7:22\nVM was not running\n"
 
 
@@ -349,10 +349,10 @@ def refused(port: int) -> None:
 
 
 def test_start_when_nothing_listens_to_start_the_daemon_is_one_line_and_3(short_tmp) -> None:
-    config = from_mapping({"working-directory": str(short_tmp), "port": 4000})
+    config = fromMapping({"working-directory": str(short_tmp), "port": 4000})
     out = io.StringIO()
     slept: list[float] = []
-    assert run_start(config, out, knock=refused, sleep=slept.append) == EXIT_DOWN
+    assert runStart(config, out, knock=refused, sleep=slept.append) == EXIT_DOWN
     assert out.getvalue() == (
         f"Virby: the daemon is not running (no control socket at {short_tmp}/control.sock), "
         "and nothing listens on 127.0.0.1:4000 to start it: load its launchd job: "
@@ -367,9 +367,9 @@ def test_start_when_the_connection_that_starts_the_daemon_fails_is_one_line_and_
     def unreachable(port: int) -> None:
         raise TimeoutError("timed out")
 
-    config = from_mapping({"working-directory": str(short_tmp)})
+    config = fromMapping({"working-directory": str(short_tmp)})
     out = io.StringIO()
-    assert run_start(config, out, knock=unreachable, sleep=lambda s: None) == EXIT_DOWN
+    assert runStart(config, out, knock=unreachable, sleep=lambda s: None) == EXIT_DOWN
     assert out.getvalue().endswith(
         ", and the connection to 127.0.0.1:31222 that starts it failed (timed out): "
         "run `sudo virby doctor`\n"
@@ -409,13 +409,13 @@ class Launchd:
         self.now += seconds
 
     def start(self, config, out) -> int:
-        return run_start(config, out, knock=self.knock, clock=self.clock, sleep=self.sleep)
+        return runStart(config, out, knock=self.knock, clock=self.clock, sleep=self.sleep)
 
 
 def test_start_has_launchd_start_an_on_demand_daemon_then_boots(short_tmp, monkeypatch) -> None:
     mac = Launchd(answersAfter=5)
-    monkeypatch.setattr("virby.startstop.ask", mac.ask)
-    config = from_mapping({"working-directory": str(short_tmp), "on-demand": True})
+    monkeypatch.setattr("virby.cli.startstop.ask", mac.ask)
+    config = fromMapping({"working-directory": str(short_tmp), "on-demand": True})
     out = io.StringIO()
     assert mac.start(config, out) == 0
     assert out.getvalue() == "VM running at 192.168.64.7:22: booted in 8.4s\n"
@@ -426,18 +426,16 @@ def test_start_has_launchd_start_an_on_demand_daemon_then_boots(short_tmp, monke
 
 def test_start_knocks_where_the_daemon_really_accepts(short_tmp, monkeypatch) -> None:
     mac = Launchd(answersAfter=1)
-    monkeypatch.setattr("virby.startstop.ask", mac.ask)
-    config = from_mapping(
-        {"working-directory": str(short_tmp), "port": 31222, "listen": "tcp:4000"}
-    )
+    monkeypatch.setattr("virby.cli.startstop.ask", mac.ask)
+    config = fromMapping({"working-directory": str(short_tmp), "port": 31222, "listen": "tcp:4000"})
     assert mac.start(config, io.StringIO()) == 0
     assert mac.knocks == [4000]
 
 
 def test_start_waits_for_a_started_daemon_on_a_deadline(short_tmp, monkeypatch) -> None:
     mac = Launchd(answersAfter=None)
-    monkeypatch.setattr("virby.startstop.ask", mac.ask)
-    config = from_mapping({"working-directory": str(short_tmp), "on-demand": True})
+    monkeypatch.setattr("virby.cli.startstop.ask", mac.ask)
+    config = fromMapping({"working-directory": str(short_tmp), "on-demand": True})
     out = io.StringIO()
     assert mac.start(config, out) == EXIT_DOWN
     assert mac.knocks == [31222], "one connection, not one per try"
@@ -455,9 +453,9 @@ def test_a_daemon_that_answers_is_never_knocked_on(short_tmp, monkeypatch) -> No
         raise AssertionError("a connection to the builder's port")
 
     reply = {"ok": True, "booted": False, "vm_ip": "192.168.64.7", "vm_port": 22}
-    monkeypatch.setattr("virby.startstop.ask", lambda path, command, **kw: reply)
-    config = from_mapping({"working-directory": str(short_tmp), "on-demand": True})
-    assert run_start(config, io.StringIO(), knock=fail) == 0
+    monkeypatch.setattr("virby.cli.startstop.ask", lambda path, command, **kw: reply)
+    config = fromMapping({"working-directory": str(short_tmp), "on-demand": True})
+    assert runStart(config, io.StringIO(), knock=fail) == 0
 
 
 def test_a_refusal_once_started_is_the_daemons_line(short_tmp, monkeypatch) -> None:
@@ -467,8 +465,8 @@ def test_a_refusal_once_started_is_the_daemons_line(short_tmp, monkeypatch) -> N
         mac.ask(path, command, **kw)
         raise Refused("no image yet: run `sudo darwin-rebuild switch`")
 
-    monkeypatch.setattr("virby.startstop.ask", ask)
-    config = from_mapping({"working-directory": str(short_tmp), "on-demand": True})
+    monkeypatch.setattr("virby.cli.startstop.ask", ask)
+    config = fromMapping({"working-directory": str(short_tmp), "on-demand": True})
     with pytest.raises(Refused, match=r"^no image yet"):
         mac.start(config, io.StringIO())
     assert len(mac.asked) == 3, "no more tries once the daemon answered"
@@ -495,9 +493,9 @@ def test_knock_is_one_connection_closed_in_order(short_tmp) -> None:
     ],
 )
 def test_stop_with_no_daemon_running_has_nothing_to_stop(short_tmp, onDemand, why) -> None:
-    config = from_mapping({"working-directory": str(short_tmp), "on-demand": onDemand})
+    config = fromMapping({"working-directory": str(short_tmp), "on-demand": onDemand})
     out = io.StringIO()
-    assert run_stop(config, False, out) == 0
+    assert runStop(config, False, out) == 0
     assert out.getvalue() == f"Virby: nothing to stop: {why.format(wd=short_tmp)}\n"
 
 
@@ -514,8 +512,8 @@ def test_each_command_says_what_its_exit_statuses_mean(command, capsys) -> None:
 
 
 def test_start_waits_as_long_as_a_boot_may_take() -> None:
-    assert start_timeout(from_mapping({"start-timeout": 100})) == 130
-    assert start_timeout(from_mapping({"start-timeout": 100, "ephemeral": True})) == 230
+    assert startTimeout(fromMapping({"start-timeout": 100})) == 130
+    assert startTimeout(fromMapping({"start-timeout": 100, "ephemeral": True})) == 230
 
 
 def test_a_refused_stop_is_one_line_and_exit_1(short_tmp, capsys, monkeypatch) -> None:
@@ -524,7 +522,7 @@ def test_a_refused_stop_is_one_line_and_exit_1(short_tmp, capsys, monkeypatch) -
     def refuse(path, command, **kw):
         raise Refused("1 connection is open (a build may be running): `virby stop --force`")
 
-    monkeypatch.setattr("virby.startstop.ask", refuse)
+    monkeypatch.setattr("virby.cli.startstop.ask", refuse)
     assert cli.main(["stop", "--working-directory", str(short_tmp)]) == 1
     assert capsys.readouterr().err == (
         "virby stop: error: 1 connection is open (a build may be running): `virby stop --force`\n"

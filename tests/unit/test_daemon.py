@@ -12,12 +12,12 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.testing import MemoryReactorClock
 
-from virby.config import from_mapping
-from virby.daemon import DaemonCommands, DaemonService, StartupError, makeDaemonService
-from virby.hypervisor import BootError, VfkitHypervisor
-from virby.lifecycle import Lifecycle
-from virby.logfile import CHECK_INTERVAL, LogFile
-from virby.readiness import ReadyGuest
+from virby.config import fromMapping
+from virby.daemon.hypervisor import BootError, VfkitHypervisor
+from virby.daemon.lifecycle import Lifecycle
+from virby.daemon.logfile import CHECK_INTERVAL, LogFile
+from virby.daemon.readiness import ReadyGuest
+from virby.daemon.service import DaemonCommands, DaemonService, StartupError, makeDaemonService
 from virby.vfkitflags import HostPlan
 
 
@@ -35,7 +35,7 @@ def signals() -> Iterator[dict[int, object]]:
 
 
 def config(tmp_path, **extra):
-    return from_mapping({"working-directory": str(tmp_path), **extra})
+    return fromMapping({"working-directory": str(tmp_path), **extra})
 
 
 def fake_vfkit(tmp_path) -> str:
@@ -60,7 +60,7 @@ def test_startup_problems_are_one_line_and_exit_1(short_tmp, capsys, setup, word
         wd.mkdir()
     vfkit = str(short_tmp / "missing") if setup == "no-vfkit" else fake_vfkit(short_tmp)
     listen = "nonsense:1" if setup == "bad-endpoint" else "tcp:0:interface=127.0.0.1"
-    cfg = from_mapping({"working-directory": str(wd), "vfkit": vfkit, "listen": listen})
+    cfg = fromMapping({"working-directory": str(wd), "vfkit": vfkit, "listen": listen})
     with pytest.raises(SystemExit) as caught:
         makeDaemonService(cfg, MemoryReactorClock())
     assert caught.value.code == 1
@@ -143,7 +143,7 @@ def test_a_mac_that_cannot_nest_boots_without_nested_and_says_why(
     monkeypatch.setenv("VIRBY_EMULATOR_CPU", "Apple M1")
     monkeypatch.setattr("sys.platform", "linux")
     (short_tmp / "wd").mkdir()
-    cfg = from_mapping(
+    cfg = fromMapping(
         {"working-directory": str(short_tmp / "wd"), "vfkit": fake_vfkit(short_tmp),
          "listen": "tcp:0:interface=127.0.0.1", "nested-virtualization": True}
     )  # fmt: skip
@@ -170,7 +170,7 @@ def test_once_running_the_daemon_checks_on_its_clock_whether_its_log_was_rotated
     checked: list[str | None] = []
     monkeypatch.setattr(LogFile, "rotated", lambda self: checked.append(self.path) or False)
     (short_tmp / "wd").mkdir()
-    cfg = from_mapping(
+    cfg = fromMapping(
         {"working-directory": str(short_tmp / "wd"), "vfkit": fake_vfkit(short_tmp),
          "listen": "tcp:0:interface=127.0.0.1"}
     )  # fmt: skip
@@ -201,7 +201,7 @@ def test_the_status_document_has_no_warnings_when_all_is_well(short_tmp) -> None
 
 def test_a_boot_without_a_lease_says_when_the_guest_sent_a_duid(short_tmp) -> None:
     from tests.unit.test_leases import DUID_ONLY
-    from virby.readiness import BootTimeout
+    from virby.daemon.readiness import BootTimeout
 
     leases = short_tmp / "dhcpd_leases"
     leases.write_text(DUID_ONLY)
@@ -335,8 +335,8 @@ def test_no_vm_boots_while_a_process_holds_the_vm_lock(short_tmp) -> None:
 
 
 def test_an_orphan_that_could_not_be_stopped_is_checked_again(short_tmp, monkeypatch) -> None:
-    import virby.hypervisor
-    from virby.orphans import OrphanError
+    import virby.daemon.hypervisor
+    from virby.daemon.orphans import OrphanError
 
     attempts: list = []
 
@@ -346,9 +346,9 @@ def test_an_orphan_that_could_not_be_stopped_is_checked_again(short_tmp, monkeyp
             raise OrphanError("the VM left by a previous daemon (vfkit pid 7) survived SIGKILL")
         return None
 
-    monkeypatch.setattr(virby.hypervisor, "stop_orphan", stubborn)
+    monkeypatch.setattr(virby.daemon.hypervisor, "stopOrphan", stubborn)
     reactor = SpawningReactor()
-    hypervisor = virby.hypervisor.VfkitHypervisor(reactor, prepared(short_tmp), "/bin/vfkit")
+    hypervisor = virby.daemon.hypervisor.VfkitHypervisor(reactor, prepared(short_tmp), "/bin/vfkit")
     (failure,) = outcome(hypervisor.spawn())
     assert failure.check(OrphanError) and reactor.spawned == []
     (vm,) = outcome(hypervisor.spawn())
@@ -358,7 +358,7 @@ def test_an_orphan_that_could_not_be_stopped_is_checked_again(short_tmp, monkeyp
 
 
 def test_the_builder_port_serves_as_many_connections_as_its_descriptors_allow(short_tmp) -> None:
-    from virby.capacity import ConnectionLimit, DescriptorLimit
+    from virby.daemon.capacity import ConnectionLimit, DescriptorLimit
 
     reactor = MemoryReactorClock()
     cfg = config(short_tmp)
@@ -373,7 +373,7 @@ def test_the_builder_port_serves_as_many_connections_as_its_descriptors_allow(sh
 
 @pytest.mark.linux
 def test_the_relays_pipes_are_held_to_the_budget_that_counts_the_connections(short_tmp) -> None:
-    from virby.capacity import ConnectionLimit, DescriptorLimit
+    from virby.daemon.capacity import ConnectionLimit, DescriptorLimit
 
     reactor = MemoryReactorClock()
     hypervisor = IdleHypervisor()

@@ -15,13 +15,13 @@ from virby import disk
 
 MIB = 1024 * 1024
 #: This system's own choice, kept before any test (or the macOS sandbox mode) replaces it.
-PLATFORM_CLONE = disk.platform_clone
+PLATFORM_CLONE = disk.platformClone
 
 
 @pytest.fixture
 def reflink_platform(monkeypatch) -> None:
     """Copy as on Linux, whatever this system is: the reflink, then the sparse copy."""
-    monkeypatch.setattr(disk, "platform_clone", lambda: ("reflink", disk._reflink_file))
+    monkeypatch.setattr(disk, "platformClone", lambda: ("reflink", disk._reflinkFile))
 
 
 def sparse_file(path: Path, size: int, blocks: dict[int, bytes]) -> bytes:
@@ -98,7 +98,7 @@ def test_a_failed_copy_leaves_the_old_file_and_no_temporary(tmp_path: Path, monk
     def full(*args):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(disk, "_sparse_copy", full)
+    monkeypatch.setattr(disk, "_sparseCopy", full)
     with pytest.raises(OSError):
         disk.copy(str(tmp_path / "image"), str(tmp_path / "copy"), clone=False)
     assert (tmp_path / "copy").read_bytes() == b"old"
@@ -143,7 +143,7 @@ def test_clonefile_is_used_on_macos(tmp_path: Path, monkeypatch) -> None:
         Path(destination).write_bytes(Path(source).read_bytes())
         return True
 
-    monkeypatch.setattr(disk, "platform_clone", PLATFORM_CLONE)
+    monkeypatch.setattr(disk, "platformClone", PLATFORM_CLONE)
     monkeypatch.setattr(disk.sys, "platform", "darwin")
     monkeypatch.setattr(disk, "_clonefile", clone)
     (tmp_path / "image").write_bytes(b"abc")
@@ -153,20 +153,20 @@ def test_clonefile_is_used_on_macos(tmp_path: Path, monkeypatch) -> None:
 
 
 def test_a_clone_that_fails_leaves_no_temporary_and_the_copy_goes_on(tmp_path: Path, monkeypatch):
-    monkeypatch.setattr(disk, "platform_clone", lambda: ("clonefile", lambda s, d: False))
+    monkeypatch.setattr(disk, "platformClone", lambda: ("clonefile", lambda s, d: False))
     (tmp_path / "image").write_bytes(b"abc")
     assert disk.copy(str(tmp_path / "image"), str(tmp_path / "copy")) == "sparse copy"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "image"]
 
 
 def test_remove_temporaries_removes_only_virby_temporaries(tmp_path: Path) -> None:
-    leftover = disk.temporary_name(str(tmp_path / "base.img"))
+    leftover = disk.temporaryName(str(tmp_path / "base.img"))
     Path(leftover).write_bytes(b"half")
     (tmp_path / "diff.img").write_bytes(b"keep")
     (tmp_path / "notes.tmp").write_bytes(b"keep")
-    assert disk.remove_temporaries(str(tmp_path)) == [os.path.basename(leftover)]
+    assert disk.removeTemporaries(str(tmp_path)) == [os.path.basename(leftover)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["diff.img", "notes.tmp"]
-    assert disk.remove_temporaries(str(tmp_path / "missing")) == []
+    assert disk.removeTemporaries(str(tmp_path / "missing")) == []
 
 
 def test_grow_extends_sparsely_and_keeps_content(tmp_path: Path) -> None:

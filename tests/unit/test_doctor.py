@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 
 from tests.played_user import PLAYED, PlayedUser
-from virby import doctor, prepare
-from virby.config import MIB, Config, from_mapping
-from virby.controlclient import DaemonDown, NotAllowed
-from virby.doctor import Doctor, Status
+from virby.cli import doctor, prepare
+from virby.cli.client import DaemonDown, NotAllowed
+from virby.cli.doctor import Doctor, Status
+from virby.config import MIB, Config, fromMapping
 from virby.hostfacts import (
     ARM64,
     CPU_BRAND,
@@ -32,12 +32,12 @@ from virby.hostfacts import (
     SSH,
     PlayedMac,
     ProbeError,
-    parse_launchctl,
-    parse_lsof,
+    parseLaunchctl,
+    parseLsof,
 )
 from virby.layout import CONTROL_SOCKET
 from virby.shares import Account
-from virby.vfkitflags import VFKIT_SINCE, parse_vfkit_version, vfkit_needs
+from virby.vfkitflags import VFKIT_SINCE, parseVfkitVersion, vfkitNeeds
 from virby.wire import LAUNCHD_LABEL
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -114,7 +114,7 @@ def machine(short_tmp: Path) -> dict[str, Any]:
     vfkit = short_tmp / "vfkit"
     vfkit.write_text("#!/bin/sh\n")
     vfkit.chmod(0o755)
-    config = from_mapping(
+    config = fromMapping(
         {"working-directory": str(short_tmp / "wd"), "image": str(image), "vfkit": str(vfkit),
          "leases-file": str(short_tmp / "dhcpd_leases"), "disk-size": "1GiB"}
     )  # fmt: skip
@@ -167,7 +167,7 @@ def examine(
     findings = Doctor(
         config or machine["config"],
         machine["mac"],
-        config_file="/etc/virby.json",
+        configFile="/etc/virby.json",
         euid=kwargs.pop("euid", 0),
         now=lambda: NOW,
         statvfs=lambda path: Volume(free),  # type: ignore[arg-type,return-value]
@@ -210,10 +210,10 @@ def test_rosetta_nested_and_ssh_are_checked_when_asked(machine) -> None:
 
 def test_the_command_prints_one_line_a_check_and_exits_0(machine, monkeypatch) -> None:
     monkeypatch.setattr(doctor, "query", lambda path: dict(RUNNING_STATUS))
-    monkeypatch.setattr(doctor, "default_runner", lambda: machine["mac"])
-    monkeypatch.setattr(doctor.Doctor, "_boot_started", lambda self: None)
+    monkeypatch.setattr(doctor, "defaultRunner", lambda: machine["mac"])
+    monkeypatch.setattr(doctor.Doctor, "_bootStarted", lambda self: None)
     out = io.StringIO()
-    code = doctor.run(machine["config"], as_json=False, config_file="/c.json", out=out, euid=0)
+    code = doctor.run(machine["config"], asJson=False, configFile="/c.json", out=out, euid=0)
     assert code == 0, out.getvalue()
     lines = out.getvalue().splitlines()
     assert len(lines) == 13 and lines[-1] == "no check failed"
@@ -321,7 +321,7 @@ def test_a_client_key_the_guest_does_not_authorize(machine) -> None:
 def test_a_known_hosts_that_pins_another_key(machine) -> None:
     wd = Path(machine["config"].working_directory)
     other = prepare.keys.generate("impostor")
-    (wd / "ssh_known_hosts").write_text(prepare.keys.known_hosts_line(other.public))
+    (wd / "ssh_known_hosts").write_text(prepare.keys.knownHostsLine(other.public))
     assert (
         failed(examine(machine))["keys"].detail == "ssh_known_hosts does not pin the VM's host key"
     )
@@ -525,7 +525,7 @@ def test_shares_the_daemons_user_reaches_pass(machine) -> None:
     config, home = sharing(machine, src="HOME/src")
     home.chmod(0o755)
     played = PlayedUser(machine["root"])
-    found = examine(machine, config, ask_as=played)
+    found = examine(machine, config, askAs=played)
     names = list(found)
     assert names.index("shared-dirs") == names.index("vfkit") + 1
     assert found["shared-dirs"].status is Status.OK
@@ -535,7 +535,7 @@ def test_shares_the_daemons_user_reaches_pass(machine) -> None:
 
 def test_a_share_in_a_home_folder_fails_with_the_acl_that_fixes_it(machine) -> None:
     config, home = sharing(machine, src="HOME/src")
-    found = failed(examine(machine, config, ask_as=PlayedUser(machine["root"])))
+    found = failed(examine(machine, config, askAs=PlayedUser(machine["root"])))
     shared = found["shared-dirs"]
     assert shared.detail.startswith(f'"src" ({home}/src): _virby may not search {home} (')
     assert shared.detail.endswith("vfkit runs as _virby and stops every boot there")
@@ -559,7 +559,7 @@ def test_only_root_can_ask_as_the_daemons_user(machine) -> None:
 def test_without_the_daemons_user_the_shares_are_not_guessed(machine) -> None:
     config, _ = sharing(machine, src="HOME/src")
     machine["mac"].users.clear()
-    found = examine(machine, config, ask_as=PlayedUser(machine["root"]))
+    found = examine(machine, config, askAs=PlayedUser(machine["root"]))
     assert found["shared-dirs"].status is Status.SKIP
     assert "no user _virby" in found["shared-dirs"].detail
 
@@ -575,7 +575,7 @@ def test_the_shares_are_asked_about_as_the_running_daemons_user(machine) -> None
     try:
         owner = os.lstat(config.path(CONTROL_SOCKET))
         played = PlayedUser(machine["root"])
-        examine(machine, config, ask_as=played)
+        examine(machine, config, askAs=played)
     finally:
         listening.close()
     account = played.asked[0][0]
@@ -585,9 +585,9 @@ def test_the_shares_are_asked_about_as_the_running_daemons_user(machine) -> None
 def test_json_names_the_unreachable_share_and_its_fix(machine, monkeypatch) -> None:
     config, _ = sharing(machine, docs="/Users/me/Downloads")
     monkeypatch.setattr(doctor, "query", lambda path: dict(RUNNING_STATUS))
-    monkeypatch.setattr(doctor, "default_runner", lambda: machine["mac"])
+    monkeypatch.setattr(doctor, "defaultRunner", lambda: machine["mac"])
     out = io.StringIO()
-    assert doctor.run(config, as_json=True, out=out, euid=0) == 1
+    assert doctor.run(config, asJson=True, out=out, euid=0) == 1
     (check,) = [c for c in json.loads(out.getvalue())["checks"] if c["check"] == "shared-dirs"]
     assert check["status"] == "fail" and "outside /Users" in check["fix"]
 
@@ -600,10 +600,10 @@ def test_a_user_is_told_which_checks_need_root(machine) -> None:
 
 def test_json_for_scripts(machine, monkeypatch) -> None:
     monkeypatch.setattr(doctor, "query", lambda path: dict(RUNNING_STATUS))
-    monkeypatch.setattr(doctor, "default_runner", lambda: machine["mac"])
+    monkeypatch.setattr(doctor, "defaultRunner", lambda: machine["mac"])
     os.chmod(machine["config"].working_directory, 0o755)
     out = io.StringIO()
-    assert doctor.run(machine["config"], as_json=True, out=out, euid=0) == 1
+    assert doctor.run(machine["config"], asJson=True, out=out, euid=0) == 1
     document = json.loads(out.getvalue())
     assert document["ok"] is False and document["needs_sudo"] == []
     (failure,) = [c for c in document["checks"] if c["status"] == "fail"]
@@ -614,14 +614,14 @@ def test_json_for_scripts(machine, monkeypatch) -> None:
 
 
 def test_launchctl_print_is_read_from_the_jobs_own_lines() -> None:
-    job = parse_launchctl(RUNNING_JOB)
+    job = parseLaunchctl(RUNNING_JOB)
     assert job["state"] == "running" and job["pid"] == str(DAEMON_PID)
     assert job["last exit code"] == "(never exited)"
 
 
 def test_lsof_field_output() -> None:
-    assert parse_lsof("p1\nclaunchd\nf3\np42\ncvirbyd\n") == [(1, "launchd"), (42, "virbyd")]
-    assert parse_lsof("") == []
+    assert parseLsof("p1\nclaunchd\nf3\np42\ncvirbyd\n") == [(1, "launchd"), (42, "virbyd")]
+    assert parseLsof("") == []
 
 
 @pytest.mark.parametrize(
@@ -631,14 +631,14 @@ def test_lsof_field_output() -> None:
      ("vfkit version: ", None)],
 )  # fmt: skip
 def test_vfkit_versions(text: str, version) -> None:
-    assert parse_vfkit_version(text) == version
+    assert parseVfkitVersion(text) == version
 
 
 def test_every_flag_the_daemon_passes_has_its_vfkit_release() -> None:
-    everything = from_mapping(
+    everything = fromMapping(
         {"rosetta": True, "nested-virtualization": True, "shared-dirs": {"src": "/src"}}
     )
-    needs = vfkit_needs(everything)
+    needs = vfkitNeeds(everything)
     assert set(needs) <= set(VFKIT_SINCE)
     assert needs["--timesync"] == (0, 0, 3) and needs["rosetta"] == (0, 5, 0)
     assert max(needs.values()) == (0, 6, 2)
@@ -646,10 +646,10 @@ def test_every_flag_the_daemon_passes_has_its_vfkit_release() -> None:
 
 def test_the_played_mac_answers_what_doctor_asks() -> None:
     played = PlayedMac("Apple M4", "15.5", "installed", launchd="running:77", firewall="block-all")
-    job = parse_launchctl(played.run([LAUNCHCTL, "print", f"system/{LAUNCHD_LABEL}"]))
+    job = parseLaunchctl(played.run([LAUNCHCTL, "print", f"system/{LAUNCHD_LABEL}"]))
     assert (job["state"], job["pid"]) == ("running", "77")
-    assert doctor._says_on(played.run([SOCKETFILTERFW, "--getglobalstate"])) is True
-    assert doctor._says_on(played.run([SOCKETFILTERFW, "--getblockall"])) is True
+    assert doctor._saysOn(played.run([SOCKETFILTERFW, "--getglobalstate"])) is True
+    assert doctor._saysOn(played.run([SOCKETFILTERFW, "--getblockall"])) is True
     with pytest.raises(ProbeError) as caught:
         dataclasses.replace(played, launchd="missing").run(
             [LAUNCHCTL, "print", f"system/{LAUNCHD_LABEL}"]
@@ -659,8 +659,8 @@ def test_the_played_mac_answers_what_doctor_asks() -> None:
         dataclasses.replace(played, launchd="").run([LAUNCHCTL, "print", "system/x"])
     assert caught.value.status is None, "no launchd: the command is missing"
     waiting = dataclasses.replace(played, launchd="waiting", firewall="off")
-    assert parse_launchctl(waiting.run([LAUNCHCTL, "print", "system/x"]))["state"] == "waiting"
-    assert doctor._says_on(waiting.run([SOCKETFILTERFW, "--getglobalstate"])) is False
+    assert parseLaunchctl(waiting.run([LAUNCHCTL, "print", "system/x"]))["state"] == "waiting"
+    assert doctor._saysOn(waiting.run([SOCKETFILTERFW, "--getglobalstate"])) is False
 
 
 @pytest.mark.repository
@@ -678,7 +678,7 @@ def test_without_config_the_modules_config_is_read(machine, monkeypatch, capsys)
                     "image": machine["config"].image, "vfkit": machine["config"].vfkit})
     )  # fmt: skip
     monkeypatch.setattr(cli, "INSTALLED_CONFIG", str(installed))
-    monkeypatch.setattr(doctor, "default_runner", lambda: machine["mac"])
+    monkeypatch.setattr(doctor, "defaultRunner", lambda: machine["mac"])
     monkeypatch.setattr(doctor, "query", lambda path: dict(RUNNING_STATUS))
     cli.main(["doctor", "--json"])
     document = json.loads(capsys.readouterr().out)

@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 
 from virby import layout
-from virby.config import from_mapping
+from virby.config import fromMapping
 from virby.emulator import api, guest, lease
-from virby.emulator.__main__ import USAGE, main, start_up
+from virby.emulator.__main__ import USAGE, main, startUp
 from virby.emulator.cmdline import EmulatorError, UsageError, parse
-from virby.emulator.golang import parse_mac, parse_uint
+from virby.emulator.golang import parseMac, parseUint
 from virby.emulator.vz import BLANK_STORE
-from virby.leases import LeaseFile, parse_leases
-from virby.vfkitflags import TIMESYNC_VSOCK_PORT, vfkit_arguments
+from virby.leases import LeaseFile, parseLeases
+from virby.vfkitflags import TIMESYNC_VSOCK_PORT, vfkitArguments
 
 
 @pytest.fixture
@@ -54,7 +54,7 @@ def replaced(argv: list[str], old: str, new: str) -> list[str]:
 
 def refusal(argv: list[str], stdin: int | None = None) -> str:
     with pytest.raises(UsageError) as caught:
-        start_up(argv, stdin if stdin is not None else _pipe())
+        startUp(argv, stdin if stdin is not None else _pipe())
     return str(caught.value)
 
 
@@ -68,10 +68,10 @@ def _pipe() -> int:
 
 
 def test_the_design_command_line_starts_up(wd) -> None:
-    settings, vm, _, endpoint = start_up(design(wd))
+    settings, vm, _, endpoint = startUp(design(wd))
     assert settings.leases_file == str(wd / "leases") and settings.guest_port == 22
     assert (vm.cpus, vm.memory, vm.mac) == (2, 2048, "52:54:00:12:03:0a")
-    assert vm.shared_dir("sshd-keys") == str(wd / "keys")
+    assert vm.sharedDir("sshd-keys") == str(wd / "keys")
     assert vm.serial["logFilePath"] == str(wd / "serial.log")
     assert (wd / "serial.log").exists() and (wd / "efistore.nvram").read_bytes() == BLANK_STORE
     assert endpoint == api.Endpoint("unix", "", str(wd / "vfkit.sock"))
@@ -79,11 +79,11 @@ def test_the_design_command_line_starts_up(wd) -> None:
 
 
 def test_the_daemons_own_command_line_starts_up(wd) -> None:
-    """What L{vfkit_arguments} builds, time sync included, is what the emulator accepts."""
-    config = from_mapping({"working-directory": str(wd), "leases-file": str(wd / "leases")})
+    """What L{vfkitArguments} builds, time sync included, is what the emulator accepts."""
+    config = fromMapping({"working-directory": str(wd), "leases-file": str(wd / "leases")})
     os.mkdir(wd / "vm_sshd_keys")
-    argv = vfkit_arguments(config, "vfkit", "02:94:00:00:00:01", create_variable_store=True)
-    _, vm, _, endpoint = start_up(["--leases-file", str(wd / "leases"), *argv[1:]], _pipe())
+    argv = vfkitArguments(config, "vfkit", "02:94:00:00:00:01", createVariableStore=True)
+    _, vm, _, endpoint = startUp(["--leases-file", str(wd / "leases"), *argv[1:]], _pipe())
     assert vm.timesync_port == TIMESYNC_VSOCK_PORT
     assert endpoint.path == str(wd / "vfkit.sock")
 
@@ -210,18 +210,18 @@ def test_the_bootloader(wd) -> None:
     without = [a for a in design(wd) if a not in ("--bootloader", store)]
     assert refusal(without) == "empty option list in --bootloader command line argument"
     with pytest.raises(EmulatorError):
-        start_up(replaced(design(wd), store, "linux,kernel=/k"), _pipe())
+        startUp(replaced(design(wd), store, "linux,kernel=/k"), _pipe())
 
 
 def test_create_overwrites_an_existing_store_and_without_it_the_store_must_exist(wd) -> None:
     """vz's AllowOverwrite: `create` blanks the store at every start."""
     nvram = wd / "efistore.nvram"
     nvram.write_bytes(b"boot entries")
-    start_up(design(wd), _pipe())
+    startUp(design(wd), _pipe())
     assert nvram.read_bytes() == BLANK_STORE
     store = f"efi,variable-store={nvram},create"
     nvram.write_bytes(b"boot entries")
-    start_up(replaced(design(wd), store, f"efi,variable-store={nvram}"), _pipe())
+    startUp(replaced(design(wd), store, f"efi,variable-store={nvram}"), _pipe())
     assert nvram.read_bytes() == b"boot entries"
     nvram.unlink()
     assert refusal(replaced(design(wd), store, f"efi,variable-store={nvram}")) == (
@@ -231,7 +231,7 @@ def test_create_overwrites_an_existing_store_and_without_it_the_store_must_exist
 
 def test_log_level(wd) -> None:
     assert refusal([*design(wd), "--log-level", "warn"]) == "unknown log level: warn"
-    start_up([*design(wd), "--log-level", "debug"], _pipe())
+    startUp([*design(wd), "--log-level", "debug"], _pipe())
 
 
 # -- the console
@@ -253,7 +253,7 @@ def test_a_stdio_console_on_a_terminal_puts_it_into_raw_mode(wd) -> None:
     master, terminal = pty.openpty()
     try:
         serial = f"virtio-serial,logFilePath={wd}/serial.log"
-        start_up(replaced(design(wd), serial, "virtio-serial,stdio"), terminal)
+        startUp(replaced(design(wd), serial, "virtio-serial,stdio"), terminal)
         iflag, _, _, lflag, *_ = termios.tcgetattr(terminal)
         assert not iflag & termios.ICRNL and not lflag & (termios.ICANON | termios.ECHO)
     finally:
@@ -263,7 +263,7 @@ def test_a_stdio_console_on_a_terminal_puts_it_into_raw_mode(wd) -> None:
 
 def test_the_console_file_is_truncated_at_start(wd) -> None:
     (wd / "serial.log").write_text("the last boot\n")
-    _, _, console, _ = start_up(design(wd), _pipe())
+    _, _, console, _ = startUp(design(wd), _pipe())
     assert (wd / "serial.log").read_text() == ""
     console.line("EFI stub")
     assert (wd / "serial.log").read_text().endswith("] EFI stub\n")
@@ -280,7 +280,7 @@ def test_the_console_file_is_truncated_at_start(wd) -> None:
 def test_nested_where_the_mac_cannot(wd, mac, accepted) -> None:
     argv = [*design(wd), "--nested", *mac]
     if accepted:
-        assert start_up(argv, _pipe())[1].nested is True
+        assert startUp(argv, _pipe())[1].nested is True
     else:
         assert refusal(argv) == "nested virtualization is not supported"
         assert not (wd / "serial.log").exists(), "refused before any device was made"
@@ -306,7 +306,7 @@ def test_rosetta_options(wd) -> None:
     assert refusal([*design(wd), "--device", "rosetta,mountTag=r,ignoreIfMissing"]) == (
         "unknown option for rosetta share: ignoreIfMissing"
     )
-    start_up([*design(wd), "--device", "rosetta,mountTag=rosetta"], _pipe())
+    startUp([*design(wd), "--device", "rosetta,mountTag=rosetta"], _pipe())
 
 
 @pytest.mark.parametrize(
@@ -341,7 +341,7 @@ def test_rosetta_missing_is_refused_whatever_the_options(wd, capsys, options, te
     "options", ["", ",install", ",ignore-if-missing", ",install,ignore-if-missing"]
 )
 def test_rosetta_installed_is_shared_whatever_the_options(wd, options) -> None:
-    start_up([*design(wd), "--device", f"rosetta,mountTag=rosetta{options}"], _pipe())
+    startUp([*design(wd), "--device", f"rosetta,mountTag=rosetta{options}"], _pipe())
 
 
 # -- tags (Virtualization.framework: non-empty, fewer than 36 bytes of UTF-8)
@@ -349,11 +349,11 @@ def test_rosetta_installed_is_shared_whatever_the_options(wd, options) -> None:
 
 def test_tags_of_36_bytes_and_more_are_refused(wd) -> None:
     share = ["--device", f"virtio-fs,sharedDir={wd}"]
-    start_up([*design(wd), *share[:-1], f"{share[-1]},mountTag={'t' * 35}"], _pipe())
+    startUp([*design(wd), *share[:-1], f"{share[-1]},mountTag={'t' * 35}"], _pipe())
     text = refusal([*design(wd), *share[:-1], f"{share[-1]},mountTag={'t' * 36}"])
     assert text.startswith("Error Domain=VZErrorDomain Code=2 Description=")
     assert "36 bytes" in text
-    start_up([*design(wd), *share[:-1], f"{share[-1]},mountTag={'é' * 17}"], _pipe())
+    startUp([*design(wd), *share[:-1], f"{share[-1]},mountTag={'é' * 17}"], _pipe())
     assert "36 bytes" in refusal([*design(wd), *share[:-1], f"{share[-1]},mountTag={'é' * 18}"])
     long_rosetta = refusal([*design(wd), "--device", f"rosetta,mountTag={'r' * 40}"])
     assert long_rosetta.startswith(
@@ -365,8 +365,8 @@ def test_a_share_without_a_tag_takes_its_directory_name(wd) -> None:
     long = wd / ("d" * 40)
     long.mkdir()
     assert "40 bytes" in refusal([*design(wd), "--device", f"virtio-fs,sharedDir={long}"])
-    _, vm, _, _ = start_up([*design(wd), "--device", f"virtio-fs,sharedDir={wd}/keys/"], _pipe())
-    assert vm.shared_dir("keys") == f"{wd}/keys/"
+    _, vm, _, _ = startUp([*design(wd), "--device", f"virtio-fs,sharedDir={wd}/keys/"], _pipe())
+    assert vm.sharedDir("keys") == f"{wd}/keys/"
 
 
 def test_a_share_must_exist(wd) -> None:
@@ -394,7 +394,7 @@ def test_a_share_must_exist(wd) -> None:
 def test_timesync(wd, value, text) -> None:
     argv = [*design(wd), "--timesync", value]
     if text is None:
-        _, vm, _, _ = start_up(argv, _pipe())
+        _, vm, _, _ = startUp(argv, _pipe())
         assert vm.timesync_port == (1024 if value else None)
     else:
         assert refusal(argv) == text
@@ -405,13 +405,13 @@ def test_timesync(wd, value, text) -> None:
 
 def test_the_rest_socket_path_fits_macos_sun_path(short_tmp) -> None:
     fits = "/" + "x" * 102
-    assert api.parse_restful_uri(f"unix://{fits}").path == fits
+    assert api.parseRestfulUri(f"unix://{fits}").path == fits
     with pytest.raises(UsageError) as caught:
-        api.parse_restful_uri(f"unix://{fits}x")
+        api.parseRestfulUri(f"unix://{fits}x")
     assert str(caught.value) == "invalid unix uri: socket path length exceeds macOS limits"
     multibyte = "/" + "é" * 52  # 105 bytes in 53 characters
     with pytest.raises(UsageError, match="exceeds macOS limits"):
-        api.parse_restful_uri(f"unix://{multibyte}")
+        api.parseRestfulUri(f"unix://{multibyte}")
 
 
 @pytest.mark.parametrize(
@@ -432,10 +432,10 @@ def test_the_rest_socket_path_fits_macos_sun_path(short_tmp) -> None:
 )  # fmt: skip
 def test_restful_uris(uri, outcome) -> None:
     if isinstance(outcome, api.Endpoint):
-        assert api.parse_restful_uri(uri) == outcome
+        assert api.parseRestfulUri(uri) == outcome
     else:
         with pytest.raises(UsageError) as caught:
-            api.parse_restful_uri(uri)
+            api.parseRestfulUri(uri)
         assert str(caught.value) == outcome
 
 
@@ -485,20 +485,20 @@ def test_version(capsys) -> None:
 
 
 def test_parse_mac_takes_what_go_takes() -> None:
-    assert parse_mac("52:54:00:AB:03:0a").hex() == "525400ab030a"
-    assert parse_mac("52-54-00-ab-03-0a") == parse_mac("5254.00ab.030a")
-    assert len(parse_mac("02:00:5e:10:00:00:00:01")) == 8
+    assert parseMac("52:54:00:AB:03:0a").hex() == "525400ab030a"
+    assert parseMac("52-54-00-ab-03-0a") == parseMac("5254.00ab.030a")
+    assert len(parseMac("02:00:5e:10:00:00:00:01")) == 8
     for bad in ("52:54:00:ab:03", "52:54-00:ab:03:0a", "52:54:00:ab:03:0a:", "5254.00ab.03a"):
         with pytest.raises(ValueError, match="invalid MAC address"):
-            parse_mac(bad)
+            parseMac(bad)
 
 
 def test_parse_uint() -> None:
-    assert parse_uint("4294967295", 10, 32) == 4294967295
-    assert parse_uint("0b101", 0, 64) == 5 and parse_uint("0o17", 0, 64) == 15
+    assert parseUint("4294967295", 10, 32) == 4294967295
+    assert parseUint("0b101", 0, 64) == 5 and parseUint("0o17", 0, 64) == 15
     for bad in ("", "1 ", "_1", "1__0", "0x"):
         with pytest.raises(ValueError, match="invalid syntax"):
-            parse_uint(bad, 0, 64)
+            parseUint(bad, 0, 64)
 
 
 # -- the guest's disk and its key unit
@@ -506,31 +506,31 @@ def test_parse_uint() -> None:
 
 def test_the_guest_keeps_its_state_in_its_disk(wd) -> None:
     disk = str(wd / "diff.img")
-    assert guest.read_state(disk) == guest.GuestState()
-    guest.write_state(disk, guest.GuestState(host_key="H", authorized_keys="A", boots=1))
-    assert guest.read_state(disk) == guest.GuestState("H", "A", 1)
+    assert guest.readState(disk) == guest.GuestState()
+    guest.writeState(disk, guest.GuestState(host_key="H", authorized_keys="A", boots=1))
+    assert guest.readState(disk) == guest.GuestState("H", "A", 1)
     with open(disk, "r+b") as f:
         f.truncate(64 * 1024 * 1024)  # `virby prepare` grows the disk: the state stays
-    assert guest.read_state(disk).host_key == "H"
+    assert guest.readState(disk).host_key == "H"
     blank = wd / "base.img"
     blank.write_bytes(bytes(2 * 1024 * 1024))
     os.replace(blank, disk)  # a fresh copy of base.img: a first boot
-    assert guest.read_state(disk) == guest.GuestState()
+    assert guest.readState(disk) == guest.GuestState()
 
 
 def test_a_torn_record_is_a_first_boot(wd) -> None:
     disk = str(wd / "diff.img")
-    guest.write_state(disk, guest.GuestState(host_key="H", authorized_keys="A", boots=1))
+    guest.writeState(disk, guest.GuestState(host_key="H", authorized_keys="A", boots=1))
     with open(disk, "r+b") as f:
         f.seek(guest.RECORD_OFFSET + 30)
         f.write(b"\xff")
-    assert guest.read_state(disk) == guest.GuestState()
+    assert guest.readState(disk) == guest.GuestState()
 
 
 def test_a_disk_too_small_for_a_filesystem(wd) -> None:
     (wd / "tiny.img").write_bytes(b"x" * 4096)
     with pytest.raises(guest.DiskError, match="smaller than 1 MiB"):
-        guest.write_state(str(wd / "tiny.img"), guest.GuestState(boots=1))
+        guest.writeState(str(wd / "tiny.img"), guest.GuestState(boots=1))
 
 
 def test_the_key_unit_takes_the_shares_keys_at_every_boot(wd) -> None:
@@ -538,7 +538,7 @@ def test_the_key_unit_takes_the_shares_keys_at_every_boot(wd) -> None:
     (keys / layout.SHARE_HOST_KEY).write_text("new host key")
     (keys / layout.SHARE_AUTHORIZED_KEY).write_text("new client key")
     state = guest.GuestState(host_key="old host key", authorized_keys="old client key")
-    assert guest.install_keys(str(keys), state, "every-boot") is True
+    assert guest.installKeys(str(keys), state, "every-boot") is True
     assert (state.host_key, state.authorized_keys) == ("new host key", "new client key")
 
 
@@ -547,17 +547,17 @@ def test_the_old_key_unit_kept_the_first_keys(wd) -> None:
     (keys / layout.SHARE_HOST_KEY).write_text("new host key")
     (keys / layout.SHARE_AUTHORIZED_KEY).write_text("new client key")
     state = guest.GuestState(host_key="old host key", authorized_keys="old client key")
-    assert guest.install_keys(str(keys), state, "when-absent") is False
+    assert guest.installKeys(str(keys), state, "when-absent") is False
     assert state.host_key == "old host key"
     fresh = guest.GuestState()
-    assert guest.install_keys(str(keys), fresh, "when-absent") is True
+    assert guest.installKeys(str(keys), fresh, "when-absent") is True
 
 
 def test_the_key_unit_fails_without_its_share(wd) -> None:
     with pytest.raises(guest.KeyUnitFailed, match="no such virtiofs tag"):
-        guest.install_keys(None, guest.GuestState(), "every-boot")
+        guest.installKeys(None, guest.GuestState(), "every-boot")
     with pytest.raises(guest.KeyUnitFailed, match="cannot read the sshd-keys share"):
-        guest.install_keys(str(wd / "keys"), guest.GuestState(), "every-boot")
+        guest.installKeys(str(wd / "keys"), guest.GuestState(), "every-boot")
 
 
 # -- bootpd's leases
@@ -572,11 +572,11 @@ def test_lease_is_written_newest_first_without_leading_zeros(tmp_path) -> None:
     assert "hw_address=1,52:54:0:12:3:a\n" in text and "lease=0x200" in text
     assert LeaseFile(path).lookup("52:54:00:12:03:0a") == "127.0.5.5"
     lease.write(path, "127.0.5.6", "52:54:00:12:03:0a", 0x300)
-    assert [entry.ip_address for entry in parse_leases(Path(path).read_text())] == [
+    assert [entry.ip_address for entry in parseLeases(Path(path).read_text())] == [
         "127.0.5.6",
         "127.0.9.9",
     ]
-    assert lease.previous_address(path, "52:54:00:12:03:0a") == "127.0.5.6"
+    assert lease.previousAddress(path, "52:54:00:12:03:0a") == "127.0.5.6"
 
 
 def test_duid_lease_hides_the_mac(tmp_path) -> None:

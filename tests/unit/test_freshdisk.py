@@ -17,10 +17,11 @@ from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from virby import disk, freshdisk, locks
-from virby.config import MIB, from_mapping
-from virby.freshdisk import FreshDiskError, make, makeFreshDisk
-from virby.hypervisor import VfkitHypervisor
+from virby import disk, locks
+from virby.config import MIB, fromMapping
+from virby.daemon import freshdisk
+from virby.daemon.freshdisk import FreshDiskError, make, makeFreshDisk
+from virby.daemon.hypervisor import VfkitHypervisor
 from virby.layout import VM_LOCK
 from virby.locks import FileLock
 
@@ -162,7 +163,7 @@ def test_the_child_runs_with_this_python_and_its_line_is_the_result(tmp_path) ->
     got = results(makeFreshDisk(reactor, str(tmp_path), SIZE, 30.0))
     ((protocol, executable, args, env, path),) = reactor.spawned
     assert executable == sys.executable and path == str(tmp_path)
-    assert args == [sys.executable, "-m", "virby.freshdisk", str(tmp_path), str(SIZE)]
+    assert args == [sys.executable, "-m", "virby.daemon.freshdisk", str(tmp_path), str(SIZE)]
     assert env["PYTHONPATH"] and protocol.transport.stdinClosed
     protocol.outReceived(b"made a fresh diff.img from base.img (reflink)\n")
     protocol.processEnded(Failure(ProcessDone(0)))
@@ -221,7 +222,7 @@ def test_a_python_that_cannot_run_is_one_line(tmp_path) -> None:
 def hypervisor(tmp_path: Path, reactor, **settings) -> VfkitHypervisor:
     (tmp_path / "vm_sshd_keys").mkdir(exist_ok=True)
     write_disk(tmp_path / "base.img", 2 * MIB, b"the image")
-    config = from_mapping(
+    config = fromMapping(
         {"working-directory": str(tmp_path), "disk-size": "1GiB", "start-timeout": 45,
          **settings}
     )  # fmt: skip
@@ -234,7 +235,7 @@ def test_ephemeral_boots_start_vfkit_only_after_the_fresh_disk(short_tmp) -> Non
     reactor = ProcessReactor()
     spawned = results(hypervisor(short_tmp, reactor, ephemeral=True).spawn())
     ((protocol, _, args, _, _),) = reactor.spawned
-    assert args[2:] == ["virby.freshdisk", str(short_tmp), str(1024 * MIB)]
+    assert args[2:] == ["virby.daemon.freshdisk", str(short_tmp), str(1024 * MIB)]
     assert reactor.getDelayedCalls()[0].getTime() == 45, "bounded by start-timeout"
     write_disk(short_tmp / "diff.img", MIB, b"")  # what the child made
     protocol.processEnded(Failure(ProcessDone(0)))

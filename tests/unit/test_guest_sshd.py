@@ -10,8 +10,8 @@ import resource
 
 from twisted.internet.selectreactor import SelectReactor
 
-from virby.capacity import adjustDescriptorLimit
-from virby.emulator.guest import image_sshd_settings, sshd_config
+from virby.daemon.capacity import adjustDescriptorLimit
+from virby.emulator.guest import imageSshdSettings, sshdConfig
 
 #: What the nix-darwin module asks launchd for (SoftResourceLimits.NumberOfFiles).
 LAUNCHD_SOFT_LIMIT = 4096
@@ -34,7 +34,7 @@ def test_the_guest_sshd_refuses_none_of_the_daemons_connections() -> None:
     sshd's MaxStartups is N, or start:rate:full, where past `start` unauthenticated
     connections are refused at random: within the daemon's cap, none may be.
     """
-    value = str(image_sshd_settings()["MaxStartups"])
+    value = str(imageSshdSettings()["MaxStartups"])
     start, *rest = (int(part) for part in value.split(":"))
     full = rest[-1] if rest else start
     cap = mac_connection_cap()
@@ -43,8 +43,8 @@ def test_the_guest_sshd_refuses_none_of_the_daemons_connections() -> None:
 
 
 def test_the_emulated_guest_takes_the_images_settings_and_no_limit_of_its_own() -> None:
-    lines = sshd_config("/etc-of-guest", "127.0.0.2", 22).splitlines()
-    for key, value in image_sshd_settings().items():
+    lines = sshdConfig("/etc-of-guest", "127.0.0.2", 22).splitlines()
+    for key, value in imageSshdSettings().items():
         rendered = ("yes" if value else "no") if isinstance(value, bool) else str(value)
         assert lines.count(f"{key} {rendered}") == 1
         assert [line for line in lines if line.split()[0] == key] == [f"{key} {rendered}"]

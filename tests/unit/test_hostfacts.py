@@ -15,7 +15,7 @@ from virby.hostfacts import (
     MacRunner,
     PlayedMac,
     ProbeError,
-    default_runner,
+    defaultRunner,
     gather,
 )
 
@@ -54,16 +54,16 @@ INTEL = mac("Intel(R) Core(TM) i9-9880H CPU @ 2.30GHz", "15.2", rosetta=False, a
 
 def test_an_m1_without_rosetta() -> None:
     facts = gather(M1_WITHOUT_ROSETTA)
-    assert (facts.cpu, facts.apple_silicon, facts.macos) == ("Apple M1", True, (15, 1))
-    assert facts.rosetta_installed is False and facts.chip_generation == 1
-    nested = facts.nested_virtualization()
+    assert (facts.cpu, facts.appleSilicon, facts.macos) == ("Apple M1", True, (15, 1))
+    assert facts.rosetta_installed is False and facts.chipGeneration == 1
+    nested = facts.nestedVirtualization()
     assert nested.ok is False and "needs Apple M3 or later, and this Mac has Apple M1" in nested.why
     rosetta = facts.rosetta()
     assert rosetta.ok is False and rosetta.fix == f"run `{INSTALL_ROSETTA}`"
 
 
 def test_an_m3_on_macos_14_cannot_nest_yet() -> None:
-    nested = gather(M3_ON_14).nested_virtualization()
+    nested = gather(M3_ON_14).nestedVirtualization()
     assert nested.ok is False
     assert nested.why == "it needs macOS 15 or later, and this Mac runs macOS 14.6.1"
     assert gather(M3_ON_14).rosetta().ok is True
@@ -71,13 +71,13 @@ def test_an_m3_on_macos_14_cannot_nest_yet() -> None:
 
 def test_an_m4_on_macos_15_does_everything() -> None:
     facts = gather(M4_ON_15)
-    assert facts.nested_virtualization().ok is True and facts.rosetta().ok is True
+    assert facts.nestedVirtualization().ok is True and facts.rosetta().ok is True
 
 
 def test_an_intel_mac() -> None:
     facts = gather(INTEL)
-    assert facts.apple_silicon is False and facts.rosetta_installed is None
-    assert facts.nested_virtualization().ok is False
+    assert facts.appleSilicon is False and facts.rosetta_installed is None
+    assert facts.nestedVirtualization().ok is False
     rosetta = facts.rosetta()
     assert rosetta.ok is False and "needs Apple silicon" in rosetta.why
     assert rosetta.fix == "turn rosetta off"
@@ -111,14 +111,14 @@ def test_rosetta_for_linux_needs_macos_13() -> None:
 
 def test_a_mac_that_cannot_be_read_is_not_guessed() -> None:
     facts = gather(RecordedMac({}, set()))
-    assert facts.cpu is None and facts.apple_silicon is None and facts.macos is None
-    assert facts.nested_virtualization().ok is None
+    assert facts.cpu is None and facts.appleSilicon is None and facts.macos is None
+    assert facts.nestedVirtualization().ok is None
     assert facts.rosetta().ok is None and not facts.rosetta().refused
 
 
 def test_unknown_chip_names_are_not_guessed() -> None:
     facts = gather(mac("Apple Silicon (Virtual)", "15.0", rosetta=True))
-    assert facts.nested_virtualization().ok is None
+    assert facts.nestedVirtualization().ok is None
 
 
 @pytest.mark.parametrize(
@@ -131,18 +131,18 @@ def test_unknown_chip_names_are_not_guessed() -> None:
     ],
 )
 def test_the_played_mac_is_set_by_the_emulators_variables(environment, nested, rosetta) -> None:
-    facts = gather(PlayedMac.from_environment(environment))
-    assert facts.nested_virtualization().ok is nested
+    facts = gather(PlayedMac.fromEnvironment(environment))
+    assert facts.nestedVirtualization().ok is nested
     assert facts.rosetta().ok is rosetta
 
 
 def test_off_a_mac_the_runner_plays_one(monkeypatch) -> None:
     monkeypatch.setattr("sys.platform", "linux")
     monkeypatch.setenv("VIRBY_EMULATOR_CPU", "Apple M1")
-    runner = default_runner()
+    runner = defaultRunner()
     assert isinstance(runner, PlayedMac) and runner.cpu == "Apple M1"
     monkeypatch.setattr("sys.platform", "darwin")
-    assert isinstance(default_runner(), MacRunner)
+    assert isinstance(defaultRunner(), MacRunner)
 
 
 def test_the_mac_runner_runs_commands_and_reports_failures() -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 
-from virby.config import from_mapping
+from virby.config import fromMapping
+from virby.daemon.hypervisor import BootError, HostRefusal, VfkitHypervisor
+from virby.daemon.lifecycle import Lifecycle, VMUnavailable
 from virby.errors import PermanentError
-from virby.hypervisor import BootError, HostRefusal, VfkitHypervisor
-from virby.lifecycle import Lifecycle, VMUnavailable
 from virby.vfkitflags import HostPlan
 
 REFUSAL = (
@@ -18,7 +18,7 @@ REFUSAL = (
 
 
 def refusing(directory) -> VfkitHypervisor:
-    config = from_mapping({"working-directory": str(directory), "rosetta": True})
+    config = fromMapping({"working-directory": str(directory), "rosetta": True})
     return VfkitHypervisor(None, config, "/nonexistent/vfkit", HostPlan(refusal=REFUSAL))
 
 

@@ -16,7 +16,7 @@ def test_generate_makes_an_openssh_ed25519_pair_whose_halves_match() -> None:
     assert pair.private.startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----\n")
     kind, blob, comment = pair.public.split(" ")
     assert (kind, comment) == ("ssh-ed25519", "virby-client")
-    assert keys.public_of_private(pair.private) == f"{kind} {blob}"
+    assert keys.publicOfPrivate(pair.private) == f"{kind} {blob}"
 
 
 def test_every_pair_is_new() -> None:
@@ -25,24 +25,24 @@ def test_every_pair_is_new() -> None:
 
 def test_public_of_private_refuses_what_is_not_a_private_key() -> None:
     with pytest.raises(ValueError):
-        keys.public_of_private(b"not a key")
+        keys.publicOfPrivate(b"not a key")
 
 
 def test_bare_public_drops_comments_and_host_names() -> None:
     pair = keys.generate("some comment")
-    bare = keys.public_of_private(pair.private)
-    assert keys.bare_public(pair.public) == bare
-    assert keys.bare_public(f"virby-vm-key {bare}") == bare
+    bare = keys.publicOfPrivate(pair.private)
+    assert keys.barePublic(pair.public) == bare
+    assert keys.barePublic(f"virby-vm-key {bare}") == bare
 
 
 @pytest.mark.parametrize("line", ["", "virby-vm-key", "ssh-ed25519", "ssh-ed25519 AAAAnotbase64!"])
 def test_bare_public_refuses_lines_without_a_valid_key(line: str) -> None:
     with pytest.raises(ValueError):
-        keys.bare_public(line)
+        keys.barePublic(line)
 
 
 def test_known_hosts_line_pins_the_key_under_the_alias() -> None:
     pair = keys.generate("virby-vm-host")
-    line = keys.known_hosts_line(pair.public)
-    assert line == f"virby-vm-key {keys.public_of_private(pair.private)}\n"
-    assert keys.known_hosts_line(pair.public, alias="other").startswith("other ssh-ed25519 ")
+    line = keys.knownHostsLine(pair.public)
+    assert line == f"virby-vm-key {keys.publicOfPrivate(pair.private)}\n"
+    assert keys.knownHostsLine(pair.public, alias="other").startswith("other ssh-ed25519 ")

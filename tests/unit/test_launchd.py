@@ -10,8 +10,8 @@ import pytest_twisted
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, serverFromString
 from twisted.internet.protocol import Factory, Protocol
 
-import virby.launchd
-from virby.launchd import LaunchdError, LaunchdServerEndpoint
+import virby.daemon.launchd
+from virby.daemon.launchd import LaunchdError, LaunchdServerEndpoint
 
 
 class Hello(Protocol):
@@ -75,11 +75,11 @@ def test_a_misspelt_endpoint_fails_at_start_with_one_line(short_tmp, capsys, des
     from twisted.internet.testing import MemoryReactorClock
 
     from tests.unit.test_daemon import fake_vfkit
-    from virby.config import from_mapping
-    from virby.daemon import makeDaemonService
+    from virby.config import fromMapping
+    from virby.daemon.service import makeDaemonService
 
     (short_tmp / "wd").mkdir()
-    config = from_mapping(
+    config = fromMapping(
         {"working-directory": str(short_tmp / "wd"), "vfkit": fake_vfkit(short_tmp),
          "listen": description}
     )  # fmt: skip
@@ -100,7 +100,9 @@ async def test_every_socket_is_adopted_and_served(monkeypatch) -> None:
     ports = {v4port, v6port}
     fds = [v4.detach(), v6.detach()]
     asked: list[str] = []
-    monkeypatch.setattr(virby.launchd, "activate_socket", lambda name: asked.append(name) or fds)
+    monkeypatch.setattr(
+        virby.daemon.launchd, "activateSocket", lambda name: asked.append(name) or fds
+    )
     endpoint = serverFromString(reactor, "launchd:name=Listener")
     port = await endpoint.listen(Factory.forProtocol(Hello))
     try:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from virby import layout
-from virby.config import ConfigError, from_mapping
+from virby.config import ConfigError, fromMapping
 from virby.layout import WorkingDirectoryError, checkWorkingDirectory
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "working-directory.md"
@@ -51,11 +51,11 @@ def test_a_working_directory_must_leave_room_for_its_longest_socket() -> None:
     room = layout.MAX_UNIX_SOCKET_PATH - len("/control.sock")
     fits = "/" + "w" * (room - 1)
     assert len(fits + "/control.sock") == layout.MAX_UNIX_SOCKET_PATH
-    assert from_mapping({"working-directory": fits}).working_directory == fits
+    assert fromMapping({"working-directory": fits}).working_directory == fits
     too_long = fits + "w"
     assert len(too_long + "/vfkit.sock") <= layout.MAX_UNIX_SOCKET_PATH
     with pytest.raises(ConfigError, match=r"control\.sock"):
-        from_mapping({"working-directory": too_long})
+        fromMapping({"working-directory": too_long})
 
 
 def test_a_missing_directory_is_the_fix_prepare_gives(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from virby.leases import Lease, LeaseFile, LeaseFileError, newest_ip, normalize_mac, parse_leases
+from virby.leases import Lease, LeaseFile, LeaseFileError, newestIp, normalizeMac, parseLeases
 
 MAC = "52:54:00:12:03:0a"
 
@@ -41,34 +41,34 @@ SAMPLE = """{
     [("52:54:0:12:3:a", MAC), ("52:54:00:12:03:0A", MAC), ("2:0:0:0:0:1", "02:00:00:00:00:01")],
 )
 def test_normalize_mac(text, mac) -> None:
-    assert normalize_mac(text) == mac
+    assert normalizeMac(text) == mac
 
 
 @pytest.mark.parametrize("text", ["", "52:54:00:12:03", "52:54:00:12:03:0g", "123:0:0:0:0:1"])
 def test_not_a_mac(text) -> None:
-    assert normalize_mac(text) is None
+    assert normalizeMac(text) is None
 
 
 def test_parse_sample() -> None:
-    leases = parse_leases(SAMPLE)
+    leases = parseLeases(SAMPLE)
     assert leases[0] == Lease("192.168.64.9", MAC, 0x6903C800, "virby-vm", "1,52:54:0:12:3:a")
-    assert leases[1].hw_address is None and leases[1].is_duid, "a DUID is not a MAC"
-    assert newest_ip(leases, MAC) == "192.168.64.9"
+    assert leases[1].hw_address is None and leases[1].isDuid, "a DUID is not a MAC"
+    assert newestIp(leases, MAC) == "192.168.64.9"
 
 
 def test_newest_by_expiry_not_position() -> None:
     reordered = SAMPLE.replace("0x6903c800", "0x6903c700")
-    assert newest_ip(parse_leases(reordered), MAC) == "192.168.64.7"
+    assert newestIp(parseLeases(reordered), MAC) == "192.168.64.7"
 
 
 def test_ties_go_to_the_first_entry() -> None:
     same = SAMPLE.replace("0x6903c794", "0x6903c800")
-    assert newest_ip(parse_leases(same), MAC) == "192.168.64.9"
+    assert newestIp(parseLeases(same), MAC) == "192.168.64.9"
 
 
 def test_truncated_last_block_still_counts() -> None:
     text = "{\n\tip_address=192.168.64.3\n\thw_address=1,52:54:0:12:3:a\n\tlease=0x10"
-    assert newest_ip(parse_leases(text), MAC) == "192.168.64.3"
+    assert newestIp(parseLeases(text), MAC) == "192.168.64.3"
 
 
 def test_crlf_blank_lines_unknown_keys_and_bad_addresses() -> None:
@@ -77,19 +77,19 @@ def test_crlf_blank_lines_unknown_keys_and_bad_addresses() -> None:
         "{\r\n colour=blue\r\n ip_address=192.168.64.4\r\n hw_address=1,52:54:0:12:3:a\r\n"
         " lease=garbage\r\n}\r\n"
     )
-    leases = parse_leases(text)
+    leases = parseLeases(text)
     assert [lease.ip_address for lease in leases] == ["192.168.64.4"]
     assert leases[0].lease == 0
 
 
 def test_a_duid_lease_never_matches() -> None:
     text = "{\n ip_address=192.168.64.5\n hw_address=ff,52:54:0:12:3:a\n lease=0x1\n}\n"
-    assert newest_ip(parse_leases(text), MAC) is None
+    assert newestIp(parseLeases(text), MAC) is None
 
 
 @given(st.text())
 def test_any_text_parses(text: str) -> None:
-    for lease in parse_leases(text):
+    for lease in parseLeases(text):
         assert isinstance(lease, Lease)
 
 
@@ -119,8 +119,8 @@ block_lines = st.lists(
 
 @given(block_lines)
 def test_near_valid_files_parse(lines: list[str]) -> None:
-    leases = parse_leases("\n".join(lines))
-    newest_ip(leases, MAC)
+    leases = parseLeases("\n".join(lines))
+    newestIp(leases, MAC)
 
 
 def test_lease_file_missing_means_no_lease_yet(tmp_path) -> None:
@@ -135,8 +135,8 @@ def test_lease_file_rereads_only_when_changed(tmp_path, monkeypatch) -> None:
     parsed = []
     import virby.leases
 
-    real = virby.leases.parse_leases
-    monkeypatch.setattr(virby.leases, "parse_leases", lambda t: parsed.append(t) or real(t))
+    real = virby.leases.parseLeases
+    monkeypatch.setattr(virby.leases, "parseLeases", lambda t: parsed.append(t) or real(t))
     assert leases.lookup(MAC) == "192.168.64.9"
     assert parsed == [], "unchanged file is not parsed again"
     path.write_text(SAMPLE.replace("192.168.64.9", "192.168.64.10"))

@@ -23,9 +23,8 @@ from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs, globalLogPublisher
 from twisted.python.failure import Failure
 
-from virby import lifecycle as lifecycle_module
-from virby.errors import PermanentError, VirbyError
-from virby.lifecycle import (
+from virby.daemon import lifecycle as lifecycle_module
+from virby.daemon.lifecycle import (
     RULES,
     Event,
     IllegalTransition,
@@ -39,6 +38,7 @@ from virby.lifecycle import (
     on,
     table,
 )
+from virby.errors import PermanentError, VirbyError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -704,7 +704,7 @@ def test_a_handler_that_moves_off_its_cell_fails_loudly(monkeypatch) -> None:
     lifecycle, hypervisor, _ = make(onDemand=False)
     start = dict(RULES)
     start[Event.START] = (on("_startAlwaysOn"), *RULES[Event.START][1:])
-    monkeypatch.setattr("virby.lifecycle.RULES", start)
+    monkeypatch.setattr("virby.daemon.lifecycle.RULES", start)
     failures = failuresLogged(lifecycle.start)
     assert len(failures) == 1 and failures[0].check(IllegalTransition)
     assert str(failures[0].value) == "start may not move stopped -> booting"

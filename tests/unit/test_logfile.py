@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from twisted.internet.task import Clock
 
+from virby.daemon.logfile import CHECK_INTERVAL, LOG_MODE, LogFile, openedPath
 from virby.layout import DAEMON_UMASK
-from virby.logfile import CHECK_INTERVAL, LOG_MODE, LogFile, openedPath
 
 
 def descriptor(path: Path) -> int:
@@ -153,7 +153,7 @@ def test_without_a_file_there_is_nothing_to_reopen(logged) -> None:
 def test_stdout_and_stderr_are_both_moved_only_when_they_share_the_file(tmp_path: Path) -> None:
     """As launchd opens them: StandardOutPath and StandardErrorPath are the same file."""
     program = (
-        "from virby.logfile import LogFile; f = LogFile.ofStandardStreams(); "
+        "from virby.daemon.logfile import LogFile; f = LogFile.ofStandardStreams(); "
         "print(f.path, [fd for fd, _ in f.descriptors])"
     )
     log, other = tmp_path / "virbyd.log", tmp_path / "other.log"

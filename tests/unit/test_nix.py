@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from virby.config import ConfigError, from_mapping, parse_size
+from virby.config import ConfigError, fromMapping, parseSize
 from virby.layout import SHARED_CLIENT_KEY
-from virby.sshconfig import ssh_config_block
+from virby.sshconfig import sshConfigBlock
 from virby.vfkitflags import TIMESYNC_VSOCK_PORT
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -75,7 +75,7 @@ def test_memory_refused_with_a_message(value: str, words: str) -> None:
 )  # fmt: skip
 def test_sizes_agree_with_python(text: str) -> None:
     try:
-        expected: int | None = parse_size(text)
+        expected: int | None = parseSize(text)
     except ValueError:
         expected = None
     assert evaluate(f"(import ./nix/lib/size.nix).bytes {json.dumps(text)}") == expected
@@ -108,7 +108,7 @@ def daemon_config(**changes: object) -> dict:
 
 def test_default_options_give_the_daemons_defaults() -> None:
     document = daemon_config()
-    config = from_mapping(document)
+    config = fromMapping(document)
     assert config.memory == 6144 and config.ttl == 10800 and config.port == 31222
     assert config.listen == "launchd:name=Listener" and not config.on_demand
     assert config.image == "/nix/store/0000-image/nixos.img"
@@ -130,7 +130,7 @@ def test_default_options_give_the_daemons_defaults() -> None:
     ],
 )  # fmt: skip
 def test_option_sets_load_in_the_python_loader(changes: dict, checks: dict) -> None:
-    config = from_mapping(daemon_config(**changes))
+    config = fromMapping(daemon_config(**changes))
     for name, value in checks.items():
         assert getattr(config, name) == value
 
@@ -141,19 +141,19 @@ def test_a_bad_shared_directory_is_refused_by_the_module_as_by_the_loader() -> N
     ):
         daemon_config(sharedDirectories={"src": "relative/path"})
     with pytest.raises(ConfigError, match="shared-dirs"):
-        from_mapping({"shared-dirs": {"src": "relative/path"}})
+        fromMapping({"shared-dirs": {"src": "relative/path"}})
 
 
 @pytest.mark.parametrize("port", [31222, 40000])
 def test_ssh_block_matches_virby_prepare(port: int) -> None:
     text = evaluate(f"import ./nix/lib/ssh-config.nix {{ port = {port}; }}")
-    assert text == ssh_config_block(from_mapping({"port": port}))
+    assert text == sshConfigBlock(fromMapping({"port": port}))
 
 
 def test_ssh_block_names_the_readable_key_when_users_may_ssh() -> None:
     text = evaluate("import ./nix/lib/ssh-config.nix { port = 31222; allowUserSsh = true; }")
-    config = from_mapping({"allow-user-ssh": True})
-    assert text == ssh_config_block(config, identity_file=config.path(SHARED_CLIENT_KEY))
+    config = fromMapping({"allow-user-ssh": True})
+    assert text == sshConfigBlock(config, identityFile=config.path(SHARED_CLIENT_KEY))
 
 
 # The image cannot be evaluated here (no NixOS modules), so what it must say is checked as

@@ -21,7 +21,7 @@ import pytest
 
 from tests.darwin_harness import ROOT, Pair, evaluate
 from virby import layout
-from virby.config import ConfigError, from_mapping
+from virby.config import ConfigError, fromMapping
 
 pytestmark = [
     pytest.mark.repository,
@@ -38,7 +38,7 @@ TIB = 1024 * GIB
 def takes(key: str, value: object) -> bool:
     """Whether the daemon's loader takes C{value} for C{key}."""
     try:
-        from_mapping({key: value})
+        fromMapping({key: value})
     except ConfigError:
         return False
     return True
@@ -211,7 +211,7 @@ def test_the_daemons_config_from_the_options_loads_at_each_bound() -> None:
             f'{data.name}); image = "/nix/store/0000-image/nixos.img"; '
             'vfkit = "/nix/store/0000-vfkit/bin/vfkit"; }'
         )
-    config = from_mapping(document)
+    config = fromMapping(document)
     assert config.ttl == 365 * 24 * 3600 and config.disk_size == 64 * TIB
 
 

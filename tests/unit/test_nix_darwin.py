@@ -25,12 +25,12 @@ import pytest
 from twisted.internet.selectreactor import SelectReactor
 
 from tests.darwin_harness import HARNESS, ROOT, Pair, arguments, determinate, evaluate
-from virby.capacity import SELECT_CEILING, adjustDescriptorLimit
 from virby.cli import INSTALLED_CONFIG
-from virby.config import from_mapping
-from virby.controlclient import DAEMON_LOG
+from virby.cli.client import DAEMON_LOG
+from virby.config import fromMapping
+from virby.daemon.capacity import SELECT_CEILING, adjustDescriptorLimit
 from virby.layout import CLIENT_KEY, SHARED_CLIENT_KEY
-from virby.sshconfig import ssh_config_block
+from virby.sshconfig import sshConfigBlock
 
 ENABLED = {"enable": True}
 
@@ -290,16 +290,16 @@ def test_nix_disabled_without_determinate_warns(results: dict) -> None:
 @pytest.mark.parametrize("case", ["default", "allow-user-ssh"])
 def test_the_ssh_config_as_installed_in_etc(results: dict, case: str) -> None:
     got = result(results, case)
-    config = from_mapping(got["settings"])
+    config = fromMapping(got["settings"])
     key = SHARED_CLIENT_KEY if case == "allow-user-ssh" else CLIENT_KEY
-    expected = ssh_config_block(config, identity_file=config.path(key))
+    expected = sshConfigBlock(config, identityFile=config.path(key))
     assert got["sshConfig"] == expected
 
 
 @pytest.mark.parametrize("case", RUNS_VIRBY)
 def test_the_daemon_config_loads_in_the_python_loader(results: dict, case: str) -> None:
     got = result(results, case)
-    config = from_mapping(got["settings"])
+    config = fromMapping(got["settings"])
     assert config.memory == 6144
     assert config.image == got["image"]["path"] + "/nixos.img"
     assert config.on_demand is virby(case).get("onDemand", {}).get("enable", False)
@@ -356,7 +356,7 @@ def test_newsyslog_rotates_the_daemons_log_without_a_signal(results: dict) -> No
     """
     newsyslog.conf(5): logfile owner:group mode count size when flags pid_file.  The file is
     launchd's StandardOutPath, the new file is _virby's, and no process is signalled (the
-    daemon notices the rotation itself: virby/logfile.py), so no pid file is named.
+    daemon notices the rotation itself: virby/daemon/logfile.py), so no pid file is named.
     """
     got = result(results, "default")
     (line,) = [ln for ln in got["newsyslog"].splitlines() if ln and not ln.startswith("#")]

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.darwin_harness import ROOT, Pair
-from virby.emulator.guest import IMAGE_SSHD_SETTINGS, image_sshd_settings
+from virby.emulator.guest import IMAGE_SSHD_SETTINGS, imageSshdSettings
 
 HARNESS = ROOT / "nix" / "tests" / "image.nix"
 KEYS_MOUNT = "/run/virby-sshd-keys"
@@ -70,7 +70,7 @@ def test_an_older_sshd_module_gets_its_keygen_unit_masked(pair: Pair) -> None:
 def test_the_guest_sshd_takes_the_shared_settings(configured: dict) -> None:
     """The settings the emulated guest takes too, and root may not log in to the VM."""
     shared = json.loads((ROOT / "virby" / IMAGE_SSHD_SETTINGS).read_text())
-    assert shared == image_sshd_settings()
+    assert shared == imageSshdSettings()
     assert configured["sshd"]["settings"] == {**shared, "PermitRootLogin": "no"}
 
 

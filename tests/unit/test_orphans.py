@@ -10,7 +10,14 @@ import pytest_twisted
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from virby.orphans import OrphanError, command_line, is_alive, is_our_vfkit, read_pid, stop_orphan
+from virby.daemon.orphans import (
+    OrphanError,
+    commandLine,
+    isAlive,
+    isOurVfkit,
+    readPid,
+    stopOrphan,
+)
 
 WD = "/var/lib/virby"
 OURS = (
@@ -42,29 +49,29 @@ OURS = (
     ],
 )  # fmt: skip
 def test_our_vfkit_is_known_by_its_socket_and_disk(command, expected) -> None:
-    assert is_our_vfkit(command, WD) is expected
+    assert isOurVfkit(command, WD) is expected
 
 
 def test_paths_with_spaces_and_regex_characters(tmp_path) -> None:
     wd = "/Volumes/My Disk/virby (1)+"
     command = f"vfkit --device virtio-blk,path={wd}/diff.img --restful-uri unix://{wd}/vfkit.sock"
-    assert is_our_vfkit(command, wd)
-    assert not is_our_vfkit(command, "/Volumes/My Disk/virby (1)")
+    assert isOurVfkit(command, wd)
+    assert not isOurVfkit(command, "/Volumes/My Disk/virby (1)")
 
 
 def test_read_pid(tmp_path) -> None:
     path = tmp_path / "vfkit.pid"
-    assert read_pid(str(path)) is None
+    assert readPid(str(path)) is None
     path.write_text("123")
-    assert read_pid(str(path)) == 123
+    assert readPid(str(path)) == 123
     for junk in ("12x", "", "99999999999999999999", "-5"):
         path.write_text(junk)
-        assert read_pid(str(path)) is None
+        assert readPid(str(path)) is None
 
 
 def test_is_alive() -> None:
-    assert is_alive(os.getpid())
-    assert not is_alive(2**22 + 12345)
+    assert isAlive(os.getpid())
+    assert not isAlive(2**22 + 12345)
 
 
 @pytest.mark.linux
@@ -72,9 +79,9 @@ def test_is_alive() -> None:
 async def test_command_line_reads_the_process_arguments() -> None:
     from twisted.internet import reactor
 
-    command = await command_line(reactor, os.getpid())
+    command = await commandLine(reactor, os.getpid())
     assert command is not None and "pytest" in command
-    assert await command_line(reactor, 2**22 + 12345) is None
+    assert await commandLine(reactor, 2**22 + 12345) is None
 
 
 class World:
@@ -102,7 +109,7 @@ class World:
 def run(tmp_path, world: World) -> list:
     (tmp_path / "vfkit.pid").write_text("4242")
     d = Deferred.fromCoroutine(
-        stop_orphan(world.clock, str(tmp_path), alive=world.alive, kill=world.kill, argv=world.argv)
+        stopOrphan(world.clock, str(tmp_path), alive=world.alive, kill=world.kill, argv=world.argv)
     )
     box: list = []
     d.addBoth(box.append)
@@ -189,7 +196,7 @@ async def test_command_line_through_ps_as_on_macos(monkeypatch, short_tmp) -> No
     """
     from twisted.internet import reactor
 
-    import virby.orphans
+    import virby.daemon.orphans
 
     ps = short_tmp / "ps"
     ps.write_text(
@@ -198,7 +205,7 @@ async def test_command_line_through_ps_as_on_macos(monkeypatch, short_tmp) -> No
         "echo '/usr/bin/vfkit --cpus 2 --restful-uri unix:///var/lib/virby/vfkit.sock'\n"
     )
     ps.chmod(0o755)
-    monkeypatch.setattr(virby.orphans, "PS", str(ps))
-    command = await command_line(reactor, 4242, proc=None)
+    monkeypatch.setattr(virby.daemon.orphans, "PS", str(ps))
+    command = await commandLine(reactor, 4242, proc=None)
     assert command == "/usr/bin/vfkit --cpus 2 --restful-uri unix:///var/lib/virby/vfkit.sock"
-    assert await command_line(reactor, 2**22 + 12345, proc=None) is None
+    assert await commandLine(reactor, 2**22 + 12345, proc=None) is None

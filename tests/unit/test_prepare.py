@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from tests.played_user import PlayedUser
-from virby import cli, disk, keys, prepare, shares
+from virby import cli, disk, keys, shares
+from virby.cli import prepare
 from virby.config import MIB, Config
 from virby.errors import VirbyError
 
@@ -70,8 +71,8 @@ def assert_consistent(config: Config, image: Path) -> None:
     assert (wd / "base.img").read_bytes() == content
     diff = (wd / "diff.img").read_bytes()
     assert diff[: len(content)] == content and len(diff) == max(len(content), config.disk_size)
-    assert prepare.keys_consistent(config)
-    assert prepare.recorded_image(config) == str(image)
+    assert prepare.keysConsistent(config)
+    assert prepare.recordedImage(config) == str(image)
     leftovers = [p.name for p in wd.rglob("*") if p.name.endswith(disk.TEMP_SUFFIX)]
     assert leftovers == []
 
@@ -111,12 +112,12 @@ def test_first_run_ignores_the_umask(config: Config) -> None:
 def test_the_keys_belong_together(config: Config) -> None:
     prepare.prepare(config)
     wd = Path(config.working_directory)
-    host = keys.public_of_private((wd / "vm_sshd_keys/ssh_host_ed25519_key").read_bytes())
-    client = keys.public_of_private((wd / "ssh_user_ed25519_key").read_bytes())
+    host = keys.publicOfPrivate((wd / "vm_sshd_keys/ssh_host_ed25519_key").read_bytes())
+    client = keys.publicOfPrivate((wd / "ssh_user_ed25519_key").read_bytes())
     assert host != client
     assert (wd / "ssh_known_hosts").read_text() == f"virby-vm-key {host}\n"
-    assert keys.bare_public((wd / "ssh_host_ed25519_key.pub").read_text()) == host
-    assert keys.bare_public((wd / "vm_sshd_keys/ssh_user_ed25519_key.pub").read_text()) == client
+    assert keys.barePublic((wd / "ssh_host_ed25519_key.pub").read_text()) == host
+    assert keys.barePublic((wd / "vm_sshd_keys/ssh_user_ed25519_key.pub").read_text()) == client
 
 
 def test_a_second_run_changes_nothing(config: Config) -> None:
@@ -198,7 +199,7 @@ def test_ephemeral_makes_base_img_and_the_keys_but_no_diff_img(config: Config, i
     wd = Path(config.working_directory)
     assert layout(wd) == {name: mode for name, mode in EXPECTED.items() if name != "diff.img"}
     assert (wd / "base.img").read_bytes() == image.read_bytes()
-    assert prepare.keys_consistent(ephemeral)
+    assert prepare.keysConsistent(ephemeral)
     before = snapshot(wd)
     prepare.prepare(ephemeral)
     assert snapshot(wd) == before, "a second run changes nothing"
@@ -252,10 +253,10 @@ def test_a_missing_key_file_makes_a_whole_new_set_and_keeps_the_disk(config, ima
 def test_a_mixed_set_of_keys_is_replaced(config: Config) -> None:
     prepare.prepare(config)
     wd = Path(config.working_directory)
-    (wd / "ssh_known_hosts").write_text(keys.known_hosts_line(keys.generate("x").public))
-    assert not prepare.keys_consistent(config)
+    (wd / "ssh_known_hosts").write_text(keys.knownHostsLine(keys.generate("x").public))
+    assert not prepare.keysConsistent(config)
     prepare.prepare(config)
-    assert prepare.keys_consistent(config)
+    assert prepare.keysConsistent(config)
 
 
 def test_allow_user_ssh_keeps_a_readable_copy_and_removes_it_when_off(config: Config) -> None:
@@ -288,8 +289,8 @@ def test_modes_that_drifted_are_set_again(config: Config) -> None:
 def test_leftovers_of_an_interrupted_run_are_removed(config: Config, image) -> None:
     prepare.prepare(config)
     wd = Path(config.working_directory)
-    Path(disk.temporary_name(str(wd / "base.img"))).write_bytes(b"half a copy")
-    Path(disk.temporary_name(str(wd / "vm_sshd_keys/ssh_host_ed25519_key"))).write_bytes(b"")
+    Path(disk.temporaryName(str(wd / "base.img"))).write_bytes(b"half a copy")
+    Path(disk.temporaryName(str(wd / "vm_sshd_keys/ssh_host_ed25519_key"))).write_bytes(b"")
     prepare.prepare(config)
     assert layout(wd) == EXPECTED
     assert_consistent(config, image)
@@ -394,15 +395,15 @@ def test_a_failure_on_disk_is_one_line(config: Config, monkeypatch) -> None:
     def full(*args):
         raise OSError(28, "No space left on device", "/wd/.base.img.x.virby-tmp")
 
-    monkeypatch.setattr(disk, "_sparse_copy", full)
-    monkeypatch.setattr(disk, "platform_clone", lambda: None)
+    monkeypatch.setattr(disk, "_sparseCopy", full)
+    monkeypatch.setattr(disk, "platformClone", lambda: None)
     assert "No space left on device" in refused(config)
     assert not [p for p in Path(config.working_directory).iterdir() if p.is_file()]
 
 
 def test_owner_resolves_names_numbers_and_the_default_group() -> None:
-    assert prepare.parse_owner("root") == prepare.Owner(0, 0)
-    assert prepare.parse_owner("0:0") == prepare.Owner(0, 0)
+    assert prepare.parseOwner("root") == prepare.Owner(0, 0)
+    assert prepare.parseOwner("0:0") == prepare.Owner(0, 0)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root can give files away")

@@ -6,12 +6,12 @@ import subprocess
 import sys
 
 from virby.config import Config
-from virby.sshconfig import ssh_config_block
+from virby.sshconfig import sshConfigBlock
 
 
 def test_the_block_is_exactly_what_the_module_installs() -> None:
     config = Config(working_directory="/var/lib/virby", port=31222)
-    assert ssh_config_block(config) == (
+    assert sshConfigBlock(config) == (
         "Host virby-vm\n"
         "  HostName 127.0.0.1\n"
         "  Port 31222\n"
@@ -26,24 +26,24 @@ def test_the_block_is_exactly_what_the_module_installs() -> None:
 
 def test_the_identity_file_can_be_chosen() -> None:
     config = Config(working_directory="/w")
-    block = ssh_config_block(config, identity_file="/w/ssh_user_ed25519_key.shared")
+    block = sshConfigBlock(config, identityFile="/w/ssh_user_ed25519_key.shared")
     assert "  IdentityFile /w/ssh_user_ed25519_key.shared\n" in block
 
 
 def test_paths_with_spaces_are_quoted() -> None:
-    block = ssh_config_block(Config(working_directory="/Volumes/My Disk/virby"))
+    block = sshConfigBlock(Config(working_directory="/Volumes/My Disk/virby"))
     assert '  IdentityFile "/Volumes/My Disk/virby/ssh_user_ed25519_key"\n' in block
     assert '  UserKnownHostsFile "/Volumes/My Disk/virby/ssh_known_hosts"\n' in block
 
 
 def test_no_connect_timeout_cuts_a_cold_boot_short() -> None:
-    assert "ConnectTimeout" not in ssh_config_block(Config())
+    assert "ConnectTimeout" not in sshConfigBlock(Config())
 
 
 def test_the_port_is_the_one_the_daemon_listens_on() -> None:
     config = Config(port=31222, listen="tcp:40000:interface=127.0.0.1")
-    assert "  Port 40000\n" in ssh_config_block(config)
-    assert "  Port 31222\n" in ssh_config_block(Config(port=31222))
+    assert "  Port 40000\n" in sshConfigBlock(config)
+    assert "  Port 31222\n" in sshConfigBlock(Config(port=31222))
 
 
 def test_print_ssh_config_follows_a_listen_flag(short_tmp) -> None:

@@ -14,9 +14,9 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 
-from virby.lifecycle import Lifecycle, VMUnavailable
-from virby.proxy import MAX_HELD, ProxyFactory, is_loopback
-from virby.readiness import ReadyGuest
+from virby.daemon.lifecycle import Lifecycle, VMUnavailable
+from virby.daemon.proxy import MAX_HELD, ProxyFactory, isLoopback
+from virby.daemon.readiness import ReadyGuest
 
 
 class Transport(StringTransport):
@@ -99,7 +99,7 @@ def hang_up(inbound, transport) -> None:
     ],
 )
 def test_loopback_only(address, allowed) -> None:
-    assert is_loopback(address) is allowed
+    assert isLoopback(address) is allowed
     factory = ProxyFactory(MemoryReactorClock(), Backend())
     assert (factory.buildProtocol(address) is not None) is allowed
 

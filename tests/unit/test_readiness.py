@@ -8,17 +8,17 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
-from virby.leases import LeaseFileError
-from virby.readiness import (
+from virby.daemon.readiness import (
     FAST_PROBING,
     LATE_PROBE_INTERVAL,
     PROBE_INTERVAL,
     BootTimeout,
     ProbeError,
     ReadyGuest,
-    probe_banner,
-    wait_for_guest,
+    probeBanner,
+    waitForGuest,
 )
+from virby.leases import LeaseFileError
 
 
 def results(d) -> list:
@@ -43,7 +43,7 @@ def refuse(reactor: MemoryReactorClock, index: int = -1) -> None:
 
 def test_banner_after_preamble_lines_and_the_connection_is_kept() -> None:
     reactor = MemoryReactorClock()
-    got = results(probe_banner(reactor, "192.168.64.2", 22, 2))
+    got = results(probeBanner(reactor, "192.168.64.2", 22, 2))
     assert reactor.tcpClients[0][:2] == ("192.168.64.2", 22)
     protocol, transport = connect(reactor)
     protocol.dataReceived(b"hello there\r\nSSH-2.0-Open")
@@ -59,7 +59,7 @@ def test_banner_after_preamble_lines_and_the_connection_is_kept() -> None:
 
 def test_not_ssh() -> None:
     reactor = MemoryReactorClock()
-    got = results(probe_banner(reactor, "h", 22, 2))
+    got = results(probeBanner(reactor, "h", 22, 2))
     protocol, _ = connect(reactor)
     protocol.dataReceived(b"HTTP/1.1 400 Bad Request\r\n" + b"x" * 2000)
     assert got[0].check(ProbeError)
@@ -67,7 +67,7 @@ def test_not_ssh() -> None:
 
 def test_closed_before_banner() -> None:
     reactor = MemoryReactorClock()
-    got = results(probe_banner(reactor, "h", 22, 2))
+    got = results(probeBanner(reactor, "h", 22, 2))
     protocol, _ = connect(reactor)
     protocol.connectionLost(None)
     assert got[0].check(ProbeError)
@@ -75,7 +75,7 @@ def test_closed_before_banner() -> None:
 
 def test_probe_times_out() -> None:
     reactor = MemoryReactorClock()
-    got = results(probe_banner(reactor, "h", 22, 2))
+    got = results(probeBanner(reactor, "h", 22, 2))
     connect(reactor)
     reactor.advance(2)
     assert got[0].check(Exception)
@@ -102,7 +102,7 @@ class Leases:
 def test_waits_for_a_lease_then_a_banner() -> None:
     reactor = MemoryReactorClock()
     leases = Leases()
-    got = results(wait_for_guest(reactor, leases, 22, timeout=30, interval=0.25))
+    got = results(waitForGuest(reactor, leases, 22, timeout=30, interval=0.25))
     for _ in range(4):
         reactor.advance(0.25)
     assert reactor.tcpClients == [] and leases.calls == 5
@@ -132,7 +132,7 @@ def test_once_the_guest_refuses_probes_are_retried_soon_and_only_then() -> None:
     reactor = MemoryReactorClock()
     leases = Leases()
     leases.ip = "192.168.64.5"
-    wait_for_guest(reactor, leases, 22, timeout=30, interval=0.25)
+    waitForGuest(reactor, leases, 22, timeout=30, interval=0.25)
     for attempt in range(1, 4):
         assert len(reactor.tcpClients) == attempt
         refuse(reactor)
@@ -147,7 +147,7 @@ def test_fast_probing_lasts_a_while_after_the_first_refusal() -> None:
     reactor = MemoryReactorClock()
     leases = Leases()
     leases.ip = "192.168.64.5"
-    wait_for_guest(reactor, leases, 22, timeout=600, interval=0.25)
+    waitForGuest(reactor, leases, 22, timeout=600, interval=0.25)
     refuse(reactor)
     reactor.advance(FAST_PROBING)
     refuse(reactor)
@@ -159,7 +159,7 @@ def test_a_probe_that_gets_no_answer_is_retried_at_the_lease_interval() -> None:
     reactor = MemoryReactorClock()
     leases = Leases()
     leases.ip = "192.168.64.5"
-    wait_for_guest(reactor, leases, 22, timeout=600, interval=0.25, probe_timeout=2)
+    waitForGuest(reactor, leases, 22, timeout=600, interval=0.25, probeTimeout=2)
     connect(reactor)
     reactor.advance(2)
     assert len(reactor.tcpClients) == 1
@@ -170,7 +170,7 @@ def test_a_fresh_lease_replaces_a_stale_one() -> None:
     reactor = MemoryReactorClock()
     leases = Leases()
     leases.ip = "192.168.64.5"
-    got = results(wait_for_guest(reactor, leases, 22, timeout=30))
+    got = results(waitForGuest(reactor, leases, 22, timeout=30))
     refuse(reactor)
     leases.ip = "192.168.64.6"
     reactor.advance(0.25)
@@ -182,7 +182,7 @@ def test_a_fresh_lease_replaces_a_stale_one() -> None:
 
 def test_no_lease_timeout_says_so() -> None:
     reactor = MemoryReactorClock()
-    got = results(wait_for_guest(reactor, Leases(), 22, timeout=10, what="MAC 02:00:00:00:00:01"))
+    got = results(waitForGuest(reactor, Leases(), 22, timeout=10, what="MAC 02:00:00:00:00:01"))
     reactor.advance(10)
     error = got[0].value
     assert isinstance(error, BootTimeout) and error.reason == "no-lease"
@@ -194,7 +194,7 @@ def test_no_ssh_timeout_names_the_address_and_last_error() -> None:
     reactor = MemoryReactorClock()
     leases = Leases()
     leases.ip = "192.168.64.9"
-    got = results(wait_for_guest(reactor, leases, 2222, timeout=5))
+    got = results(waitForGuest(reactor, leases, 2222, timeout=5))
     refuse(reactor)
     reactor.advance(5)
     error = got[0].value
@@ -207,7 +207,7 @@ def test_an_unreadable_lease_file_fails_at_once() -> None:
     reactor = MemoryReactorClock()
     leases = Leases()
     leases.error = LeaseFileError("cannot read the lease file /x")
-    got = results(wait_for_guest(reactor, leases, 22, timeout=30))
+    got = results(waitForGuest(reactor, leases, 22, timeout=30))
     assert got[0].check(LeaseFileError)
     assert not [c for c in reactor.getDelayedCalls() if c.active()]
 
@@ -216,7 +216,7 @@ def test_cancel_stops_everything() -> None:
     reactor = MemoryReactorClock()
     leases = Leases()
     leases.ip = "192.168.64.5"
-    waiting = wait_for_guest(reactor, leases, 22, timeout=30)
+    waiting = waitForGuest(reactor, leases, 22, timeout=30)
     got = results(waiting)
     connect(reactor)
     waiting.cancel()
@@ -230,7 +230,7 @@ def test_cancel_stops_everything() -> None:
 @pytest.mark.parametrize("banner", [b"SSH-1.99-old\n", b"SSH-2.0-x\r\n"])
 def test_banner_versions(banner) -> None:
     reactor = MemoryReactorClock()
-    got = results(probe_banner(reactor, "h", 22, 2))
+    got = results(probeBanner(reactor, "h", 22, 2))
     protocol, _ = connect(reactor)
     protocol.dataReceived(banner)
     assert got[0].banner == banner.rstrip(b"\r\n").decode()
@@ -238,7 +238,7 @@ def test_banner_versions(banner) -> None:
 
 def test_a_ready_guest_lends_its_connection_once_and_closes_it_if_unclaimed() -> None:
     reactor = MemoryReactorClock()
-    got = results(probe_banner(reactor, "h", 22, 2))
+    got = results(probeBanner(reactor, "h", 22, 2))
     protocol, transport = connect(reactor)
     protocol.dataReceived(b"SSH-2.0-x\r\n")
     ready = ReadyGuest("h", 22, got[0])
@@ -252,7 +252,7 @@ def test_a_ready_guest_lends_its_connection_once_and_closes_it_if_unclaimed() ->
 
 def test_a_spare_lost_before_it_is_claimed_is_not_lent() -> None:
     reactor = MemoryReactorClock()
-    got = results(probe_banner(reactor, "h", 22, 2))
+    got = results(probeBanner(reactor, "h", 22, 2))
     protocol, _ = connect(reactor)
     protocol.dataReceived(b"SSH-2.0-x\r\n")
     protocol.connectionLost(None)
@@ -263,7 +263,7 @@ def test_attach_hands_the_transport_to_another_protocol() -> None:
     from twisted.internet.protocol import Protocol
 
     reactor = MemoryReactorClock()
-    got = results(probe_banner(reactor, "h", 22, 2))
+    got = results(probeBanner(reactor, "h", 22, 2))
     protocol, transport = connect(reactor)
     transport.protocol = protocol
     protocol.dataReceived(b"SSH-2.0-x\r\n")

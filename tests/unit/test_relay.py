@@ -18,8 +18,8 @@ from collections.abc import Callable, Iterator
 import pytest
 from twisted.internet.testing import MemoryReactorClock
 
-from virby import relay
-from virby.relay import CHUNK, PIPE_SIZE, PipePool, Relay
+from virby.daemon import relay
+from virby.daemon.relay import CHUNK, PIPE_SIZE, PipePool, Relay
 
 #: splice(2) is Linux's: its tests are deselected where the package is checked on a Mac.
 PATHS = [pytest.param("splice", marks=pytest.mark.linux), "portable"]

@@ -11,7 +11,7 @@ import pytest_twisted
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from virby.rest import (
+from virby.daemon.rest import (
     RestDropped,
     RestError,
     RestRefused,
@@ -124,7 +124,10 @@ async def test_a_connection_closed_without_an_answer_is_dropped(server) -> None:
 
 def test_an_idle_daemon_has_not_imported_the_http_client() -> None:
     """twisted.web.client costs about 1 MiB for the daemon's life: it comes with a request."""
-    program = "import sys, virby.tap, virby.daemon; print('twisted.web.client' in sys.modules)"
+    program = (
+        "import sys, virby.daemon.tap, virby.daemon.service; "
+        "print('twisted.web.client' in sys.modules)"
+    )
     result = subprocess.run(
         [sys.executable, "-c", program], capture_output=True, text=True, timeout=60, check=True
     )

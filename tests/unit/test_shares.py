@@ -51,10 +51,10 @@ def test_a_link_into_a_protected_folder_is_protected(tmp_path: Path) -> None:
 def test_the_folders_above_include_those_a_link_leads_through(tmp_path: Path) -> None:
     (tmp_path / "real" / "deep").mkdir(parents=True)
     (tmp_path / "link").symlink_to(tmp_path / "real" / "deep")
-    above = shares.folders_above(str(tmp_path / "link"))
+    above = shares.foldersAbove(str(tmp_path / "link"))
     assert above[0] == "/" and str(tmp_path) in above
     assert str(tmp_path / "real") in above and str(tmp_path / "link") not in above
-    assert shares.folders_above("/a/b/c/") == ["/", "/a", "/a/b"]
+    assert shares.foldersAbove("/a/b/c/") == ["/", "/a", "/a/b"]
 
 
 @pytest.fixture
@@ -157,14 +157,14 @@ def test_the_child_answers_as_the_system_does_for_this_user(tmp_path: Path) -> N
     def switch(account: Account) -> None:
         raise AssertionError("no switch to one's own user")
 
-    assert shares.ask_as(me, questions, switch=switch) == [True, False, False]
-    assert shares.ask_as(me, []) == []
+    assert shares.askAs(me, questions, switch=switch) == [True, False, False]
+    assert shares.askAs(me, []) == []
 
 
 def test_the_child_switches_to_another_user_only_for_root(tmp_path: Path) -> None:
     other = Account("_virby", os.geteuid() + 1, os.getegid())
     with pytest.raises(CannotAsk, match="only root"):
-        shares.ask_as(other, [(str(tmp_path), os.X_OK)], euid=other.uid + 1)
+        shares.askAs(other, [(str(tmp_path), os.X_OK)], euid=other.uid + 1)
 
     switched: list[Account] = []
 
@@ -173,7 +173,7 @@ def test_the_child_switches_to_another_user_only_for_root(tmp_path: Path) -> Non
         raise PermissionError("played: cannot switch")
 
     with pytest.raises(AskFailed, match="status was 1"):
-        shares.ask_as(other, [(str(tmp_path), os.X_OK)], euid=0, switch=switch)
+        shares.askAs(other, [(str(tmp_path), os.X_OK)], euid=0, switch=switch)
     assert switched == []
 
 
@@ -183,7 +183,7 @@ def test_a_child_that_does_not_answer_is_given_up(tmp_path: Path) -> None:
 
     other = Account("_virby", os.geteuid() + 1, os.getegid())
     with pytest.raises(AskFailed, match="took more than"):
-        shares.ask_as(other, [(str(tmp_path), os.X_OK)], euid=0, switch=hang, timeout=0.05)
+        shares.askAs(other, [(str(tmp_path), os.X_OK)], euid=0, switch=hang, timeout=0.05)
 
 
 def test_becoming_the_user_sets_its_groups_then_its_group_then_its_uid(monkeypatch) -> None:

@@ -10,11 +10,11 @@ import socket
 import pytest
 import pytest_twisted
 
-from virby.config import from_mapping
-from virby.control import ControlFactory, controlEndpoint
+from virby.cli.status import EXIT_DOWN, duration, query, render, run, size
+from virby.config import fromMapping
+from virby.daemon.control import ControlFactory, controlEndpoint
 from virby.errors import VirbyError
 from virby.layout import CONTROL_SOCKET
-from virby.status import EXIT_DOWN, duration, query, render, run, size
 
 RUNNING = {
     "state": "running",
@@ -78,42 +78,42 @@ def test_render_idle_countdown_and_error() -> None:
 
 
 def _config(short_tmp):
-    return from_mapping({"working-directory": str(short_tmp)})
+    return fromMapping({"working-directory": str(short_tmp)})
 
 
 def test_status_when_the_daemon_is_down(short_tmp) -> None:
     out = io.StringIO()
-    assert run(_config(short_tmp), as_json=False, out=out) == EXIT_DOWN
+    assert run(_config(short_tmp), asJson=False, out=out) == EXIT_DOWN
     assert "not running" in out.getvalue()
     out = io.StringIO()
-    assert run(_config(short_tmp), as_json=True, out=out) == EXIT_DOWN
+    assert run(_config(short_tmp), asJson=True, out=out) == EXIT_DOWN
     assert json.loads(out.getvalue())["state"] == "down"
 
 
 def test_an_on_demand_daemon_not_started_yet_is_said_so_with_what_starts_it(short_tmp) -> None:
-    config = from_mapping({"working-directory": str(short_tmp), "on-demand": True})
+    config = fromMapping({"working-directory": str(short_tmp), "on-demand": True})
     out = io.StringIO()
-    assert run(config, as_json=False, out=out) == EXIT_DOWN
+    assert run(config, asJson=False, out=out) == EXIT_DOWN
     line = (
         "the daemon is not started yet (on-demand): the first connection to the builder's "
         "port (a build, `ssh virby-vm`, or `sudo virby start`) starts it"
     )
     assert out.getvalue() == f"Virby: {line}\n"
     out = io.StringIO()
-    assert run(config, as_json=True, out=out) == EXIT_DOWN
+    assert run(config, asJson=True, out=out) == EXIT_DOWN
     assert json.loads(out.getvalue()) == {"state": "down", "on_demand": True, "reason": line}
 
 
 def test_an_always_on_daemon_not_running_is_said_so_with_the_fix(short_tmp) -> None:
     out = io.StringIO()
-    assert run(_config(short_tmp), as_json=False, out=out) == EXIT_DOWN
+    assert run(_config(short_tmp), asJson=False, out=out) == EXIT_DOWN
     assert out.getvalue() == (
         f"Virby: the daemon is not running (no control socket at {short_tmp}/control.sock): "
         "start it with sudo launchctl kickstart -k system/org.nixos.virbyd, and read "
         "/var/log/virbyd.log\n"
     )
     out = io.StringIO()
-    run(_config(short_tmp), as_json=True, out=out)
+    run(_config(short_tmp), asJson=True, out=out)
     assert json.loads(out.getvalue())["on_demand"] is False
 
 
@@ -124,7 +124,7 @@ def test_status_with_a_stale_socket_file(short_tmp) -> None:
     with socket.socket(socket.AF_UNIX) as s:
         s.bind(path)
     out = io.StringIO()
-    assert run(_config(short_tmp), as_json=False, out=out) == EXIT_DOWN
+    assert run(_config(short_tmp), asJson=False, out=out) == EXIT_DOWN
     assert "stale" in out.getvalue()
 
 
@@ -190,11 +190,11 @@ def test_a_user_who_may_not_ask_is_told_to_use_sudo(short_tmp, monkeypatch) -> N
 
     monkeypatch.setattr(socket.socket, "connect", refused)
     with pytest.raises(VirbyError) as caught:
-        run(_config(short_tmp), as_json=False, out=io.StringIO())
+        run(_config(short_tmp), asJson=False, out=io.StringIO())
     assert str(caught.value) == (
         f"only root may ask the daemon (its control socket {short_tmp}/control.sock is "
         "owner-only): run `sudo virby status`"
     )
     out = io.StringIO()
-    assert run(_config(short_tmp), as_json=True, out=out) == 1
+    assert run(_config(short_tmp), asJson=True, out=out) == 1
     assert json.loads(out.getvalue()) == {"state": "unknown", "reason": str(caught.value)}

@@ -12,22 +12,29 @@ from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from virby.config import from_mapping
+from virby.config import fromMapping
+from virby.daemon.rest import RestError
+from virby.daemon.vfkit import (
+    ExitStatus,
+    StopTimings,
+    VfkitProcess,
+    VfkitProtocol,
+    readTail,
+    vfkitError,
+)
 from virby.hostfacts import HostFacts
 from virby.layout import WorkingDirectoryError
-from virby.rest import RestError
-from virby.vfkit import ExitStatus, StopTimings, VfkitProcess, VfkitProtocol, read_tail, vfkit_error
-from virby.vfkitflags import HostPlan, VfkitNotFound, find_vfkit, plan_host, vfkit_arguments
+from virby.vfkitflags import HostPlan, VfkitNotFound, findVfkit, planHost, vfkitArguments
 
 MAC = "02:94:00:00:00:01"
 
 
 def config(**extra):
-    return from_mapping({"working-directory": "/var/lib/virby", **extra})
+    return fromMapping({"working-directory": "/var/lib/virby", **extra})
 
 
 def test_the_command_line_of_the_design() -> None:
-    assert vfkit_arguments(config(), "/bin/vfkit", MAC, create_variable_store=True) == [
+    assert vfkitArguments(config(), "/bin/vfkit", MAC, createVariableStore=True) == [
         "/bin/vfkit",
         "--cpus", "8",
         "--memory", "6144",
@@ -44,7 +51,7 @@ def test_the_command_line_of_the_design() -> None:
 
 
 def test_options_extend_the_command_line() -> None:
-    args = vfkit_arguments(
+    args = vfkitArguments(
         config(
             **{
                 "rosetta": True,
@@ -56,7 +63,7 @@ def test_options_extend_the_command_line() -> None:
         ),
         "vfkit",
         MAC,
-        create_variable_store=False,
+        createVariableStore=False,
     )
     assert "efi,variable-store=/var/lib/virby/efistore.nvram" in args
     assert args[args.index("--cpus") + 1] == "2" and args[args.index("--memory") + 1] == "2048"
@@ -72,18 +79,18 @@ def test_find_vfkit(tmp_path) -> None:
     program = tmp_path / "vfkit"
     program.write_text("#!/bin/sh\n")
     program.chmod(0o755)
-    assert find_vfkit("vfkit", path=str(tmp_path)) == str(program)
-    assert find_vfkit(str(program)) == str(program)
+    assert findVfkit("vfkit", path=str(tmp_path)) == str(program)
+    assert findVfkit(str(program)) == str(program)
     with pytest.raises(VfkitNotFound, match="not found on PATH; install vfkit"):
-        find_vfkit("vfkit", path=str(tmp_path / "nowhere"))
+        findVfkit("vfkit", path=str(tmp_path / "nowhere"))
     program.chmod(stat.S_IRUSR)
     with pytest.raises(VfkitNotFound):
-        find_vfkit(str(program))
+        findVfkit(str(program))
 
 
 def test_the_console_is_never_stdio() -> None:
     """vfkit puts a stdio console's stdin into raw mode, which fails on the daemon's pipe."""
-    args = vfkit_arguments(config(), "vfkit", MAC, create_variable_store=False)
+    args = vfkitArguments(config(), "vfkit", MAC, createVariableStore=False)
     consoles = [
         args[i + 1] for i, a in enumerate(args) if a == "--device" and "serial" in args[i + 1]
     ]
@@ -92,17 +99,17 @@ def test_the_console_is_never_stdio() -> None:
 
 def test_nested_follows_the_plan_not_only_the_config() -> None:
     cfg = config(**{"nested-virtualization": True})
-    assert "--nested" in vfkit_arguments(cfg, "vfkit", MAC, False)
-    assert "--nested" not in vfkit_arguments(cfg, "vfkit", MAC, False, nested=False)
+    assert "--nested" in vfkitArguments(cfg, "vfkit", MAC, False)
+    assert "--nested" not in vfkitArguments(cfg, "vfkit", MAC, False, nested=False)
 
 
 def test_read_tail_reads_only_the_end(tmp_path) -> None:
     log = tmp_path / "serial.log"
     log.write_bytes(b"one\r\ntwo\nthree\nfour\nfi")
-    assert read_tail(str(log), 3) == ["three", "four", "fi"]
-    assert read_tail(str(log), 10) == ["one", "two", "three", "four", "fi"]
-    assert read_tail(str(log), 0) == []
-    assert read_tail(str(tmp_path / "missing"), 5) == []
+    assert readTail(str(log), 3) == ["three", "four", "fi"]
+    assert readTail(str(log), 10) == ["one", "two", "three", "four", "fi"]
+    assert readTail(str(log), 0) == []
+    assert readTail(str(tmp_path / "missing"), 5) == []
 
 
 def test_read_tail_of_a_huge_console_reads_only_its_end(tmp_path) -> None:
@@ -111,8 +118,8 @@ def test_read_tail_of_a_huge_console_reads_only_its_end(tmp_path) -> None:
         f.truncate(1 << 30)  # a sparse gigabyte of console: reading it all would take long
         f.seek(0, os.SEEK_END)
         f.write(b"\n".join(b"line %d" % i for i in range(5000)) + b"\n")
-    assert read_tail(str(log), 2) == ["line 4998", "line 4999"]
-    cut = read_tail(str(log), 100000, limit=4096)
+    assert readTail(str(log), 2) == ["line 4998", "line 4999"]
+    cut = readTail(str(log), 100000, limit=4096)
     assert cut[-1] == "line 4999" and len(cut) < 4096 // len("line 4999")
     assert cut[0].startswith("line "), "the line cut by the seek is dropped"
 
@@ -123,7 +130,10 @@ def test_vfkits_usage_text_stays_out_of_the_log(capsys) -> None:
     seen: list[str] = []
 
     def observer(event) -> None:
-        if event.get("log_namespace") == "virby.vfkit" and event["log_level"].name != "debug":
+        if (
+            event.get("log_namespace") == "virby.daemon.vfkit"
+            and event["log_level"].name != "debug"
+        ):
             seen.append(event["line"])
 
     globalLogPublisher.addObserver(observer)
@@ -191,7 +201,7 @@ def process(tmp_path, works=True, powers_off=("Stop",), dies_on=("TERM",), **set
     protocol = VfkitProtocol()
     transport = FakeTransport(protocol, set(dies_on))
     rest = FakeRest(clock, protocol, works, set(powers_off))
-    cfg = from_mapping({"working-directory": str(tmp_path), **settings})
+    cfg = fromMapping({"working-directory": str(tmp_path), **settings})
     (tmp_path / "vfkit.pid").write_text("4242")
     (tmp_path / "vfkit.sock").write_text("")
     return (
@@ -275,7 +285,7 @@ class RecordingReactor(Clock):
 
 def test_start_checks_the_working_directory_and_writes_the_pidfile(short_tmp) -> None:
     reactor = RecordingReactor()
-    cfg = from_mapping({"working-directory": str(short_tmp / "wd")})
+    cfg = fromMapping({"working-directory": str(short_tmp / "wd")})
     with pytest.raises(WorkingDirectoryError, match="missing: run `virby prepare"):
         VfkitProcess.start(reactor, cfg, "/bin/vfkit", MAC)
     os.mkdir(short_tmp / "wd")
@@ -325,7 +335,7 @@ def test_with_debug_serial_log_is_kept(short_tmp) -> None:
 
 def test_start_removes_the_last_console(short_tmp) -> None:
     reactor = RecordingReactor()
-    cfg = from_mapping({"working-directory": str(short_tmp)})
+    cfg = fromMapping({"working-directory": str(short_tmp)})
     (short_tmp / "diff.img").write_bytes(b"x")
     os.mkdir(short_tmp / "vm_sshd_keys")
     (short_tmp / "serial.log").write_text("the last boot's console\n")
@@ -335,7 +345,7 @@ def test_start_removes_the_last_console(short_tmp) -> None:
 
 def test_start_passes_nested_as_planned(short_tmp) -> None:
     reactor = RecordingReactor()
-    cfg = from_mapping({"working-directory": str(short_tmp), "nested-virtualization": True})
+    cfg = fromMapping({"working-directory": str(short_tmp), "nested-virtualization": True})
     (short_tmp / "diff.img").write_bytes(b"x")
     os.mkdir(short_tmp / "vm_sshd_keys")
     VfkitProcess.start(reactor, cfg, "/bin/vfkit", MAC, plan=HostPlan(nested=False))
@@ -344,7 +354,7 @@ def test_start_passes_nested_as_planned(short_tmp) -> None:
 
 
 def facts(cpu="Apple M4 Pro", macos=(15, 1), rosetta=True, arm=True) -> HostFacts:
-    return HostFacts(cpu=cpu, apple_silicon=arm, macos=macos, rosetta_installed=rosetta,
+    return HostFacts(cpu=cpu, appleSilicon=arm, macos=macos, rosetta_installed=rosetta,
                      probes=())  # fmt: skip
 
 
@@ -352,7 +362,7 @@ def test_the_mac_is_not_asked_when_nothing_depends_on_it() -> None:
     def never() -> HostFacts:
         raise AssertionError("asked")
 
-    assert plan_host(config(), never) == HostPlan()
+    assert planHost(config(), never) == HostPlan()
 
 
 @pytest.mark.parametrize(
@@ -367,7 +377,7 @@ def test_the_mac_is_not_asked_when_nothing_depends_on_it() -> None:
     ],
 )  # fmt: skip
 def test_nested_is_dropped_with_a_warning_where_the_mac_cannot(mac, nested, words) -> None:
-    plan = plan_host(config(**{"nested-virtualization": True}), lambda: mac)
+    plan = planHost(config(**{"nested-virtualization": True}), lambda: mac)
     assert plan.nested is nested and plan.refusal is None
     if words is None:
         assert plan.warnings == ()
@@ -378,14 +388,14 @@ def test_nested_is_dropped_with_a_warning_where_the_mac_cannot(mac, nested, word
 
 
 def test_missing_rosetta_refuses_boots_with_the_fix() -> None:
-    plan = plan_host(config(rosetta=True), lambda: facts(cpu="Apple M1", rosetta=False))
+    plan = planHost(config(rosetta=True), lambda: facts(cpu="Apple M1", rosetta=False))
     assert plan.refusal == plan.warnings[0]
     assert plan.refusal == (
         "rosetta is on, but Rosetta is not installed on this Mac: run "
         "`softwareupdate --install-rosetta --agree-to-license`, then restart virbyd; "
         "until then no VM boots"
     )
-    assert plan_host(config(rosetta=True), lambda: facts()).refusal is None
+    assert planHost(config(rosetta=True), lambda: facts()).refusal is None
 
 
 # -- what a stop does when vfkit's API does not answer: against a real REST client
@@ -408,12 +418,12 @@ class HungAPI:
 
 
 def real_process(tmp_path, reactor, dies_on: set[str], timings: StopTimings):
-    from virby.rest import VfkitRestClient
+    from virby.daemon.rest import VfkitRestClient
 
     protocol = VfkitProtocol()
     transport = FakeTransport(protocol, dies_on)
     rest = VfkitRestClient(reactor, str(tmp_path / "vfkit.sock"), timings.rest_timeout)
-    cfg = from_mapping({"working-directory": str(tmp_path)})
+    cfg = fromMapping({"working-directory": str(tmp_path)})
     return VfkitProcess(reactor, cfg, protocol, transport, rest, timings, mac=MAC), transport
 
 
@@ -449,7 +459,7 @@ async def test_a_vfkit_without_its_api_yet_is_signalled_at_once(short_tmp, logge
 
 
 def test_a_dropped_answer_to_hardstop_waits_only_for_the_exit(short_tmp) -> None:
-    from virby.rest import RestDropped
+    from virby.daemon.rest import RestDropped
 
     vm, clock, rest, transport = process(short_tmp, powers_off=set(), dies_on=set())
 
@@ -479,7 +489,7 @@ def test_a_dropped_answer_to_hardstop_waits_only_for_the_exit(short_tmp) -> None
     ],
 )
 def test_vfkit_errors_are_read_from_its_log(line: str, error: str | None) -> None:
-    assert vfkit_error(line) == error
+    assert vfkitError(line) == error
 
 
 def test_the_exit_carries_the_error_vfkit_returns_through_cobra() -> None:
@@ -525,7 +535,7 @@ def test_vfkit_inherits_the_vm_lock_and_it_is_let_go_when_vfkit_is_gone(short_tm
     wd = short_tmp / "wd"
     (wd / "vm_sshd_keys").mkdir(parents=True)
     (wd / "diff.img").write_bytes(b"")
-    cfg = from_mapping({"working-directory": str(wd)})
+    cfg = fromMapping({"working-directory": str(wd)})
     lock = FileLock(str(wd / "vm.lock"))
     assert lock.acquire()
     vm = VfkitProcess.start(reactor, cfg, "/bin/vfkit", MAC, vmLock=lock)

@@ -8,11 +8,12 @@ import sys
 import twisted.scripts.twistd
 
 from tests.programs import TWISTD, VIRBY, VIRBYD
-from virby.virbyd import main, twistd_arguments
+from virby.daemon.virbyd import twistdArguments
+from virby.virbyd import main
 
 
 def test_the_twistd_command_line() -> None:
-    assert twistd_arguments(["--config", "/nix/store/x-virby.json", "--debug"]) == [
+    assert twistdArguments(["--config", "/nix/store/x-virby.json", "--debug"]) == [
         "--nodaemon", "--pidfile=", "virby", "--config", "/nix/store/x-virby.json", "--debug",
     ]  # fmt: skip
 
@@ -34,7 +35,7 @@ def test_an_error_names_the_program_the_daemon_was_started_as(tmp_path) -> None:
     flags = ["--config", str(tmp_path / "missing.json")]
     for program, argv in [
         ("virbyd", [*VIRBYD, *flags]),
-        ("twistd virby", [*TWISTD, *twistd_arguments(flags)]),
+        ("twistd virby", [*TWISTD, *twistdArguments(flags)]),
     ]:
         result = run(argv, tmp_path)
         assert result.returncode == 1, result.stderr

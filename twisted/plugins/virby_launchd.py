@@ -1,5 +1,5 @@
 """The ``launchd:`` server endpoint for Twisted's endpoint strings (cheap to import)."""
 
-from virby.launchd import LaunchdParser
+from virby.daemon.launchd import LaunchdParser
 
 launchdEndpointParser = LaunchdParser()

@@ -7,7 +7,7 @@ from twisted.application.service import ServiceMaker
 
 virby = ServiceMaker(
     "Virby",
-    "virby.tap",
+    "virby.daemon.tap",
     "On-demand Linux builder VM for Nix: a loopback SSH port that boots vfkit when used",
     "virby",
 )

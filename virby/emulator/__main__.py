@@ -33,7 +33,7 @@ from twisted.web.server import Site
 
 from virby.emulator import api, cmdline, vmconfig, vz
 from virby.emulator.cmdline import EmulatorError, UsageError
-from virby.emulator.golang import vfkit_log
+from virby.emulator.golang import vfkitLog
 from virby.emulator.machine import EmulatedMachine
 from virby.reactors import hostReactor
 
@@ -97,8 +97,8 @@ def configure(flags: cmdline.Flags, settings: cmdline.Emulated) -> vmconfig.VM:
         raise UsageError(f"unknown log level: {flags['log-level']}")
     if flags["kernel"] or flags["initrd"] or flags["kernel-cmdline"]:
         raise EmulatorError("the emulator boots only 'efi' bootloaders, not --kernel")
-    bootloader = vmconfig.bootloader_from_cmdline(flags["bootloader"])
-    if flags["nested"] and not vz.nested_supported(settings.played):
+    bootloader = vmconfig.bootloaderFromCmdline(flags["bootloader"])
+    if flags["nested"] and not vz.nestedSupported(settings.played):
         raise UsageError("nested virtualization is not supported")
     vm = vmconfig.VM(
         cpus=flags["cpus"],
@@ -108,19 +108,19 @@ def configure(flags: cmdline.Flags, settings: cmdline.Emulated) -> vmconfig.VM:
         restful_uri=flags["restful-uri"],
         pidfile=flags["pidfile"],
     )
-    vfkit_log("info", "virtual machine parameters:")
-    vfkit_log("info", f"\\tvCPUs: {vm.cpus}")
-    vfkit_log("info", f"\\tmemory: {vm.memory} MiB")
-    vm.timesync_port = vmconfig.timesync_from_cmdline(flags["timesync"])
+    vfkitLog("info", "virtual machine parameters:")
+    vfkitLog("info", f"\\tvCPUs: {vm.cpus}")
+    vfkitLog("info", f"\\tmemory: {vm.memory} MiB")
+    vm.timesync_port = vmconfig.timesyncFromCmdline(flags["timesync"])
     if flags["cloud-init"] or flags["ignition"] or flags["gui"]:
         raise EmulatorError("--cloud-init, --ignition and --gui are not emulated")
     if vm.pidfile:
-        vmconfig.write_pidfile(vm.pidfile)
-    vm.devices = [vmconfig.device_from_cmdline(text) for text in flags["device"]]
+        vmconfig.writePidfile(vm.pidfile)
+    vm.devices = [vmconfig.deviceFromCmdline(text) for text in flags["device"]]
     return vm
 
 
-def start_up(
+def startUp(
     argv: list[str], stdin: int = 0
 ) -> tuple[cmdline.Emulated, vmconfig.VM, vz.Console, api.Endpoint]:
     """
@@ -134,7 +134,7 @@ def start_up(
         raise EmulatorError("no lease file: pass --leases-file or set VIRBY_EMULATOR_LEASES_FILE")
     vm = configure(flags, settings)
     console = vz.realize(vm, settings.played, stdin)
-    return settings, vm, console, api.parse_restful_uri(vm.restful_uri)
+    return settings, vm, console, api.parseRestfulUri(vm.restful_uri)
 
 
 def main(argv: list[str] | None = None, stdin: int = 0) -> int:
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None, stdin: int = 0) -> int:
         if flags["version"]:
             sys.stdout.write(f"vfkit version: {VERSION}\n")
             return 0
-        settings, vm, console, endpoint = start_up(argv, stdin)
+        settings, vm, console, endpoint = startUp(argv, stdin)
     except UsageError as e:
         return refuse(e)
     from twisted.internet import reactor as globalReactor
@@ -161,23 +161,23 @@ def main(argv: list[str] | None = None, stdin: int = 0) -> int:
             api.listen(reactor, endpoint, Site(api.StateResource(machine)))
         except Exception as e:
             # vfkit's server goroutine ends the process with logrus.Fatal.
-            vfkit_log("fatal", str(getattr(e, "socketError", e)))
+            vfkitLog("fatal", str(getattr(e, "socketError", e)))
             return 1
 
-    def on_signal(signum: int, frame: object) -> None:
+    def onSignal(signum: int, frame: object) -> None:
         # vfkit >= 0.6.2: ask the guest to power off, hard-stop it after 5 s if it does not.
         reactor.callFromThread(machine.requestStop)
         reactor.callFromThread(reactor.callLater, 5, machine.hardStop)
 
     def install() -> None:
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, onSignal)
+        signal.signal(signal.SIGINT, onSignal)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
 
     reactor.callWhenRunning(install)
     reactor.callWhenRunning(machine.start)
     played = settings.played
-    vfkit_log("info", f"emulating vfkit {VERSION} on Linux, playing a Mac with {played.cpu}, "
+    vfkitLog("info", f"emulating vfkit {VERSION} on Linux, playing a Mac with {played.cpu}, "
                       f"macOS {played.macos}, Rosetta {played.rosetta}")  # fmt: skip
     reactor.run()  # with Twisted's signal handlers, which are the default
     if endpoint.scheme == "unix":

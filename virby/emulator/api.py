@@ -37,7 +37,7 @@ class Endpoint:
     path: str
 
 
-def parse_request_uri(text: str) -> tuple[str, str, str]:
+def parseRequestUri(text: str) -> tuple[str, str, str]:
     """
     Go's C{url.ParseRequestURI}, as far as vfkit's URIs need: (scheme, host, path).  A
     scheme followed by no C{/} is an opaque URI, with neither host nor path.
@@ -82,13 +82,13 @@ def _port(host: str) -> str:
     return host.rpartition(":")[2] if ":" in host else ""
 
 
-def parse_restful_uri(text: str) -> Endpoint:
+def parseRestfulUri(text: str) -> Endpoint:
     """
     C{parseRestfulURI}: tcp needs a host and a port and no path; unix needs a path, no
     host, and a path that fits macOS's C{sun_path}.  Checked when vfkit starts its server,
     after the VM's devices are set up.
     """
-    scheme, host, path = parse_request_uri(text)
+    scheme, host, path = parseRequestUri(text)
     if scheme not in ("none", "unix", "tcp", "http"):
         raise UsageError(f"invalid scheme {scheme}")
     if scheme in ("tcp", "http"):

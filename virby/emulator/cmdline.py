@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from virby.emulator.golang import NumError, parse_bool, parse_uint
+from virby.emulator.golang import NumError, parseBool, parseUint
 from virby.hostfacts import PLAYED_DEFAULTS, PlayedMac
 
 FAULTS = ("no-lease", "duid-lease", "no-sshd")
@@ -114,7 +114,7 @@ class Emulated:
     boot_delay: float = 0.2
     fault: str | None = None
     crash_after: float | None = None
-    played: PlayedMac = field(default_factory=PlayedMac.from_environment)
+    played: PlayedMac = field(default_factory=PlayedMac.fromEnvironment)
     guest_keys: str = "every-boot"
 
 
@@ -122,7 +122,7 @@ _OWN = ("leases-file", "guest-port", "boot-delay", "fault", "cpu", "macos", "ros
         "guest-keys")  # fmt: skip
 
 
-def split_slice(text: str) -> list[str]:
+def splitSlice(text: str) -> list[str]:
     """
     pflag's string slice as vfkit parses it (C{pkg/cmdline/string_slice.go}): split on
     commas outside double quotes; a value wholly in quotes loses them.
@@ -154,26 +154,26 @@ def _unquote(text: str) -> str:
     return text
 
 
-def _flag_name(flag: _Flag) -> str:
+def _flagName(flag: _Flag) -> str:
     return f"-{flag.short}, --{flag.name}" if flag.short else f"--{flag.name}"
 
 
 def _set(flags: Flags, flag: _Flag, value: str) -> None:
     try:
         if flag.kind == "uint":
-            flags.values[flag.name] = parse_uint(value, 0, 64)
+            flags.values[flag.name] = parseUint(value, 0, 64)
         elif flag.kind == "bool":
-            flags.values[flag.name] = parse_bool(value)
+            flags.values[flag.name] = parseBool(value)
         elif flag.kind == "array":
             flags.values[flag.name] = [*flags.values[flag.name], value]
         elif flag.kind == "slice":
-            pieces = split_slice(value)
+            pieces = splitSlice(value)
             before = flags.values[flag.name] if flag.name in flags.changed else []
             flags.values[flag.name] = [*before, *pieces]
         else:
             flags.values[flag.name] = value
     except NumError as e:
-        raise UsageError(f'invalid argument "{value}" for "{_flag_name(flag)}" flag: {e}') from None
+        raise UsageError(f'invalid argument "{value}" for "{_flagName(flag)}" flag: {e}') from None
     flags.changed.add(flag.name)
 
 

@@ -14,7 +14,7 @@ import sys
 import time
 
 
-def vfkit_log(level: str, message: str) -> None:
+def vfkitLog(level: str, message: str) -> None:
     """vfkit's own log lines, on stderr, in logrus's text format."""
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     sys.stderr.write(f'time="{stamp}" level={level} msg="{message}"\n')
@@ -32,13 +32,13 @@ def strerror(code: int) -> str:
     return text[:1].lower() + text[1:]
 
 
-def path_error(op: str, path: str, code: int) -> str:
+def pathError(op: str, path: str, code: int) -> str:
     """Go's C{*fs.PathError}, e.g. C{open /x: no such file or directory}."""
     return f"{op} {path}: {strerror(code)}"
 
 
-def os_error(op: str, path: str, error: OSError) -> str:
-    return path_error(op, path, error.errno or errno.EIO)
+def osError(op: str, path: str, error: OSError) -> str:
+    return pathError(op, path, error.errno or errno.EIO)
 
 
 class NumError(ValueError):
@@ -51,7 +51,7 @@ class NumError(ValueError):
 _PREFIXES = {"0x": 16, "0o": 8, "0b": 2}
 
 
-def parse_uint(text: str, base: int, bits: int) -> int:
+def parseUint(text: str, base: int, bits: int) -> int:
     """
     Go's C{strconv.ParseUint}: digits only (no sign, no spaces); with C{base} 0 the prefix
     chooses the base (C{0x}, C{0o}, C{0b}, or a leading C{0} for octal) and C{_} may group
@@ -81,7 +81,7 @@ def parse_uint(text: str, base: int, bits: int) -> int:
     return value
 
 
-def parse_bool(text: str) -> bool:
+def parseBool(text: str) -> bool:
     """Go's C{strconv.ParseBool}."""
     if text in ("1", "t", "T", "TRUE", "true", "True"):
         return True
@@ -90,7 +90,7 @@ def parse_bool(text: str) -> bool:
     raise NumError("ParseBool", text, "invalid syntax")
 
 
-def parse_mac(text: str) -> bytes:
+def parseMac(text: str) -> bytes:
     """
     Go's C{net.ParseMAC}: six, eight or twenty octets written as C{aa:bb:..}, C{aa-bb-..}
     or C{aabb.ccdd...}, hex digits of either case.  @raise ValueError: Go's text.
@@ -118,6 +118,6 @@ def parse_mac(text: str) -> bytes:
     return octets
 
 
-def mac_string(octets: bytes) -> str:
+def macString(octets: bytes) -> str:
     """Go's C{net.HardwareAddr.String}: lower-case, colon-separated."""
     return ":".join(f"{octet:02x}" for octet in octets)

@@ -52,7 +52,7 @@ def descendants(root: int) -> list[int]:
     return found
 
 
-def _kill_all() -> None:
+def _killAll() -> None:
     """SIGKILL everything below us until nothing is left, reaping as we go."""
     for _ in range(50):
         living = descendants(os.getpid())
@@ -99,7 +99,7 @@ def main(argv: list[str]) -> int:
             break
         if sshd is not None and sshd.poll() is not None:
             break
-    _kill_all()
+    _killAll()
     return 0
 
 

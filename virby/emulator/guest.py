@@ -36,15 +36,15 @@ ETC_HOST_KEY = "ssh_host_ed25519_key"
 IMAGE_SSHD_SETTINGS = "guest-sshd.json"
 
 
-def image_sshd_settings() -> dict[str, bool | int | str]:
+def imageSshdSettings() -> dict[str, bool | int | str]:
     """The settings C{nix/image.nix} gives the VM's sshd from C{virby/guest-sshd.json}."""
     text = resources.files("virby").joinpath(IMAGE_SSHD_SETTINGS).read_text(encoding="utf-8")
     settings: dict[str, bool | int | str] = json.loads(text)
     return settings
 
 
-def _sshd_value(value: bool | int | str) -> str:
-    """A value as NixOS writes it into sshd_config: booleans as yes and no."""
+def _sshdValue(value: bool | int | str) -> str:
+    """A value as NixOS writes it into sshdConfig: booleans as yes and no."""
     if isinstance(value, bool):
         return "yes" if value else "no"
     return str(value)
@@ -63,7 +63,7 @@ class DiskError(Exception):
     """The guest cannot use its disk; the message is what its console would say."""
 
 
-def read_state(disk: str) -> GuestState:
+def readState(disk: str) -> GuestState:
     """The record on C{disk}, or a fresh state when there is none (or a torn one)."""
     try:
         with open(disk, "rb") as f:
@@ -85,7 +85,7 @@ def read_state(disk: str) -> GuestState:
         return GuestState()
 
 
-def write_state(disk: str, state: GuestState) -> None:
+def writeState(disk: str, state: GuestState) -> None:
     """Write the record in one go and flush it, as a journalled filesystem would."""
     payload = json.dumps(asdict(state), sort_keys=True).encode()
     record = _HEADER.pack(MAGIC, VERSION, len(payload), zlib.crc32(payload)) + payload
@@ -108,7 +108,7 @@ class KeyUnitFailed(Exception):
     """The key unit failed; sshd, which requires it, does not start."""
 
 
-def install_keys(share: str | None, state: GuestState, rule: str) -> bool:
+def installKeys(share: str | None, state: GuestState, rule: str) -> bool:
     """
     The guest's key unit, C{virby-install-keys} in C{nix/image.nix}, which this mirrors:
     at every boot, before sshd, mount the C{sshd-keys} share read-only, install the host
@@ -151,14 +151,14 @@ def materialize(state: GuestState, etc: str) -> None:
         f.write(state.authorized_keys)
 
 
-def sshd_config(etc: str, address: str, port: int) -> str:
+def sshdConfig(etc: str, address: str, port: int) -> str:
     """
     The emulated guest's sshd: keys only, on its own loopback address, with the image's
     own settings (C{MaxStartups} above all, so that a test sees the VM's limit).  What is
     the emulator's alone is what a process of the user running it needs: no PAM, no strict
     modes, no pid file, and root may log in with a key when that user is root.
     """
-    image = [f"{key} {_sshd_value(value)}" for key, value in image_sshd_settings().items()]
+    image = [f"{key} {_sshdValue(value)}" for key, value in imageSshdSettings().items()]
     return "\n".join(
         [
             f"ListenAddress {address}:{port}",
@@ -170,13 +170,13 @@ def sshd_config(etc: str, address: str, port: int) -> str:
             *image,
             "PermitRootLogin prohibit-password",
             "LogLevel INFO",
-            *_guest_environment(),
+            *_guestEnvironment(),
             "",
         ]
     )
 
 
-def _guest_environment() -> list[str]:
+def _guestEnvironment() -> list[str]:
     """
     The guest's Nix configuration.  A real VM has its own C{/etc/nix/nix.conf}; the emulated
     guest runs this host's Nix, whose configuration a test gives in C{NIX_CONF_DIR}.  sshd

@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 import re
 
-from virby.leases import normalize_mac, parse_leases
+from virby.leases import normalizeMac, parseLeases
 
 _BLOCK = re.compile(r"\{[^{}]*\}\n?", re.S)
 
 
-def bootpd_mac(mac: str) -> str:
+def bootpdMac(mac: str) -> str:
     """C{"52:54:00:12:03:0a"} -> C{"52:54:0:12:3:a"}: bootpd prints octets without padding."""
     return ":".join(f"{int(octet, 16):x}" for octet in mac.split(":"))
 
@@ -20,7 +20,7 @@ def block(ip: str, mac: str, expiry: int, duid: bool = False) -> str:
     if duid:
         hardware = "ff,f1:f5:dd:7f:0:2:0:0:ab:11:cb:fb:30:b0:97:b6:3a:67"
     else:
-        hardware = f"1,{bootpd_mac(mac)}"
+        hardware = f"1,{bootpdMac(mac)}"
     return (
         "{\n\tname=virby-vm\n"
         f"\tip_address={ip}\n\thw_address={hardware}\n\tidentifier={hardware}\n"
@@ -28,14 +28,14 @@ def block(ip: str, mac: str, expiry: int, duid: bool = False) -> str:
     )
 
 
-def previous_address(path: str, mac: str) -> str | None:
+def previousAddress(path: str, mac: str) -> str | None:
     """The address bootpd gave this MAC before, so a stable MAC keeps its address."""
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
-            leases = parse_leases(f.read())
+            leases = parseLeases(f.read())
     except OSError:
         return None
-    wanted = normalize_mac(mac)
+    wanted = normalizeMac(mac)
     return next((lease.ip_address for lease in leases if lease.hw_address == wanted), None)
 
 
@@ -46,7 +46,7 @@ def write(path: str, ip: str, mac: str, expiry: int, duid: bool = False) -> None
             existing = f.read()
     except FileNotFoundError:
         existing = ""
-    ours = f"hw_address=1,{bootpd_mac(mac)}\n"
+    ours = f"hw_address=1,{bootpdMac(mac)}\n"
     kept = [b for b in _BLOCK.findall(existing) if ours not in b and f"ip_address={ip}\n" not in b]
     temporary = f"{path}.tmp.{os.getpid()}"
     with open(temporary, "w", encoding="utf-8") as f:

@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 from virby import layout
 from virby.emulator import guest, lease
 from virby.emulator.cmdline import Emulated
-from virby.emulator.golang import vfkit_log
+from virby.emulator.golang import vfkitLog
 from virby.emulator.vmconfig import VM
 from virby.emulator.vz import Console
 from virby.reactors import IMachineReactor
@@ -66,7 +66,7 @@ class EmulatedMachine:
         self.settings = settings
         self.vm = vm
         self.console = console
-        self.mac = vm.mac or _random_mac()
+        self.mac = vm.mac or _randomMac()
         self.state = "Starting"
         self.address: str | None = None
         self._guardian: IProcessTransport | None = None
@@ -89,7 +89,7 @@ class EmulatedMachine:
     def _running(self) -> None:
         if self.state == "Starting":
             self.state = "Running"
-            vfkit_log("info", "virtual machine is running")
+            vfkitLog("info", "virtual machine is running")
 
     def _boot(self) -> None:
         self._bootCall = None
@@ -118,14 +118,14 @@ class EmulatedMachine:
             return False
         path, writable = str(disk["path"]), not disk["readonly"]
         try:
-            self.guestState = guest.read_state(path)
+            self.guestState = guest.readState(path)
         except guest.DiskError as e:
             self.console.line(f"EXT4-fs error: {e}")
             return False
         self.guestState.boots += 1
         try:
-            ran = guest.install_keys(
-                self.vm.shared_dir(layout.SSHD_KEYS_TAG), self.guestState, self.settings.guest_keys
+            ran = guest.installKeys(
+                self.vm.sharedDir(layout.SSHD_KEYS_TAG), self.guestState, self.settings.guest_keys
             )
         except guest.KeyUnitFailed as e:
             self.console.line(f"virby-install-keys[301]: {e}")
@@ -142,14 +142,14 @@ class EmulatedMachine:
             self.console.line("EXT4-fs: the root filesystem is read-only; nothing was kept")
             return True
         try:
-            guest.write_state(path, self.guestState)
+            guest.writeState(path, self.guestState)
         except guest.DiskError as e:
             self.console.line(f"EXT4-fs error: {e}")
             return False
         return True
 
     def _pickAddress(self) -> str:
-        previous = lease.previous_address(self.settings.leases_file, self.mac)
+        previous = lease.previousAddress(self.settings.leases_file, self.mac)
         candidates = [previous] if previous else []
         candidates += [
             f"127.0.{random.randint(1, 254)}.{random.randint(2, 254)}" for _ in range(50)
@@ -166,9 +166,9 @@ class EmulatedMachine:
         except (guest.KeyUnitFailed, OSError) as e:
             self.console.line(f"sshd[400]: {e}")
             return
-        config = os.path.join(etc, "sshd_config")
+        config = os.path.join(etc, "sshdConfig")
         with open(config, "w") as f:
-            f.write(guest.sshd_config(etc, self.address or "", self.settings.guest_port))
+            f.write(guest.sshdConfig(etc, self.address or "", self.settings.guest_port))
         if os.geteuid() == 0:
             os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
         self.console.line("systemd[1]: Starting OpenSSH Daemon...")
@@ -323,7 +323,7 @@ def _inspect(kind: str, o: dict[str, Any]) -> dict[str, Any]:
     return {"kind": kind.replace("-", "")}
 
 
-def _random_mac() -> str:
+def _randomMac() -> str:
     """vz's random locally administered unicast MAC, for a virtio-net without C{mac}."""
     octets = [random.randint(0, 255) for _ in range(6)]
     octets[0] = (octets[0] & 0xFC) | 0x02

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from virby.emulator.cmdline import EmulatorError, UsageError
-from virby.emulator.golang import NumError, mac_string, os_error, parse_mac, parse_uint
+from virby.emulator.golang import NumError, macString, osError, parseMac, parseUint
 
 QCOW2_MAGIC = b"QFI\xfb"
 
@@ -54,11 +54,11 @@ class VM:
     restful_uri: str = "none://"
     pidfile: str = ""
 
-    def devices_of(self, kind: str) -> list[Device]:
+    def devicesOf(self, kind: str) -> list[Device]:
         return [device for device in self.devices if device.kind == kind]
 
-    def shared_dir(self, tag: str) -> str | None:
-        for device in self.devices_of("virtio-fs"):
+    def sharedDir(self, tag: str) -> str | None:
+        for device in self.devicesOf("virtio-fs"):
             if (device["tag"] or device["mountTag"]) == tag:
                 return str(device["sharedDir"])
         return None
@@ -66,17 +66,17 @@ class VM:
     @property
     def disk(self) -> Device | None:
         """The boot disk: the first virtio-blk device."""
-        disks = self.devices_of("virtio-blk")
+        disks = self.devicesOf("virtio-blk")
         return disks[0] if disks else None
 
     @property
     def serial(self) -> Device | None:
-        serials = self.devices_of("virtio-serial")
+        serials = self.devicesOf("virtio-serial")
         return serials[0] if serials else None
 
     @property
     def mac(self) -> str | None:
-        nets = self.devices_of("virtio-net")
+        nets = self.devicesOf("virtio-net")
         return nets[0]["mac"] if nets else None
 
 
@@ -88,7 +88,7 @@ def options(pieces: list[str]) -> list[tuple[str, str]]:
 # -- the bootloader (pkg/config/bootloader.go, BootloaderFromCmdLine / FromOptions)
 
 
-def bootloader_from_cmdline(values: list[str]) -> Bootloader:
+def bootloaderFromCmdline(values: list[str]) -> Bootloader:
     if not values:
         raise UsageError("empty option list in --bootloader command line argument")
     kind = values[0]
@@ -112,7 +112,7 @@ def bootloader_from_cmdline(values: list[str]) -> Bootloader:
 # -- --timesync (pkg/config/config.go, timesyncFromCmdLine / TimeSync.FromOptions)
 
 
-def timesync_from_cmdline(text: str) -> int | None:
+def timesyncFromCmdline(text: str) -> int | None:
     """The vsock port of C{--timesync vsockPort=N}; C{None} when the flag is empty."""
     if not text:
         return None
@@ -121,7 +121,7 @@ def timesync_from_cmdline(text: str) -> int | None:
         if key != "vsockPort":
             raise UsageError(f"unknown option for timesync parameter: {key}")
         try:
-            port = parse_uint(value, 10, 32)
+            port = parseUint(value, 10, 32)
         except NumError as e:
             raise UsageError(str(e)) from None
     if port == 0:
@@ -134,17 +134,17 @@ def timesync_from_cmdline(text: str) -> int | None:
 _NOT_EMULATED = ("nvme", "usb-mass-storage", "virtio-input", "virtio-gpu", "nbd")
 
 
-def device_from_cmdline(text: str) -> Device:
+def deviceFromCmdline(text: str) -> Device:
     pieces = text.split(",")
     kind, parsed = pieces[0], options(pieces[1:])
     parsers = {
-        "virtio-blk": _virtio_blk,
-        "virtio-fs": _virtio_fs,
-        "virtio-net": _virtio_net,
-        "virtio-serial": _virtio_serial,
-        "virtio-rng": _no_options,
-        "virtio-balloon": _no_options,
-        "virtio-vsock": _virtio_vsock,
+        "virtio-blk": _virtioBlk,
+        "virtio-fs": _virtioFs,
+        "virtio-net": _virtioNet,
+        "virtio-serial": _virtioSerial,
+        "virtio-rng": _noOptions,
+        "virtio-balloon": _noOptions,
+        "virtio-vsock": _virtioVsock,
         "rosetta": _rosetta,
     }
     if kind in _NOT_EMULATED:
@@ -156,13 +156,13 @@ def device_from_cmdline(text: str) -> Device:
     return device
 
 
-def _no_options(device: Device, parsed: list[tuple[str, str]]) -> None:
+def _noOptions(device: Device, parsed: list[tuple[str, str]]) -> None:
     if parsed:
         shown = " ".join(f"{{{key} {value}}}" for key, value in parsed)
         raise UsageError(f"unknown options for {device.kind} devices: [{shown}]")
 
 
-def _virtio_blk(device: Device, parsed: list[tuple[str, str]]) -> None:
+def _virtioBlk(device: Device, parsed: list[tuple[str, str]]) -> None:
     device.fields.update(path="", type="", readonly=False, deviceId="")
     for key, value in parsed:
         if key == "deviceId":
@@ -179,22 +179,22 @@ def _virtio_blk(device: Device, parsed: list[tuple[str, str]]) -> None:
             device.fields["readonly"] = True
         else:
             raise UsageError(f"unknown option for virtio-blk devices: {key}")
-    _check_disk_header(device["path"])
+    _checkDiskHeader(device["path"])
     if device["type"] == "dev":
         raise EmulatorError("virtio-blk type=dev (a host block device) is not emulated")
 
 
-def _check_disk_header(path: str) -> None:
+def _checkDiskHeader(path: str) -> None:
     """C{VirtioBlk.validate}: the file opens, has a first byte, and is not qcow2."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError as e:
-        raise UsageError(f"failed to open file {path}: {os_error('open', path, e)}") from None
+        raise UsageError(f"failed to open file {path}: {osError('open', path, e)}") from None
     try:
         header = os.read(fd, 4)
     except OSError as e:
         raise UsageError(
-            f"failed to read the header of file {path}: {os_error('read', path, e)}"
+            f"failed to read the header of file {path}: {osError('read', path, e)}"
         ) from None
     finally:
         os.close(fd)
@@ -204,7 +204,7 @@ def _check_disk_header(path: str) -> None:
         raise UsageError("vfkit does not support qcow2 image format")
 
 
-def _virtio_fs(device: Device, parsed: list[tuple[str, str]]) -> None:
+def _virtioFs(device: Device, parsed: list[tuple[str, str]]) -> None:
     device.fields.update(sharedDir="", mountTag="")
     for key, value in parsed:
         if key not in ("sharedDir", "mountTag"):
@@ -212,7 +212,7 @@ def _virtio_fs(device: Device, parsed: list[tuple[str, str]]) -> None:
         device.fields[key] = value
 
 
-def _virtio_net(device: Device, parsed: list[tuple[str, str]]) -> None:
+def _virtioNet(device: Device, parsed: list[tuple[str, str]]) -> None:
     fields = device.fields
     fields.update(nat=False, mac=None, fd=None, unixSocketPath="", vfkitMagic=False)
     has_type, type_only = False, []
@@ -225,7 +225,7 @@ def _virtio_net(device: Device, parsed: list[tuple[str, str]]) -> None:
             fields["nat"] = True
         elif key == "mac":
             try:
-                fields["mac"] = mac_string(parse_mac(value))
+                fields["mac"] = macString(parseMac(value))
             except ValueError as e:
                 raise UsageError(str(e)) from None
         elif key == "fd":
@@ -276,7 +276,7 @@ def _atoi(text: str) -> int:
     return int(text)
 
 
-def _virtio_serial(device: Device, parsed: list[tuple[str, str]]) -> None:
+def _virtioSerial(device: Device, parsed: list[tuple[str, str]]) -> None:
     fields = device.fields
     fields.update(logFilePath="", stdio=False, pty=False)
     for key, value in parsed:
@@ -303,14 +303,14 @@ def _virtio_serial(device: Device, parsed: list[tuple[str, str]]) -> None:
         raise EmulatorError("virtio-serial,pty is not emulated")
 
 
-def _virtio_vsock(device: Device, parsed: list[tuple[str, str]]) -> None:
+def _virtioVsock(device: Device, parsed: list[tuple[str, str]]) -> None:
     device.fields.update(port=0, socketURL="", listen=True)
     for key, value in parsed:
         if key == "socketURL":
             device.fields["socketURL"] = value
         elif key == "port":
             try:
-                device.fields["port"] = parse_uint(value, 10, 32)
+                device.fields["port"] = parseUint(value, 10, 32)
             except NumError as e:
                 raise UsageError(str(e)) from None
         elif key in ("listen", "connect"):
@@ -332,11 +332,11 @@ def _rosetta(device: Device, parsed: list[tuple[str, str]]) -> None:
             raise UsageError(f"unknown option for rosetta share: {key}")
 
 
-def write_pidfile(path: str) -> None:
+def writePidfile(path: str) -> None:
     """C{process.WritePidFile}: the pid, no newline, mode 0600; never removed by vfkit."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     except OSError as e:
-        raise UsageError(f"could not write PID: {os_error('open', path, e)}") from None
+        raise UsageError(f"could not write PID: {osError('open', path, e)}") from None
     with contextlib.closing(os.fdopen(fd, "w")) as f:
         f.write(str(os.getpid()))

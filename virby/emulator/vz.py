@@ -18,7 +18,7 @@ import time
 from typing import IO
 
 from virby.emulator.cmdline import UsageError
-from virby.emulator.golang import os_error, strerror, vfkit_log
+from virby.emulator.golang import osError, strerror, vfkitLog
 from virby.emulator.vmconfig import VM, Bootloader, Device
 from virby.hostfacts import ROSETTA_MIN_MACOS, PlayedMac, gather
 
@@ -38,23 +38,23 @@ ROSETTA_SHARE_ERROR_CODE = 10
 BLANK_STORE = b"virby emulator: a blank EFI variable store\n"
 
 
-def nested_supported(played: PlayedMac) -> bool:
+def nestedSupported(played: PlayedMac) -> bool:
     """vz's C{IsNestedVirtualizationSupported}: macOS 15 or later on hardware that has it."""
-    return gather(played).nested_virtualization().ok is True
+    return gather(played).nestedVirtualization().ok is True
 
 
-def _ns_error(domain: str, code: int, description: str) -> UsageError:
+def _nsError(domain: str, code: int, description: str) -> UsageError:
     """vz's rendering of a framework C{NSError}; the description is the emulator's."""
     return UsageError(
         f'Error Domain={domain} Code={code} Description="{description}" UserInfo={{}}'
     )
 
 
-def validate_tag(tag: str) -> None:
+def validateTag(tag: str) -> None:
     """C{vz.NewVirtioFileSystemDeviceConfiguration} asks the framework to validate the tag."""
     size = len(tag.encode())
     if size == 0 or size >= TAG_LIMIT:
-        raise _ns_error(
+        raise _nsError(
             "VZErrorDomain",
             2,
             f"Invalid virtio file system tag {tag!r} ({size} bytes): it must be non-empty "
@@ -82,13 +82,13 @@ def realize(vm: VM, played: PlayedMac, stdin: int = 0) -> Console:
     @param stdin: the file descriptor vfkit would put into raw mode for a C{stdio} console.
     @raise UsageError: with vfkit's text for the first refusal.
     """
-    _efi_variable_store(vm.bootloader)
+    _efiVariableStore(vm.bootloader)
     console = Console(None)
     for device in vm.devices:
         if device.kind == "virtio-blk":
             _stat(device["path"])
         elif device.kind == "virtio-fs":
-            _virtio_fs(device)
+            _virtioFs(device)
         elif device.kind == "virtio-serial":
             console = _serial(device, stdin)
         elif device.kind == "rosetta":
@@ -100,10 +100,10 @@ def _stat(path: str) -> None:
     try:
         os.stat(path)
     except OSError as e:
-        raise UsageError(os_error("stat", path, e)) from None
+        raise UsageError(osError("stat", path, e)) from None
 
 
-def _efi_variable_store(bootloader: Bootloader) -> None:
+def _efiVariableStore(bootloader: Bootloader) -> None:
     """
     C{pkg/vf/bootloader.go} C{toVzEFIBootloader}: with C{create}, vz makes the store with
     C{VZEFIVariableStoreInitializationOptionAllowOverwrite}, so an existing store is
@@ -117,21 +117,21 @@ def _efi_variable_store(bootloader: Bootloader) -> None:
         with open(path, "wb") as f:
             f.write(BLANK_STORE)
     except OSError as e:
-        raise _ns_error("NSCocoaErrorDomain", 4, f"cannot create {path}: {e.strerror}") from None
+        raise _nsError("NSCocoaErrorDomain", 4, f"cannot create {path}: {e.strerror}") from None
 
 
-def _virtio_fs(device: Device) -> None:
+def _virtioFs(device: Device) -> None:
     """C{VirtioFs.toVz}: a shared directory that exists, and a valid tag (its base name
     when no C{mountTag} is given)."""
     shared = device["sharedDir"]
     if not shared:
         raise UsageError("missing mandatory 'sharedDir' option for virtio-fs device")
-    device.fields["tag"] = device["mountTag"] or _go_base(shared)
+    device.fields["tag"] = device["mountTag"] or _goBase(shared)
     _stat(shared)
-    validate_tag(device["tag"])
+    validateTag(device["tag"])
 
 
-def _go_base(path: str) -> str:
+def _goBase(path: str) -> str:
     """Go's C{filepath.Base}."""
     stripped = path.rstrip("/")
     if not path:
@@ -148,17 +148,17 @@ def _serial(device: Device, stdin: int) -> Console:
     opened with C{append: false}, so it is created or truncated now.
     """
     if device["stdio"]:
-        _set_raw_mode(stdin)
+        _setRawMode(stdin)
         return Console(sys.stdout)
     path = device["logFilePath"]
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     except OSError as e:
-        raise _ns_error("NSPOSIXErrorDomain", e.errno or 5, os_error("open", path, e)) from None
+        raise _nsError("NSPOSIXErrorDomain", e.errno or 5, osError("open", path, e)) from None
     return Console(os.fdopen(fd, "w"))
 
 
-def _set_raw_mode(fd: int) -> None:
+def _setRawMode(fd: int) -> None:
     """C{setRawMode}: no echo, no canonical input, no CR-to-NL; vfkit never restores it."""
     try:
         attributes = termios.tcgetattr(fd)
@@ -183,11 +183,11 @@ def _rosetta(device: Device, played: PlayedMac) -> None:
     prints the install error, and goes on to make the share anyway, which the framework
     refuses while Rosetta is not installed: so C{ignore-if-missing} never boots a VM here.
     """
-    if not played.apple_silicon:
+    if not played.appleSilicon:
         raise UsageError("rosetta is unsupported on non-arm64 platforms")
     if not device["mountTag"]:
         raise UsageError("missing mandatory 'mountTage' option for rosetta share")
-    version = played.macos_version
+    version = played.macosVersion
     if version is not None and version < ROSETTA_MIN_MACOS:
         raise UsageError("rosetta is not supported")
     if played.rosetta != "installed":
@@ -195,17 +195,17 @@ def _rosetta(device: Device, played: PlayedMac) -> None:
             raise UsageError("rosetta is not installed")
         if not device["ignoreIfMissing"]:
             raise UsageError(f"failed to install rosetta: {CANNOT_INSTALL_ROSETTA}")
-        vfkit_log("info", "Rosetta installation failed. Continuing without Rosetta.")
+        vfkitLog("info", "Rosetta installation failed. Continuing without Rosetta.")
         sys.stderr.write(f"{CANNOT_INSTALL_ROSETTA}\n")
         sys.stderr.flush()
-        refused = _ns_error(
+        refused = _nsError(
             "VZErrorDomain",
             ROSETTA_SHARE_ERROR_CODE,
             "virby emulator: Rosetta is not installed, so there is no Rosetta share",
         )
         raise UsageError(f"failed to create a new rosetta directory share: {refused}")
     try:
-        validate_tag(device["mountTag"])
+        validateTag(device["mountTag"])
     except UsageError as e:
         raise UsageError(
             f"failed to create a new virtio file system configuration for rosetta: {e}"

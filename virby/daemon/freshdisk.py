@@ -6,7 +6,7 @@ The copy is a clone where the filesystem has one (APFS C{clonefile} on a Mac: no
 space), and otherwise a sparse copy, which reads every data block of the image and can take
 a while.  The daemon must not block on it, so it runs here, in a child process:
 
-    python -m virby.freshdisk WORKING-DIRECTORY SIZE-IN-BYTES
+    python -m virby.daemon.freshdisk WORKING-DIRECTORY SIZE-IN-BYTES
 
 which prints one line saying what it did, or one line on stderr saying why it could not, and
 exits 1.  L{makeFreshDisk} is the daemon's side: it spawns the child with the daemon's own
@@ -66,7 +66,7 @@ def make(working_directory: str, size: int) -> str:
         with locked(working_directory):
             if not os.path.isfile(base):
                 raise FreshDiskError(f"{base} is missing: {PREPARE_FIX}")
-            _remove_leftovers(working_directory)
+            _removeLeftovers(working_directory)
             method = disk.copy(base, diff, PRIVATE)
             resize = disk.grow(diff, size)
     except FileNotFoundError as e:
@@ -85,7 +85,7 @@ def make(working_directory: str, size: int) -> str:
     )
 
 
-def _remove_leftovers(working_directory: str) -> None:
+def _removeLeftovers(working_directory: str) -> None:
     """The temporary C{diff.img} of a copy that was killed (only that: the rest is not ours)."""
     prefix = f".{DIFF_IMAGE}."
     for entry in os.scandir(working_directory):
@@ -96,7 +96,9 @@ def _remove_leftovers(working_directory: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = sys.argv[1:] if argv is None else list(argv)
     if len(arguments) != 2 or not arguments[1].isdigit():
-        sys.stderr.write("usage: python -m virby.freshdisk WORKING-DIRECTORY SIZE-IN-BYTES\n")
+        sys.stderr.write(
+            "usage: python -m virby.daemon.freshdisk WORKING-DIRECTORY SIZE-IN-BYTES\n"
+        )
         return 2
     try:
         done = make(arguments[0], int(arguments[1]))
@@ -196,7 +198,7 @@ def makeFreshDisk(
         reactor.spawnProcess(
             protocol,
             executable,
-            [executable, "-m", "virby.freshdisk", working_directory, str(size)],
+            [executable, "-m", "virby.daemon.freshdisk", working_directory, str(size)],
             env=childEnvironment(),
             path=working_directory,
             childFDs={0: "w", 1: "r", 2: "r"},

@@ -1,12 +1,12 @@
 """
-The hypervisor adapter: how the lifecycle (L{virby.lifecycle.Hypervisor}) starts a VM with
+The hypervisor adapter: how the lifecycle (L{virby.daemon.lifecycle.Hypervisor}) starts a VM with
 vfkit and learns that its guest is ready.
 
-A boot is: stop a VM left by a crashed daemon, if any (L{virby.orphans}); take the working
+A boot is: stop a VM left by a crashed daemon, if any (L{virby.daemon.orphans}); take the working
 directory's VM lock, which the vfkit about to start inherits; with C{ephemeral}, make a fresh
-disk under it (L{virby.freshdisk}); keep the VM's stable MAC (L{virby.mac}); start vfkit
-(L{virby.vfkit}).  Ready is the guest's sshd answering at the address bootpd leased to that
-MAC (L{virby.leases}, L{virby.readiness}).  Each VM carries its own MAC, so the adapter holds
+disk under it (L{virby.daemon.freshdisk}); keep the VM's stable MAC (L{virby.mac}); start vfkit
+(L{virby.daemon.vfkit}).  Ready is the guest's sshd answering at the address bootpd leased to that
+MAC (L{virby.leases}, L{virby.daemon.readiness}).  Each VM carries its own MAC, so the adapter holds
 no state of a boot: the lifecycle may start the next while the last one's wait ends.
 """
 
@@ -16,24 +16,24 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from virby.config import Config
+from virby.daemon.freshdisk import makeFreshDisk
+from virby.daemon.lifecycle import VirtualMachine
+from virby.daemon.orphans import stopOrphan
+from virby.daemon.readiness import BootTimeout, ReadyGuest, waitForGuest
+from virby.daemon.vfkit import VfkitProcess
 from virby.errors import PermanentError, VirbyError
-from virby.freshdisk import makeFreshDisk
 from virby.layout import MAC, PREPARE_FIX, VM_LOCK
 from virby.leases import LeaseFile
-from virby.lifecycle import VirtualMachine
 from virby.locks import FileLock, takeLock
 from virby.logs import Logger
-from virby.mac import stable_mac
-from virby.orphans import stop_orphan
+from virby.mac import stableMac
 from virby.reactors import IVMReactor
-from virby.readiness import BootTimeout, ReadyGuest, wait_for_guest
-from virby.vfkit import VfkitProcess
 from virby.vfkitflags import HostPlan
 
 log = Logger()
 
 #: How often a booting VM's lease is looked up (a stat of the lease file) until it has one;
-#: from then on the guest's sshd is probed every few milliseconds (L{virby.readiness}).
+#: from then on the guest's sshd is probed every few milliseconds (L{virby.daemon.readiness}).
 READINESS_INTERVAL = 0.05
 
 
@@ -43,7 +43,7 @@ class BootError(VirbyError):
 
 class HostRefusal(BootError, PermanentError):
     """
-    This Mac cannot run what the config asks (L{virby.vfkit.HostPlan.refusal}): no boot can
+    This Mac cannot run what the config asks (L{virby.daemon.vfkit.HostPlan.refusal}): no boot can
     succeed until the config or the Mac changes, so an always-on daemon does not retry it.
     """
 
@@ -54,8 +54,8 @@ class VfkitHypervisor:
 
     A VM left behind by a crashed daemon is stopped before the first boot, and no VM is
     ever booted while a process still holds the working directory's VM lock: two VMs on
-    one disk image would corrupt it (L{virby.orphans}).  With C{ephemeral}, every boot
-    starts from a fresh C{diff.img} (L{virby.freshdisk}), made under that lock in a child
+    one disk image would corrupt it (L{virby.daemon.orphans}).  With C{ephemeral}, every boot
+    starts from a fresh C{diff.img} (L{virby.daemon.freshdisk}), made under that lock in a child
     process, so the reactor never waits on a copy; it is bounded by C{start-timeout} of its
     own, and its failure fails the boot.
     """
@@ -94,7 +94,7 @@ class VfkitHypervisor:
     async def _checkOrphan(self) -> Exception | None:
         """The outcome, never a failure: each caller gets its own copy of an error."""
         try:
-            await stop_orphan(self._reactor, self._config.working_directory)
+            await stopOrphan(self._reactor, self._config.working_directory)
         except VirbyError as e:
             log.error("{why}", why=str(e))
             return e
@@ -132,7 +132,7 @@ class VfkitHypervisor:
                 raise
             log.info("{done}", done=done)
         try:
-            mac = stable_mac(self._config.path(MAC))
+            mac = stableMac(self._config.path(MAC))
         except OSError as e:
             lock.release()
             raise BootError(
@@ -162,7 +162,7 @@ class VfkitHypervisor:
         if not isinstance(vm, VfkitProcess):
             raise TypeError(f"{vm!r} was not started by this hypervisor")
         mac = vm.mac
-        waiting = wait_for_guest(
+        waiting = waitForGuest(
             self._reactor,
             lambda: self._leases.lookup(mac),
             self._config.guest_ssh_port,

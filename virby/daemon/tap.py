@@ -14,8 +14,8 @@ from twisted.python import usage
 
 from virby import flags
 from virby.config import Config, load
+from virby.daemon.virbyd import exitWithError
 from virby.errors import VirbyError
-from virby.virbyd import exitWithError
 
 
 class Options(usage.Options):
@@ -55,7 +55,7 @@ def makeService(options: Options) -> IService:
     config = loadConfig(options)
     from twisted.internet import reactor
 
-    from virby.daemon import makeDaemonService
+    from virby.daemon.service import makeDaemonService
     from virby.reactors import hostReactor
 
     return makeDaemonService(config, hostReactor(reactor))

@@ -1,6 +1,6 @@
 """
 The daemon's wiring: the builder port, the control socket, and the lifecycle, which drives
-the hypervisor adapter (L{virby.hypervisor}) and the splice (L{virby.proxy}).
+the hypervisor adapter (L{virby.daemon.hypervisor}) and the splice (L{virby.daemon.proxy}).
 
 C{makeDaemonService} is all that C{twistd virby} calls.  It checks what can be checked before
 the reactor runs (the working directory, the vfkit command, the endpoint string) so that a
@@ -27,7 +27,8 @@ from twisted.internet.interfaces import (
 from twisted.python.failure import Failure
 
 from virby import __version__
-from virby.capacity import (
+from virby.config import Config
+from virby.daemon.capacity import (
     BACKLOG,
     ConnectionLimit,
     DescriptorLimit,
@@ -35,22 +36,21 @@ from virby.capacity import (
     kernelBacklogCap,
     widenAcceptQueue,
 )
-from virby.config import Config
-from virby.control import ControlFactory, StaleSocketError, clearStaleSocket, controlEndpoint
+from virby.daemon.control import ControlFactory, StaleSocketError, clearStaleSocket, controlEndpoint
+from virby.daemon.hypervisor import VfkitHypervisor
+from virby.daemon.lifecycle import Lifecycle
+from virby.daemon.logfile import LogFile
+from virby.daemon.proxy import ProxyFactory
+from virby.daemon.readiness import ReadyGuest
+from virby.daemon.relay import spliceAvailable
+from virby.daemon.virbyd import exitWithError
 from virby.errors import VirbyError, oneLine
-from virby.hypervisor import VfkitHypervisor
 from virby.layout import CONTROL_SOCKET, DAEMON_LOCK, DAEMON_UMASK, checkWorkingDirectory
-from virby.lifecycle import Lifecycle
 from virby.locks import FileLock, takeLock
-from virby.logfile import LogFile
 from virby.logs import Logger, setVerbose
-from virby.proxy import ProxyFactory
 from virby.reactors import IHostReactor
-from virby.readiness import ReadyGuest
-from virby.relay import spliceAvailable
-from virby.runtime import remove_quietly
-from virby.vfkitflags import HostPlan, find_vfkit, plan_host
-from virby.virbyd import exitWithError
+from virby.runtime import removeQuietly
+from virby.vfkitflags import HostPlan, findVfkit, planHost
 
 log = Logger()
 
@@ -120,7 +120,7 @@ class DaemonService(Service):
         self.lifecycle.start()
 
     def _builderFactory(self) -> IProtocolFactory:
-        """The splice, behind the limit its open files set (L{virby.capacity})."""
+        """The splice, behind the limit its open files set (L{virby.daemon.capacity})."""
         factory = self._proxy
         if self._descriptors is None:
             return factory
@@ -165,7 +165,7 @@ class DaemonService(Service):
             control.stopListening()
         path = self._config.path(CONTROL_SOCKET)
         if os.path.lexists(path) and not os.path.isdir(path):
-            remove_quietly(path)  # bound by the failed listen: nothing else can be there
+            removeQuietly(path)  # bound by the failed listen: nothing else can be there
         self._releaseLock()
 
     def _releaseLock(self) -> None:
@@ -206,7 +206,7 @@ class DaemonService(Service):
 
 
 class DaemonCommands:
-    """What the control socket's requests do (L{virby.control.Commands})."""
+    """What the control socket's requests do (L{virby.daemon.control.Commands})."""
 
     def __init__(self, service: DaemonService) -> None:
         self._service = service
@@ -283,7 +283,7 @@ def installSignalHandlers(reactor: IHostReactor, logFile: LogFile) -> None:
     would otherwise kill the daemon outright and leave vfkit behind.  A stop requested
     then runs as soon as the reactor does.
 
-    SIGHUP reopens the log now (L{virby.logfile}), instead of killing the daemon as it would
+    SIGHUP reopens the log now (L{virby.daemon.logfile}), instead of killing the daemon as it would
     by default.
     """
 
@@ -303,7 +303,7 @@ def makeDaemonService(config: Config, reactor: IHostReactor) -> DaemonService:
     """Check the setup, then build the service tree; any problem is one line and exit 1."""
     try:
         checkWorkingDirectory(config.working_directory)
-        executable = find_vfkit(config.vfkit)
+        executable = findVfkit(config.vfkit)
         endpoint = _endpoint(reactor, config.listen)
     except VirbyError as e:
         exitWithError(str(e))
@@ -311,8 +311,8 @@ def makeDaemonService(config: Config, reactor: IHostReactor) -> DaemonService:
     # vfkit creates its REST socket with our umask: owner-only, even when allow-user-ssh
     # opens the working directory for traversal.
     os.umask(DAEMON_UMASK)
-    # What the Mac can do, asked once, before the reactor runs (see plan_host).
-    plan = plan_host(config)
+    # What the Mac can do, asked once, before the reactor runs (see planHost).
+    plan = planHost(config)
     for warning in plan.warnings:
         log.warn("{warning}", warning=warning)
     descriptors = adjustDescriptorLimit(reactor, splicing=spliceAvailable())

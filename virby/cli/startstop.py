@@ -1,6 +1,6 @@
 """
 ``virby start`` and ``virby stop [--force]``: boot the VM now, or stop it now, through the
-daemon's control socket (L{virby.control}).
+daemon's control socket (L{virby.daemon.control}).
 
 C{start} warms the VM up before a build and prints how long the boot took; it is a no-op
 when the VM runs.  The idle clock and the on-demand rules go on as before: an on-demand VM
@@ -37,14 +37,14 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
+from virby.cli.client import DAEMON_LOG, LOAD_FIX, DaemonDown, ask
+from virby.cli.status import EXIT_DOWN
 from virby.config import Config
-from virby.controlclient import DAEMON_LOG, LOAD_FIX, DaemonDown, ask
 from virby.layout import CONTROL_SOCKET
-from virby.status import EXIT_DOWN
 
 #: Beyond the daemon's own bounds: its reply must still come back.
 MARGIN = 30.0
-#: A stop takes at most 15 s (virby.vfkit.StopTimings); a fresh disk in the way is killed.
+#: A stop takes at most 15 s (virby.daemon.vfkit.StopTimings); a fresh disk in the way is killed.
 STOP_TIMEOUT = 60.0
 #: How long C{start} waits for a daemon launchd starts on demand to answer: launchd starts
 #: it at once, and Python and twistd take seconds, more on a cold and busy Mac.
@@ -57,7 +57,7 @@ KNOCK_TIMEOUT = 5.0
 LOOPBACK = "127.0.0.1"
 
 
-def start_timeout(config: Config) -> float:
+def startTimeout(config: Config) -> float:
     """A boot may take start-timeout, and in ephemeral mode its fresh disk as much again."""
     return config.start_timeout * (2 if config.ephemeral else 1) + MARGIN
 
@@ -74,7 +74,7 @@ def knock(port: int, timeout: float = KNOCK_TIMEOUT) -> None:
         pass
 
 
-def run_start(
+def runStart(
     config: Config,
     out: TextIO | None = None,
     *,
@@ -91,7 +91,7 @@ def run_start(
     @raise VirbyError: when the boot fails or the daemon refuses, with its one line.
     """
     out = out or sys.stdout
-    path, timeout = config.path(CONTROL_SOCKET), start_timeout(config)
+    path, timeout = config.path(CONTROL_SOCKET), startTimeout(config)
     try:
         try:
             reply = ask(path, "start", timeout=timeout)
@@ -131,9 +131,9 @@ def wake(
     @raise DaemonDown: when nothing listens on the port, or no daemon answered in time; its
         one line says which, and the fix.
     """
-    where = f"{LOOPBACK}:{config.builder_port}"
+    where = f"{LOOPBACK}:{config.builderPort}"
     try:
-        knock(config.builder_port)
+        knock(config.builderPort)
     except ConnectionRefusedError:
         raise DaemonDown(
             f"{down}, and nothing listens on {where} to start it: load its launchd job: {LOAD_FIX}"
@@ -159,7 +159,7 @@ def wake(
             sleep(min(WAKE_POLL, left))
 
 
-def run_stop(config: Config, force: bool, out: TextIO | None = None) -> int:
+def runStop(config: Config, force: bool, out: TextIO | None = None) -> int:
     """
     C{virby stop [--force]}: 0 once the VM has stopped, or when it was not running; with no
     daemon running there is no VM to stop, and that is 0 as well.

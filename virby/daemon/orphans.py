@@ -7,7 +7,7 @@ interpreter, a shell that C{exec}s a differently named file), and other tools on
 (podman machine, CRC) run programs named C{vfkit} too.  Two facts are used instead:
 
   - C{<wd>/vm.lock} is locked by the daemon and inherited by the vfkit it starts
-    (L{virby.vfkit.VfkitProcess.start}); the kernel keeps the lock exactly as long as any
+    (L{virby.daemon.vfkit.VfkitProcess.start}); the kernel keeps the lock exactly as long as any
     process holds that file open.  While it is held, a VM of this working directory is
     alive, whatever its pid or name, and no second one is booted.
   - C{<wd>/vfkit.pid} says which process to stop, and is believed only when that process's
@@ -28,12 +28,12 @@ from twisted.internet.interfaces import IReactorProcess, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.internet.utils import getProcessOutputAndValue
 
+from virby.daemon.rest import RestError, VfkitRestClient
 from virby.errors import VirbyError, clip
 from virby.layout import DIFF_IMAGE, REST_SOCKET, VFKIT_PIDFILE
 from virby.logs import Logger
 from virby.reactors import IVMReactor
-from virby.rest import RestError, VfkitRestClient
-from virby.runtime import remove_quietly
+from virby.runtime import removeQuietly
 
 log = Logger()
 
@@ -45,7 +45,7 @@ class OrphanError(VirbyError):
     """A VM of this working directory is alive and could not be stopped."""
 
 
-def read_pid(path: str) -> int | None:
+def readPid(path: str) -> int | None:
     try:
         with open(path, encoding="ascii", errors="replace") as f:
             text = f.read(32).strip()
@@ -54,7 +54,7 @@ def read_pid(path: str) -> int | None:
     return int(text) if text.isdigit() and 0 < int(text) < 2**31 else None
 
 
-def is_alive(pid: int) -> bool:
+def isAlive(pid: int) -> bool:
     """Alive and not a zombie (a zombie orphan is gone in every way that matters)."""
     try:
         os.kill(pid, 0)
@@ -70,7 +70,7 @@ def is_alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def is_our_vfkit(command: str | None, working_directory: str) -> bool:
+def isOurVfkit(command: str | None, working_directory: str) -> bool:
     """
     Whether a command line (its arguments joined by spaces, as C{ps} prints them) is the
     vfkit of C{working_directory}: its REST socket and its disk are this directory's.
@@ -87,9 +87,7 @@ def is_our_vfkit(command: str | None, working_directory: str) -> bool:
     )
 
 
-async def command_line(
-    reactor: IReactorProcess, pid: int, proc: str | None = "/proc"
-) -> str | None:
+async def commandLine(reactor: IReactorProcess, pid: int, proc: str | None = "/proc") -> str | None:
     """
     The process's arguments joined by spaces, or C{None} when it cannot be read: from
     C{/proc} on Linux, from C{ps -ww} elsewhere (a child process, so the reactor never
@@ -110,7 +108,7 @@ async def command_line(
     return text if code == 0 and text else None
 
 
-async def _gone_within(
+async def _goneWithin(
     reactor: IReactorTime, pid: int, seconds: float, alive: Callable[[int], bool]
 ) -> bool:
     """Poll (an orphan is not our child: there is no exit event to wait on)."""
@@ -133,14 +131,14 @@ async def _gone_within(
     return await done
 
 
-async def stop_orphan(
+async def stopOrphan(
     reactor: IVMReactor,
     working_directory: str,
     grace: float = 10.0,
     *,
-    alive: Callable[[int], bool] = is_alive,
+    alive: Callable[[int], bool] = isAlive,
     kill: Callable[[int, int], None] = os.kill,
-    argv: Callable[[IReactorProcess, int], Awaitable[str | None]] = command_line,
+    argv: Callable[[IReactorProcess, int], Awaitable[str | None]] = commandLine,
 ) -> int | None:
     """
     Stop the vfkit named by C{<wd>/vfkit.pid} if it is this working directory's: REST Stop
@@ -150,12 +148,12 @@ async def stop_orphan(
     @raise OrphanError: when it survives SIGKILL; the pidfile is kept, naming it.
     """
     pidfile = os.path.join(working_directory, VFKIT_PIDFILE)
-    pid = read_pid(pidfile)
+    pid = readPid(pidfile)
     if pid is None or pid == os.getpid() or not alive(pid):
-        remove_quietly(pidfile)
+        removeQuietly(pidfile)
         return None
     command = await argv(reactor, pid)
-    if not is_our_vfkit(command, working_directory):
+    if not isOurVfkit(command, working_directory):
         log.warn(
             "{pidfile} names pid {pid}, which is not this working directory's vfkit "
             "({command}): leaving it alone",
@@ -163,7 +161,7 @@ async def stop_orphan(
             pid=pid,
             command=clip(command or "its command line cannot be read", 300),
         )
-        remove_quietly(pidfile)
+        removeQuietly(pidfile)
         return None
     log.warn("stopping vfkit (pid {pid}) left running by a previous daemon", pid=pid)
     socket = os.path.join(working_directory, REST_SOCKET)
@@ -180,14 +178,14 @@ async def stop_orphan(
                 kill(pid, getattr(signal, f"SIG{name}"))
             except ProcessLookupError:
                 break
-        if await _gone_within(reactor, pid, seconds, alive):
+        if await _goneWithin(reactor, pid, seconds, alive):
             break
     else:
         raise OrphanError(
             f"the VM left by a previous daemon (vfkit pid {pid}) survived SIGKILL and still "
             f"holds {os.path.join(working_directory, DIFF_IMAGE)}: no second VM is booted on it"
         )
-    remove_quietly(pidfile)
-    remove_quietly(socket)
+    removeQuietly(pidfile)
+    removeQuietly(socket)
     log.info("stopped the leftover vfkit (pid {pid})", pid=pid)
     return pid

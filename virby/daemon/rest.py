@@ -59,7 +59,7 @@ class RestTimeout(RestError):
 _TIMEOUTS = (defer.TimeoutError, defer.CancelledError, neterror.TimeoutError)
 
 
-def _classify(e: Exception, what: str, socket_path: str, timeout: float) -> RestError:
+def _classify(e: Exception, what: str, socketPath: str, timeout: float) -> RestError:
     """The L{RestError} that says what happened to a request that got no answer."""
     from twisted.web.client import ResponseFailed  # ResponseNeverReceived is one too
 
@@ -74,10 +74,10 @@ def _classify(e: Exception, what: str, socket_path: str, timeout: float) -> Rest
         return RestDropped(f"vfkit closed the connection without answering {what}")
     if isinstance(e, neterror.ConnectError):
         why = str(e).rstrip(".").split(": ")[-1]
-        return RestUnreachable(f"vfkit's API at {socket_path} is unreachable ({why})")
+        return RestUnreachable(f"vfkit's API at {socketPath} is unreachable ({why})")
     if isinstance(e, OSError):
         why = e.strerror or str(e)
-        return RestUnreachable(f"vfkit's API at {socket_path} is unreachable ({why})")
+        return RestUnreachable(f"vfkit's API at {socketPath} is unreachable ({why})")
     return RestError(f"vfkit did not answer {what}: {e!r}")
 
 
@@ -119,9 +119,9 @@ class _Body:
 class VfkitRestClient:
     """Talks to one vfkit; every call is bounded by C{timeout} seconds."""
 
-    def __init__(self, reactor: IRestReactor, socket_path: str, timeout: float = 5.0) -> None:
+    def __init__(self, reactor: IRestReactor, socketPath: str, timeout: float = 5.0) -> None:
         self._reactor = reactor
-        self.socket_path = socket_path
+        self.socketPath = socketPath
         self._timeout = timeout
         self._agent: Agent | None = None
 
@@ -132,7 +132,7 @@ class VfkitRestClient:
 
             self._agent = Agent.usingEndpointFactory(
                 self._reactor,
-                _UNIXSocket(self._reactor, self.socket_path, self._timeout),
+                _UNIXSocket(self._reactor, self.socketPath, self._timeout),
                 pool=HTTPConnectionPool(self._reactor, persistent=False),
             )
         return self._agent
@@ -162,7 +162,7 @@ class VfkitRestClient:
         try:
             code, content = await self._call(b"POST", b"/vm/state", body)
         except Exception as e:
-            raise _classify(e, state, self.socket_path, self._timeout) from None
+            raise _classify(e, state, self.socketPath, self._timeout) from None
         if code not in (200, 202):
             raise RestRefused(f"vfkit refused {state} ({code}): {_error(content)}")
 

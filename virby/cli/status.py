@@ -18,8 +18,8 @@ import json
 import sys
 from typing import Any, TextIO
 
+from virby.cli.client import RESTART_FIX, DaemonDown, NotAllowed, ask
 from virby.config import Config
-from virby.controlclient import RESTART_FIX, DaemonDown, NotAllowed, ask
 from virby.errors import VirbyError
 from virby.layout import CONTROL_SOCKET
 
@@ -27,7 +27,7 @@ from virby.layout import CONTROL_SOCKET
 EXIT_DOWN = 3
 
 
-__all__ = ["DaemonDown", "NotAllowed", "not_running", "query", "render", "run"]
+__all__ = ["DaemonDown", "NotAllowed", "notRunning", "query", "render", "run"]
 
 
 def query(path: str, timeout: float = 5.0) -> dict[str, Any]:
@@ -43,7 +43,7 @@ def query(path: str, timeout: float = 5.0) -> dict[str, Any]:
     return status
 
 
-def not_running(config: Config, down: DaemonDown) -> str:
+def notRunning(config: Config, down: DaemonDown) -> str:
     """
     Why no daemon answers, in one line: an on-demand daemon rests that way until the first
     connection has launchd start it; any other should be running, and the line gives the fix.
@@ -137,7 +137,7 @@ def _idle(status: dict[str, Any]) -> str:
     return "-"
 
 
-def run(config: Config, as_json: bool, out: TextIO = sys.stdout) -> int:
+def run(config: Config, asJson: bool, out: TextIO = sys.stdout) -> int:
     """
     C{virby status}: 0 when the daemon answered, L{EXIT_DOWN} when it is not running (an
     on-demand one not started yet too), 1 when it cannot be asked (e.g. a user who may not
@@ -145,25 +145,25 @@ def run(config: Config, as_json: bool, out: TextIO = sys.stdout) -> int:
     program never has to parse an error line; when the daemon is down, its C{"on_demand"}
     says whether that is how it rests.
 
-    @raise VirbyError: when the daemon cannot be asked, unless C{as_json}.
+    @raise VirbyError: when the daemon cannot be asked, unless C{asJson}.
     """
     path = config.path(CONTROL_SOCKET)
     try:
         status = query(path)
     except DaemonDown as e:
-        why = not_running(config, e)
-        if as_json:
+        why = notRunning(config, e)
+        if asJson:
             document = {"state": "down", "on_demand": config.on_demand, "reason": why}
             out.write(json.dumps(document) + "\n")
         else:
             out.write(f"Virby: {why}\n")
         return EXIT_DOWN
     except VirbyError as e:
-        if not as_json:
+        if not asJson:
             raise
         out.write(json.dumps({"state": "unknown", "reason": str(e)}) + "\n")
         return 1
     out.write(
-        json.dumps(status, sort_keys=True, indent=2) + "\n" if as_json else render(status) + "\n"
+        json.dumps(status, sort_keys=True, indent=2) + "\n" if asJson else render(status) + "\n"
     )
     return 0

@@ -29,14 +29,14 @@ from twisted.python.failure import Failure
 
 from virby import layout
 from virby.config import Config
-from virby.disk import write_atomically
+from virby.daemon.rest import RestDropped, RestError, VfkitRestClient
+from virby.disk import writeAtomically
 from virby.errors import oneLine
 from virby.locks import FileLock
 from virby.logs import Logger
 from virby.reactors import IVMReactor
-from virby.rest import RestDropped, RestError, VfkitRestClient
-from virby.runtime import remove_quietly
-from virby.vfkitflags import HostPlan, vfkit_arguments
+from virby.runtime import removeQuietly
+from virby.vfkitflags import HostPlan, vfkitArguments
 
 log = Logger()
 
@@ -47,7 +47,7 @@ CONSOLE_LINES = 50
 TAIL_BYTES = 16 * 1024
 
 
-def read_tail(path: str, lines: int, limit: int = TAIL_BYTES) -> list[str]:
+def readTail(path: str, lines: int, limit: int = TAIL_BYTES) -> list[str]:
     """
     The last C{lines} lines of the file at C{path}, reading at most C{limit} bytes from its
     end; C{[]} when there is no such file.
@@ -80,7 +80,7 @@ class ExitStatus:
     message: str | None = None
 
     @classmethod
-    def from_reason(cls, reason: Failure, message: str | None = None) -> ExitStatus:
+    def fromReason(cls, reason: Failure, message: str | None = None) -> ExitStatus:
         value = reason.value
         return cls(getattr(value, "exitCode", None), getattr(value, "signal", None), message)
 
@@ -98,7 +98,7 @@ _LOGRUS_LEVEL = re.compile(r'(?:^|\s)level=("?)(\w+)\1')
 _LOGRUS_MESSAGE = re.compile(r'(?:^|\s)msg=("(?:[^"\\]|\\.)*"|\S+)')
 
 
-def vfkit_error(line: str) -> str | None:
+def vfkitError(line: str) -> str | None:
     """
     The error in one line of vfkit's stderr, if it reports one: a logrus line at level
     error, fatal or panic (its C{msg}), or a bare line (not logrus's).  The error vfkit
@@ -163,14 +163,14 @@ class VfkitProtocol(ProcessProtocol):
             self._inUsage = False
             log.warn("vfkit: {line}", line=line)
             return
-        if line == "Usage:" or (self._inUsage and _usage_line(line)):
+        if line == "Usage:" or (self._inUsage and _usageLine(line)):
             self._inUsage = True
             log.debug("vfkit: {line}", line=line)
             return
         self._inUsage = False
         if not line.strip() or line == self._refusal:
             return
-        self.lastError = vfkit_error(line) or self.lastError
+        self.lastError = vfkitError(line) or self.lastError
         lowered = line.lower()
         if "level=error" in lowered or "level=fatal" in lowered or "error" in lowered:
             log.warn("vfkit: {line}", line=line)
@@ -182,7 +182,7 @@ class VfkitProtocol(ProcessProtocol):
             if rest:
                 self._logVfkit(rest.decode(errors="replace"))
         self._partial = {1: b"", 2: b""}
-        self.status = ExitStatus.from_reason(reason, self.lastError)
+        self.status = ExitStatus.fromReason(reason, self.lastError)
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             waiter.callback(self.status)
@@ -265,14 +265,14 @@ class VfkitProcess:
 
         @param vmLock: the working directory's VM lock, held; vfkit inherits it (as fd 3,
             which it ignores) so that the lock lives as long as the VM, even if this daemon
-            dies first (L{virby.orphans}).
+            dies first (L{virby.daemon.orphans}).
         """
         layout.checkWorkingDirectory(config.working_directory, layout.BOOT_NEEDS)
-        remove_quietly(config.path(layout.REST_SOCKET))
-        remove_quietly(config.path(layout.SERIAL_LOG))
+        removeQuietly(config.path(layout.REST_SOCKET))
+        removeQuietly(config.path(layout.SERIAL_LOG))
         create = not os.path.exists(config.path(layout.EFI_STORE))
         nested = plan.nested if plan is not None else None
-        args = vfkit_arguments(config, executable, mac, create, nested)
+        args = vfkitArguments(config, executable, mac, create, nested)
         protocol = VfkitProtocol()
         log.info("starting {command}", command=" ".join(args))
         transport = reactor.spawnProcess(
@@ -284,7 +284,7 @@ class VfkitProcess:
             childFDs={0: "w", 1: "r", 2: "r", **({3: vmLock.fileno()} if vmLock else {})},
         )
         pidfile = config.path(layout.VFKIT_PIDFILE)
-        write_atomically(pidfile, str(transport.pid).encode(), layout.PUBLIC)
+        writeAtomically(pidfile, str(transport.pid).encode(), layout.PUBLIC)
         rest = VfkitRestClient(reactor, config.path(layout.REST_SOCKET), timings.rest_timeout)
         return cls(reactor, config, protocol, transport, rest, timings, vmLock, mac=mac)
 
@@ -297,7 +297,7 @@ class VfkitProcess:
         """The console's last C{n} lines: from C{serial.log}, or as it was when vfkit ended."""
         if self._finalConsole is not None:
             return self._finalConsole[-n:] if n > 0 else []
-        return read_tail(self._config.path(layout.SERIAL_LOG), n)
+        return readTail(self._config.path(layout.SERIAL_LOG), n)
 
     def stop(self) -> Deferred[ExitStatus | None]:
         """
@@ -390,7 +390,7 @@ class VfkitProcess:
         of the VM lock.  The console's tail is kept in memory first (the lifecycle reads it to
         say why the VM died); the file itself stays only with C{debug}.
         """
-        self._finalConsole = read_tail(self._config.path(layout.SERIAL_LOG), CONSOLE_LINES)
+        self._finalConsole = readTail(self._config.path(layout.SERIAL_LOG), CONSOLE_LINES)
         if self._vmLock is not None:
             lock, self._vmLock = self._vmLock, None
             lock.release()
@@ -401,15 +401,15 @@ class VfkitProcess:
         except OSError:
             ours = False
         if ours:
-            remove_quietly(pidfile)
-            remove_quietly(self._config.path(layout.REST_SOCKET))
+            removeQuietly(pidfile)
+            removeQuietly(self._config.path(layout.REST_SOCKET))
             if not self._config.debug:
-                remove_quietly(self._config.path(layout.SERIAL_LOG))
+                removeQuietly(self._config.path(layout.SERIAL_LOG))
         log.info("vfkit (pid {pid}) {how}", pid=self.pid, how=status.describe())
         return status
 
 
-def _usage_line(line: str) -> bool:
+def _usageLine(line: str) -> bool:
     """A line of cobra's usage text: indented, blank, or a heading such as C{Flags:}."""
     return not line.strip() or line[:1].isspace() or line.rstrip().endswith(":")
 

@@ -21,10 +21,10 @@ from typing import Any
 from virby import __version__
 from virby.config import Config, load
 from virby.errors import VirbyError
-from virby.flags import add_arguments, collected
+from virby.flags import addArguments, collected
 
 #: What each command's exit statuses mean, shown under its C{--help}: 0 done, 1 failed, 3 the
-#: daemon is not running (L{virby.status.EXIT_DOWN}).
+#: daemon is not running (L{virby.cli.status.EXIT_DOWN}).
 EXIT_STATUSES: dict[str, tuple[tuple[int, str], ...]] = {
     "status": (
         (0, "the daemon answered"),
@@ -81,29 +81,29 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     prepare = commands.add_parser("prepare", help="make the working directory, disk and keys")
-    add_arguments(prepare)
+    addArguments(prepare)
     prepare.add_argument("--owner", metavar="USER[:GROUP]", help="hand the tree to this user")
     prepare.add_argument(
         "--print-ssh-config", action="store_true", help="print the ssh Host block and exit"
     )
 
     status = _withExitHelp(commands, "status", "tell what the daemon is doing")
-    add_arguments(status)
+    addArguments(status)
     status.add_argument("--json", action="store_true", help="print JSON for programs")
 
     start = _withExitHelp(
         commands, "start", "boot the VM now (starting an on-demand daemon) and wait until ready"
     )
-    add_arguments(start)
+    addArguments(start)
 
     stop = _withExitHelp(commands, "stop", "stop the VM now")
-    add_arguments(stop)
+    addArguments(stop)
     stop.add_argument(
         "--force", action="store_true", help="stop even while connections are open (closes them)"
     )
 
     doctor = commands.add_parser("doctor", help="check everything a working builder needs")
-    add_arguments(doctor)
+    addArguments(doctor)
     doctor.add_argument("--json", action="store_true", help="print JSON for programs")
     doctor.add_argument(
         "--ssh", action="store_true", help="also run `ssh virby-vm true` (boots the VM)"
@@ -113,22 +113,22 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace, config: Config) -> int:
     if args.command == "prepare":
-        from virby import prepare
+        from virby.cli import prepare
 
         return prepare.run(config, owner=args.owner, print_ssh_config=args.print_ssh_config)
     if args.command in ("start", "stop"):
-        from virby import startstop
+        from virby.cli import startstop
 
         if args.command == "start":
-            return startstop.run_start(config)
-        return startstop.run_stop(config, force=args.force)
+            return startstop.runStart(config)
+        return startstop.runStop(config, force=args.force)
     if args.command == "doctor":
-        from virby import doctor
+        from virby.cli import doctor
 
-        return doctor.run(config, as_json=args.json, ssh=args.ssh, config_file=args.config)
-    from virby import status
+        return doctor.run(config, asJson=args.json, ssh=args.ssh, configFile=args.config)
+    from virby.cli import status
 
-    return status.run(config, as_json=args.json)
+    return status.run(config, asJson=args.json)
 
 
 #: The config the nix-darwin module installs, read when no C{--config} is given, so that

@@ -18,7 +18,7 @@ was given:
     far as the hard limit and its reactor allow (L{adjustDescriptorLimit}) and splits it in
     one budget (L{DescriptorLimit}): L{RESERVED_DESCRIPTORS} for everything else, on Linux
     an eighth for the relay's pipes (L{pipesWithin}, two descriptors a pipe, lent to the
-    chunks in flight: L{virby.relay.PipePool}), and the rest, two each, for connections.
+    chunks in flight: L{virby.daemon.relay.PipePool}), and the rest, two each, for connections.
     Past that, L{ConnectionLimit} closes each new connection at once and says so in the
     log: the client sees the connection closed, never a hang, and Nix moves on to another
     builder or retries.

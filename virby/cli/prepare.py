@@ -17,7 +17,7 @@ A changed image is the only reason C{diff.img} (the VM's state) is ever replaced
 C{disk-size} grows it in place, and a smaller one is only a warning.
 
 With C{ephemeral}, C{diff.img} is the daemon's: it makes a fresh one from C{base.img} before
-every boot (L{virby.freshdisk}), grown to C{disk-size}, so prepare keeps C{base.img} and the
+every boot (L{virby.daemon.freshdisk}), grown to C{disk-size}, so prepare keeps C{base.img} and the
 keys as always but neither makes, replaces nor grows C{diff.img}.  One that is there stays
 until the next boot replaces it: the VM may be running on it while the activation runs.
 
@@ -61,7 +61,7 @@ from virby.layout import (
     directoryMode,
 )
 from virby.locks import locked
-from virby.sshconfig import ssh_config_block
+from virby.sshconfig import sshConfigBlock
 
 Report = Callable[[str], None]
 
@@ -78,7 +78,7 @@ class Owner:
     gid: int
 
 
-def parse_owner(text: str) -> Owner:
+def parseOwner(text: str) -> Owner:
     """
     Resolve C{USER[:GROUP]} (names or numbers); the group defaults to the user's own.
 
@@ -110,7 +110,7 @@ def _size(n: int) -> str:
     return f"{n} bytes"
 
 
-def _check_image(image: str | None) -> str:
+def _checkImage(image: str | None) -> str:
     """Refuse before touching anything when the image cannot be copied."""
     if image is None:
         raise PrepareError('image: not set; pass --image or set "image" in the config')
@@ -142,37 +142,37 @@ def _read(path: str) -> bytes | None:
         return None
 
 
-_write = disk.write_atomically
+_write = disk.writeAtomically
 
 
-def recorded_image(config: Config) -> str | None:
+def recordedImage(config: Config) -> str | None:
     """The image path the disks were last made from, or C{None} if none was recorded."""
     data = _read(config.path(IMAGE_RECORD))
     return data.decode("utf-8", "replace").strip() or None if data is not None else None
 
 
-def keys_consistent(config: Config) -> bool:
+def keysConsistent(config: Config) -> bool:
     """
     Whether every key file is there and they all belong together: the public halves and the
     pinned host key derive from the private keys.  A run killed while writing a new set of
     keys leaves a mixed set, which this catches so the next run makes a whole new set.
     """
     try:
-        host = keys.public_of_private(_read(config.path(HOST_KEY)) or b"")
-        client = keys.public_of_private(_read(config.path(CLIENT_KEY)) or b"")
+        host = keys.publicOfPrivate(_read(config.path(HOST_KEY)) or b"")
+        client = keys.publicOfPrivate(_read(config.path(CLIENT_KEY)) or b"")
         host_public = (_read(config.path(HOST_PUBLIC_KEY)) or b"").decode("ascii")
         authorized = (_read(config.path(AUTHORIZED_KEY)) or b"").decode("ascii")
         known_hosts = (_read(config.path(KNOWN_HOSTS)) or b"").decode("ascii")
         return (
-            keys.bare_public(host_public) == host
-            and keys.bare_public(authorized) == client
-            and known_hosts == keys.known_hosts_line(host)
+            keys.barePublic(host_public) == host
+            and keys.barePublic(authorized) == client
+            and known_hosts == keys.knownHostsLine(host)
         )
     except (ValueError, UnicodeDecodeError):
         return False
 
 
-def _make_keys(config: Config) -> None:
+def _makeKeys(config: Config) -> None:
     """Write a new host key and client key, each file atomically; the record comes later."""
     host = keys.generate("virby-vm-host")
     client = keys.generate("virby-client")
@@ -180,10 +180,10 @@ def _make_keys(config: Config) -> None:
     _write(config.path(AUTHORIZED_KEY), (client.public + "\n").encode("ascii"), PUBLIC)
     _write(config.path(CLIENT_KEY), client.private, PRIVATE)
     _write(config.path(HOST_PUBLIC_KEY), (host.public + "\n").encode("ascii"), PUBLIC)
-    _write(config.path(KNOWN_HOSTS), keys.known_hosts_line(host.public).encode("ascii"), PUBLIC)
+    _write(config.path(KNOWN_HOSTS), keys.knownHostsLine(host.public).encode("ascii"), PUBLIC)
 
 
-def _share_client_key(config: Config, inform: Report) -> None:
+def _shareClientKey(config: Config, inform: Report) -> None:
     """Keep the everyone-readable copy of the client key exactly when allow-user-ssh is on."""
     shared = config.path(SHARED_CLIENT_KEY)
     if not config.allow_user_ssh:
@@ -198,7 +198,7 @@ def _share_client_key(config: Config, inform: Report) -> None:
         inform(f"wrote {SHARED_CLIENT_KEY} for local users (allow-user-ssh is on)")
 
 
-def _prepare_disks(config: Config, image: str, changed: bool, inform: Report) -> None:
+def _prepareDisks(config: Config, image: str, changed: bool, inform: Report) -> None:
     """
     Copy and clone the image when it changed (or a disk is missing); with C{ephemeral}, only
     C{base.img}, which the daemon clones before every boot.
@@ -225,7 +225,7 @@ def _grow(config: Config, warn: Report, inform: Report) -> None:
         )
 
 
-def _hand_over(root: str, owner: Owner) -> None:
+def _handOver(root: str, owner: Owner) -> None:
     """Give the whole tree to the daemon's user, which writes its runtime files there."""
     for directory, subdirectories, files in os.walk(root):
         for name in [directory, *(os.path.join(directory, n) for n in subdirectories + files)]:
@@ -241,7 +241,7 @@ def _stderr(prefix: str) -> Report:
     return report
 
 
-def _check_shares(config: Config, owner: Owner | None, ask: shares.Ask, warn: Report) -> None:
+def _checkShares(config: Config, owner: Owner | None, ask: shares.Ask, warn: Report) -> None:
     """
     Refuse a shared directory the daemon's user cannot reach: vfkit, which runs as that
     user, would fail every boot on it.  One that does not exist only warns, since a volume
@@ -250,7 +250,7 @@ def _check_shares(config: Config, owner: Owner | None, ask: shares.Ask, warn: Re
 
     The daemon's user is the one the tree is handed to.  The activation script passes
     C{--owner _virby:virby} and runs prepare in nix-darwin's launchd step, after its users
-    step has made C{_virby}, so that user exists by then (and L{parse_owner} refuses one that
+    step has made C{_virby}, so that user exists by then (and L{parseOwner} refuses one that
     does not).  Without C{--owner} the tree stays the caller's, and so would a daemon run by
     hand on it: the shares are checked as the caller.
     """
@@ -278,7 +278,7 @@ def prepare(
     warn: Report | None = None,
     inform: Report | None = None,
     *,
-    ask: shares.Ask = shares.ask_as,
+    ask: shares.Ask = shares.askAs,
 ) -> None:
     """
     Bring the working directory to the state the config asks for; see the module docstring.
@@ -287,22 +287,22 @@ def prepare(
     @param warn: called with each warning (default: a line on stderr).
     @param inform: called with each change made (default: silent).
     @param ask: how the shared directories are asked about as the daemon's user
-        (L{shares.ask_as}).
+        (L{shares.askAs}).
     @raise PrepareError: with one line, before anything is touched when the input is bad.
     """
     warn = warn or _stderr("warning: ")
     inform = inform or (lambda message: None)
-    image = _check_image(config.image)
-    who = parse_owner(owner) if owner is not None else None
-    _check_shares(config, who, ask, warn)
+    image = _checkImage(config.image)
+    who = parseOwner(owner) if owner is not None else None
+    _checkShares(config, who, ask, warn)
     wd = config.working_directory
     checkWorkingDirectory(wd, absentOk=True)
     try:
         os.makedirs(wd, PRIVATE_DIRECTORY, exist_ok=True)
         with locked(wd):
-            _prepare_locked(config, image, warn, inform)
+            _prepareLocked(config, image, warn, inform)
             if who is not None:
-                _hand_over(wd, who)
+                _handOver(wd, who)
     except OSError as e:
         where = f" {e.filename}" if e.filename else f" {wd}"
         raise PrepareError(
@@ -311,24 +311,24 @@ def prepare(
         ) from None
 
 
-def _prepare_locked(config: Config, image: str, warn: Report, inform: Report) -> None:
+def _prepareLocked(config: Config, image: str, warn: Report, inform: Report) -> None:
     wd = config.working_directory
     _chmod(wd, directoryMode(config.allow_user_ssh))
     share = config.path(SSHD_KEYS)
     os.makedirs(share, PRIVATE_DIRECTORY, exist_ok=True)
     _chmod(share, PRIVATE_DIRECTORY)
     for directory in (wd, share):
-        for name in disk.remove_temporaries(directory):
+        for name in disk.removeTemporaries(directory):
             inform(f"removed {name} left by an interrupted run")
 
-    changed = recorded_image(config) != image
-    _prepare_disks(config, image, changed, inform)
+    changed = recordedImage(config) != image
+    _prepareDisks(config, image, changed, inform)
     if not config.ephemeral:
         _grow(config, warn, inform)
-    if changed or not keys_consistent(config):
-        _make_keys(config)
+    if changed or not keysConsistent(config):
+        _makeKeys(config)
         inform("made new SSH keys for the VM and its client")
-    _share_client_key(config, inform)
+    _shareClientKey(config, inform)
     for name, mode in PREPARED_MODES.items():
         if os.path.lexists(config.path(name)):
             _chmod(config.path(name), mode)
@@ -344,7 +344,7 @@ def _say(message: str) -> None:
 def run(config: Config, owner: str | None, print_ssh_config: bool) -> int:
     """The C{virby prepare} command; expected failures raise L{VirbyError} for the caller."""
     if print_ssh_config:
-        sys.stdout.write(ssh_config_block(config))
+        sys.stdout.write(sshConfigBlock(config))
         return 0
     prepare(config, owner, inform=_say)
     return 0

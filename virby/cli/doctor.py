@@ -63,8 +63,10 @@ from functools import partial
 from typing import Any, TextIO
 
 from virby import keys, shares
+from virby.cli.client import DAEMON_LOG, LOAD_FIX, RESTART_FIX, DaemonDown, NotAllowed
+from virby.cli.prepare import recordedImage
+from virby.cli.status import query
 from virby.config import MIB, Config
-from virby.controlclient import DAEMON_LOG, LOAD_FIX, RESTART_FIX, DaemonDown, NotAllowed
 from virby.errors import VirbyError
 from virby.hostfacts import (
     LAUNCHCTL,
@@ -75,10 +77,10 @@ from virby.hostfacts import (
     HostFacts,
     ProbeError,
     Runner,
-    default_runner,
+    defaultRunner,
     gather,
-    parse_launchctl,
-    parse_lsof,
+    parseLaunchctl,
+    parseLsof,
 )
 from virby.layout import (
     AUTHORIZED_KEY,
@@ -100,10 +102,8 @@ from virby.layout import (
     checkWorkingDirectory,
     directoryMode,
 )
-from virby.leases import GUEST_HOSTNAME, Lease, newest_ip, normalize_mac, parse_leases
-from virby.prepare import recorded_image
-from virby.status import query
-from virby.vfkitflags import VfkitNotFound, find_vfkit, parse_vfkit_version, vfkit_needs
+from virby.leases import GUEST_HOSTNAME, Lease, newestIp, normalizeMac, parseLeases
+from virby.vfkitflags import VfkitNotFound, findVfkit, parseVfkitVersion, vfkitNeeds
 from virby.wire import LAUNCHD_LABEL
 
 #: Free space below which the VM's disk cannot take even one large build's output, so writes
@@ -186,14 +186,14 @@ class Doctor:
     """
     Runs the checks in order.
 
-    @param runner: the Mac (L{default_runner} by default).
-    @param config_file: named in the fixes, so they can be pasted as they are.
+    @param runner: the Mac (L{defaultRunner} by default).
+    @param configFile: named in the fixes, so they can be pasted as they are.
     @param euid: whose rights the checks have (root sees everything).
     @param now: the wall clock, to age leases and files (never to schedule anything).
     @param statvfs: the free space of a volume.
     @param ask: the daemon's status document from its control socket (L{query}).
-    @param ask_as: how the shared directories are asked about as that user
-        (L{shares.ask_as}).
+    @param askAs: how the shared directories are asked about as that user
+        (L{shares.askAs}).
     """
 
     def __init__(
@@ -201,23 +201,23 @@ class Doctor:
         config: Config,
         runner: Runner | None = None,
         *,
-        config_file: str | None = None,
+        configFile: str | None = None,
         ssh: bool = False,
         euid: int | None = None,
         now: Callable[[], float] = time.time,
         statvfs: Callable[[str], os.statvfs_result] = os.statvfs,
         ask: Callable[[str], dict[str, Any]] | None = None,
-        ask_as: shares.Ask | None = None,
+        askAs: shares.Ask | None = None,
     ) -> None:
         self.config = config
-        self.runner = runner or default_runner()
-        self.config_file = config_file or "FILE"
+        self.runner = runner or defaultRunner()
+        self.configFile = configFile or "FILE"
         self.ssh = ssh
         self.euid = os.geteuid() if euid is None else euid
         self.now = now
         self.statvfs = statvfs
         self.ask = ask or query
-        self._ask_as = ask_as
+        self._ask_as = askAs
         self.seen = _Seen()
         self._facts: HostFacts | None = None
 
@@ -226,24 +226,24 @@ class Doctor:
             ("launchd", self.launchd),
             ("daemon", self.daemon),
             ("port", self.port),
-            ("working-dir", self.working_directory),
+            ("working-dir", self.workingDirectory),
             ("files", self.files),
             ("keys", self.keys),
             ("image", self.image),
             ("vfkit", self.vfkit),
         ]
         if self.config.shared_dirs:
-            listed.append(("shared-dirs", self.shared_directories))
+            listed.append(("shared-dirs", self.sharedDirectories))
         if self.config.rosetta:
             listed.append(("rosetta", self.rosetta))
         if self.config.nested_virtualization:
             listed.append(("nested", self.nested))
         # ssh before the leases: when it boots the VM, they are checked for that boot.
         listed += [
-            ("ssh", self.ssh_login),
-            ("dhcp-lease", self.dhcp_lease),
-            ("lease-pool", self.lease_pool),
-            ("disk-space", self.disk_space),
+            ("ssh", self.sshLogin),
+            ("dhcp-lease", self.dhcpLease),
+            ("lease-pool", self.leasePool),
+            ("disk-space", self.diskSpace),
         ]
         return listed
 
@@ -263,19 +263,19 @@ class Doctor:
     def root(self) -> bool:
         return self.euid == 0
 
-    def _prepare_fix(self) -> str:
-        owner = self._owner_name(self.seen.owner)
+    def _prepareFix(self) -> str:
+        owner = self._ownerName(self.seen.owner)
         hand = f" --owner {owner}" if owner and owner != "root" else ""
         return (
-            f"sudo virby prepare --config {self.config_file}{hand} "
+            f"sudo virby prepare --config {self.configFile}{hand} "
             "(darwin-rebuild switch runs it), then restart the daemon"
         )
 
-    def _restart_fix(self) -> str:
+    def _restartFix(self) -> str:
         return RESTART_FIX
 
     @staticmethod
-    def _owner_name(uid: int | None) -> str | None:
+    def _ownerName(uid: int | None) -> str | None:
         if uid is None:
             return None
         try:
@@ -296,7 +296,7 @@ class Doctor:
         except PermissionError:
             raise _Finished(sudo(what)) from None
         except FileNotFoundError:
-            raise _Finished(fail(f"{name} is missing", self._prepare_fix())) from None
+            raise _Finished(fail(f"{name} is missing", self._prepareFix())) from None
 
     # -- the checks
 
@@ -310,7 +310,7 @@ class Doctor:
                     LOAD_FIX,
                 )
             return skip(f"cannot ask launchd: {e}")
-        job = parse_launchctl(text)
+        job = parseLaunchctl(text)
         pid = job.get("pid")
         if job.get("state") == "running" and pid and pid.isdigit():
             self.seen.daemon_pids.add(int(pid))
@@ -320,7 +320,7 @@ class Doctor:
         if self.config.on_demand:
             return ok(f"{LAUNCHD_LABEL} is loaded and waits for the first build{exited}")
         state = job.get("state") or "not running"
-        return fail(f"{LAUNCHD_LABEL} is loaded but {state}{exited}", self._restart_fix())
+        return fail(f"{LAUNCHD_LABEL} is loaded but {state}{exited}", self._restartFix())
 
     def daemon(self) -> Finding:
         path = self.config.path(CONTROL_SOCKET)
@@ -329,11 +329,11 @@ class Doctor:
         except DaemonDown as e:
             if self.config.on_demand:
                 return ok("not running yet: launchd starts it at the first build (on-demand)")
-            return fail(str(e), self._restart_fix())
+            return fail(str(e), self._restartFix())
         except NotAllowed:
             return sudo("the control socket is owner-only")
         except VirbyError as e:
-            return fail(str(e), self._restart_fix())
+            return fail(str(e), self._restartFix())
         self.seen.daemon = document
         if isinstance(document.get("daemon_pid"), int):
             self.seen.daemon_pids.add(document["daemon_pid"])
@@ -348,7 +348,7 @@ class Doctor:
         return ok(detail + (f"; last error: {error}" if error else ""))
 
     def port(self) -> Finding:
-        where = f"127.0.0.1:{self.config.builder_port}"
+        where = f"127.0.0.1:{self.config.builderPort}"
         if not self.root:
             return sudo(f"who holds {where}")
         argv = [LSOF, "+c", "0", "-nP", f"-iTCP@{where}", "-sTCP:LISTEN", "-Fpc"]
@@ -358,9 +358,9 @@ class Doctor:
             if e.status != 1:  # lsof's "found nothing" is status 1
                 return skip(f"cannot run lsof: {e}")
             output = ""
-        holders = parse_lsof(output)
+        holders = parseLsof(output)
         if not holders:
-            return fail(f"nothing listens on {where}", self._restart_fix())
+            return fail(f"nothing listens on {where}", self._restartFix())
         strangers = [(pid, command) for pid, command in holders if not self._ours(pid, command)]
         if strangers:
             pid, command = strangers[0]
@@ -378,7 +378,7 @@ class Doctor:
         """
         return pid == 1 or pid in self.seen.daemon_pids
 
-    def working_directory(self) -> Finding:
+    def workingDirectory(self) -> Finding:
         wd = self.config.working_directory
         try:
             # Whether the daemon's user can write there is what its mode and owner say.
@@ -387,11 +387,11 @@ class Doctor:
             if e.denied:
                 return sudo(f"{wd}")
             self.seen.working_directory = False
-            prepare = self._prepare_fix()
+            prepare = self._prepareFix()
             return fail(e.problem, prepare if e.fix == PREPARE_FIX else f"{e.fix}, then {prepare}")
         assert info is not None
         self.seen.owner = info.st_uid
-        expected = self._daemon_user()
+        expected = self._daemonUser()
         want = directoryMode(self.config.allow_user_ssh)
         mode = stat.S_IMODE(info.st_mode)
         problems = []
@@ -399,25 +399,25 @@ class Doctor:
             problems.append(f"its mode is {mode:04o}, not {want:04o}")
         if expected is not None and info.st_uid != expected:
             problems.append(
-                f"it is {self._owner_name(info.st_uid)}'s, not the daemon's user "
-                f"{self._owner_name(expected)}'s"
+                f"it is {self._ownerName(info.st_uid)}'s, not the daemon's user "
+                f"{self._ownerName(expected)}'s"
             )
             self.seen.owner = expected
         if problems:
-            return fail(f"{wd}: {'; '.join(problems)}", self._prepare_fix())
-        return ok(f"{wd}, mode {mode:04o}, {self._owner_name(info.st_uid)}'s")
+            return fail(f"{wd}: {'; '.join(problems)}", self._prepareFix())
+        return ok(f"{wd}, mode {mode:04o}, {self._ownerName(info.st_uid)}'s")
 
-    def _daemon_user(self) -> int | None:
+    def _daemonUser(self) -> int | None:
         """Who the daemon runs as: its control socket's owner, else the module's user."""
         try:
             return os.lstat(self.config.path(CONTROL_SOCKET)).st_uid
         except OSError:
             return self.runner.userId(DAEMON_USER)
 
-    def daemon_account(self) -> shares.Account | None:
+    def daemonAccount(self) -> shares.Account | None:
         """
         Who the daemon runs as, with its group: its control socket's owner and group, else the
-        module's user (asked through the runner, as L{_daemon_user} does) with its own group;
+        module's user (asked through the runner, as L{_daemonUser} does) with its own group;
         C{None} when neither is there.
         """
         try:
@@ -428,12 +428,12 @@ class Doctor:
         account = shares.Account.of(info.st_uid, info.st_gid)
         return account or shares.Account(str(info.st_uid), info.st_uid, info.st_gid)
 
-    def _needs_working_directory(self) -> None:
+    def _needsWorkingDirectory(self) -> None:
         if not self.seen.working_directory:
             raise _Finished(skip("no working directory (see working-dir)"))
 
     def files(self) -> Finding:
-        self._needs_working_directory()
+        self._needsWorkingDirectory()
         problems: list[str] = []
         owner = self.seen.owner
         wanted = dict(PREPARED_MODES)
@@ -456,10 +456,10 @@ class Doctor:
             elif stat.S_IMODE(info.st_mode) != mode:
                 problems.append(f"{name} is {stat.S_IMODE(info.st_mode):04o}, not {mode:04o}")
             elif owner is not None and info.st_uid != owner:
-                problems.append(f"{name} is {self._owner_name(info.st_uid)}'s")
+                problems.append(f"{name} is {self._ownerName(info.st_uid)}'s")
         if problems:
-            return fail("; ".join(problems), self._prepare_fix())
-        return ok(f"present, with prepare's modes and owner ({self._owner_name(owner)})")
+            return fail("; ".join(problems), self._prepareFix())
+        return ok(f"present, with prepare's modes and owner ({self._ownerName(owner)})")
 
     def _required(self, name: str) -> bool:
         if name == SHARED_CLIENT_KEY:
@@ -469,7 +469,7 @@ class Doctor:
         return True
 
     def keys(self) -> Finding:
-        self._needs_working_directory()
+        self._needsWorkingDirectory()
         what = "the keys"
         host_private = self._read(HOST_KEY, what)
         client_private = self._read(CLIENT_KEY, what)
@@ -478,10 +478,10 @@ class Doctor:
         known_hosts = self._read(KNOWN_HOSTS, what)
         problems = []
         try:
-            host = keys.public_of_private(host_private)
-            client = keys.public_of_private(client_private)
+            host = keys.publicOfPrivate(host_private)
+            client = keys.publicOfPrivate(client_private)
         except ValueError:
-            return fail("a private key is not an OpenSSH ed25519 key", self._prepare_fix())
+            return fail("a private key is not an OpenSSH ed25519 key", self._prepareFix())
         if _bare(authorized) != client:
             problems.append(
                 f"the client key {CLIENT_KEY} does not match the key the guest authorizes "
@@ -489,14 +489,14 @@ class Doctor:
             )
         if _bare(host_public) != host:
             problems.append(f"{HOST_PUBLIC_KEY} is not the public half of the VM's host key")
-        if known_hosts.decode("ascii", "replace") != keys.known_hosts_line(host):
+        if known_hosts.decode("ascii", "replace") != keys.knownHostsLine(host):
             problems.append(f"{KNOWN_HOSTS} does not pin the VM's host key")
         if self.config.allow_user_ssh:
             shared = self._read(SHARED_CLIENT_KEY, what)
             if shared != client_private:
                 problems.append(f"{SHARED_CLIENT_KEY} is not the client key")
         if problems:
-            return fail("; ".join(problems), self._prepare_fix())
+            return fail("; ".join(problems), self._prepareFix())
         return ok("the client key is the one the guest authorizes; the host key is pinned")
 
     def image(self) -> Finding:
@@ -504,7 +504,7 @@ class Doctor:
         if image is None:
             return fail('no "image" in the config', "the nix-darwin module sets it; switch again")
         try:
-            recorded = recorded_image(self.config)
+            recorded = recordedImage(self.config)
         except PermissionError:
             return sudo("the image record")
         if not os.path.isfile(image):
@@ -513,31 +513,31 @@ class Doctor:
                 "darwin-rebuild switch (which builds it), or nix-store --realise it",
             )
         if recorded is None:
-            return fail("virby prepare never made the disks", self._prepare_fix())
+            return fail("virby prepare never made the disks", self._prepareFix())
         if recorded != image:
             return fail(
                 f"the disks were made from {recorded}, but the config names {image}",
-                self._prepare_fix(),
+                self._prepareFix(),
             )
         try:
             os.stat(self.config.path(BASE_IMAGE))
         except FileNotFoundError:
-            return fail(f"{BASE_IMAGE} is missing", self._prepare_fix())
+            return fail(f"{BASE_IMAGE} is missing", self._prepareFix())
         except PermissionError:
             return sudo(BASE_IMAGE)
         return ok(f"the disks were made from {image}")
 
     def vfkit(self) -> Finding:
         try:
-            path = find_vfkit(self.config.vfkit)
+            path = findVfkit(self.config.vfkit)
         except VfkitNotFound as e:
             return fail(str(e))
         try:
             said = self.runner.run([path, "--version"]).strip()
         except ProbeError as e:
             return fail(f"{path} --version failed: {e}", "reinstall vfkit (nixpkgs#vfkit)")
-        needed = vfkit_needs(self.config)
-        version = parse_vfkit_version(said)
+        needed = vfkitNeeds(self.config)
+        version = parseVfkitVersion(said)
         if version is None:
             return warn(f"{path} says {said!r}: cannot tell which flags it has")
         lacking = [(what, since) for what, since in needed.items() if version < since]
@@ -554,10 +554,10 @@ class Doctor:
             f"(they need {_version(newest)})"
         )
 
-    def shared_directories(self) -> Finding:
-        account = self.daemon_account()
+    def sharedDirectories(self) -> Finding:
+        account = self.daemonAccount()
         name = account.name if account is not None else DAEMON_USER
-        ask = self._ask_as or partial(shares.ask_as, euid=self.euid)
+        ask = self._ask_as or partial(shares.askAs, euid=self.euid)
         reach = shares.check(self.config.shared_dirs, account, ask)
         if reach.unreachable:
             problems = "; ".join(
@@ -588,7 +588,7 @@ class Doctor:
         return fail(f"{verdict.why}; no VM boots until then", verdict.fix)
 
     def nested(self) -> Finding:
-        verdict = self._host().nested_virtualization()
+        verdict = self._host().nestedVirtualization()
         if verdict.ok:
             return ok(verdict.why)
         if verdict.ok is None:
@@ -598,13 +598,13 @@ class Doctor:
             "turn services.virby.nestedVirtualization off",
         )
 
-    def dhcp_lease(self) -> Finding:
+    def dhcpLease(self) -> Finding:
         path = self.config.leases_file
         mac = self._mac()
         try:
             info = os.stat(path)
             with open(path, encoding="utf-8", errors="replace") as f:
-                self.seen.leases = leases = parse_leases(f.read())
+                self.seen.leases = leases = parseLeases(f.read())
         except FileNotFoundError:
             if mac is None:
                 return ok(f"no {path} yet: bootpd writes it at the VM's first boot")
@@ -621,9 +621,9 @@ class Doctor:
                 f"cannot read {path}: {e.strerror or e}",
                 "set leases-file to bootpd's lease file, /var/db/dhcpd_leases",
             )
-        ip = newest_ip(leases, mac) if mac else None
+        ip = newestIp(leases, mac) if mac else None
         self.seen.vm_ip = ip or self.seen.vm_ip
-        started = self._boot_started()
+        started = self._bootStarted()
         if started is not None:
             ago = self.now() - started
             if ip is not None and info.st_mtime >= started:
@@ -639,7 +639,7 @@ class Doctor:
             return fail(f"the last boot got no address ({error})", self._firewall())
         if ip is not None:
             return ok(f"bootpd gave {mac} {ip}; the VM is not running")
-        duid = [lease for lease in leases if lease.name == GUEST_HOSTNAME and lease.is_duid]
+        duid = [lease for lease in leases if lease.name == GUEST_HOSTNAME and lease.isDuid]
         if duid:
             return fail(
                 f"bootpd keyed {GUEST_HOSTNAME}'s lease by a DUID, not its MAC: the daemon "
@@ -653,11 +653,11 @@ class Doctor:
     def _mac(self) -> str | None:
         try:
             with open(self.config.path(MAC), encoding="ascii", errors="replace") as f:
-                return normalize_mac(f.read())
+                return normalizeMac(f.read())
         except OSError:
             return None
 
-    def _boot_started(self) -> float | None:
+    def _bootStarted(self) -> float | None:
         """When the VM now running (or booting) was started: its pidfile is written then."""
         try:
             return os.stat(self.config.path(VFKIT_PIDFILE)).st_mtime
@@ -669,11 +669,11 @@ class Doctor:
         state = "the firewall's state is unknown"
         try:
             answer = self.runner.run([SOCKETFILTERFW, "--getglobalstate"])
-            on = _says_on(answer)
+            on = _saysOn(answer)
             if on is not None:
                 state = f"the firewall is {'on' if on else 'off'}"
             if on:
-                block_all = _says_on(self.runner.run([SOCKETFILTERFW, "--getblockall"]))
+                block_all = _saysOn(self.runner.run([SOCKETFILTERFW, "--getblockall"]))
                 if block_all:
                     state += " and blocks all incoming connections"
         except ProbeError:
@@ -686,7 +686,7 @@ class Doctor:
             steps.append(f"`sudo {SOCKETFILTERFW} --setblockall off`")
         return "; ".join(steps)
 
-    def lease_pool(self) -> Finding:
+    def leasePool(self) -> Finding:
         leases = self.seen.leases
         if leases is None:
             return skip("no lease file was read")
@@ -711,7 +711,7 @@ class Doctor:
             )
         return ok(detail)
 
-    def disk_space(self) -> Finding:
+    def diskSpace(self) -> Finding:
         name = DIFF_IMAGE
         if self.config.ephemeral or not os.path.lexists(self.config.path(DIFF_IMAGE)):
             name = BASE_IMAGE  # what the next fresh disk starts from
@@ -741,7 +741,7 @@ class Doctor:
             return warn(detail, fix)
         return ok(detail)
 
-    def ssh_login(self) -> Finding:
+    def sshLogin(self) -> Finding:
         if not self.ssh:
             return skip("not tried: `virby doctor --ssh` runs `ssh virby-vm true` (boots the VM)")
         if not self.root and not self.config.allow_user_ssh:
@@ -754,7 +754,7 @@ class Doctor:
         except ProbeError as e:
             return fail(
                 f"ssh virby-vm true failed: {e}",
-                f"see `sudo virby status --config {self.config_file}` and {DAEMON_LOG}",
+                f"see `sudo virby status --config {self.configFile}` and {DAEMON_LOG}",
             )
         return ok(f"ssh virby-vm true answered in {time.monotonic() - started:.1f}s")
 
@@ -782,7 +782,7 @@ def sudo(what: str) -> Finding:
     return Finding("", Status.SUDO, f"{what}: only root can look", "run sudo virby doctor")
 
 
-def _says_on(text: str) -> bool | None:
+def _saysOn(text: str) -> bool | None:
     lowered = text.lower()
     state = re.search(r"state = (\d)", lowered)
     if state:
@@ -796,7 +796,7 @@ def _says_on(text: str) -> bool | None:
 
 def _bare(line: bytes) -> str | None:
     try:
-        return keys.bare_public(line.decode("ascii"))
+        return keys.barePublic(line.decode("ascii"))
     except (ValueError, UnicodeDecodeError):
         return None
 
@@ -829,47 +829,47 @@ def _gib(size: int) -> str:
 
 def run(
     config: Config,
-    as_json: bool,
+    asJson: bool,
     ssh: bool = False,
-    config_file: str | None = None,
+    configFile: str | None = None,
     out: TextIO | None = None,
     runner: Runner | None = None,
     euid: int | None = None,
 ) -> int:
     """C{virby doctor}: 1 when any check failed, else 0 (checks that need root do not fail)."""
     out = out or sys.stdout
-    findings = Doctor(config, runner, config_file=config_file, ssh=ssh, euid=euid).run()
+    findings = Doctor(config, runner, configFile=configFile, ssh=ssh, euid=euid).run()
     failed = [f for f in findings if f.status is Status.FAIL]
-    needs_root = [f for f in findings if f.status is Status.SUDO]
-    if as_json:
+    needsRoot = [f for f in findings if f.status is Status.SUDO]
+    if asJson:
         document = {
             "ok": not failed,
             "checks": [f.document() for f in findings],
-            "needs_sudo": [f.check for f in needs_root],
+            "needs_sudo": [f.check for f in needsRoot],
         }
         out.write(json.dumps(document, indent=2) + "\n")
     else:
         for finding in findings:
             out.write(finding.line() + "\n")
-        out.write(_summary(findings, failed, needs_root, config_file) + "\n")
+        out.write(_summary(findings, failed, needsRoot, configFile) + "\n")
     return 1 if failed else 0
 
 
 def _summary(
     findings: list[Finding],
     failed: list[Finding],
-    needs_root: list[Finding],
-    config_file: str | None,
+    needsRoot: list[Finding],
+    configFile: str | None,
 ) -> str:
     parts = []
     if failed:
         parts.append(f"{len(failed)} of {len(findings)} checks failed")
     else:
         parts.append("no check failed")
-    if needs_root:
-        names = ", ".join(f.check for f in needs_root)
+    if needsRoot:
+        names = ", ".join(f.check for f in needsRoot)
         parts.append(
-            f"{len(needs_root)} need root ({names}): run "
-            f"`sudo virby doctor --config {config_file or 'FILE'}`"
+            f"{len(needsRoot)} need root ({names}): run "
+            f"`sudo virby doctor --config {configFile or 'FILE'}`"
         )
     return "; ".join(parts)

@@ -59,7 +59,7 @@ from twisted.internet.interfaces import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from virby.capacity import MAX_PIPES, MIN_PIPES, pipesWithin
+from virby.daemon.capacity import MAX_PIPES, MIN_PIPES, pipesWithin
 from virby.reactors import IRelayReactor
 
 try:
@@ -205,7 +205,7 @@ class PipePool:
 def pipeLimit() -> int:
     """
     How many pipes a pool may hold when its maker gives no limit: the pipes' share of the
-    open-file limit now (L{virby.capacity.pipesWithin}), the share the daemon's budget keeps
+    open-file limit now (L{virby.daemon.capacity.pipesWithin}), the share the daemon's budget keeps
     for them beside its connections.  Pipes are lent only to chunks in flight, and a chunk
     that finds none is copied instead.
     """
@@ -260,7 +260,7 @@ class _End:
         return self.fd
 
     def logPrefix(self) -> str:
-        return "virby.relay"
+        return "virby.daemon.relay"
 
     def doRead(self) -> None:
         self.outgoing.readable()
@@ -637,7 +637,7 @@ class _Connecting:
         return self._fd
 
     def logPrefix(self) -> str:
-        return "virby.relay"
+        return "virby.daemon.relay"
 
     def doWrite(self) -> None:
         if not self._waiting:

@@ -4,7 +4,7 @@ The splice between a builder connection on the host port and the guest's sshd.
 This module is the control plane of each splice: it accepts, waits for the VM, connects to
 the guest (or takes the readiness probe's connection), tells the lifecycle what is open,
 and closes both sides when the VM dies or the daemon stops.  Once both sockets are connected
-the bytes move through L{virby.relay}, on the reactor, without a Python object per chunk;
+the bytes move through L{virby.daemon.relay}, on the reactor, without a Python object per chunk;
 where that cannot be (a transport that is not a plain TCP socket, as on the memory reactors
 of the unit tests or under TLS) they move through the transports, in the shape of Twisted's
 C{portforward}, with what it leaves out.  Either way:
@@ -40,11 +40,11 @@ from twisted.internet.protocol import ClientFactory, Factory, Protocol, connecti
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from virby import relay
+from virby.daemon import relay
+from virby.daemon.readiness import ReadyGuest
+from virby.daemon.relay import PipePool, Relay, spliceAvailable
 from virby.logs import Logger
 from virby.reactors import ISpliceReactor, IStreamTransport
-from virby.readiness import ReadyGuest
-from virby.relay import PipePool, Relay, spliceAvailable
 
 log = Logger()
 
@@ -66,7 +66,7 @@ class Backend(TypingProtocol):
     def whenReady(self) -> Deferred[ReadyGuest]: ...
 
 
-def is_loopback(address: IAddress) -> bool:
+def isLoopback(address: IAddress) -> bool:
     """Loopback IPv4/IPv6 (also IPv4-mapped); unix-socket peers have no host and pass."""
     host = getattr(address, "host", None)
     return True if host is None else _isLoopbackHost(host)
@@ -433,7 +433,7 @@ class ProxyFactory(Factory[InboundConnection]):
         Twisted protocol path, which every splice also falls back to when either side is
         not a plain TCP socket).
     @param pipeLimit: how many pipes splice(2) may hold at once: the daemon's budget
-        (L{virby.capacity.DescriptorLimit.pipes}); by default, the pipes' share of the
+        (L{virby.daemon.capacity.DescriptorLimit.pipes}); by default, the pipes' share of the
         open-file limit now.
     @ivar bytesToGuest: bytes delivered to the guest by the connections that have closed;
         L{traffic} adds those of the open ones.
@@ -464,7 +464,7 @@ class ProxyFactory(Factory[InboundConnection]):
         self.bytesToClients = 0
 
     def buildProtocol(self, addr: IAddress | None) -> InboundConnection | None:
-        if addr is not None and not is_loopback(addr):
+        if addr is not None and not isLoopback(addr):
             log.warn("refused a connection from {peer}: only loopback peers are served", peer=addr)
             return None
         return super().buildProtocol(addr)

@@ -59,7 +59,7 @@ def _exchange(path: str, command: str, request: bytes, timeout: float) -> bytes:
             # A daemon from before the protocol may have answered and closed already.
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 s.sendall(request)
-            chunks = _read_reply(s, path)
+            chunks = _readReply(s, path)
     except FileNotFoundError:
         raise DaemonDown(f"the daemon is not running (no control socket at {path})") from None
     except ConnectionRefusedError:
@@ -80,7 +80,7 @@ def _exchange(path: str, command: str, request: bytes, timeout: float) -> bytes:
     return b"".join(chunks)
 
 
-def _read_reply(s: socket.socket, path: str) -> list[bytes]:
+def _readReply(s: socket.socket, path: str) -> list[bytes]:
     """
     Everything up to the daemon's close.  A daemon from before the protocol closes without
     reading the request, which Linux reports as a reset after the reply it sent: a reset

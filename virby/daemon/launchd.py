@@ -40,7 +40,7 @@ class LaunchdError(VirbyError):
     """launchd has no socket for us; the message says why and how to run without it."""
 
 
-def activate_socket(name: str) -> list[int]:
+def activateSocket(name: str) -> list[int]:
     """
     The listening fds launchd holds for socket C{name} of this job.
 
@@ -128,7 +128,7 @@ class LaunchdServerEndpoint:
         self._activate = activate
 
     def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
-        activate = self._activate or activate_socket
+        activate = self._activate or activateSocket
         try:
             fds = activate(self._name)
         except OSError as e:

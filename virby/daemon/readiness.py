@@ -159,7 +159,7 @@ class _BannerFactory(ClientFactory[BannerProbe]):
             self._result.errback(reason)
 
 
-def probe_banner(
+def probeBanner(
     reactor: IProbeReactor, host: str, port: int, timeout: float
 ) -> Deferred[BannerProbe]:
     """
@@ -265,7 +265,7 @@ class _GuestWait:
         if ip != self._lastIP:
             log.debug("the VM has a lease for {ip}", ip=ip)
         self._lastIP = ip
-        self._probe = probe = probe_banner(self._reactor, ip, self._port, self._probeTimeout)
+        self._probe = probe = probeBanner(self._reactor, ip, self._port, self._probeTimeout)
         probe.addCallbacks(self._answered, self._probeFailed, callbackArgs=(ip,))
 
     def _answered(self, spare: BannerProbe, ip: str) -> None:
@@ -335,14 +335,14 @@ class _GuestWait:
             result.release()
 
 
-def wait_for_guest(
+def waitForGuest(
     reactor: IProbeReactor,
     lookup: Callable[[], str | None],
     port: int,
     timeout: float,
     interval: float = 0.05,
-    probe_interval: float = PROBE_INTERVAL,
-    probe_timeout: float = 2.0,
+    probeInterval: float = PROBE_INTERVAL,
+    probeTimeout: float = 2.0,
     what: str = "the VM",
 ) -> Deferred[ReadyGuest]:
     """
@@ -351,10 +351,10 @@ def wait_for_guest(
     @param lookup: the lease lookup; an exception from it (an unreadable lease file) ends
         the wait at once with that error.
     @param interval: seconds between lease lookups while the VM has no lease.
-    @param probe_interval: seconds from a refused probe to the next, while sshd is expected.
+    @param probeInterval: seconds from a refused probe to the next, while sshd is expected.
     @param what: how the no-lease message names the VM (its MAC and the lease file).
     @return: a cancellable Deferred; it fails with L{BootTimeout} after C{timeout} seconds.
     """
     return _GuestWait(
-        reactor, lookup, port, timeout, interval, probe_interval, probe_timeout, what
+        reactor, lookup, port, timeout, interval, probeInterval, probeTimeout, what
     ).result

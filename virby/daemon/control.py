@@ -60,7 +60,7 @@ REPLY_TIMEOUT = 10.0
 
 
 class Commands(TypingProtocol):
-    """What the control socket can ask of the daemon (L{virby.daemon.DaemonService})."""
+    """What the control socket can ask of the daemon (L{virby.daemon.service.DaemonService})."""
 
     def status(self) -> dict[str, Any]: ...
 

@@ -1,0 +1,7 @@
+"""``python -m virby.cli``: the C{virby} command."""
+
+import sys
+
+from virby.cli import main
+
+sys.exit(main())
