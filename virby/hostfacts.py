@@ -12,7 +12,9 @@ Every command run and every file looked at goes through one L{Runner}, so that a
 play any Mac, and so that a report can say exactly what was asked (L{HostFacts.probes}).
 C{virby doctor} asks the rest of what it needs of the Mac through the same runner: launchd
 (C{launchctl print}), who holds the builder's port (C{lsof}), the application firewall
-(C{socketfilterfw}), vfkit's version, and C{ssh}.
+(C{socketfilterfw}), vfkit's version, C{ssh} (and what C{ssh -G} makes of C{virby-vm}),
+the command line of a process (C{ps}), Nix's settings (C{nix config show}) and its machines
+file.
 On macOS the runner runs the commands (L{MacRunner}); elsewhere there is no Mac to ask, and
 L{PlayedMac} answers for the Mac that the vfkit emulator plays, set by the same
 C{VIRBY_EMULATOR_CPU}, C{VIRBY_EMULATOR_MACOS} and C{VIRBY_EMULATOR_ROSETTA} variables the
@@ -39,6 +41,13 @@ LAUNCHCTL = "/bin/launchctl"
 SOCKETFILTERFW = "/usr/libexec/ApplicationFirewall/socketfilterfw"
 LSOF = "/usr/sbin/lsof"
 SSH = "/usr/bin/ssh"
+PS = "/bin/ps"
+#: Nix, as the person running C{virby doctor} finds it: nix-darwin and Determinate each put
+#: their own on C{PATH}.
+NIX = "nix"
+#: The machines file Nix reads by default (C{builders = @/etc/nix/machines}); nix-darwin's
+#: C{nix.buildMachines} and Determinate's C{determinateNix.buildMachines} both write it.
+NIX_MACHINES = "/etc/nix/machines"
 #: launchctl's exit status for a service it does not know.
 NO_SUCH_SERVICE = 113
 #: Rosetta 2's translator; present exactly when Rosetta is installed on Apple silicon.
@@ -85,6 +94,12 @@ class Runner(Protocol):
     def userId(self, name: str) -> int | None:
         """The uid of the user C{name}, or C{None} when the host has no such user."""
 
+    def readText(self, path: str) -> str:
+        """
+        The text of one of the Mac's own files (C{/etc/nix/machines}).  @raise OSError: when
+        it cannot be read, as C{open} raises it.
+        """
+
 
 class MacRunner:
     """Runs the commands for real (macOS)."""
@@ -117,6 +132,10 @@ class MacRunner:
         except KeyError:
             return None
 
+    def readText(self, path: str) -> str:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
 
 @dataclass(frozen=True)
 class PlayedMac:
@@ -139,6 +158,10 @@ class PlayedMac:
         or C{"block-all"} (on, blocking every incoming connection).
     @ivar ssh_config: the Mac's ssh configuration (C{VIRBY_PLAYED_SSH_CONFIG}), a file that
         plays the C{/etc/ssh/ssh_config.d} the module installs; C{""}: this system's own.
+    @ivar nix_machines: the file that plays the Mac's C{/etc/nix/machines}
+        (C{VIRBY_PLAYED_NIX_MACHINES}); C{""}: the played Mac has none.  Nix itself is this
+        system's, run for real (C{nix config show}), so C{NIX_CONF_DIR} and C{NIX_CONFIG}
+        play its settings.
     """
 
     cpu: str
@@ -147,6 +170,7 @@ class PlayedMac:
     launchd: str = ""
     firewall: str = "off"
     ssh_config: str = ""
+    nix_machines: str = ""
 
     @classmethod
     def fromEnvironment(cls, environ: Mapping[str, str] | None = None) -> PlayedMac:
@@ -162,6 +186,7 @@ class PlayedMac:
             launchd=environ.get("VIRBY_PLAYED_LAUNCHD", ""),
             firewall=environ.get("VIRBY_PLAYED_FIREWALL") or "off",
             ssh_config=environ.get("VIRBY_PLAYED_SSH_CONFIG", ""),
+            nix_machines=environ.get("VIRBY_PLAYED_NIX_MACHINES", ""),
         )
 
     @property
@@ -189,7 +214,7 @@ class PlayedMac:
             return self._socketfilterfw(argv)
         if argv[0] == SSH and self.ssh_config:
             return MacRunner().run(["ssh", "-F", self.ssh_config, *argv[1:]], timeout)
-        linux = {LSOF: "lsof", SSH: "ssh"}.get(argv[0], argv[0])
+        linux = {LSOF: "lsof", SSH: "ssh", PS: "ps"}.get(argv[0], argv[0])
         return MacRunner().run([linux, *argv[1:]], timeout)
 
     def _launchctl(self, argv: Sequence[str]) -> str:
@@ -232,6 +257,14 @@ class PlayedMac:
 
     def exists(self, path: str) -> bool:
         return path == ROSETTA_RUNTIME and self.appleSilicon and self.rosetta == "installed"
+
+    def readText(self, path: str) -> str:
+        """The played machines file stands for the Mac's; every other file is this system's."""
+        if path == NIX_MACHINES:
+            if not self.nix_machines:
+                raise FileNotFoundError(2, "No such file or directory", path)
+            path = self.nix_machines
+        return MacRunner().readText(path)
 
     def userId(self, name: str) -> int | None:
         """
@@ -411,3 +444,73 @@ def parseLsof(text: str) -> list[tuple[int, str]]:
         elif line.startswith("c") and pid is not None and holders and holders[-1][0] == pid:
             holders[-1] = (pid, line[1:])
     return holders
+
+
+def parseNixConfig(text: str) -> dict[str, str]:
+    """
+    C{nix config show} (C{nix show-config} before Nix 2.20): one C{name = value} line a
+    setting, the value as Nix would write it back (lists space-separated).
+    """
+    settings: dict[str, str] = {}
+    for line in text.splitlines():
+        name, sep, value = line.partition(" = ")
+        if sep and name and " " not in name:
+            settings[name] = value.strip()
+    return settings
+
+
+@dataclass(frozen=True)
+class Machine:
+    """
+    One line of a Nix machines file: the fields Nix's C{build-remote} reads, in its order
+    (URI, systems, key, max jobs, speed factor, supported features, mandatory features,
+    host key), C{-} standing for none.
+    """
+
+    uri: str
+    systems: frozenset[str]
+    supportedFeatures: frozenset[str]
+    mandatoryFeatures: frozenset[str]
+
+    @property
+    def host(self) -> str:
+        """C{ssh-ng://builder@virby-vm} -> C{virby-vm}."""
+        rest = self.uri.partition("://")[2] or self.uri
+        return rest.rpartition("@")[2]
+
+
+def parseMachines(text: str) -> list[Machine]:
+    """The machines of a file in the format nix-darwin and Determinate write (C{#} comments)."""
+    found = []
+    for line in text.splitlines():
+        fields = line.partition("#")[0].split()
+        if not fields:
+            continue
+        fields += ["-"] * (8 - len(fields))
+
+        def listed(value: str) -> frozenset[str]:
+            return frozenset() if value == "-" else frozenset(value.split(","))
+
+        found.append(Machine(fields[0], listed(fields[1]), listed(fields[5]), listed(fields[6])))
+    return found
+
+
+def parseSshOptions(text: str) -> dict[str, list[str]]:
+    """C{ssh -G HOST}: one lower-case C{keyword value} line each, some keywords repeated."""
+    options: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        keyword, _, value = line.strip().partition(" ")
+        if keyword:
+            options.setdefault(keyword.lower(), []).append(value.strip())
+    return options
+
+
+def configOfCommandLine(commandLine: str) -> str | None:
+    """The file a Virby command line names with C{--config FILE} (or C{--config=FILE})."""
+    words = commandLine.split()
+    for i, word in enumerate(words):
+        if word == "--config" and i + 1 < len(words):
+            return words[i + 1]
+        if word.startswith("--config="):
+            return word.removeprefix("--config=")
+    return None

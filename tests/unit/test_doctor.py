@@ -19,7 +19,7 @@ import pytest
 from tests.played_user import PLAYED, PlayedUser
 from virby.cli import doctor, prepare
 from virby.cli.client import DaemonDown, NotAllowed
-from virby.cli.doctor import Doctor, Status
+from virby.cli.doctor import NIX_CONFIG_SHOW, SSH_AS_NIX, Doctor, Status
 from virby.config import MIB, Config, fromMapping
 from virby.hostfacts import (
     ARM64,
@@ -27,6 +27,8 @@ from virby.hostfacts import (
     LAUNCHCTL,
     LSOF,
     MACOS_VERSION,
+    NIX_MACHINES,
+    PS,
     ROSETTA_RUNTIME,
     SOCKETFILTERFW,
     SSH,
@@ -35,7 +37,7 @@ from virby.hostfacts import (
     parseLaunchctl,
     parseLsof,
 )
-from virby.layout import CONTROL_SOCKET
+from virby.layout import CLIENT_KEY, CONTROL_SOCKET, KNOWN_HOSTS
 from virby.shares import Account
 from virby.vfkitflags import VFKIT_SINCE, parseVfkitVersion, vfkitNeeds
 from virby.wire import LAUNCHD_LABEL
@@ -65,6 +67,29 @@ RUNNING_JOB = f"""system/{LAUNCHD_LABEL} = {{
 """
 
 
+#: What nix-darwin writes into /etc/nix/machines for the default config (nix/module.nix).
+MACHINE_LINE = "ssh-ng://virby-vm aarch64-linux - 8 1 benchmark,big-parallel - -\n"
+NIX_SETTINGS = (
+    "allow-dirty = true\nbuilders = @/etc/nix/machines\nbuilders-use-substitutes = true\n"
+    "trusted-users = root\n"
+)
+
+
+def sshG(config: Config, **changed: str) -> str:
+    """What C{ssh -G virby-vm} prints with the module's block installed (a few lines)."""
+    lines = {
+        "user": "builder",
+        "hostname": "127.0.0.1",
+        "port": str(config.builderPort),
+        "hostkeyalias": "virby-vm-key",
+        "identityfile": config.path(CLIENT_KEY),
+        "userknownhostsfile": config.path(KNOWN_HOSTS),
+        "stricthostkeychecking": "true",
+        **changed,
+    }
+    return "".join(f"{key} {value}\n" for key, value in lines.items())
+
+
 class ScriptedMac:
     """A Mac whose every answer the test sets; it records what was asked."""
 
@@ -77,8 +102,11 @@ class ScriptedMac:
             (SOCKETFILTERFW, "--getglobalstate"): "Firewall is disabled. (State = 0)\n",
             (SOCKETFILTERFW, "--getblockall"): "Firewall has block all state set to disabled.\n",
             (vfkit, "--version"): "vfkit version: v0.6.3\n",
-            (SSH, "-o", "BatchMode=yes", "virby-vm", "true"): "",
+            SSH_AS_NIX: "nix-daemon (Nix) 2.28.3\n",
+            NIX_CONFIG_SHOW[0]: NIX_SETTINGS,
         }
+        #: The Mac's own files, as the runner reads them.
+        self.texts = {NIX_MACHINES: MACHINE_LINE}
         self.lsof = f"p1\nclaunchd\np{DAEMON_PID}\ncvirbyd\n"
         self.files = {ROSETTA_RUNTIME}
         #: The host's users: none by default, so no test depends on the users of the host
@@ -99,6 +127,11 @@ class ScriptedMac:
 
     def exists(self, path: str) -> bool:
         return path in self.files
+
+    def readText(self, path: str) -> str:
+        if path not in self.texts:
+            raise FileNotFoundError(2, "No such file or directory", path)
+        return self.texts[path]
 
     def userId(self, name: str) -> int | None:
         return self.users.get(name)
@@ -121,7 +154,9 @@ def machine(short_tmp: Path) -> dict[str, Any]:
     prepare.prepare(config)
     (short_tmp / "wd" / "mac").write_text(MAC + "\n")
     write_leases(short_tmp / "dhcpd_leases", [("192.168.64.7", MAC, NOW + 80000, "virby-vm")])
-    return {"config": config, "mac": ScriptedMac(str(vfkit)), "root": short_tmp}
+    mac = ScriptedMac(str(vfkit))
+    mac.answers[(SSH, "-G", "virby-vm")] = sshG(config)
+    return {"config": config, "mac": mac, "root": short_tmp}
 
 
 def write_leases(path: Path, leases: list[tuple[str, str | None, float, str]]) -> None:
@@ -169,6 +204,7 @@ def examine(
         machine["mac"],
         configFile="/etc/virby.json",
         euid=kwargs.pop("euid", 0),
+        user=kwargs.pop("user", "root"),
         now=lambda: NOW,
         statvfs=lambda path: Volume(free),  # type: ignore[arg-type,return-value]
         ask=ask,
@@ -187,8 +223,8 @@ def failed(found: dict[str, Any]) -> dict[str, Any]:
 def test_a_healthy_machine_passes_every_check(machine) -> None:
     found = examine(machine)
     assert list(found) == [
-        "launchd", "daemon", "port", "working-dir", "files", "keys", "image", "vfkit",
-        "ssh", "dhcp-lease", "lease-pool", "disk-space",
+        "config", "launchd", "daemon", "port", "working-dir", "files", "keys", "image", "vfkit",
+        "nix-settings", "machines", "ssh-config", "ssh", "dhcp-lease", "lease-pool", "disk-space",
     ]  # fmt: skip
     assert {name: f.status for name, f in found.items()} == {
         **{name: Status.OK for name in found},
@@ -198,13 +234,26 @@ def test_a_healthy_machine_passes_every_check(machine) -> None:
     assert "launchd (pid 1), virbyd (pid 4242)" in found["port"].detail
     assert "vfkit v0.6.3" in found["vfkit"].detail and "need v0.6.1" in found["vfkit"].detail
     assert "bootpd gave 02:94:00:00:00:07 192.168.64.7" in found["dhcp-lease"].detail
+    assert found["config"].detail == "read /etc/virby.json"
+    assert found["machines"].detail == (
+        "/etc/nix/machines lists ssh-ng://virby-vm for aarch64-linux with benchmark,big-parallel"
+    )
+    assert "builders = @/etc/nix/machines" in found["nix-settings"].detail
+    assert "127.0.0.1:31222" in found["ssh-config"].detail
 
 
 def test_rosetta_nested_and_ssh_are_checked_when_asked(machine) -> None:
     config = dataclasses.replace(machine["config"], rosetta=True, nested_virtualization=True)
+    machine["mac"].texts[NIX_MACHINES] = (
+        "ssh-ng://virby-vm aarch64-linux,x86_64-linux - 8 1 "
+        "benchmark,big-parallel,kvm,nixos-test - -\n"
+    )
     found = examine(machine, config, ssh=True)
     assert found["rosetta"].status is Status.OK and found["nested"].status is Status.OK
-    assert found["ssh"].status is Status.OK and found["ssh"].detail.startswith("ssh virby-vm")
+    assert found["machines"].status is Status.OK, found["machines"].line()
+    assert found["ssh"].status is Status.OK
+    assert found["ssh"].detail.startswith("ssh virby-vm nix-daemon --version answered")
+    assert "(nix-daemon (Nix) 2.28.3)" in found["ssh"].detail
     assert "need v0.6.2" in found["vfkit"].detail, "--nested came with v0.6.2"
 
 
@@ -216,7 +265,8 @@ def test_the_command_prints_one_line_a_check_and_exits_0(machine, monkeypatch) -
     code = doctor.run(machine["config"], asJson=False, configFile="/c.json", out=out, euid=0)
     assert code == 0, out.getvalue()
     lines = out.getvalue().splitlines()
-    assert len(lines) == 13 and lines[-1] == "no check failed"
+    assert len(lines) == 17 and lines[-1] == "no check failed"
+    assert lines[0].split() == ["ok", "config", "read", "/c.json"]
     assert all(re.match(r"^(ok|skip)  +[a-z-]+  +\S", line) for line in lines[:-1]), lines
 
 
@@ -478,13 +528,20 @@ def test_too_little_room_for_a_build_fails_however_large_the_disk(machine) -> No
 
 
 def test_an_ssh_that_fails(machine) -> None:
-    machine["mac"].answers[(SSH, "-o", "BatchMode=yes", "virby-vm", "true")] = ProbeError(
+    machine["mac"].answers[SSH_AS_NIX] = ProbeError(
         "builder@127.0.0.1: Permission denied (publickey).", 255
     )
     finding = failed(examine(machine, ssh=True))["ssh"]
     assert finding.detail == (
-        "ssh virby-vm true failed: builder@127.0.0.1: Permission denied (publickey)."
+        "ssh virby-vm nix-daemon --version failed: builder@127.0.0.1: Permission denied "
+        "(publickey)."
     )
+
+
+def test_ssh_connects_as_nix_does() -> None:
+    """C{ssh HOST -x ... -- nix-daemon}: Nix's own order, and the program ssh-ng runs."""
+    assert SSH_AS_NIX[:3] == (SSH, "virby-vm", "-x")
+    assert SSH_AS_NIX[-3:] == ("--", "nix-daemon", "--version")
 
 
 def test_ssh_waits_as_long_as_a_boot_may_take(machine) -> None:
@@ -587,7 +644,7 @@ def test_json_names_the_unreachable_share_and_its_fix(machine, monkeypatch) -> N
     monkeypatch.setattr(doctor, "query", lambda path: dict(RUNNING_STATUS))
     monkeypatch.setattr(doctor, "defaultRunner", lambda: machine["mac"])
     out = io.StringIO()
-    assert doctor.run(config, asJson=True, out=out, euid=0) == 1
+    assert doctor.run(config, asJson=True, configFile="/c.json", out=out, euid=0) == 1
     (check,) = [c for c in json.loads(out.getvalue())["checks"] if c["check"] == "shared-dirs"]
     assert check["status"] == "fail" and "outside /Users" in check["fix"]
 
@@ -603,7 +660,7 @@ def test_json_for_scripts(machine, monkeypatch) -> None:
     monkeypatch.setattr(doctor, "defaultRunner", lambda: machine["mac"])
     os.chmod(machine["config"].working_directory, 0o755)
     out = io.StringIO()
-    assert doctor.run(machine["config"], asJson=True, out=out, euid=0) == 1
+    assert doctor.run(machine["config"], asJson=True, configFile="/c", out=out, euid=0) == 1
     document = json.loads(out.getvalue())
     assert document["ok"] is False and document["needs_sudo"] == []
     (failure,) = [c for c in document["checks"] if c["status"] == "fail"]
@@ -684,3 +741,216 @@ def test_without_config_the_modules_config_is_read(machine, monkeypatch, capsys)
     document = json.loads(capsys.readouterr().out)
     (image,) = [c for c in document["checks"] if c["check"] == "image"]
     assert image["status"] == "ok" and machine["config"].image in image["detail"]
+
+
+# -- the config that was read
+
+
+def test_no_config_given_and_none_installed_is_the_one_failure(machine, monkeypatch) -> None:
+    monkeypatch.setattr(doctor, "defaultRunner", lambda: machine["mac"])
+    out = io.StringIO()
+    assert doctor.run(machine["config"], asJson=False, configFile=None, out=out, euid=0) == 1
+    first, summary = out.getvalue().splitlines()
+    assert first.split()[:2] == ["FAIL", "config"]
+    assert "no --config given, and /etc/virby/config.json is not installed" in first
+    assert "virby doctor --config FILE" in first
+    assert summary == "1 of 1 checks failed"
+    assert machine["mac"].asked == [], "nothing was asked of a Mac judged by defaults"
+
+
+# -- the Nix side: why Nix would not pick the builder
+
+
+def test_no_machines_file(machine) -> None:
+    del machine["mac"].texts[NIX_MACHINES]
+    finding = failed(examine(machine))["machines"]
+    assert finding.detail == "no /etc/nix/machines: Nix knows no remote builders"
+    assert finding.fix is not None and "nix.buildMachines" in finding.fix
+    assert "determinateNix.buildMachines" in finding.fix
+
+
+def test_a_machines_file_without_the_builder(machine) -> None:
+    machine["mac"].texts[NIX_MACHINES] = "# others\nssh://mac-mini x86_64-linux - 4 1 - - -\n"
+    finding = failed(examine(machine))["machines"]
+    assert finding.detail == "/etc/nix/machines lists no virby-vm (it lists ssh://mac-mini)"
+
+
+def test_a_machine_without_the_systems_and_features_the_config_implies(machine) -> None:
+    config = dataclasses.replace(machine["config"], rosetta=True, nested_virtualization=True)
+    finding = failed(examine(machine, config))["machines"]
+    assert "systems aarch64-linux, not aarch64-linux,x86_64-linux" in finding.detail
+    assert "features benchmark,big-parallel, not benchmark,big-parallel,kvm,nixos-test" in (
+        finding.detail
+    )
+
+
+def test_a_machine_with_what_this_config_does_not_offer(machine) -> None:
+    """kvm without nesting would send NixOS tests to a VM with no /dev/kvm."""
+    machine["mac"].texts[NIX_MACHINES] = (
+        "ssh-ng://virby-vm aarch64-linux - 8 1 benchmark,big-parallel,kvm,nixos-test kvm -\n"
+    )
+    finding = failed(examine(machine))["machines"]
+    assert "not benchmark,big-parallel" in finding.detail
+    assert "mandatory features kvm" in finding.detail
+
+
+def test_the_machines_file_is_the_one_builders_names(machine) -> None:
+    mac = machine["mac"]
+    mac.answers[NIX_CONFIG_SHOW[0]] = NIX_SETTINGS.replace(
+        "@/etc/nix/machines", "@/etc/nix/other-machines"
+    )
+    mac.texts["/etc/nix/other-machines"] = MACHINE_LINE
+    del mac.texts[NIX_MACHINES]
+    found = examine(machine)
+    assert found["machines"].status is Status.OK
+    assert found["machines"].detail.startswith("/etc/nix/other-machines lists ssh-ng://virby-vm")
+
+
+def test_builders_that_name_the_builder_inline(machine) -> None:
+    mac = machine["mac"]
+    mac.answers[NIX_CONFIG_SHOW[0]] = NIX_SETTINGS.replace(
+        "@/etc/nix/machines", MACHINE_LINE.strip()
+    )
+    del mac.texts[NIX_MACHINES]
+    found = examine(machine)
+    assert found["machines"].status is Status.OK, found["machines"].line()
+    assert found["machines"].detail.startswith("the builders setting lists")
+
+
+def test_empty_builders_is_distributed_builds_off(machine) -> None:
+    machine["mac"].answers[NIX_CONFIG_SHOW[0]] = NIX_SETTINGS.replace("@/etc/nix/machines", "")
+    finding = failed(examine(machine))["nix-settings"]
+    assert "builders setting is empty" in finding.detail
+    assert finding.fix is not None and "nix.distributedBuilds = true" in finding.fix
+
+
+def test_builders_that_read_no_machines_file(machine) -> None:
+    machine["mac"].answers[NIX_CONFIG_SHOW[0]] = NIX_SETTINGS.replace(
+        "@/etc/nix/machines", "ssh://elsewhere x86_64-linux"
+    )
+    finding = failed(examine(machine))["nix-settings"]
+    assert "reads no machines file and does not name virby-vm" in finding.detail
+
+
+def test_an_older_nix_is_asked_with_show_config(machine) -> None:
+    mac = machine["mac"]
+    del mac.answers[NIX_CONFIG_SHOW[0]]
+    mac.answers[NIX_CONFIG_SHOW[1]] = NIX_SETTINGS
+    found = examine(machine)
+    assert found["nix-settings"].status is Status.OK
+    assert NIX_CONFIG_SHOW[0] in mac.asked and NIX_CONFIG_SHOW[1] in mac.asked
+
+
+def test_no_nix_to_ask_is_a_warning(machine) -> None:
+    del machine["mac"].answers[NIX_CONFIG_SHOW[0]]
+    assert examine(machine)["nix-settings"].status is Status.WARN
+
+
+def test_substitutes_off_and_an_untrusted_user_are_said(machine) -> None:
+    machine["mac"].answers[NIX_CONFIG_SHOW[0]] = NIX_SETTINGS.replace(
+        "builders-use-substitutes = true", "builders-use-substitutes = false"
+    )
+    finding = examine(machine, user="alice")["nix-settings"]
+    assert finding.status is Status.WARN
+    assert "alice is not in trusted-users (root)" in finding.detail
+    assert "builders-use-substitutes is not true" in finding.detail
+    assert finding.fix == "nix.settings.builders-use-substitutes = true"
+    machine["mac"].answers[NIX_CONFIG_SHOW[0]] = NIX_SETTINGS.replace("= root", "= root @admin")
+    assert "trusted-users" not in examine(machine, user="alice")["nix-settings"].detail
+
+
+def test_no_host_block_is_said_by_ssh_config_and_named_by_the_ssh_failure(machine) -> None:
+    mac = machine["mac"]
+    mac.answers[(SSH, "-G", "virby-vm")] = "user root\nhostname virby-vm\nport 22\n"
+    mac.answers[SSH_AS_NIX] = ProbeError(
+        "ssh: Could not resolve hostname virby-vm: nodename nor servname provided, or not known",
+        255,
+    )
+    found = failed(examine(machine, ssh=True))
+    assert found["ssh-config"].detail.startswith("root's ssh has no Host virby-vm block")
+    assert found["ssh-config"].fix is not None
+    assert "Include /etc/ssh/ssh_config.d/*" in found["ssh-config"].fix
+    assert found["ssh"].fix is not None and "daemon" not in found["ssh"].fix
+    assert found["ssh"].fix.startswith("first the ssh-config check's problem")
+
+
+def test_a_host_block_with_another_port_and_key(machine) -> None:
+    machine["mac"].answers[(SSH, "-G", "virby-vm")] = sshG(
+        machine["config"], port="2222", identityfile="~/.ssh/id_ed25519"
+    )
+    finding = failed(examine(machine))["ssh-config"]
+    assert "port 2222, not 31222" in finding.detail
+    assert "identityfile is not" in finding.detail
+    assert finding.fix is not None and "virby prepare --print-ssh-config" in finding.fix
+
+
+@pytest.mark.parametrize(
+    ("said", "fix"),
+    [("kex_exchange_identification: Connection closed by remote host", "sudo virby start"),
+     ("ssh: connect to host 127.0.0.1 port 31222: Connection refused", "launchd and port"),
+     ("No ED25519 host key is known for virby-vm-key and you have requested strict checking.",
+      "sudo virby prepare"),
+     ("builder@127.0.0.1: Permission denied (publickey).", "refused the client key"),
+     ("bash: nix-daemon: command not found", "no nix-daemon")],
+)  # fmt: skip
+def test_an_ssh_failure_is_fixed_by_its_cause(machine, said: str, fix: str) -> None:
+    machine["mac"].answers[SSH_AS_NIX] = ProbeError(said, 255)
+    finding = failed(examine(machine, ssh=True))["ssh"]
+    assert finding.fix is not None and fix in finding.fix, finding.fix
+
+
+def test_the_host_key_as_a_user_asks_for_root(machine) -> None:
+    config = dataclasses.replace(machine["config"], allow_user_ssh=True)
+    machine["mac"].answers[SSH_AS_NIX] = ProbeError("Host key verification failed.", 255)
+    finding = examine(machine, config, ssh=True, euid=501)["ssh"]
+    assert finding.fix is not None and finding.fix.startswith("run it as root")
+
+
+def test_the_port_held_by_another_virby_daemon_names_its_config(machine) -> None:
+    mac = machine["mac"]
+    mac.lsof = "p1\nclaunchd\np999\ncPython\n"
+    mac.answers[(PS, "-ww", "-o", "command=", "-p", "999")] = (
+        "/nix/store/x-python3/bin/python3.12 /nix/store/y-virby/bin/virbyd "
+        "--config /nix/store/z-virby.json\n"
+    )
+    finding = failed(examine(machine))["port"]
+    assert "another Virby daemon (pid 999), which runs with --config /nix/store/z-virby.json" in (
+        finding.detail
+    )
+    assert finding.fix is not None and "different ports" in finding.fix
+
+
+def test_a_firewall_that_is_off_is_not_given_as_the_fix(machine) -> None:
+    (Path(machine["config"].working_directory) / "vfkit.pid").write_text("123\n")
+    os.utime(Path(machine["config"].working_directory) / "vfkit.pid", (NOW - 120, NOW - 120))
+    write_leases(Path(machine["config"].leases_file), [])
+    finding = failed(examine(machine))["dhcp-lease"]
+    assert finding.fix is not None and finding.fix.startswith("the firewall is off, so it is not")
+    assert "let bootpd through" not in finding.fix and "serial.log" in finding.fix
+
+
+def test_the_played_mac_has_a_machines_file_and_ps(tmp_path) -> None:
+    played = PlayedMac("Apple M4", "15.5", "installed")
+    with pytest.raises(FileNotFoundError):
+        played.readText(NIX_MACHINES)
+    machines = tmp_path / "machines"
+    machines.write_text(MACHINE_LINE)
+    played = PlayedMac.fromEnvironment({"VIRBY_PLAYED_NIX_MACHINES": str(machines)})
+    assert played.readText(NIX_MACHINES) == MACHINE_LINE
+
+
+@pytest.mark.linux
+def test_the_played_mac_runs_ps_as_linux_has_it() -> None:
+    played = PlayedMac("Apple M4", "15.5", "installed")
+    line = played.run([PS, "-ww", "-o", "command=", "-p", str(os.getpid())])
+    assert "python" in line.lower() or "pytest" in line
+
+
+@pytest.mark.repository
+def test_the_builder_the_doctor_expects_is_the_modules() -> None:
+    """C{nix/module.nix} registers these features and systems; the doctor checks the same."""
+    module = (ROOT / "nix" / "module.nix").read_text()
+    block = module[module.index("buildMachine = {") : module.index("# Reads one attribute")]
+    for word in ('"benchmark"', '"big-parallel"', '"kvm"', '"nixos-test"', '"x86_64-linux"'):
+        assert word in block
+    assert 'hostName = "virby-vm"' in block and 'protocol = "ssh-ng"' in block

@@ -15,8 +15,12 @@ from virby.hostfacts import (
     MacRunner,
     PlayedMac,
     ProbeError,
+    configOfCommandLine,
     defaultRunner,
     gather,
+    parseMachines,
+    parseNixConfig,
+    parseSshOptions,
 )
 
 
@@ -153,3 +157,56 @@ def test_the_mac_runner_runs_commands_and_reports_failures() -> None:
     with pytest.raises(ProbeError):
         runner.run(["/nonexistent/sw_vers"])
     assert runner.exists("/") and not runner.exists("/nonexistent")
+
+
+# -- what doctor reads of the Nix side
+
+
+def test_nix_config_show_is_read_name_by_name() -> None:
+    text = (
+        "allow-dirty = true\nbuilders = @/etc/nix/machines\nbuilders-use-substitutes = false\n"
+        "extra-platforms = \ntrusted-users = root @admin\nwarning: something\n"
+    )
+    settings = parseNixConfig(text)
+    assert settings["builders"] == "@/etc/nix/machines"
+    assert settings["trusted-users"] == "root @admin"
+    assert settings["extra-platforms"] == ""
+    assert "warning: something" not in settings
+
+
+def test_machines_files_as_nix_darwin_and_determinate_write_them() -> None:
+    # nix-darwin's line (seven fields and the host key on Nix 2.4 and later), Determinate's
+    # (the same eight), and a hand-written one with fewer fields and a comment.
+    text = (
+        "ssh-ng://virby-vm aarch64-linux,x86_64-linux - 8 1 benchmark,big-parallel,kvm kvm -\n"
+        "# a comment\n\n"
+        "ssh://builder@mini x86_64-linux  # trailing comment\n"
+    )
+    virby, mini = parseMachines(text)
+    assert virby.host == "virby-vm" and virby.uri == "ssh-ng://virby-vm"
+    assert virby.systems == {"aarch64-linux", "x86_64-linux"}
+    assert virby.supportedFeatures == {"benchmark", "big-parallel", "kvm"}
+    assert virby.mandatoryFeatures == {"kvm"}
+    assert mini.host == "mini" and mini.supportedFeatures == frozenset()
+
+
+def test_ssh_dash_g_keeps_repeated_keywords() -> None:
+    options = parseSshOptions(
+        "hostname 127.0.0.1\nport 31222\nidentityfile /a\nidentityfile /b\n"
+        "userknownhostsfile /x /y\n"
+    )
+    assert options["hostname"] == ["127.0.0.1"] and options["identityfile"] == ["/a", "/b"]
+    assert options["userknownhostsfile"] == ["/x /y"]
+
+
+@pytest.mark.parametrize(
+    ("line", "config"),
+    [
+        ("/nix/store/p/bin/python3 /nix/store/v/bin/virbyd --config /etc/v.json", "/etc/v.json"),
+        ("twistd --nodaemon --pidfile= virby --config=/a.json", "/a.json"),
+        ("/usr/sbin/sshd -D", None),
+        ("virbyd --config", None),
+    ],
+)
+def test_the_config_of_a_command_line(line: str, config: str | None) -> None:
+    assert configOfCommandLine(line) == config

@@ -106,7 +106,9 @@ def _parser() -> argparse.ArgumentParser:
     addArguments(doctor)
     doctor.add_argument("--json", action="store_true", help="print JSON for programs")
     doctor.add_argument(
-        "--ssh", action="store_true", help="also run `ssh virby-vm true` (boots the VM)"
+        "--ssh",
+        action="store_true",
+        help="also log in as Nix does: ssh virby-vm nix-daemon --version (boots the VM)",
     )
     return parser
 

@@ -11,6 +11,8 @@ The checks, in order, and what each looks at:
 ================  ==========================================================================
 check             looks at
 ================  ==========================================================================
+config            the config file read: the one given, else C{/etc/virby/config.json}; with
+                  neither, nothing else is checked (defaults would fail further down)
 launchd           C{launchctl print system/org.nixos.virbyd}: loaded, and running unless
                   on-demand (an on-demand job waits for its socket)
 daemon            the control socket: the daemon answers, its VM's state, its last error
@@ -29,8 +31,18 @@ shared-dirs       (when any) the daemon's user can reach each one: not a folder 
                   searchable and the share listable, asked as that user (L{virby.shares})
 rosetta           (when on) Apple silicon, macOS 13 or later, Rosetta installed
 nested            (when on) Apple M3 or later with macOS 15 or later
-ssh               (with C{--ssh}) C{ssh virby-vm true}, as Nix connects, within start-timeout;
-                  before the leases, so that a VM it boots is the one they are checked for
+nix-settings      C{nix config show} (C{nix show-config} before Nix 2.20): C{builders} reads
+                  the machines file (or names virby-vm), C{builders-use-substitutes}, and
+                  whether the caller is among C{trusted-users}
+machines          the machines file C{builders} names (C{/etc/nix/machines}, which
+                  nix-darwin and Determinate both write) lists C{virby-vm} with the systems
+                  and features this config implies, as C{nix/module.nix} writes them
+ssh-config        C{ssh -G virby-vm}: the Host block is read, with the daemon's address and
+                  port, the pinned host key's alias, the client key and the known hosts
+ssh               (with C{--ssh}) C{ssh virby-vm -x nix-daemon --version}, as Nix connects
+                  (as root, no forwarding, the program C{ssh-ng} runs), within
+                  start-timeout; before the leases, so that a VM it boots is the one they
+                  are checked for
 dhcp-lease        bootpd's lease file: readable, and written for this boot when a VM runs;
                   when no lease came, the application firewall's state and how to let
                   bootpd through (C{socketfilterfw --getglobalstate}, C{--getblockall})
@@ -63,6 +75,7 @@ from functools import partial
 from typing import Any, TextIO
 
 from virby import keys, shares
+from virby.cli import INSTALLED_CONFIG
 from virby.cli.client import DAEMON_LOG, LOAD_FIX, RESTART_FIX, DaemonDown, NotAllowed
 from virby.cli.prepare import recordedImage
 from virby.cli.status import query
@@ -71,17 +84,25 @@ from virby.errors import VirbyError
 from virby.hostfacts import (
     LAUNCHCTL,
     LSOF,
+    NIX,
+    NIX_MACHINES,
     NO_SUCH_SERVICE,
+    PS,
     SOCKETFILTERFW,
     SSH,
     HostFacts,
     ProbeError,
     Runner,
+    configOfCommandLine,
     defaultRunner,
     gather,
     parseLaunchctl,
     parseLsof,
+    parseMachines,
+    parseNixConfig,
+    parseSshOptions,
 )
+from virby.keys import HOST_KEY_ALIAS
 from virby.layout import (
     AUTHORIZED_KEY,
     BASE_IMAGE,
@@ -95,6 +116,7 @@ from virby.layout import (
     PREPARE_FIX,
     PREPARED_MODES,
     PRIVATE_DIRECTORY,
+    SERIAL_LOG,
     SHARED_CLIENT_KEY,
     SSHD_KEYS,
     VFKIT_PIDFILE,
@@ -103,6 +125,7 @@ from virby.layout import (
     directoryMode,
 )
 from virby.leases import GUEST_HOSTNAME, Lease, newestIp, normalizeMac, parseLeases
+from virby.sshconfig import HOST as SSH_HOST
 from virby.vfkitflags import VfkitNotFound, findVfkit, parseVfkitVersion, vfkitNeeds
 from virby.wire import LAUNCHD_LABEL
 
@@ -122,6 +145,14 @@ POOL_CROWDED = 200
 LEASE_GRACE = 30.0
 #: ssh gets start-timeout plus this: a cold boot, then the login.
 SSH_MARGIN = 30.0
+#: The system the VM builds natively: nixpkgs 26.11 builds Virby for aarch64-darwin only.
+LINUX_SYSTEM = "aarch64-linux"
+#: How C{nix config show} is asked: the new command, else (Nix before 2.20) the old one.
+NIX_CONFIG_SHOW = (
+    (NIX, "--extra-experimental-features", "nix-command", "config", "show"),
+    (NIX, "--extra-experimental-features", "nix-command", "show-config"),
+)
+SWITCH_FIX = "darwin-rebuild switch (the module writes it from services.virby)"
 
 
 class Status(enum.Enum):
@@ -180,6 +211,9 @@ class _Seen:
     working_directory: bool = True
     leases: list[Lease] | None = None
     vm_ip: str | None = None
+    machines_file: str = NIX_MACHINES
+    machines_inline: str | None = None
+    ssh_config: str | None = None
 
 
 class Doctor:
@@ -187,13 +221,16 @@ class Doctor:
     Runs the checks in order.
 
     @param runner: the Mac (L{defaultRunner} by default).
-    @param configFile: named in the fixes, so they can be pasted as they are.
+    @param configFile: the config file that was read, named in the fixes so they can be
+        pasted as they are; C{None} when none was (the C{config} check fails, and it alone
+        is run).
     @param euid: whose rights the checks have (root sees everything).
     @param now: the wall clock, to age leases and files (never to schedule anything).
     @param statvfs: the free space of a volume.
     @param ask: the daemon's status document from its control socket (L{query}).
     @param askAs: how the shared directories are asked about as that user
         (L{shares.askAs}).
+    @param user: who runs this (the user behind C{sudo}), for what Nix trusts them with.
     """
 
     def __init__(
@@ -208,9 +245,11 @@ class Doctor:
         statvfs: Callable[[str], os.statvfs_result] = os.statvfs,
         ask: Callable[[str], dict[str, Any]] | None = None,
         askAs: shares.Ask | None = None,
+        user: str | None = None,
     ) -> None:
         self.config = config
         self.runner = runner or defaultRunner()
+        self.configRead = configFile
         self.configFile = configFile or "FILE"
         self.ssh = ssh
         self.euid = os.geteuid() if euid is None else euid
@@ -218,11 +257,13 @@ class Doctor:
         self.statvfs = statvfs
         self.ask = ask or query
         self._ask_as = askAs
+        self.user = user if user is not None else _caller()
         self.seen = _Seen()
         self._facts: HostFacts | None = None
 
     def checks(self) -> list[tuple[str, Callable[[], Finding]]]:
         listed = [
+            ("config", self.configCheck),
             ("launchd", self.launchd),
             ("daemon", self.daemon),
             ("port", self.port),
@@ -238,6 +279,11 @@ class Doctor:
             listed.append(("rosetta", self.rosetta))
         if self.config.nested_virtualization:
             listed.append(("nested", self.nested))
+        listed += [
+            ("nix-settings", self.nixSettings),
+            ("machines", self.machines),
+            ("ssh-config", self.sshConfig),
+        ]
         # ssh before the leases: when it boots the VM, they are checked for that boot.
         listed += [
             ("ssh", self.sshLogin),
@@ -255,6 +301,8 @@ class Doctor:
             except _Finished as done:
                 finding = done.finding
             findings.append(Finding(name, finding.status, finding.detail, finding.fix))
+            if name == "config" and finding.status is Status.FAIL:
+                break  # every other check would judge the defaults, not this Mac's builder
         return findings
 
     # -- helpers
@@ -299,6 +347,17 @@ class Doctor:
             raise _Finished(fail(f"{name} is missing", self._prepareFix())) from None
 
     # -- the checks
+
+    def configCheck(self) -> Finding:
+        if self.configRead is None:
+            return fail(
+                f"no --config given, and {INSTALLED_CONFIG} is not installed: nothing says "
+                "how this builder is set up",
+                "darwin-rebuild switch with services.virby.enable installs it; "
+                "or name the config: virby doctor --config FILE",
+            )
+        installed = " (the one the module installs)" if self.configRead == INSTALLED_CONFIG else ""
+        return ok(f"read {self.configRead}{installed}")
 
     def launchd(self) -> Finding:
         try:
@@ -364,12 +423,35 @@ class Doctor:
         strangers = [(pid, command) for pid, command in holders if not self._ours(pid, command)]
         if strangers:
             pid, command = strangers[0]
+            other = self._otherVirby(pid)
+            if other is not None:
+                return fail(
+                    f"{where} is held by another Virby daemon (pid {pid}), which runs with "
+                    f"--config {other}, not by this config's",
+                    f"stop that one (its launchd job, or sudo kill {pid}) if {other} is left "
+                    "over, or give the two configs different ports (services.virby.port)",
+                )
             return fail(
                 f"{where} is held by {command} (pid {pid}), not by the daemon",
                 f"stop it (sudo kill {pid}), or set services.virby.port to a free port",
             )
         names = ", ".join(f"{command} (pid {pid})" for pid, command in holders)
         return ok(f"{where} is held by {names}")
+
+    def _otherVirby(self, pid: int) -> str | None:
+        """
+        The config another Virby daemon holding the port runs with, from its command line
+        (on macOS its command's name is Python's, so only the line tells): C{None} when the
+        process is not one, or its line cannot be read.
+        """
+        try:
+            line = self.runner.run([PS, "-ww", "-o", "command=", "-p", str(pid)])
+        except ProbeError:
+            return None
+        if "virby" not in line:
+            return None
+        other = configOfCommandLine(line)
+        return other if other is not None and other != self.configRead else None
 
     def _ours(self, pid: int, command: str) -> bool:
         """
@@ -678,6 +760,14 @@ class Doctor:
                     state += " and blocks all incoming connections"
         except ProbeError:
             pass
+        if state == "the firewall is off":
+            # Nothing to let through: what stops bootpd is elsewhere.
+            return (
+                f"{state}, so it is not what keeps bootpd from answering; read the VM's "
+                f"console for its DHCP client (sudo tail {self.config.path(SERIAL_LOG)}, "
+                "kept with debug on) and whether bootpd runs "
+                "(sudo launchctl print system/com.apple.bootpd)"
+            )
         steps = [
             f"{state}; check `{SOCKETFILTERFW} --getglobalstate` and `--listapps`",
             f"let bootpd through: `sudo {SOCKETFILTERFW} --add {BOOTPD} --unblockapp {BOOTPD}`",
@@ -743,20 +833,232 @@ class Doctor:
 
     def sshLogin(self) -> Finding:
         if not self.ssh:
-            return skip("not tried: `virby doctor --ssh` runs `ssh virby-vm true` (boots the VM)")
+            return skip(f"not tried: `virby doctor --ssh` runs `{SSH_AS_NIX_TEXT}` (boots the VM)")
         if not self.root and not self.config.allow_user_ssh:
             return sudo("ssh virby-vm with the root-only client key")
         limit = self.config.start_timeout + SSH_MARGIN
-        argv = [SSH, "-o", "BatchMode=yes", "virby-vm", "true"]
         started = time.monotonic()
         try:
-            self.runner.run(argv, timeout=limit)
+            said = self.runner.run(SSH_AS_NIX, timeout=limit).strip()
         except ProbeError as e:
-            return fail(
-                f"ssh virby-vm true failed: {e}",
-                f"see `sudo virby status --config {self.configFile}` and {DAEMON_LOG}",
+            return fail(f"{SSH_AS_NIX_TEXT} failed: {e}", self._sshFix(str(e)))
+        return ok(
+            f"{SSH_AS_NIX_TEXT} answered in {time.monotonic() - started:.1f}s"
+            + (f" ({said})" if said else "")
+        )
+
+    def _sshFix(self, said: str) -> str:
+        """What to do about ssh's own last line (docs/symptoms.md has each)."""
+        if self.seen.ssh_config is not None:
+            return f"first the ssh-config check's problem: {self.seen.ssh_config}"
+        if "Could not resolve hostname" in said:
+            return _NO_HOST_BLOCK_FIX
+        if "Connection refused" in said:
+            return (
+                "nothing listens on the builder's port: see the launchd and port checks; "
+                + LOAD_FIX
             )
-        return ok(f"ssh virby-vm true answered in {time.monotonic() - started:.1f}s")
+        if "host key" in said.lower() or "Host key verification failed" in said:
+            if not self.root:
+                return "run it as root (sudo), as Nix does, or set allowUserSsh = true"
+            return f"{self._prepareFix()}; a VM still running with old keys: sudo virby stop"
+        if "Permission denied" in said:
+            return f"the guest refused the client key: {self._prepareFix()}"
+        if "kex_exchange_identification" in said or "Connection closed" in said:
+            return (
+                "the daemon closed the connection: the VM did not boot; "
+                f"`sudo virby start --config {self.configFile}` shows why, as does {DAEMON_LOG}"
+            )
+        if "not found" in said or "No such file" in said:
+            return "the guest has no nix-daemon on its PATH: the image is not Virby's"
+        return f"see `sudo virby status --config {self.configFile}` and {DAEMON_LOG}"
+
+    # -- the Nix side: what makes Nix pick the builder at all
+
+    def _nixSettings(self) -> dict[str, str] | None:
+        for argv in NIX_CONFIG_SHOW:
+            try:
+                return parseNixConfig(self.runner.run(argv))
+            except ProbeError:
+                continue
+        return None
+
+    def nixSettings(self) -> Finding:
+        settings = self._nixSettings()
+        if settings is None:
+            return warn(
+                "cannot ask Nix for its settings (nix config show, nix show-config)",
+                "run it where `nix` is on PATH",
+            )
+        builders = settings.get("builders", "")
+        notes: list[str] = []
+        problem = None
+        references = [word[1:] for word in re.split(r"[\s;]+", builders) if word.startswith("@")]
+        if references:
+            self.seen.machines_file = references[0]
+        elif SSH_HOST in builders:
+            self.seen.machines_inline = builders.replace(";", "\n")
+        if not builders.strip():
+            problem = fail(
+                "Nix's builders setting is empty: Nix reads no machines file, so it never "
+                "builds on virby-vm (nix-darwin empties it when distributed builds are off)",
+                "nix.distributedBuilds = true (the module sets it unless overridden), then "
+                "darwin-rebuild switch",
+            )
+        elif not references and SSH_HOST not in builders:
+            problem = fail(
+                f"Nix's builders setting is {builders!r}: it reads no machines file and does "
+                f"not name {SSH_HOST}",
+                f"builders = @{NIX_MACHINES} (Nix's default; remove the setting that "
+                "overrides it), then darwin-rebuild switch",
+            )
+        else:
+            notes.append(f"builders = {builders}")
+        user = self.user
+        trusted = settings.get("trusted-users", "").split()
+        if (
+            user
+            and user != "root"
+            and user not in trusted
+            and not any(entry.startswith("@") or entry == "*" for entry in trusted)
+        ):
+            notes.append(
+                f"{user} is not in trusted-users ({' '.join(trusted) or 'none'}): a --builders "
+                "of theirs is ignored, and the daemon's own list is used"
+            )
+        if problem is not None:
+            return problem
+        if settings.get("builders-use-substitutes") != "true":
+            notes.append(
+                "builders-use-substitutes is not true: the Mac copies every input to the VM "
+                "instead of the VM fetching them from the caches"
+            )
+            return warn("; ".join(notes), "nix.settings.builders-use-substitutes = true")
+        return ok("; ".join(notes))
+
+    def machines(self) -> Finding:
+        path = self.seen.machines_file
+        try:
+            if self.seen.machines_inline is not None:
+                path = "the builders setting"
+                listed = parseMachines(self.seen.machines_inline)
+            else:
+                listed = parseMachines(self.runner.readText(path))
+        except FileNotFoundError:
+            listed = None
+        except PermissionError:
+            return sudo(path)
+        except OSError as e:
+            return fail(f"cannot read {path}: {e.strerror or e}", SWITCH_FIX)
+        fix = (
+            "darwin-rebuild switch: nix-darwin writes it from nix.buildMachines (with "
+            "nix.enable on), Determinate's module from determinateNix.buildMachines"
+        )
+        if listed is None:
+            return fail(f"no {path}: Nix knows no remote builders", fix)
+        ours = [m for m in listed if m.host == SSH_HOST]
+        if not ours:
+            names = ", ".join(m.uri for m in listed) or "none"
+            return fail(f"{path} lists no {SSH_HOST} (it lists {names})", fix)
+        machine = ours[0]
+        systems, features = self._wantedMachine()
+        problems = []
+        if machine.systems != systems:
+            problems.append(f"systems {_words(machine.systems)}, not {_words(systems)}")
+        if machine.supportedFeatures != features:
+            problems.append(f"features {_words(machine.supportedFeatures)}, not {_words(features)}")
+        if machine.mandatoryFeatures:
+            problems.append(
+                f"mandatory features {_words(machine.mandatoryFeatures)}: Nix sends it only "
+                "builds that ask for them"
+            )
+        if problems:
+            return fail(
+                f"{path} lists {machine.uri} with {'; '.join(problems)} (as this config implies)",
+                fix,
+            )
+        return ok(f"{path} lists {machine.uri} for {_words(systems)} with {_words(features)}")
+
+    def _wantedMachine(self) -> tuple[frozenset[str], frozenset[str]]:
+        """The systems and features C{nix/module.nix} registers for this config."""
+        systems = {LINUX_SYSTEM}
+        if self.config.rosetta:
+            systems.add("x86_64-linux")
+        features = {"benchmark", "big-parallel"}
+        if self.config.nested_virtualization:
+            features |= {"kvm", "nixos-test"}
+        return frozenset(systems), frozenset(features)
+
+    def sshConfig(self) -> Finding:
+        try:
+            options = parseSshOptions(self.runner.run([SSH, "-G", SSH_HOST]))
+        except ProbeError as e:
+            return warn(f"ssh -G {SSH_HOST} failed: {e}")
+        who = "root's ssh" if self.root else f"{_caller() or 'your'} ssh (Nix connects as root)"
+
+        def first(keyword: str) -> str:
+            return (options.get(keyword) or [""])[0]
+
+        if first("hostname") in (SSH_HOST, ""):
+            self.seen.ssh_config = f"{who} has no Host {SSH_HOST} block"
+            return fail(
+                f"{who} has no Host {SSH_HOST} block: it would look {SSH_HOST} up in DNS "
+                "(ssh: Could not resolve hostname)",
+                _NO_HOST_BLOCK_FIX,
+            )
+        problems = []
+        if first("hostname") != "127.0.0.1":
+            problems.append(f"hostname {first('hostname')}, not 127.0.0.1")
+        if first("port") != str(self.config.builderPort):
+            problems.append(f"port {first('port')}, not {self.config.builderPort}")
+        if first("hostkeyalias") != HOST_KEY_ALIAS:
+            problems.append(f"hostkeyalias {first('hostkeyalias') or 'none'}, not {HOST_KEY_ALIAS}")
+        keys_ = {self.config.path(CLIENT_KEY), self.config.path(SHARED_CLIENT_KEY)}
+        if not keys_ & set(options.get("identityfile", [])):
+            problems.append(f"identityfile is not {self.config.path(CLIENT_KEY)}")
+        known = " ".join(options.get("userknownhostsfile", [])).split()
+        if self.config.path(KNOWN_HOSTS) not in known:
+            problems.append(f"userknownhostsfile is not {self.config.path(KNOWN_HOSTS)}")
+        if problems:
+            self.seen.ssh_config = f"{who} reaches {SSH_HOST} with " + "; ".join(problems)
+            return fail(
+                self.seen.ssh_config,
+                "the block must be what `virby prepare --print-ssh-config` prints: "
+                "darwin-rebuild switch installs it; remove a Host virby-vm block or "
+                "-o option of your own that comes first",
+            )
+        return ok(
+            f"{who} reaches {SSH_HOST} at 127.0.0.1:{first('port')} with the pinned key "
+            f"{HOST_KEY_ALIAS}"
+        )
+
+
+#: How Nix runs ssh for an C{ssh-ng://virby-vm} builder: C{ssh HOST -x} (no X11), its
+#: options, then the program the store protocol runs (C{nix-daemon --stdio}); here its
+#: C{--version}, so that the login proves that program is there without speaking the
+#: protocol.  BatchMode: nothing can answer a prompt, as nothing does for the daemon.
+SSH_AS_NIX = (SSH, SSH_HOST, "-x", "-o", "BatchMode=yes", "--", "nix-daemon", "--version")
+SSH_AS_NIX_TEXT = f"ssh {SSH_HOST} nix-daemon --version"
+_NO_HOST_BLOCK_FIX = (
+    "darwin-rebuild switch installs it as /etc/ssh/ssh_config.d/100-virby-vm.conf; "
+    "/etc/ssh/ssh_config must keep its `Include /etc/ssh/ssh_config.d/*` line "
+    "(a macOS update can replace that file)"
+)
+
+
+def _caller() -> str | None:
+    """Who runs this: the user behind sudo, else the login."""
+    user = os.environ.get("SUDO_USER")
+    if user:
+        return user
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return None
+
+
+def _words(values: Iterable[str]) -> str:
+    return ",".join(sorted(values)) or "none"
 
 
 # -- verdicts
