@@ -8,7 +8,9 @@ import signal
 import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessTerminated
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 
 from virby.daemon.orphans import (
     OrphanError,
@@ -209,3 +211,18 @@ async def test_command_line_through_ps_as_on_macos(monkeypatch, short_tmp) -> No
     command = await commandLine(reactor, 4242, proc=None)
     assert command == "/usr/bin/vfkit --cpus 2 --restful-uri unix:///var/lib/virby/vfkit.sock"
     assert await commandLine(reactor, 2**22 + 12345, proc=None) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_ps_that_hangs_is_killed_and_the_command_line_is_unknown() -> None:
+    """A C{ps} stuck on a loaded Mac must not hold the boot: it is bounded like any child."""
+    from tests.unit.test_child import ProcessReactor
+
+    reactor = ProcessReactor()
+    d = Deferred.fromCoroutine(commandLine(reactor, 4242, proc=None, timeout=10.0))
+    ((protocol, executable, args, *_),) = reactor.spawned
+    assert args == [executable, "-ww", "-o", "command=", "-p", "4242"]
+    reactor.advance(10)
+    assert protocol.transport.signals == ["KILL"]
+    protocol.processEnded(Failure(ProcessTerminated(signal=9)))
+    assert await d is None

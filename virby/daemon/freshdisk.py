@@ -10,7 +10,8 @@ a while.  The daemon must not block on it, so it runs here, in a child process:
 
 which prints one line saying what it did, or one line on stderr saying why it could not, and
 exits 1.  L{makeFreshDisk} is the daemon's side: it spawns the child with the daemon's own
-Python and import path, bounds it with a timeout, and kills it when the boot is given up.
+Python and import path, bounded in time (L{virby.daemon.child.runBounded}), and kills it
+when the boot is given up.
 
 The child takes the working directory's lock, the one C{virby prepare} holds while it
 replaces C{base.img}, so a boot never clones an image that an activation is half-way
@@ -20,18 +21,15 @@ The copy itself is atomic (L{virby.disk.copy}): a copy cut short leaves the old 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 from collections.abc import Sequence
 
-from twisted.internet.defer import Deferred, fail
-from twisted.internet.error import ProcessExitedAlready
-from twisted.internet.interfaces import IDelayedCall, IProcessTransport
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from virby import disk
+from virby.daemon.child import Ended, runBounded
 from virby.errors import VirbyError
 from virby.layout import BASE_IMAGE, DIFF_IMAGE, PREPARE_FIX, PRIVATE
 from virby.logs import Logger
@@ -124,52 +122,6 @@ def childEnvironment(environ: dict[str, str] | None = None) -> dict[str, str]:
     return environ
 
 
-class _FreshDiskProtocol(ProcessProtocol):
-    # Set by makeConnection, which spawnProcess calls before it returns.
-    transport: IProcessTransport
-
-    def __init__(self, result: Deferred[str], timeout: float) -> None:
-        self.result = result
-        self._timeout = timeout
-        self._out = b""
-        self._err = b""
-        self.timer: IDelayedCall | None = None
-        self.timedOut = False
-
-    def outReceived(self, data: bytes) -> None:
-        self._out = (self._out + data)[-OUTPUT_LIMIT:]
-
-    def errReceived(self, data: bytes) -> None:
-        self._err = (self._err + data)[-OUTPUT_LIMIT:]
-
-    def kill(self) -> None:
-        with contextlib.suppress(ProcessExitedAlready):
-            self.transport.signalProcess("KILL")
-
-    def processEnded(self, reason: Failure) -> None:
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        if self.result.called:
-            return
-        if self.timedOut:
-            self.result.errback(
-                FreshDiskError(
-                    f"making a fresh {DIFF_IMAGE} took longer than {self._timeout:.0f}s "
-                    "(start-timeout); is the working directory's volume slow or full?"
-                )
-            )
-            return
-        code = getattr(reason.value, "exitCode", None)
-        if code == 0:
-            self.result.callback(_lastLine(self._out) or f"made a fresh {DIFF_IMAGE}")
-            return
-        why = _lastLine(self._err)
-        if not why:
-            sig = getattr(reason.value, "signal", None)
-            why = f"killed by signal {sig}" if sig is not None else f"exited with status {code}"
-        self.result.errback(FreshDiskError(f"no fresh {DIFF_IMAGE}: {why}"))
-
-
 def _lastLine(data: bytes) -> str:
     lines = [line.strip() for line in data.decode(errors="replace").splitlines()]
     lines = [line for line in lines if line]
@@ -184,36 +136,46 @@ def makeFreshDisk(
     executable: str = sys.executable,
 ) -> Deferred[str]:
     """
-    Run the child; the result fires with its line, or fails with a L{FreshDiskError} (its
-    own line, or the timeout).  Cancelling it (the boot was given up) kills the child.
+    Run the child (L{runBounded}); the result fires with its line, or fails with a
+    L{FreshDiskError} (its own line, or the timeout).  Cancelling it (the boot was given up)
+    kills the child.
     """
-    protocol: _FreshDiskProtocol
 
-    def cancel(d: Deferred[str]) -> None:
-        protocol.kill()
-
-    result: Deferred[str] = Deferred(cancel)
-    protocol = _FreshDiskProtocol(result, timeout)
-    try:
-        reactor.spawnProcess(
-            protocol,
-            executable,
-            [executable, "-m", "virby.daemon.freshdisk", working_directory, str(size)],
-            env=childEnvironment(),
-            path=working_directory,
-            childFDs={0: "w", 1: "r", 2: "r"},
-        )
-    except OSError as e:
-        return fail(FreshDiskError(f"cannot run {executable} to make a fresh disk: {e}"))
-    protocol.transport.closeStdin()
-
-    def expire() -> None:
-        protocol.timedOut = True
+    def expired() -> None:
         log.warn("making a fresh disk took longer than {timeout:.0f}s: killing it", timeout=timeout)
-        protocol.kill()
 
-    protocol.timer = reactor.callLater(timeout, expire)
-    return result
+    def judge(ended: Ended) -> str:
+        if ended.timedOut:
+            raise FreshDiskError(
+                f"making a fresh {DIFF_IMAGE} took longer than {timeout:.0f}s "
+                "(start-timeout); is the working directory's volume slow or full?"
+            )
+        if ended.code == 0:
+            return _lastLine(ended.out) or f"made a fresh {DIFF_IMAGE}"
+        why = _lastLine(ended.err)
+        if not why:
+            why = (
+                f"killed by signal {ended.signal}"
+                if ended.signal is not None
+                else f"exited with status {ended.code}"
+            )
+        raise FreshDiskError(f"no fresh {DIFF_IMAGE}: {why}")
+
+    def unstarted(failure: Failure) -> str:
+        failure.trap(OSError)  # a cancellation passes on as it is
+        raise FreshDiskError(f"cannot run {executable} to make a fresh disk: {failure.value}")
+
+    started = runBounded(
+        reactor,
+        executable,
+        [executable, "-m", "virby.daemon.freshdisk", working_directory, str(size)],
+        timeout=timeout,
+        env=childEnvironment(),
+        path=working_directory,
+        onTimeout=expired,
+        limit=OUTPUT_LIMIT,
+    )
+    return started.addCallbacks(judge, unstarted)
 
 
 if __name__ == "__main__":

@@ -24,21 +24,25 @@ import signal
 from collections.abc import Awaitable, Callable
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorProcess, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
-from twisted.internet.utils import getProcessOutputAndValue
 
+from virby.daemon.child import runBounded
 from virby.daemon.rest import RestError, VfkitRestClient
 from virby.errors import VirbyError, clip
 from virby.layout import DIFF_IMAGE, REST_SOCKET, VFKIT_PIDFILE
 from virby.logs import Logger
-from virby.reactors import IVMReactor
+from virby.reactors import IProcessReactor, IVMReactor
 from virby.runtime import removeQuietly
 
 log = Logger()
 
 #: BSD ps truncates the command to the terminal's width unless given -ww.
 PS = "/bin/ps"
+#: How long C{ps} may take: it answers in milliseconds, but one stuck on a loaded Mac must
+#: not hold the boot that waits on it (the command line is then unknown, and the pid is
+#: left alone, as one that cannot be read).
+PS_TIMEOUT = 10.0
 
 
 class OrphanError(VirbyError):
@@ -87,11 +91,13 @@ def isOurVfkit(command: str | None, working_directory: str) -> bool:
     )
 
 
-async def commandLine(reactor: IReactorProcess, pid: int, proc: str | None = "/proc") -> str | None:
+async def commandLine(
+    reactor: IProcessReactor, pid: int, proc: str | None = "/proc", timeout: float = PS_TIMEOUT
+) -> str | None:
     """
     The process's arguments joined by spaces, or C{None} when it cannot be read: from
-    C{/proc} on Linux, from C{ps -ww} elsewhere (a child process, so the reactor never
-    waits on it).
+    C{/proc} on Linux, from C{ps -ww} elsewhere (a child process bounded by C{timeout}, so
+    the reactor never waits on it, and a boot never waits on it for long).
     """
     if proc is not None and os.path.isdir(f"{proc}/self"):
         try:
@@ -101,11 +107,23 @@ async def commandLine(reactor: IReactorProcess, pid: int, proc: str | None = "/p
             return None
         parts = [part.decode(errors="replace") for part in raw.split(b"\0") if part]
         return " ".join(parts) or None
-    out, _err, code = await getProcessOutputAndValue(
-        PS, ["-ww", "-o", "command=", "-p", str(pid)], env=dict(os.environ), reactor=reactor
-    )
-    text = out.decode(errors="replace").strip()
-    return text if code == 0 and text else None
+    try:
+        ended = await runBounded(
+            reactor,
+            PS,
+            [PS, "-ww", "-o", "command=", "-p", str(pid)],
+            timeout=timeout,
+            env=os.environ,
+            limit=1024 * 1024,
+        )
+    except OSError as e:
+        log.warn("cannot run {ps}: {why}", ps=PS, why=str(e))
+        return None
+    if ended.timedOut:
+        log.warn("{ps} took longer than {timeout:.0f}s: killed it", ps=PS, timeout=timeout)
+        return None
+    text = ended.out.decode(errors="replace").strip()
+    return text if ended.code == 0 and text else None
 
 
 async def _goneWithin(
@@ -138,7 +156,7 @@ async def stopOrphan(
     *,
     alive: Callable[[int], bool] = isAlive,
     kill: Callable[[int, int], None] = os.kill,
-    argv: Callable[[IReactorProcess, int], Awaitable[str | None]] = commandLine,
+    argv: Callable[[IProcessReactor, int], Awaitable[str | None]] = commandLine,
 ) -> int | None:
     """
     Stop the vfkit named by C{<wd>/vfkit.pid} if it is this working directory's: REST Stop
