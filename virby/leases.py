@@ -10,7 +10,8 @@ The file is rewritten while we read it, so a block without its closing brace sti
 
 The daemon reads the file on its reactor several times a second while a VM boots, so the read
 must never block: it is opened with C{O_NONBLOCK} and read only when it is a regular file of
-sane size (a FIFO put there by mistake would otherwise freeze the whole daemon).
+sane size (a FIFO put there by mistake would otherwise freeze the whole daemon), and with
+C{O_NOFOLLOW}, so a symbolic link in its place is refused, not followed.
 """
 
 from __future__ import annotations
@@ -30,6 +31,13 @@ GUEST_HOSTNAME = "virby-vm"
 #: bootpd's file for a /24 pool holds a few hundred leases of ~150 bytes; far more than that
 #: is not a lease file.
 MAX_LEASE_FILE_BYTES = 16 * 1024 * 1024
+
+
+#: How the file is opened: never blocking (a FIFO), never taking a terminal, and never
+#: through a symbolic link as its last component, so the daemon reads bootpd's file and
+#: nothing a link there points it at (C{/var} itself is a link on macOS, which is fine:
+#: only the last component is refused).
+_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY | os.O_NOFOLLOW
 
 
 class LeaseFileError(VirbyError):
@@ -55,15 +63,23 @@ def normalizeMac(text: str) -> str | None:
 @dataclass(frozen=True)
 class Lease:
     """
-    One lease.  C{hw_address} is the normalized MAC of an Ethernet entry, C{None} for a
-    DUID or otherwise unusable one; C{lease} is the expiry in Unix seconds (0 if garbled).
+    One lease.  C{client_id} is bootpd's C{hw_address} field as it stands, C{<htype>,<id>}:
+    C{1,<mac>} for the Ethernet address the guest sent, C{ff,<duid>} when it sent a DUID;
+    C{lease} is the expiry in Unix seconds (0 if garbled).
     """
 
     ip_address: str
-    hw_address: str | None
+    client_id: str | None
     lease: int
     name: str | None
-    client_id: str | None = None
+
+    @property
+    def mac(self) -> str | None:
+        """
+        The normalized MAC of an Ethernet entry; C{None} for a DUID or an unusable one.
+        Derived, never stored beside C{client_id}, so the two cannot disagree.
+        """
+        return _hardware(self.client_id)
 
     @property
     def isDuid(self) -> bool:
@@ -128,10 +144,9 @@ def parseLeases(text: str) -> list[Lease]:
         leases.append(
             Lease(
                 ip_address=ip,
-                hw_address=_hardware(block.get("hw_address")),
+                client_id=block.get("hw_address") or None,
                 lease=_expiry(block.get("lease")),
                 name=block.get("name") or None,
-                client_id=block.get("hw_address") or None,
             )
         )
     return leases
@@ -142,7 +157,7 @@ def newestIp(leases: Iterable[Lease], mac: str) -> str | None:
     wanted = normalizeMac(mac)
     best: Lease | None = None
     for lease in leases:
-        if lease.hw_address == wanted and (best is None or lease.lease > best.lease):
+        if lease.mac == wanted and (best is None or lease.lease > best.lease):
             best = lease
     return best.ip_address if best else None
 
@@ -187,7 +202,7 @@ class LeaseFile:
 
     def _read(self) -> list[Lease]:
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+            fd = os.open(self.path, _OPEN_FLAGS)
         except FileNotFoundError:
             self._stamp, self._leases = None, []
             return []
@@ -221,6 +236,12 @@ class LeaseFile:
     def _explain(self, error: OSError) -> str:
         if error.errno in (errno.EACCES, errno.EPERM):
             fix = "bootpd keeps it world-readable; restore that with `sudo chmod 644`"
+        elif error.errno == errno.ELOOP:
+            return (
+                f"cannot read the lease file {self.path}: it is a symbolic link, which is "
+                'not followed; set "leases-file" to bootpd\'s lease file itself, '
+                "/var/db/dhcpd_leases"
+            )
         elif error.errno == errno.EISDIR:
             fix = 'set "leases-file" to bootpd\'s lease file, /var/db/dhcpd_leases'
         else:

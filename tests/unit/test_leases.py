@@ -8,7 +8,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from virby.leases import Lease, LeaseFile, LeaseFileError, newestIp, normalizeMac, parseLeases
+from virby.leases import (
+    GUEST_HOSTNAME,
+    Lease,
+    LeaseFile,
+    LeaseFileError,
+    newestIp,
+    normalizeMac,
+    parseLeases,
+)
 
 MAC = "52:54:00:12:03:0a"
 
@@ -51,8 +59,9 @@ def test_not_a_mac(text) -> None:
 
 def test_parse_sample() -> None:
     leases = parseLeases(SAMPLE)
-    assert leases[0] == Lease("192.168.64.9", MAC, 0x6903C800, "virby-vm", "1,52:54:0:12:3:a")
-    assert leases[1].hw_address is None and leases[1].isDuid, "a DUID is not a MAC"
+    assert leases[0] == Lease("192.168.64.9", "1,52:54:0:12:3:a", 0x6903C800, "virby-vm")
+    assert leases[0].mac == MAC
+    assert leases[1].mac is None and leases[1].isDuid, "a DUID is not a MAC"
     assert newestIp(leases, MAC) == "192.168.64.9"
 
 
@@ -203,3 +212,43 @@ def test_nothing_to_explain_without_a_duid_lease_for_the_vm(tmp_path) -> None:
     assert LeaseFile(str(path)).explainMissing(MAC) is None
     path.write_text(SAMPLE)
     assert LeaseFile(str(path)).explainMissing(MAC) is None, "the MAC has a lease"
+
+
+@pytest.mark.parametrize(
+    ("client_id", "mac"),
+    [("1,52:54:0:12:3:a", MAC), ("ff,f1:f5:dd:7f:0:2:0:0:ab", None), ("1,zz", None),
+     (None, None), ("52:54:0:12:3:a", None)],
+)  # fmt: skip
+def test_the_mac_is_derived_from_the_client_id(client_id, mac) -> None:
+    assert Lease("192.168.64.9", client_id, 1, None).mac == mac
+
+
+def test_a_symbolic_link_is_refused_not_followed(tmp_path) -> None:
+    real = tmp_path / "real_leases"
+    real.write_text(SAMPLE)
+    link = tmp_path / "dhcpd_leases"
+    link.symlink_to(real)
+    with pytest.raises(LeaseFileError) as caught:
+        LeaseFile(str(link)).lookup(MAC)
+    message = str(caught.value)
+    assert "is a symbolic link, which is not followed" in message and "\n" not in message
+    assert LeaseFile(str(real)).lookup(MAC) == "192.168.64.9", "the file itself is read"
+
+
+def test_a_link_above_the_file_is_followed(tmp_path) -> None:
+    """macOS's /var is a link to /private/var: only the file's own name must not be one."""
+    (tmp_path / "private").mkdir()
+    (tmp_path / "private" / "dhcpd_leases").write_text(SAMPLE)
+    (tmp_path / "var").symlink_to(tmp_path / "private")
+    assert LeaseFile(str(tmp_path / "var" / "dhcpd_leases")).lookup(MAC) == "192.168.64.9"
+
+
+@pytest.mark.repository
+def test_the_guest_hostname_is_the_images() -> None:
+    """bootpd records the name the image sends; the doctor looks leases up by it."""
+    import re
+    from pathlib import Path
+
+    image = (Path(__file__).resolve().parents[2] / "nix" / "image.nix").read_text()
+    names = re.findall(r'networking\.hostName\s*=\s*"([^"]*)"', image)
+    assert names == [GUEST_HOSTNAME]

@@ -36,7 +36,7 @@ def previousAddress(path: str, mac: str) -> str | None:
     except OSError:
         return None
     wanted = normalizeMac(mac)
-    return next((lease.ip_address for lease in leases if lease.hw_address == wanted), None)
+    return next((lease.ip_address for lease in leases if lease.mac == wanted), None)
 
 
 def write(path: str, ip: str, mac: str, expiry: int, duid: bool = False) -> None:
