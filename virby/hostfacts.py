@@ -70,9 +70,11 @@ ROSETTA_MIN_MACOS = (13,)
 PLAYED_DEFAULTS = {"CPU": "Apple M4", "MACOS": "15.5", "ROSETTA": "installed"}
 
 
-class ProbeError(Exception):
+class HostCommandError(Exception):
     """
-    A command failed or is missing; the message says how.
+    A command asked of the Mac failed or is missing; the message says how.  (Not the
+    readiness probe's failure, L{virby.daemon.readiness.ProbeError}: that one is a guest
+    that answered without an SSH banner.)
 
     @ivar status: the command's exit status, or C{None} when it did not run (or timed out).
     """
@@ -86,7 +88,7 @@ class Runner(Protocol):
     """The one way this module (and C{virby doctor}) learns anything about the host."""
 
     def run(self, argv: Sequence[str], timeout: float | None = None) -> str:
-        """The command's standard output.  @raise ProbeError: when it fails."""
+        """The command's standard output.  @raise HostCommandError: when it fails."""
 
     def exists(self, path: str) -> bool:
         """Whether C{path} exists."""
@@ -117,10 +119,12 @@ class MacRunner:
                 stdin=subprocess.DEVNULL,
             )
         except (OSError, subprocess.TimeoutExpired) as e:
-            raise ProbeError(str(e)) from None
+            raise HostCommandError(str(e)) from None
         if done.returncode != 0:
             why = done.stderr.strip().splitlines()
-            raise ProbeError(why[-1] if why else f"exit status {done.returncode}", done.returncode)
+            raise HostCommandError(
+                why[-1] if why else f"exit status {done.returncode}", done.returncode
+            )
         return done.stdout
 
     def exists(self, path: str) -> bool:
@@ -206,7 +210,9 @@ class PlayedMac:
             }
             answer = answers.get(tuple(argv))
             if answer is None:
-                raise ProbeError(f"{argv[-1]}: unknown oid" if argv[0] == SYSCTL else "not found")
+                raise HostCommandError(
+                    f"{argv[-1]}: unknown oid" if argv[0] == SYSCTL else "not found"
+                )
             return answer + "\n"
         if argv[0] == LAUNCHCTL:
             return self._launchctl(argv)
@@ -220,12 +226,12 @@ class PlayedMac:
     def _launchctl(self, argv: Sequence[str]) -> str:
         """C{launchctl print system/LABEL}, in the layout launchd prints (tab-indented)."""
         if not self.launchd:
-            raise ProbeError(f"{LAUNCHCTL}: not found (the played Mac has no launchd)")
+            raise HostCommandError(f"{LAUNCHCTL}: not found (the played Mac has no launchd)")
         if len(argv) != 3 or argv[1] != "print" or not argv[2].startswith("system/"):
-            raise ProbeError("Unrecognized subcommand", 64)
+            raise HostCommandError("Unrecognized subcommand", 64)
         label = argv[2].removeprefix("system/")
         if self.launchd == "missing":
-            raise ProbeError(
+            raise HostCommandError(
                 f'Could not find service "{label}" in domain for system', NO_SUCH_SERVICE
             )
         kind, _, value = self.launchd.partition(":")
@@ -253,7 +259,7 @@ class PlayedMac:
         if list(argv[1:]) == ["--getblockall"]:
             blocking = self.firewall == "block-all"
             return f"Firewall has block all state set to {'enabled' if blocking else 'disabled'}.\n"
-        raise ProbeError(f"socketfilterfw: {' '.join(argv[1:])} is not played", 1)
+        raise HostCommandError(f"socketfilterfw: {' '.join(argv[1:])} is not played", 1)
 
     def exists(self, path: str) -> bool:
         return path == ROSETTA_RUNTIME and self.appleSilicon and self.rosetta == "installed"
@@ -383,7 +389,7 @@ def gather(runner: Runner | None = None) -> HostFacts:
     def ask(argv: Sequence[str]) -> str | None:
         try:
             answer = runner.run(argv).strip()
-        except ProbeError as e:
+        except HostCommandError as e:
             probes.append(Probe(" ".join(argv), f"failed: {e}"))
             return None
         probes.append(Probe(" ".join(argv), answer))

@@ -32,8 +32,8 @@ from virby.hostfacts import (
     ROSETTA_RUNTIME,
     SOCKETFILTERFW,
     SSH,
+    HostCommandError,
     PlayedMac,
-    ProbeError,
     parseLaunchctl,
     parseLsof,
 )
@@ -94,7 +94,7 @@ class ScriptedMac:
     """A Mac whose every answer the test sets; it records what was asked."""
 
     def __init__(self, vfkit: str) -> None:
-        self.answers: dict[tuple[str, ...], str | ProbeError] = {
+        self.answers: dict[tuple[str, ...], str | HostCommandError] = {
             CPU_BRAND: "Apple M4 Pro\n",
             ARM64: "1\n",
             MACOS_VERSION: "15.5\n",
@@ -118,10 +118,10 @@ class ScriptedMac:
         self.asked.append(tuple(argv))
         if argv[0] == LSOF:
             if not self.lsof:
-                raise ProbeError("exit status 1", 1)
+                raise HostCommandError("exit status 1", 1)
             return self.lsof
-        answer = self.answers.get(tuple(argv), ProbeError("not found"))
-        if isinstance(answer, ProbeError):
+        answer = self.answers.get(tuple(argv), HostCommandError("not found"))
+        if isinstance(answer, HostCommandError):
             raise answer
         return answer
 
@@ -274,7 +274,7 @@ def test_the_command_prints_one_line_a_check_and_exits_0(machine, monkeypatch) -
 
 
 def test_a_job_that_is_not_loaded(machine) -> None:
-    machine["mac"].answers[(LAUNCHCTL, "print", f"system/{LAUNCHD_LABEL}")] = ProbeError(
+    machine["mac"].answers[(LAUNCHCTL, "print", f"system/{LAUNCHD_LABEL}")] = HostCommandError(
         f'Could not find service "{LAUNCHD_LABEL}" in domain for system', 113
     )
     finding = failed(examine(machine))["launchd"]
@@ -528,7 +528,7 @@ def test_too_little_room_for_a_build_fails_however_large_the_disk(machine) -> No
 
 
 def test_an_ssh_that_fails(machine) -> None:
-    machine["mac"].answers[SSH_AS_NIX] = ProbeError(
+    machine["mac"].answers[SSH_AS_NIX] = HostCommandError(
         "builder@127.0.0.1: Permission denied (publickey).", 255
     )
     finding = failed(examine(machine, ssh=True))["ssh"]
@@ -707,12 +707,12 @@ def test_the_played_mac_answers_what_doctor_asks() -> None:
     assert (job["state"], job["pid"]) == ("running", "77")
     assert doctor._saysOn(played.run([SOCKETFILTERFW, "--getglobalstate"])) is True
     assert doctor._saysOn(played.run([SOCKETFILTERFW, "--getblockall"])) is True
-    with pytest.raises(ProbeError) as caught:
+    with pytest.raises(HostCommandError) as caught:
         dataclasses.replace(played, launchd="missing").run(
             [LAUNCHCTL, "print", f"system/{LAUNCHD_LABEL}"]
         )
     assert caught.value.status == 113
-    with pytest.raises(ProbeError) as caught:
+    with pytest.raises(HostCommandError) as caught:
         dataclasses.replace(played, launchd="").run([LAUNCHCTL, "print", "system/x"])
     assert caught.value.status is None, "no launchd: the command is missing"
     waiting = dataclasses.replace(played, launchd="waiting", firewall="off")
@@ -862,7 +862,7 @@ def test_substitutes_off_and_an_untrusted_user_are_said(machine) -> None:
 def test_no_host_block_is_said_by_ssh_config_and_named_by_the_ssh_failure(machine) -> None:
     mac = machine["mac"]
     mac.answers[(SSH, "-G", "virby-vm")] = "user root\nhostname virby-vm\nport 22\n"
-    mac.answers[SSH_AS_NIX] = ProbeError(
+    mac.answers[SSH_AS_NIX] = HostCommandError(
         "ssh: Could not resolve hostname virby-vm: nodename nor servname provided, or not known",
         255,
     )
@@ -894,14 +894,14 @@ def test_a_host_block_with_another_port_and_key(machine) -> None:
      ("bash: nix-daemon: command not found", "no nix-daemon")],
 )  # fmt: skip
 def test_an_ssh_failure_is_fixed_by_its_cause(machine, said: str, fix: str) -> None:
-    machine["mac"].answers[SSH_AS_NIX] = ProbeError(said, 255)
+    machine["mac"].answers[SSH_AS_NIX] = HostCommandError(said, 255)
     finding = failed(examine(machine, ssh=True))["ssh"]
     assert finding.fix is not None and fix in finding.fix, finding.fix
 
 
 def test_the_host_key_as_a_user_asks_for_root(machine) -> None:
     config = dataclasses.replace(machine["config"], allow_user_ssh=True)
-    machine["mac"].answers[SSH_AS_NIX] = ProbeError("Host key verification failed.", 255)
+    machine["mac"].answers[SSH_AS_NIX] = HostCommandError("Host key verification failed.", 255)
     finding = examine(machine, config, ssh=True, euid=501)["ssh"]
     assert finding.fix is not None and finding.fix.startswith("run it as root")
 

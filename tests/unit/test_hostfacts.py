@@ -12,9 +12,9 @@ from virby.hostfacts import (
     INSTALL_ROSETTA,
     MACOS_VERSION,
     ROSETTA_RUNTIME,
+    HostCommandError,
     MacRunner,
     PlayedMac,
-    ProbeError,
     configOfCommandLine,
     defaultRunner,
     gather,
@@ -35,7 +35,7 @@ class RecordedMac:
     def run(self, argv: Sequence[str]) -> str:
         self.asked.append(" ".join(argv))
         if tuple(argv) not in self.answers:
-            raise ProbeError(f"{argv[-1]}: unknown oid")
+            raise HostCommandError(f"{argv[-1]}: unknown oid")
         return self.answers[tuple(argv)]
 
     def exists(self, path: str) -> bool:
@@ -152,9 +152,9 @@ def test_off_a_mac_the_runner_plays_one(monkeypatch) -> None:
 def test_the_mac_runner_runs_commands_and_reports_failures() -> None:
     runner = MacRunner()
     assert runner.run(["/bin/sh", "-c", "echo 15.1"]) == "15.1\n"
-    with pytest.raises(ProbeError, match="no such oid"):
+    with pytest.raises(HostCommandError, match="no such oid"):
         runner.run(["/bin/sh", "-c", "echo 'sysctl: no such oid' >&2; exit 1"])
-    with pytest.raises(ProbeError):
+    with pytest.raises(HostCommandError):
         runner.run(["/nonexistent/sw_vers"])
     assert runner.exists("/") and not runner.exists("/nonexistent")
 

@@ -90,8 +90,8 @@ from virby.hostfacts import (
     PS,
     SOCKETFILTERFW,
     SSH,
+    HostCommandError,
     HostFacts,
-    ProbeError,
     Runner,
     configOfCommandLine,
     defaultRunner,
@@ -362,7 +362,7 @@ class Doctor:
     def launchd(self) -> Finding:
         try:
             text = self.runner.run([LAUNCHCTL, "print", f"system/{LAUNCHD_LABEL}"])
-        except ProbeError as e:
+        except HostCommandError as e:
             if e.status == NO_SUCH_SERVICE or "Could not find service" in str(e):
                 return fail(
                     f"{LAUNCHD_LABEL} is not loaded",
@@ -413,7 +413,7 @@ class Doctor:
         argv = [LSOF, "+c", "0", "-nP", f"-iTCP@{where}", "-sTCP:LISTEN", "-Fpc"]
         try:
             output = self.runner.run(argv)
-        except ProbeError as e:
+        except HostCommandError as e:
             if e.status != 1:  # lsof's "found nothing" is status 1
                 return skip(f"cannot run lsof: {e}")
             output = ""
@@ -446,7 +446,7 @@ class Doctor:
         """
         try:
             line = self.runner.run([PS, "-ww", "-o", "command=", "-p", str(pid)])
-        except ProbeError:
+        except HostCommandError:
             return None
         if "virby" not in line:
             return None
@@ -616,7 +616,7 @@ class Doctor:
             return fail(str(e))
         try:
             said = self.runner.run([path, "--version"]).strip()
-        except ProbeError as e:
+        except HostCommandError as e:
             return fail(f"{path} --version failed: {e}", "reinstall vfkit (nixpkgs#vfkit)")
         needed = vfkitNeeds(self.config)
         version = parseVfkitVersion(said)
@@ -758,7 +758,7 @@ class Doctor:
                 block_all = _saysOn(self.runner.run([SOCKETFILTERFW, "--getblockall"]))
                 if block_all:
                     state += " and blocks all incoming connections"
-        except ProbeError:
+        except HostCommandError:
             pass
         if state == "the firewall is off":
             # Nothing to let through: what stops bootpd is elsewhere.
@@ -840,7 +840,7 @@ class Doctor:
         started = time.monotonic()
         try:
             said = self.runner.run(SSH_AS_NIX, timeout=limit).strip()
-        except ProbeError as e:
+        except HostCommandError as e:
             return fail(f"{SSH_AS_NIX_TEXT} failed: {e}", self._sshFix(str(e)))
         return ok(
             f"{SSH_AS_NIX_TEXT} answered in {time.monotonic() - started:.1f}s"
@@ -879,7 +879,7 @@ class Doctor:
         for argv in NIX_CONFIG_SHOW:
             try:
                 return parseNixConfig(self.runner.run(argv))
-            except ProbeError:
+            except HostCommandError:
                 continue
         return None
 
@@ -992,7 +992,7 @@ class Doctor:
     def sshConfig(self) -> Finding:
         try:
             options = parseSshOptions(self.runner.run([SSH, "-G", SSH_HOST]))
-        except ProbeError as e:
+        except HostCommandError as e:
             return warn(f"ssh -G {SSH_HOST} failed: {e}")
         who = "root's ssh" if self.root else f"{_caller() or 'your'} ssh (Nix connects as root)"
 
