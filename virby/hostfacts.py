@@ -45,6 +45,9 @@ PS = "/bin/ps"
 #: Nix, as the person running C{virby doctor} finds it: nix-darwin and Determinate each put
 #: their own on C{PATH}.
 NIX = "nix"
+#: Where Nix is when C{PATH} lacks it (a C{sudo} that resets it): nix-darwin's system
+#: profile, then the profile the installers (Determinate's too) make.
+NIX_ELSEWHERE = ("/run/current-system/sw/bin/nix", "/nix/var/nix/profiles/default/bin/nix")
 #: The machines file Nix reads by default (C{builders = @/etc/nix/machines}); nix-darwin's
 #: C{nix.buildMachines} and Determinate's C{determinateNix.buildMachines} both write it.
 NIX_MACHINES = "/etc/nix/machines"

@@ -834,11 +834,25 @@ def test_builders_that_read_no_machines_file(machine) -> None:
 
 def test_an_older_nix_is_asked_with_show_config(machine) -> None:
     mac = machine["mac"]
-    del mac.answers[NIX_CONFIG_SHOW[0]]
+    mac.answers[NIX_CONFIG_SHOW[0]] = HostCommandError(
+        "error: 'config' is not a recognised command", 1
+    )
     mac.answers[NIX_CONFIG_SHOW[1]] = NIX_SETTINGS
     found = examine(machine)
     assert found["nix-settings"].status is Status.OK
     assert NIX_CONFIG_SHOW[0] in mac.asked and NIX_CONFIG_SHOW[1] in mac.asked
+
+
+def test_a_nix_off_path_is_found_in_the_system_profile(machine) -> None:
+    """sudo can reset PATH: nix-darwin's profile still has Nix."""
+    mac = machine["mac"]
+    mac.answers[NIX_CONFIG_SHOW[0]] = HostCommandError("No such file or directory: 'nix'")
+    system = ("/run/current-system/sw/bin/nix", *NIX_CONFIG_SHOW[0][1:])
+    mac.answers[system] = NIX_SETTINGS
+    found = examine(machine)
+    assert found["nix-settings"].status is Status.OK
+    assert NIX_CONFIG_SHOW[1] not in mac.asked, "a missing nix is not asked the old way"
+    assert system in mac.asked
 
 
 def test_no_nix_to_ask_is_a_warning(machine) -> None:

@@ -85,6 +85,7 @@ from virby.hostfacts import (
     LAUNCHCTL,
     LSOF,
     NIX,
+    NIX_ELSEWHERE,
     NIX_MACHINES,
     NO_SUCH_SERVICE,
     PS,
@@ -876,11 +877,14 @@ class Doctor:
     # -- the Nix side: what makes Nix pick the builder at all
 
     def _nixSettings(self) -> dict[str, str] | None:
-        for argv in NIX_CONFIG_SHOW:
-            try:
-                return parseNixConfig(self.runner.run(argv))
-            except HostCommandError:
-                continue
+        """The first answer of the first Nix found: C{PATH}'s, else a profile's."""
+        for nix in (NIX, *NIX_ELSEWHERE):
+            for argv in NIX_CONFIG_SHOW:
+                try:
+                    return parseNixConfig(self.runner.run((nix, *argv[1:])))
+                except HostCommandError as e:
+                    if e.status is None:
+                        break  # this nix is not there (or hung): try the next one
         return None
 
     def nixSettings(self) -> Finding:
