@@ -151,8 +151,9 @@ class PlayedMac:
 
     It answers the Mac's own system commands from its settings (C{sysctl}, C{sw_vers},
     C{launchctl}, the application firewall's C{socketfilterfw}) and runs every other command
-    for real, as the Mac would run a program it has: vfkit (here its emulator), and C{lsof}
-    and C{ssh}, which Linux has too (found on C{PATH} instead of at the Mac's path).
+    for real, as the Mac would run a program it has: vfkit (here its emulator), and C{lsof},
+    C{ssh} (C{ssh -G} too), C{ps} and C{nix}, which Linux has too (found on C{PATH} instead
+    of at the Mac's path).  Of the Mac's files it plays C{/etc/nix/machines}.
 
     @ivar cpu: the CPU brand string, e.g. C{"Apple M1 Pro"} or an Intel one.
     @ivar macos: the macOS version, e.g. C{"14.6.1"}.
