@@ -182,3 +182,60 @@ def test_someone_else_is_refused_by_their_credentials(make_builder) -> None:
         "virby stop: error: only root and the daemon's user (root) may ask the daemon: "
         "run the command with sudo\n"
     )
+
+
+def test_a_request_ended_by_a_half_close_is_answered(make_builder) -> None:
+    """As C{nc -N} and C{socat} send it: no newline, then the end of input."""
+    builder = make_builder()
+    builder.start()
+    path = str(builder.wd / "control.sock")
+    status = b'{"version": 1, "command": "status"}'
+    for request in (status + b"\n", status):
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(30)
+            s.connect(path)
+            s.sendall(request)
+            s.shutdown(socket.SHUT_WR)
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        assert json.loads(data)["status"]["state"] == "stopped"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(30)
+        s.connect(path)
+        s.shutdown(socket.SHUT_WR)
+        assert json.loads(s.recv(65536))["error"].startswith("the input ended before a request")
+
+
+def test_a_crowd_of_status_calls_all_get_their_answer(make_builder) -> None:
+    """
+    Many commands at once (a monitor, a loop in a script) queue on the control socket and
+    each gets its answer: none is refused for a full queue.
+    """
+    from virby.cli.client import ask
+
+    builder = make_builder()
+    builder.start()
+    path = str(builder.wd / "control.sock")
+    crowd, rounds = 120, 10
+    go_read, go_write = os.pipe()
+    children = []
+    for _ in range(crowd):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            code = 1
+            try:
+                os.close(go_write)
+                os.read(go_read, 1)  # all of them at once
+                for _ in range(rounds):
+                    assert ask(path, "status", timeout=60)["status"]["state"] == "stopped"
+                code = 0
+            except BaseException as e:
+                os.write(2, f"{e}\n".encode())
+            finally:
+                os._exit(code)
+        children.append(pid)
+    os.close(go_read)
+    os.close(go_write)  # the end of input wakes every child at once
+    failed = [pid for pid in children if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0]
+    assert failed == [], f"{len(failed)} of {crowd} clients had a status call fail"
