@@ -36,7 +36,8 @@ def _off(key: Key) -> str:
 def collect(given: Callable[[str], Any]) -> dict[str, Any]:
     """
     The config flags given, by key name, from C{given}: what the parser holds for an option
-    name (C{None}, C{False} or an empty list when it was not given).
+    name (C{None}, C{False} or an empty list when it was not given).  A flag given the empty
+    string is given: its key's own check refuses it (an unset shell variable, not a default).
 
     @raise ConfigError: when a switch was given both ways.
     """
@@ -48,7 +49,7 @@ def collect(given: Callable[[str], Any]) -> dict[str, Any]:
                 raise ConfigError(key.name, f"--{key.name} and --{_off(key)} conflict")
             if on or off:
                 flags[key.name] = bool(on)
-        elif given(key.name):
+        elif given(key.name) is not None and given(key.name) != []:
             flags[key.name] = given(key.name)
     return flags
 

@@ -12,6 +12,7 @@ each command's C{--help}, what its statuses mean).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import textwrap
@@ -142,11 +143,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.config is None and os.path.isfile(INSTALLED_CONFIG):
         args.config = INSTALLED_CONFIG
     try:
-        config = load(args.config, collected(args))
+        config = load(args.config, collected(args), warn=lambda line: _warn(args, line))
         return _run(args, config)
     except VirbyError as e:
         sys.stderr.write(f"virby {args.command}: error: {e}\n")
+        if getattr(args, "json", False):
+            sys.stdout.write(json.dumps(failureDocument(args.command, str(e))) + "\n")
         return 1
+
+
+def _warn(args: argparse.Namespace, line: str) -> None:
+    sys.stderr.write(f"virby {args.command}: warning: {line}\n")
+
+
+def failureDocument(command: str, error: str) -> dict[str, Any]:
+    """
+    What C{--json} prints when the command failed before it could ask or check anything
+    (a config it cannot read): still one JSON document, so a program never parses an error
+    line.  C{status}'s carries the C{"state"} and C{"reason"} its other failures carry.
+    """
+    document: dict[str, Any] = {"ok": False, "error": error}
+    if command == "status":
+        document.update(state="unknown", reason=error)
+    return document
 
 
 if __name__ == "__main__":

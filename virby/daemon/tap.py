@@ -16,6 +16,9 @@ from virby import flags
 from virby.config import Config, load
 from virby.daemon.virbyd import exitWithError
 from virby.errors import VirbyError
+from virby.logs import Logger
+
+log = Logger()
 
 
 class Options(usage.Options):
@@ -39,13 +42,18 @@ for _name, _handler in flags.usageHandlers().items():
     setattr(Options, _name, _handler)
 
 
+def _warn(line: str) -> None:
+    """A setting with no effect: logged once the log is open (twistd keeps what came before)."""
+    log.warn("{warning}", warning=line)
+
+
 def loadConfig(options: Options) -> Config:
     """
     Load the config or end the process with one line: twistd would otherwise print its whole
     usage text (for a usage error) or a traceback (for anything else).
     """
     try:
-        return load(options["config"], options.configFlags())
+        return load(options["config"], options.configFlags(), warn=_warn)
     except (VirbyError, usage.UsageError) as e:
         exitWithError(str(e))
 
