@@ -443,11 +443,11 @@ class Value:
 
 
 def _bounded(low: int, high: int) -> Value:
-    return Value(_integer(low, high), _integerText)
+    return Value(_integer(low, high), _integerText, metavar="N")
 
 
 BOOLEAN = Value(_boolean, _switchText, "switch")
-STRING = Value(_string)
+STRING = Value(_string, metavar="TEXT")
 PATH = Value(_absolutePath, metavar="PATH")
 
 
@@ -506,7 +506,12 @@ KEYS: tuple[Key, ...] = (
     ),
     Key("debug", False, BOOLEAN, "keep serial.log and log verbosely"),
     Key("allow-user-ssh", False, BOOLEAN, "keep a client key readable by all users"),
-    Key("working-directory", "/var/lib/virby", Value(_workingDirectory), "where all state lives"),
+    Key(
+        "working-directory",
+        "/var/lib/virby",
+        Value(_workingDirectory, metavar="PATH"),
+        "where all state lives",
+    ),
     Key("image", None, Value(_optional(_absolutePath), metavar="PATH"), "the raw EFI NixOS image"),
     Key("vfkit", "vfkit", Value(_command, metavar="COMMAND"), "the hypervisor command"),
     Key("leases-file", "/var/db/dhcpd_leases", PATH, "bootpd's lease file"),

@@ -630,7 +630,7 @@ def test_each_command_says_what_its_exit_statuses_mean(command, capsys) -> None:
         cli.main([command, "--help"])
     epilog = capsys.readouterr().out.split("exit status:\n", 1)[1]
     codes = [line.split()[0] for line in epilog.splitlines() if not line.startswith("     ")]
-    assert codes == (["0", "1"] if command == "stop" else ["0", "1", "3"])
+    assert codes == (["0", "1", "2"] if command == "stop" else ["0", "1", "2", "3"])
     assert "3 (the daemon is not running)" in epilog or "3  the daemon is not running" in epilog
 
 
