@@ -1,5 +1,5 @@
 """
-The virby admin command: prepare, status, start, stop and doctor the Linux builder VM.
+The virby admin command: prepare, status, start, stop, doctor the Linux builder VM, and more.
 
 ``virby prepare`` runs from the activation script; ``virby status``, ``start``, ``stop`` and
 ``doctor`` are for people.
@@ -61,6 +61,10 @@ EXIT_STATUSES: dict[str, tuple[tuple[int, str], ...]] = {
             "stop, so 3 (the daemon is not running) is never the answer here",
         ),
         (1, "refused (connections are open: --force closes them), or failed"),
+    ),
+    "ssh-config": (
+        (0, "the block is printed"),
+        (1, "the config cannot be read"),
     ),
     "doctor": (
         (0, "every check passed (checks that need root are only skipped without it)"),
@@ -152,6 +156,11 @@ def _parser() -> argparse.ArgumentParser:
     doctor.add_argument(
         "--ssh", action="store_true", help="also run `ssh virby-vm true` (boots the VM)"
     )
+    _command(
+        commands,
+        "ssh-config",
+        "print the ssh Host block the nix-darwin module installs for virby-vm",
+    )
     for name in EXIT_STATUSES:
         addArguments(commands.choices[name], INSTALLED_CONFIG)
     parser.set_defaults(commands=commands.choices)
@@ -159,6 +168,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace, config: Config) -> int:
+    if args.command == "ssh-config":
+        from virby.sshconfig import sshConfigBlock
+
+        sys.stdout.write(sshConfigBlock(config))
+        return 0
     if args.command == "prepare":
         from virby.cli import prepare
 
