@@ -194,7 +194,7 @@ def checkWorkingDirectory(
             f"working directory {path} exists and is not a directory",
             'move it away or set another "working-directory"',
         )
-    if writable and _readOnly(path):
+    if writable and readOnly(path):
         raise WorkingDirectoryError(
             f"working directory {path} is on a read-only file system",
             'mount it read-write, or set a "working-directory" on a writable one',
@@ -212,7 +212,7 @@ def checkWorkingDirectory(
     return info
 
 
-def _readOnly(path: str) -> bool:
+def readOnly(path: str) -> bool:
     """
     Whether C{path} is on a file system mounted read-only (C{EROFS} for every write): no
     user, root included, can write there, so "run it as root" would be the wrong fix.

@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 
@@ -239,3 +240,41 @@ def test_a_crowd_of_status_calls_all_get_their_answer(make_builder) -> None:
     os.close(go_write)  # the end of input wakes every child at once
     failed = [pid for pid in children if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0]
     assert failed == [], f"{len(failed)} of {crowd} clients had a status call fail"
+
+
+def test_reset_stops_the_vm_and_gives_it_a_new_disk(make_builder) -> None:
+    """The guest's state lives on diff.img: after a reset it is gone, and the VM boots anew."""
+    from virby.emulator.guest import readState
+
+    builder = make_builder()
+    daemon = builder.start()
+    diff = str(builder.wd / "diff.img")
+    session = builder.ssh_background("echo", "in", "&&", "sleep", "60")
+    try:
+        session.wait_for_line(r"in", timeout=60)
+        assert readState(diff).boots == 1
+        refused = virby(builder, "reset")
+        assert refused.returncode == 1
+        assert refused.stderr == (
+            "virby reset: error: the VM was not stopped, so its disk is kept: 1 connection is "
+            "open (a build may be running): `virby reset --force` closes them\n"
+        )
+        assert builder.status()["state"] == "running" and readState(diff).boots == 1
+        forced = virby(builder, "reset", "--force")
+        assert forced.returncode == 0, forced.stderr + daemon.text()
+        assert forced.stdout.startswith(
+            "Virby: stopped the VM and closed 1 connection; made diff.img anew from base.img ("
+        )
+        assert session.wait_exit(30) != 0, "the session was closed"
+    finally:
+        session.kill_all()
+    assert builder.emulators() == [] and builder.status()["state"] == "stopped"
+    assert readState(diff).boots == 0, "the guest's state went with the old disk"
+    assert os.path.getsize(diff) == 1024**3
+    assert builder.ssh("true").returncode == 0, "the next build boots on the new disk"
+    assert readState(diff).boots == 1
+    daemon.signal(signal.SIGTERM)
+    daemon.wait_exit(60)
+    again = virby(builder, "reset")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.startswith("Virby: no daemon is running; made diff.img anew")

@@ -1,5 +1,5 @@
 """
-The virby admin command: prepare, status, start, stop, doctor the Linux builder VM, and more.
+The virby admin command: prepare, ask, start, stop, check and reset the Linux builder VM.
 
 ``virby prepare`` runs from the activation script; ``virby status``, ``start``, ``stop`` and
 ``doctor`` are for people.
@@ -61,6 +61,14 @@ EXIT_STATUSES: dict[str, tuple[tuple[int, str], ...]] = {
             "stop, so 3 (the daemon is not running) is never the answer here",
         ),
         (1, "refused (connections are open: --force closes them), or failed"),
+    ),
+    "reset": (
+        (0, "diff.img is new (the VM, if it ran, is stopped)"),
+        (
+            1,
+            "refused (connections are open: --force closes them; a VM still holds the disk) "
+            "or failed; the disk is left as it was",
+        ),
     ),
     "ssh-config": (
         (0, "the block is printed"),
@@ -156,6 +164,15 @@ def _parser() -> argparse.ArgumentParser:
     doctor.add_argument(
         "--ssh", action="store_true", help="also run `ssh virby-vm true` (boots the VM)"
     )
+    reset = _command(
+        commands,
+        "reset",
+        "stop the VM and make its disk (diff.img) anew from base.img (as root)",
+        " [--force]",
+    )
+    reset.add_argument(
+        "--force", action="store_true", help="stop even while connections are open (closes them)"
+    )
     _command(
         commands,
         "ssh-config",
@@ -183,6 +200,10 @@ def _run(args: argparse.Namespace, config: Config) -> int:
         if args.command == "start":
             return startstop.runStart(config)
         return startstop.runStop(config, force=args.force)
+    if args.command == "reset":
+        from virby.cli import reset
+
+        return reset.runReset(config, force=args.force)
     if args.command == "doctor":
         from virby.cli import doctor
 
