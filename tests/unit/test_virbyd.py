@@ -84,3 +84,19 @@ def test_the_daemons_help_and_version_speak_as_virby(tmp_path) -> None:
         version = run([*argv, "--version"], tmp_path)
         assert version.returncode == 0
         assert version.stdout.startswith(f"{program} (Virby) {__version__}, on Twisted ")
+
+
+def test_the_daemon_logs_a_port_its_listen_string_overrides() -> None:
+    """Logged, not printed: twistd opens the log after the service is made, and keeps it."""
+    from twisted.logger import capturedLogs
+
+    from virby.daemon.tap import Options, loadConfig
+
+    options = Options()
+    options.parseOptions(["--listen", "tcp:4000:interface=127.0.0.1", "--port", "5000"])
+    with capturedLogs() as events:
+        config = loadConfig(options)
+    assert config.builderPort == 4000
+    (event,) = [e for e in events if e.get("warning")]
+    assert event["log_level"].name == "warn"
+    assert event["warning"].startswith("port 5000 is ignored: listen 'tcp:4000:")
