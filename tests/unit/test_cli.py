@@ -48,4 +48,4 @@ def test_json_after_a_bad_flag_is_still_one_document(capsys) -> None:
     out, err = capsys.readouterr()
     line = "virby status: error: unrecognized arguments: --bogus (see `virby status --help`)"
     assert err == line + "\n"
-    assert json.loads(out) == {"ok": False, "error": line}
+    assert json.loads(out) == {"ok": False, "error": line, "state": "unknown", "reason": line}

@@ -442,6 +442,56 @@ def test_a_queue_full_until_the_timeout_is_one_line(short_tmp, monkeypatch) -> N
     assert now[0] == 102.0
 
 
+def test_a_refused_connect_is_tried_again_briefly_then_is_a_daemon_down(
+    short_tmp, monkeypatch
+) -> None:
+    """macOS refuses a connect to a full queue; a dead daemon's socket refuses too."""
+    from virby.cli import client
+
+    path = str(short_tmp / "control.sock")
+    now = [100.0]
+    monkeypatch.setattr(client, "monotonic", lambda: now[0])
+    monkeypatch.setattr(client, "sleep", lambda seconds: now.__setitem__(0, now[0] + seconds))
+    with socket.socket(socket.AF_UNIX) as stale:
+        stale.bind(path)  # bound, never listening: what a dead daemon leaves
+        with pytest.raises(DaemonDown, match="stale control socket"):
+            ask(path, "status", timeout=5)
+    assert now[0] == 100.0 + client.REFUSED_GRACE
+
+
+def test_a_socket_that_stops_refusing_is_answered(short_tmp, monkeypatch) -> None:
+    from virby.cli import client
+
+    path = str(short_tmp / "control.sock")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    pauses: list[float] = []
+    go_read, go_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child: the daemon, once it listens
+        try:
+            os.read(go_read, 1)
+            connection, _ = server.accept()
+            read_request(connection)
+            connection.sendall(b'{"version": 1, "ok": true, "status": {"state": "busy"}}\n')
+            connection.close()
+        finally:
+            os._exit(0)
+
+    def pause(seconds: float) -> None:
+        pauses.append(seconds)
+        server.listen(1)  # the queue has room again
+        os.write(go_write, b"x")
+
+    monkeypatch.setattr(client, "sleep", pause)
+    try:
+        with server:
+            assert ask(path, "status", timeout=10)["status"] == {"state": "busy"}
+    finally:
+        os.waitpid(pid, 0)
+    assert pauses == [client.FIRST_RETRY]
+
+
 # -- the commands
 
 

@@ -104,7 +104,8 @@ class _Parser(argparse.ArgumentParser):
         line = f"{self.prog}: error: {message} (see `{self.prog} --help`)"
         sys.stderr.write(line + "\n")
         if _JSON_FLAG in _ARGV:
-            sys.stdout.write(json.dumps({"ok": False, "error": line}) + "\n")
+            document = failureDocument(self.prog.rpartition(" ")[2], line)
+            sys.stdout.write(json.dumps(document) + "\n")
         raise SystemExit(EXIT_USAGE)
 
 

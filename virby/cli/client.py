@@ -5,8 +5,8 @@ C{doctor}), never by the daemon: a plain blocking socket with a timeout is the r
 and no reactor is loaded.
 
 A full accept queue is waited out, not reported: Linux refuses a unix socket's connect with
-C{EAGAIN} while the daemon's queue is full (a hundred commands asking at once), and a
-command may block, so it tries again until its timeout.
+C{EAGAIN} while the daemon's queue is full (a hundred commands asking at once), and macOS
+with C{ECONNREFUSED}; a command may block, so it tries again (L{_connect}).
 
 A daemon from before the protocol wrote its status document to every connection at once,
 without reading, and closed: the reply is read to the end whatever the request did.
@@ -93,26 +93,34 @@ def _exchange(path: str, command: str, request: bytes, timeout: float) -> bytes:
 #: The first and the longest pause between two connects to a full accept queue.
 FIRST_RETRY = 0.005
 LONGEST_RETRY = 0.1
+#: How long a refused connect is tried again: macOS refuses a connect to a unix socket whose
+#: accept queue is full (C{ECONNREFUSED}, where Linux says C{EAGAIN}), and so does a socket
+#: a dead daemon left, which is rare (a daemon that stops removes its socket) and is then
+#: said to be down this much later.
+REFUSED_GRACE = 1.0
 
 
 def _connect(s: socket.socket, path: str, deadline: float) -> None:
     """
     Connect, waiting while the daemon's accept queue is full, until C{deadline}
-    (L{monotonic}).
+    (L{monotonic}); a refusal is tried again for L{REFUSED_GRACE} at most.
 
     @raise BlockingIOError: when the queue stayed full until the deadline.
+    @raise ConnectionRefusedError: when the socket refused for L{REFUSED_GRACE}.
     """
     pause = FIRST_RETRY
+    refusedUntil = min(deadline, monotonic() + REFUSED_GRACE)
     while True:
         try:
             s.connect(path)
             return
-        except BlockingIOError:
-            left = deadline - monotonic()
+        except (BlockingIOError, ConnectionRefusedError) as e:
+            until = deadline if isinstance(e, BlockingIOError) else refusedUntil
+            left = until - monotonic()
             if left <= 0:
                 raise
-            sleep(min(pause, left))
-            pause = min(pause * 2, LONGEST_RETRY)
+        sleep(min(pause, left))
+        pause = min(pause * 2, LONGEST_RETRY)
 
 
 def _readReply(s: socket.socket, path: str) -> list[bytes]:
