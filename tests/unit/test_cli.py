@@ -49,3 +49,12 @@ def test_json_after_a_bad_flag_is_still_one_document(capsys) -> None:
     line = "virby status: error: unrecognized arguments: --bogus (see `virby status --help`)"
     assert err == line + "\n"
     assert json.loads(out) == {"ok": False, "error": line, "state": "unknown", "reason": line}
+
+
+def test_virbys_own_help_names_every_command_and_where_to_read_more(capsys) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    text = capsys.readouterr().out
+    for command in cli.EXIT_STATUSES:
+        assert f"    {command} " in text or f"    {command}\n" in text, command
+    assert "/etc/virby/config.json" in text and "exit statuses" in text

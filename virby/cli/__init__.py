@@ -131,7 +131,15 @@ def _command(commands: Any, name: str, help: str, usage: str = "") -> argparse.A
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="virby", description=__doc__.strip().splitlines()[0])
+    parser = _Parser(
+        prog="virby",
+        description=__doc__.strip().splitlines()[0],
+        epilog=(
+            "Each command's --help lists its own options, then the config flags with their "
+            f"defaults (the config file is {INSTALLED_CONFIG} unless --config names another), "
+            "then what its exit statuses mean."
+        ),
+    )
     parser.add_argument("--version", action="version", version=f"virby {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
