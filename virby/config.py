@@ -123,6 +123,29 @@ def _scan(text: str, stop: int | None = None) -> tuple[bool, str | None]:
     return False, key
 
 
+class DuplicateKey(ValueError):
+    """
+    A JSON object names a key twice (a setting, or a share's tag): JSON itself keeps the
+    last one silently, which would drop a share or a setting a person wrote.
+
+    @ivar name: the key given twice.
+    """
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+def _uniqueKeys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """C{json}'s C{object_pairs_hook}: an object, refusing a key given twice."""
+    result: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in result:
+            raise DuplicateKey(name)
+        result[name] = value
+    return result
+
+
 def decodeJson(text: str, what: str, key: str | None = None) -> Any:
     """
     Decode JSON text the way the config needs it: nesting and integer size bounded first.
@@ -138,7 +161,9 @@ def decodeJson(text: str, what: str, key: str | None = None) -> Any:
             f"{what} nests more than {MAX_NESTING} levels deep; a Virby config nests at most 2",
         )
     try:
-        return json.loads(text, parse_int=_jsonInteger)
+        return json.loads(text, parse_int=_jsonInteger, object_pairs_hook=_uniqueKeys)
+    except DuplicateKey as e:
+        raise ConfigError(key, f"{what} names {_shown(e.name)} twice: keep one") from None
     except RecursionError:
         raise ConfigError(key, f"{what} nests too deeply") from None
     except ValueError as e:
@@ -368,19 +393,27 @@ def _switchText(given: bool | str) -> bool:
 
 
 def _sharedDirsText(items: str | Iterable[str]) -> dict[str, Any]:
-    """C{TAG=DIR}, given again for each share, or a JSON object of them."""
+    """
+    C{TAG=DIR}, given again for each share, or a JSON object of them.  A tag given twice is
+    refused, not settled by order: the guest mounts one directory per tag.  The flag's shares
+    replace the file's whole object, as any flag replaces its key's value.
+    """
     result: dict[str, Any] = {}
     for item in [items] if isinstance(items, str) else items:
         if item.lstrip().startswith("{"):
             decoded = decodeJson(item, "the flag's JSON")
             if not isinstance(decoded, dict):
                 raise ValueError(f"expected a JSON object, got {_describe(decoded)}")
-            result.update(decoded)
-            continue
-        tag, sep, path = item.partition("=")
-        if not sep:
-            raise ValueError(f"expected TAG=DIR, got {_shown(item)}")
-        result[tag] = path
+            pairs = list(decoded.items())
+        else:
+            tag, sep, path = item.partition("=")
+            if not sep:
+                raise ValueError(f"expected TAG=DIR, got {_shown(item)}")
+            pairs = [(tag, path)]
+        for tag, path in pairs:
+            if tag in result:
+                raise ValueError(f"tag {_shown(tag)} is given twice: one tag, one share")
+            result[tag] = path
     return result
 
 
@@ -410,11 +443,11 @@ class Value:
 
 
 def _bounded(low: int, high: int) -> Value:
-    return Value(_integer(low, high), _integerText)
+    return Value(_integer(low, high), _integerText, metavar="N")
 
 
 BOOLEAN = Value(_boolean, _switchText, "switch")
-STRING = Value(_string)
+STRING = Value(_string, metavar="TEXT")
 PATH = Value(_absolutePath, metavar="PATH")
 
 
@@ -473,7 +506,12 @@ KEYS: tuple[Key, ...] = (
     ),
     Key("debug", False, BOOLEAN, "keep serial.log and log verbosely"),
     Key("allow-user-ssh", False, BOOLEAN, "keep a client key readable by all users"),
-    Key("working-directory", "/var/lib/virby", Value(_workingDirectory), "where all state lives"),
+    Key(
+        "working-directory",
+        "/var/lib/virby",
+        Value(_workingDirectory, metavar="PATH"),
+        "where all state lives",
+    ),
     Key("image", None, Value(_optional(_absolutePath), metavar="PATH"), "the raw EFI NixOS image"),
     Key("vfkit", "vfkit", Value(_command, metavar="COMMAND"), "the hypervisor command"),
     Key("leases-file", "/var/db/dhcpd_leases", PATH, "bootpd's lease file"),
@@ -582,10 +620,18 @@ def readFile(path: str) -> dict[str, Any]:
         raise ConfigError(None, f"cannot read {path}: {e.strerror or e}") from None
     except ValueError as e:
         raise ConfigError(None, f"cannot read {_shown(path)}: {e}") from None
+    try:
+        info = os.fstat(fd)
+    except OSError as e:
+        os.close(fd)
+        raise ConfigError(None, f"cannot read {path}: {e.strerror or e}") from None
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise ConfigError(None, f"{path} is a directory: give the JSON config file in it")
+        raise ConfigError(None, f"{path} is not a regular file")
+    # Only a regular file is handed to fdopen, which refuses a directory with a traceback.
     with os.fdopen(fd, "rb") as f:
-        info = os.fstat(f.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise ConfigError(None, f"{path} is not a regular file")
         if info.st_size > MAX_FILE_BYTES:
             raise ConfigError(None, f"{path} is {info.st_size} bytes: too large for a config")
         try:
@@ -602,16 +648,44 @@ def readFile(path: str) -> dict[str, Any]:
     return document
 
 
-def load(path: str | None, flags: Mapping[str, Any] | None = None) -> Config:
+def load(
+    path: str | None,
+    flags: Mapping[str, Any] | None = None,
+    warn: Callable[[str], object] | None = None,
+) -> Config:
     """
     Load the config file at C{path} (or only defaults when C{None}) with command-line flags,
     keyed by kebab-case name, laid over it: their texts as the command line gave them
-    (L{virby.flags.collect}), read by each key's own L{Value}.
+    (L{virby.flags.collect}), read by each key's own L{Value}.  A flag given as the empty
+    string is given, and its key's own check refuses it: C{--working-directory "$UNSET"}
+    must not quietly mean the default.
 
+    @param warn: told, in one line each, about settings that are valid but have no effect
+        (L{ignoredSettings}).
     @raise ConfigError: for any mistake, naming the key.
     """
     document: dict[str, Any] = readFile(path) if path is not None else {}
     for name, given in (flags or {}).items():
         if given is not None:
             document[name] = KEYS_BY_NAME[name].fromText(given)
-    return fromMapping(document)
+    config = fromMapping(document)
+    if warn is not None:
+        for warning in ignoredSettings(config, document):
+            warn(warning)
+    return config
+
+
+def ignoredSettings(config: Config, given: Mapping[str, Any]) -> list[str]:
+    """
+    What the file or the flags set (C{given}, by key name) that the config then ignores,
+    one line each: a C{port} other than the one a C{tcp:} C{listen} names (the daemon
+    accepts where C{listen} says, and the commands knock there too).
+    """
+    warnings: list[str] = []
+    named = listenPort(config.listen)
+    if "port" in given and named is not None and named != config.port:
+        warnings.append(
+            f"port {config.port} is ignored: listen {config.listen!r} names port {named}, "
+            "where the daemon accepts; set one of them to match the other"
+        )
+    return warnings

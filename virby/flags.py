@@ -36,7 +36,8 @@ def _off(key: Key) -> str:
 def collect(given: Callable[[str], Any]) -> dict[str, Any]:
     """
     The config flags given, by key name, from C{given}: what the parser holds for an option
-    name (C{None}, C{False} or an empty list when it was not given).
+    name (C{None}, C{False} or an empty list when it was not given).  A flag given the empty
+    string is given: its key's own check refuses it (an unset shell variable, not a default).
 
     @raise ConfigError: when a switch was given both ways.
     """
@@ -48,7 +49,7 @@ def collect(given: Callable[[str], Any]) -> dict[str, Any]:
                 raise ConfigError(key.name, f"--{key.name} and --{_off(key)} conflict")
             if on or off:
                 flags[key.name] = bool(on)
-        elif given(key.name):
+        elif given(key.name) is not None and given(key.name) != []:
             flags[key.name] = given(key.name)
     return flags
 
@@ -56,23 +57,71 @@ def collect(given: Callable[[str], Any]) -> dict[str, Any]:
 # -- virby's argparse
 
 
-def addArguments(parser: argparse.ArgumentParser) -> None:
-    """Add C{--config} and one flag per key (C{--KEY}/C{--no-KEY} for a switch)."""
-    parser.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
+def shownDefault(key: Key) -> str:
+    """A key's default as a person types it: C{100GiB}, C{off}, C{none}."""
+    default = key.default
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if default is None or default == {}:
+        return "none"
+    return str(default)
+
+
+def keyHelp(key: Key) -> str:
+    """A flag's line of help: what the key does and its default."""
+    return f"{key.help} (default: {shownDefault(key)})"
+
+
+#: The title and description of the config flags' group in every command's help.
+CONFIG_GROUP = "config (each flag wins over its key in the file)"
+
+
+def addArguments(
+    parser: argparse.ArgumentParser, defaultConfig: str | None = None
+) -> argparse._ArgumentGroup:
+    """
+    Add C{--config} and one flag per key (C{--KEY}/C{--no-KEY} for a switch), in a group of
+    their own, after the command's own options, each with its default.
+
+    @param defaultConfig: the file read when C{--config} is not given, named in the help.
+    """
+    group = parser.add_argument_group(CONFIG_GROUP)
+    where = f" (default: {defaultConfig} when it exists)" if defaultConfig else ""
+    group.add_argument("--config", metavar="FILE", help=CONFIG_HELP + where)
     for key in KEYS:
         flag = f"--{key.name}"
         form = key.value.form
         if form == "switch":
-            parser.add_argument(flag, dest=key.name, action="store_true", help=key.help)
-            parser.add_argument(
-                f"--{_off(key)}", dest=_off(key), action="store_true", help=argparse.SUPPRESS
+            group.add_argument(
+                flag, f"--{_off(key)}", dest=key.name, action=_Switch, help=keyHelp(key)
             )
         elif form == "repeated":
-            parser.add_argument(
-                flag, dest=key.name, action="append", metavar=key.value.metavar, help=key.help
+            group.add_argument(
+                flag, dest=key.name, action="append", metavar=key.value.metavar, help=keyHelp(key)
             )
         else:
-            parser.add_argument(flag, dest=key.name, metavar=key.value.metavar, help=key.help)
+            group.add_argument(flag, dest=key.name, metavar=key.value.metavar, help=keyHelp(key))
+    return group
+
+
+class _Switch(argparse.Action):
+    """
+    C{--KEY} and C{--no-KEY} as one entry of the help, each kept apart in the namespace
+    (C{KEY} and C{no-KEY}), so that L{collect} sees both when both are given.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(nargs=0, default=False, **kwargs)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        flag: str | None = None,
+    ) -> None:
+        name = self.dest if flag == f"--{self.dest}" else f"no-{self.dest}"
+        setattr(namespace, name, True)
 
 
 def collected(namespace: argparse.Namespace) -> dict[str, Any]:

@@ -194,6 +194,11 @@ def checkWorkingDirectory(
             f"working directory {path} exists and is not a directory",
             'move it away or set another "working-directory"',
         )
+    if writable and readOnly(path):
+        raise WorkingDirectoryError(
+            f"working directory {path} is on a read-only file system",
+            'mount it read-write, or set a "working-directory" on a writable one',
+        )
     if writable and not os.access(path, os.W_OK | os.X_OK):
         raise WorkingDirectoryError(
             f"working directory {path} is not writable by uid {os.getuid()}",
@@ -205,3 +210,14 @@ def checkWorkingDirectory(
         if not os.path.exists(os.path.join(path, name)):
             raise WorkingDirectoryError(f"{os.path.join(path, name)} is missing")
     return info
+
+
+def readOnly(path: str) -> bool:
+    """
+    Whether C{path} is on a file system mounted read-only (C{EROFS} for every write): no
+    user, root included, can write there, so "run it as root" would be the wrong fix.
+    """
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False

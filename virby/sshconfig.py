@@ -3,8 +3,9 @@ The C{Host virby-vm} block that the nix-darwin module installs as
 C{/etc/ssh/ssh_config.d/100-virby-vm.conf}, so that C{ssh virby-vm} and Nix's builder
 connections reach the VM through the daemon's port.
 
-It is generated here, in one place, so that C{virby prepare --print-ssh-config} shows a
-person exactly what ssh will do and the Nix side can be checked against it.  The choices:
+It is generated here, in one place, so that C{virby ssh-config} (and C{virby prepare
+--print-ssh-config}, its older spelling) shows a person exactly what ssh will do, and the Nix
+side (C{nix/lib/ssh-config.nix}) is checked against it.  The choices:
 
 - C{HostName 127.0.0.1}, not C{localhost}, which can resolve to C{::1} where nothing listens.
 - C{HostKeyAlias virby-vm-key} with C{StrictHostKeyChecking yes}: the VM's key is pinned
@@ -13,6 +14,9 @@ person exactly what ssh will do and the Nix side can be checked against it.  The
   C{MaxAuthTries} before the right key is offered.
 - No C{ConnectTimeout}: a cold boot takes seconds, during which the daemon holds the
   connection open on purpose.
+- C{IdentityFile} is the client key ssh can read: with C{allow-user-ssh}, the copy every
+  local user may read (L{SHARED_CLIENT_KEY}), as the module installs it; else the owner-only
+  key itself, which only root (and the daemon's user) can read.
 - C{Port} is where the daemon really accepts: the port of a C{tcp:} C{listen} string when
   it names one, else C{port} (the port launchd binds for an adopted socket).
 """
@@ -21,7 +25,7 @@ from __future__ import annotations
 
 from virby.config import Config
 from virby.keys import HOST_KEY_ALIAS
-from virby.layout import CLIENT_KEY, KNOWN_HOSTS
+from virby.layout import CLIENT_KEY, KNOWN_HOSTS, SHARED_CLIENT_KEY
 
 HOST = "virby-vm"
 USER = "builder"
@@ -36,16 +40,18 @@ def sshConfigBlock(config: Config, identityFile: str | None = None) -> str:
     """
     The ssh_config text for C{Host virby-vm}, ending with a newline.
 
-    @param identityFile: the client key to log in with; the working directory's private
-        key when C{None}.
+    @param identityFile: the client key to log in with; when C{None}, the one the module
+        names: the readable copy with C{allow-user-ssh}, else the private key itself.
     """
+    if identityFile is None:
+        identityFile = config.path(SHARED_CLIENT_KEY if config.allow_user_ssh else CLIENT_KEY)
     lines = [
         f"Host {HOST}",
         "  HostName 127.0.0.1",
         f"  Port {config.builderPort}",
         f"  User {USER}",
         f"  HostKeyAlias {HOST_KEY_ALIAS}",
-        f"  IdentityFile {_quoted(identityFile or config.path(CLIENT_KEY))}",
+        f"  IdentityFile {_quoted(identityFile)}",
         f"  UserKnownHostsFile {_quoted(config.path(KNOWN_HOSTS))}",
         "  StrictHostKeyChecking yes",
         "  IdentitiesOnly yes",

@@ -1,5 +1,5 @@
 # The Host block installed as /etc/ssh/ssh_config.d/100-virby-vm.conf; the same text as
-# `virby prepare --print-ssh-config` (virby.sshconfig).  Pure.
+# `virby ssh-config` and `virby prepare --print-ssh-config` (virby.sshconfig).  Pure.
 #
 # With allowUserSsh, the identity is the copy of the client key that `virby prepare` makes
 # readable by every local user: the private key itself stays 0600 and _virby's, so any other

@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 
@@ -182,3 +183,98 @@ def test_someone_else_is_refused_by_their_credentials(make_builder) -> None:
         "virby stop: error: only root and the daemon's user (root) may ask the daemon: "
         "run the command with sudo\n"
     )
+
+
+def test_a_request_ended_by_a_half_close_is_answered(make_builder) -> None:
+    """As C{nc -N} and C{socat} send it: no newline, then the end of input."""
+    builder = make_builder()
+    builder.start()
+    path = str(builder.wd / "control.sock")
+    status = b'{"version": 1, "command": "status"}'
+    for request in (status + b"\n", status):
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(30)
+            s.connect(path)
+            s.sendall(request)
+            s.shutdown(socket.SHUT_WR)
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        assert json.loads(data)["status"]["state"] == "stopped"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(30)
+        s.connect(path)
+        s.shutdown(socket.SHUT_WR)
+        assert json.loads(s.recv(65536))["error"].startswith("the input ended before a request")
+
+
+def test_a_crowd_of_status_calls_all_get_their_answer(make_builder) -> None:
+    """
+    Many commands at once (a monitor, a loop in a script) queue on the control socket and
+    each gets its answer: none is refused for a full queue.
+    """
+    from virby.cli.client import ask
+
+    builder = make_builder()
+    builder.start()
+    path = str(builder.wd / "control.sock")
+    crowd, rounds = 120, 10
+    go_read, go_write = os.pipe()
+    children = []
+    for _ in range(crowd):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            code = 1
+            try:
+                os.close(go_write)
+                os.read(go_read, 1)  # all of them at once
+                for _ in range(rounds):
+                    assert ask(path, "status", timeout=60)["status"]["state"] == "stopped"
+                code = 0
+            except BaseException as e:
+                os.write(2, f"{e}\n".encode())
+            finally:
+                os._exit(code)
+        children.append(pid)
+    os.close(go_read)
+    os.close(go_write)  # the end of input wakes every child at once
+    failed = [pid for pid in children if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0]
+    assert failed == [], f"{len(failed)} of {crowd} clients had a status call fail"
+
+
+def test_reset_stops_the_vm_and_gives_it_a_new_disk(make_builder) -> None:
+    """The guest's state lives on diff.img: after a reset it is gone, and the VM boots anew."""
+    from virby.emulator.guest import readState
+
+    builder = make_builder()
+    daemon = builder.start()
+    diff = str(builder.wd / "diff.img")
+    session = builder.ssh_background("echo", "in", "&&", "sleep", "60")
+    try:
+        session.wait_for_line(r"in", timeout=60)
+        assert readState(diff).boots == 1
+        refused = virby(builder, "reset")
+        assert refused.returncode == 1
+        assert refused.stderr == (
+            "virby reset: error: the VM was not stopped, so its disk is kept: 1 connection is "
+            "open (a build may be running): `virby reset --force` closes them\n"
+        )
+        assert builder.status()["state"] == "running" and readState(diff).boots == 1
+        forced = virby(builder, "reset", "--force")
+        assert forced.returncode == 0, forced.stderr + daemon.text()
+        assert forced.stdout.startswith(
+            "Virby: stopped the VM and closed 1 connection; made diff.img anew from base.img ("
+        )
+        assert session.wait_exit(30) != 0, "the session was closed"
+    finally:
+        session.kill_all()
+    assert builder.emulators() == [] and builder.status()["state"] == "stopped"
+    assert readState(diff).boots == 0, "the guest's state went with the old disk"
+    assert os.path.getsize(diff) == 1024**3
+    assert builder.ssh("true").returncode == 0, "the next build boots on the new disk"
+    assert readState(diff).boots == 1
+    daemon.signal(signal.SIGTERM)
+    daemon.wait_exit(60)
+    again = virby(builder, "reset")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.startswith("Virby: no daemon is running; made diff.img anew")

@@ -15,8 +15,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.programs import TWISTD, VIRBY
+from tests.programs import TWISTD, VIRBY, VIRBYD
 from virby.config import KEYS, KEYS_BY_NAME, Config, ConfigError, fromMapping, load, parseSize
+from virby.flags import collect
 
 GIB = 1024**3
 
@@ -469,3 +470,106 @@ def test_every_key_reads_a_value_from_the_command_line_as_from_the_file(key) -> 
     value = key.default if key.default is not None else "/nix/store/0000-image/nixos.img"
     from_file = fromMapping({key.name: value})
     assert load(None, {key.name: flag_text(key, value)}) == from_file
+
+
+# -- input that once slipped through, or through as a traceback
+
+
+@pytest.mark.parametrize("command", [*COMMANDS, "virbyd"])
+def test_a_directory_given_as_the_config_is_one_line(tmp_path, command) -> None:
+    argv = (
+        [*VIRBYD, "--config", str(tmp_path)]
+        if command == "virbyd"
+        else commandLine(command, str(tmp_path))
+    )
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    program = {"twistd": "twistd virby", "virbyd": "virbyd"}.get(command, f"virby {command}")
+    assert result.stderr.strip().splitlines() == [
+        f"{program}: error: config: {tmp_path} is a directory: give the JSON config file in it"
+    ]
+
+
+@pytest.mark.parametrize("key", [k for k in KEYS if k.value.form != "switch"])
+def test_an_empty_flag_is_refused_by_its_key_not_taken_as_unset(key) -> None:
+    """C{--working-directory "$UNSET"} must not quietly mean the default."""
+    with pytest.raises(ConfigError) as caught:
+        load(None, collect({key.name: [""] if key.value.form == "repeated" else ""}.get))
+    assert caught.value.key == key.name
+
+
+def test_an_empty_flag_in_each_command_line_is_refused() -> None:
+    twistd = [*TWISTD, "--nodaemon", "--pidfile=", "virby", "--working-directory="]
+    for argv in ([*VIRBY, "prepare", "--working-directory", ""], twistd):
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 1
+        assert "config key 'working-directory': expected a non-empty string" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("items", "words"),
+    [
+        (["a=/x", "a=/y"], "tag 'a' is given twice"),
+        (['{"a": "/x"}', "a=/y"], "tag 'a' is given twice"),
+        (['{"a": "/x", "a": "/y"}'], "names 'a' twice"),
+    ],
+)
+def test_a_share_tag_given_twice_on_the_command_line_is_refused(items, words) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(None, {"shared-dirs": items})
+    assert caught.value.key == "shared-dirs" and words in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['{"shared-dirs": {"a": "/x", "a": "/y"}}', '{"ttl": 5, "ttl": 6}'],
+)
+def test_a_key_given_twice_in_the_file_is_refused(tmp_path, text) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=r"names '(a|ttl)' twice: keep one$"):
+        load(path)
+
+
+def test_the_flags_shares_replace_the_files(tmp_path) -> None:
+    path = write(tmp_path, json.dumps({"shared-dirs": {"a": "/x", "b": "/y"}}))
+    assert load(path, {"shared-dirs": ["a=/z"]}).shared_dirs == {"a": "/z"}
+
+
+def test_a_port_a_tcp_listen_contradicts_is_warned_about(tmp_path) -> None:
+    warnings: list[str] = []
+    config = load(None, {"port": "5000", "listen": "tcp:4000"}, warn=warnings.append)
+    assert config.builderPort == 4000
+    assert warnings == [
+        "port 5000 is ignored: listen 'tcp:4000' names port 4000, where the daemon accepts; "
+        "set one of them to match the other"
+    ]
+    for quiet in ({"port": "4000", "listen": "tcp:4000"}, {"listen": "tcp:4000"},
+                  {"port": "5000", "listen": "launchd:name=Listener"}):  # fmt: skip
+        load(None, quiet, warn=warnings.append)
+    assert len(warnings) == 1
+
+
+def test_the_commands_warn_of_an_ignored_port_on_stderr() -> None:
+    result = subprocess.run(
+        [*VIRBY, "status", "--listen", "tcp:4000", "--port", "5000",
+         "--working-directory", "/nonexistent/virby"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.stderr.splitlines()[0] == (
+        "virby status: warning: port 5000 is ignored: listen 'tcp:4000' names port 4000, "
+        "where the daemon accepts; set one of them to match the other"
+    )
+
+
+@pytest.mark.parametrize("command", ["status", "doctor"])
+def test_json_is_one_document_even_when_the_config_is_corrupt(tmp_path, command) -> None:
+    path = write(tmp_path, '{"ttl": ')
+    result = subprocess.run(
+        [*VIRBY, command, "--json", "--config", path], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 1
+    document = json.loads(result.stdout)
+    assert document["ok"] is False and document["error"].startswith("config")
+    assert len(result.stderr.splitlines()) == 1
+    if command == "status":
+        assert document["state"] == "unknown" and document["reason"] == document["error"]

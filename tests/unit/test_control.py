@@ -178,6 +178,55 @@ def test_a_flood_after_the_request_is_cut_off_and_withdraws_the_wait() -> None:
     assert commands.cancelled == 1
 
 
+def test_a_request_ended_by_the_end_of_input_is_answered() -> None:
+    """As C{nc -N} and C{socat} send it: the request, then a half-close."""
+    protocol, transport, _, _ = connect()
+    protocol.dataReceived(line(version=1, command="status"))
+    assert reply(transport)["ok"] is True
+
+
+@pytest.mark.parametrize("raw", [b'{"version": 1, "command": "status"}', b'{"version": 1,', b""])
+def test_the_end_of_input_answers_what_was_received(raw: bytes) -> None:
+    protocol, transport, _, _ = connect()
+    if raw:
+        protocol.dataReceived(raw)
+    assert transport.value() == b""
+    protocol.readConnectionLost()
+    answer = reply(transport)
+    if raw.endswith(b"}"):
+        assert answer["ok"] is True and answer["status"]["state"] == "running"
+    elif raw:
+        assert answer == {"version": 1, "ok": False, "error": "the request is not JSON: send "
+                          "one JSON object on one line"}  # fmt: skip
+    else:
+        assert answer["error"] == "the input ended before a request: send one JSON object"
+
+
+def test_the_end_of_input_after_a_request_keeps_its_wait() -> None:
+    protocol, transport, _, commands = connect()
+    protocol.dataReceived(line(version=1, command="start"))
+    protocol.readConnectionLost()
+    assert commands.cancelled == 0 and transport.value() == b""
+    commands.starts[0].callback({"booted": False})
+    assert reply(transport)["booted"] is False
+
+
+def test_the_protocol_is_half_closeable() -> None:
+    """Else the reactor closes the whole connection at a client's half-close (C{nc -N})."""
+    from twisted.internet.interfaces import IHalfCloseableProtocol
+
+    from virby.daemon.control import ControlProtocol
+
+    assert IHalfCloseableProtocol.implementedBy(ControlProtocol)
+
+
+def test_the_control_socket_queues_as_many_as_the_builder_port() -> None:
+    from virby.daemon.capacity import BACKLOG
+    from virby.daemon.control import controlEndpoint
+
+    assert controlEndpoint(Clock(), "/nonexistent/control.sock")._backlog == BACKLOG  # type: ignore[arg-type]
+
+
 def test_a_client_that_does_not_read_its_reply_is_cut_off() -> None:
     aborted: list[bool] = []
     protocol, transport, clock, _ = connect()
@@ -317,6 +366,130 @@ def test_a_daemon_that_never_answers_times_out_in_one_line(short_tmp) -> None:
     with server, pytest.raises(VirbyError) as caught:
         ask(path, "status", timeout=0.2)
     assert str(caught.value) == f"the daemon did not answer on {path} within 0s"
+
+
+def fill_accept_queue(path: str) -> tuple[socket.socket, list[socket.socket]]:
+    """A listening socket that accepts nothing, its queue full of connections."""
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen(0)
+    queued: list[socket.socket] = []
+    while True:
+        s = socket.socket(socket.AF_UNIX)
+        s.setblocking(False)
+        try:
+            s.connect(path)
+        except BlockingIOError:
+            s.close()
+            return server, queued
+        queued.append(s)
+
+
+@pytest.mark.linux
+def test_a_full_accept_queue_is_waited_out(short_tmp, monkeypatch) -> None:
+    """Linux refuses a connect to a full unix socket queue with EAGAIN: the client waits."""
+    from virby.cli import client
+
+    path = str(short_tmp / "control.sock")
+    server, queued = fill_accept_queue(path)
+    go_read, go_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child: the daemon, once it gets round to accepting
+        try:
+            os.read(go_read, 1)
+            connection, _ = server.accept()
+            read_request(connection)
+            connection.sendall(b'{"version": 1, "ok": true, "status": {"state": "busy"}}\n')
+            connection.close()
+        finally:
+            os._exit(0)
+    pauses: list[float] = []
+
+    def pause(seconds: float) -> None:
+        pauses.append(seconds)
+        if len(pauses) == 2:  # the queue empties: the daemon took what was waiting
+            for s in queued:
+                server.accept()[0].close()
+                s.close()
+            os.write(go_write, b"x")
+
+    monkeypatch.setattr(client, "sleep", pause)
+    try:
+        with server:
+            assert ask(path, "status", timeout=10)["status"] == {"state": "busy"}
+    finally:
+        os.waitpid(pid, 0)
+    assert pauses == [client.FIRST_RETRY, client.FIRST_RETRY * 2]
+
+
+@pytest.mark.linux
+def test_a_queue_full_until_the_timeout_is_one_line(short_tmp, monkeypatch) -> None:
+    from virby.cli import client
+
+    path = str(short_tmp / "control.sock")
+    server, queued = fill_accept_queue(path)
+    now = [100.0]
+    monkeypatch.setattr(client, "monotonic", lambda: now[0])
+    monkeypatch.setattr(client, "sleep", lambda seconds: now.__setitem__(0, now[0] + seconds))
+    with server, pytest.raises(VirbyError) as caught:
+        ask(path, "status", timeout=2)
+    for s in queued:
+        s.close()
+    assert str(caught.value) == (
+        f"the daemon at {path} is too busy to take a connection within 2s: try again, or "
+        "read its log"
+    )
+    assert now[0] == 102.0
+
+
+def test_a_refused_connect_is_tried_again_briefly_then_is_a_daemon_down(
+    short_tmp, monkeypatch
+) -> None:
+    """macOS refuses a connect to a full queue; a dead daemon's socket refuses too."""
+    from virby.cli import client
+
+    path = str(short_tmp / "control.sock")
+    now = [100.0]
+    monkeypatch.setattr(client, "monotonic", lambda: now[0])
+    monkeypatch.setattr(client, "sleep", lambda seconds: now.__setitem__(0, now[0] + seconds))
+    with socket.socket(socket.AF_UNIX) as stale:
+        stale.bind(path)  # bound, never listening: what a dead daemon leaves
+        with pytest.raises(DaemonDown, match="stale control socket"):
+            ask(path, "status", timeout=5)
+    assert now[0] == 100.0 + client.REFUSED_GRACE
+
+
+def test_a_socket_that_stops_refusing_is_answered(short_tmp, monkeypatch) -> None:
+    from virby.cli import client
+
+    path = str(short_tmp / "control.sock")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    pauses: list[float] = []
+    go_read, go_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child: the daemon, once it listens
+        try:
+            os.read(go_read, 1)
+            connection, _ = server.accept()
+            read_request(connection)
+            connection.sendall(b'{"version": 1, "ok": true, "status": {"state": "busy"}}\n')
+            connection.close()
+        finally:
+            os._exit(0)
+
+    def pause(seconds: float) -> None:
+        pauses.append(seconds)
+        server.listen(1)  # the queue has room again
+        os.write(go_write, b"x")
+
+    monkeypatch.setattr(client, "sleep", pause)
+    try:
+        with server:
+            assert ask(path, "status", timeout=10)["status"] == {"state": "busy"}
+    finally:
+        os.waitpid(pid, 0)
+    assert pauses == [client.FIRST_RETRY]
 
 
 # -- the commands
@@ -507,7 +680,7 @@ def test_each_command_says_what_its_exit_statuses_mean(command, capsys) -> None:
         cli.main([command, "--help"])
     epilog = capsys.readouterr().out.split("exit status:\n", 1)[1]
     codes = [line.split()[0] for line in epilog.splitlines() if not line.startswith("     ")]
-    assert codes == (["0", "1"] if command == "stop" else ["0", "1", "3"])
+    assert codes == (["0", "1", "2"] if command == "stop" else ["0", "1", "2", "3"])
     assert "3 (the daemon is not running)" in epilog or "3  the daemon is not running" in epilog
 
 

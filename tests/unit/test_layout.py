@@ -94,3 +94,20 @@ def test_an_unwritable_directory_names_the_fix_for_who_is_asking(tmp_path, monke
         checkWorkingDirectory(str(tmp_path), absentOk=True)
     assert prepare.value.fix == "run virby prepare as root"
     assert checkWorkingDirectory(str(tmp_path), writable=False) is not None
+
+
+def test_a_read_only_file_system_is_named_not_blamed_on_the_user(tmp_path, monkeypatch) -> None:
+    """EROFS: root cannot write there either, so "run it as root" would send a person astray."""
+    real = os.statvfs
+
+    class ReadOnly:
+        def __init__(self, path: str) -> None:
+            self.f_flag = real(path).f_flag | os.ST_RDONLY
+
+    monkeypatch.setattr(os, "statvfs", ReadOnly)
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(WorkingDirectoryError) as caught:
+        checkWorkingDirectory(str(tmp_path), absentOk=True)
+    assert caught.value.problem == f"working directory {tmp_path} is on a read-only file system"
+    assert caught.value.fix == 'mount it read-write, or set a "working-directory" on a writable one'
+    assert checkWorkingDirectory(str(tmp_path), writable=False) is not None

@@ -1,9 +1,12 @@
-"""The Host virby-vm block that --print-ssh-config shows and the module installs."""
+"""The Host virby-vm block that `virby ssh-config` shows and the module installs."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+
+import pytest
 
 from virby.config import Config
 from virby.sshconfig import sshConfigBlock
@@ -55,3 +58,33 @@ def test_print_ssh_config_follows_a_listen_flag(short_tmp) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "  Port 40000\n" in result.stdout
+
+
+def test_the_readable_key_is_named_when_users_may_ssh() -> None:
+    config = Config(working_directory="/w", allow_user_ssh=True)
+    assert "  IdentityFile /w/ssh_user_ed25519_key.shared\n" in sshConfigBlock(config)
+
+
+def virby_output(*argv: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "virby.cli", *argv], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@pytest.mark.repository
+@pytest.mark.skipif(shutil.which("nix-instantiate") is None, reason="needs nix-instantiate")
+@pytest.mark.parametrize("allow", [False, True])
+def test_ssh_config_prints_what_the_module_installs(allow: bool) -> None:
+    """Both spellings print, byte for byte, the block nix/lib/ssh-config.nix writes."""
+    from tests.unit.test_nix import evaluate
+
+    installed = evaluate(
+        'import ./nix/lib/ssh-config.nix { port = 31333; workingDirectory = "/w/virby"; '
+        f"allowUserSsh = {'true' if allow else 'false'}; }}"
+    )
+    flags = ["--port", "31333", "--working-directory", "/w/virby"]
+    flags.append("--allow-user-ssh" if allow else "--no-allow-user-ssh")
+    assert virby_output("ssh-config", *flags) == installed
+    assert virby_output("prepare", "--print-ssh-config", *flags) == installed

@@ -132,3 +132,22 @@ def test_an_idle_daemon_has_not_imported_the_http_client() -> None:
         [sys.executable, "-c", program], capture_output=True, text=True, timeout=60, check=True
     )
     assert result.stdout == "False\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_leaves_no_factory_lines_in_the_log(server) -> None:
+    """Twisted's HTTP pool makes a factory per request, each noisy by default."""
+    from twisted.internet import reactor
+    from twisted.logger import globalLogPublisher
+
+    resource, path = server
+    seen: list[dict] = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        await VfkitRestClient(reactor, path).request("Stop")
+        await VfkitRestClient(reactor, path).request("HardStop")
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    factoryLines = [e for e in seen if "factory" in str(e.get("log_format", "")).lower()]
+    assert factoryLines == []
+    assert resource.posted == ["Stop", "HardStop"]

@@ -4,6 +4,10 @@ line, one reply line.  Used by the short-lived commands (C{virby status}, C{star
 C{doctor}), never by the daemon: a plain blocking socket with a timeout is the right tool,
 and no reactor is loaded.
 
+A full accept queue is waited out, not reported: Linux refuses a unix socket's connect with
+C{EAGAIN} while the daemon's queue is full (a hundred commands asking at once), and macOS
+with C{ECONNREFUSED}; a command may block, so it tries again (L{_connect}).
+
 A daemon from before the protocol wrote its status document to every connection at once,
 without reading, and closed: the reply is read to the end whatever the request did.
 """
@@ -13,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import socket
+from time import monotonic, sleep
 from typing import Any
 
 from virby.errors import VirbyError
@@ -55,7 +60,7 @@ def _exchange(path: str, command: str, request: bytes, timeout: float) -> bytes:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(timeout)
-            s.connect(path)
+            _connect(s, path, monotonic() + timeout)
             # A daemon from before the protocol may have answered and closed already.
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 s.sendall(request)
@@ -71,6 +76,11 @@ def _exchange(path: str, command: str, request: bytes, timeout: float) -> bytes:
         ) from None
     except TimeoutError:
         raise VirbyError(f"the daemon did not answer on {path} within {timeout:.0f}s") from None
+    except BlockingIOError:
+        raise VirbyError(
+            f"the daemon at {path} is too busy to take a connection within {timeout:.0f}s: "
+            "try again, or read its log"
+        ) from None
     except ConnectionResetError:
         raise VirbyError(f"the daemon at {path} closed the connection without a reply") from None
     except OSError as e:
@@ -78,6 +88,39 @@ def _exchange(path: str, command: str, request: bytes, timeout: float) -> bytes:
             raise DaemonDown(f"the daemon is not running (no control socket at {path})") from None
         raise VirbyError(f"cannot reach the daemon at {path}: {e.strerror or e}") from None
     return b"".join(chunks)
+
+
+#: The first and the longest pause between two connects to a full accept queue.
+FIRST_RETRY = 0.005
+LONGEST_RETRY = 0.1
+#: How long a refused connect is tried again: macOS refuses a connect to a unix socket whose
+#: accept queue is full (C{ECONNREFUSED}, where Linux says C{EAGAIN}), and so does a socket
+#: a dead daemon left, which is rare (a daemon that stops removes its socket) and is then
+#: said to be down this much later.
+REFUSED_GRACE = 1.0
+
+
+def _connect(s: socket.socket, path: str, deadline: float) -> None:
+    """
+    Connect, waiting while the daemon's accept queue is full, until C{deadline}
+    (L{monotonic}); a refusal is tried again for L{REFUSED_GRACE} at most.
+
+    @raise BlockingIOError: when the queue stayed full until the deadline.
+    @raise ConnectionRefusedError: when the socket refused for L{REFUSED_GRACE}.
+    """
+    pause = FIRST_RETRY
+    refusedUntil = min(deadline, monotonic() + REFUSED_GRACE)
+    while True:
+        try:
+            s.connect(path)
+            return
+        except (BlockingIOError, ConnectionRefusedError) as e:
+            until = deadline if isinstance(e, BlockingIOError) else refusedUntil
+            left = until - monotonic()
+            if left <= 0:
+                raise
+        sleep(min(pause, left))
+        pause = min(pause * 2, LONGEST_RETRY)
 
 
 def _readReply(s: socket.socket, path: str) -> list[bytes]:

@@ -10,7 +10,9 @@ whose mode was loosened, or a directory opened with allow-user-ssh, lets no one 
 The protocol's wire format (version 1, C{docs/control.md}) is L{virby.wire}'s, shared with
 the commands that ask.  A request must arrive within L{REQUEST_TIMEOUT} seconds
 and be at most L{MAX_REQUEST} bytes: a client that sends nothing, or megabytes, is told so
-and cut off.
+and cut off.  A client may end its request with the end of its input instead of a newline
+(C{nc -N}, C{socat}, C{printf} without one): the connection is half-closeable, so what it
+sent is answered on the half still open.
 
 Two daemons are kept off one working directory by L{virby.layout.DAEMON_LOCK}, an flock the
 kernel drops when the daemon dies (L{virby.locks}), not by the socket: so whatever is found
@@ -37,6 +39,7 @@ from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succ
 from twisted.internet.endpoints import UNIXServerEndpoint
 from twisted.internet.interfaces import (
     IDelayedCall,
+    IHalfCloseableProtocol,
     IReactorTime,
     IReactorUNIX,
     ISystemHandle,
@@ -45,7 +48,9 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
+from virby.daemon.capacity import BACKLOG
 from virby.errors import VirbyError
 from virby.layout import OLD_SOCKET_LOCK
 from virby.logs import Logger
@@ -112,8 +117,16 @@ def _userName(uid: int) -> str:
 # -- the server
 
 
+@implementer(IHalfCloseableProtocol)
 class ControlProtocol(Protocol):
-    """One request, one reply, then hang up."""
+    """
+    One request, one reply, then hang up.
+
+    Half-closeable: a client's end of input ends its request (or says it sent none), and
+    the reply still goes out on the half it keeps open.  A client's full close reads the
+    same as its half-close, so a client that leaves while its C{start} waits is noticed
+    when its reply is written, not before; the boot goes on either way.
+    """
 
     factory: ControlFactory
     # A unix socket's transport is Twisted's TCP one, with abortConnection.
@@ -155,6 +168,28 @@ class ControlProtocol(Protocol):
             self._reply(errorReply(f"the request is longer than {MAX_REQUEST} bytes"))
             return
         line, self._buffer = self._buffer[:newline], b""
+        self._handle(line)
+
+    def readConnectionLost(self) -> None:
+        """
+        The client sent all it will: what came without its newline is the request, and
+        nothing at all is answered as such.  A request already taken goes on.
+        """
+        if self._answered or self._request is not None:
+            return
+        line, self._buffer = self._buffer, b""
+        if not line.strip():
+            self._reply(errorReply("the input ended before a request: send one JSON object"))
+            return
+        self._handle(line)
+
+    def writeConnectionLost(self) -> None:
+        """The client will read nothing more: its reply cannot be delivered."""
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def _handle(self, line: bytes) -> None:
+        """Run one request line and reply with its outcome."""
         self._cancelDeadline()
         try:
             command, force = parseRequest(line)
@@ -279,5 +314,8 @@ def controlEndpoint(reactor: IReactorUNIX, path: str) -> UNIXServerEndpoint:
     """
     Owner-only.  Not locked by pid (L{virby.layout.DAEMON_LOCK} keeps a second daemon away),
     so a stale pid can never stop a start.
+
+    Its accept queue is the builder's (L{BACKLOG}), not Twisted's 50: a hundred commands
+    asking at once (a monitor, a script in a loop) queue instead of being refused.
     """
-    return UNIXServerEndpoint(reactor, path, mode=0o600, wantPID=False)
+    return UNIXServerEndpoint(reactor, path, backlog=BACKLOG, mode=0o600, wantPID=False)

@@ -25,7 +25,14 @@ from typing import TYPE_CHECKING
 from twisted.internet import defer
 from twisted.internet import error as neterror
 from twisted.internet.endpoints import UNIXClientEndpoint
-from twisted.internet.interfaces import IConsumer, IReactorUNIX
+from twisted.internet.interfaces import (
+    IConsumer,
+    IProtocol,
+    IProtocolFactory,
+    IReactorUNIX,
+    IStreamClientEndpoint,
+)
+from twisted.internet.protocol import Factory
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
@@ -90,8 +97,25 @@ class _UNIXSocket:
         self._path = path
         self._timeout = timeout
 
-    def endpointForURI(self, uri: URI) -> UNIXClientEndpoint:
-        return UNIXClientEndpoint(self._reactor, self._path, timeout=self._timeout)
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        return _Quiet(UNIXClientEndpoint(self._reactor, self._path, timeout=self._timeout))
+
+
+@implementer(IStreamClientEndpoint)
+class _Quiet:
+    """
+    An endpoint whose factories log nothing of their own: the HTTP pool makes one factory
+    per request, and each would log "Starting factory ..." and "Stopping factory ..." lines
+    into the daemon's log, which say nothing the stop sequence does not say better.
+    """
+
+    def __init__(self, endpoint: IStreamClientEndpoint) -> None:
+        self._endpoint = endpoint
+
+    def connect(self, protocolFactory: IProtocolFactory) -> defer.Deferred[IProtocol]:
+        if isinstance(protocolFactory, Factory):
+            protocolFactory.noisy = False
+        return self._endpoint.connect(protocolFactory)
 
 
 @implementer(IBodyProducer)

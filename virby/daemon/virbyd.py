@@ -26,13 +26,18 @@ def programName() -> str:
     return PROGRAM if os.path.basename(sys.argv[0]) == PROGRAM else "twistd virby"
 
 
-def exitWithError(message: str) -> NoReturn:
+#: The status of a command line that cannot be read, as C{virby}'s (argparse's).
+EXIT_USAGE = 2
+
+
+def exitWithError(message: str, status: int = 1) -> NoReturn:
     """
-    End the daemon with one line on stderr and status 1, where launchd's log shows it: the
-    one way a daemon that cannot serve stops, before the reactor runs or as it starts.
+    End the daemon with one line on stderr and C{status} (1: it cannot serve), where
+    launchd's log shows it: the one way a daemon that cannot serve stops, before the
+    reactor runs or as it starts.
     """
     sys.stderr.write(f"{programName()}: error: {message}\n")
-    raise SystemExit(1)
+    raise SystemExit(status)
 
 
 def twistdArguments(arguments: Sequence[str]) -> list[str]:
