@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import textwrap
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,8 @@ from virby.daemon.lifecycle import (
     Event,
     IllegalTransition,
     Lifecycle,
+    Payload,
+    Ready,
     StartOutcome,
     State,
     StopOutcome,
@@ -659,14 +662,34 @@ def test_shutdown_answers_a_pending_stop_and_refuses_the_next() -> None:
 # -- the table, the diagram and the docs
 
 
-def test_every_event_has_a_row_and_every_handler_exists() -> None:
+def _accepts(annotation: object, cls: type) -> bool:
+    return annotation is cls or cls in typing.get_args(annotation)
+
+
+def test_every_event_has_a_row_a_payload_and_handlers_that_take_both() -> None:
+    """
+    The table holds the handlers themselves: each takes the machine, its column's state
+    data and its row's payload (mypy checks the same through C{row} and C{on}).
+    """
     assert set(RULES) == set(Event)
+    payloads = {cls.event: cls for cls in typing.get_args(Payload)}
+    assert set(payloads) == set(Event), "one payload class per event"
+    stateData = {cls.state: cls for cls in typing.get_args(lifecycle_module._Phase)}
     for event, row in RULES.items():
         assert len(row) == len(State)
         for state, cell in zip(State, row, strict=True):
-            if cell.handler is not None:
-                assert callable(getattr(Lifecycle, cell.handler)), (event, state)
             assert cell.legal or cell.handler is None
+            if cell.handler is None:
+                continue
+            assert getattr(Lifecycle, cell.handler.__name__) is cell.handler, (event, state)
+            hints = typing.get_type_hints(cell.handler, vars(lifecycle_module))
+            phase, payload = [hints[name] for name in list(hints) if name != "return"]
+            assert _accepts(payload, payloads[event]), (event, state, payload)
+            assert _accepts(phase, stateData[state]) or phase == lifecycle_module._Phase, (
+                event,
+                state,
+                phase,
+            )
 
 
 def test_the_docstring_shows_the_transitions_the_table_allows() -> None:
@@ -691,9 +714,7 @@ def test_the_design_overview_shows_the_diagram() -> None:
 
 def test_an_event_where_the_table_says_it_cannot_happen_fails_loudly_and_changes_nothing() -> None:
     lifecycle, hypervisor, _ = make()
-    failures = failuresLogged(
-        lambda: lifecycle._handle(Event.READY, FakeGuest(), owner=lifecycle._phase)
-    )
+    failures = failuresLogged(lambda: lifecycle._handle(Ready(FakeGuest()), owner=lifecycle._phase))
     assert len(failures) == 1 and failures[0].check(IllegalTransition)
     assert "ready cannot happen while stopped" in str(failures[0].value)
     assert lifecycle.state is State.STOPPED and hypervisor.vms == []
@@ -703,7 +724,7 @@ def test_a_handler_that_moves_off_its_cell_fails_loudly(monkeypatch) -> None:
     """A cell names where its handler may go: anywhere else is a bug, and no move happens."""
     lifecycle, hypervisor, _ = make(onDemand=False)
     start = dict(RULES)
-    start[Event.START] = (on("_startAlwaysOn"), *RULES[Event.START][1:])
+    start[Event.START] = (on(Lifecycle._startAlwaysOn), *RULES[Event.START][1:])
     monkeypatch.setattr("virby.daemon.lifecycle.RULES", start)
     failures = failuresLogged(lifecycle.start)
     assert len(failures) == 1 and failures[0].check(IllegalTransition)

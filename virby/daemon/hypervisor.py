@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 from virby.config import Config
 from virby.daemon.freshdisk import makeFreshDisk
 from virby.daemon.lifecycle import VirtualMachine
+from virby.daemon.observers import OneShot
 from virby.daemon.orphans import stopOrphan
 from virby.daemon.readiness import BootTimeout, ReadyGuest, waitForGuest
 from virby.daemon.vfkit import VfkitProcess
@@ -68,7 +69,7 @@ class VfkitHypervisor:
         self._executable = executable
         self.plan = plan or HostPlan(nested=config.nested_virtualization)
         self._leases = LeaseFile(config.leases_file)
-        self._orphanCheck: Deferred[Exception | None] | None = None
+        self._orphanCheck: OneShot[None] | None = None
 
     def stopOrphan(self) -> Deferred[None]:
         """
@@ -77,38 +78,28 @@ class VfkitHypervisor:
         """
         check = self._orphanCheck
         if check is None:
-            check = self._orphanCheck = Deferred.fromCoroutine(self._checkOrphan())
-            check.addCallback(self._forgetFailedCheck, check)
-        waiting: Deferred[None] = Deferred()
+            self._orphanCheck = check = OneShot()
+            checking = Deferred.fromCoroutine(self._checkOrphan())
+            checking.addErrback(self._forgetFailedCheck, check).addBoth(check.fire)
+        return check.observe()
 
-        def relay(outcome: Exception | None) -> Exception | None:
-            if outcome is None:
-                waiting.callback(None)
-            else:
-                waiting.errback(outcome)
-            return outcome
-
-        check.addCallback(relay)
-        return waiting
-
-    async def _checkOrphan(self) -> Exception | None:
-        """The outcome, never a failure: each caller gets its own copy of an error."""
+    async def _checkOrphan(self) -> None:
         try:
             await stopOrphan(self._reactor, self._config.working_directory)
         except VirbyError as e:
             log.error("{why}", why=str(e))
-            return e
+            raise
         except Exception:
             log.failure("checking for a VM left by a previous daemon failed")
-            return BootError("checking for a VM left by a previous daemon failed: see the log")
-        return None
+            raise BootError(
+                "checking for a VM left by a previous daemon failed: see the log"
+            ) from None
 
-    def _forgetFailedCheck(
-        self, outcome: Exception | None, check: Deferred[Exception | None]
-    ) -> Exception | None:
-        if outcome is not None and self._orphanCheck is check:
+    def _forgetFailedCheck(self, reason: Failure, check: OneShot[None]) -> Failure:
+        """A check that failed is made again at the next spawn."""
+        if self._orphanCheck is check:
             self._orphanCheck = None
-        return outcome
+        return reason
 
     def spawn(self) -> Deferred[VirtualMachine]:
         return Deferred.fromCoroutine(self._spawn())

@@ -19,7 +19,6 @@ import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TypeVar
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.error import ProcessExitedAlready
@@ -29,6 +28,8 @@ from twisted.python.failure import Failure
 
 from virby import layout
 from virby.config import Config
+from virby.daemon.lifecycle import ExitInfo
+from virby.daemon.observers import OneShot
 from virby.daemon.rest import RestDropped, RestError, VfkitRestClient
 from virby.disk import writeAtomically
 from virby.errors import oneLine
@@ -140,7 +141,7 @@ class VfkitProtocol(ProcessProtocol):
         self._refusal: str | None = None
         self.status: ExitStatus | None = None
         self.lastError: str | None = None
-        self._waiters: list[Deferred[ExitStatus]] = []
+        self._ended: OneShot[ExitStatus] = OneShot()
 
     def outReceived(self, data: bytes) -> None:
         for line in self._lines(1, data):
@@ -183,22 +184,11 @@ class VfkitProtocol(ProcessProtocol):
                 self._logVfkit(rest.decode(errors="replace"))
         self._partial = {1: b"", 2: b""}
         self.status = ExitStatus.fromReason(reason, self.lastError)
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            waiter.callback(self.status)
+        self._ended.fire(self.status)
 
     def whenEnded(self) -> Deferred[ExitStatus]:
         """A new Deferred for each caller, so no caller can swallow another's result."""
-        waiter: Deferred[ExitStatus] = Deferred(lambda d: self._forget(d))
-        if self.status is not None:
-            waiter.callback(self.status)
-        else:
-            self._waiters.append(waiter)
-        return waiter
-
-    def _forget(self, waiter: Deferred[ExitStatus]) -> None:
-        if waiter in self._waiters:
-            self._waiters.remove(waiter)
+        return self._ended.observe()
 
 
 @dataclass(frozen=True)
@@ -243,7 +233,7 @@ class VfkitProcess:
         self._timings = timings
         self._vmLock = vmLock
         self.pid: int = transport.pid
-        self._stopping: Deferred[ExitStatus | None] | None = None
+        self._stopping: OneShot[ExitInfo | None] | None = None
         self._finalConsole: list[str] | None = None
         protocol.whenEnded().addCallback(self._cleanUp)
 
@@ -299,19 +289,19 @@ class VfkitProcess:
             return self._finalConsole[-n:] if n > 0 else []
         return readTail(self._config.path(layout.SERIAL_LOG), n)
 
-    def stop(self) -> Deferred[ExitStatus | None]:
+    def stop(self) -> Deferred[ExitInfo | None]:
         """
         Power the guest off: ACPI Stop, then HardStop, then SIGTERM, then SIGKILL, each
         step bounded and skipped at once when it cannot be made.  Concurrent calls share
-        one sequence.
+        one sequence, and each gets its own Deferred of its outcome.
         """
         if self._stopping is None:
-            self._stopping = Deferred.fromCoroutine(self._stopSequence())
-        result: Deferred[ExitStatus | None] = Deferred()
-        self._stopping.addBoth(_relay, result)
-        return result
+            stopping: OneShot[ExitInfo | None] = OneShot()
+            self._stopping = stopping
+            Deferred.fromCoroutine(self._stopSequence()).addBoth(stopping.fire)
+        return self._stopping.observe()
 
-    async def _stopSequence(self) -> ExitStatus | None:
+    async def _stopSequence(self) -> ExitInfo | None:
         """
         Only vfkit's exit says it stopped.  A step vfkit does not take (its API unreachable,
         silent, or refusing) is logged and the next step follows at once, so a hung vfkit,
@@ -412,14 +402,3 @@ class VfkitProcess:
 def _usageLine(line: str) -> bool:
     """A line of cobra's usage text: indented, blank, or a heading such as C{Flags:}."""
     return not line.strip() or line[:1].isspace() or line.rstrip().endswith(":")
-
-
-_T = TypeVar("_T")
-
-
-def _relay(result: _T | Failure, target: Deferred[_T]) -> _T | Failure:
-    if isinstance(result, Failure):
-        target.errback(result)
-    else:
-        target.callback(result)
-    return result
