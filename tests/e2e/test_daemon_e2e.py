@@ -31,9 +31,13 @@ def test_ssh_through_a_tcp_listener_runs_a_command_in_the_guest(make_builder) ->
     result = builder.ssh("echo", "hello from the guest")
     assert result.returncode == 0, result.stderr + daemon.text()
     assert result.stdout == "hello from the guest\n"
+    # Each phase of the boot, at info, with its time.
+    daemon.wait_for_line(r"boot: vfkit started \(pid \d+\); waiting for the guest's DHCP lease \(")
+    daemon.wait_for_line(r"boot: the guest leased 127\.0\.\d+\.\d+; waiting for the guest's sshd")
     daemon.wait_for_line(r"VM ready at 127\.0\.\d+\.\d+:2222")
     status = builder.status()
     assert status["state"] == "running" and status["vm_ip"].startswith("127.0.")
+    assert status["recent_boots"] == 1 and status["boot_phase"] is None
     assert status["boots"] == 1 and status["vfkit_pid"] in builder.emulators()
     daemon.signal(signal.SIGTERM)
     assert daemon.wait_exit(30) == 0
@@ -140,6 +144,9 @@ def test_no_lease_is_one_clear_error_and_the_daemon_keeps_serving(make_builder) 
     result = builder.ssh("true", timeout=60)
     assert result.returncode != 0
     daemon.wait_for_line(r"boot failed: no DHCP lease for MAC [0-9a-f:]+ in .*dhcpd_leases")
+    daemon.wait_for_line(
+        r"the boot stopped in phase lease \(waiting for the guest's DHCP lease\) after 3\.\ds"
+    )
     daemon.wait_for_line(r"VM stopped")
     assert "Traceback" not in daemon.text()
     assert "no DHCP lease" in builder.status()["last_error"]

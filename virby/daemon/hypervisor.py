@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 
 from virby.config import Config
 from virby.daemon.freshdisk import makeFreshDisk
-from virby.daemon.lifecycle import VirtualMachine
+from virby.daemon.lifecycle import BootPhase, BootReport, VirtualMachine
 from virby.daemon.observers import OneShot
 from virby.daemon.orphans import stopOrphan
 from virby.daemon.readiness import BootTimeout, ReadyGuest, waitForGuest
@@ -101,16 +101,17 @@ class VfkitHypervisor:
             self._orphanCheck = None
         return reason
 
-    def spawn(self) -> Deferred[VirtualMachine]:
-        return Deferred.fromCoroutine(self._spawn())
+    def spawn(self, report: BootReport) -> Deferred[VirtualMachine]:
+        return Deferred.fromCoroutine(self._spawn(report))
 
-    async def _spawn(self) -> VirtualMachine:
+    async def _spawn(self, report: BootReport) -> VirtualMachine:
         if self.plan.refusal is not None:
             raise HostRefusal(self.plan.refusal)
         await self.stopOrphan()
         lock = self._lockVM()
         if self._config.ephemeral:
             # Under the VM lock: no VM, not even one a previous daemon left, has the disk open.
+            report(BootPhase.FRESH_DISK, "no VM left behind, the VM lock taken")
             try:
                 done = await makeFreshDisk(
                     self._reactor,
@@ -131,12 +132,14 @@ class VfkitHypervisor:
                 f"{PREPARE_FIX}"
             ) from None
         try:
-            return VfkitProcess.start(
+            vm = VfkitProcess.start(
                 self._reactor, self._config, self._executable, mac, vmLock=lock, plan=self.plan
             )
         except BaseException:
             lock.release()
             raise
+        report(BootPhase.LEASE, f"vfkit started (pid {vm.pid})")
+        return vm
 
     def _lockVM(self) -> FileLock:
         """The VM lock, which the vfkit about to start inherits and holds for its life."""
@@ -148,14 +151,26 @@ class VfkitHypervisor:
             f"holds {lock.path} (find it with `lsof {lock.path}`); stop it and connect again"
         )
 
-    def waitReady(self, vm: VirtualMachine) -> Deferred[ReadyGuest]:
-        """The guest of C{vm}, which this adapter spawned, once its sshd answers."""
+    def waitReady(self, vm: VirtualMachine, report: BootReport) -> Deferred[ReadyGuest]:
+        """
+        The guest of C{vm}, which this adapter spawned, once its sshd answers; the first
+        lease found for its MAC is reported (the guest has an address: its sshd comes next).
+        """
         if not isinstance(vm, VfkitProcess):
             raise TypeError(f"{vm!r} was not started by this hypervisor")
         mac = vm.mac
+        leased: list[str] = []
+
+        def lookup() -> str | None:
+            ip = self._leases.lookup(mac)
+            if ip is not None and not leased:
+                leased.append(ip)
+                report(BootPhase.SSHD, f"the guest leased {ip}")
+            return ip
+
         waiting = waitForGuest(
             self._reactor,
-            lambda: self._leases.lookup(mac),
+            lookup,
             self._config.guest_ssh_port,
             float(self._config.start_timeout),
             interval=READINESS_INTERVAL,

@@ -76,6 +76,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import statistics
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -123,6 +124,39 @@ class Event(enum.Enum):
     IDLE_EXPIRED = "idleExpired"  # the idle timer fired
     RESTART_DUE = "restartDue"  # the always-on restart timer fired
     WANTED = "wanted"  # the VM has stopped, and connections wait for it
+    BOOT_PROGRESS = "bootProgress"  # the hypervisor's boot moved on to its next phase
+
+
+class BootPhase(enum.Enum):
+    """
+    Where a boot is, as C{virby status} and C{virby start} show it and the log says it: the
+    machine enters the first at the boot's start, and the hypervisor reports the others.
+    """
+
+    PREPARING = "preparing"
+    FRESH_DISK = "fresh-disk"
+    LEASE = "lease"
+    SSHD = "sshd"
+
+    @property
+    def waitingFor(self) -> str:
+        """What the boot waits for in this phase, for a person."""
+        return _WAITING_FOR[self]
+
+
+_WAITING_FOR = {
+    BootPhase.PREPARING: "checking for a VM left behind and taking the VM lock",
+    BootPhase.FRESH_DISK: "making a fresh disk",
+    BootPhase.LEASE: "waiting for the guest's DHCP lease",
+    BootPhase.SSHD: "waiting for the guest's sshd to answer",
+}
+
+#: How a hypervisor tells the machine its boot moved on: the phase it enters, and what just
+#: happened in a few words (C{"vfkit started (pid 4242)"}).
+BootReport = Callable[[BootPhase, str], None]
+
+#: How many of the last boots C{virby status} sums up (count, median, last).
+RECENT_BOOTS = 10
 
 
 # -- each event's payload: what its handlers get besides the state's data
@@ -224,6 +258,13 @@ class Wanted:
     event: ClassVar[Event] = Event.WANTED
 
 
+@dataclass(frozen=True)
+class BootProgress:
+    phase: BootPhase
+    what: str
+    event: ClassVar[Event] = Event.BOOT_PROGRESS
+
+
 Payload = (
     Start
     | WhenReady
@@ -240,6 +281,7 @@ Payload = (
     | IdleExpired
     | RestartDue
     | Wanted
+    | BootProgress
 )
 
 #: The state's data a handler takes, and the payload of the event it handles.
@@ -408,14 +450,18 @@ T = TypeVar("T")
 class Hypervisor(Protocol[G]):
     """How the lifecycle starts VMs and learns that one is ready."""
 
-    def spawn(self) -> Deferred[VirtualMachine]:
+    def spawn(self, report: BootReport) -> Deferred[VirtualMachine]:
         """
         Start a VM; fails with a L{VirbyError} when it cannot be started, and with a
-        L{PermanentError} when no retry can succeed until something changes.
+        L{PermanentError} when no retry can succeed until something changes.  Each phase
+        it enters on the way is told to C{report}.
         """
 
-    def waitReady(self, vm: VirtualMachine) -> Deferred[G]:
-        """The guest once its SSH answers; cancellable; fails on timeout."""
+    def waitReady(self, vm: VirtualMachine, report: BootReport) -> Deferred[G]:
+        """
+        The guest once its SSH answers; cancellable; fails on timeout.  Each phase it
+        enters on the way (the guest has its address) is told to C{report}.
+        """
 
 
 class Connection(Protocol):
@@ -441,6 +487,15 @@ class Snapshot:
     last_boot_seconds: float | None
     last_error: str | None
     boots: int
+    #: While booting: the phase (a L{BootPhase} value), what the boot waits for and what
+    #: happened last, and the seconds since the boot began.
+    boot_phase: str | None
+    boot_waiting_for: str | None
+    boot_last_step: str | None
+    boot_elapsed: float | None
+    #: The last L{RECENT_BOOTS} boots that came to ready: how many, and their median.
+    recent_boots: int
+    recent_boot_median_seconds: float | None
 
 
 # -- the data of each state
@@ -474,6 +529,9 @@ class _Booting:
     run: _Run
     #: The spawn, then the wait for the guest: given up when the boot is.
     pending: Deferred[Any]
+    #: Where the boot is, and what happened last.
+    phase: BootPhase = BootPhase.PREPARING
+    lastStep: str = "booting the VM"
 
     def leave(self) -> None:
         self.pending.cancel()
@@ -524,6 +582,8 @@ class _Waiter:
 
     answer: Deferred[Any]
     onReady: Callable[[Guest], object]
+    #: A connection's wait (L{Lifecycle.whenReady}), not a person's (C{virby start}).
+    connection: bool
 
 
 @dataclass(eq=False)
@@ -562,6 +622,7 @@ class Lifecycle(Generic[G]):
         self._lastBootSeconds: float | None = None
         self._lastError: str | None = None
         self._boots = 0
+        self._bootTimes: deque[float] = deque(maxlen=RECENT_BOOTS)
         # Run to completion: the events waiting their turn (the answers to the machine's own
         # work first), and what to tell outside code after the step under way.
         self._results: deque[_Queued] = deque()
@@ -586,7 +647,7 @@ class Lifecycle(Generic[G]):
         Cancelling the result withdraws the wait and nothing else.
         """
         answer: Deferred[G] = Deferred(self._withdraw)
-        self._handle(WhenReady(_Waiter(answer, _same)))
+        self._handle(WhenReady(_Waiter(answer, _same, connection=True)))
         return answer
 
     def connectionOpened(self, connection: Connection) -> None:
@@ -609,7 +670,7 @@ class Lifecycle(Generic[G]):
         is one more waiter: it shares a boot under way, and cancelling it withdraws only it.
         """
         answer: Deferred[StartOutcome] = Deferred(self._withdraw)
-        self._handle(StartNow(_Waiter(answer, self._booted)))
+        self._handle(StartNow(_Waiter(answer, self._booted, connection=False)))
         return answer
 
     def stopNow(self, force: bool = False) -> Deferred[StopOutcome]:
@@ -628,7 +689,10 @@ class Lifecycle(Generic[G]):
         phase = self._phase
         run = getattr(phase, "run", None)
         running = phase if isinstance(phase, _Running) else None
+        booting = phase if isinstance(phase, _Booting) else None
         address = running.guest.address if running is not None else None
+        # A connection waiting for the VM is open too: it is counted once, as waiting.
+        waiting = sum(1 for waiter in self._waiters if waiter.connection)
         return Snapshot(
             state=phase.state.value,
             on_demand=self._onDemand,
@@ -636,13 +700,21 @@ class Lifecycle(Generic[G]):
             vm_port=address[1] if address else None,
             vfkit_pid=run.vm.pid if run is not None and run.vm is not None else None,
             uptime=now - running.readyAt if running is not None else None,
-            active_connections=len(self._connections),
-            waiting_connections=len(self._waiters),
+            active_connections=max(0, len(self._connections) - waiting),
+            waiting_connections=waiting,
             idle_stop_in=_remaining(running.idle if running else None, now),
             restart_in=_remaining(phase.restart if isinstance(phase, _Stopped) else None, now),
             last_boot_seconds=self._lastBootSeconds,
             last_error=self._lastError,
             boots=self._boots,
+            boot_phase=booting.phase.value if booting else None,
+            boot_waiting_for=booting.phase.waitingFor if booting else None,
+            boot_last_step=booting.lastStep if booting else None,
+            boot_elapsed=now - booting.run.startedAt if booting else None,
+            recent_boots=len(self._bootTimes),
+            recent_boot_median_seconds=statistics.median(self._bootTimes)
+            if self._bootTimes
+            else None,
         )
 
     # -- the dispatcher
@@ -766,7 +838,7 @@ class Lifecycle(Generic[G]):
         self._boots += 1
         run = _Run(startedAt=self._clock.seconds())
         log.info("booting the VM")
-        spawning = maybeDeferred(self._hypervisor.spawn)
+        spawning = maybeDeferred(self._hypervisor.spawn, self._reporter(run))
         booting = _Booting(run, spawning)
         # Before the move: should it fail, the VM made meanwhile is not left running.
         self._answerFor(booting, spawning, Spawned, self._strayVM)
@@ -901,13 +973,26 @@ class Lifecycle(Generic[G]):
             return status
 
         vm.ended.addCallback(ended)
-        booting.pending = waiting = maybeDeferred(self._hypervisor.waitReady, vm)
+        booting.pending = waiting = maybeDeferred(
+            self._hypervisor.waitReady, vm, self._reporter(run)
+        )
         self._answerFor(booting, waiting, Ready, _releaseGuest)
+
+    def _progress(self, booting: _Booting, progress: BootProgress) -> None:
+        booting.phase, booting.lastStep = progress.phase, progress.what
+        log.info(
+            "boot: {what}; {waitingFor} ({seconds:.1f}s)",
+            what=progress.what,
+            waitingFor=progress.phase.waitingFor,
+            seconds=self._clock.seconds() - booting.run.startedAt,
+            phase=progress.phase.value,
+        )
 
     def _ready(self, booting: _Booting, ready: Ready) -> None:
         guest = ready.guest
         now = self._clock.seconds()
         self._lastBootSeconds = now - booting.run.startedAt
+        self._bootTimes.append(self._lastBootSeconds)
         running = _Running(booting.run, guest, readyAt=now)
         self._enter(running)
         address = guest.address
@@ -928,7 +1013,7 @@ class Lifecycle(Generic[G]):
         reason = failed.reason
         why = oneLine(reason)
         vm = booting.run.vm
-        self._recordError(f"boot failed: {why}", vm)
+        self._recordError(f"boot failed: {why}", vm, booting)
         self._failWaiters(f"the VM did not boot: {why}")
         permanent = reason.check(PermanentError) is not None
         if permanent and not self._onDemand:
@@ -944,7 +1029,7 @@ class Lifecycle(Generic[G]):
     def _died(self, phase: _Booting | _Running, ended: VMEnded) -> None:
         """The hypervisor process is gone, unasked: a crash."""
         what = f"the VM {ended.status.describe()}"
-        self._recordError(what, phase.run.vm)
+        self._recordError(what, phase.run.vm, phase if isinstance(phase, _Booting) else None)
         self._failWaiters(f"{what} while booting")
         self._abortConnections(what)
         self._enterStopped(retry=True)
@@ -1024,6 +1109,14 @@ class Lifecycle(Generic[G]):
         log.info("stopping a VM made for a boot that was given up")
         self._stopVM(vm)
 
+    def _reporter(self, run: _Run) -> BootReport:
+        """How the hypervisor reports the phases of C{run}'s boot: late reports are dropped."""
+
+        def report(phase: BootPhase, what: str) -> None:
+            self._handle(BootProgress(phase, what), owner=run)
+
+        return report
+
     def _booted(self, guest: Guest) -> StartOutcome:
         return StartOutcome(True, guest.address, self._lastBootSeconds)
 
@@ -1044,10 +1137,20 @@ class Lifecycle(Generic[G]):
         for connection in list(self._connections):
             self._tell(functools.partial(connection.abort, why))
 
-    def _recordError(self, message: str, vm: VirtualMachine | None) -> None:
+    def _recordError(
+        self, message: str, vm: VirtualMachine | None, booting: _Booting | None = None
+    ) -> None:
         self._lastError = message
         tail = vm.consoleTail(20) if vm is not None else []
         log.error("{message}", message=message)
+        if booting is not None:
+            log.error(
+                "the boot stopped in phase {phase} ({waitingFor}) after {seconds:.1f}s",
+                phase=booting.phase.value,
+                waitingFor=booting.phase.waitingFor,
+                seconds=self._clock.seconds() - booting.run.startedAt,
+                lastStep=booting.lastStep,
+            )
         if tail:
             log.error("last console lines:\n{console}", console="\n".join(tail))
 
@@ -1179,6 +1282,14 @@ RULES: dict[Event, _Row] = {
         booting=ILLEGAL,
         running=ILLEGAL,
         stopping=ILLEGAL,
+        shutdown=ILLEGAL,
+    ),
+    Event.BOOT_PROGRESS: row(
+        BootProgress,
+        stopped=ILLEGAL,
+        booting=on(Lifecycle._progress),
+        running=IGNORE,  # a report that crossed the guest's answer
+        stopping=IGNORE,  # a report that crossed the boot's failure
         shutdown=ILLEGAL,
     ),
 }
