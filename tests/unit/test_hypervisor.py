@@ -73,3 +73,31 @@ def test_the_boot_reports_vfkit_started_then_the_lease_once(short_tmp) -> None:
     assert reports[1:] == [(BootPhase.SSHD, "the guest leased 192.168.64.9")], "once"
     reactor.advance(5)
     assert waiting[0].value.reason == "no-ssh", "the wait went on to the guest's sshd"
+
+
+def test_a_full_disk_after_the_spawn_leaves_no_vfkit_and_no_lock(short_tmp, monkeypatch) -> None:
+    """The boot fails in one line naming the file and the cause; the next boot can run."""
+    import errno
+    import os
+
+    from tests.unit.test_daemon import outcome, prepared
+    from tests.unit.test_vfkit import KillableReactor
+    from virby.locks import FileLock
+
+    def full(path: str, data: bytes, mode: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path + ".tmp")
+
+    monkeypatch.setattr("virby.daemon.vfkit.writeAtomically", full)
+    reactor = KillableReactor()
+    hypervisor = VfkitHypervisor(reactor, prepared(short_tmp), "/bin/vfkit")
+    reports: list = []
+    (failure,) = outcome(hypervisor.spawn(lambda phase, what: reports.append(phase)))
+    assert str(failure.value) == (
+        "cannot record vfkit's pid: no space left on the device holding "
+        f"{short_tmp}/vfkit.pid: free some space there"
+    )
+    assert reactor.transport.signals == ["KILL"] and reactor.transport.protocol.status
+    assert reports == [], "vfkit never counted as started"
+    lock = FileLock(str(short_tmp / "vm.lock"))
+    assert lock.acquire(), "the daemon's copy of the VM lock is let go"
+    lock.release()

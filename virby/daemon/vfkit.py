@@ -14,6 +14,7 @@ through C{processEnded}, not by polling.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -32,7 +33,7 @@ from virby.daemon.lifecycle import ExitInfo
 from virby.daemon.observers import OneShot
 from virby.daemon.rest import RestDropped, RestError, VfkitRestClient
 from virby.disk import writeAtomically
-from virby.errors import oneLine
+from virby.errors import VirbyError, oneLine
 from virby.locks import FileLock
 from virby.logs import Logger
 from virby.reactors import IVMReactor
@@ -274,9 +275,18 @@ class VfkitProcess:
             childFDs={0: "w", 1: "r", 2: "r", **({3: vmLock.fileno()} if vmLock else {})},
         )
         pidfile = config.path(layout.VFKIT_PIDFILE)
-        writeAtomically(pidfile, str(transport.pid).encode(), layout.PUBLIC)
-        rest = VfkitRestClient(reactor, config.path(layout.REST_SOCKET), timings.rest_timeout)
-        return cls(reactor, config, protocol, transport, rest, timings, vmLock, mac=mac)
+        try:
+            try:
+                writeAtomically(pidfile, str(transport.pid).encode(), layout.PUBLIC)
+            except OSError as e:
+                raise VfkitStartError(
+                    f"cannot record vfkit's pid: {_writeFailure(pidfile, e)}"
+                ) from None
+            rest = VfkitRestClient(reactor, config.path(layout.REST_SOCKET), timings.rest_timeout)
+            return cls(reactor, config, protocol, transport, rest, timings, vmLock, mac=mac)
+        except BaseException:
+            _abandon(protocol, transport)
+            raise
 
     @property
     def ended(self) -> Deferred[ExitStatus]:
@@ -397,6 +407,35 @@ class VfkitProcess:
                 removeQuietly(self._config.path(layout.SERIAL_LOG))
         log.info("vfkit (pid {pid}) {how}", pid=self.pid, how=status.describe())
         return status
+
+
+class VfkitStartError(VirbyError):
+    """vfkit was spawned, but what must follow failed: it was killed, and says why."""
+
+
+def _writeFailure(path: str, error: OSError) -> str:
+    """Why C{path} could not be written, in words that say what to fix."""
+    if error.errno == errno.ENOSPC:
+        return f"no space left on the device holding {path}: free some space there"
+    if error.errno == errno.EDQUOT:
+        return f"the disk quota is used up on the device holding {path}: free some space there"
+    if error.errno == errno.EROFS:
+        return f"the file system holding {path} is read-only"
+    return f"cannot write {path}: {error.strerror or error}"
+
+
+def _abandon(protocol: VfkitProtocol, transport: IProcessTransport) -> None:
+    """
+    A vfkit whose start failed after it was spawned: nothing else will ever stop it, and
+    it holds the VM lock it inherited, so it is killed now.  The reactor reaps it through
+    its protocol (its exit is logged), and the lock dies with it.
+    """
+    log.warn("killing vfkit (pid {pid}): its start failed", pid=transport.pid)
+    protocol.whenEnded().addCallback(
+        lambda status: log.info("vfkit (pid {pid}) {how}", pid=transport.pid, how=status.describe())
+    )
+    with contextlib.suppress(ProcessExitedAlready):
+        transport.signalProcess("KILL")
 
 
 def _usageLine(line: str) -> bool:
