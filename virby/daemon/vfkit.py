@@ -430,9 +430,10 @@ def _abandon(protocol: VfkitProtocol, transport: IProcessTransport) -> None:
     it holds the VM lock it inherited, so it is killed now.  The reactor reaps it through
     its protocol (its exit is logged), and the lock dies with it.
     """
-    log.warn("killing vfkit (pid {pid}): its start failed", pid=transport.pid)
+    pid = transport.pid  # the transport forgets it once the process is reaped
+    log.warn("killing vfkit (pid {pid}): its start failed", pid=pid)
     protocol.whenEnded().addCallback(
-        lambda status: log.info("vfkit (pid {pid}) {how}", pid=transport.pid, how=status.describe())
+        lambda status: log.info("vfkit (pid {pid}) {how}", pid=pid, how=status.describe())
     )
     with contextlib.suppress(ProcessExitedAlready):
         transport.signalProcess("KILL")
