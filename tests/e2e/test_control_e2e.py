@@ -32,7 +32,9 @@ def test_start_boots_with_no_connection_and_status_shows_it_running(make_builder
     daemon = builder.start()
     started = virby(builder, "start")
     assert started.returncode == 0, started.stderr + daemon.text()
-    assert started.stdout.startswith("VM running at 127.0.") and "booted in" in started.stdout
+    *phases, last = started.stdout.splitlines()
+    assert last.startswith("VM running at 127.0.") and "booted in" in last
+    assert all(line.startswith("Boot: ") and " of 30s" in line for line in phases), phases
     status = builder.status()
     assert status["state"] == "running" and status["active_connections"] == 0
     assert status["waiting_connections"] == 0
@@ -61,7 +63,9 @@ def test_start_starts_an_on_demand_daemon_launchd_has_not_started(make_builder) 
     assert "serving the builder" not in activator.text(), "neither of them started it"
     started = virby(builder, "start")
     assert started.returncode == 0, started.stdout + started.stderr + activator.text()
-    assert started.stdout.startswith("VM running at 127.0.") and "booted in" in started.stdout
+    *phases, last = started.stdout.splitlines()
+    assert last.startswith("VM running at 127.0.") and "booted in" in last
+    assert all(line.startswith("Boot: ") for line in phases), phases
     assert activator.text().count("booting the VM") == 1
     assert len(builder.emulators()) == 1
     status = builder.status()

@@ -5,8 +5,10 @@ nix-build.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -14,7 +16,7 @@ import subprocess
 
 import pytest
 
-from testbed.builder import Builder, read_line
+from testbed.builder import Builder, read_line, tool
 
 pytestmark = pytest.mark.e2e
 
@@ -31,9 +33,13 @@ def test_ssh_through_a_tcp_listener_runs_a_command_in_the_guest(make_builder) ->
     result = builder.ssh("echo", "hello from the guest")
     assert result.returncode == 0, result.stderr + daemon.text()
     assert result.stdout == "hello from the guest\n"
+    # Each phase of the boot, at info, with its time.
+    daemon.wait_for_line(r"boot: vfkit started \(pid \d+\); waiting for the guest's DHCP lease \(")
+    daemon.wait_for_line(r"boot: the guest leased 127\.0\.\d+\.\d+; waiting for the guest's sshd")
     daemon.wait_for_line(r"VM ready at 127\.0\.\d+\.\d+:2222")
     status = builder.status()
     assert status["state"] == "running" and status["vm_ip"].startswith("127.0.")
+    assert status["recent_boots"] == 1 and status["boot_phase"] is None
     assert status["boots"] == 1 and status["vfkit_pid"] in builder.emulators()
     daemon.signal(signal.SIGTERM)
     assert daemon.wait_exit(30) == 0
@@ -140,6 +146,9 @@ def test_no_lease_is_one_clear_error_and_the_daemon_keeps_serving(make_builder) 
     result = builder.ssh("true", timeout=60)
     assert result.returncode != 0
     daemon.wait_for_line(r"boot failed: no DHCP lease for MAC [0-9a-f:]+ in .*dhcpd_leases")
+    daemon.wait_for_line(
+        r"the boot stopped in phase lease \(waiting for the guest's DHCP lease\) after 3\.\ds"
+    )
     daemon.wait_for_line(r"VM stopped")
     assert "Traceback" not in daemon.text()
     assert "no DHCP lease" in builder.status()["last_error"]
@@ -246,3 +255,64 @@ def test_a_vanished_working_directory_is_logged_and_the_daemon_keeps_serving(
     daemon.wait_for_line(r"boot failed: .*diff\.img is missing: run `virby prepare")
     assert "Traceback" not in daemon.text()
     assert builder.status()["state"] == "stopped"
+
+
+@pytest.fixture
+def small_builder(tmp_path):
+    """A Virby whose working directory is a small tmpfs, so that a test can fill it."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root to mount a tmpfs")
+    root = tmp_path / "small"
+    (root / "wd").mkdir(parents=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(root / "wd")], check=True
+    )
+    builder = None
+    try:
+        builder = Builder(root)
+        yield builder
+    finally:
+        if builder is not None:
+            builder.cleanup()
+        subprocess.run(["umount", "-l", str(root / "wd")], check=False)
+
+
+def fill(directory) -> str:
+    """Fill the file system holding C{directory} to the last byte; the filler's path."""
+    filler = os.path.join(directory, "filler")
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for size in (65536, 4096, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, b"\0" * size)
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_a_full_working_directory_fails_the_boot_and_leaks_no_vfkit(small_builder) -> None:
+    """
+    vfkit.pid cannot be written after vfkit was spawned: that vfkit is killed, so it holds
+    no vm.lock, and the boot after some space was freed succeeds.
+    """
+    builder = small_builder
+    daemon = builder.start()
+    assert builder.ssh("true").returncode == 0, daemon.text()  # the VM's MAC is kept now
+    stop = [tool("virby"), "stop", "--config", str(builder.config)]
+    subprocess.run(stop, check=True, capture_output=True, timeout=60, env=builder.env)
+    filler = fill(builder.wd)
+    assert builder.ssh("true", timeout=60).returncode != 0
+    daemon.wait_for_line(
+        r"boot failed: cannot record vfkit's pid: no space left on the device holding "
+        + re.escape(str(builder.wd / "vfkit.pid"))
+    )
+    daemon.wait_for_line(r"vfkit \(pid \d+\) was killed by signal 9")
+    assert builder.emulators() == [], "the vfkit spawned is gone"
+    os.unlink(filler)
+    result = builder.ssh("echo", "after the disk was freed")
+    assert result.stdout == "after the disk was freed\n", result.stderr + daemon.text()
+    assert "a process holds" not in daemon.text()
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait_exit(30) == 0
+    assert_nothing_left(builder)

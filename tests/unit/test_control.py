@@ -10,6 +10,7 @@ import io
 import json
 import os
 import socket
+import threading
 from typing import Any
 
 import pytest
@@ -514,6 +515,83 @@ def test_start_and_stop_say_what_happened(short_tmp, monkeypatch) -> None:
     runStart(config, out)
     runStop(config, False, out)
     assert out.getvalue() == "VM already running at 192.168.64.7:22\nVM was not running\n"
+
+
+class Booting:
+    """
+    A daemon whose boot passes through C{phases}, one per status asked, and whose start
+    replies once they are all shown.
+    """
+
+    def __init__(self, phases: list[dict[str, Any] | Exception]) -> None:
+        self.phases = phases
+        self.ready = threading.Event()
+        self.asked: list[str] = []
+
+    def ask(self, path: str, command: str, *, timeout: float, **kw: Any) -> dict[str, Any]:
+        self.asked.append(command)
+        if command == "start":
+            assert self.ready.wait(10), "every phase was asked for"
+            return {"ok": True, "booted": True, "vm_ip": "192.168.64.7", "vm_port": 22,
+                    "boot_seconds": 12.5}  # fmt: skip
+        phase = self.phases.pop(0)
+        if not self.phases:
+            self.ready.set()
+        if isinstance(phase, Exception):
+            raise phase
+        return {"ok": True, "status": phase}
+
+
+def booting(phase: str, waitingFor: str, last: str, elapsed: float) -> dict[str, Any]:
+    return {"state": "booting", "boot_phase": phase, "boot_waiting_for": waitingFor,
+            "boot_last_step": last, "boot_elapsed": elapsed, "start_timeout": 180}  # fmt: skip
+
+
+def test_start_prints_each_phase_of_the_boot_once_as_it_passes(short_tmp, monkeypatch) -> None:
+    lease = booting("lease", "waiting for the guest's DHCP lease", "vfkit started (pid 7)", 0.5)
+    daemon = Booting(
+        [
+            booting("preparing", "checking for a VM left behind", "booting the VM", 0.1),
+            lease,
+            {**lease, "boot_elapsed": 1.5},  # the same phase, later: not printed again
+            VirbyError("the daemon did not answer"),  # lost narration, not a failed start
+            {"state": "stopping"},
+            booting("sshd", "waiting for the guest's sshd to answer", "the guest leased "
+                    "192.168.64.7", 9.0),
+        ]
+    )  # fmt: skip
+    monkeypatch.setattr("virby.cli.startstop.ask", daemon.ask)
+    monkeypatch.setattr("virby.cli.startstop.PROGRESS_POLL", 0.001)
+    out = io.StringIO()
+    assert runStart(fromMapping({"working-directory": str(short_tmp)}), out) == 0
+    assert out.getvalue() == (
+        "Boot: checking for a VM left behind, 0s of 3m 00s (last: booting the VM)\n"
+        "Boot: waiting for the guest's DHCP lease, 0s of 3m 00s (last: vfkit started (pid 7))\n"
+        "Boot: waiting for the guest's sshd to answer, 9s of 3m 00s "
+        "(last: the guest leased 192.168.64.7)\n"
+        "VM running at 192.168.64.7:22: booted in 12.5s\n"
+    )
+    assert daemon.asked[0] == "start" and daemon.asked.count("start") == 1
+
+
+def test_a_start_that_fails_while_its_boot_is_narrated_fails_with_its_line(
+    short_tmp, monkeypatch
+) -> None:
+    narrated = threading.Event()
+
+    def ask(path: str, command: str, **kw: Any) -> dict[str, Any]:
+        if command == "status":
+            narrated.set()
+            return {"ok": True, "status": booting("lease", "waiting", "vfkit started", 1)}
+        assert narrated.wait(10), "the boot was narrated while the start waited"
+        raise Refused("the VM did not boot: no DHCP lease")
+
+    monkeypatch.setattr("virby.cli.startstop.ask", ask)
+    monkeypatch.setattr("virby.cli.startstop.PROGRESS_POLL", 0.001)
+    out = io.StringIO()
+    with pytest.raises(Refused, match="no DHCP lease"):
+        runStart(fromMapping({"working-directory": str(short_tmp)}), out)
+    assert out.getvalue() == "Boot: waiting, 1s of 3m 00s (last: vfkit started)\n"
 
 
 def refused(port: int) -> None:

@@ -76,10 +76,10 @@ class IdleHypervisor:
         self.orphanChecks += 1
         return succeed(None)
 
-    def spawn(self) -> Deferred:
+    def spawn(self, report) -> Deferred:
         return Deferred()
 
-    def waitReady(self, vm) -> Deferred:
+    def waitReady(self, vm, report) -> Deferred:
         return Deferred()
 
 
@@ -105,6 +105,7 @@ def test_start_listens_and_describes_itself(short_tmp) -> None:
     assert document["state"] == "stopped"
     assert document["daemon_pid"] == os.getpid() and document["daemon_uptime"] == 5
     assert document["listening"] and document["ttl"] == 10800
+    assert document["start_timeout"] == 180 and document["boot_phase"] is None
     assert (document["bytes_to_guest"], document["bytes_from_guest"]) == (0, 0)
 
 
@@ -188,7 +189,7 @@ def test_missing_rosetta_refuses_each_boot_at_once_without_vfkit(short_tmp) -> N
     refusal = "rosetta is on, but Rosetta is not installed on this Mac: run it"
     hypervisor = VfkitHypervisor(None, cfg, "/nonexistent/vfkit", HostPlan(refusal=refusal))
     failures: list = []
-    hypervisor.spawn().addErrback(failures.append)
+    hypervisor.spawn(noReport).addErrback(failures.append)
     assert failures and failures[0].check(BootError)
     assert str(failures[0].value) == refusal
     assert not (short_tmp / "vfkit.pid").exists()
@@ -210,9 +211,9 @@ def test_a_boot_without_a_lease_says_when_the_guest_sent_a_duid(short_tmp) -> No
     cfg = config(short_tmp, **{"leases-file": str(leases), "start-timeout": 5})
     reactor = SpawningReactor()
     hypervisor = VfkitHypervisor(reactor, cfg, "/bin/vfkit")
-    (vm,) = outcome(hypervisor.spawn())
+    (vm,) = outcome(hypervisor.spawn(noReport))
     assert vm.mac == "52:54:00:12:03:0a", "the VM carries the MAC it was started with"
-    waiting = outcome(hypervisor.waitReady(vm))
+    waiting = outcome(hypervisor.waitReady(vm, noReport))
     reactor.advance(5)
     reactor.advance(1)
     (failure,) = waiting
@@ -310,6 +311,10 @@ class SpawningReactor(MemoryReactorClock):
         return transport
 
 
+def noReport(phase, what) -> None:
+    """A boot's phases, where a test does not look at them."""
+
+
 def outcome(d) -> list:
     box: list = []
     d.addBoth(box.append)
@@ -323,14 +328,14 @@ def test_no_vm_boots_while_a_process_holds_the_vm_lock(short_tmp) -> None:
     assert held.acquire()
     reactor = SpawningReactor()
     hypervisor = VfkitHypervisor(reactor, prepared(short_tmp), "/bin/vfkit")
-    (failure,) = outcome(hypervisor.spawn())
+    (failure,) = outcome(hypervisor.spawn(noReport))
     assert failure.check(BootError)
     assert f"a VM of {short_tmp} is still running: a process holds {short_tmp}/vm.lock" in str(
         failure.value
     )
     assert reactor.spawned == []
     held.release()
-    (vm,) = outcome(hypervisor.spawn())
+    (vm,) = outcome(hypervisor.spawn(noReport))
     assert 3 in reactor.spawned[0] and vm.pid == 4242
 
 
@@ -349,11 +354,11 @@ def test_an_orphan_that_could_not_be_stopped_is_checked_again(short_tmp, monkeyp
     monkeypatch.setattr(virby.daemon.hypervisor, "stopOrphan", stubborn)
     reactor = SpawningReactor()
     hypervisor = virby.daemon.hypervisor.VfkitHypervisor(reactor, prepared(short_tmp), "/bin/vfkit")
-    (failure,) = outcome(hypervisor.spawn())
+    (failure,) = outcome(hypervisor.spawn(noReport))
     assert failure.check(OrphanError) and reactor.spawned == []
-    (vm,) = outcome(hypervisor.spawn())
+    (vm,) = outcome(hypervisor.spawn(noReport))
     assert len(attempts) == 2 and vm.pid == 4242
-    outcome(hypervisor.spawn())
+    outcome(hypervisor.spawn(noReport))
     assert len(attempts) == 2, "a check that succeeded is not repeated"
 
 
@@ -406,10 +411,10 @@ class ReadyHypervisor(IdleHypervisor):
         def stop(self) -> Deferred:
             return succeed(None)
 
-    def spawn(self) -> Deferred:
+    def spawn(self, report) -> Deferred:
         return succeed(self.VM())
 
-    def waitReady(self, vm) -> Deferred:
+    def waitReady(self, vm, report) -> Deferred:
         return succeed(ReadyGuest("192.168.64.2", 22))
 
 

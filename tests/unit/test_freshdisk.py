@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from twisted.internet.defer import CancelledError, succeed
+from twisted.internet.defer import CancelledError
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
@@ -22,6 +22,8 @@ from virby.config import MIB, fromMapping
 from virby.daemon import freshdisk
 from virby.daemon.freshdisk import FreshDiskError, make, makeFreshDisk
 from virby.daemon.hypervisor import VfkitHypervisor
+from virby.daemon.lifecycle import BootPhase
+from virby.daemon.observers import OneShot
 from virby.layout import VM_LOCK
 from virby.locks import FileLock
 
@@ -227,13 +229,21 @@ def hypervisor(tmp_path: Path, reactor, **settings) -> VfkitHypervisor:
          **settings}
     )  # fmt: skip
     made = VfkitHypervisor(reactor, config, "/bin/vfkit")
-    made._orphanCheck = succeed(None)
+    made._orphanCheck = checked = OneShot()
+    checked.fire(None)
     return made
+
+
+def unheard(phase: BootPhase, what: str) -> None:
+    """A boot's phases, where a test does not look at them."""
 
 
 def test_ephemeral_boots_start_vfkit_only_after_the_fresh_disk(short_tmp) -> None:
     reactor = ProcessReactor()
-    spawned = results(hypervisor(short_tmp, reactor, ephemeral=True).spawn())
+    phases: list[BootPhase] = []
+    made = hypervisor(short_tmp, reactor, ephemeral=True)
+    spawned = results(made.spawn(lambda phase, what: phases.append(phase)))
+    assert phases == [BootPhase.FRESH_DISK]
     ((protocol, _, args, _, _),) = reactor.spawned
     assert args[2:] == ["virby.daemon.freshdisk", str(short_tmp), str(1024 * MIB)]
     assert reactor.getDelayedCalls()[0].getTime() == 45, "bounded by start-timeout"
@@ -241,11 +251,12 @@ def test_ephemeral_boots_start_vfkit_only_after_the_fresh_disk(short_tmp) -> Non
     protocol.processEnded(Failure(ProcessDone(0)))
     assert len(reactor.spawned) == 2 and reactor.spawned[1][1] == "/bin/vfkit"
     assert spawned and not isinstance(spawned[0], Failure)
+    assert phases == [BootPhase.FRESH_DISK, BootPhase.LEASE]
 
 
 def test_a_failed_fresh_disk_fails_the_boot_without_vfkit(short_tmp) -> None:
     reactor = ProcessReactor()
-    spawned = results(hypervisor(short_tmp, reactor, ephemeral=True).spawn())
+    spawned = results(hypervisor(short_tmp, reactor, ephemeral=True).spawn(unheard))
     protocol = reactor.spawned[0][0]
     protocol.errReceived(b"cannot make a fresh diff.img from base.img: No space left\n")
     protocol.processEnded(Failure(ProcessTerminated(1)))
@@ -256,7 +267,7 @@ def test_a_failed_fresh_disk_fails_the_boot_without_vfkit(short_tmp) -> None:
 
 def test_the_vm_lock_is_held_for_the_copy_and_let_go_when_it_fails(short_tmp) -> None:
     reactor = ProcessReactor()
-    spawned = results(hypervisor(short_tmp, reactor, ephemeral=True).spawn())
+    spawned = results(hypervisor(short_tmp, reactor, ephemeral=True).spawn(unheard))
     assert FileLock(str(short_tmp / VM_LOCK)).acquire() is False, "held during the copy"
     protocol = reactor.spawned[0][0]
     protocol.processEnded(Failure(ProcessTerminated(1)))
@@ -266,7 +277,7 @@ def test_the_vm_lock_is_held_for_the_copy_and_let_go_when_it_fails(short_tmp) ->
 
 def test_a_boot_given_up_during_the_copy_lets_the_vm_lock_go(short_tmp) -> None:
     reactor = ProcessReactor()
-    spawning = hypervisor(short_tmp, reactor, ephemeral=True).spawn()
+    spawning = hypervisor(short_tmp, reactor, ephemeral=True).spawn(unheard)
     spawned = results(spawning)
     spawning.cancel()
     assert reactor.spawned[0][0].transport.signals == ["KILL"]
@@ -277,6 +288,6 @@ def test_a_boot_given_up_during_the_copy_lets_the_vm_lock_go(short_tmp) -> None:
 def test_without_ephemeral_the_disk_is_left_alone(short_tmp) -> None:
     reactor = ProcessReactor()
     write_disk(short_tmp / "diff.img", MIB, b"kept")
-    results(hypervisor(short_tmp, reactor).spawn())
+    results(hypervisor(short_tmp, reactor).spawn(unheard))
     ((_, executable, _, _, _),) = reactor.spawned
     assert executable == "/bin/vfkit"

@@ -7,7 +7,7 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent
 
 from virby.config import fromMapping
 from virby.daemon.hypervisor import BootError, HostRefusal, VfkitHypervisor
-from virby.daemon.lifecycle import Lifecycle, VMUnavailable
+from virby.daemon.lifecycle import BootPhase, Lifecycle, VMUnavailable
 from virby.errors import PermanentError
 from virby.vfkitflags import HostPlan
 
@@ -24,7 +24,7 @@ def refusing(directory) -> VfkitHypervisor:
 
 def test_a_host_refusal_is_a_boot_error_no_retry_can_cure(short_tmp) -> None:
     failures: list = []
-    refusing(short_tmp).spawn().addErrback(failures.append)
+    refusing(short_tmp).spawn(lambda phase, what: None).addErrback(failures.append)
     assert failures[0].check(HostRefusal) and str(failures[0].value) == REFUSAL
     assert failures[0].check(BootError) and failures[0].check(PermanentError)
 
@@ -38,6 +38,8 @@ def test_an_always_on_daemon_on_a_refusing_mac_tries_once_and_says_so_once(short
     said = [formatEvent(e) for e in events if e["log_level"] >= LogLevel.warn]
     assert said == [
         f"boot failed: {REFUSAL}",
+        "the boot stopped in phase preparing (checking for a VM left behind and taking the "
+        "VM lock) after 0.0s",
         "not booting the VM again until something changes: the next connection or "
         "`virby start` tries again",
     ]
@@ -47,3 +49,55 @@ def test_an_always_on_daemon_on_a_refusing_mac_tries_once_and_says_so_once(short
     waiting: list = []
     lifecycle.whenReady().addErrback(waiting.append)
     assert waiting[0].check(VMUnavailable) and lifecycle.snapshot().boots == 2
+
+
+def test_the_boot_reports_vfkit_started_then_the_lease_once(short_tmp) -> None:
+    from tests.unit.test_daemon import SpawningReactor, config, outcome, prepared
+    from tests.unit.test_leases import MAC, SAMPLE
+
+    leases = short_tmp / "dhcpd_leases"
+    prepared(short_tmp)
+    (short_tmp / "mac").write_text(f"{MAC}\n")
+    reactor = SpawningReactor()
+    cfg = config(short_tmp, **{"leases-file": str(leases), "start-timeout": 5})
+    hypervisor = VfkitHypervisor(reactor, cfg, "/bin/vfkit")
+    reports: list = []
+    (vm,) = outcome(hypervisor.spawn(lambda phase, what: reports.append((phase, what))))
+    assert reports == [(BootPhase.LEASE, f"vfkit started (pid {vm.pid})")]
+    waiting = outcome(hypervisor.waitReady(vm, lambda phase, what: reports.append((phase, what))))
+    reactor.advance(0.5)
+    assert len(reports) == 1, "no lease yet"
+    leases.write_text(SAMPLE)
+    for _ in range(5):
+        reactor.advance(0.05)
+    assert reports[1:] == [(BootPhase.SSHD, "the guest leased 192.168.64.9")], "once"
+    reactor.advance(5)
+    assert waiting[0].value.reason == "no-ssh", "the wait went on to the guest's sshd"
+
+
+def test_a_full_disk_after_the_spawn_leaves_no_vfkit_and_no_lock(short_tmp, monkeypatch) -> None:
+    """The boot fails in one line naming the file and the cause; the next boot can run."""
+    import errno
+    import os
+
+    from tests.unit.test_daemon import outcome, prepared
+    from tests.unit.test_vfkit import KillableReactor
+    from virby.locks import FileLock
+
+    def full(path: str, data: bytes, mode: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path + ".tmp")
+
+    monkeypatch.setattr("virby.daemon.vfkit.writeAtomically", full)
+    reactor = KillableReactor()
+    hypervisor = VfkitHypervisor(reactor, prepared(short_tmp), "/bin/vfkit")
+    reports: list = []
+    (failure,) = outcome(hypervisor.spawn(lambda phase, what: reports.append(phase)))
+    assert str(failure.value) == (
+        "cannot record vfkit's pid: no space left on the device holding "
+        f"{short_tmp}/vfkit.pid: free some space there"
+    )
+    assert reactor.transport.signals == ["KILL"] and reactor.transport.protocol.status
+    assert reports == [], "vfkit never counted as started"
+    lock = FileLock(str(short_tmp / "vm.lock"))
+    assert lock.acquire(), "the daemon's copy of the VM lock is let go"
+    lock.release()

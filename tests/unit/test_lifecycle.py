@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import textwrap
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,15 +21,19 @@ from hypothesis.stateful import (
 )
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.task import Clock
-from twisted.logger import LogLevel, capturedLogs, globalLogPublisher
+from twisted.logger import LogLevel, capturedLogs, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
 from virby.daemon import lifecycle as lifecycle_module
 from virby.daemon.lifecycle import (
     RULES,
+    BootPhase,
+    BootReport,
     Event,
     IllegalTransition,
     Lifecycle,
+    Payload,
+    Ready,
     StartOutcome,
     State,
     StopOutcome,
@@ -121,9 +126,12 @@ class FakeHypervisor:
         #: For the next spawn only: how it fails, or that it is slow.
         self.nextSpawnError: Exception | None = None
         self.nextSpawnSlow = False
+        #: How each spawn and each wait were told to report the boot's phases.
+        self.reports: list[BootReport] = []
 
-    def spawn(self) -> Deferred:
+    def spawn(self, report: BootReport) -> Deferred:
         self.spawns += 1
+        self.reports.append(report)
         error, self.nextSpawnError = self.nextSpawnError or self.spawnError, None
         if error is not None:
             self.permanentFailure = isinstance(error, PermanentError)
@@ -155,7 +163,8 @@ class FakeHypervisor:
         spawning.callback(vm)
         return vm
 
-    def waitReady(self, vm: FakeVM) -> Deferred:
+    def waitReady(self, vm: FakeVM, report: BootReport) -> Deferred:
+        self.reports.append(report)
         guest = self.readyOnCancel
         if guest is not None:
             d: Deferred = Deferred(lambda d: d.callback(guest))
@@ -656,17 +665,123 @@ def test_shutdown_answers_a_pending_stop_and_refuses_the_next() -> None:
     assert late[0].check(VMUnavailable) and results(lifecycle.startNow())[0].check(VMUnavailable)
 
 
+# -- a boot, as it happens
+
+
+def test_each_boot_phase_is_shown_and_logged_with_its_time() -> None:
+    lifecycle, hypervisor, clock = make()
+    with capturedLogs() as events:
+        open_connection(lifecycle)
+        snap = lifecycle.snapshot()
+        assert (snap.state, snap.boot_phase, snap.boot_elapsed) == ("booting", "preparing", 0)
+        assert snap.boot_waiting_for == BootPhase.PREPARING.waitingFor
+        clock.advance(2)
+        report = hypervisor.reports[-1]  # the wait's: spawns here are at once
+        report(BootPhase.SSHD, "the guest leased 192.168.64.2")
+        clock.advance(1.5)
+        snap = lifecycle.snapshot()
+        assert (snap.boot_phase, snap.boot_last_step) == ("sshd", "the guest leased 192.168.64.2")
+        assert snap.boot_waiting_for == "waiting for the guest's sshd to answer"
+        assert snap.boot_elapsed == 3.5
+        hypervisor.becomeReady()
+    said = [formatEvent(e) for e in events if e["log_level"] == LogLevel.info]
+    assert "boot: the guest leased 192.168.64.2; waiting for the guest's sshd to answer (2.0s)" in (
+        said
+    )
+    assert "VM ready at 192.168.64.2:22 after 3.5s" in said
+    snap = lifecycle.snapshot()
+    assert (snap.boot_phase, snap.boot_elapsed, snap.boot_waiting_for) == (None, None, None)
+
+
+def test_a_report_from_a_boot_given_up_changes_nothing() -> None:
+    lifecycle, hypervisor, _ = make()
+    open_connection(lifecycle)
+    stale = hypervisor.reports[-1]
+    hypervisor.last.die()
+    assert lifecycle.state is State.STOPPED
+    failures = failuresLogged(lambda: stale(BootPhase.SSHD, "the guest leased 192.168.64.9"))
+    assert failures == [] and lifecycle.snapshot().boot_phase is None
+    open_connection(lifecycle)
+    stale(BootPhase.SSHD, "the guest leased 192.168.64.9")
+    assert lifecycle.snapshot().boot_phase == "preparing", "nor the next boot's"
+
+
+def test_a_failed_boot_says_the_phase_it_stopped_in() -> None:
+    lifecycle, hypervisor, clock = make()
+    open_connection(lifecycle)
+    hypervisor.reports[-1](BootPhase.SSHD, "the guest leased 192.168.64.2")
+    clock.advance(180)
+    with capturedLogs() as events:
+        hypervisor.ready[hypervisor.last.pid].errback(VirbyError("sshd did not answer"))
+    said = [formatEvent(e) for e in events if e["log_level"] == LogLevel.error]
+    assert said[:2] == [
+        "boot failed: sshd did not answer",
+        "the boot stopped in phase sshd (waiting for the guest's sshd to answer) after 180.0s",
+    ]
+
+
+def test_the_last_boots_are_counted_with_their_median() -> None:
+    lifecycle, hypervisor, clock = make()
+    assert (lifecycle.snapshot().recent_boots, lifecycle.snapshot().recent_boot_median_seconds) == (
+        0,
+        None,
+    )
+    for seconds in [10, 30, 20] + [5] * lifecycle_module.RECENT_BOOTS:
+        open_connection(lifecycle)
+        clock.advance(seconds)
+        hypervisor.becomeReady()
+        snap = lifecycle.snapshot()
+        if snap.recent_boots == 3:
+            assert (snap.recent_boot_median_seconds, snap.last_boot_seconds) == (20, 20)
+        results(lifecycle.stopNow(force=True))
+        hypervisor.last.die("exited with status 0")
+    snap = lifecycle.snapshot()
+    assert snap.recent_boots == lifecycle_module.RECENT_BOOTS, "only the last few"
+    assert snap.recent_boot_median_seconds == 5 and snap.last_boot_seconds == 5
+
+
+def test_a_connection_waiting_for_the_boot_is_counted_once() -> None:
+    lifecycle, hypervisor, _ = make()
+    open_connection(lifecycle)
+    results(lifecycle.startNow())  # a person waits too, but is no connection
+    snap = lifecycle.snapshot()
+    assert (snap.active_connections, snap.waiting_connections) == (0, 1)
+    hypervisor.becomeReady()
+    snap = lifecycle.snapshot()
+    assert (snap.active_connections, snap.waiting_connections) == (1, 0)
+
+
 # -- the table, the diagram and the docs
 
 
-def test_every_event_has_a_row_and_every_handler_exists() -> None:
+def _accepts(annotation: object, cls: type) -> bool:
+    return annotation is cls or cls in typing.get_args(annotation)
+
+
+def test_every_event_has_a_row_a_payload_and_handlers_that_take_both() -> None:
+    """
+    The table holds the handlers themselves: each takes the machine, its column's state
+    data and its row's payload (mypy checks the same through C{row} and C{on}).
+    """
     assert set(RULES) == set(Event)
+    payloads = {cls.event: cls for cls in typing.get_args(Payload)}
+    assert set(payloads) == set(Event), "one payload class per event"
+    stateData = {cls.state: cls for cls in typing.get_args(lifecycle_module._Phase)}
     for event, row in RULES.items():
         assert len(row) == len(State)
         for state, cell in zip(State, row, strict=True):
-            if cell.handler is not None:
-                assert callable(getattr(Lifecycle, cell.handler)), (event, state)
             assert cell.legal or cell.handler is None
+            if cell.handler is None:
+                continue
+            assert getattr(Lifecycle, cell.handler.__name__) is cell.handler, (event, state)
+            hints = typing.get_type_hints(cell.handler, vars(lifecycle_module))
+            phase, payload = [hints[name] for name in list(hints) if name != "return"]
+            assert _accepts(payload, payloads[event]), (event, state, payload)
+            assert _accepts(phase, stateData[state]) or phase == lifecycle_module._Phase, (
+                event,
+                state,
+                phase,
+            )
 
 
 def test_the_docstring_shows_the_transitions_the_table_allows() -> None:
@@ -691,9 +806,7 @@ def test_the_design_overview_shows_the_diagram() -> None:
 
 def test_an_event_where_the_table_says_it_cannot_happen_fails_loudly_and_changes_nothing() -> None:
     lifecycle, hypervisor, _ = make()
-    failures = failuresLogged(
-        lambda: lifecycle._handle(Event.READY, FakeGuest(), owner=lifecycle._phase)
-    )
+    failures = failuresLogged(lambda: lifecycle._handle(Ready(FakeGuest()), owner=lifecycle._phase))
     assert len(failures) == 1 and failures[0].check(IllegalTransition)
     assert "ready cannot happen while stopped" in str(failures[0].value)
     assert lifecycle.state is State.STOPPED and hypervisor.vms == []
@@ -703,7 +816,7 @@ def test_a_handler_that_moves_off_its_cell_fails_loudly(monkeypatch) -> None:
     """A cell names where its handler may go: anywhere else is a bug, and no move happens."""
     lifecycle, hypervisor, _ = make(onDemand=False)
     start = dict(RULES)
-    start[Event.START] = (on("_startAlwaysOn"), *RULES[Event.START][1:])
+    start[Event.START] = (on(Lifecycle._startAlwaysOn), *RULES[Event.START][1:])
     monkeypatch.setattr("virby.daemon.lifecycle.RULES", start)
     failures = failuresLogged(lifecycle.start)
     assert len(failures) == 1 and failures[0].check(IllegalTransition)
@@ -728,6 +841,7 @@ def test_a_permanent_failure_is_not_retried_in_always_on_mode_and_says_so_once()
     said = [e["log_format"] for e in events if e["log_level"] >= LogLevel.warn]
     assert said == [
         "{message}",
+        "the boot stopped in phase {phase} ({waitingFor}) after {seconds:.1f}s",
         "not booting the VM again until something changes: the next connection or "
         "`virby start` tries again",
     ]
@@ -1224,6 +1338,13 @@ class ReentrantLifecycleRaces(LifecycleRaces):
     @rule()
     def spawnDone(self) -> None:
         self.hypervisor.finishSpawn()
+
+    @precondition(lambda self: self.hypervisor.reports)
+    @rule(which=st.integers(min_value=1, max_value=4), phase=st.sampled_from(BootPhase))
+    def bootReports(self, which: int, phase: BootPhase) -> None:
+        """A boot's phase reported, by this boot or by one long given up."""
+        reports = self.hypervisor.reports
+        reports[-min(which, len(reports))](phase, f"now {phase.value}")
 
 
 RACES = settings(max_examples=300, stateful_step_count=40, deadline=None)

@@ -69,6 +69,34 @@ def test_render_running() -> None:
     assert "8.4s" in text
 
 
+def test_render_a_boot_as_it_happens() -> None:
+    booting = {
+        **RUNNING,
+        "state": "booting",
+        "vm_ip": None,
+        "boot_phase": "sshd",
+        "boot_waiting_for": "waiting for the guest's sshd to answer",
+        "boot_last_step": "the guest leased 192.168.64.7",
+        "boot_elapsed": 12.4,
+        "start_timeout": 180,
+        "active_connections": 0,
+        "waiting_connections": 1,
+    }
+    text = render(booting)
+    assert (
+        "Boot:        waiting for the guest's sshd to answer, 12s of 3m 00s "
+        "(last: the guest leased 192.168.64.7)"
+    ) in text
+    assert "0 active, 1 waiting for the VM" in text
+    assert "Boot:" not in render(RUNNING)
+
+
+def test_render_the_last_boots() -> None:
+    assert "Last boot:   8.4s\n" in render({**RUNNING, "recent_boots": 1})
+    text = render({**RUNNING, "recent_boots": 4, "recent_boot_median_seconds": 9.05})
+    assert "Last boot:   8.4s (median 9.1s of the last 4)" in text
+
+
 def test_render_idle_countdown_and_error() -> None:
     text = render({**RUNNING, "active_connections": 0, "idle_stop_in": 61.0, "last_error": "boom"})
     assert "in 1m 01s (ttl 3h 00m)" in text

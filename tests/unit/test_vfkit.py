@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
@@ -10,6 +11,7 @@ import pytest_twisted
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
 from virby.config import fromMapping
@@ -19,6 +21,7 @@ from virby.daemon.vfkit import (
     StopTimings,
     VfkitProcess,
     VfkitProtocol,
+    VfkitStartError,
     readTail,
     vfkitError,
 )
@@ -544,3 +547,52 @@ def test_vfkit_inherits_the_vm_lock_and_it_is_let_go_when_vfkit_is_gone(short_tm
     assert not FileLock(str(wd / "vm.lock")).acquire()
     vm.protocol.processEnded(Failure(ProcessDone(0)))
     assert not lock.held and FileLock(str(wd / "vm.lock")).acquire()
+
+
+class KillableReactor(RecordingReactor):
+    """Spawns fake vfkits that SIGKILL ends, as it ends a real one."""
+
+    def spawnProcess(self, protocol, executable, args, env, path, childFDs):
+        self.spawned.append((executable, args, path, childFDs))
+        transport = FakeTransport(protocol, {"KILL"})
+        protocol.makeConnection(transport)
+        self.transport = transport
+        return transport
+
+
+@pytest.mark.parametrize(
+    ("code", "cause"),
+    [
+        (errno.ENOSPC, "no space left on the device holding {pidfile}: free some space there"),
+        (errno.EROFS, "the file system holding {pidfile} is read-only"),
+        (errno.EIO, "cannot write {pidfile}: Input/output error"),
+    ],
+)
+def test_a_vfkit_whose_pidfile_cannot_be_written_is_killed_and_reaped(
+    short_tmp, monkeypatch, code, cause
+) -> None:
+    """
+    A full disk fails the pidfile after vfkit was spawned: left running, that vfkit would
+    hold vm.lock for good and outlive the daemon.  It is killed, and its exit is reaped
+    through its protocol.
+    """
+    (short_tmp / "diff.img").write_bytes(b"")
+    os.mkdir(short_tmp / "vm_sshd_keys")
+    pidfile = str(short_tmp / "vfkit.pid")
+
+    def full(path: str, data: bytes, mode: int) -> None:
+        raise OSError(code, os.strerror(code), path + ".tmp")
+
+    monkeypatch.setattr("virby.daemon.vfkit.writeAtomically", full)
+    reactor = KillableReactor()
+    cfg = fromMapping({"working-directory": str(short_tmp)})
+    with capturedLogs() as events, pytest.raises(VfkitStartError) as caught:
+        VfkitProcess.start(reactor, cfg, "/bin/vfkit", MAC)
+    assert str(caught.value) == "cannot record vfkit's pid: " + cause.format(pidfile=pidfile)
+    transport = reactor.transport
+    assert transport.signals == ["KILL"]
+    assert transport.protocol.status is not None, "its exit was reaped"
+    said = [formatEvent(e) for e in events]
+    assert "killing vfkit (pid 4242): its start failed" in said
+    assert "vfkit (pid 4242) was killed by signal 15" in said
+    assert not os.path.exists(pidfile)

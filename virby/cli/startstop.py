@@ -25,6 +25,12 @@ there is nothing to stop: that is success, not a failure.
 Short-lived commands: plain blocking calls, each bounded by a timeout that covers what the
 daemon may take (a whole boot for C{start}).
 
+While its C{start} waits, C{start} asks for C{status} on a second connection every half
+second and prints each new phase of the boot as it passes (L{virby.cli.status.bootLine}), so
+a boot is never minutes of silence.  The control protocol stays one request, one reply: the
+wait is a thread of this short-lived command (the reply's blocking read), the polls its main
+thread's; a daemon that cannot say its status only leaves the boot unnarrated.
+
 Exit status: 0 done, 1 failed, L{EXIT_DOWN} (3) the daemon is not running, from C{start}
 when it cannot be started; C{stop} needs no daemon to have nothing to stop.
 """
@@ -33,13 +39,15 @@ from __future__ import annotations
 
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
 from virby.cli.client import DAEMON_LOG, LOAD_FIX, DaemonDown, ask
-from virby.cli.status import EXIT_DOWN
+from virby.cli.status import EXIT_DOWN, bootLine
 from virby.config import Config
+from virby.errors import VirbyError
 from virby.layout import CONTROL_SOCKET
 
 #: Beyond the daemon's own bounds: its reply must still come back.
@@ -55,6 +63,9 @@ WAKE_POLL = 0.2
 KNOCK_TIMEOUT = 5.0
 #: Where the builder's port is reached, as C{ssh virby-vm} reaches it (L{virby.sshconfig}).
 LOOPBACK = "127.0.0.1"
+#: How often C{start} asks where the boot is while it waits, and how long one ask may take.
+PROGRESS_POLL = 0.5
+PROGRESS_TIMEOUT = 5.0
 
 
 def startTimeout(config: Config) -> float:
@@ -94,9 +105,9 @@ def runStart(
     path, timeout = config.path(CONTROL_SOCKET), startTimeout(config)
     try:
         try:
-            reply = ask(path, "start", timeout=timeout)
+            reply = startShowingProgress(path, timeout, out)
         except DaemonDown as down:
-            reply = wake(config, down, timeout, knock=knock, clock=clock, sleep=sleep)
+            reply = wake(config, down, timeout, out, knock=knock, clock=clock, sleep=sleep)
     except DaemonDown as e:
         out.write(f"Virby: {e}\n")
         return EXIT_DOWN
@@ -110,10 +121,53 @@ def runStart(
     return 0
 
 
+def startShowingProgress(
+    path: str, timeout: float, out: TextIO, poll: float | None = None
+) -> dict[str, Any]:
+    """
+    Ask the daemon at C{path} to start the VM, and while it boots print each new phase the
+    daemon's status shows, once.
+
+    @return: the daemon's reply to C{start}.
+    @raise VirbyError: what asking for C{start} raised.
+    """
+    interval = PROGRESS_POLL if poll is None else poll
+    outcome: list[dict[str, Any] | BaseException] = []
+    done = threading.Event()
+
+    def starting() -> None:
+        try:
+            outcome.append(ask(path, "start", timeout=timeout))
+        except BaseException as e:  # handed to the main thread, which raises it
+            outcome.append(e)
+        finally:
+            done.set()
+
+    threading.Thread(target=starting, name="virby start", daemon=True).start()
+    shown: tuple[object, ...] | None = None
+    while not done.wait(interval):
+        try:
+            status = ask(path, "status", timeout=PROGRESS_TIMEOUT).get("status")
+        except VirbyError:
+            continue  # only the narration is lost
+        if not isinstance(status, dict) or status.get("state") != "booting":
+            continue
+        phase = (status.get("boot_phase"), status.get("boot_last_step"))
+        if phase[0] is not None and phase != shown:
+            shown = phase
+            out.write(f"Boot: {bootLine(status)}\n")
+            out.flush()
+    result = outcome[0]
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
 def wake(
     config: Config,
     down: DaemonDown,
     timeout: float,
+    out: TextIO,
     *,
     knock: Callable[[int], None] = knock,
     clock: Callable[[], float] = time.monotonic,
@@ -147,7 +201,7 @@ def wake(
     deadline = clock() + WAKE_TIMEOUT
     while True:
         try:
-            return ask(path, "start", timeout=timeout)
+            return startShowingProgress(path, timeout, out)
         except DaemonDown:
             left = deadline - clock()
             if left <= 0:

@@ -100,8 +100,11 @@ def render(status: dict[str, Any]) -> str:
     else:
         vm = state
     lines.append(("VM", vm))
-    if status.get("last_boot_seconds") is not None:
-        lines.append(("Last boot", f"{status['last_boot_seconds']:.1f}s"))
+    if state == "booting" and status.get("boot_phase") is not None:
+        lines.append(("Boot", bootLine(status)))
+    boots = _boots(status)
+    if boots is not None:
+        lines.append(("Last boot", boots))
     lines.append(
         (
             "Connections",
@@ -125,6 +128,33 @@ def render(status: dict[str, Any]) -> str:
     lines += [("Warning", warning) for warning in status.get("warnings") or []]
     width = max(len(name) for name, _ in lines) + 1
     return "\n".join(f"{name + ':':<{width}} {value}" for name, value in lines)
+
+
+def bootLine(status: dict[str, Any]) -> str:
+    """
+    Where a boot is, from the status document: what it waits for and the time it has had
+    against start-timeout, then what happened last (C{virby start} prints the same line).
+    """
+    waiting = status.get("boot_waiting_for") or status.get("boot_phase")
+    elapsed = status.get("boot_elapsed")
+    limit = status.get("start_timeout")
+    took = f"{duration(elapsed)} of {duration(limit)}" if limit else duration(elapsed)
+    line = f"{waiting}, {took}"
+    if status.get("boot_last_step"):
+        line += f" (last: {status['boot_last_step']})"
+    return line
+
+
+def _boots(status: dict[str, Any]) -> str | None:
+    """The last boot's time, and the median of the last few when there were more."""
+    last = status.get("last_boot_seconds")
+    if last is None:
+        return None
+    text = f"{last:.1f}s"
+    count, median = status.get("recent_boots"), status.get("recent_boot_median_seconds")
+    if isinstance(count, int) and count > 1 and median is not None:
+        text += f" (median {median:.1f}s of the last {count})"
+    return text
 
 
 def _idle(status: dict[str, Any]) -> str:

@@ -17,7 +17,8 @@ from twisted.python.failure import Failure
 
 from virby.config import Config
 from virby.daemon.freshdisk import makeFreshDisk
-from virby.daemon.lifecycle import VirtualMachine
+from virby.daemon.lifecycle import BootPhase, BootReport, VirtualMachine
+from virby.daemon.observers import OneShot
 from virby.daemon.orphans import stopOrphan
 from virby.daemon.readiness import BootTimeout, ReadyGuest, waitForGuest
 from virby.daemon.vfkit import VfkitProcess
@@ -68,7 +69,7 @@ class VfkitHypervisor:
         self._executable = executable
         self.plan = plan or HostPlan(nested=config.nested_virtualization)
         self._leases = LeaseFile(config.leases_file)
-        self._orphanCheck: Deferred[Exception | None] | None = None
+        self._orphanCheck: OneShot[None] | None = None
 
     def stopOrphan(self) -> Deferred[None]:
         """
@@ -77,49 +78,40 @@ class VfkitHypervisor:
         """
         check = self._orphanCheck
         if check is None:
-            check = self._orphanCheck = Deferred.fromCoroutine(self._checkOrphan())
-            check.addCallback(self._forgetFailedCheck, check)
-        waiting: Deferred[None] = Deferred()
+            self._orphanCheck = check = OneShot()
+            checking = Deferred.fromCoroutine(self._checkOrphan())
+            checking.addErrback(self._forgetFailedCheck, check).addBoth(check.fire)
+        return check.observe()
 
-        def relay(outcome: Exception | None) -> Exception | None:
-            if outcome is None:
-                waiting.callback(None)
-            else:
-                waiting.errback(outcome)
-            return outcome
-
-        check.addCallback(relay)
-        return waiting
-
-    async def _checkOrphan(self) -> Exception | None:
-        """The outcome, never a failure: each caller gets its own copy of an error."""
+    async def _checkOrphan(self) -> None:
         try:
             await stopOrphan(self._reactor, self._config.working_directory)
         except VirbyError as e:
             log.error("{why}", why=str(e))
-            return e
+            raise
         except Exception:
             log.failure("checking for a VM left by a previous daemon failed")
-            return BootError("checking for a VM left by a previous daemon failed: see the log")
-        return None
+            raise BootError(
+                "checking for a VM left by a previous daemon failed: see the log"
+            ) from None
 
-    def _forgetFailedCheck(
-        self, outcome: Exception | None, check: Deferred[Exception | None]
-    ) -> Exception | None:
-        if outcome is not None and self._orphanCheck is check:
+    def _forgetFailedCheck(self, reason: Failure, check: OneShot[None]) -> Failure:
+        """A check that failed is made again at the next spawn."""
+        if self._orphanCheck is check:
             self._orphanCheck = None
-        return outcome
+        return reason
 
-    def spawn(self) -> Deferred[VirtualMachine]:
-        return Deferred.fromCoroutine(self._spawn())
+    def spawn(self, report: BootReport) -> Deferred[VirtualMachine]:
+        return Deferred.fromCoroutine(self._spawn(report))
 
-    async def _spawn(self) -> VirtualMachine:
+    async def _spawn(self, report: BootReport) -> VirtualMachine:
         if self.plan.refusal is not None:
             raise HostRefusal(self.plan.refusal)
         await self.stopOrphan()
         lock = self._lockVM()
         if self._config.ephemeral:
             # Under the VM lock: no VM, not even one a previous daemon left, has the disk open.
+            report(BootPhase.FRESH_DISK, "no VM left behind, the VM lock taken")
             try:
                 done = await makeFreshDisk(
                     self._reactor,
@@ -140,12 +132,14 @@ class VfkitHypervisor:
                 f"{PREPARE_FIX}"
             ) from None
         try:
-            return VfkitProcess.start(
+            vm = VfkitProcess.start(
                 self._reactor, self._config, self._executable, mac, vmLock=lock, plan=self.plan
             )
         except BaseException:
             lock.release()
             raise
+        report(BootPhase.LEASE, f"vfkit started (pid {vm.pid})")
+        return vm
 
     def _lockVM(self) -> FileLock:
         """The VM lock, which the vfkit about to start inherits and holds for its life."""
@@ -157,14 +151,26 @@ class VfkitHypervisor:
             f"holds {lock.path} (find it with `lsof {lock.path}`); stop it and connect again"
         )
 
-    def waitReady(self, vm: VirtualMachine) -> Deferred[ReadyGuest]:
-        """The guest of C{vm}, which this adapter spawned, once its sshd answers."""
+    def waitReady(self, vm: VirtualMachine, report: BootReport) -> Deferred[ReadyGuest]:
+        """
+        The guest of C{vm}, which this adapter spawned, once its sshd answers; the first
+        lease found for its MAC is reported (the guest has an address: its sshd comes next).
+        """
         if not isinstance(vm, VfkitProcess):
             raise TypeError(f"{vm!r} was not started by this hypervisor")
         mac = vm.mac
+        leased: list[str] = []
+
+        def lookup() -> str | None:
+            ip = self._leases.lookup(mac)
+            if ip is not None and not leased:
+                leased.append(ip)
+                report(BootPhase.SSHD, f"the guest leased {ip}")
+            return ip
+
         waiting = waitForGuest(
             self._reactor,
-            lambda: self._leases.lookup(mac),
+            lookup,
             self._config.guest_ssh_port,
             float(self._config.start_timeout),
             interval=READINESS_INTERVAL,

@@ -26,11 +26,13 @@ once; the next connection or C{virby start} tries again.
 How it is built
 ===============
 
-Every input is an L{Event}: the methods called from outside (L{Lifecycle.whenReady},
+Every input is an L{Event}, carried by its own payload class (L{StopNow} holds the answer
+and C{force}): the methods called from outside (L{Lifecycle.whenReady},
 L{Lifecycle.stopNow}...) and the answers to what the machine itself started (the hypervisor
 made the VM, its guest answered, a timer fired).  L{RULES} has one row per event and one
-column per L{State}; each cell names the method that handles the event in that state and
-the states it may move to, or says that the event means nothing there (L{IGNORE}) or cannot
+column per L{State}; each cell holds the method that handles the event in that state (the
+function itself, which a type checker holds to its row's payload and its column's state)
+and the states it may move to, or says that the event means nothing there (L{IGNORE}) or cannot
 happen there (L{ILLEGAL}, a bug, logged with its traceback).  Nothing else decides what is
 legal: the handlers have no guards on the state, and a handler that moves anywhere its cell
 does not name fails the same way.
@@ -74,15 +76,17 @@ from __future__ import annotations
 
 import enum
 import functools
+import statistics
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
-from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
+from virby.daemon.observers import OneShot
 from virby.errors import PermanentError, VirbyError, oneLine
 from virby.logs import Logger
 
@@ -120,150 +124,216 @@ class Event(enum.Enum):
     IDLE_EXPIRED = "idleExpired"  # the idle timer fired
     RESTART_DUE = "restartDue"  # the always-on restart timer fired
     WANTED = "wanted"  # the VM has stopped, and connections wait for it
+    BOOT_PROGRESS = "bootProgress"  # the hypervisor's boot moved on to its next phase
+
+
+class BootPhase(enum.Enum):
+    """
+    Where a boot is, as C{virby status} and C{virby start} show it and the log says it: the
+    machine enters the first at the boot's start, and the hypervisor reports the others.
+    """
+
+    PREPARING = "preparing"
+    FRESH_DISK = "fresh-disk"
+    LEASE = "lease"
+    SSHD = "sshd"
+
+    @property
+    def waitingFor(self) -> str:
+        """What the boot waits for in this phase, for a person."""
+        return _WAITING_FOR[self]
+
+
+_WAITING_FOR = {
+    BootPhase.PREPARING: "checking for a VM left behind and taking the VM lock",
+    BootPhase.FRESH_DISK: "making a fresh disk",
+    BootPhase.LEASE: "waiting for the guest's DHCP lease",
+    BootPhase.SSHD: "waiting for the guest's sshd to answer",
+}
+
+#: How a hypervisor tells the machine its boot moved on: the phase it enters, and what just
+#: happened in a few words (C{"vfkit started (pid 4242)"}).
+BootReport = Callable[[BootPhase, str], None]
+
+#: How many of the last boots C{virby status} sums up (count, median, last).
+RECENT_BOOTS = 10
+
+
+# -- each event's payload: what its handlers get besides the state's data
 
 
 @dataclass(frozen=True)
-class Rule:
+class Start:
+    """The daemon is up."""
+
+    event: ClassVar[Event] = Event.START
+
+
+@dataclass(frozen=True)
+class WhenReady:
+    """A connection waits for the guest."""
+
+    waiter: _Waiter
+    event: ClassVar[Event] = Event.WHEN_READY
+
+
+@dataclass(frozen=True)
+class Opened:
+    connection: Connection
+    event: ClassVar[Event] = Event.OPENED
+
+
+@dataclass(frozen=True)
+class Closed:
+    connection: Connection
+    event: ClassVar[Event] = Event.CLOSED
+
+
+@dataclass(frozen=True)
+class StartNow:
+    """C{virby start}: one more waiter, told a L{StartOutcome}."""
+
+    waiter: _Waiter
+    event: ClassVar[Event] = Event.START_NOW
+
+
+@dataclass(frozen=True)
+class StopNow:
+    """C{virby stop}: C{answer} is told a L{StopOutcome}."""
+
+    answer: Deferred[StopOutcome]
+    force: bool
+    event: ClassVar[Event] = Event.STOP_NOW
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """The daemon stops: C{answer} fires once the VM has stopped."""
+
+    answer: Deferred[None]
+    event: ClassVar[Event] = Event.SHUTDOWN
+
+
+@dataclass(frozen=True)
+class Spawned:
+    vm: VirtualMachine
+    event: ClassVar[Event] = Event.SPAWNED
+
+
+@dataclass(frozen=True)
+class Ready:
+    guest: Guest
+    event: ClassVar[Event] = Event.READY
+
+
+@dataclass(frozen=True)
+class BootFailed:
+    reason: Failure
+    event: ClassVar[Event] = Event.BOOT_FAILED
+
+
+@dataclass(frozen=True)
+class VMEnded:
+    status: ExitInfo
+    event: ClassVar[Event] = Event.VM_ENDED
+
+
+@dataclass(frozen=True)
+class VMStopped:
+    event: ClassVar[Event] = Event.VM_STOPPED
+
+
+@dataclass(frozen=True)
+class IdleExpired:
+    event: ClassVar[Event] = Event.IDLE_EXPIRED
+
+
+@dataclass(frozen=True)
+class RestartDue:
+    event: ClassVar[Event] = Event.RESTART_DUE
+
+
+@dataclass(frozen=True)
+class Wanted:
+    event: ClassVar[Event] = Event.WANTED
+
+
+@dataclass(frozen=True)
+class BootProgress:
+    phase: BootPhase
+    what: str
+    event: ClassVar[Event] = Event.BOOT_PROGRESS
+
+
+Payload = (
+    Start
+    | WhenReady
+    | Opened
+    | Closed
+    | StartNow
+    | StopNow
+    | Shutdown
+    | Spawned
+    | Ready
+    | BootFailed
+    | VMEnded
+    | VMStopped
+    | IdleExpired
+    | RestartDue
+    | Wanted
+    | BootProgress
+)
+
+#: The state's data a handler takes, and the payload of the event it handles.
+S = TypeVar("S", contravariant=True)
+P = TypeVar("P", contravariant=True)
+
+
+@dataclass(frozen=True)
+class Rule(Generic[S, P]):
     """
-    One cell of L{RULES}: the method that handles the event in the state, and the states
+    One cell of L{RULES}: the function that handles the event in the state, and the states
     it may move to (staying is always allowed).  Without a handler, the event is ignored
     there, or, when not C{legal}, it cannot happen there and is a bug.
+
+    The handler is a L{Lifecycle} method, unbound: it takes the machine, the state's data
+    (C{S}) and the event's payload (C{P}), so a type checker holds each cell to its row's
+    payload and its column's state.
     """
 
-    handler: str | None
+    handler: Callable[[Lifecycle[Any], S, P], None] | None
     targets: frozenset[State] = frozenset()
     legal: bool = True
 
 
-def on(handler: str, *targets: State) -> Rule:
+def on(handler: Callable[[Lifecycle[Any], S, P], None], *targets: State) -> Rule[S, P]:
     return Rule(handler, frozenset(targets))
 
 
 #: The event means nothing in this state.
-IGNORE = Rule(None)
+IGNORE: Rule[Any, Any] = Rule(None)
 #: The event cannot happen in this state: handling it there would be a bug.
-ILLEGAL = Rule(None, legal=False)
+ILLEGAL: Rule[Any, Any] = Rule(None, legal=False)
 
 
-def row(*, stopped: Rule, booting: Rule, running: Rule, stopping: Rule, shutdown: Rule) -> _Row:
-    """One event's row of L{RULES}: every state must be named."""
+def row(
+    payload: type[P],
+    *,
+    stopped: Rule[_Stopped, P],
+    booting: Rule[_Booting, P],
+    running: Rule[_Running, P],
+    stopping: Rule[_Stopping, P],
+    shutdown: Rule[_Shutdown, P],
+) -> _Row:
+    """One event's row of L{RULES}, for its payload: every state must be named."""
     return (stopped, booting, running, stopping, shutdown)
 
 
-_Row = tuple[Rule, Rule, Rule, Rule, Rule]
+_Row = tuple[Rule[Any, Any], Rule[Any, Any], Rule[Any, Any], Rule[Any, Any], Rule[Any, Any]]
 STOPPED, BOOTING, RUNNING, STOPPING, SHUTDOWN = State
 
-#: What each event does in each state.
-RULES: dict[Event, _Row] = {
-    Event.START: row(
-        stopped=on("_startAlwaysOn", BOOTING),
-        booting=IGNORE,
-        running=IGNORE,
-        stopping=IGNORE,
-        shutdown=IGNORE,
-    ),
-    Event.WHEN_READY: row(
-        stopped=on("_waitAndBoot", BOOTING),
-        booting=on("_wait"),
-        running=on("_serve"),
-        stopping=on("_wait"),
-        shutdown=on("_refuseWait"),
-    ),
-    Event.OPENED: row(
-        stopped=on("_opened"),
-        booting=on("_opened"),
-        running=on("_openedWhileRunning"),
-        stopping=on("_opened"),
-        shutdown=on("_opened"),
-    ),
-    Event.CLOSED: row(
-        stopped=on("_closed"),
-        booting=on("_closed"),
-        running=on("_closedWhileRunning"),
-        stopping=on("_closed"),
-        shutdown=on("_closed"),
-    ),
-    Event.START_NOW: row(
-        stopped=on("_startNowAndBoot", BOOTING),
-        booting=on("_startNowWait"),
-        running=on("_alreadyRunning"),
-        stopping=on("_startNowWait"),
-        shutdown=on("_refuseWait"),
-    ),
-    Event.STOP_NOW: row(
-        stopped=on("_stopNowWhileStopped"),
-        booting=on("_stopNowWhileBooting", STOPPED, STOPPING),
-        running=on("_stopNowWhileRunning", STOPPING),
-        stopping=on("_stopNowWhileStopping"),
-        shutdown=on("_refuseStop"),
-    ),
-    Event.SHUTDOWN: row(
-        stopped=on("_shutdownNow", SHUTDOWN),
-        booting=on("_shutdownWithVM", SHUTDOWN),
-        running=on("_shutdownWithVM", SHUTDOWN),
-        stopping=on("_shutdownWhileStopping", SHUTDOWN),
-        shutdown=on("_alreadyShutDown"),
-    ),
-    Event.SPAWNED: row(
-        stopped=ILLEGAL,
-        booting=on("_spawned"),
-        running=ILLEGAL,
-        stopping=ILLEGAL,
-        shutdown=ILLEGAL,
-    ),
-    Event.READY: row(
-        stopped=ILLEGAL,
-        booting=on("_ready", RUNNING),
-        running=ILLEGAL,
-        stopping=ILLEGAL,
-        shutdown=ILLEGAL,
-    ),
-    Event.BOOT_FAILED: row(
-        stopped=ILLEGAL,
-        booting=on("_bootFailed", STOPPED, STOPPING),
-        running=ILLEGAL,
-        stopping=ILLEGAL,
-        shutdown=ILLEGAL,
-    ),
-    Event.VM_ENDED: row(
-        stopped=ILLEGAL,
-        booting=on("_died", STOPPED),
-        running=on("_died", STOPPED),
-        stopping=IGNORE,  # expected: the stop's own answer moves on
-        shutdown=ILLEGAL,
-    ),
-    Event.VM_STOPPED: row(
-        stopped=ILLEGAL,
-        booting=ILLEGAL,
-        running=ILLEGAL,
-        stopping=on("_stopped", STOPPED),
-        shutdown=on("_shutdownDone"),
-    ),
-    Event.IDLE_EXPIRED: row(
-        stopped=ILLEGAL,
-        booting=ILLEGAL,
-        running=on("_idleExpired", STOPPING),
-        stopping=ILLEGAL,
-        shutdown=ILLEGAL,
-    ),
-    Event.RESTART_DUE: row(
-        stopped=on("_boot", BOOTING),
-        booting=ILLEGAL,
-        running=ILLEGAL,
-        stopping=ILLEGAL,
-        shutdown=ILLEGAL,
-    ),
-    Event.WANTED: row(
-        stopped=on("_boot", BOOTING),
-        booting=ILLEGAL,
-        running=ILLEGAL,
-        stopping=ILLEGAL,
-        shutdown=ILLEGAL,
-    ),
-}
 
-
-def rule(event: Event, state: State) -> Rule:
+def rule(event: Event, state: State) -> Rule[Any, Any]:
     """The cell of L{RULES} for C{event} in C{state}."""
     return RULES[event][_COLUMN[state]]
 
@@ -296,11 +366,11 @@ def diagram() -> str:
 def table() -> str:
     """L{RULES} as a Markdown table, for C{docs/lifecycle.md}."""
 
-    def cell(r: Rule) -> str:
+    def cell(r: Rule[Any, Any]) -> str:
         if r.handler is None:
             return "ignored" if r.legal else "illegal"
         moves = " or ".join(state.value for state in State if state in r.targets)
-        return f"`{r.handler}`" + (f" → {moves}" if moves else "")
+        return f"`{r.handler.__name__}`" + (f" → {moves}" if moves else "")
 
     header = "| event | " + " | ".join(state.value for state in State) + " |"
     rule_line = "|---" * (len(State) + 1) + "|"
@@ -355,7 +425,8 @@ class VirtualMachine(Protocol):
 
     def consoleTail(self, n: int = 20) -> list[str]: ...
 
-    def stop(self) -> Deferred[Any] | Coroutine[Any, Any, Any]: ...
+    def stop(self) -> Deferred[ExitInfo | None]:
+        """Fires once the process has stopped, with how it ended when that is known."""
 
 
 class Guest(Protocol):
@@ -373,19 +444,24 @@ class Guest(Protocol):
 
 #: The guests one hypervisor reports: what the lifecycle hands its waiters is that type.
 G = TypeVar("G", bound=Guest)
+T = TypeVar("T")
 
 
 class Hypervisor(Protocol[G]):
     """How the lifecycle starts VMs and learns that one is ready."""
 
-    def spawn(self) -> Deferred[VirtualMachine]:
+    def spawn(self, report: BootReport) -> Deferred[VirtualMachine]:
         """
         Start a VM; fails with a L{VirbyError} when it cannot be started, and with a
-        L{PermanentError} when no retry can succeed until something changes.
+        L{PermanentError} when no retry can succeed until something changes.  Each phase
+        it enters on the way is told to C{report}.
         """
 
-    def waitReady(self, vm: VirtualMachine) -> Deferred[G]:
-        """The guest once its SSH answers; cancellable; fails on timeout."""
+    def waitReady(self, vm: VirtualMachine, report: BootReport) -> Deferred[G]:
+        """
+        The guest once its SSH answers; cancellable; fails on timeout.  Each phase it
+        enters on the way (the guest has its address) is told to C{report}.
+        """
 
 
 class Connection(Protocol):
@@ -411,6 +487,15 @@ class Snapshot:
     last_boot_seconds: float | None
     last_error: str | None
     boots: int
+    #: While booting: the phase (a L{BootPhase} value), what the boot waits for and what
+    #: happened last, and the seconds since the boot began.
+    boot_phase: str | None
+    boot_waiting_for: str | None
+    boot_last_step: str | None
+    boot_elapsed: float | None
+    #: The last L{RECENT_BOOTS} boots that came to ready: how many, and their median.
+    recent_boots: int
+    recent_boot_median_seconds: float | None
 
 
 # -- the data of each state
@@ -444,6 +529,9 @@ class _Booting:
     run: _Run
     #: The spawn, then the wait for the guest: given up when the boot is.
     pending: Deferred[Any]
+    #: Where the boot is, and what happened last.
+    phase: BootPhase = BootPhase.PREPARING
+    lastStep: str = "booting the VM"
 
     def leave(self) -> None:
         self.pending.cancel()
@@ -466,8 +554,8 @@ class _Running:
 class _Stopping:
     state: ClassVar[State] = State.STOPPING
     run: _Run
-    #: The VM's stop: a shutdown that comes meanwhile waits for it.
-    done: Deferred[Any]
+    #: The VM's stop: a shutdown that comes meanwhile waits for it too.
+    done: OneShot[None]
     #: Whether an always-on VM boots again afterwards (it failed; nobody asked).
     retry: bool
 
@@ -494,12 +582,13 @@ class _Waiter:
 
     answer: Deferred[Any]
     onReady: Callable[[Guest], object]
+    #: A connection's wait (L{Lifecycle.whenReady}), not a person's (C{virby start}).
+    connection: bool
 
 
 @dataclass(eq=False)
 class _Queued:
-    event: Event
-    args: tuple[Any, ...]
+    payload: Payload
     #: The state (or run) the answer belongs to; None for a request from outside.
     owner: object
     #: What to do with an answer that comes after its state was left.
@@ -533,13 +622,14 @@ class Lifecycle(Generic[G]):
         self._lastBootSeconds: float | None = None
         self._lastError: str | None = None
         self._boots = 0
+        self._bootTimes: deque[float] = deque(maxlen=RECENT_BOOTS)
         # Run to completion: the events waiting their turn (the answers to the machine's own
         # work first), and what to tell outside code after the step under way.
         self._results: deque[_Queued] = deque()
         self._requests: deque[_Queued] = deque()
         self._outbox: list[Callable[[], object]] = []
         self._handling = False
-        self._step: tuple[Event, Rule] | None = None
+        self._step: tuple[Event, Rule[Any, Any]] | None = None
 
     # -- inputs
 
@@ -549,7 +639,7 @@ class Lifecycle(Generic[G]):
 
     def start(self) -> None:
         """The daemon is up: an always-on VM boots now."""
-        self._handle(Event.START)
+        self._handle(Start())
 
     def whenReady(self) -> Deferred[G]:
         """
@@ -557,21 +647,21 @@ class Lifecycle(Generic[G]):
         Cancelling the result withdraws the wait and nothing else.
         """
         answer: Deferred[G] = Deferred(self._withdraw)
-        self._handle(Event.WHEN_READY, _Waiter(answer, _same))
+        self._handle(WhenReady(_Waiter(answer, _same, connection=True)))
         return answer
 
     def connectionOpened(self, connection: Connection) -> None:
         """Any open connection stops the idle clock."""
-        self._handle(Event.OPENED, connection)
+        self._handle(Opened(connection))
 
     def connectionClosed(self, connection: Connection) -> None:
         """The last connection to close starts the idle clock."""
-        self._handle(Event.CLOSED, connection)
+        self._handle(Closed(connection))
 
     def shutdown(self) -> Deferred[None]:
         """Stop serving: fail the waiters, stop the VM gracefully, close what is left."""
         answer: Deferred[None] = Deferred()
-        self._handle(Event.SHUTDOWN, answer)
+        self._handle(Shutdown(answer))
         return answer
 
     def startNow(self) -> Deferred[StartOutcome]:
@@ -580,7 +670,7 @@ class Lifecycle(Generic[G]):
         is one more waiter: it shares a boot under way, and cancelling it withdraws only it.
         """
         answer: Deferred[StartOutcome] = Deferred(self._withdraw)
-        self._handle(Event.START_NOW, _Waiter(answer, self._booted))
+        self._handle(StartNow(_Waiter(answer, self._booted, connection=False)))
         return answer
 
     def stopNow(self, force: bool = False) -> Deferred[StopOutcome]:
@@ -591,7 +681,7 @@ class Lifecycle(Generic[G]):
         Cancelling the result leaves the stop going on, and tells nobody.
         """
         answer: Deferred[StopOutcome] = Deferred(self._forgetStopAnswer)
-        self._handle(Event.STOP_NOW, answer, force)
+        self._handle(StopNow(answer, force))
         return answer
 
     def snapshot(self) -> Snapshot:
@@ -599,7 +689,10 @@ class Lifecycle(Generic[G]):
         phase = self._phase
         run = getattr(phase, "run", None)
         running = phase if isinstance(phase, _Running) else None
+        booting = phase if isinstance(phase, _Booting) else None
         address = running.guest.address if running is not None else None
+        # A connection waiting for the VM is open too: it is counted once, as waiting.
+        waiting = sum(1 for waiter in self._waiters if waiter.connection)
         return Snapshot(
             state=phase.state.value,
             on_demand=self._onDemand,
@@ -607,29 +700,37 @@ class Lifecycle(Generic[G]):
             vm_port=address[1] if address else None,
             vfkit_pid=run.vm.pid if run is not None and run.vm is not None else None,
             uptime=now - running.readyAt if running is not None else None,
-            active_connections=len(self._connections),
-            waiting_connections=len(self._waiters),
+            active_connections=max(0, len(self._connections) - waiting),
+            waiting_connections=waiting,
             idle_stop_in=_remaining(running.idle if running else None, now),
             restart_in=_remaining(phase.restart if isinstance(phase, _Stopped) else None, now),
             last_boot_seconds=self._lastBootSeconds,
             last_error=self._lastError,
             boots=self._boots,
+            boot_phase=booting.phase.value if booting else None,
+            boot_waiting_for=booting.phase.waitingFor if booting else None,
+            boot_last_step=booting.lastStep if booting else None,
+            boot_elapsed=now - booting.run.startedAt if booting else None,
+            recent_boots=len(self._bootTimes),
+            recent_boot_median_seconds=statistics.median(self._bootTimes)
+            if self._bootTimes
+            else None,
         )
 
     # -- the dispatcher
 
     def _handle(
         self,
-        event: Event,
-        *args: Any,
+        payload: Payload,
+        *,
         owner: object = None,
         ifStale: Callable[[], object] | None = None,
     ) -> None:
         """
-        Queue C{event}, and handle the queue unless a step is under way (this call then
-        comes from inside it, and the loop below takes the event in its turn).
+        Queue the event of C{payload}, and handle the queue unless a step is under way (this
+        call then comes from inside it, and the loop below takes the event in its turn).
         """
-        queued = _Queued(event, args, owner, ifStale)
+        queued = _Queued(payload, owner, ifStale)
         (self._requests if owner is None else self._results).append(queued)
         if self._handling:
             return
@@ -645,25 +746,26 @@ class Lifecycle(Generic[G]):
     def _takeStep(self, queued: _Queued) -> None:
         """One step: the event's cell of L{RULES}, in the state the machine is in now."""
         phase = self._phase
-        cell = rule(queued.event, phase.state)
+        event = queued.payload.event
+        cell = rule(event, phase.state)
         try:
             if queued.owner is not None and not self._current(queued.owner):
-                log.debug("{event} of a state left: dropped", event=queued.event.value)
+                log.debug("{event} of a state left: dropped", event=event.value)
                 if queued.ifStale is not None:
                     queued.ifStale()
                 return
             if cell.handler is None:
                 if not cell.legal:
                     raise IllegalTransition(
-                        f"{queued.event.value} cannot happen while {phase.state.value}"
+                        f"{event.value} cannot happen while {phase.state.value}"
                     )
                 return
-            self._step = (queued.event, cell)
-            getattr(self, cell.handler)(phase, *queued.args)
+            self._step = (event, cell)
+            cell.handler(self, phase, queued.payload)
         except Exception:
             log.failure(
                 "the VM lifecycle broke its rules: {event} while {state}",
-                event=queued.event.value,
+                event=event.value,
                 state=phase.state.value,
             )
         finally:
@@ -703,80 +805,90 @@ class Lifecycle(Generic[G]):
     def _answerFor(
         self,
         owner: _Booting,
-        d: Deferred[Any],
-        event: Event,
-        ifStale: Callable[[Any], object],
+        d: Deferred[T],
+        event: Callable[[T], Spawned | Ready],
+        ifStale: Callable[[T], object],
     ) -> None:
         """
-        Turn the outcome of the boot's step C{d} into C{event}, or L{Event.BOOT_FAILED}.  A
-        result that comes after the boot was given up is not lost: C{ifStale} disposes of it.
+        Turn the outcome of the boot's step C{d} into C{event}, or L{BootFailed}.  A result
+        that comes after the boot was given up is not lost: C{ifStale} disposes of it.
         """
 
-        def succeeded(result: object) -> None:
-            self._handle(event, result, owner=owner, ifStale=lambda: ifStale(result))
+        def succeeded(result: T) -> None:
+            self._handle(event(result), owner=owner, ifStale=lambda: ifStale(result))
 
         def failed(reason: Failure) -> None:
-            self._handle(Event.BOOT_FAILED, reason, owner=owner)
+            self._handle(BootFailed(reason), owner=owner)
 
         d.addCallbacks(succeeded, failed)
 
-    # -- handlers: each is named in RULES, and takes the state's data first
+    # -- handlers: each is named in RULES, and takes the state's data, then the payload
 
-    def _startAlwaysOn(self, stopped: _Stopped) -> None:
+    def _startAlwaysOn(self, stopped: _Stopped, started: Start) -> None:
         if not self._onDemand:
             self._boot(stopped)
+
+    def _restart(self, stopped: _Stopped, due: RestartDue) -> None:
+        self._boot(stopped)
+
+    def _bootForWaiters(self, stopped: _Stopped, wanted: Wanted) -> None:
+        self._boot(stopped)
 
     def _boot(self, stopped: _Stopped) -> None:
         self._boots += 1
         run = _Run(startedAt=self._clock.seconds())
         log.info("booting the VM")
-        spawning = maybeDeferred(self._hypervisor.spawn)
+        spawning = maybeDeferred(self._hypervisor.spawn, self._reporter(run))
         booting = _Booting(run, spawning)
         # Before the move: should it fail, the VM made meanwhile is not left running.
-        self._answerFor(booting, spawning, Event.SPAWNED, self._strayVM)
+        self._answerFor(booting, spawning, Spawned, self._strayVM)
         self._enter(booting)
 
-    def _waitAndBoot(self, stopped: _Stopped, waiter: _Waiter) -> None:
-        self._waiters.append(waiter)
+    def _waitAndBoot(self, stopped: _Stopped, asked: WhenReady | StartNow) -> None:
+        self._waiters.append(asked.waiter)
         self._boot(stopped)
 
-    def _wait(self, phase: _Phase, waiter: _Waiter) -> None:
-        self._waiters.append(waiter)
+    def _wait(self, phase: _Booting | _Stopping, asked: WhenReady | StartNow) -> None:
+        self._waiters.append(asked.waiter)
 
-    def _serve(self, running: _Running, waiter: _Waiter) -> None:
+    def _serve(self, running: _Running, asked: WhenReady) -> None:
+        waiter = asked.waiter
         self._tell(lambda: _fire(waiter.answer, waiter.onReady(running.guest)))
 
-    def _refuseWait(self, shutdown: _Shutdown, waiter: _Waiter) -> None:
-        self._tell(lambda: _fail(waiter.answer, VMUnavailable("the daemon is shutting down")))
+    def _refuseWait(self, shutdown: _Shutdown, asked: WhenReady | StartNow) -> None:
+        answer = asked.waiter.answer
+        self._tell(lambda: _fail(answer, VMUnavailable("the daemon is shutting down")))
 
-    def _opened(self, phase: _Phase, connection: Connection) -> None:
-        self._connections.add(connection)
+    def _opened(self, phase: _Phase, opened: Opened) -> None:
+        self._connections.add(opened.connection)
 
-    def _openedWhileRunning(self, running: _Running, connection: Connection) -> None:
-        self._connections.add(connection)
+    def _openedWhileRunning(self, running: _Running, opened: Opened) -> None:
+        self._connections.add(opened.connection)
         _cancel(running.idle)
         running.idle = None
 
-    def _closed(self, phase: _Phase, connection: Connection) -> None:
-        self._connections.discard(connection)
+    def _closed(self, phase: _Phase, closed: Closed) -> None:
+        self._connections.discard(closed.connection)
 
-    def _closedWhileRunning(self, running: _Running, connection: Connection) -> None:
-        self._connections.discard(connection)
+    def _closedWhileRunning(self, running: _Running, closed: Closed) -> None:
+        self._connections.discard(closed.connection)
         self._armIdleTimer(running)
 
-    def _startNowAndBoot(self, stopped: _Stopped, waiter: _Waiter) -> None:
+    def _startNowAndBoot(self, stopped: _Stopped, asked: StartNow) -> None:
         log.info("asked to start the VM")
-        self._waitAndBoot(stopped, waiter)
+        self._waitAndBoot(stopped, asked)
 
-    def _startNowWait(self, phase: _Booting | _Stopping, waiter: _Waiter) -> None:
+    def _startNowWait(self, phase: _Booting | _Stopping, asked: StartNow) -> None:
         log.info("asked to start the VM")
-        self._wait(phase, waiter)
+        self._wait(phase, asked)
 
-    def _alreadyRunning(self, running: _Running, waiter: _Waiter) -> None:
+    def _alreadyRunning(self, running: _Running, asked: StartNow) -> None:
         outcome = StartOutcome(False, running.guest.address, self._lastBootSeconds)
-        self._tell(lambda: _fire(waiter.answer, outcome))
+        answer = asked.waiter.answer
+        self._tell(lambda: _fire(answer, outcome))
 
-    def _stopNowWhileStopped(self, stopped: _Stopped, answer: Deferred[Any], force: bool) -> None:
+    def _stopNowWhileStopped(self, stopped: _Stopped, asked: StopNow) -> None:
+        answer, force = asked.answer, asked.force
         closed = self._stopAsked(answer, force)
         if closed is None:
             return
@@ -784,8 +896,8 @@ class Lifecycle(Generic[G]):
         stopped.restart = None
         self._tell(lambda: _fire(answer, StopOutcome(False, closed)))
 
-    def _stopNowWhileBooting(self, booting: _Booting, answer: Deferred[Any], force: bool) -> None:
-        if not self._stopNowUnderWay(answer, force):
+    def _stopNowWhileBooting(self, booting: _Booting, asked: StopNow) -> None:
+        if not self._stopNowUnderWay(asked.answer, asked.force):
             return
         if booting.run.vm is not None:
             self._stop(booting, retry=False)
@@ -793,17 +905,16 @@ class Lifecycle(Generic[G]):
             self._enterStopped(retry=False)
             log.info("boot given up")
 
-    def _stopNowWhileRunning(self, running: _Running, answer: Deferred[Any], force: bool) -> None:
-        if self._stopNowUnderWay(answer, force):
+    def _stopNowWhileRunning(self, running: _Running, asked: StopNow) -> None:
+        if self._stopNowUnderWay(asked.answer, asked.force):
             self._stop(running, retry=False)
 
-    def _stopNowWhileStopping(
-        self, stopping: _Stopping, answer: Deferred[Any], force: bool
-    ) -> None:
-        if self._stopNowUnderWay(answer, force):
+    def _stopNowWhileStopping(self, stopping: _Stopping, asked: StopNow) -> None:
+        if self._stopNowUnderWay(asked.answer, asked.force):
             stopping.retry = False  # stopped on request: no always-on restart after all
 
-    def _refuseStop(self, shutdown: _Shutdown, answer: Deferred[Any], force: bool) -> None:
+    def _refuseStop(self, shutdown: _Shutdown, asked: StopNow) -> None:
+        answer = asked.answer
         self._tell(lambda: _fail(answer, VMUnavailable("the daemon is shutting down")))
 
     def _stopAsked(self, answer: Deferred[Any], force: bool) -> int | None:
@@ -834,39 +945,54 @@ class Lifecycle(Generic[G]):
         self._stopAnswers.append((answer, closed))
         return True
 
-    def _shutdownNow(self, stopped: _Stopped, answer: Deferred[None]) -> None:
-        self._shutdownDone(self._enterShutdown(answer))
+    def _shutdownNow(self, stopped: _Stopped, asked: Shutdown) -> None:
+        self._closeForShutdown(self._enterShutdown(asked.answer))
 
-    def _shutdownWithVM(self, phase: _Booting | _Running, answer: Deferred[None]) -> None:
+    def _shutdownWithVM(self, phase: _Booting | _Running, asked: Shutdown) -> None:
         vm = phase.run.vm
-        shutdown = self._enterShutdown(answer)
+        shutdown = self._enterShutdown(asked.answer)
         if vm is None:
-            self._shutdownDone(shutdown)  # leaving BOOTING gave up the VM's making
+            self._closeForShutdown(shutdown)  # leaving BOOTING gave up the VM's making
         else:
             log.info("stopping the VM for shutdown")
             self._whenStopped(self._stopVM(vm), shutdown)
 
-    def _shutdownWhileStopping(self, stopping: _Stopping, answer: Deferred[None]) -> None:
-        self._whenStopped(stopping.done, self._enterShutdown(answer))
+    def _shutdownWhileStopping(self, stopping: _Stopping, asked: Shutdown) -> None:
+        self._whenStopped(stopping.done.observe(), self._enterShutdown(asked.answer))
 
-    def _alreadyShutDown(self, shutdown: _Shutdown, answer: Deferred[None]) -> None:
+    def _alreadyShutDown(self, shutdown: _Shutdown, asked: Shutdown) -> None:
+        answer = asked.answer
         self._tell(lambda: _fire(answer, None))
 
-    def _spawned(self, booting: _Booting, vm: VirtualMachine) -> None:
+    def _spawned(self, booting: _Booting, spawned: Spawned) -> None:
         run = booting.run
-        run.vm = vm
+        run.vm = vm = spawned.vm
 
         def ended(status: ExitInfo) -> ExitInfo:
-            self._handle(Event.VM_ENDED, status, owner=run)
+            self._handle(VMEnded(status), owner=run)
             return status
 
         vm.ended.addCallback(ended)
-        booting.pending = waiting = maybeDeferred(self._hypervisor.waitReady, vm)
-        self._answerFor(booting, waiting, Event.READY, _releaseGuest)
+        booting.pending = waiting = maybeDeferred(
+            self._hypervisor.waitReady, vm, self._reporter(run)
+        )
+        self._answerFor(booting, waiting, Ready, _releaseGuest)
 
-    def _ready(self, booting: _Booting, guest: Guest) -> None:
+    def _progress(self, booting: _Booting, progress: BootProgress) -> None:
+        booting.phase, booting.lastStep = progress.phase, progress.what
+        log.info(
+            "boot: {what}; {waitingFor} ({seconds:.1f}s)",
+            what=progress.what,
+            waitingFor=progress.phase.waitingFor,
+            seconds=self._clock.seconds() - booting.run.startedAt,
+            phase=progress.phase.value,
+        )
+
+    def _ready(self, booting: _Booting, ready: Ready) -> None:
+        guest = ready.guest
         now = self._clock.seconds()
         self._lastBootSeconds = now - booting.run.startedAt
+        self._bootTimes.append(self._lastBootSeconds)
         running = _Running(booting.run, guest, readyAt=now)
         self._enter(running)
         address = guest.address
@@ -883,10 +1009,11 @@ class Lifecycle(Generic[G]):
         self._tell(guest.release)
         self._armIdleTimer(running)
 
-    def _bootFailed(self, booting: _Booting, reason: Failure) -> None:
+    def _bootFailed(self, booting: _Booting, failed: BootFailed) -> None:
+        reason = failed.reason
         why = oneLine(reason)
         vm = booting.run.vm
-        self._recordError(f"boot failed: {why}", vm)
+        self._recordError(f"boot failed: {why}", vm, booting)
         self._failWaiters(f"the VM did not boot: {why}")
         permanent = reason.check(PermanentError) is not None
         if permanent and not self._onDemand:
@@ -899,24 +1026,27 @@ class Lifecycle(Generic[G]):
         else:
             self._enterStopped(retry=not permanent)
 
-    def _died(self, phase: _Booting | _Running, status: ExitInfo) -> None:
+    def _died(self, phase: _Booting | _Running, ended: VMEnded) -> None:
         """The hypervisor process is gone, unasked: a crash."""
-        what = f"the VM {status.describe()}"
-        self._recordError(what, phase.run.vm)
+        what = f"the VM {ended.status.describe()}"
+        self._recordError(what, phase.run.vm, phase if isinstance(phase, _Booting) else None)
         self._failWaiters(f"{what} while booting")
         self._abortConnections(what)
         self._enterStopped(retry=True)
 
-    def _idleExpired(self, running: _Running) -> None:
+    def _idleExpired(self, running: _Running, expired: IdleExpired) -> None:
         running.idle = None
         log.info("no connection for {ttl}s: stopping the VM to free its memory", ttl=self._ttl)
         self._stop(running, retry=False)
 
-    def _stopped(self, stopping: _Stopping) -> None:
+    def _stopped(self, stopping: _Stopping, stopped: VMStopped) -> None:
         self._enterStopped(retry=stopping.retry)
         log.info("VM stopped")
 
-    def _shutdownDone(self, shutdown: _Shutdown) -> None:
+    def _shutdownDone(self, shutdown: _Shutdown, stopped: VMStopped) -> None:
+        self._closeForShutdown(shutdown)
+
+    def _closeForShutdown(self, shutdown: _Shutdown) -> None:
         self._abortConnections("the daemon is shutting down")
         self._tell(lambda: _fire(shutdown.answer, None))
 
@@ -926,13 +1056,14 @@ class Lifecycle(Generic[G]):
         """Stop the VM of C{phase}; an always-on VM boots again afterwards if C{retry}."""
         vm = phase.run.vm
         assert vm is not None
-        done = self._stopVM(vm)
+        done: OneShot[None] = OneShot()
+        self._stopVM(vm).addBoth(done.fire)
         stopping = _Stopping(phase.run, done, retry)
         self._enter(stopping)
-        self._whenStopped(done, stopping)
+        self._whenStopped(done.observe(), stopping)
 
     def _whenStopped(self, done: Deferred[Any], owner: _Stopping | _Shutdown) -> None:
-        done.addCallback(lambda _: self._handle(Event.VM_STOPPED, owner=owner))
+        done.addCallback(lambda _: self._handle(VMStopped(), owner=owner))
 
     def _enterStopped(self, *, retry: bool) -> None:
         """
@@ -945,13 +1076,13 @@ class Lifecycle(Generic[G]):
         for answer, closed in answers:
             self._tell(functools.partial(_fire, answer, StopOutcome(True, closed)))
         if self._waiters:
-            self._handle(Event.WANTED, owner=stopped)
+            self._handle(Wanted(), owner=stopped)
         elif retry and not self._onDemand:
             self._failures += 1
             delay = min(MAX_RESTART_DELAY, 2.0 ** (self._failures - 1))
             log.info("restarting the VM in {delay:.0f}s", delay=delay)
             stopped.restart = self._clock.callLater(
-                delay, lambda: self._handle(Event.RESTART_DUE, owner=stopped)
+                delay, lambda: self._handle(RestartDue(), owner=stopped)
             )
 
     def _enterShutdown(self, answer: Deferred[None]) -> _Shutdown:
@@ -970,13 +1101,21 @@ class Lifecycle(Generic[G]):
 
     def _stopVM(self, vm: VirtualMachine) -> Deferred[None]:
         """Ask the VM to stop; a stop that fails is logged, and counts as done."""
-        stopping: Deferred[Any] = ensureDeferred(vm.stop())
+        stopping: Deferred[Any] = vm.stop()
         return stopping.addErrback(lambda f: log.failure("stopping the VM failed", f))
 
     def _strayVM(self, vm: VirtualMachine) -> None:
         """A VM made for a boot that was given up meanwhile: nobody will use it."""
         log.info("stopping a VM made for a boot that was given up")
         self._stopVM(vm)
+
+    def _reporter(self, run: _Run) -> BootReport:
+        """How the hypervisor reports the phases of C{run}'s boot: late reports are dropped."""
+
+        def report(phase: BootPhase, what: str) -> None:
+            self._handle(BootProgress(phase, what), owner=run)
+
+        return report
 
     def _booted(self, guest: Guest) -> StartOutcome:
         return StartOutcome(True, guest.address, self._lastBootSeconds)
@@ -998,10 +1137,20 @@ class Lifecycle(Generic[G]):
         for connection in list(self._connections):
             self._tell(functools.partial(connection.abort, why))
 
-    def _recordError(self, message: str, vm: VirtualMachine | None) -> None:
+    def _recordError(
+        self, message: str, vm: VirtualMachine | None, booting: _Booting | None = None
+    ) -> None:
         self._lastError = message
         tail = vm.consoleTail(20) if vm is not None else []
         log.error("{message}", message=message)
+        if booting is not None:
+            log.error(
+                "the boot stopped in phase {phase} ({waitingFor}) after {seconds:.1f}s",
+                phase=booting.phase.value,
+                waitingFor=booting.phase.waitingFor,
+                seconds=self._clock.seconds() - booting.run.startedAt,
+                lastStep=booting.lastStep,
+            )
         if tail:
             log.error("last console lines:\n{console}", console="\n".join(tail))
 
@@ -1009,8 +1158,141 @@ class Lifecycle(Generic[G]):
         if not self._onDemand or self._connections or running.idle is not None:
             return
         running.idle = self._clock.callLater(
-            self._ttl, lambda: self._handle(Event.IDLE_EXPIRED, owner=running)
+            self._ttl, lambda: self._handle(IdleExpired(), owner=running)
         )
+
+
+#: What each event does in each state.
+RULES: dict[Event, _Row] = {
+    Event.START: row(
+        Start,
+        stopped=on(Lifecycle._startAlwaysOn, BOOTING),
+        booting=IGNORE,
+        running=IGNORE,
+        stopping=IGNORE,
+        shutdown=IGNORE,
+    ),
+    Event.WHEN_READY: row(
+        WhenReady,
+        stopped=on(Lifecycle._waitAndBoot, BOOTING),
+        booting=on(Lifecycle._wait),
+        running=on(Lifecycle._serve),
+        stopping=on(Lifecycle._wait),
+        shutdown=on(Lifecycle._refuseWait),
+    ),
+    Event.OPENED: row(
+        Opened,
+        stopped=on(Lifecycle._opened),
+        booting=on(Lifecycle._opened),
+        running=on(Lifecycle._openedWhileRunning),
+        stopping=on(Lifecycle._opened),
+        shutdown=on(Lifecycle._opened),
+    ),
+    Event.CLOSED: row(
+        Closed,
+        stopped=on(Lifecycle._closed),
+        booting=on(Lifecycle._closed),
+        running=on(Lifecycle._closedWhileRunning),
+        stopping=on(Lifecycle._closed),
+        shutdown=on(Lifecycle._closed),
+    ),
+    Event.START_NOW: row(
+        StartNow,
+        stopped=on(Lifecycle._startNowAndBoot, BOOTING),
+        booting=on(Lifecycle._startNowWait),
+        running=on(Lifecycle._alreadyRunning),
+        stopping=on(Lifecycle._startNowWait),
+        shutdown=on(Lifecycle._refuseWait),
+    ),
+    Event.STOP_NOW: row(
+        StopNow,
+        stopped=on(Lifecycle._stopNowWhileStopped),
+        booting=on(Lifecycle._stopNowWhileBooting, STOPPED, STOPPING),
+        running=on(Lifecycle._stopNowWhileRunning, STOPPING),
+        stopping=on(Lifecycle._stopNowWhileStopping),
+        shutdown=on(Lifecycle._refuseStop),
+    ),
+    Event.SHUTDOWN: row(
+        Shutdown,
+        stopped=on(Lifecycle._shutdownNow, SHUTDOWN),
+        booting=on(Lifecycle._shutdownWithVM, SHUTDOWN),
+        running=on(Lifecycle._shutdownWithVM, SHUTDOWN),
+        stopping=on(Lifecycle._shutdownWhileStopping, SHUTDOWN),
+        shutdown=on(Lifecycle._alreadyShutDown),
+    ),
+    Event.SPAWNED: row(
+        Spawned,
+        stopped=ILLEGAL,
+        booting=on(Lifecycle._spawned),
+        running=ILLEGAL,
+        stopping=ILLEGAL,
+        shutdown=ILLEGAL,
+    ),
+    Event.READY: row(
+        Ready,
+        stopped=ILLEGAL,
+        booting=on(Lifecycle._ready, RUNNING),
+        running=ILLEGAL,
+        stopping=ILLEGAL,
+        shutdown=ILLEGAL,
+    ),
+    Event.BOOT_FAILED: row(
+        BootFailed,
+        stopped=ILLEGAL,
+        booting=on(Lifecycle._bootFailed, STOPPED, STOPPING),
+        running=ILLEGAL,
+        stopping=ILLEGAL,
+        shutdown=ILLEGAL,
+    ),
+    Event.VM_ENDED: row(
+        VMEnded,
+        stopped=ILLEGAL,
+        booting=on(Lifecycle._died, STOPPED),
+        running=on(Lifecycle._died, STOPPED),
+        stopping=IGNORE,  # expected: the stop's own answer moves on
+        shutdown=ILLEGAL,
+    ),
+    Event.VM_STOPPED: row(
+        VMStopped,
+        stopped=ILLEGAL,
+        booting=ILLEGAL,
+        running=ILLEGAL,
+        stopping=on(Lifecycle._stopped, STOPPED),
+        shutdown=on(Lifecycle._shutdownDone),
+    ),
+    Event.IDLE_EXPIRED: row(
+        IdleExpired,
+        stopped=ILLEGAL,
+        booting=ILLEGAL,
+        running=on(Lifecycle._idleExpired, STOPPING),
+        stopping=ILLEGAL,
+        shutdown=ILLEGAL,
+    ),
+    Event.RESTART_DUE: row(
+        RestartDue,
+        stopped=on(Lifecycle._restart, BOOTING),
+        booting=ILLEGAL,
+        running=ILLEGAL,
+        stopping=ILLEGAL,
+        shutdown=ILLEGAL,
+    ),
+    Event.WANTED: row(
+        Wanted,
+        stopped=on(Lifecycle._bootForWaiters, BOOTING),
+        booting=ILLEGAL,
+        running=ILLEGAL,
+        stopping=ILLEGAL,
+        shutdown=ILLEGAL,
+    ),
+    Event.BOOT_PROGRESS: row(
+        BootProgress,
+        stopped=ILLEGAL,
+        booting=on(Lifecycle._progress),
+        running=IGNORE,  # a report that crossed the guest's answer
+        stopping=IGNORE,  # a report that crossed the boot's failure
+        shutdown=ILLEGAL,
+    ),
+}
 
 
 def _answer(waiter: _Waiter, guest: Guest) -> None:

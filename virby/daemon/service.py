@@ -199,6 +199,7 @@ class DaemonService(Service):
             daemon_uptime=now - self._startedAt if self._startedAt is not None else None,
             listening=[_address(port) for port in self._ports],
             ttl=self._config.ttl,
+            start_timeout=self._config.start_timeout,
             warnings=list(getattr(self._hypervisor, "plan", HostPlan()).warnings),
             version=__version__,
         )

@@ -14,12 +14,12 @@ through C{processEnded}, not by polling.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TypeVar
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.error import ProcessExitedAlready
@@ -29,9 +29,11 @@ from twisted.python.failure import Failure
 
 from virby import layout
 from virby.config import Config
+from virby.daemon.lifecycle import ExitInfo
+from virby.daemon.observers import OneShot
 from virby.daemon.rest import RestDropped, RestError, VfkitRestClient
 from virby.disk import writeAtomically
-from virby.errors import oneLine
+from virby.errors import VirbyError, oneLine
 from virby.locks import FileLock
 from virby.logs import Logger
 from virby.reactors import IVMReactor
@@ -140,7 +142,7 @@ class VfkitProtocol(ProcessProtocol):
         self._refusal: str | None = None
         self.status: ExitStatus | None = None
         self.lastError: str | None = None
-        self._waiters: list[Deferred[ExitStatus]] = []
+        self._ended: OneShot[ExitStatus] = OneShot()
 
     def outReceived(self, data: bytes) -> None:
         for line in self._lines(1, data):
@@ -183,22 +185,11 @@ class VfkitProtocol(ProcessProtocol):
                 self._logVfkit(rest.decode(errors="replace"))
         self._partial = {1: b"", 2: b""}
         self.status = ExitStatus.fromReason(reason, self.lastError)
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            waiter.callback(self.status)
+        self._ended.fire(self.status)
 
     def whenEnded(self) -> Deferred[ExitStatus]:
         """A new Deferred for each caller, so no caller can swallow another's result."""
-        waiter: Deferred[ExitStatus] = Deferred(lambda d: self._forget(d))
-        if self.status is not None:
-            waiter.callback(self.status)
-        else:
-            self._waiters.append(waiter)
-        return waiter
-
-    def _forget(self, waiter: Deferred[ExitStatus]) -> None:
-        if waiter in self._waiters:
-            self._waiters.remove(waiter)
+        return self._ended.observe()
 
 
 @dataclass(frozen=True)
@@ -243,7 +234,7 @@ class VfkitProcess:
         self._timings = timings
         self._vmLock = vmLock
         self.pid: int = transport.pid
-        self._stopping: Deferred[ExitStatus | None] | None = None
+        self._stopping: OneShot[ExitInfo | None] | None = None
         self._finalConsole: list[str] | None = None
         protocol.whenEnded().addCallback(self._cleanUp)
 
@@ -284,9 +275,18 @@ class VfkitProcess:
             childFDs={0: "w", 1: "r", 2: "r", **({3: vmLock.fileno()} if vmLock else {})},
         )
         pidfile = config.path(layout.VFKIT_PIDFILE)
-        writeAtomically(pidfile, str(transport.pid).encode(), layout.PUBLIC)
-        rest = VfkitRestClient(reactor, config.path(layout.REST_SOCKET), timings.rest_timeout)
-        return cls(reactor, config, protocol, transport, rest, timings, vmLock, mac=mac)
+        try:
+            try:
+                writeAtomically(pidfile, str(transport.pid).encode(), layout.PUBLIC)
+            except OSError as e:
+                raise VfkitStartError(
+                    f"cannot record vfkit's pid: {_writeFailure(pidfile, e)}"
+                ) from None
+            rest = VfkitRestClient(reactor, config.path(layout.REST_SOCKET), timings.rest_timeout)
+            return cls(reactor, config, protocol, transport, rest, timings, vmLock, mac=mac)
+        except BaseException:
+            _abandon(protocol, transport)
+            raise
 
     @property
     def ended(self) -> Deferred[ExitStatus]:
@@ -299,19 +299,19 @@ class VfkitProcess:
             return self._finalConsole[-n:] if n > 0 else []
         return readTail(self._config.path(layout.SERIAL_LOG), n)
 
-    def stop(self) -> Deferred[ExitStatus | None]:
+    def stop(self) -> Deferred[ExitInfo | None]:
         """
         Power the guest off: ACPI Stop, then HardStop, then SIGTERM, then SIGKILL, each
         step bounded and skipped at once when it cannot be made.  Concurrent calls share
-        one sequence.
+        one sequence, and each gets its own Deferred of its outcome.
         """
         if self._stopping is None:
-            self._stopping = Deferred.fromCoroutine(self._stopSequence())
-        result: Deferred[ExitStatus | None] = Deferred()
-        self._stopping.addBoth(_relay, result)
-        return result
+            stopping: OneShot[ExitInfo | None] = OneShot()
+            self._stopping = stopping
+            Deferred.fromCoroutine(self._stopSequence()).addBoth(stopping.fire)
+        return self._stopping.observe()
 
-    async def _stopSequence(self) -> ExitStatus | None:
+    async def _stopSequence(self) -> ExitInfo | None:
         """
         Only vfkit's exit says it stopped.  A step vfkit does not take (its API unreachable,
         silent, or refusing) is logged and the next step follows at once, so a hung vfkit,
@@ -409,17 +409,36 @@ class VfkitProcess:
         return status
 
 
+class VfkitStartError(VirbyError):
+    """vfkit was spawned, but what must follow failed: it was killed, and says why."""
+
+
+def _writeFailure(path: str, error: OSError) -> str:
+    """Why C{path} could not be written, in words that say what to fix."""
+    if error.errno == errno.ENOSPC:
+        return f"no space left on the device holding {path}: free some space there"
+    if error.errno == errno.EDQUOT:
+        return f"the disk quota is used up on the device holding {path}: free some space there"
+    if error.errno == errno.EROFS:
+        return f"the file system holding {path} is read-only"
+    return f"cannot write {path}: {error.strerror or error}"
+
+
+def _abandon(protocol: VfkitProtocol, transport: IProcessTransport) -> None:
+    """
+    A vfkit whose start failed after it was spawned: nothing else will ever stop it, and
+    it holds the VM lock it inherited, so it is killed now.  The reactor reaps it through
+    its protocol (its exit is logged), and the lock dies with it.
+    """
+    pid = transport.pid  # the transport forgets it once the process is reaped
+    log.warn("killing vfkit (pid {pid}): its start failed", pid=pid)
+    protocol.whenEnded().addCallback(
+        lambda status: log.info("vfkit (pid {pid}) {how}", pid=pid, how=status.describe())
+    )
+    with contextlib.suppress(ProcessExitedAlready):
+        transport.signalProcess("KILL")
+
+
 def _usageLine(line: str) -> bool:
     """A line of cobra's usage text: indented, blank, or a heading such as C{Flags:}."""
     return not line.strip() or line[:1].isspace() or line.rstrip().endswith(":")
-
-
-_T = TypeVar("_T")
-
-
-def _relay(result: _T | Failure, target: Deferred[_T]) -> _T | Failure:
-    if isinstance(result, Failure):
-        target.errback(result)
-    else:
-        target.callback(result)
-    return result
