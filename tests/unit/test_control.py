@@ -10,7 +10,6 @@ import io
 import json
 import os
 import socket
-import threading
 from typing import Any
 
 import pytest
@@ -520,23 +519,22 @@ def test_start_and_stop_say_what_happened(short_tmp, monkeypatch) -> None:
 class Booting:
     """
     A daemon whose boot passes through C{phases}, one per status asked, and whose start
-    replies once they are all shown.
+    replies once they are all shown: its start calls the command back while it waits, as
+    the real wait does between two looks at the reply's socket.
     """
 
     def __init__(self, phases: list[dict[str, Any] | Exception]) -> None:
         self.phases = phases
-        self.ready = threading.Event()
         self.asked: list[str] = []
 
     def ask(self, path: str, command: str, *, timeout: float, **kw: Any) -> dict[str, Any]:
         self.asked.append(command)
         if command == "start":
-            assert self.ready.wait(10), "every phase was asked for"
+            while self.phases:
+                kw["whileWaiting"]()
             return {"ok": True, "booted": True, "vm_ip": "192.168.64.7", "vm_port": 22,
                     "boot_seconds": 12.5}  # fmt: skip
         phase = self.phases.pop(0)
-        if not self.phases:
-            self.ready.set()
         if isinstance(phase, Exception):
             raise phase
         return {"ok": True, "status": phase}
@@ -577,13 +575,10 @@ def test_start_prints_each_phase_of_the_boot_once_as_it_passes(short_tmp, monkey
 def test_a_start_that_fails_while_its_boot_is_narrated_fails_with_its_line(
     short_tmp, monkeypatch
 ) -> None:
-    narrated = threading.Event()
-
     def ask(path: str, command: str, **kw: Any) -> dict[str, Any]:
         if command == "status":
-            narrated.set()
             return {"ok": True, "status": booting("lease", "waiting", "vfkit started", 1)}
-        assert narrated.wait(10), "the boot was narrated while the start waited"
+        kw["whileWaiting"]()  # the boot is narrated while the start waits
         raise Refused("the VM did not boot: no DHCP lease")
 
     monkeypatch.setattr("virby.cli.startstop.ask", ask)
@@ -778,3 +773,28 @@ def test_a_refused_stop_is_one_line_and_exit_1(short_tmp, capsys, monkeypatch) -
     assert capsys.readouterr().err == (
         "virby stop: error: 1 connection is open (a build may be running): `virby stop --force`\n"
     )
+
+
+def test_ask_calls_back_while_the_reply_has_not_come_on_one_thread(short_tmp) -> None:
+    """The wait watches the reply's socket between two calls of C{whileWaiting}."""
+    from virby.cli.client import ask as realAsk
+    from virby.wire import encodeReply
+
+    path = str(short_tmp / "control.sock")
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(path)
+        server.listen()
+        calls: list[int] = []
+
+        def answerOnTheThirdCall() -> None:
+            calls.append(len(calls))
+            if len(calls) == 3:
+                connection, _ = server.accept()
+                with connection:
+                    connection.recv(4096)
+                    connection.sendall(encodeReply({"ok": True, "booted": True}))
+
+        reply = realAsk(path, "start", timeout=10, whileWaiting=answerOnTheThirdCall, every=0.001)
+        assert reply["booted"] is True and len(calls) == 3
+        with pytest.raises(VirbyError, match=r"did not answer on .* within 0s"):
+            realAsk(path, "start", timeout=0.05, whileWaiting=lambda: None, every=0.001)

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import select
 import socket
+from collections.abc import Callable
 from time import monotonic, sleep
 from typing import Any
 
@@ -42,28 +44,49 @@ class NotAllowed(VirbyError):
     user may)."""
 
 
-def ask(path: str, command: str, *, force: bool = False, timeout: float = 5.0) -> dict[str, Any]:
+def ask(
+    path: str,
+    command: str,
+    *,
+    force: bool = False,
+    timeout: float = 5.0,
+    whileWaiting: Callable[[], object] | None = None,
+    every: float = 0.5,
+) -> dict[str, Any]:
     """
     Send one request and return the daemon's reply (its C{"ok": true} document).
 
     @param timeout: how long the daemon may take: a start waits for a whole boot.
+    @param whileWaiting: called every C{every} seconds while the reply has not come (to
+        narrate a boot by asking for the status on another connection); its time counts
+        against C{timeout}.
     @raise DaemonDown: when no daemon listens at C{path}.
     @raise NotAllowed: when this user may not open the socket.
     @raise Refused: when the daemon answered with an error.
     @raise VirbyError: for anything else (garbage, a timeout), in one line.
     """
-    raw = _exchange(path, command, encodeRequest(command, force), timeout)
+    waiting = None if whileWaiting is None else (whileWaiting, every)
+    raw = _exchange(path, command, encodeRequest(command, force), timeout, waiting)
     return parseReply(raw, command, path)
 
 
-def _exchange(path: str, command: str, request: bytes, timeout: float) -> bytes:
+def _exchange(
+    path: str,
+    command: str,
+    request: bytes,
+    timeout: float,
+    waiting: tuple[Callable[[], object], float] | None = None,
+) -> bytes:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(timeout)
-            _connect(s, path, monotonic() + timeout)
+            deadline = monotonic() + timeout
+            _connect(s, path, deadline)
             # A daemon from before the protocol may have answered and closed already.
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 s.sendall(request)
+            if waiting is not None:
+                _waitForReply(s, deadline, *waiting)
             chunks = _readReply(s, path)
     except FileNotFoundError:
         raise DaemonDown(f"the daemon is not running (no control socket at {path})") from None
@@ -121,6 +144,25 @@ def _connect(s: socket.socket, path: str, deadline: float) -> None:
                 raise
         sleep(min(pause, left))
         pause = min(pause * 2, LONGEST_RETRY)
+
+
+def _waitForReply(
+    s: socket.socket, deadline: float, whileWaiting: Callable[[], object], every: float
+) -> None:
+    """
+    Until the reply starts to arrive, call C{whileWaiting} every C{every} seconds: one
+    thread, the reply's socket watched with C{select} between the calls.
+
+    @raise TimeoutError: when nothing came by C{deadline} (L{monotonic}).
+    """
+    while True:
+        left = deadline - monotonic()
+        if left <= 0:
+            raise TimeoutError
+        readable, _, _ = select.select([s], [], [], min(every, left))
+        if readable:
+            return
+        whileWaiting()
 
 
 def _readReply(s: socket.socket, path: str) -> list[bytes]:

@@ -28,8 +28,9 @@ daemon may take (a whole boot for C{start}).
 While its C{start} waits, C{start} asks for C{status} on a second connection every half
 second and prints each new phase of the boot as it passes (L{virby.cli.status.bootLine}), so
 a boot is never minutes of silence.  The control protocol stays one request, one reply: the
-wait is a thread of this short-lived command (the reply's blocking read), the polls its main
-thread's; a daemon that cannot say its status only leaves the boot unnarrated.
+command watches the reply's socket and asks for the status between two looks
+(L{virby.cli.client.ask}'s C{whileWaiting}), on its one thread; a daemon that cannot say its
+status only leaves the boot unnarrated.
 
 Exit status: 0 done, 1 failed, L{EXIT_DOWN} (3) the daemon is not running, from C{start}
 when it cannot be started; C{stop} needs no daemon to have nothing to stop.
@@ -39,7 +40,6 @@ from __future__ import annotations
 
 import socket
 import sys
-import threading
 import time
 from collections.abc import Callable
 from typing import Any, TextIO
@@ -132,35 +132,23 @@ def startShowingProgress(
     @raise VirbyError: what asking for C{start} raised.
     """
     interval = PROGRESS_POLL if poll is None else poll
-    outcome: list[dict[str, Any] | BaseException] = []
-    done = threading.Event()
-
-    def starting() -> None:
-        try:
-            outcome.append(ask(path, "start", timeout=timeout))
-        except BaseException as e:  # handed to the main thread, which raises it
-            outcome.append(e)
-        finally:
-            done.set()
-
-    threading.Thread(target=starting, name="virby start", daemon=True).start()
     shown: tuple[object, ...] | None = None
-    while not done.wait(interval):
+
+    def narrate() -> None:
+        nonlocal shown
         try:
             status = ask(path, "status", timeout=PROGRESS_TIMEOUT).get("status")
         except VirbyError:
-            continue  # only the narration is lost
+            return  # only the narration is lost
         if not isinstance(status, dict) or status.get("state") != "booting":
-            continue
+            return
         phase = (status.get("boot_phase"), status.get("boot_last_step"))
         if phase[0] is not None and phase != shown:
             shown = phase
             out.write(f"Boot: {bootLine(status)}\n")
             out.flush()
-    result = outcome[0]
-    if isinstance(result, BaseException):
-        raise result
-    return result
+
+    return ask(path, "start", timeout=timeout, whileWaiting=narrate, every=interval)
 
 
 def wake(
