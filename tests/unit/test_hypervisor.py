@@ -5,8 +5,9 @@ from __future__ import annotations
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 
+from virby import layout
 from virby.config import fromMapping
-from virby.daemon.hypervisor import BootError, HostRefusal, VfkitHypervisor
+from virby.daemon.hypervisor import BootError, HostRefusal, NoImage, VfkitHypervisor
 from virby.daemon.lifecycle import Lifecycle, VMUnavailable
 from virby.errors import PermanentError
 from virby.vfkitflags import HostPlan
@@ -47,3 +48,27 @@ def test_an_always_on_daemon_on_a_refusing_mac_tries_once_and_says_so_once(short
     waiting: list = []
     lifecycle.whenReady().addErrback(waiting.append)
     assert waiting[0].check(VMUnavailable) and lifecycle.snapshot().boots == 2
+
+
+def test_no_image_yet_refuses_a_boot_with_the_recorded_cause(short_tmp) -> None:
+    """
+    Until prepare has an image (the switch could not realise it), a boot is refused in one
+    line that says why and what to do, and no retry is scheduled for it.
+    """
+    (short_tmp / layout.IMAGE_FAILURE).write_text("no builder for aarch64-linux\n")
+    config = fromMapping({"working-directory": str(short_tmp)})
+    failures: list = []
+    VfkitHypervisor(None, config, "/nonexistent/vfkit").spawn().addErrback(failures.append)
+    assert failures[0].check(NoImage) and failures[0].check(PermanentError)
+    assert str(failures[0].value) == (
+        f"no image yet: no builder for aarch64-linux; {layout.NO_IMAGE_FIX}"
+    )
+
+
+def test_without_a_recorded_cause_no_image_yet_still_says_what_to_do(short_tmp) -> None:
+    config = fromMapping({"working-directory": str(short_tmp)})
+    failures: list = []
+    VfkitHypervisor(None, config, "/nonexistent/vfkit").spawn().addErrback(failures.append)
+    assert str(failures[0].value) == (
+        f"no image yet: the VM image has not been built; {layout.NO_IMAGE_FIX}"
+    )

@@ -90,6 +90,8 @@ from virby.layout import (
     DIFF_IMAGE,
     HOST_KEY,
     HOST_PUBLIC_KEY,
+    IMAGE_DERIVATION,
+    IMAGE_FAILURE,
     KNOWN_HOSTS,
     MAC,
     PREPARE_FIX,
@@ -466,7 +468,8 @@ class Doctor:
             return self.config.allow_user_ssh
         if name == DIFF_IMAGE:
             return not self.config.ephemeral  # made before each boot
-        return True
+        # Written only with the module's derivation, and only while there is no image.
+        return name not in (IMAGE_DERIVATION, IMAGE_FAILURE)
 
     def keys(self) -> Finding:
         self._needsWorkingDirectory()
