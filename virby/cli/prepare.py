@@ -24,6 +24,12 @@ until the next boot replaces it: the VM may be running on it while the activatio
 The runtime files (those the daemon and vfkit make) are not made here; C{--owner} hands the
 whole tree, them included, to the daemon's user so that it can write there.
 
+The image itself may not exist yet: the switch no longer builds it.  Given the image's
+derivation (C{--image-derivation}), prepare has Nix realise it (L{virby.cli.realise}), with
+a GC root in the working directory, and without an image it still completes: the keys and
+the directory are made, an older image's disks are kept, and the cause is recorded for the
+daemon's refusal of a boot (C{docs/one-switch.md}).
+
 Before anything is touched, the shared directories are checked as that user
 (L{virby.shares}): vfkit runs as it and fails every boot on a share it cannot reach, so
 prepare refuses such a share, naming the folder in the way and the fix.
