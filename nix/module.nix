@@ -59,7 +59,14 @@ let
     ];
   };
   imageBuild = imageSystem.config.system.build.virbyImage;
-  image = "${imageBuild}/nixos.img";
+  # The switch builds no Linux derivation.  The daemon's config names the image's output
+  # path without its string context, so the system does not depend on that output (which
+  # may not exist yet); the activation script names the image's derivation with its output
+  # dependency discarded, so the .drv file and the derivations it needs are in the system's
+  # closure (as plain store paths) and `virby prepare` can realise it after activation,
+  # through whatever builder Nix has for the image's system.
+  image = builtins.unsafeDiscardStringContext "${imageBuild}/nixos.img";
+  imageDerivation = builtins.unsafeDiscardOutputDependency imageBuild.drvPath;
 
   # The daemon's bounds of each value (its config loader is the source; lib/bounds.nix says
   # how they are kept in step).
@@ -265,7 +272,7 @@ in
       lib.mkMerge [
         {
           services.virby.settings = daemonConfig;
-          # The VM image alone, e.g. to build it on a Linux builder before the first switch.
+          # The VM image alone, e.g. to build it on a Linux machine and copy it to the Mac.
           system.build.virbyImage = imageBuild;
 
           assertions = [
@@ -356,7 +363,10 @@ in
             chown _virby:virby ${logFile}
             chmod 0644 ${logFile}
             virby_before=$(cat ${workingDirectory}/image-path ${workingDirectory}/ssh_known_hosts 2>/dev/null || true)
-            ${package}/bin/virby prepare --config ${configFile} --owner _virby:virby
+            # No realisation here: the image is built after the launchd step, once the
+            # machines file and the daemon are those of this system (see postActivation).
+            ${package}/bin/virby prepare --config ${configFile} --owner _virby:virby \
+              --image-derivation ${imageDerivation} --no-realise
             virby_after=$(cat ${workingDirectory}/image-path ${workingDirectory}/ssh_known_hosts 2>/dev/null || true)
             # New keys or a new image while the daemon's plist stays the same (when the plist
             # changes, nix-darwin's launchd step just below restarts the daemon anyway): restart
@@ -365,6 +375,23 @@ in
               && cmp -s "$systemConfig/Library/LaunchDaemons/${plist}" /Library/LaunchDaemons/${plist} \
               && launchctl print system/${label} >/dev/null 2>&1; then
               echo "restarting the Virby daemon for its new image or keys..." >&2
+              launchctl kickstart -k system/${label}
+            fi
+          '';
+
+          # After nix-darwin's launchd and nix-daemon steps: realise the image (a GC root in
+          # the working directory), through whatever builder Nix has for its system, with
+          # its progress on the switch's terminal.  A failure does not fail the switch:
+          # prepare says why and what to do, and the daemon refuses boots until an image
+          # exists.  A new image restarts the daemon, whose plist is already loaded.
+          system.activationScripts.postActivation.text = ''
+            virby_before=$(cat ${workingDirectory}/image-path ${workingDirectory}/ssh_known_hosts 2>/dev/null || true)
+            ${package}/bin/virby prepare --config ${configFile} --owner _virby:virby \
+              --image-derivation ${imageDerivation}
+            virby_after=$(cat ${workingDirectory}/image-path ${workingDirectory}/ssh_known_hosts 2>/dev/null || true)
+            if [ "$virby_before" != "$virby_after" ] \
+              && launchctl print system/${label} >/dev/null 2>&1; then
+              echo "restarting the Virby daemon for its new image..." >&2
               launchctl kickstart -k system/${label}
             fi
           '';

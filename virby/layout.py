@@ -53,6 +53,14 @@ KNOWN_HOSTS = "ssh_known_hosts"
 SHARED_CLIENT_KEY = "ssh_user_ed25519_key.shared"
 #: The image path the disks were made from: a different path means a new image.
 IMAGE_RECORD = "image-path"
+#: The GC root of the realised image (a symlink to its store path), so that Nix's garbage
+#: collector keeps it; made by C{nix-store --realise --add-root}.
+IMAGE_ROOT = "image"
+#: The image's derivation and the image path it gives, one a line: what a later C{virby
+#: prepare} realises when the image is still missing.
+IMAGE_DERIVATION = "image-derivation"
+#: Why the image is missing (one line), while it is; read by the daemon to refuse a boot.
+IMAGE_FAILURE = "image-failure"
 
 # -- what the daemon and vfkit make
 
@@ -102,6 +110,10 @@ ENTRIES: tuple[Entry, ...] = (
     Entry(KNOWN_HOSTS, PUBLIC, "prepare", "pins the host key under virby-vm-key"),
     Entry(SHARED_CLIENT_KEY, PUBLIC, "prepare", "with allow-user-ssh: the client key for all"),
     Entry(IMAGE_RECORD, PUBLIC, "prepare", "the image path the disks were made from"),
+    Entry(IMAGE_DERIVATION, PUBLIC, "prepare", "the image's derivation and its image path"),
+    Entry(IMAGE_FAILURE, PUBLIC, "prepare", "while there is no image: why"),
+    # A symlink, which nix-store makes: its own mode means nothing.
+    Entry(IMAGE_ROOT, 0o777, "nix", "the image's GC root, a symlink to its store path"),
     Entry(MAC, PUBLIC, "daemon", "the VM's stable MAC (bootpd keys leases by MAC)"),
     Entry(DAEMON_LOCK, PRIVATE, "daemon", "held for the daemon's whole life"),
     Entry(CONTROL_SOCKET, PRIVATE, "daemon", "what virby status, start, stop and doctor ask"),
@@ -120,6 +132,30 @@ PREPARED_MODES: dict[str, int] = {
 }
 #: What a boot needs that only C{virby prepare} makes.
 BOOT_NEEDS = (DIFF_IMAGE, SSHD_KEYS)
+
+
+#: What to do when there is no image yet: the ways a person can get one.
+NO_IMAGE_FIX = (
+    "give Nix a Linux builder (nix.linux-builder, or a machine in nix.buildMachines) or copy "
+    "the image built elsewhere to this Mac, then run `sudo virby prepare`"
+)
+
+
+def noImageYet(workingDirectory: str) -> str | None:
+    """
+    The one line that refuses a boot while no image has been prepared (neither disk is
+    there: the image could not be realised yet), naming why, from L{IMAGE_FAILURE}, and what
+    to do; C{None} once there is an image.
+    """
+    for disk in (BASE_IMAGE, DIFF_IMAGE):
+        if os.path.exists(os.path.join(workingDirectory, disk)):
+            return None
+    try:
+        with open(os.path.join(workingDirectory, IMAGE_FAILURE), encoding="utf-8") as f:
+            why = f.readline().strip()
+    except (OSError, UnicodeDecodeError):
+        why = ""
+    return f"no image yet: {why or 'the VM image has not been built'}; {NO_IMAGE_FIX}"
 
 
 def directoryMode(allowUserSsh: bool) -> int:

@@ -185,6 +185,9 @@ let
         if virby.enable && config.system.build ? virbyImage then
           {
             path = "${config.system.build.virbyImage}";
+            # The image's derivation, which the system's closure may hold (its .drv file)
+            # but whose output no derivation of the system may take as an input.
+            drvPath = builtins.unsafeDiscardStringContext config.system.build.virbyImage.drvPath;
             inherit (config.system.build.virbyImage) settings rest imageModuleIncluded;
           }
         else

@@ -20,7 +20,8 @@ script depends on it:
 - C{apfs.util -t} makes C{/run} from C{/etc/synthetic.conf}, as macOS does at boot.
 - C{rsync} copies a tree (nix-darwin's applications step).
 - C{virby} runs the real C{virby} command (C{VIRBY_PYTHON}); the Nix programs the system's
-  scripts call (C{nix-store}) succeed.
+  scripts call (C{nix-store}) succeed, and C{nix-store --realise} of Virby's image finds it
+  only when it was built before the switch.
 """
 
 from __future__ import annotations
@@ -252,6 +253,29 @@ def rsync(args: list[str]) -> int:
     return 0
 
 
+def nix_store(args: list[str]) -> int:
+    """
+    What the system's scripts ask of nix-store succeeds.  C{--realise DRV --add-root ROOT}
+    (Virby's image) plays a Mac whose Nix has no builder for the image's system: the image
+    is there when it was built before the switch (as on a machine that builds it elsewhere),
+    and then the root is made, as Nix makes it; otherwise it fails with Nix's own words.
+    """
+    if args[:1] != ["--realise"] or "--add-root" not in args:
+        return 0
+    drv, root = args[1], args[args.index("--add-root") + 1]
+    with open(drv) as f:
+        output = f.read().split('[("out","', 1)[1].split('"', 1)[0]
+    if not os.path.exists(output):
+        print(f"error: a 'aarch64-linux' with features {{}} is required to build '{drv}', "
+              "but I am a 'aarch64-darwin' with features {}", file=sys.stderr)  # fmt: skip
+        return 1
+    if os.path.lexists(root):
+        os.unlink(root)
+    os.symlink(output, root)
+    print(root)
+    return 0
+
+
 def sw_vers(args: list[str]) -> int:
     versions = {"-productName": "macOS", "-productVersion": "15.5", "-buildVersion": "24F74"}
     if args:
@@ -275,7 +299,7 @@ COMMANDS = {
     "launchctl": launchctl,
     "apfs.util": apfs_util,
     "virby": virby,
-    "nix-store": lambda args: 0,
+    "nix-store": nix_store,
     "sw_vers": sw_vers,
     "rsync": rsync,
 }

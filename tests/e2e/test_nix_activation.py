@@ -40,6 +40,7 @@ NIX_DAEMON_PLIST = "/Library/LaunchDaemons/org.nixos.nix-daemon.plist"
 # Four Nix build users instead of 32 keep each switch short (every dscl call is a process).
 BUILD_USERS = 4
 QUIET = {"documentation": {"enable": False}, "nix": {"nrBuildUsers": BUILD_USERS}}
+UNBUILT = f"unbuilt-{os.urandom(6).hex()}"
 SYSTEMS = {
     "enabled": {"virby": {"enable": True}, "config": QUIET},
     "new-image": {
@@ -48,7 +49,16 @@ SYSTEMS = {
     },
     "on-demand": {"virby": {"enable": True, "onDemand": {"enable": True}}, "config": QUIET},
     "disabled": {"virby": {}, "config": QUIET},
+    # An image no one builds before the switch: the fake Mac's Nix has no builder for it.
+    # Its own in every run, since a run builds it into the host's store.
+    "unbuilt-image": {
+        "virby": {"enable": True, "extraConfig": {"boot": {"kernelParams": [UNBUILT]}}},
+        "config": QUIET,
+    },
 }
+#: The systems whose image is built before the switch, as on a Mac whose Nix has a builder
+#: for the image's system (the fake Mac's stand-in nix-store finds it there).
+PREBUILT = {"enabled", "new-image", "on-demand"}
 
 
 def why_not_here() -> str | None:
@@ -74,14 +84,33 @@ def systems(request: pytest.FixtureRequest) -> dict[str, str]:
     command = ["nix-build", str(HARNESS), "--no-out-link",
                "--option", "sandbox", "false", "--option", "build-users-group", "",
                "--option", "substituters", ""]  # fmt: skip
+    images = sorted(PREBUILT)
     for name in names:
         command += ["-A", f"systems.{name}.config.system.build.toplevel"]
+    for name in images:
+        command += ["-A", f"systems.{name}.config.system.build.virbyImage"]
     built = subprocess.run(
-        [*command, *arguments(pair, SYSTEMS)],
+        [*command, *arguments(pair, per_pair(pair))],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
     )  # fmt: skip
     assert built.returncode == 0, built.stderr[-4000:]
-    return dict(zip(names, built.stdout.split(), strict=True))
+    paths = built.stdout.split()
+    unbuilt = image_of(paths[names.index("unbuilt-image")])
+    assert not Path(unbuilt).exists(), "building the system built its image"
+    return dict(zip(names, paths[: len(names)], strict=True))
+
+
+def per_pair(pair: Pair) -> dict:
+    """SYSTEMS, with an unbuilt image of this pair's own (each pair's run builds its own)."""
+    unbuilt = {"boot": {"kernelParams": [f"{UNBUILT}-{pair.name}"]}}
+    case = {**SYSTEMS["unbuilt-image"], "virby": {"enable": True, "extraConfig": unbuilt}}
+    return {**SYSTEMS, "unbuilt-image": case}
+
+
+def image_of(system: str) -> str:
+    """The image file the daemon's config of C{system} names."""
+    config = json.loads((Path(system) / "etc/virby/config.json").read_text())
+    return config["image"]
 
 
 @dataclass
@@ -266,6 +295,10 @@ def test_a_fresh_mac_switches_and_starts_the_daemon(systems: dict, mac: FakeMac)
     prepare = first.index("virby", "prepare")
     load = first.index("launchctl", "load", "-w", DAEMON_PLIST)
     assert group < user < prepare < load
+    # After the launchd step, prepare has Nix root the image in the working directory.
+    realise = first.index("nix-store", "--realise")
+    assert load < realise
+    assert mac.path("/var/lib/virby/image").resolve() == Path(image_of(systems["enabled"])).parent
     (loaded,) = first.loaded(LABEL)
     assert loaded["problems"] == [], "launchd could not start the daemon"
     assert first.commands("launchctl").count(["kickstart", "-k", f"system/{LABEL}"]) == 0
@@ -362,3 +395,50 @@ def test_a_foreign_virby_user_is_refused_and_never_deleted(systems: dict, mac: F
     assert off.returncode == 0, off.output
     assert mac.accounts()["Users"]["_virby"]["UniqueID"] == ["502"]
     assert "leaving user _virby alone" in off.output
+
+
+def test_an_image_nix_cannot_build_leaves_a_completed_switch_that_says_why(
+    systems: dict, mac: FakeMac
+) -> None:
+    """
+    The fake Mac's Nix has no builder for the image: the switch completes, the daemon is
+    loaded and refuses boots with the recorded cause, and the ways forward are printed.
+    """
+    first = mac.switch(systems["unbuilt-image"])
+    assert first.returncode == 0, first.output
+    assert "virby prepare: no VM image yet: a 'aarch64-linux' with features {} is required" in (
+        first.output
+    )
+    assert "The switch is complete" in first.output and "nix.linux-builder" in first.output
+    (loaded,) = first.loaded(LABEL)
+    assert loaded["problems"] == []
+    wd = mac.path("/var/lib/virby")
+    assert not (wd / "base.img").exists() and not (wd / "image").exists()
+    assert (wd / "image-failure").read_text().startswith("a 'aarch64-linux' with features")
+    assert (wd / "ssh_known_hosts").exists()
+    assert ["kickstart", "-k", f"system/{LABEL}"] not in first.commands("launchctl")
+    # A builder appears (the image is built elsewhere and copied here): the next switch
+    # prepares the disks from it, restarts the loaded daemon onto them once, and roots it.
+    built = subprocess.run(
+        ["nix-store", "--realise", realisable(systems["unbuilt-image"])],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "NIX_CONFIG": "sandbox = false\nbuild-users-group =\nsubstituters ="},
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr[-2000:]
+    again = mac.switch(systems["unbuilt-image"])
+    assert again.returncode == 0, again.output
+    assert (wd / "base.img").exists() and not (wd / "image-failure").exists()
+    assert (wd / "image").resolve() == Path(image_of(systems["unbuilt-image"])).parent
+    assert again.commands("launchctl").count(["kickstart", "-k", f"system/{LABEL}"]) == 1
+    assert again.index("virby", "prepare") < again.index("nix-store", "--realise")
+    # Realised and rooted: a third switch asks Nix nothing and restarts nothing.
+    third = mac.switch(systems["unbuilt-image"])
+    assert third.returncode == 0, third.output
+    assert ["--realise"] not in [c[:1] for c in third.commands("nix-store")]
+    assert ["kickstart", "-k", f"system/{LABEL}"] not in third.commands("launchctl")
+
+
+def realisable(system: str) -> str:
+    """The image's derivation as the system's activation script names it."""
+    activate = (Path(system) / "activate").read_text()
+    return activate.split("--image-derivation ", 1)[1].split()[0]

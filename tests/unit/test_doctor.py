@@ -37,7 +37,7 @@ from virby.hostfacts import (
     parseLaunchctl,
     parseLsof,
 )
-from virby.layout import CLIENT_KEY, CONTROL_SOCKET, KNOWN_HOSTS
+from virby.layout import CLIENT_KEY, CONTROL_SOCKET, KNOWN_HOSTS, NO_IMAGE_FIX
 from virby.shares import Account
 from virby.vfkitflags import VFKIT_SINCE, parseVfkitVersion, vfkitNeeds
 from virby.wire import LAUNCHD_LABEL
@@ -389,7 +389,23 @@ def test_disks_made_from_another_image(machine) -> None:
 
 def test_an_image_that_is_gone(machine) -> None:
     os.unlink(machine["config"].image)
-    assert "does not exist" in failed(examine(machine))["image"].detail
+    finding = failed(examine(machine))["image"]
+    image = machine["config"].image
+    assert finding.detail == (
+        f"no image yet: {image} does not exist; the VM boots {image} until then"
+    )
+    assert finding.fix == NO_IMAGE_FIX
+
+
+def test_no_image_yet_says_why_the_build_failed(machine) -> None:
+    wd = Path(machine["config"].working_directory)
+    os.unlink(machine["config"].image)
+    (wd / "image-path").unlink()
+    (wd / "image-failure").write_text("no builder for aarch64-linux\n")
+    finding = failed(examine(machine))["image"]
+    assert finding.detail == (
+        f"no image yet: {machine['config'].image} does not exist (no builder for aarch64-linux)"
+    )
 
 
 def test_a_vfkit_too_old_for_the_flags(machine) -> None:

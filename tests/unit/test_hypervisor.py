@@ -5,8 +5,9 @@ from __future__ import annotations
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 
+from virby import layout
 from virby.config import fromMapping
-from virby.daemon.hypervisor import BootError, HostRefusal, VfkitHypervisor
+from virby.daemon.hypervisor import BootError, HostRefusal, NoImage, VfkitHypervisor
 from virby.daemon.lifecycle import BootPhase, Lifecycle, VMUnavailable
 from virby.errors import PermanentError
 from virby.vfkitflags import HostPlan
@@ -101,3 +102,31 @@ def test_a_full_disk_after_the_spawn_leaves_no_vfkit_and_no_lock(short_tmp, monk
     lock = FileLock(str(short_tmp / "vm.lock"))
     assert lock.acquire(), "the daemon's copy of the VM lock is let go"
     lock.release()
+
+
+def noReport(phase: object, what: str) -> None:
+    """A boot's progress, unheard."""
+
+
+def test_no_image_yet_refuses_a_boot_with_the_recorded_cause(short_tmp) -> None:
+    """
+    Until prepare has an image (the switch could not realise it), a boot is refused in one
+    line that says why and what to do, and no retry is scheduled for it.
+    """
+    (short_tmp / layout.IMAGE_FAILURE).write_text("no builder for aarch64-linux\n")
+    config = fromMapping({"working-directory": str(short_tmp)})
+    failures: list = []
+    VfkitHypervisor(None, config, "/nonexistent/vfkit").spawn(noReport).addErrback(failures.append)
+    assert failures[0].check(NoImage) and failures[0].check(PermanentError)
+    assert str(failures[0].value) == (
+        f"no image yet: no builder for aarch64-linux; {layout.NO_IMAGE_FIX}"
+    )
+
+
+def test_without_a_recorded_cause_no_image_yet_still_says_what_to_do(short_tmp) -> None:
+    config = fromMapping({"working-directory": str(short_tmp)})
+    failures: list = []
+    VfkitHypervisor(None, config, "/nonexistent/vfkit").spawn(noReport).addErrback(failures.append)
+    assert str(failures[0].value) == (
+        f"no image yet: the VM image has not been built; {layout.NO_IMAGE_FIX}"
+    )

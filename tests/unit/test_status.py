@@ -10,11 +10,12 @@ import socket
 import pytest
 import pytest_twisted
 
+from virby.cli import status
 from virby.cli.status import EXIT_DOWN, duration, query, render, run, size
 from virby.config import fromMapping
 from virby.daemon.control import ControlFactory, controlEndpoint
 from virby.errors import VirbyError
-from virby.layout import CONTROL_SOCKET
+from virby.layout import CONTROL_SOCKET, IMAGE_FAILURE, NO_IMAGE_FIX
 
 RUNNING = {
     "state": "running",
@@ -226,3 +227,18 @@ def test_a_user_who_may_not_ask_is_told_to_use_sudo(short_tmp, monkeypatch) -> N
     out = io.StringIO()
     assert run(_config(short_tmp), asJson=True, out=out) == 1
     assert json.loads(out.getvalue()) == {"state": "unknown", "reason": str(caught.value)}
+
+
+def test_no_image_yet_is_said_with_its_cause(short_tmp, monkeypatch) -> None:
+    monkeypatch.setattr(status, "query", lambda path: RUNNING)
+    (short_tmp / IMAGE_FAILURE).write_text("no builder for aarch64-linux\n")
+    out = io.StringIO()
+    assert run(_config(short_tmp), asJson=False, out=out) == 0
+    assert out.getvalue().splitlines()[-1].split(None, 1) == [
+        "Image:",
+        f"no image yet: no builder for aarch64-linux; {NO_IMAGE_FIX}",
+    ]
+    (short_tmp / "base.img").write_bytes(b"")
+    out = io.StringIO()
+    run(_config(short_tmp), asJson=False, out=out)
+    assert "Image:" not in out.getvalue()

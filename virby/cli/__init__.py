@@ -153,6 +153,18 @@ def _parser() -> argparse.ArgumentParser:
     prepare.add_argument(
         "--print-ssh-config", action="store_true", help="print the ssh Host block and exit"
     )
+    prepare.add_argument(
+        "--image-derivation",
+        metavar="DRV",
+        help="the image's derivation: realise it when the image is missing (nix-store "
+        "--realise, a GC root in the working directory) and remember it for a later run",
+    )
+    prepare.add_argument(
+        "--no-realise",
+        dest="realise",
+        action="store_false",
+        help="do not build a missing image now (the activation builds it in a later step)",
+    )
 
     status = _command(commands, "status", "tell what the daemon is doing", " [--json]")
     status.add_argument("--json", action="store_true", help="print JSON for programs")
@@ -204,7 +216,13 @@ def _run(args: argparse.Namespace, config: Config) -> int:
     if args.command == "prepare":
         from virby.cli import prepare
 
-        return prepare.run(config, owner=args.owner, print_ssh_config=args.print_ssh_config)
+        return prepare.run(
+            config,
+            owner=args.owner,
+            print_ssh_config=args.print_ssh_config,
+            imageDerivation=args.image_derivation,
+            realise=args.realise,
+        )
     if args.command in ("start", "stop"):
         from virby.cli import startstop
 

@@ -112,8 +112,11 @@ from virby.layout import (
     DIFF_IMAGE,
     HOST_KEY,
     HOST_PUBLIC_KEY,
+    IMAGE_DERIVATION,
+    IMAGE_FAILURE,
     KNOWN_HOSTS,
     MAC,
+    NO_IMAGE_FIX,
     PREPARE_FIX,
     PREPARED_MODES,
     PRIVATE_DIRECTORY,
@@ -549,7 +552,8 @@ class Doctor:
             return self.config.allow_user_ssh
         if name == DIFF_IMAGE:
             return not self.config.ephemeral  # made before each boot
-        return True
+        # Written only with the module's derivation, and only while there is no image.
+        return name not in (IMAGE_DERIVATION, IMAGE_FAILURE)
 
     def keys(self) -> Finding:
         self._needsWorkingDirectory()
@@ -591,10 +595,14 @@ class Doctor:
         except PermissionError:
             return sudo("the image record")
         if not os.path.isfile(image):
-            return fail(
-                f"the image {image} does not exist",
-                "darwin-rebuild switch (which builds it), or nix-store --realise it",
-            )
+            try:
+                with open(self.config.path(IMAGE_FAILURE), "rb") as f:
+                    why = f.readline().decode("utf-8", "replace").strip()
+            except OSError:
+                why = ""
+            because = f" ({why})" if why else ""
+            older = "" if recorded is None else f"; the VM boots {recorded} until then"
+            return fail(f"no image yet: {image} does not exist{because}{older}", NO_IMAGE_FIX)
         if recorded is None:
             return fail("virby prepare never made the disks", self._prepareFix())
         if recorded != image:

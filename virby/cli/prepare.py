@@ -24,6 +24,12 @@ until the next boot replaces it: the VM may be running on it while the activatio
 The runtime files (those the daemon and vfkit make) are not made here; C{--owner} hands the
 whole tree, them included, to the daemon's user so that it can write there.
 
+The image itself may not exist yet: the switch no longer builds it.  Given the image's
+derivation (C{--image-derivation}), prepare has Nix realise it (L{virby.cli.realise}), with
+a GC root in the working directory, and without an image it still completes: the keys and
+the directory are made, an older image's disks are kept, and the cause is recorded for the
+daemon's refusal of a boot (C{docs/one-switch.md}).
+
 Before anything is touched, the shared directories are checked as that user
 (L{virby.shares}): vfkit runs as it and fails every boot on a share it cannot reach, so
 prepare refuses such a share, naming the folder in the way and the fix.
@@ -38,8 +44,10 @@ import stat
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal, overload
 
 from virby import disk, keys, shares
+from virby.cli import realise as realisation
 from virby.config import MIB, Config
 from virby.errors import VirbyError
 from virby.layout import (
@@ -49,6 +57,8 @@ from virby.layout import (
     DIFF_IMAGE,
     HOST_KEY,
     HOST_PUBLIC_KEY,
+    IMAGE_DERIVATION,
+    IMAGE_FAILURE,
     IMAGE_RECORD,
     KNOWN_HOSTS,
     PREPARED_MODES,
@@ -110,13 +120,27 @@ def _size(n: int) -> str:
     return f"{n} bytes"
 
 
-def _checkImage(image: str | None) -> str:
-    """Refuse before touching anything when the image cannot be copied."""
+@overload
+def _checkImage(image: str | None, missingOk: Literal[False] = False) -> str: ...
+
+
+@overload
+def _checkImage(image: str | None, missingOk: bool) -> str | None: ...
+
+
+def _checkImage(image: str | None, missingOk: bool = False) -> str | None:
+    """
+    Refuse before touching anything when the image cannot be copied.
+
+    @param missingOk: return C{None} for an image that does not exist (yet).
+    """
     if image is None:
         raise PrepareError('image: not set; pass --image or set "image" in the config')
     try:
         info = os.stat(image)
     except OSError as e:
+        if missingOk and isinstance(e, FileNotFoundError):
+            return None
         raise PrepareError(
             f"image: cannot use {image}: {e.strerror}; build the VM image or fix "
             '"image" in the config'
@@ -279,36 +303,116 @@ def prepare(
     inform: Report | None = None,
     *,
     ask: shares.Ask = shares.askAs,
+    derivation: str | None = None,
+    realise: bool = True,
+    run: realisation.Runner = realisation.runShowingProgress,
+    explain: Report | None = None,
 ) -> None:
     """
     Bring the working directory to the state the config asks for; see the module docstring.
+
+    A missing image is not an error: prepare first has Nix realise it from C{derivation}
+    (or from the derivation a previous run recorded for this same image), and when that
+    fails it still makes the directory and the keys, records why (L{IMAGE_FAILURE}, which
+    the daemon's refusal of a boot repeats), keeps the disks of an older image, and calls
+    C{explain} with the cause and the ways forward.
 
     @param owner: C{USER[:GROUP]} to hand the tree to, or C{None} to leave owners alone.
     @param warn: called with each warning (default: a line on stderr).
     @param inform: called with each change made (default: silent).
     @param ask: how the shared directories are asked about as the daemon's user
         (L{shares.askAs}).
+    @param derivation: the image's derivation (C{--image-derivation}), recorded for a
+        later run.
+    @param realise: whether to realise a missing image now (C{--no-realise}: not yet).
+    @param run: how nix-store is run (L{realisation.runShowingProgress}).
+    @param explain: called with the paragraph that says why there is no image.
     @raise PrepareError: with one line, before anything is touched when the input is bad.
     """
     warn = warn or _stderr("warning: ")
     inform = inform or (lambda message: None)
-    image = _checkImage(config.image)
+    explain = explain or _stderr("")
+    wanted = _wanted(config, derivation) if config.image is not None else None
+    # Refused before anything is touched: no image named, or one that cannot be copied.  A
+    # missing one is refused too unless its derivation is known, which can give it.
+    image = _checkImage(config.image, missingOk=wanted is not None)
+    assert config.image is not None
     who = parseOwner(owner) if owner is not None else None
     _checkShares(config, who, ask, warn)
     wd = config.working_directory
     checkWorkingDirectory(wd, absentOk=True)
     try:
         os.makedirs(wd, PRIVATE_DIRECTORY, exist_ok=True)
+        cause = None
+        if wanted is not None and realise and not realisation.rooted(wd, wanted):
+            # Outside the lock: a build can take long, and an ephemeral boot takes the lock.
+            cause = realisation.realise(wd, wanted, run=run)
+            image = _checkImage(config.image, missingOk=True)
+            if image is not None and cause is not None:
+                warn(f"the image has no GC root in {wd}: {cause}")
+        if image is None and cause is None:
+            cause = "not built yet (the switch builds it after the daemon is loaded)"
         with locked(wd):
-            _prepareLocked(config, image, warn, inform)
+            if image is None:
+                assert cause is not None
+                _noImageLocked(config, cause, inform)
+            else:
+                _prepareLocked(config, image, warn, inform)
+                if os.path.lexists(config.path(IMAGE_FAILURE)):
+                    os.unlink(config.path(IMAGE_FAILURE))
+            if (
+                derivation is not None
+                and wanted is not None
+                and _read(config.path(IMAGE_DERIVATION)) != wanted.encode()
+            ):
+                _write(config.path(IMAGE_DERIVATION), wanted.encode(), PUBLIC)
             if who is not None:
                 _handOver(wd, who)
+        if image is None and cause is not None and realise:
+            explain(realisation.noImageParagraph(config.image, cause))
     except OSError as e:
         where = f" {e.filename}" if e.filename else f" {wd}"
         raise PrepareError(
             f"cannot prepare{where}: {e.strerror or e}; free space or fix permissions and "
             "run virby prepare again"
         ) from None
+
+
+def _wanted(config: Config, derivation: str | None) -> realisation.Wanted | None:
+    """
+    The derivation to realise the config's image from: the one passed, or the one the last
+    activation recorded when it gives this same image (a later C{sudo virby prepare}).
+    """
+    assert config.image is not None
+    if derivation is not None:
+        return realisation.Wanted(derivation, config.image)
+    known = realisation.recorded(config.working_directory)
+    return known if known is not None and known.image == config.image else None
+
+
+def _noImageLocked(config: Config, cause: str, inform: Report) -> None:
+    """
+    The directory without the image: keys and modes as always, the disks of an older image
+    left alone (its VM may be the builder that builds the new one), and the cause recorded.
+    """
+    wd = config.working_directory
+    _chmod(wd, directoryMode(config.allow_user_ssh))
+    share = config.path(SSHD_KEYS)
+    os.makedirs(share, PRIVATE_DIRECTORY, exist_ok=True)
+    _chmod(share, PRIVATE_DIRECTORY)
+    for directory in (wd, share):
+        for name in disk.removeTemporaries(directory):
+            inform(f"removed {name} left by an interrupted run")
+    if not keysConsistent(config):
+        _makeKeys(config)
+        inform("made new SSH keys for the VM and its client")
+    _shareClientKey(config, inform)
+    line = cause.replace("\n", " ").strip()
+    if _read(config.path(IMAGE_FAILURE)) != f"{line}\n".encode():
+        _write(config.path(IMAGE_FAILURE), f"{line}\n".encode(), PUBLIC)
+    for name, mode in PREPARED_MODES.items():
+        if os.path.lexists(config.path(name)):
+            _chmod(config.path(name), mode)
 
 
 def _prepareLocked(config: Config, image: str, warn: Report, inform: Report) -> None:
@@ -341,10 +445,19 @@ def _say(message: str) -> None:
     sys.stdout.write(f"virby prepare: {message}\n")
 
 
-def run(config: Config, owner: str | None, print_ssh_config: bool) -> int:
-    """The C{virby prepare} command; expected failures raise L{VirbyError} for the caller."""
+def run(
+    config: Config,
+    owner: str | None,
+    print_ssh_config: bool,
+    imageDerivation: str | None = None,
+    realise: bool = True,
+) -> int:
+    """
+    The C{virby prepare} command; expected failures raise L{VirbyError} for the caller.  No
+    image is not a failure: the switch that runs this must complete.
+    """
     if print_ssh_config:
         sys.stdout.write(sshConfigBlock(config))
         return 0
-    prepare(config, owner, inform=_say)
+    prepare(config, owner, inform=_say, derivation=imageDerivation, realise=realise)
     return 0

@@ -21,7 +21,7 @@ from typing import Any, TextIO
 from virby.cli.client import RESTART_FIX, DaemonDown, NotAllowed, ask
 from virby.config import Config
 from virby.errors import VirbyError
-from virby.layout import CONTROL_SOCKET
+from virby.layout import CONTROL_SOCKET, noImageYet
 
 #: Exit status when the daemon is not running, as ``systemctl status`` does for inactive.
 EXIT_DOWN = 3
@@ -80,7 +80,7 @@ def size(count: int) -> str:
     return f"{value:.1f} TiB"
 
 
-def render(status: dict[str, Any]) -> str:
+def render(status: dict[str, Any], noImage: str | None = None) -> str:
     """The status as a few aligned lines."""
     state = status.get("state", "unknown")
     lines = [
@@ -125,6 +125,8 @@ def render(status: dict[str, Any]) -> str:
         lines.append(("Restart", f"in {duration(status['restart_in'])}"))
     lines.append(("Listening", ", ".join(status.get("listening") or []) or "-"))
     lines.append(("Last error", status.get("last_error") or "none"))
+    if noImage is not None:
+        lines.append(("Image", noImage))
     lines += [("Warning", warning) for warning in status.get("warnings") or []]
     width = max(len(name) for name, _ in lines) + 1
     return "\n".join(f"{name + ':':<{width}} {value}" for name, value in lines)
@@ -193,7 +195,9 @@ def run(config: Config, asJson: bool, out: TextIO = sys.stdout) -> int:
             raise
         out.write(json.dumps({"state": "unknown", "reason": str(e)}) + "\n")
         return 1
-    out.write(
-        json.dumps(status, sort_keys=True, indent=2) + "\n" if asJson else render(status) + "\n"
-    )
+    if asJson:
+        out.write(json.dumps(status, sort_keys=True, indent=2) + "\n")
+    else:
+        # Said before any boot is asked for (an on-demand daemon has not tried one yet).
+        out.write(render(status, noImageYet(config.working_directory)) + "\n")
     return 0

@@ -23,7 +23,7 @@ from virby.daemon.orphans import stopOrphan
 from virby.daemon.readiness import BootTimeout, ReadyGuest, waitForGuest
 from virby.daemon.vfkit import VfkitProcess
 from virby.errors import PermanentError, VirbyError
-from virby.layout import MAC, PREPARE_FIX, VM_LOCK
+from virby.layout import MAC, PREPARE_FIX, VM_LOCK, noImageYet
 from virby.leases import LeaseFile
 from virby.locks import FileLock, takeLock
 from virby.logs import Logger
@@ -46,6 +46,13 @@ class HostRefusal(BootError, PermanentError):
     """
     This Mac cannot run what the config asks (L{virby.daemon.vfkit.HostPlan.refusal}): no boot can
     succeed until the config or the Mac changes, so an always-on daemon does not retry it.
+    """
+
+
+class NoImage(BootError, PermanentError):
+    """
+    No image has been prepared yet (L{virby.layout.noImageYet}): no retry can boot until
+    C{virby prepare} has one, and the next connection, or C{virby start}, tries again.
     """
 
 
@@ -107,6 +114,9 @@ class VfkitHypervisor:
     async def _spawn(self, report: BootReport) -> VirtualMachine:
         if self.plan.refusal is not None:
             raise HostRefusal(self.plan.refusal)
+        missing = noImageYet(self._config.working_directory)
+        if missing is not None:
+            raise NoImage(missing)
         await self.stopOrphan()
         lock = self._lockVM()
         if self._config.ephemeral:
