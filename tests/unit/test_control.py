@@ -798,3 +798,31 @@ def test_ask_calls_back_while_the_reply_has_not_come_on_one_thread(short_tmp) ->
         assert reply["booted"] is True and len(calls) == 3
         with pytest.raises(VirbyError, match=r"did not answer on .* within 0s"):
             realAsk(path, "start", timeout=0.05, whileWaiting=lambda: None, every=0.001)
+
+
+def test_the_macos_peer_credentials_call_is_looked_up_once(monkeypatch) -> None:
+    """getpeereid(2) through ctypes: libc is opened at the first request, not at each."""
+    import ctypes
+
+    from virby.daemon import control
+
+    control._getpeereid.cache_clear()
+    opened: list[object] = []
+
+    class Libc:
+        def __init__(self, name: object, use_errno: bool = False) -> None:
+            opened.append(name)
+
+        def getpeereid(self, fd: int, uid: object, gid: object) -> int:
+            ctypes.cast(uid, ctypes.POINTER(ctypes.c_uint32)).contents.value = 501
+            return 0
+
+    monkeypatch.setattr(control.sys, "platform", "darwin")
+    monkeypatch.setattr(control.ctypes, "CDLL", Libc)
+    try:
+        a, b = socket.socketpair(socket.AF_UNIX)
+        with a, b:
+            assert [socketPeerUid(a), socketPeerUid(a)] == [501, 501]
+        assert len(opened) == 1
+    finally:
+        control._getpeereid.cache_clear()

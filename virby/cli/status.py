@@ -18,16 +18,13 @@ import json
 import sys
 from typing import Any, TextIO
 
-from virby.cli.client import RESTART_FIX, DaemonDown, NotAllowed, ask
+from virby.cli.client import RESTART_FIX, DaemonDown, ask
 from virby.config import Config
 from virby.errors import VirbyError
 from virby.layout import CONTROL_SOCKET, noImageYet
 
 #: Exit status when the daemon is not running, as ``systemctl status`` does for inactive.
 EXIT_DOWN = 3
-
-
-__all__ = ["DaemonDown", "NotAllowed", "notRunning", "query", "render", "run"]
 
 
 def query(path: str, timeout: float = 5.0) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import os
 import pwd
 import socket
@@ -87,13 +88,20 @@ def socketPeerUid(sock: socket.socket) -> int | None:
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         _pid, uid, _gid = struct.unpack("3i", creds)
         return int(uid)
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    if not hasattr(libc, "getpeereid"):
+    getpeereid = _getpeereid()
+    if getpeereid is None:
         return None
     uid, gid = ctypes.c_uint32(), ctypes.c_uint32()
-    if libc.getpeereid(sock.fileno(), ctypes.byref(uid), ctypes.byref(gid)) != 0:
+    if getpeereid(sock.fileno(), ctypes.byref(uid), ctypes.byref(gid)) != 0:
         return None
     return uid.value
+
+
+@functools.cache
+def _getpeereid() -> Any:
+    """libc's C{getpeereid}, looked up once for the daemon's life, or C{None} without one."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    return getattr(libc, "getpeereid", None)
 
 
 def transportPeerUid(transport: ITransport | None) -> int | None:

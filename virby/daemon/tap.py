@@ -122,7 +122,7 @@ def loadConfig(options: Options) -> Config:
     """
     try:
         return load(options["config"], options.configFlags(), warn=_warn)
-    except (VirbyError, usage.UsageError) as e:
+    except VirbyError as e:
         exitWithError(str(e))
 
 
