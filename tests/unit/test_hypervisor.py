@@ -130,3 +130,10 @@ def test_without_a_recorded_cause_no_image_yet_still_says_what_to_do(short_tmp) 
     assert str(failures[0].value) == (
         f"no image yet: the VM image has not been built; {layout.NO_IMAGE_FIX}"
     )
+
+
+def test_a_disk_lost_after_an_image_was_made_is_not_no_image_yet(short_tmp) -> None:
+    """Prepare made disks once (it recorded the image): their loss is said by the boot itself."""
+    assert layout.noImageYet(str(short_tmp)) is not None
+    (short_tmp / layout.IMAGE_RECORD).write_text("/nix/store/x-image/nixos.img\n")
+    assert layout.noImageYet(str(short_tmp)) is None
