@@ -40,7 +40,7 @@ from virby.daemon.control import ControlFactory, StaleSocketError, clearStaleSoc
 from virby.daemon.hypervisor import VfkitHypervisor
 from virby.daemon.lifecycle import Lifecycle
 from virby.daemon.logfile import LogFile
-from virby.daemon.proxy import ProxyFactory
+from virby.daemon.proxy import ProxyFactory, isLoopback
 from virby.daemon.readiness import ReadyGuest
 from virby.daemon.relay import spliceAvailable
 from virby.daemon.virbyd import exitWithError
@@ -114,6 +114,7 @@ class DaemonService(Service):
         widened = [widenAcceptQueue(port) for port in self._ports]
         for port in self._ports:
             log.info("serving the builder on {address}", address=_address(port))
+            _warnIfReachable(port)
         if any(widened):
             _logAcceptQueue()
         self._hypervisor.stopOrphan().addErrback(lambda _: None)  # logged where it failed
@@ -266,6 +267,21 @@ def _listenAll(
     """The builder endpoint may be several sockets (launchd hands IPv4 and IPv6)."""
     port = _listenNow(endpoint, factory, what)
     return list(getattr(port, "ports", None) or [port])
+
+
+def _warnIfReachable(port: IListeningPort) -> None:
+    """
+    A listening address other hosts can reach is served to loopback peers only: the others
+    are refused one by one, in the daemon (L{virby.daemon.proxy.isLoopback}), not by the
+    kernel, so say so once, at start, rather than leave it to each refusal.
+    """
+    host = port.getHost()
+    if isinstance(host, IPv4Address | IPv6Address) and not isLoopback(host):
+        log.warn(
+            "the builder listens on {address}, which other hosts can reach: only loopback "
+            "peers are served, the others are refused; listen on 127.0.0.1 or ::1 instead",
+            address=_address(port),
+        )
 
 
 def _address(port: IListeningPort) -> str:
