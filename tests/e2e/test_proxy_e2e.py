@@ -18,7 +18,7 @@ from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
 
 from virby.daemon import relay
-from virby.daemon.proxy import ProxyFactory
+from virby.daemon.proxy import Phase, ProxyFactory
 from virby.daemon.readiness import ReadyGuest
 
 pytestmark = pytest.mark.e2e
@@ -404,7 +404,7 @@ async def test_what_a_client_sends_while_the_vm_boots_goes_first(path) -> None:
 
         connection.dataReceived = spy
         await held.addTimeout(10, reactor)
-        assert connection.guest is None and not connection.spliced, "read while it waits"
+        assert connection.phase is Phase.WAITING and not connection.spliced, "read while it waits"
         backend.ready()
         await talker.expect(b"SSH-2.0-client\r\n").addTimeout(10, reactor)
         talker.transport.loseConnection()

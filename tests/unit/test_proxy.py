@@ -15,7 +15,7 @@ from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 
 from virby.daemon.lifecycle import Lifecycle, VMUnavailable
-from virby.daemon.proxy import MAX_HELD, ProxyFactory, isLoopback
+from virby.daemon.proxy import MAX_HELD, Phase, ProxyFactory, isLoopback
 from virby.daemon.readiness import ReadyGuest
 
 
@@ -232,7 +232,7 @@ def test_a_client_closed_while_the_guest_socket_connects_is_never_relayed() -> N
     upstream, other = socket.socketpair()
     try:
         inbound._guestSocketConnected(upstream, other)
-        assert inbound._relay is None and inbound._guestSocket is None
+        assert not inbound.spliced and inbound.phase is Phase.CLOSING
         assert upstream.fileno() == -1, "the guest's socket is closed"
         assert client.disconnecting
     finally:
@@ -342,7 +342,7 @@ def test_the_first_waiter_gets_the_probes_connection_and_its_banner() -> None:
     assert probe.transport.value() == b"SSH-2.0-client\r\n"
     assert [c[:2] for c in reactor.tcpClients] == [("192.168.64.2", 22)], "only the second"
     assert not probe.closed
-    assert second.guest is None
+    assert not second.spliced and second.phase is Phase.CONNECTING
 
 
 def test_an_unclaimed_probe_connection_is_closed() -> None:
@@ -487,3 +487,18 @@ def test_accounting_exactly_once_in_any_order(order) -> None:
         inbound.connectionLost(None)
     assert backend.opened == [inbound]
     assert backend.closed == [inbound]
+
+
+def test_the_factory_counts_its_open_connections_for_admission() -> None:
+    reactor = MemoryReactorClock()
+    factory = ProxyFactory(reactor, Backend())
+    connections = []
+    for _ in range(3):
+        transport = Transport()
+        inbound = factory.buildProtocol(transport.getPeer())
+        inbound.makeConnection(transport)
+        connections.append(inbound)
+    assert factory.openConnections == 3
+    connections[0].connectionLost(None)
+    connections[0].connectionLost(None)
+    assert factory.openConnections == 2

@@ -22,6 +22,7 @@ C{portforward}, with what it leaves out.  Either way:
 from __future__ import annotations
 
 import contextlib
+import enum
 import functools
 import ipaddress
 import socket
@@ -42,7 +43,14 @@ from zope.interface import implementer
 
 from virby.daemon import relay
 from virby.daemon.readiness import ReadyGuest
-from virby.daemon.relay import PipePool, Relay, spliceAvailable
+from virby.daemon.relay import (
+    BufferPool,
+    PipePool,
+    Relay,
+    Splice,
+    TransportSplice,
+    spliceAvailable,
+)
 from virby.logs import Logger
 from virby.reactors import ISpliceReactor, IStreamTransport
 
@@ -98,12 +106,32 @@ def _rawSocket(transport: ITransport) -> socket.socket | None:
     return transport.getHandle()
 
 
+class Phase(enum.Enum):
+    """Where an inbound connection is; each phase but the last moves only forward."""
+
+    #: Waiting for the VM (L{Backend.whenReady}); the client is read, up to L{MAX_HELD}.
+    WAITING = "waiting"
+    #: Connecting to the guest's sshd; the client is still read and held.
+    CONNECTING = "connecting"
+    #: A L{virby.daemon.relay.Splice} moves the bytes.
+    SPLICED = "spliced"
+    #: Closing, by either side or ours: nothing new is started.
+    CLOSING = "closing"
+    #: Lost, and accounted for.
+    CLOSED = "closed"
+
+
 @implementer(IHalfCloseableProtocol)
 class InboundConnection(Protocol):
     """
-    A client of the builder port: it waits for the VM, then is spliced to the guest, by the
-    relay (which gets both sockets: the client's borrowed from its paused transport, the
-    guest's connected here or taken from the readiness probe) or through the transports.
+    A client of the builder port: it waits for the VM, connects to the guest, then hands
+    both sides to a L{virby.daemon.relay.Splice}: the relay (which gets both sockets: the
+    client's borrowed from its paused transport, the guest's connected here or taken from
+    the readiness probe), or the transports' splice when either side is no plain socket.
+
+    @ivar phase: where it is (L{Phase}).  Besides it, only what that phase holds: while
+        waiting or connecting, the one thing to cancel (C{_pending}) and the client's held
+        bytes; once spliced, the splice.
     """
 
     factory: ProxyFactory
@@ -111,35 +139,30 @@ class InboundConnection(Protocol):
     transport: IStreamTransport
 
     def __init__(self) -> None:
-        self.guest: GuestConnection | None = None
-        self._relay: Relay | None = None
-        self._guestSocket: socket.socket | None = None
-        self._waiting: Deferred[ReadyGuest] | None = None
-        self._connecting: Deferred[socket.socket] | None = None
-        self._connector: IConnector | None = None
+        self.phase = Phase.WAITING
+        self._pending: Deferred[ReadyGuest] | Deferred[socket.socket] | IConnector | None = None
+        self._splice: Splice | None = None
         self._held: list[bytes] = []
         self._heldSize = 0
-        self._clientDone = False
-        self._guestDone = False
-        self._closing = False
-        self._guestClosing = False
-        self._closed = False
-        self._bytesIn = 0
-        self._bytesOut = 0
 
     @property
     def spliced(self) -> bool:
-        return self.guest is not None or self._relay is not None
+        """A splice was started (it may have ended since)."""
+        return self._splice is not None
 
     @property
     def bytesIn(self) -> int:
         """Bytes from the client delivered to the guest."""
-        return self._bytesIn + (self._relay.bytesToGuest if self._relay else 0)
+        return self._splice.bytesToGuest if self._splice is not None else 0
 
     @property
     def bytesOut(self) -> int:
         """Bytes from the guest delivered to the client."""
-        return self._bytesOut + (self._relay.bytesToClient if self._relay else 0)
+        return self._splice.bytesToClient if self._splice is not None else 0
+
+    @property
+    def _ending(self) -> bool:
+        return self.phase in (Phase.CLOSING, Phase.CLOSED)
 
     # -- waiting for the guest
 
@@ -150,13 +173,14 @@ class InboundConnection(Protocol):
         # Debug lines name callables, called only when debug logging is on: these run for
         # every connection, and formatting costs more than the rest of the line's work.
         log.debug("connection from {peer()}", peer=self.transport.getPeer)
-        self._waiting = waiting = self.factory.backend.whenReady()
+        self._pending = waiting = self.factory.backend.whenReady()
         waiting.addCallbacks(self._guestReady, self._guestUnavailable)
 
     def _guestReady(self, guest: ReadyGuest) -> None:
-        self._waiting = None
-        if self._closing:
+        self._pending = None
+        if self.phase is not Phase.WAITING:
             return
+        self.phase = Phase.CONNECTING
         client = _rawSocket(self.transport) if self.factory.relays else None
         spare = guest.claim()
         if spare is not None:
@@ -168,44 +192,44 @@ class InboundConnection(Protocol):
                 spare.attach(GuestConnection(self, greeting=spare.received))
             return
         if client is not None and relay.addressFamily(guest.host) is not None:
-            self._connecting = connecting = relay.connect(
+            self._pending = connecting = relay.connect(
                 self.factory.reactor, guest.host, guest.port, self.factory.connectTimeout
             )
             connecting.addCallbacks(
                 self._guestSocketConnected, self.guestFailed, callbackArgs=(client,)
             )
             return
-        self._connector = self.factory.reactor.connectTCP(
+        self._pending = self.factory.reactor.connectTCP(
             guest.host, guest.port, GuestFactory(self), timeout=self.factory.connectTimeout
         )
 
     def _guestUnavailable(self, reason: Failure) -> None:
-        self._waiting = None
-        if reason.check(CancelledError) or self._closing:
+        self._pending = None
+        if reason.check(CancelledError) or self._ending:
             return
         self._close(reason.getErrorMessage())
 
     def guestFailed(self, reason: Failure) -> None:
-        self._connector = self._connecting = None
-        if reason.check(CancelledError) or self._closing:
+        self._pending = None
+        if reason.check(CancelledError) or self._ending:
             return
         log.warn(
             "cannot reach the guest's sshd for {peer}: {why}",
             peer=self.transport.getPeer(),
             why=reason.getErrorMessage(),
         )
-        self._closing = True
+        self.phase = Phase.CLOSING
         self.transport.loseConnection()
 
     def _takeHeld(self) -> bytes:
         held, self._held, self._heldSize = b"".join(self._held), [], 0
         return held
 
-    # -- the splice: the relay
+    # -- the splice
 
     def _guestSocketConnected(self, upstream: socket.socket, client: socket.socket) -> None:
-        self._connecting = None
-        if self._closing:
+        self._pending = None
+        if self.phase is not Phase.CONNECTING:
             # Closed (aborted, or the client hung up) while the connect was under way, and
             # its connectionLost is yet to come: a relay now would take over the client's
             # descriptor from its closing transport, which then never finishes closing.
@@ -215,57 +239,62 @@ class InboundConnection(Protocol):
 
     def _startRelay(self, client: socket.socket, upstream: socket.socket, greeting: bytes) -> None:
         """Both sockets are connected: the relay moves the bytes, the held ones first."""
-        self._guestSocket = upstream
         self.transport.pauseProducing()
-        self._relay = Relay(
-            self.factory.reactor,
-            client,
-            upstream,
-            done=self._relayDone,
-            toGuest=self._takeHeld(),
-            toClient=greeting,
-            pipes=self.factory.pipes,
+        self._startSplice(
+            Relay(
+                self.factory.reactor,
+                client,
+                upstream,
+                done=self._spliceDone,
+                toGuest=self._takeHeld(),
+                toClient=greeting,
+                pipes=self.factory.pipes,
+                buffers=self.factory.buffers,
+            )
         )
-        self._relay.start()
 
-    def _relayDone(self, reason: Failure | None) -> None:
-        """Both directions ended (or one side failed): close the two sockets."""
+    def guestConnected(self, guest: GuestConnection) -> None:
+        """The guest's transport is connected: the transports' splice moves the bytes."""
+        self._pending = None
+        if self.phase is not Phase.CONNECTING:
+            guest.transport.loseConnection()
+            return
+        guest.splice = splice = TransportSplice(
+            self.transport,
+            guest.transport,
+            done=self._spliceDone,
+            toGuest=self._takeHeld(),
+            toClient=guest.greeting,
+        )
+        self._startSplice(splice)
+
+    def _startSplice(self, splice: Splice) -> None:
+        self._splice = splice
+        self.phase = Phase.SPLICED
+        splice.start()
+
+    def _spliceDone(self, reason: Failure | None) -> None:
+        """Both directions ended (or one side was lost): close the two sides."""
         if reason is not None:
             log.debug(
                 "the splice for {peer()} ended: {why()}",
                 peer=self.transport.getPeer,
                 why=reason.getErrorMessage,
             )
-        self._closing = True
-        self._closeGuest()
+        if self._ending:
+            return
+        self.phase = Phase.CLOSING
+        if self._splice is not None:
+            self._splice.close()
         self.transport.loseConnection()
 
-    # -- the splice: the transports
-
-    def guestConnected(self, guest: GuestConnection) -> None:
-        """The guest's transport is connected: each side throttles the other."""
-        self._connector = None
-        if self._closing:
-            guest.transport.loseConnection()
-            return
-        self.guest = guest
-        held = self._takeHeld()
-        guest.transport.registerProducer(self.transport, True)
-        self.transport.registerProducer(guest.transport, True)
-        if guest.greeting:
-            self._bytesOut += len(guest.greeting)
-            self.transport.write(guest.greeting)
-        if held:
-            self._bytesIn += len(held)
-            guest.transport.write(held)
-        self.transport.resumeProducing()
-        guest.transport.resumeProducing()
+    # -- the client's events
 
     def dataReceived(self, data: bytes) -> None:
-        if self.guest is not None:
-            self._bytesIn += len(data)
-            self.guest.transport.write(data)
-        elif self._relay is None:
+        if self.phase is Phase.SPLICED:
+            assert self._splice is not None
+            self._splice.clientData(data)
+        elif self.phase in (Phase.WAITING, Phase.CONNECTING):
             self._held.append(data)
             self._heldSize += len(data)
             if self._heldSize >= MAX_HELD:
@@ -277,62 +306,22 @@ class InboundConnection(Protocol):
         Not spliced yet: an SSH client never ends its stream before it has read the server's
         banner (RFC 4253, 4.2), so this one has hung up, most likely gone altogether.
         """
-        if self.guest is None:
-            if not self._closing:
-                log.debug("{peer()} hung up before the guest answered", peer=self.transport.getPeer)
-                self._closing = True
-                self.transport.loseConnection()
-            return
-        self._clientDone = True
-        self.guest.transport.loseWriteConnection()
-        self._closeIfFinished()
+        if self.phase is Phase.SPLICED:
+            assert self._splice is not None
+            self._splice.clientFinishedSending()
+        elif not self._ending:
+            log.debug("{peer()} hung up before the guest answered", peer=self.transport.getPeer)
+            self.phase = Phase.CLOSING
+            self.transport.loseConnection()
 
     def writeConnectionLost(self) -> None:
         pass
 
-    def guestData(self, data: bytes) -> None:
-        self._bytesOut += len(data)
-        self.transport.write(data)
-
-    def guestFinishedSending(self) -> None:
-        self._guestDone = True
-        self.transport.loseWriteConnection()
-        self._closeIfFinished()
-
-    def guestLost(self) -> None:
-        if self._closing:
-            # Our own close: the client side is already closing too.
-            return
-        self._closing = True
-        self.transport.loseConnection()
-
-    def _closeIfFinished(self) -> None:
-        if self._clientDone and self._guestDone:
-            self._closing = True
-            self.transport.loseConnection()
-            self._closeGuest()
-
     # -- closing
-
-    def _closeGuest(self, abort: bool = False) -> None:
-        """Close the guest side, once: in order, or (the VM is gone) at once."""
-        if self._guestClosing:
-            return
-        if self._relay is not None:
-            self._relay.stop()
-        if self._guestSocket is not None:
-            self._guestClosing = True
-            relay.closeSocket(self._guestSocket, abort)
-        elif self.guest is not None:
-            self._guestClosing = True
-            if abort:
-                self.guest.transport.abortConnection()
-            else:
-                self.guest.transport.loseConnection()
 
     def _close(self, why: str) -> None:
         """Close in order: the client gets an EOF and everything sent to it before."""
-        self._closing = True
+        self.phase = Phase.CLOSING
         log.info(
             "closing the connection from {peer}: {why}", peer=self.transport.getPeer(), why=why
         )
@@ -344,31 +333,30 @@ class InboundConnection(Protocol):
         now.  A client still waiting for the VM has been sent nothing, and gets an orderly
         close, not a reset; one that is already closing is left to it, and logged once.
         """
-        if self._closing:
+        if self._ending:
             return
-        if not self.spliced:
+        if self._splice is None:
             self._close(why)
             return
-        self._closing = True
+        self.phase = Phase.CLOSING
         log.info(
             "closing the connection from {peer}: {why}", peer=self.transport.getPeer(), why=why
         )
-        self._closeGuest(abort=True)
+        self._splice.close(abort=True)
         self.transport.abortConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._closed:
+        if self.phase is Phase.CLOSED:
             return
-        self._closed = self._closing = True
+        self.phase = Phase.CLOSED
         self._held, self._heldSize = [], 0
-        for pending in (self._waiting, self._connecting):
-            if pending is not None:
-                pending.cancel()
-        self._waiting = self._connecting = None
-        if self._connector is not None:
-            connector, self._connector = self._connector, None
-            connector.disconnect()
-        self._closeGuest()
+        pending, self._pending = self._pending, None
+        if isinstance(pending, Deferred):
+            pending.cancel()
+        elif pending is not None:
+            pending.disconnect()
+        if self._splice is not None:
+            self._splice.close()
         log.debug(
             "connection closed: {bytesIn} bytes in, {bytesOut} bytes out",
             bytesIn=self.bytesIn,
@@ -381,7 +369,8 @@ class InboundConnection(Protocol):
 @implementer(IHalfCloseableProtocol)
 class GuestConnection(Protocol):
     """
-    The guest side of one splice.
+    The guest side of one splice on the transports: until the splice begins, its events go
+    to the inbound connection; then to the splice.
 
     @ivar greeting: what the guest sent before this protocol took over (the banner, when the
         connection is the readiness probe's); it goes to the client first.
@@ -393,22 +382,26 @@ class GuestConnection(Protocol):
     def __init__(self, inbound: InboundConnection, greeting: bytes = b"") -> None:
         self.inbound = inbound
         self.greeting = greeting
+        self.splice: TransportSplice | None = None
 
     def connectionMade(self) -> None:
         _noDelay(self.transport)
         self.inbound.guestConnected(self)
 
     def dataReceived(self, data: bytes) -> None:
-        self.inbound.guestData(data)
+        if self.splice is not None:
+            self.splice.guestData(data)
 
     def readConnectionLost(self) -> None:
-        self.inbound.guestFinishedSending()
+        if self.splice is not None:
+            self.splice.guestFinishedSending()
 
     def writeConnectionLost(self) -> None:
         pass
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.inbound.guestLost()
+        if self.splice is not None:
+            self.splice.guestLost(reason)
 
 
 class GuestFactory(ClientFactory[GuestConnection]):
@@ -459,6 +452,7 @@ class ProxyFactory(Factory[InboundConnection]):
         self.relays = dataPath != "transports" and IReactorFDSet.providedBy(reactor)
         splicing = dataPath == "fast" and spliceAvailable()
         self.pipes = PipePool(reactor, limit=pipeLimit) if splicing else None
+        self.buffers = BufferPool()
         self._open: set[InboundConnection] = set()
         self.bytesToGuest = 0
         self.bytesToClients = 0
@@ -471,6 +465,11 @@ class ProxyFactory(Factory[InboundConnection]):
 
     def opened(self, connection: InboundConnection) -> None:
         self._open.add(connection)
+
+    @property
+    def openConnections(self) -> int:
+        """Connections accepted and not yet lost: what the admission limit counts."""
+        return len(self._open)
 
     def closed(self, connection: InboundConnection) -> None:
         self._open.discard(connection)

@@ -128,7 +128,7 @@ class DaemonService(Service):
         return ConnectionLimit(
             factory,
             self._descriptors.connections,
-            lambda: self.lifecycle.snapshot().active_connections,
+            lambda: factory.openConnections,
             self._reactor,
             self._descriptors.why(),
         )
