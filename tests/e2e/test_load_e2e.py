@@ -137,6 +137,22 @@ def test_200_at_cold_start_under_systemd_socket_activate_all_served_by_one_boot(
     assert len(builder.emulators()) == 1
 
 
+def test_500_at_cold_start_all_served_past_the_guests_listen_queue(make_builder) -> None:
+    """
+    Told the VM is up in one turn, 500 waiting clients would connect to the guest at once
+    and overflow its sshd's listen queue (128); a bounded number of connects in flight, and
+    a retry of a guest connection that stays silent, serve them all, with one boot.
+    """
+    builder = make_builder()
+    daemon = start(builder)
+    daemon.wait_for_line(r"serving the builder on")
+    started = time.monotonic()
+    assert burst(builder, daemon, clients=500) == {"served": 500, "refused": 0, "lost": 0}
+    assert time.monotonic() - started < 90
+    assert daemon.text().count("booting the VM") == 1
+    assert "closing the connection" not in daemon.text()
+
+
 def prlimit(soft: int, hard: int) -> list[str]:
     program = shutil.which("prlimit")
     if program is None:

@@ -517,3 +517,39 @@ def test_a_relay_refuses_bytes_from_the_clients_transport() -> None:
     with pytest.raises(RuntimeError, match="pause its transport first"):
         bench.relay.clientData(b"lost")
     bench.close()
+
+
+def test_first_bytes_waits_for_the_peer_to_speak() -> None:
+    reactor = MemoryReactorClock()
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    spoken = relay.firstBytes(reactor, ours)
+    (reader,) = reactor.readers
+    reader.doRead()
+    assert not spoken.called, "nothing yet"
+    theirs.send(b"SSH-2.0-guest\r\n")
+    reader.doRead()
+    assert outcome_of(spoken) == [b"SSH-2.0-guest\r\n"] and not reactor.readers
+    assert ours.fileno() != -1, "the socket is the caller's"
+    ours.close()
+    theirs.close()
+
+
+@pytest.mark.parametrize("how", ["eof", "cancel"])
+def test_first_bytes_never_spoken_closes_the_socket(how) -> None:
+    from twisted.internet.defer import CancelledError
+    from twisted.internet.error import ConnectionDone
+
+    reactor = MemoryReactorClock()
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    spoken = relay.firstBytes(reactor, ours)
+    if how == "eof":
+        theirs.shutdown(socket.SHUT_WR)
+        next(iter(reactor.readers)).doRead()
+    else:
+        spoken.cancel()
+    [failure] = outcome_of(spoken)
+    assert failure.check(ConnectionDone if how == "eof" else CancelledError)
+    assert ours.fileno() == -1 and not reactor.readers
+    theirs.close()

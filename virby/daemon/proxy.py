@@ -16,6 +16,10 @@ C{portforward}, with what it leaves out.  Either way:
     is buffered without bound.
   - Half-close is propagated: a client that shuts down its write side still gets the guest's
     answer.  The pair closes only when both directions have finished, or either side is lost.
+  - The guest is connected to by at most L{GUEST_CONNECTS} clients at once, and a guest
+    connection that stays silent (an SSH server speaks first) is tried again: a cold start
+    tells every waiting client at once, and their connects must not overflow the guest
+    sshd's listen queue, whose overflow leaves connections that never get a banner.
   - Only loopback peers are served.
 """
 
@@ -26,15 +30,19 @@ import enum
 import functools
 import ipaddress
 import socket
+from typing import Any
 from typing import Protocol as TypingProtocol
 
 from twisted.internet import tcp
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, TimeoutError
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import (
     IAddress,
     IConnector,
+    IDelayedCall,
     IHalfCloseableProtocol,
     IReactorFDSet,
+    IReactorTime,
     ITransport,
 )
 from twisted.internet.protocol import ClientFactory, Factory, Protocol, connectionDone
@@ -60,8 +68,29 @@ log = Logger()
 #: exchange offer (about 1.5 KiB) and then waits for the server's.
 MAX_HELD = 64 * 1024
 
+#: Guest connects in flight at once, each counted from its connect until the guest's sshd
+#: has spoken.  sshd accepts from a listen queue of 128 (OpenSSH's SSH_LISTEN_BACKLOG): when
+#: the VM comes up with hundreds of clients waiting and each connects at once, the queue
+#: overflows, and with SYN cookies the overflow leaves connections that look established
+#: and never get a banner.  A quarter of the queue keeps well inside it, and far inside the
+#: guest sshd's MaxStartups (virby/guest-sshd.json); a connect takes a millisecond or two, so
+#: the bound costs a burst nothing that matters.
+GUEST_CONNECTS = 32
+
+#: How long a connected guest may stay silent before the connection is tried again: sshd
+#: sends its banner as soon as it has accepted (RFC 4253, 4.2), so one that has said nothing
+#: in this long was most likely never accepted (see L{GUEST_CONNECTS}).
+BANNER_SECONDS = 5.0
+
+#: Connections tried for one client before it is closed, with a line in the log.
+GUEST_ATTEMPTS = 3
+
 #: The data paths, by name: C{fast} is splice(2) where the system has it, else C{portable}.
 DATA_PATHS = ("fast", "portable", "transports")
+
+
+class GuestSilent(Exception):
+    """The guest's sshd took the connection but said nothing: the attempt is worth a retry."""
 
 
 class Backend(TypingProtocol):
@@ -111,7 +140,8 @@ class Phase(enum.Enum):
 
     #: Waiting for the VM (L{Backend.whenReady}); the client is read, up to L{MAX_HELD}.
     WAITING = "waiting"
-    #: Connecting to the guest's sshd; the client is still read and held.
+    #: Connecting to the guest's sshd, until it has spoken (L{BANNER_SECONDS}, at most
+    #: L{GUEST_ATTEMPTS} tries, L{GUEST_CONNECTS} at once); the client is still read and held.
     CONNECTING = "connecting"
     #: A L{virby.daemon.relay.Splice} moves the bytes.
     SPLICED = "spliced"
@@ -140,10 +170,12 @@ class InboundConnection(Protocol):
 
     def __init__(self) -> None:
         self.phase = Phase.WAITING
-        self._pending: Deferred[ReadyGuest] | Deferred[socket.socket] | IConnector | None = None
+        self._pending: Deferred[Any] | None = None
         self._splice: Splice | None = None
         self._held: list[bytes] = []
         self._heldSize = 0
+        self._target: ReadyGuest | None = None
+        self._attempts = 0
 
     @property
     def spliced(self) -> bool:
@@ -181,33 +213,99 @@ class InboundConnection(Protocol):
         if self.phase is not Phase.WAITING:
             return
         self.phase = Phase.CONNECTING
-        client = _rawSocket(self.transport) if self.factory.relays else None
         spare = guest.claim()
         if spare is not None:
             log.debug("{peer()} gets the readiness probe's connection", peer=self.transport.getPeer)
+            client = self._clientSocket()
             upstream = spare.detach() if client is not None else None
             if client is not None and upstream is not None:
                 self._startRelay(client, upstream, spare.received)
             else:
-                spare.attach(GuestConnection(self, greeting=spare.received))
+                answered: Deferred[GuestConnection] = Deferred()
+                answered.addCallback(self.guestConnected)
+                spare.attach(GuestConnection(answered, self.factory.reactor, spare.received))
             return
-        if client is not None and relay.addressFamily(guest.host) is not None:
-            self._pending = connecting = relay.connect(
-                self.factory.reactor, guest.host, guest.port, self.factory.connectTimeout
-            )
-            connecting.addCallbacks(
-                self._guestSocketConnected, self.guestFailed, callbackArgs=(client,)
-            )
-            return
-        self._pending = self.factory.reactor.connectTCP(
-            guest.host, guest.port, GuestFactory(self), timeout=self.factory.connectTimeout
-        )
+        self._target = guest
+        self._connectGuest()
 
     def _guestUnavailable(self, reason: Failure) -> None:
         self._pending = None
         if reason.check(CancelledError) or self._ending:
             return
         self._close(reason.getErrorMessage())
+
+    def _clientSocket(self) -> socket.socket | None:
+        return _rawSocket(self.transport) if self.factory.relays else None
+
+    # -- connecting to the guest
+
+    def _connectGuest(self) -> None:
+        """One attempt: wait for a slot among L{GUEST_CONNECTS}, then connect."""
+        self._attempts += 1
+        self._pending = slot = self.factory.guestConnects.acquire()
+        slot.addCallbacks(self._slotTaken, lambda reason: reason.trap(CancelledError))
+
+    def _slotTaken(self, _: object) -> None:
+        self._pending = None
+        if self.phase is not Phase.CONNECTING or self._target is None:
+            self.factory.guestConnects.release()
+            return
+        host, port = self._target.host, self._target.port
+        reactor, timeout = self.factory.reactor, self.factory.connectTimeout
+        client = self._clientSocket()
+        attempt: Deferred[Any]
+        if client is not None and relay.addressFamily(host) is not None:
+            attempt = relay.connect(reactor, host, port, timeout).addCallback(self._awaitBanner)
+            attempt.addCallback(lambda answer: self._startRelay(client, *answer))
+        else:
+            guests = GuestFactory(reactor, self.factory.bannerTimeout)
+            reactor.connectTCP(host, port, guests, timeout=timeout)
+            attempt = guests.answered.addCallback(self.guestConnected)
+        if not attempt.called:
+            self._pending = attempt
+        attempt.addBoth(self._attemptEnded)
+        attempt.addErrback(self._attemptFailed)
+
+    def _awaitBanner(
+        self, upstream: socket.socket
+    ) -> tuple[socket.socket, bytes] | Deferred[tuple[socket.socket, bytes]]:
+        reactor, silence = self.factory.reactor, self.factory.bannerTimeout
+        if silence is None:
+            return (upstream, b"")
+        spoken = relay.firstBytes(reactor, upstream).addTimeout(silence, reactor)
+        spoken.addErrback(_asSilence, silence)
+        return spoken.addCallback(lambda greeting: (upstream, greeting))
+
+    def _attemptEnded(self, result: object) -> object:
+        """Spliced, failed or given up: the slot goes to the next connect."""
+        self._pending = None
+        self.factory.guestConnects.release()
+        return result
+
+    def _attemptFailed(self, reason: Failure) -> None:
+        if reason.check(CancelledError) or self._ending:
+            return
+        if not reason.check(GuestSilent):
+            self.guestFailed(reason)
+            return
+        if self._attempts < GUEST_ATTEMPTS:
+            log.info(
+                "the guest's sshd {why} for {peer}: trying again ({attempt} of {attempts})",
+                why=reason.getErrorMessage(),
+                peer=self.transport.getPeer(),
+                attempt=self._attempts + 1,
+                attempts=GUEST_ATTEMPTS,
+            )
+            self._connectGuest()
+            return
+        log.warn(
+            "the guest's sshd {why} for {peer}, {attempts} times: closing the connection",
+            why=reason.getErrorMessage(),
+            peer=self.transport.getPeer(),
+            attempts=GUEST_ATTEMPTS,
+        )
+        self.phase = Phase.CLOSING
+        self.transport.loseConnection()
 
     def guestFailed(self, reason: Failure) -> None:
         self._pending = None
@@ -227,18 +325,14 @@ class InboundConnection(Protocol):
 
     # -- the splice
 
-    def _guestSocketConnected(self, upstream: socket.socket, client: socket.socket) -> None:
-        self._pending = None
+    def _startRelay(self, client: socket.socket, upstream: socket.socket, greeting: bytes) -> None:
+        """Both sockets are connected: the relay moves the bytes, the held ones first."""
         if self.phase is not Phase.CONNECTING:
             # Closed (aborted, or the client hung up) while the connect was under way, and
             # its connectionLost is yet to come: a relay now would take over the client's
             # descriptor from its closing transport, which then never finishes closing.
             relay.closeSocket(upstream)
             return
-        self._startRelay(client, upstream, b"")
-
-    def _startRelay(self, client: socket.socket, upstream: socket.socket, greeting: bytes) -> None:
-        """Both sockets are connected: the relay moves the bytes, the held ones first."""
         self.transport.pauseProducing()
         self._startSplice(
             Relay(
@@ -351,10 +445,8 @@ class InboundConnection(Protocol):
         self.phase = Phase.CLOSED
         self._held, self._heldSize = [], 0
         pending, self._pending = self._pending, None
-        if isinstance(pending, Deferred):
+        if pending is not None:
             pending.cancel()
-        elif pending is not None:
-            pending.disconnect()
         if self._splice is not None:
             self._splice.close()
         log.debug(
@@ -366,35 +458,83 @@ class InboundConnection(Protocol):
         self.factory.backend.connectionClosed(self)
 
 
+def _asSilence(reason: Failure, seconds: float) -> Failure:
+    """A guest that was connected and then said nothing, or closed first: worth a retry."""
+    if reason.check(TimeoutError):
+        return Failure(GuestSilent(f"said nothing in {seconds:g} s"))
+    if reason.check(ConnectionDone, ConnectionLost):
+        return Failure(GuestSilent("closed the connection before it said anything"))
+    return reason
+
+
 @implementer(IHalfCloseableProtocol)
 class GuestConnection(Protocol):
     """
-    The guest side of one splice on the transports: until the splice begins, its events go
-    to the inbound connection; then to the splice.
+    The guest side of one splice on the transports.  Until the guest has spoken, its first
+    bytes are kept (C{greeting}) and C{answered} fires with this connection once there are
+    some, or fails with L{GuestSilent} after L{BANNER_SECONDS} or an early close; then its
+    events go to the splice.
 
-    @ivar greeting: what the guest sent before this protocol took over (the banner, when the
-        connection is the readiness probe's); it goes to the client first.
+    @ivar greeting: what the guest sent before the splice (its banner; also when the
+        connection is the readiness probe's, which read it); it goes to the client first.
     """
 
     # Set by makeConnection, before any event reaches this protocol.
     transport: IStreamTransport
 
-    def __init__(self, inbound: InboundConnection, greeting: bytes = b"") -> None:
-        self.inbound = inbound
+    def __init__(
+        self,
+        answered: Deferred[GuestConnection],
+        clock: IReactorTime,
+        greeting: bytes = b"",
+        silence: float | None = BANNER_SECONDS,
+    ) -> None:
+        self.answered = answered
         self.greeting = greeting
+        self._silenceSeconds = silence
         self.splice: TransportSplice | None = None
+        self._clock = clock
+        self._silence: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
         _noDelay(self.transport)
-        self.inbound.guestConnected(self)
+        if self.greeting or self._silenceSeconds is None:
+            self._answer()
+        else:
+            self._silence = self._clock.callLater(self._silenceSeconds, self._silent)
 
     def dataReceived(self, data: bytes) -> None:
         if self.splice is not None:
             self.splice.guestData(data)
+        elif not self.answered.called:
+            self.greeting += data
+            self._answer()
+
+    def _answer(self) -> None:
+        self._stopWaiting()
+        self.answered.callback(self)
+
+    def _silent(self) -> None:
+        self._silence = None
+        self._fail(GuestSilent(f"said nothing in {self._silenceSeconds:g} s"))
+        self.transport.abortConnection()
+
+    def _fail(self, reason: Exception) -> None:
+        self._stopWaiting()
+        if not self.answered.called:
+            self.answered.errback(Failure(reason))
+
+    def _stopWaiting(self) -> None:
+        if self._silence is not None and self._silence.active():
+            self._silence.cancel()
+        self._silence = None
 
     def readConnectionLost(self) -> None:
         if self.splice is not None:
             self.splice.guestFinishedSending()
+        elif not self.answered.called:
+            self._fail(GuestSilent("closed the connection before it said anything"))
+            self.transport.loseConnection()
 
     def writeConnectionLost(self) -> None:
         pass
@@ -402,19 +542,37 @@ class GuestConnection(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.splice is not None:
             self.splice.guestLost(reason)
+        else:
+            self._fail(GuestSilent("closed the connection before it said anything"))
 
 
 class GuestFactory(ClientFactory[GuestConnection]):
+    """
+    One connect to the guest on the transports: C{answered} fires with the connection once
+    the guest has spoken; cancelling it stops the connect, or drops the connection.
+    """
+
     noisy = False  # per-connection factory start/stop lines say nothing useful
 
-    def __init__(self, inbound: InboundConnection) -> None:
-        self.inbound = inbound
+    def __init__(self, clock: IReactorTime, silence: float | None = BANNER_SECONDS) -> None:
+        self._clock = clock
+        self._silenceSeconds = silence
+        self._connector: IConnector | None = None
+        self.answered: Deferred[GuestConnection] = Deferred(self._cancel)
+
+    def startedConnecting(self, connector: IConnector) -> None:
+        self._connector = connector
+
+    def _cancel(self, _: Deferred[GuestConnection]) -> None:
+        if self._connector is not None:
+            self._connector.disconnect()
 
     def buildProtocol(self, addr: IAddress | None) -> GuestConnection:
-        return GuestConnection(self.inbound)
+        return GuestConnection(self.answered, self._clock, silence=self._silenceSeconds)
 
     def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
-        self.inbound.guestFailed(reason)
+        if not self.answered.called:
+            self.answered.errback(reason)
 
 
 class ProxyFactory(Factory[InboundConnection]):
@@ -425,6 +583,9 @@ class ProxyFactory(Factory[InboundConnection]):
         C{portable} (one shared buffer, the path macOS runs), or C{transports} (the
         Twisted protocol path, which every splice also falls back to when either side is
         not a plain TCP socket).
+    @param bannerTimeout: how long a guest connection may stay silent before it is tried
+        again (L{GUEST_ATTEMPTS} in all); C{None} splices at once, for a guest that does not
+        speak first (the benchmarks' sink), as an SSH server always does.
     @param pipeLimit: how many pipes splice(2) may hold at once: the daemon's budget
         (L{virby.daemon.capacity.DescriptorLimit.pipes}); by default, the pipes' share of the
         open-file limit now.
@@ -443,16 +604,19 @@ class ProxyFactory(Factory[InboundConnection]):
         connectTimeout: float = 10.0,
         dataPath: str = "fast",
         pipeLimit: int | None = None,
+        bannerTimeout: float | None = BANNER_SECONDS,
     ) -> None:
         if dataPath not in DATA_PATHS:
             raise ValueError(f"unknown data path {dataPath!r}: one of {', '.join(DATA_PATHS)}")
         self.reactor = reactor
         self.backend = backend
         self.connectTimeout = connectTimeout
+        self.bannerTimeout = bannerTimeout
         self.relays = dataPath != "transports" and IReactorFDSet.providedBy(reactor)
         splicing = dataPath == "fast" and spliceAvailable()
         self.pipes = PipePool(reactor, limit=pipeLimit) if splicing else None
         self.buffers = BufferPool()
+        self.guestConnects = DeferredSemaphore(GUEST_CONNECTS)
         self._open: set[InboundConnection] = set()
         self.bytesToGuest = 0
         self.bytesToClients = 0

@@ -826,6 +826,84 @@ class _Connecting:
         self._timeout = None
 
 
+@implementer(IReadDescriptor)
+class _AwaitingSpeech:
+    """Waits, as a reactor reader, for the first bytes a connected socket receives."""
+
+    def __init__(self, reactor: IRelayReactor, sock: socket.socket, result: Deferred[bytes]):
+        self._reactor = reactor
+        self._socket = sock
+        self._fd = sock.fileno()
+        self._result = result
+        self._waiting = True
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def logPrefix(self) -> str:
+        return "virby.daemon.relay"
+
+    def doRead(self) -> None:
+        if not self._waiting:
+            return
+        try:
+            data = self._socket.recv(FIRST_BYTES)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            self._fail(error.ConnectionLost(str(e)))
+            return
+        if not data:
+            self._fail(error.ConnectionDone("closed before it sent anything"))
+            return
+        self._end()
+        self._result.callback(data)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._fail(error.ConnectionLost(reason.getErrorMessage()))
+
+    def cancel(self) -> None:
+        """Give up: the socket is closed at once, with a reset (nothing was said on it)."""
+        if self._waiting:
+            self._end()
+            closeSocket(self._socket, abort=True)
+
+    def _fail(self, reason: Exception) -> None:
+        self.cancel()
+        if not self._result.called:
+            self._result.errback(Failure(reason))
+
+    def _end(self) -> None:
+        self._waiting = False
+        self._reactor.removeReader(self)
+
+
+#: The most of a peer's first bytes L{firstBytes} reads at once (a banner is far less).
+FIRST_BYTES = 64 * 1024
+
+
+def firstBytes(reactor: IRelayReactor, sock: socket.socket) -> Deferred[bytes]:
+    """
+    The first bytes the peer of a connected, non-blocking C{sock} sends.
+
+    @return: a Deferred firing with them, or failing with
+        L{twisted.internet.error.ConnectionDone} (an EOF first) or
+        L{twisted.internet.error.ConnectionLost}; cancelling it resets and closes C{sock},
+        as does any failure.
+    """
+    waiting: list[_AwaitingSpeech] = []
+
+    def cancel(_: Deferred[bytes]) -> None:
+        if waiting:
+            waiting[0].cancel()
+
+    result: Deferred[bytes] = Deferred(cancel)
+    awaiting = _AwaitingSpeech(reactor, sock, result)
+    waiting.append(awaiting)
+    reactor.addReader(awaiting)
+    return result
+
+
 @functools.lru_cache(maxsize=64)
 def addressFamily(host: str) -> socket.AddressFamily | None:
     """The family of an IP address; C{None} for a name (cached: the guest has one address)."""
