@@ -30,6 +30,7 @@ import enum
 import functools
 import ipaddress
 import socket
+from collections.abc import Callable
 from typing import Any
 from typing import Protocol as TypingProtocol
 
@@ -618,6 +619,8 @@ class ProxyFactory(Factory[InboundConnection]):
         self.buffers = BufferPool()
         self.guestConnects = DeferredSemaphore(GUEST_CONNECTS)
         self._open: set[InboundConnection] = set()
+        #: Told when a connection has ended: the admission limit (L{ConnectionLimit}).
+        self.onClosed: Callable[[], None] | None = None
         self.bytesToGuest = 0
         self.bytesToClients = 0
 
@@ -637,6 +640,8 @@ class ProxyFactory(Factory[InboundConnection]):
 
     def closed(self, connection: InboundConnection) -> None:
         self._open.discard(connection)
+        if self.onClosed is not None:
+            self.onClosed()
         self.bytesToGuest += connection.bytesIn
         self.bytesToClients += connection.bytesOut
 

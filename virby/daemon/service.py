@@ -88,6 +88,7 @@ class DaemonService(Service):
         self.lifecycle = lifecycle
         self._descriptors = descriptors
         self._ports: list[IListeningPort] = []
+        self._limit: ConnectionLimit | None = None
         self._control: IListeningPort | None = None
         self._lock: FileLock | None = None
         self._startedAt: float | None = None
@@ -111,6 +112,8 @@ class DaemonService(Service):
         except BaseException:
             self._abandonStart()
             raise
+        if self._limit is not None:
+            self._limit.attach(self._ports)
         widened = [widenAcceptQueue(port) for port in self._ports]
         for port in self._ports:
             log.info("serving the builder on {address}", address=_address(port))
@@ -125,13 +128,15 @@ class DaemonService(Service):
         factory = self._proxy
         if self._descriptors is None:
             return factory
-        return ConnectionLimit(
+        self._limit = limit = ConnectionLimit(
             factory,
             self._descriptors.connections,
             lambda: factory.openConnections,
             self._reactor,
             self._descriptors.why(),
         )
+        factory.onClosed = limit.ended
+        return limit
 
     def _lockWorkingDirectory(self) -> None:
         """One daemon per working directory: the kernel drops the lock when this one dies."""
