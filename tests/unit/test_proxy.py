@@ -17,6 +17,7 @@ from twisted.python.failure import Failure
 from virby.daemon.lifecycle import Lifecycle, VMUnavailable
 from virby.daemon.proxy import (
     BANNER_SECONDS,
+    CLIENT_SILENCE_SECONDS,
     GUEST_ATTEMPTS,
     GUEST_CONNECTS,
     MAX_HELD,
@@ -617,3 +618,60 @@ def test_on_the_relay_path_a_silent_guest_socket_is_given_up_as_silent() -> None
     assert failure.check(GuestSilent) and "said nothing in 5 s" in failure.getErrorMessage()
     assert upstream.fileno() == -1 and not reactor.readers
     guest_end.close()
+
+
+# -- a client that says nothing
+
+
+def lose(inbound, transport) -> None:
+    """The transport, closing, reports the loss (as the reactor would, a turn later)."""
+    if transport.disconnecting and not transport.disconnected:
+        transport.disconnected = True
+        inbound.connectionLost(None)
+
+
+def test_a_client_that_sends_nothing_is_closed_and_stops_holding_the_vm() -> None:
+    reactor, _hypervisor, lifecycle, [(silent, silent_transport), (talker, talker_transport)] = (
+        booting(2)
+    )
+    talker.dataReceived(b"SSH-2.0-client\r\n")
+    assert lifecycle.snapshot().active_connections == 2
+    with capturedLogs() as events:
+        reactor.advance(CLIENT_SILENCE_SECONDS - 1)
+        assert not silent_transport.disconnecting
+        reactor.advance(1)
+    assert silent_transport.disconnecting and not silent_transport.aborted
+    assert not talker_transport.disconnecting, "a client that spoke stays"
+    assert any(
+        "port=40000): it sent nothing in 30 s, as no SSH client does" in formatEvent(e)
+        for e in events
+    )
+    lose(silent, silent_transport)
+    assert lifecycle.snapshot().active_connections == 1
+
+
+def test_a_spliced_client_that_sends_nothing_is_closed_with_its_guest_side() -> None:
+    backend = Backend(succeed(guest()))
+    reactor, inbound, client = accept(backend)
+    _guest_side, guest_transport, _ = connect_guest(reactor)
+    assert inbound.spliced and client.value() == BANNER
+    reactor.advance(CLIENT_SILENCE_SECONDS)
+    assert client.disconnecting and guest_transport.disconnecting
+    lose(inbound, client)
+    assert backend.closed == [inbound]
+
+
+def test_a_spliced_client_that_spoke_outlives_the_bound() -> None:
+    backend = Backend(succeed(guest()))
+    reactor, inbound, client = accept(backend)
+    connect_guest(reactor)
+    inbound.dataReceived(b"SSH-2.0-client\r\n")
+    reactor.advance(CLIENT_SILENCE_SECONDS * 10)
+    assert not client.disconnecting
+
+
+def test_a_closed_client_leaves_no_timer_behind() -> None:
+    backend = Backend()
+    reactor, inbound, _client = accept(backend)
+    inbound.connectionLost(None)
+    assert reactor.getDelayedCalls() == []

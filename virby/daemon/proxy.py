@@ -86,6 +86,13 @@ BANNER_SECONDS = 5.0
 #: Connections tried for one client before it is closed, with a line in the log.
 GUEST_ATTEMPTS = 3
 
+#: How long a client may send nothing before it is closed.  An SSH client sends its banner
+#: as soon as it has connected (RFC 4253, 4.2), without waiting for the server's; one that
+#: has sent nothing in this long is no SSH client, and would otherwise hold the VM up (a
+#: connection boots it and keeps it past its idle time) for as long as it stays open.
+#: Long enough for a client on a loaded machine, short beside any idle time.
+CLIENT_SILENCE_SECONDS = 30.0
+
 #: The data paths, by name: C{fast} is splice(2) where the system has it, else C{portable}.
 DATA_PATHS = ("fast", "portable", "transports")
 
@@ -177,6 +184,8 @@ class InboundConnection(Protocol):
         self._heldSize = 0
         self._target: ReadyGuest | None = None
         self._attempts = 0
+        self._heard = False
+        self._silence: IDelayedCall | None = None
 
     @property
     def spliced(self) -> bool:
@@ -206,8 +215,27 @@ class InboundConnection(Protocol):
         # Debug lines name callables, called only when debug logging is on: these run for
         # every connection, and formatting costs more than the rest of the line's work.
         log.debug("connection from {peer()}", peer=self.transport.getPeer)
+        self._silence = self.factory.reactor.callLater(
+            self.factory.clientSilence, self._clientSilent
+        )
         self._pending = waiting = self.factory.backend.whenReady()
         waiting.addCallbacks(self._guestReady, self._guestUnavailable)
+
+    def _clientSilent(self) -> None:
+        """No byte from the client in L{CLIENT_SILENCE_SECONDS}: it is no SSH client."""
+        self._silence = None
+        if self._heard or self.bytesIn or self._ending:
+            return
+        why = f"it sent nothing in {self.factory.clientSilence:g} s, as no SSH client does"
+        if self._splice is None:
+            self._close(why)
+            return
+        self.phase = Phase.CLOSING
+        log.info(
+            "closing the connection from {peer}: {why}", peer=self.transport.getPeer(), why=why
+        )
+        self._splice.close()
+        self.transport.loseConnection()
 
     def _guestReady(self, guest: ReadyGuest) -> None:
         self._pending = None
@@ -386,6 +414,7 @@ class InboundConnection(Protocol):
     # -- the client's events
 
     def dataReceived(self, data: bytes) -> None:
+        self._heard = True
         if self.phase is Phase.SPLICED:
             assert self._splice is not None
             self._splice.clientData(data)
@@ -445,6 +474,9 @@ class InboundConnection(Protocol):
             return
         self.phase = Phase.CLOSED
         self._held, self._heldSize = [], 0
+        if self._silence is not None and self._silence.active():
+            self._silence.cancel()
+        self._silence = None
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.cancel()
@@ -587,6 +619,8 @@ class ProxyFactory(Factory[InboundConnection]):
     @param bannerTimeout: how long a guest connection may stay silent before it is tried
         again (L{GUEST_ATTEMPTS} in all); C{None} splices at once, for a guest that does not
         speak first (the benchmarks' sink), as an SSH server always does.
+    @param clientSilence: how long a client may send nothing before it is closed
+        (L{CLIENT_SILENCE_SECONDS}).
     @param pipeLimit: how many pipes splice(2) may hold at once: the daemon's budget
         (L{virby.daemon.capacity.DescriptorLimit.pipes}); by default, the pipes' share of the
         open-file limit now.
@@ -606,6 +640,7 @@ class ProxyFactory(Factory[InboundConnection]):
         dataPath: str = "fast",
         pipeLimit: int | None = None,
         bannerTimeout: float | None = BANNER_SECONDS,
+        clientSilence: float = CLIENT_SILENCE_SECONDS,
     ) -> None:
         if dataPath not in DATA_PATHS:
             raise ValueError(f"unknown data path {dataPath!r}: one of {', '.join(DATA_PATHS)}")
@@ -613,6 +648,7 @@ class ProxyFactory(Factory[InboundConnection]):
         self.backend = backend
         self.connectTimeout = connectTimeout
         self.bannerTimeout = bannerTimeout
+        self.clientSilence = clientSilence
         self.relays = dataPath != "transports" and IReactorFDSet.providedBy(reactor)
         splicing = dataPath == "fast" and spliceAvailable()
         self.pipes = PipePool(reactor, limit=pipeLimit) if splicing else None
