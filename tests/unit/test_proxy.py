@@ -675,3 +675,17 @@ def test_a_closed_client_leaves_no_timer_behind() -> None:
     reactor, inbound, _client = accept(backend)
     inbound.connectionLost(None)
     assert reactor.getDelayedCalls() == []
+
+
+def test_a_probe_connection_that_says_nothing_is_replaced_by_a_connect() -> None:
+    backend = Booting()
+    reactor = MemoryReactorClock()
+    _, inbound, client = accept(backend, reactor=reactor)
+    probe = Probe(b"")
+    backend.becomeReady(ReadyGuest("192.168.64.2", 22, probe))  # type: ignore[arg-type]
+    assert reactor.tcpClients == []
+    reactor.advance(BANNER_SECONDS)
+    assert probe.transport.aborted
+    assert [c[:2] for c in reactor.tcpClients] == [("192.168.64.2", 22)]
+    connect_guest(reactor)
+    assert inbound.spliced and client.value() == BANNER

@@ -242,6 +242,7 @@ class InboundConnection(Protocol):
         if self.phase is not Phase.WAITING:
             return
         self.phase = Phase.CONNECTING
+        self._target = guest
         spare = guest.claim()
         if spare is not None:
             log.debug("{peer()} gets the readiness probe's connection", peer=self.transport.getPeer)
@@ -250,11 +251,12 @@ class InboundConnection(Protocol):
             if client is not None and upstream is not None:
                 self._startRelay(client, upstream, spare.received)
             else:
+                # The probe read the banner, so this answers at once; should it not, a
+                # connection of our own is tried instead.
                 answered: Deferred[GuestConnection] = Deferred()
-                answered.addCallback(self.guestConnected)
+                answered.addCallbacks(self.guestConnected, self._attemptFailed)
                 spare.attach(GuestConnection(answered, self.factory.reactor, spare.received))
             return
-        self._target = guest
         self._connectGuest()
 
     def _guestUnavailable(self, reason: Failure) -> None:
