@@ -165,7 +165,7 @@ def virby_splice(listen: int, target: int, path: str = "fast") -> None:
         def whenReady(self):  # type: ignore[no-untyped-def]
             return succeed(ReadyGuest("127.0.0.1", target))
 
-    factory = ProxyFactory(reactor, Ready(), dataPath=path)
+    factory = ProxyFactory(reactor, Ready(), dataPath=path, bannerTimeout=None)
     reactor.listenTCP(listen, factory, backlog=1024, interface="127.0.0.1")
     reactor.run()
 

@@ -18,7 +18,7 @@ from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
 
 from virby.daemon import relay
-from virby.daemon.proxy import ProxyFactory
+from virby.daemon.proxy import Phase, ProxyFactory
 from virby.daemon.readiness import ReadyGuest
 
 pytestmark = pytest.mark.e2e
@@ -160,7 +160,7 @@ class Setup:
         self.reactor = reactor
         self.guestPort = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(guest)
         self.backend = Backend(self.guestPort.getHost().port)
-        self.factory = ProxyFactory(reactor, self.backend, dataPath=path)
+        self.factory = ProxyFactory(reactor, self.backend, dataPath=path, bannerTimeout=None)
         self.proxyPort = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
             self.factory
         )
@@ -333,7 +333,7 @@ async def test_a_guest_that_refuses_closes_the_client_and_says_why(path) -> None
         unused.bind(("127.0.0.1", 0))
         backend = Backend(unused.getsockname()[1])
         proxy = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
-            ProxyFactory(reactor, backend, dataPath=path)
+            ProxyFactory(reactor, backend, dataPath=path, bannerTimeout=None)
         )
         said: list[str] = []
 
@@ -385,7 +385,7 @@ async def test_what_a_client_sends_while_the_vm_boots_goes_first(path) -> None:
     guests = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(echoes())
     backend = Booting(guests.getHost().port)
     proxy = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
-        ProxyFactory(reactor, backend, dataPath=path)
+        ProxyFactory(reactor, backend, dataPath=path, bannerTimeout=None)
     )
     try:
         talker = Talker(b"SSH-2.0-client\r\n", halfClose=False)
@@ -404,7 +404,7 @@ async def test_what_a_client_sends_while_the_vm_boots_goes_first(path) -> None:
 
         connection.dataReceived = spy
         await held.addTimeout(10, reactor)
-        assert connection.guest is None and not connection.spliced, "read while it waits"
+        assert connection.phase is Phase.WAITING and not connection.spliced, "read while it waits"
         backend.ready()
         await talker.expect(b"SSH-2.0-client\r\n").addTimeout(10, reactor)
         talker.transport.loseConnection()

@@ -157,7 +157,58 @@ class Wrapped:
         return f"protocol for {addr}"
 
 
-def test_past_the_limit_connections_are_closed_and_logged(logged) -> None:
+class PausablePort:
+    """A listening port as the limit drives it: reading or not, and its accepts per event."""
+
+    def __init__(self) -> None:
+        self.reading = True
+        self.numberAccepts = 100
+
+    def stopReading(self) -> None:
+        self.reading = False
+
+    def startReading(self) -> None:
+        self.reading = True
+
+
+def test_at_the_limit_the_ports_stop_accepting_until_a_connection_ends(logged) -> None:
+    clock = Clock()
+    wrapped = Wrapped()
+    open_now = [0]
+    limit = ConnectionLimit(wrapped, 3, lambda: open_now[0], clock, "a reason")
+    ports = [PausablePort(), PausablePort()]
+    limit.attach([*ports, object()])
+    assert [p.numberAccepts for p in ports] == [3, 3], "no event accepts more than fit"
+    limit.doStart()
+    for peer in ("a", "b"):
+        assert limit.buildProtocol(peer) == f"protocol for {peer}"
+        open_now[0] += 1
+        assert all(p.reading for p in ports) and not limit.paused
+    clock.advance(0)
+    assert [p.numberAccepts for p in ports] == [1, 1]
+    clock.advance(5)
+    assert limit.buildProtocol("c") == "protocol for c"
+    open_now[0] += 1
+    assert not any(p.reading for p in ports) and limit.paused, "the rest wait in the kernel"
+    assert limit.refused == 0
+    clock.advance(7.25)
+    open_now[0] -= 1
+    limit.ended()
+    assert all(p.reading for p in ports) and not limit.paused
+    assert limit.pauses == 1
+    assert [line for line in logged if "accept queue" in line] == [
+        "holding new connections in the accept queue: 3 are open, the most this daemon "
+        "serves at once (a reason); they are accepted as others end",
+        "accepting again: new connections waited in the accept queue for 7.2 s while 3 were open",
+    ]
+    limit.ended()
+    assert limit.pauses == 1
+    limit.doStop()
+    assert (wrapped.started, wrapped.stopped) == (1, 1)
+
+
+def test_past_the_limit_connections_are_closed_and_every_one_counted(logged) -> None:
+    """Where no port can pause (or one arrives from another port), each is closed."""
     clock = Clock()
     wrapped = Wrapped()
     open_now = [0]
@@ -168,17 +219,19 @@ def test_past_the_limit_connections_are_closed_and_logged(logged) -> None:
     open_now[0] = 2
     assert limit.buildProtocol("b") is None and limit.buildProtocol("c") is None
     assert wrapped.built == ["a"] and limit.refused == 2
-    warnings = [line for line in logged if "closing new connections" in line]
+    warnings = [line for line in logged if "clos" in line]
     assert warnings == [
-        "closing new connections: 2 are open, the most this daemon serves at once (a reason); "
-        "1 closed since the last warning, the latest from b"
+        "closing a new connection from b: 2 are open, the most this daemon serves at once "
+        "(a reason)"
     ]
+    for peer in range(549):
+        clock.advance(0.01)
+        assert limit.buildProtocol(str(peer)) is None
     clock.advance(10)
-    assert limit.buildProtocol("d") is None
-    warnings = [line for line in logged if "closing new connections" in line]
-    assert (
-        len(warnings) == 2 and "2 closed since the last warning, the latest from d" in warnings[1]
-    )
+    warnings = [line for line in logged if "clos" in line]
+    assert warnings[1:] == [
+        "closed 550 more new connections at the limit of 2 (in all 551 since the daemon started)"
+    ], "every one counted, though none came after"
     open_now[0] = 1
     assert limit.buildProtocol("e") == "protocol for e"
     limit.doStop()

@@ -8,9 +8,11 @@ import socket
 from collections.abc import Iterator
 
 import pytest
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import capturedLogs, formatEvent
 
 from virby.config import fromMapping
 from virby.daemon.hypervisor import BootError, VfkitHypervisor
@@ -107,6 +109,37 @@ def test_start_listens_and_describes_itself(short_tmp) -> None:
     assert document["listening"] and document["ttl"] == 10800
     assert document["start_timeout"] == 180 and document["boot_phase"] is None
     assert (document["bytes_to_guest"], document["bytes_from_guest"]) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("interface", "warned"), [("127.0.0.1", False), ("0.0.0.0", True), ("192.168.1.5", True)]
+)
+def test_a_listen_address_other_hosts_reach_is_named_at_start(short_tmp, interface, warned) -> None:
+    class Port:
+        def getHost(self) -> IPv4Address:
+            return IPv4Address("TCP", interface, 31222)
+
+        def stopListening(self) -> None:
+            pass
+
+    class Endpoint:
+        def listen(self, factory) -> Deferred:
+            return succeed(Port())
+
+    reactor = MemoryReactorClock()
+    endpoint = Endpoint()
+    with capturedLogs() as events:
+        service(short_tmp, reactor, endpoint).startService()
+    lines = [formatEvent(e) for e in events if "other hosts can reach" in formatEvent(e)]
+    assert lines == (
+        [
+            f"the builder listens on {interface}:31222, which other hosts can reach: only "
+            "loopback peers are served, the others are refused; listen on 127.0.0.1 or ::1 "
+            "instead"
+        ]
+        if warned
+        else []
+    )
 
 
 def test_a_port_in_use_is_one_line(short_tmp) -> None:

@@ -11,11 +11,20 @@ from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import capturedLogs
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
 from virby.daemon.lifecycle import Lifecycle, VMUnavailable
-from virby.daemon.proxy import MAX_HELD, ProxyFactory, isLoopback
+from virby.daemon.proxy import (
+    BANNER_SECONDS,
+    CLIENT_SILENCE_SECONDS,
+    GUEST_ATTEMPTS,
+    GUEST_CONNECTS,
+    MAX_HELD,
+    Phase,
+    ProxyFactory,
+    isLoopback,
+)
 from virby.daemon.readiness import ReadyGuest
 
 
@@ -69,11 +78,18 @@ def accept(backend, peer=None, reactor=None):
     return reactor, protocol, transport
 
 
-def connect_guest(reactor: MemoryReactorClock, index: int = -1):
+#: What the guest's sshd says first: the splice begins once it has.
+BANNER = b"SSH-2.0-guest\r\n"
+
+
+def connect_guest(reactor: MemoryReactorClock, index: int = -1, banner: bytes = BANNER):
+    """The guest accepts the connect, and (unless C{banner} is empty) speaks."""
     host, port, factory, timeout, _ = reactor.tcpClients[index]
     guest = factory.buildProtocol(None)
     transport = Transport(IPv4Address("TCP", host, port))
     guest.makeConnection(transport)
+    if banner:
+        guest.dataReceived(banner)
     return guest, transport, (host, port, timeout)
 
 
@@ -117,14 +133,14 @@ def test_held_bytes_go_first_then_the_splice() -> None:
     inbound.dataReceived(b"SSH-2.0-client\r\n")
     assert reactor.tcpClients == []
     backend.ready.callback(guest("192.168.64.2", 22))
-    guest_side, guest_transport, (host, port, timeout) = connect_guest(reactor)
+    guest_side, guest_transport, (host, port, timeout) = connect_guest(reactor, banner=b"")
     assert (host, port, timeout) == ("192.168.64.2", 22, 7)
-    assert guest_transport.value() == b"SSH-2.0-client\r\n"
-    assert client.producerState == "producing"
     assert guest_transport.noDelay
+    assert guest_transport.value() == b"", "held until the guest has spoken"
     inbound.dataReceived(b"more")
     guest_side.dataReceived(b"SSH-2.0-guest\r\n")
-    assert guest_transport.value().endswith(b"more")
+    assert guest_transport.value() == b"SSH-2.0-client\r\nmore"
+    assert client.producerState == "producing"
     assert client.value() == b"SSH-2.0-guest\r\n"
     assert (inbound.bytesIn, inbound.bytesOut) == (20, 15)
 
@@ -168,7 +184,7 @@ def test_half_close_client_first() -> None:
     assert guest_transport.writeClosed, "EOF passed on to the guest"
     assert not client.disconnecting and not guest_transport.disconnecting
     guest_side.dataReceived(b"answer")
-    assert client.value() == b"answer", "the guest's answer still flows after the EOF"
+    assert client.value() == BANNER + b"answer", "the guest's answer still flows after the EOF"
     guest_side.readConnectionLost()
     assert client.writeClosed
     assert client.disconnecting and guest_transport.disconnecting
@@ -231,8 +247,8 @@ def test_a_client_closed_while_the_guest_socket_connects_is_never_relayed() -> N
     inbound.abort("forced stop")
     upstream, other = socket.socketpair()
     try:
-        inbound._guestSocketConnected(upstream, other)
-        assert inbound._relay is None and inbound._guestSocket is None
+        inbound._startRelay(other, upstream, b"")
+        assert not inbound.spliced and inbound.phase is Phase.CLOSING
         assert upstream.fileno() == -1, "the guest's socket is closed"
         assert client.disconnecting
     finally:
@@ -286,10 +302,11 @@ def test_traffic_counts_open_and_closed_connections() -> None:
         inbound.dataReceived(b"12345")
         guest_side.dataReceived(b"abc")
         pairs.append((inbound, guest_side))
-    assert factory.traffic() == (10, 6)
+    banners = 2 * len(BANNER)
+    assert factory.traffic() == (10, 6 + banners)
     pairs[0][0].connectionLost(None)
     pairs[1][0].dataReceived(b"6")
-    assert factory.traffic() == (11, 6)
+    assert factory.traffic() == (11, 6 + banners)
 
 
 # -- the probe's connection, handed over
@@ -342,7 +359,7 @@ def test_the_first_waiter_gets_the_probes_connection_and_its_banner() -> None:
     assert probe.transport.value() == b"SSH-2.0-client\r\n"
     assert [c[:2] for c in reactor.tcpClients] == [("192.168.64.2", 22)], "only the second"
     assert not probe.closed
-    assert second.guest is None
+    assert not second.spliced and second.phase is Phase.CONNECTING
 
 
 def test_an_unclaimed_probe_connection_is_closed() -> None:
@@ -487,3 +504,188 @@ def test_accounting_exactly_once_in_any_order(order) -> None:
         inbound.connectionLost(None)
     assert backend.opened == [inbound]
     assert backend.closed == [inbound]
+
+
+def test_the_factory_counts_its_open_connections_for_admission() -> None:
+    reactor = MemoryReactorClock()
+    factory = ProxyFactory(reactor, Backend())
+    connections = []
+    for _ in range(3):
+        transport = Transport()
+        inbound = factory.buildProtocol(transport.getPeer())
+        inbound.makeConnection(transport)
+        connections.append(inbound)
+    assert factory.openConnections == 3
+    connections[0].connectionLost(None)
+    connections[0].connectionLost(None)
+    assert factory.openConnections == 2
+
+
+# -- connecting to the guest: a bounded number at once, and a silent guest tried again
+
+
+def waiting_clients(count: int):
+    backend = Booting()
+    reactor = MemoryReactorClock()
+    factory = ProxyFactory(reactor, backend)
+    clients = []
+    for _ in range(count):
+        transport = Transport()
+        inbound = factory.buildProtocol(transport.getPeer())
+        inbound.makeConnection(transport)
+        clients.append((inbound, transport))
+    return reactor, backend, clients
+
+
+def test_at_most_a_bounded_number_of_guest_connects_are_in_flight() -> None:
+    reactor, backend, clients = waiting_clients(GUEST_CONNECTS + 8)
+    backend.becomeReady(guest())
+    assert len(reactor.tcpClients) == GUEST_CONNECTS, "the rest wait for a slot"
+    connect_guest(reactor, index=0)
+    assert len(reactor.tcpClients) == GUEST_CONNECTS + 1, "a guest that spoke frees its slot"
+    connect_guest(reactor, index=1, banner=b"")
+    assert len(reactor.tcpClients) == GUEST_CONNECTS + 1, "connected is not enough"
+    clients[-1][0].connectionLost(None)
+    for index in range(2, GUEST_CONNECTS + 1):
+        connect_guest(reactor, index=index)
+    assert len(reactor.tcpClients) == GUEST_CONNECTS + 7, "the client that left took no slot"
+    for index in range(GUEST_CONNECTS + 1, GUEST_CONNECTS + 7):
+        connect_guest(reactor, index=index)
+    spliced = [inbound for inbound, _ in clients if inbound.spliced]
+    assert len(spliced) == GUEST_CONNECTS + 6, "all but the silent one and the one that left"
+
+
+def test_a_guest_that_says_nothing_is_tried_again_then_the_client_is_closed() -> None:
+    reactor, backend, [(inbound, client)] = waiting_clients(1)
+    inbound.dataReceived(b"SSH-2.0-client\r\n")
+    backend.becomeReady(guest())
+    silent = []
+    with capturedLogs() as events:
+        for attempt in range(GUEST_ATTEMPTS):
+            assert len(reactor.tcpClients) == attempt + 1
+            _, transport, _ = connect_guest(reactor, banner=b"")
+            silent.append(transport)
+            reactor.advance(BANNER_SECONDS - 0.1)
+            assert not transport.aborted
+            reactor.advance(0.1)
+            assert transport.aborted, "a silent guest connection is dropped"
+    assert len(reactor.tcpClients) == GUEST_ATTEMPTS, "bounded"
+    assert client.disconnecting and not inbound.spliced
+    lines = [formatEvent(e) for e in events]
+    assert sum("trying again" in line for line in lines) == GUEST_ATTEMPTS - 1
+    assert any(
+        f"said nothing in 5 s for {client.getPeer()}, {GUEST_ATTEMPTS} times: closing" in line
+        for line in lines
+    ), lines
+    assert inbound.factory.guestConnects.tokens == GUEST_CONNECTS, "every slot given back"
+
+
+def test_a_retry_after_an_early_close_serves_the_client_with_what_it_sent() -> None:
+    reactor, backend, [(inbound, client)] = waiting_clients(1)
+    inbound.dataReceived(b"SSH-2.0-client\r\n")
+    backend.becomeReady(guest())
+    first, first_transport, _ = connect_guest(reactor, banner=b"")
+    first.readConnectionLost()
+    first.connectionLost(None)
+    assert first_transport.disconnecting
+    _, second_transport, _ = connect_guest(reactor)
+    assert second_transport.value() == b"SSH-2.0-client\r\n"
+    assert client.value() == BANNER and inbound.spliced
+    assert inbound.factory.guestConnects.tokens == GUEST_CONNECTS
+
+
+def test_a_client_leaving_while_the_guest_is_silent_gives_its_slot_back() -> None:
+    reactor, backend, [(inbound, _client)] = waiting_clients(1)
+    backend.becomeReady(guest())
+    connect_guest(reactor, banner=b"")
+    inbound.connectionLost(None)
+    assert reactor.connectors[-1]._disconnected, "the connection is dropped"
+    assert inbound.factory.guestConnects.tokens == GUEST_CONNECTS
+    reactor.advance(BANNER_SECONDS)
+    assert len(reactor.tcpClients) == 1, "no retry for a client that is gone"
+
+
+def test_on_the_relay_path_a_silent_guest_socket_is_given_up_as_silent() -> None:
+    from virby.daemon.proxy import GuestSilent
+
+    reactor, _backend, [(inbound, _client)] = waiting_clients(1)
+    upstream, guest_end = socket.socketpair()
+    upstream.setblocking(False)
+    outcome: list = []
+    inbound._awaitBanner(upstream).addBoth(outcome.append)
+    reactor.advance(BANNER_SECONDS)
+    [failure] = outcome
+    assert failure.check(GuestSilent) and "said nothing in 5 s" in failure.getErrorMessage()
+    assert upstream.fileno() == -1 and not reactor.readers
+    guest_end.close()
+
+
+# -- a client that says nothing
+
+
+def lose(inbound, transport) -> None:
+    """The transport, closing, reports the loss (as the reactor would, a turn later)."""
+    if transport.disconnecting and not transport.disconnected:
+        transport.disconnected = True
+        inbound.connectionLost(None)
+
+
+def test_a_client_that_sends_nothing_is_closed_and_stops_holding_the_vm() -> None:
+    reactor, _hypervisor, lifecycle, [(silent, silent_transport), (talker, talker_transport)] = (
+        booting(2)
+    )
+    talker.dataReceived(b"SSH-2.0-client\r\n")
+    assert lifecycle.snapshot().active_connections == 2
+    with capturedLogs() as events:
+        reactor.advance(CLIENT_SILENCE_SECONDS - 1)
+        assert not silent_transport.disconnecting
+        reactor.advance(1)
+    assert silent_transport.disconnecting and not silent_transport.aborted
+    assert not talker_transport.disconnecting, "a client that spoke stays"
+    assert any(
+        "port=40000): it sent nothing in 30 s, as no SSH client does" in formatEvent(e)
+        for e in events
+    )
+    lose(silent, silent_transport)
+    assert lifecycle.snapshot().active_connections == 1
+
+
+def test_a_spliced_client_that_sends_nothing_is_closed_with_its_guest_side() -> None:
+    backend = Backend(succeed(guest()))
+    reactor, inbound, client = accept(backend)
+    _guest_side, guest_transport, _ = connect_guest(reactor)
+    assert inbound.spliced and client.value() == BANNER
+    reactor.advance(CLIENT_SILENCE_SECONDS)
+    assert client.disconnecting and guest_transport.disconnecting
+    lose(inbound, client)
+    assert backend.closed == [inbound]
+
+
+def test_a_spliced_client_that_spoke_outlives_the_bound() -> None:
+    backend = Backend(succeed(guest()))
+    reactor, inbound, client = accept(backend)
+    connect_guest(reactor)
+    inbound.dataReceived(b"SSH-2.0-client\r\n")
+    reactor.advance(CLIENT_SILENCE_SECONDS * 10)
+    assert not client.disconnecting
+
+
+def test_a_closed_client_leaves_no_timer_behind() -> None:
+    backend = Backend()
+    reactor, inbound, _client = accept(backend)
+    inbound.connectionLost(None)
+    assert reactor.getDelayedCalls() == []
+
+
+def test_a_probe_connection_that_says_nothing_is_replaced_by_a_connect() -> None:
+    backend = Booting()
+    reactor = MemoryReactorClock()
+    _, inbound, client = accept(backend, reactor=reactor)
+    probe = Probe(b"")
+    backend.becomeReady(ReadyGuest("192.168.64.2", 22, probe))  # type: ignore[arg-type]
+    assert reactor.tcpClients == []
+    reactor.advance(BANNER_SECONDS)
+    assert probe.transport.aborted
+    assert [c[:2] for c in reactor.tcpClients] == [("192.168.64.2", 22)]
+    connect_guest(reactor)
+    assert inbound.spliced and client.value() == BANNER

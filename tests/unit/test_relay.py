@@ -19,7 +19,7 @@ import pytest
 from twisted.internet.testing import MemoryReactorClock
 
 from virby.daemon import relay
-from virby.daemon.relay import CHUNK, PIPE_SIZE, PipePool, Relay
+from virby.daemon.relay import CHUNK, PIPE_SIZE, BufferPool, PipePool, Relay
 
 #: splice(2) is Linux's: its tests are deselected where the package is checked on a Mac.
 PATHS = [pytest.param("splice", marks=pytest.mark.linux), "portable"]
@@ -56,7 +56,13 @@ class Bench:
     """A relay between two loopback connections, and the two outside peers."""
 
     def __init__(
-        self, path: str, toGuest: bytes = b"", toClient: bytes = b"", pipes=None, reactor=None
+        self,
+        path: str,
+        toGuest: bytes = b"",
+        toClient: bytes = b"",
+        pipes=None,
+        reactor=None,
+        buffers=None,
     ):
         self.reactor = reactor or MemoryReactorClock()
         self.client, clientSide = connected_pair()
@@ -74,6 +80,7 @@ class Bench:
             toGuest=toGuest,
             toClient=toClient,
             pipes=pipes,
+            buffers=buffers,
         )
 
     def registered(self) -> Iterator:
@@ -475,3 +482,74 @@ def test_connect_without_a_descriptor_fails_like_a_refusal(monkeypatch) -> None:
     monkeypatch.setattr(relay.socket, "socket", exhausted)
     got = outcome_of(relay.connect(MemoryReactorClock(), "127.0.0.1", 22, 10))
     assert got[0].check(ConnectError) and "Too many open files" in got[0].getErrorMessage()
+
+
+def test_the_copy_buffers_come_from_the_pool_the_relay_is_given() -> None:
+    """The portable path's buffers have an owner: its pool keeps one spare, and only one."""
+    buffers = BufferPool(size=4096)
+    bench = Bench("copy", buffers=buffers)
+    bench.relay.start()
+    bench.client.send(b"through the pool")
+    assert bench.receive(bench.guest, 16) == b"through the pool"
+    assert buffers.idle == 1, "the buffer read into went back"
+    buffers.give(bytearray(4096))
+    buffers.give(bytearray(10))
+    assert buffers.idle == 1
+    bench.relay.stop()
+    bench.close()
+
+
+def test_close_stops_and_closes_the_guests_socket_once() -> None:
+    bench = Bench("copy")
+    bench.relay.start()
+    guestSide = bench.sides[1]
+    bench.relay.close()
+    bench.relay.close(abort=True)
+    assert guestSide.fileno() == -1 and not list(bench.registered())
+    assert bench.guest.recv(10) == b"", "an orderly EOF"
+    bench.reactor.advance(0)
+    assert bench.outcome == []
+    bench.close()
+
+
+def test_a_relay_refuses_bytes_from_the_clients_transport() -> None:
+    bench = Bench("copy")
+    with pytest.raises(RuntimeError, match="pause its transport first"):
+        bench.relay.clientData(b"lost")
+    bench.close()
+
+
+def test_first_bytes_waits_for_the_peer_to_speak() -> None:
+    reactor = MemoryReactorClock()
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    spoken = relay.firstBytes(reactor, ours)
+    (reader,) = reactor.readers
+    reader.doRead()
+    assert not spoken.called, "nothing yet"
+    theirs.send(b"SSH-2.0-guest\r\n")
+    reader.doRead()
+    assert outcome_of(spoken) == [b"SSH-2.0-guest\r\n"] and not reactor.readers
+    assert ours.fileno() != -1, "the socket is the caller's"
+    ours.close()
+    theirs.close()
+
+
+@pytest.mark.parametrize("how", ["eof", "cancel"])
+def test_first_bytes_never_spoken_closes_the_socket(how) -> None:
+    from twisted.internet.defer import CancelledError
+    from twisted.internet.error import ConnectionDone
+
+    reactor = MemoryReactorClock()
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    spoken = relay.firstBytes(reactor, ours)
+    if how == "eof":
+        theirs.shutdown(socket.SHUT_WR)
+        next(iter(reactor.readers)).doRead()
+    else:
+        spoken.cancel()
+    [failure] = outcome_of(spoken)
+    assert failure.check(ConnectionDone if how == "eof" else CancelledError)
+    assert ours.fileno() == -1 and not reactor.readers
+    theirs.close()

@@ -19,9 +19,9 @@ was given:
     one budget (L{DescriptorLimit}): L{RESERVED_DESCRIPTORS} for everything else, on Linux
     an eighth for the relay's pipes (L{pipesWithin}, two descriptors a pipe, lent to the
     chunks in flight: L{virby.daemon.relay.PipePool}), and the rest, two each, for connections.
-    Past that, L{ConnectionLimit} closes each new connection at once and says so in the
-    log: the client sees the connection closed, never a hang, and Nix moves on to another
-    builder or retries.
+    Past that, L{ConnectionLimit} stops accepting, as HAProxy's C{maxconn} does: new
+    connections wait in the accept queue and are served as others end, and the log says
+    when and for how long.
 
 The reactor matters on macOS: Twisted's default reactor there is the select reactor, and
 C{select(2)} cannot watch a descriptor numbered C{FD_SETSIZE} (1024) or above (CPython
@@ -37,11 +37,13 @@ import ctypes.util
 import resource
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Protocol, runtime_checkable
 
 from twisted.internet.interfaces import (
     IAddress,
+    IDelayedCall,
     IListeningPort,
     ILoggingContext,
     IProtocol,
@@ -213,12 +215,30 @@ def widenAcceptQueue(port: IListeningPort, backlog: int = BACKLOG) -> bool:
     return True
 
 
+@runtime_checkable
+class Pausable(Protocol):
+    """A listening port that can stop and resume accepting (Twisted's C{tcp.Port} can)."""
+
+    numberAccepts: int
+
+    def stopReading(self) -> None: ...
+
+    def startReading(self) -> None: ...
+
+
 @implementer(IProtocolFactory, ILoggingContext)
 class ConnectionLimit:
     """
-    Serves at most C{limit} connections at once through C{wrapped}; past that, each new
-    connection is closed at once (returning C{None} makes the port close the socket) and
-    the refusals are logged, one line per L{WARNING_INTERVAL} with their count.
+    Serves at most C{limit} connections at once through C{wrapped}, as HAProxy's C{maxconn}
+    does: at the limit, the listening ports (L{attach}) stop accepting, and what arrives
+    waits in the kernel's accept queue (L{BACKLOG}) until a connection ends (L{ended}).
+    Nothing is closed for want of room, and nothing hangs that would not have: a client
+    held back is served once another leaves.
+
+    A connection that still arrives at the limit (from another port, or before any port is
+    attached) is closed at once (returning C{None} makes the port close the socket).  The
+    log says when accepting stops and resumes, how long it was held and how many were
+    closed, each count whole: one line per L{WARNING_INTERVAL} at most while they go on.
 
     @param count: how many connections are open now.
     """
@@ -236,9 +256,14 @@ class ConnectionLimit:
         self._count = count
         self._clock = clock
         self._why = why
+        self._ports: list[Pausable] = []
+        self._pausedAt: float | None = None
         self._lastWarning: float | None = None
         self._unreported = 0
+        self._flush: IDelayedCall | None = None
+        self._clamp: IDelayedCall | None = None
         self.refused = 0
+        self.pauses = 0
 
     def logPrefix(self) -> str:
         """The splice's name, so the port's log lines read as they did."""
@@ -248,23 +273,114 @@ class ConnectionLimit:
         self.wrapped.doStart()
 
     def doStop(self) -> None:
+        for call in (self._flush, self._clamp):
+            if call is not None and call.active():
+                call.cancel()
+        self._flush = self._clamp = None
+        self._report()
         self.wrapped.doStop()
 
+    @property
+    def paused(self) -> bool:
+        return self._pausedAt is not None
+
+    def attach(self, ports: Sequence[object]) -> None:
+        """The ports to pause at the limit: those that can be (Twisted's TCP and unix)."""
+        self._ports = [port for port in ports if isinstance(port, Pausable)]
+        self._clampAccepts()
+
+    def _room(self) -> int:
+        return self.limit - self._count()
+
     def buildProtocol(self, addr: IAddress) -> IProtocol | None:
-        if self._count() < self.limit:
-            return self.wrapped.buildProtocol(addr)
+        if self._room() > 0:
+            protocol = self.wrapped.buildProtocol(addr)
+            if protocol is not None:
+                self._scheduleClamp()
+                # The wrapped factory counts this one from its connectionMade, which the
+                # port calls after this returns (and before it accepts the next).
+                if self._room() <= 1:
+                    self._pause()
+            return protocol
         self.refused += 1
         self._unreported += 1
         now = self._clock.seconds()
         if self._lastWarning is None or now - self._lastWarning >= WARNING_INTERVAL:
             log.warn(
-                "closing new connections: {limit} are open, the most this daemon serves at "
-                "once ({why}); {count} closed since the last warning, the latest from {peer}",
+                "closing a new connection from {peer}: {limit} are open, the most this "
+                "daemon serves at once ({why})",
+                peer=addr,
                 limit=self.limit,
                 why=self._why,
-                count=self._unreported,
-                peer=addr,
             )
             self._lastWarning = now
             self._unreported = 0
+            self._flush = self._clock.callLater(WARNING_INTERVAL, self._flushed)
         return None
+
+    def _flushed(self) -> None:
+        self._flush = None
+        self._report()
+
+    def _report(self) -> None:
+        """Say how many more were closed since the last line, if any were."""
+        if self._unreported:
+            log.warn(
+                "closed {count} more new connections at the limit of {limit} (in all "
+                "{refused} since the daemon started)",
+                count=self._unreported,
+                limit=self.limit,
+                refused=self.refused,
+            )
+            self._unreported = 0
+            self._lastWarning = self._clock.seconds()
+
+    def ended(self) -> None:
+        """A connection ended: there is room again, so the ports accept again."""
+        if self._pausedAt is None or self._room() <= 0:
+            return
+        held = self._clock.seconds() - self._pausedAt
+        self._pausedAt = None
+        self._clampAccepts()
+        for port in self._ports:
+            port.startReading()
+        log.info(
+            "accepting again: new connections waited in the accept queue for {held:.1f} s "
+            "while {limit} were open",
+            held=held,
+            limit=self.limit,
+        )
+
+    def _pause(self) -> None:
+        if self._pausedAt is not None or not self._ports:
+            return
+        self._pausedAt = self._clock.seconds()
+        self.pauses += 1
+        for port in self._ports:
+            port.stopReading()
+        log.warn(
+            "holding new connections in the accept queue: {limit} are open, the most this "
+            "daemon serves at once ({why}); they are accepted as others end",
+            limit=self.limit,
+            why=self._why,
+        )
+
+    def _scheduleClamp(self) -> None:
+        if self._clamp is None:
+            self._clamp = self._clock.callLater(0, self._clamped)
+
+    def _clamped(self) -> None:
+        self._clamp = None
+        self._clampAccepts()
+
+    def _clampAccepts(self) -> None:
+        """
+        Twisted's port accepts up to C{numberAccepts} connections in one event, and asks the
+        factory only after each C{accept}: kept within the room left, none of them is
+        accepted only to be closed.  (It grows the number again after each event; this runs
+        before the next.)
+        """
+        room = max(1, self._room())
+        for port in self._ports:
+            if getattr(port, "numberAccepts", 0) > room:
+                port.numberAccepts = room

@@ -47,6 +47,7 @@ import struct
 import sys
 from collections.abc import Callable
 from typing import NamedTuple
+from typing import Protocol as TypingProtocol
 
 from twisted.internet import error
 from twisted.internet.defer import Deferred
@@ -60,7 +61,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from virby.daemon.capacity import MAX_PIPES, MIN_PIPES, pipesWithin
-from virby.reactors import IRelayReactor
+from virby.reactors import IRelayReactor, IStreamTransport
 
 try:
     import fcntl
@@ -220,23 +221,28 @@ def pipeLimit() -> int:
     return pipesWithin(soft)
 
 
-class _Buffers:
+class BufferPool:
     """
-    The portable path's buffers.  One serves every flow whose sink keeps up (they run one at
-    a time); a flow whose sink is slow keeps the one it read into until the sink has taken
-    it, so no byte is copied twice.  One spare is kept, allocated at its first use.
+    The portable path's buffers, as L{PipePool} holds the pipes.  One serves every flow whose
+    sink keeps up (they run one at a time on the reactor); a flow whose sink is slow keeps
+    the one it read into until the sink has taken it, so no byte is copied twice.  One spare
+    is kept, allocated at its first use: an idle pool holds one C{CHUNK}, a fresh one none.
     """
 
-    free: list[bytearray] = []
+    def __init__(self, size: int = CHUNK) -> None:
+        self._size = size
+        self._free: list[bytearray] = []
 
-    @classmethod
-    def take(cls) -> bytearray:
-        return cls.free.pop() if cls.free else bytearray(CHUNK)
+    def take(self) -> bytearray:
+        return self._free.pop() if self._free else bytearray(self._size)
 
-    @classmethod
-    def give(cls, buffer: bytearray) -> None:
-        if not cls.free and len(buffer) == CHUNK:
-            cls.free.append(buffer)
+    def give(self, buffer: bytearray) -> None:
+        if not self._free and len(buffer) == self._size:
+            self._free.append(buffer)
+
+    @property
+    def idle(self) -> int:
+        return len(self._free)
 
 
 @implementer(IReadDescriptor, IWriteDescriptor)
@@ -313,9 +319,11 @@ class _Flow:
         sink: _End,
         pending: bytes,
         pipes: PipePool | None,
+        buffers: BufferPool,
         count: Callable[[int], None],
     ) -> None:
         self._relay = relay
+        self._buffers = buffers
         self.source = source
         self.sink = sink
         self._pending: memoryview | None = memoryview(pending) if pending else None
@@ -411,18 +419,18 @@ class _Flow:
         return n
 
     def _copyIn(self) -> int | None:
-        buffer = _Buffers.take()
+        buffer = self._buffers.take()
         try:
             n = self.source.socket.recv_into(buffer)
         except BlockingIOError:
-            _Buffers.give(buffer)
+            self._buffers.give(buffer)
             return 0
         except OSError as e:
-            _Buffers.give(buffer)
+            self._buffers.give(buffer)
             self._relay._fail(Failure(e))
             return 0
         if n == 0:
-            _Buffers.give(buffer)
+            self._buffers.give(buffer)
             return None
         self._buffer = buffer
         self._pending = memoryview(buffer)[:n]
@@ -476,7 +484,7 @@ class _Flow:
             pending.release()
         buffer, self._buffer = self._buffer, None
         if buffer is not None:
-            _Buffers.give(buffer)
+            self._buffers.give(buffer)
 
     # -- the end
 
@@ -507,18 +515,47 @@ class _Flow:
         self._dropPending()
 
 
+class Splice(TypingProtocol):
+    """
+    What moves a spliced connection's bytes, as its owner (L{virby.daemon.proxy}) drives it:
+    L{Relay} on plain TCP sockets, L{TransportSplice} on Twisted's transports otherwise.
+
+    Each is built with both sides connected, the bytes each side sent before (the client's
+    held bytes, the guest's banner) and a C{done} callable, called once with C{None} when
+    both directions ended with an EOF, or a L{Failure} when either side was lost; never after
+    L{close}.  The client's side stays its owner's to close; the guest's is the splice's.
+    """
+
+    bytesToGuest: int
+    bytesToClient: int
+
+    def start(self) -> None:
+        """Move bytes: the held ones first."""
+
+    def close(self, abort: bool = False) -> None:
+        """Stop moving bytes and close the guest's side: in order, or (C{abort}) at once."""
+
+    def clientData(self, data: bytes) -> None:
+        """Bytes the client's transport delivered while spliced."""
+
+    def clientFinishedSending(self) -> None:
+        """The client's transport read its EOF while spliced."""
+
+
 class Relay:
     """
-    Moves bytes both ways between two connected, non-blocking stream sockets.
+    Moves bytes both ways between two connected, non-blocking stream sockets: a L{Splice}.
 
     The caller owns the sockets before, during and after: it must not read, write or close
-    them (nor let a transport do so) until C{done} has fired or it has called L{stop}.
+    them (nor let a transport do so) until C{done} has fired or it has called L{stop}; or it
+    hands the guest's over with L{close}, which closes it.
 
     @param toGuest: bytes the client sent before the relay began, delivered first.
     @param toClient: bytes the guest sent before the relay began (the banner a readiness
         probe read), delivered first.
-    @param pipes: where pipes for C{splice(2)} come from; C{None} copies through one shared
-        buffer instead (the path for systems without splice).
+    @param pipes: where pipes for C{splice(2)} come from; C{None} copies through the
+        buffers of C{buffers} instead (the path for systems without splice).
+    @param buffers: where the copy's buffers come from; by default, the relay's own.
     @param done: called once, from a later reactor turn, with C{None} when both directions
         ended with an EOF, or a L{Failure} when either side failed.  Not called after
         L{stop}.
@@ -534,6 +571,7 @@ class Relay:
         toGuest: bytes = b"",
         toClient: bytes = b"",
         pipes: PipePool | None = None,
+        buffers: BufferPool | None = None,
     ) -> None:
         self.reactor = reactor
         self.bytesToGuest = 0
@@ -542,11 +580,15 @@ class Relay:
         self._done = done
         self._pipes = pipes
         self._finished = False
+        self._closed = False
         self._report: IDelayedCall | None = None
         self._client = _End(self, client)
         self._guest = _End(self, guest)
-        self._up = _Flow(self, self._client, self._guest, toGuest, pipes, self._countUp)
-        self._down = _Flow(self, self._guest, self._client, toClient, pipes, self._countDown)
+        buffers = buffers if buffers is not None else BufferPool()
+        self._up = _Flow(self, self._client, self._guest, toGuest, pipes, buffers, self._countUp)
+        self._down = _Flow(
+            self, self._guest, self._client, toClient, pipes, buffers, self._countDown
+        )
         self._client.outgoing = self._guest.incoming = self._up
         self._guest.outgoing = self._client.incoming = self._down
 
@@ -574,6 +616,23 @@ class Relay:
         if self._report is not None and self._report.active():
             self._report.cancel()
         self._report = None
+
+    def close(self, abort: bool = False) -> None:
+        """Stop, and close the guest's socket (once): in order, or at once with a reset."""
+        self.stop()
+        if not self._closed:
+            self._closed = True
+            closeSocket(self._guest.socket, abort)
+
+    def clientData(self, data: bytes) -> None:
+        """
+        Never called rightly: the relay reads the client's socket itself, and its owner
+        paused the client's transport before starting it.  Bytes here would be lost.
+        """
+        raise RuntimeError("the relay reads the client's socket: pause its transport first")
+
+    def clientFinishedSending(self) -> None:
+        raise RuntimeError("the relay reads the client's socket: pause its transport first")
 
     def _flowFinished(self) -> None:
         if self._up.finished and self._down.finished:
@@ -606,6 +665,91 @@ class Relay:
         self._down.release()
         if self._pipes is not None:
             self._pipes.release()
+
+
+class TransportSplice:
+    """
+    The same L{Splice} on Twisted's transports, in the shape of Twisted's C{portforward}: the
+    path for a side that is not a plain TCP socket (TLS, or the memory reactors of the unit
+    tests).  Each transport is the other's producer, so a slow reader pauses the fast
+    writer; an EOF either way is passed on as a half-close; the pair is done when both
+    directions have ended, or either side is lost.
+
+    The guest's protocol hands its events on: L{guestData}, L{guestFinishedSending},
+    L{guestLost}.
+    """
+
+    def __init__(
+        self,
+        client: IStreamTransport,
+        guest: IStreamTransport,
+        *,
+        done: Callable[[Failure | None], None],
+        toGuest: bytes = b"",
+        toClient: bytes = b"",
+    ) -> None:
+        self.bytesToGuest = 0
+        self.bytesToClient = 0
+        self._client = client
+        self._guest = guest
+        self._done = done
+        self._toGuest = toGuest
+        self._toClient = toClient
+        self._clientDone = False
+        self._guestDone = False
+        self._ended = False
+        self._closed = False
+
+    def start(self) -> None:
+        self._guest.registerProducer(self._client, True)
+        self._client.registerProducer(self._guest, True)
+        toGuest, toClient, self._toGuest, self._toClient = self._toGuest, self._toClient, b"", b""
+        if toClient:
+            self.guestData(toClient)
+        if toGuest:
+            self.clientData(toGuest)
+        self._client.resumeProducing()
+        self._guest.resumeProducing()
+
+    def clientData(self, data: bytes) -> None:
+        self.bytesToGuest += len(data)
+        self._guest.write(data)
+
+    def clientFinishedSending(self) -> None:
+        self._clientDone = True
+        self._guest.loseWriteConnection()
+        self._finishIfBothDone()
+
+    def guestData(self, data: bytes) -> None:
+        self.bytesToClient += len(data)
+        self._client.write(data)
+
+    def guestFinishedSending(self) -> None:
+        self._guestDone = True
+        self._client.loseWriteConnection()
+        self._finishIfBothDone()
+
+    def guestLost(self, reason: Failure) -> None:
+        self._end(reason)
+
+    def _finishIfBothDone(self) -> None:
+        if self._clientDone and self._guestDone:
+            self._end(None)
+
+    def _end(self, reason: Failure | None) -> None:
+        if not self._ended:
+            self._ended = True
+            self._done(reason)
+
+    def close(self, abort: bool = False) -> None:
+        """Close the guest's transport (once); C{done} is not called after this."""
+        if self._closed:
+            return
+        self._ended = self._closed = True
+        if abort:
+            self._guest.abortConnection()
+        else:
+            self._guest.loseConnection()
 
 
 def closeSocket(sock: socket.socket, abort: bool = False) -> None:
@@ -680,6 +824,84 @@ class _Connecting:
         if self._timeout is not None and self._timeout.active():
             self._timeout.cancel()
         self._timeout = None
+
+
+@implementer(IReadDescriptor)
+class _AwaitingSpeech:
+    """Waits, as a reactor reader, for the first bytes a connected socket receives."""
+
+    def __init__(self, reactor: IRelayReactor, sock: socket.socket, result: Deferred[bytes]):
+        self._reactor = reactor
+        self._socket = sock
+        self._fd = sock.fileno()
+        self._result = result
+        self._waiting = True
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def logPrefix(self) -> str:
+        return "virby.daemon.relay"
+
+    def doRead(self) -> None:
+        if not self._waiting:
+            return
+        try:
+            data = self._socket.recv(FIRST_BYTES)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            self._fail(error.ConnectionLost(str(e)))
+            return
+        if not data:
+            self._fail(error.ConnectionDone("closed before it sent anything"))
+            return
+        self._end()
+        self._result.callback(data)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._fail(error.ConnectionLost(reason.getErrorMessage()))
+
+    def cancel(self) -> None:
+        """Give up: the socket is closed at once, with a reset (nothing was said on it)."""
+        if self._waiting:
+            self._end()
+            closeSocket(self._socket, abort=True)
+
+    def _fail(self, reason: Exception) -> None:
+        self.cancel()
+        if not self._result.called:
+            self._result.errback(Failure(reason))
+
+    def _end(self) -> None:
+        self._waiting = False
+        self._reactor.removeReader(self)
+
+
+#: The most of a peer's first bytes L{firstBytes} reads at once (a banner is far less).
+FIRST_BYTES = 64 * 1024
+
+
+def firstBytes(reactor: IRelayReactor, sock: socket.socket) -> Deferred[bytes]:
+    """
+    The first bytes the peer of a connected, non-blocking C{sock} sends.
+
+    @return: a Deferred firing with them, or failing with
+        L{twisted.internet.error.ConnectionDone} (an EOF first) or
+        L{twisted.internet.error.ConnectionLost}; cancelling it resets and closes C{sock},
+        as does any failure.
+    """
+    waiting: list[_AwaitingSpeech] = []
+
+    def cancel(_: Deferred[bytes]) -> None:
+        if waiting:
+            waiting[0].cancel()
+
+    result: Deferred[bytes] = Deferred(cancel)
+    awaiting = _AwaitingSpeech(reactor, sock, result)
+    waiting.append(awaiting)
+    reactor.addReader(awaiting)
+    return result
 
 
 @functools.lru_cache(maxsize=64)

@@ -40,7 +40,7 @@ from virby.daemon.control import ControlFactory, StaleSocketError, clearStaleSoc
 from virby.daemon.hypervisor import VfkitHypervisor
 from virby.daemon.lifecycle import Lifecycle
 from virby.daemon.logfile import LogFile
-from virby.daemon.proxy import ProxyFactory
+from virby.daemon.proxy import ProxyFactory, isLoopback
 from virby.daemon.readiness import ReadyGuest
 from virby.daemon.relay import spliceAvailable
 from virby.daemon.virbyd import exitWithError
@@ -88,6 +88,7 @@ class DaemonService(Service):
         self.lifecycle = lifecycle
         self._descriptors = descriptors
         self._ports: list[IListeningPort] = []
+        self._limit: ConnectionLimit | None = None
         self._control: IListeningPort | None = None
         self._lock: FileLock | None = None
         self._startedAt: float | None = None
@@ -111,9 +112,12 @@ class DaemonService(Service):
         except BaseException:
             self._abandonStart()
             raise
+        if self._limit is not None:
+            self._limit.attach(self._ports)
         widened = [widenAcceptQueue(port) for port in self._ports]
         for port in self._ports:
             log.info("serving the builder on {address}", address=_address(port))
+            _warnIfReachable(port)
         if any(widened):
             _logAcceptQueue()
         self._hypervisor.stopOrphan().addErrback(lambda _: None)  # logged where it failed
@@ -124,13 +128,15 @@ class DaemonService(Service):
         factory = self._proxy
         if self._descriptors is None:
             return factory
-        return ConnectionLimit(
+        self._limit = limit = ConnectionLimit(
             factory,
             self._descriptors.connections,
-            lambda: self.lifecycle.snapshot().active_connections,
+            lambda: factory.openConnections,
             self._reactor,
             self._descriptors.why(),
         )
+        factory.onClosed = limit.ended
+        return limit
 
     def _lockWorkingDirectory(self) -> None:
         """One daemon per working directory: the kernel drops the lock when this one dies."""
@@ -267,6 +273,21 @@ def _listenAll(
     """The builder endpoint may be several sockets (launchd hands IPv4 and IPv6)."""
     port = _listenNow(endpoint, factory, what)
     return list(getattr(port, "ports", None) or [port])
+
+
+def _warnIfReachable(port: IListeningPort) -> None:
+    """
+    A listening address other hosts can reach is served to loopback peers only: the others
+    are refused one by one, in the daemon (L{virby.daemon.proxy.isLoopback}), not by the
+    kernel, so say so once, at start, rather than leave it to each refusal.
+    """
+    host = port.getHost()
+    if isinstance(host, IPv4Address | IPv6Address) and not isLoopback(host):
+        log.warn(
+            "the builder listens on {address}, which other hosts can reach: only loopback "
+            "peers are served, the others are refused; listen on 127.0.0.1 or ::1 instead",
+            address=_address(port),
+        )
 
 
 def _address(port: IListeningPort) -> str:
