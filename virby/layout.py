@@ -144,12 +144,12 @@ NO_IMAGE_FIX = (
 def noImageYet(workingDirectory: str) -> str | None:
     """
     The one line that refuses a boot while no image has been prepared (neither disk is
-    there, and none was ever made: the image could not be realised yet), naming why, from L{IMAGE_FAILURE}, and what
-    to do; C{None} once there is an image.
+    there, and none was ever made: the image could not be realised yet), naming why, from
+    L{IMAGE_FAILURE}, and what to do; C{None} once there is an image.
     """
     for made in (BASE_IMAGE, DIFF_IMAGE, IMAGE_RECORD):
-        # A disk made once and lost since (removed by hand) is not "no image yet": the boot
-        # goes on to say which disk is missing and that prepare makes it again.
+        # A disk made once and lost since (removed by hand) is not "no image yet": the
+        # boot goes on to say which disk is missing and that prepare makes it again.
         if os.path.exists(os.path.join(workingDirectory, made)):
             return None
     try:

@@ -635,7 +635,7 @@ def test_a_client_that_sends_nothing_is_closed_and_stops_holding_the_vm() -> Non
         booting(2)
     )
     talker.dataReceived(b"SSH-2.0-client\r\n")
-    assert lifecycle.snapshot().active_connections == 2
+    assert lifecycle.snapshot().waiting_connections == 2, "both wait for the boot"
     with capturedLogs() as events:
         reactor.advance(CLIENT_SILENCE_SECONDS - 1)
         assert not silent_transport.disconnecting
@@ -647,7 +647,7 @@ def test_a_client_that_sends_nothing_is_closed_and_stops_holding_the_vm() -> Non
         for e in events
     )
     lose(silent, silent_transport)
-    assert lifecycle.snapshot().active_connections == 1
+    assert lifecycle.snapshot().waiting_connections == 1
 
 
 def test_a_spliced_client_that_sends_nothing_is_closed_with_its_guest_side() -> None:
