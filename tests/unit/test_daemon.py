@@ -73,6 +73,7 @@ def test_startup_problems_are_one_line_and_exit_1(short_tmp, capsys, setup, word
 class IdleHypervisor:
     def __init__(self) -> None:
         self.orphanChecks = 0
+        self.plan = HostPlan()
 
     def stopOrphan(self) -> Deferred:
         self.orphanChecks += 1

@@ -50,7 +50,7 @@ from virby.locks import FileLock, takeLock
 from virby.logs import Logger, setVerbose
 from virby.reactors import IHostReactor
 from virby.runtime import removeQuietly
-from virby.vfkitflags import HostPlan, findVfkit, planHost
+from virby.vfkitflags import findVfkit, planHost
 
 log = Logger()
 
@@ -206,7 +206,7 @@ class DaemonService(Service):
             listening=[_address(port) for port in self._ports],
             ttl=self._config.ttl,
             start_timeout=self._config.start_timeout,
-            warnings=list(getattr(self._hypervisor, "plan", HostPlan()).warnings),
+            warnings=list(self._hypervisor.plan.warnings),
             version=__version__,
         )
         return document
