@@ -390,11 +390,8 @@ def _wanted(config: Config, derivation: str | None) -> realisation.Wanted | None
     return known if known is not None and known.image == config.image else None
 
 
-def _noImageLocked(config: Config, cause: str, inform: Report) -> None:
-    """
-    The directory without the image: keys and modes as always, the disks of an older image
-    left alone (its VM may be the builder that builds the new one), and the cause recorded.
-    """
+def _makeDirectories(config: Config, inform: Report) -> None:
+    """The working directory and the keys' share, with their modes, and no leftovers."""
     wd = config.working_directory
     _chmod(wd, directoryMode(config.allow_user_ssh))
     share = config.path(SSHD_KEYS)
@@ -403,6 +400,14 @@ def _noImageLocked(config: Config, cause: str, inform: Report) -> None:
     for directory in (wd, share):
         for name in disk.removeTemporaries(directory):
             inform(f"removed {name} left by an interrupted run")
+
+
+def _noImageLocked(config: Config, cause: str, inform: Report) -> None:
+    """
+    The directory without the image: keys and modes as always, the disks of an older image
+    left alone (its VM may be the builder that builds the new one), and the cause recorded.
+    """
+    _makeDirectories(config, inform)
     if not keysConsistent(config):
         _makeKeys(config)
         inform("made new SSH keys for the VM and its client")
@@ -416,15 +421,7 @@ def _noImageLocked(config: Config, cause: str, inform: Report) -> None:
 
 
 def _prepareLocked(config: Config, image: str, warn: Report, inform: Report) -> None:
-    wd = config.working_directory
-    _chmod(wd, directoryMode(config.allow_user_ssh))
-    share = config.path(SSHD_KEYS)
-    os.makedirs(share, PRIVATE_DIRECTORY, exist_ok=True)
-    _chmod(share, PRIVATE_DIRECTORY)
-    for directory in (wd, share):
-        for name in disk.removeTemporaries(directory):
-            inform(f"removed {name} left by an interrupted run")
-
+    _makeDirectories(config, inform)
     changed = recordedImage(config) != image
     _prepareDisks(config, image, changed, inform)
     if not config.ephemeral:
@@ -438,7 +435,7 @@ def _prepareLocked(config: Config, image: str, warn: Report, inform: Report) -> 
             _chmod(config.path(name), mode)
     if changed:
         _write(config.path(IMAGE_RECORD), f"{image}\n".encode(), PUBLIC)
-        inform(f"recorded {image} as the image of {wd}")
+        inform(f"recorded {image} as the image of {config.working_directory}")
 
 
 def _say(message: str) -> None:

@@ -226,16 +226,7 @@ class InboundConnection(Protocol):
         self._silence = None
         if self._heard or self.bytesIn or self._ending:
             return
-        why = f"it sent nothing in {self.factory.clientSilence:g} s, as no SSH client does"
-        if self._splice is None:
-            self._close(why)
-            return
-        self.phase = Phase.CLOSING
-        log.info(
-            "closing the connection from {peer}: {why}", peer=self.transport.getPeer(), why=why
-        )
-        self._splice.close()
-        self.transport.loseConnection()
+        self._close(f"it sent nothing in {self.factory.clientSilence:g} s, as no SSH client does")
 
     def _guestReady(self, guest: ReadyGuest) -> None:
         self._pending = None
@@ -445,13 +436,21 @@ class InboundConnection(Protocol):
 
     # -- closing
 
-    def _close(self, why: str) -> None:
-        """Close in order: the client gets an EOF and everything sent to it before."""
+    def _close(self, why: str, abort: bool = False) -> None:
+        """
+        Close in order (the client gets an EOF and everything sent to it before), with the
+        splice if there is one; with C{abort}, reset both sides now.
+        """
         self.phase = Phase.CLOSING
         log.info(
             "closing the connection from {peer}: {why}", peer=self.transport.getPeer(), why=why
         )
-        self.transport.loseConnection()
+        if self._splice is not None:
+            self._splice.close(abort=abort)
+        if abort:
+            self.transport.abortConnection()
+        else:
+            self.transport.loseConnection()
 
     def abort(self, why: str) -> None:
         """
@@ -461,15 +460,7 @@ class InboundConnection(Protocol):
         """
         if self._ending:
             return
-        if self._splice is None:
-            self._close(why)
-            return
-        self.phase = Phase.CLOSING
-        log.info(
-            "closing the connection from {peer}: {why}", peer=self.transport.getPeer(), why=why
-        )
-        self._splice.close(abort=True)
-        self.transport.abortConnection()
+        self._close(why, abort=self._splice is not None)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.phase is Phase.CLOSED:
