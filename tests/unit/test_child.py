@@ -12,21 +12,8 @@ from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
+from tests.fakes import FakeProcessTransport
 from virby.daemon.child import Ended, runBounded
-
-
-class FakeTransport:
-    pid = 4321
-
-    def __init__(self) -> None:
-        self.signals: list[str] = []
-        self.stdinClosed = False
-
-    def signalProcess(self, name: str) -> None:
-        self.signals.append(name)
-
-    def closeStdin(self) -> None:
-        self.stdinClosed = True
 
 
 class ProcessReactor(Clock):
@@ -40,7 +27,7 @@ class ProcessReactor(Clock):
     def spawnProcess(self, protocol, executable, args, env=None, path=None, childFDs=None):
         if self.refuse is not None:
             raise self.refuse
-        transport = FakeTransport()
+        transport = FakeProcessTransport()
         protocol.makeConnection(transport)
         self.spawned.append((protocol, executable, args, env, path, childFDs))
         return transport

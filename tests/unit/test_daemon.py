@@ -14,6 +14,7 @@ from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs, formatEvent
 
+from tests.fakes import FakeHypervisor
 from virby.config import fromMapping
 from virby.daemon.hypervisor import BootError, VfkitHypervisor
 from virby.daemon.lifecycle import Lifecycle
@@ -70,24 +71,9 @@ def test_startup_problems_are_one_line_and_exit_1(short_tmp, capsys, setup, word
     assert len(lines) == 1 and words in lines[0], lines
 
 
-class IdleHypervisor:
-    def __init__(self) -> None:
-        self.orphanChecks = 0
-
-    def stopOrphan(self) -> Deferred:
-        self.orphanChecks += 1
-        return succeed(None)
-
-    def spawn(self, report) -> Deferred:
-        return Deferred()
-
-    def waitReady(self, vm, report) -> Deferred:
-        return Deferred()
-
-
 def service(short_tmp, reactor, endpoint=None, onDemand=True) -> DaemonService:
     cfg = config(short_tmp)
-    hypervisor = IdleHypervisor()
+    hypervisor = FakeHypervisor(slowSpawn=True)
     lifecycle = Lifecycle(reactor, hypervisor, onDemand=onDemand, ttl=60)
     endpoint = endpoint or TCP4ServerEndpoint(reactor, 31222, interface="127.0.0.1")
     return DaemonService(reactor, cfg, endpoint, hypervisor, lifecycle)
@@ -400,7 +386,7 @@ def test_the_builder_port_serves_as_many_connections_as_its_descriptors_allow(sh
 
     reactor = MemoryReactorClock()
     cfg = config(short_tmp)
-    hypervisor = IdleHypervisor()
+    hypervisor = FakeHypervisor(slowSpawn=True)
     lifecycle = Lifecycle(reactor, hypervisor, onDemand=True, ttl=60)
     endpoint = TCP4ServerEndpoint(reactor, 31222, interface="127.0.0.1")
     limit = DescriptorLimit(256, 1024, None, None)
@@ -414,7 +400,7 @@ def test_the_relays_pipes_are_held_to_the_budget_that_counts_the_connections(sho
     from virby.daemon.capacity import ConnectionLimit, DescriptorLimit
 
     reactor = MemoryReactorClock()
-    hypervisor = IdleHypervisor()
+    hypervisor = FakeHypervisor(slowSpawn=True)
     lifecycle = Lifecycle(reactor, hypervisor, onDemand=True, ttl=60)
     endpoint = TCP4ServerEndpoint(reactor, 31222, interface="127.0.0.1")
     limit = DescriptorLimit(256, 1024, None, None, pipes=64)
@@ -429,31 +415,11 @@ def test_the_relays_pipes_are_held_to_the_budget_that_counts_the_connections(sho
         pool.discard(pipe)
 
 
-class ReadyHypervisor(IdleHypervisor):
-    """Boots at once: a VM whose stop ends it at once."""
-
-    class VM:
-        pid = 4321
-
-        def __init__(self) -> None:
-            self.ended: Deferred = Deferred()
-
-        def consoleTail(self, n: int = 20) -> list[str]:
-            return []
-
-        def stop(self) -> Deferred:
-            return succeed(None)
-
-    def spawn(self, report) -> Deferred:
-        return succeed(self.VM())
-
-    def waitReady(self, vm, report) -> Deferred:
-        return succeed(ReadyGuest("192.168.64.2", 22))
-
-
 def test_the_control_commands_start_stop_and_describe(short_tmp) -> None:
     reactor = MemoryReactorClock()
-    hypervisor = ReadyHypervisor()
+    hypervisor = FakeHypervisor(
+        readyAtOnce=ReadyGuest("192.168.64.2", 22), quickStop=True, console=[]
+    )
     lifecycle = Lifecycle(reactor, hypervisor, onDemand=True, ttl=60)
     daemon = DaemonService(
         reactor, config(short_tmp), TCP4ServerEndpoint(reactor, 0), hypervisor, lifecycle

@@ -17,6 +17,7 @@ from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
+from tests.fakes import FakeProcessTransport
 from virby import disk, locks
 from virby.config import MIB, fromMapping
 from virby.daemon import freshdisk
@@ -126,20 +127,6 @@ def test_the_child_imports_what_the_daemon_imports() -> None:
 # -- the daemon's side
 
 
-class FakeTransport:
-    pid = 4321
-
-    def __init__(self) -> None:
-        self.signals: list[str] = []
-        self.stdinClosed = False
-
-    def signalProcess(self, name: str) -> None:
-        self.signals.append(name)
-
-    def closeStdin(self) -> None:
-        self.stdinClosed = True
-
-
 class ProcessReactor(Clock):
     """A clock that records the processes it is asked to start."""
 
@@ -148,7 +135,7 @@ class ProcessReactor(Clock):
         self.spawned: list[tuple] = []
 
     def spawnProcess(self, protocol, executable, args, env=None, path=None, childFDs=None):
-        transport = FakeTransport()
+        transport = FakeProcessTransport()
         protocol.makeConnection(transport)
         self.spawned.append((protocol, executable, args, env, path))
         return transport

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import socket
-from dataclasses import dataclass, field
 
 import pytest
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
@@ -14,6 +13,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
+from tests.fakes import FakeHypervisor, Status
 from virby.daemon.lifecycle import Lifecycle, VMUnavailable
 from virby.daemon.proxy import (
     BANNER_SECONDS,
@@ -372,41 +372,9 @@ def test_an_unclaimed_probe_connection_is_closed() -> None:
 # -- with the real lifecycle: clients that leave while the VM boots, and a VM that dies
 
 
-@dataclass
-class Status:
-    text: str
-
-    def describe(self) -> str:
-        return self.text
-
-
-@dataclass
-class FakeVM:
-    pid: int = 1000
-    ended: Deferred = field(default_factory=Deferred)
-
-    def consoleTail(self, n: int = 20) -> list[str]:
-        return []
-
-    def stop(self) -> Deferred:
-        return succeed(None)
-
-
-class FakeHypervisor:
-    def __init__(self) -> None:
-        self.vm = FakeVM()
-        self.ready: Deferred = Deferred()
-
-    def spawn(self, report) -> Deferred:
-        return succeed(self.vm)
-
-    def waitReady(self, vm, report) -> Deferred:
-        return self.ready
-
-
 def booting(clients: int):
     reactor = MemoryReactorClock()
-    hypervisor = FakeHypervisor()
+    hypervisor = FakeHypervisor(quickStop=True, console=[])
     lifecycle = Lifecycle(reactor, hypervisor, onDemand=True, ttl=60)
     factory = ProxyFactory(reactor, lifecycle, connectTimeout=7)
     accepted = []
@@ -428,7 +396,7 @@ def test_clients_that_hang_up_while_the_vm_boots_stop_counting_and_are_never_spl
         hang_up(inbound, transport)
     snapshot = lifecycle.snapshot()
     assert (snapshot.active_connections, snapshot.waiting_connections) == (0, 1)
-    hypervisor.ready.callback(ReadyGuest("192.168.64.2", 22))
+    hypervisor.becomeReady(guest=ReadyGuest("192.168.64.2", 22))
     assert len(reactor.tcpClients) == 1, "only the client still there is spliced"
 
 
@@ -446,7 +414,7 @@ def test_a_connection_made_and_closed_at_once_begins_a_boot_and_holds_nothing_up
     assert (snapshot.active_connections, snapshot.waiting_connections) == (0, 0)
     assert lifecycle.state.value == "booting", "the boot it began goes on"
     started = lifecycle.startNow()
-    hypervisor.ready.callback(ReadyGuest("192.168.64.2", 22))
+    hypervisor.becomeReady(guest=ReadyGuest("192.168.64.2", 22))
     assert started.result.booted and reactor.tcpClients == [], "shared, and never spliced"
     assert lifecycle.snapshot().idle_stop_in == 60, "nothing holds the VM up"
     reactor.advance(60)
@@ -456,7 +424,7 @@ def test_a_connection_made_and_closed_at_once_begins_a_boot_and_holds_nothing_up
 def test_a_vm_that_dies_while_booting_closes_each_waiting_client_once_and_in_order() -> None:
     _reactor, hypervisor, _lifecycle, accepted = booting(2)
     with capturedLogs() as events:
-        hypervisor.vm.ended.callback(Status("exited with status 1"))
+        hypervisor.last.ended.callback(Status("exited with status 1"))
     closing = [e for e in events if "closing the connection" in e.get("log_format", "")]
     assert len(closing) == 2, [e["log_format"] for e in events]
     for _, transport in accepted:
@@ -465,9 +433,9 @@ def test_a_vm_that_dies_while_booting_closes_each_waiting_client_once_and_in_ord
 
 def test_a_vm_that_dies_with_spliced_connections_resets_both_sides() -> None:
     reactor, hypervisor, _lifecycle, accepted = booting(1)
-    hypervisor.ready.callback(ReadyGuest("192.168.64.2", 22))
+    hypervisor.becomeReady(guest=ReadyGuest("192.168.64.2", 22))
     _, guest_transport, _ = connect_guest(reactor)
-    hypervisor.vm.ended.callback(Status("exited with status 1"))
+    hypervisor.last.ended.callback(Status("exited with status 1"))
     (_inbound, transport) = accepted[0]
     assert transport.aborted and guest_transport.aborted
 

@@ -14,6 +14,7 @@ from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
+from tests.fakes import FakeProcessTransport
 from virby.config import fromMapping
 from virby.daemon.rest import RestError
 from virby.daemon.vfkit import (
@@ -169,20 +170,6 @@ def test_exit_is_reported_to_every_waiter() -> None:
     assert late == first
 
 
-class FakeTransport:
-    pid = 4242
-
-    def __init__(self, protocol: VfkitProtocol, dies_on: set[str]) -> None:
-        self.protocol = protocol
-        self.signals: list[str] = []
-        self.dies_on = dies_on
-
-    def signalProcess(self, name: str) -> None:
-        self.signals.append(name)
-        if name in self.dies_on:
-            self.protocol.processEnded(Failure(ProcessTerminated(None, signal=15)))
-
-
 class FakeRest:
     def __init__(self, clock: Clock, protocol: VfkitProtocol, works: bool, powers_off: set[str]):
         self.clock = clock
@@ -202,7 +189,7 @@ class FakeRest:
 def process(tmp_path, works=True, powers_off=("Stop",), dies_on=("TERM",), **settings):
     clock = Clock()
     protocol = VfkitProtocol()
-    transport = FakeTransport(protocol, set(dies_on))
+    transport = FakeProcessTransport(4242, protocol, dies_on)
     rest = FakeRest(clock, protocol, works, set(powers_off))
     cfg = fromMapping({"working-directory": str(tmp_path), **settings})
     (tmp_path / "vfkit.pid").write_text("4242")
@@ -281,7 +268,7 @@ class RecordingReactor(Clock):
 
     def spawnProcess(self, protocol, executable, args, env, path, childFDs):
         self.spawned.append((executable, args, path, childFDs))
-        transport = FakeTransport(protocol, set())
+        transport = FakeProcessTransport(4242, protocol)
         protocol.makeConnection(transport)
         return transport
 
@@ -424,7 +411,7 @@ def real_process(tmp_path, reactor, dies_on: set[str], timings: StopTimings):
     from virby.daemon.rest import VfkitRestClient
 
     protocol = VfkitProtocol()
-    transport = FakeTransport(protocol, dies_on)
+    transport = FakeProcessTransport(4242, protocol, dies_on)
     rest = VfkitRestClient(reactor, str(tmp_path / "vfkit.sock"), timings.rest_timeout)
     cfg = fromMapping({"working-directory": str(tmp_path)})
     return VfkitProcess(reactor, cfg, protocol, transport, rest, timings, mac=MAC), transport
@@ -554,7 +541,7 @@ class KillableReactor(RecordingReactor):
 
     def spawnProcess(self, protocol, executable, args, env, path, childFDs):
         self.spawned.append((executable, args, path, childFDs))
-        transport = FakeTransport(protocol, {"KILL"})
+        transport = FakeProcessTransport(4242, protocol, {"KILL"})
         protocol.makeConnection(transport)
         self.transport = transport
         return transport

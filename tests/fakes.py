@@ -1,0 +1,259 @@
+"""
+Stand-ins for the parts several test modules drive: a VM, a hypervisor, a process
+transport.  Each is written once, here, and typed against the protocol or interface of the
+part it stands for (L{virby.daemon.lifecycle.VirtualMachine} and
+L{virby.daemon.lifecycle.Hypervisor}, Twisted's C{IProcessTransport}), so mypy tells us
+when a fake no longer keeps up with the real part.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ProcessTerminated
+from twisted.internet.interfaces import IProcessProtocol, IProcessTransport
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from virby.daemon.lifecycle import BootReport, ExitInfo, Guest, VirtualMachine
+from virby.errors import PermanentError
+
+
+@dataclass
+class Status:
+    """How a fake VM ended, as L{virby.daemon.lifecycle.ExitInfo} describes it."""
+
+    text: str = "exited with status 0"
+
+    def describe(self) -> str:
+        return self.text
+
+
+@dataclass
+class FakeVM:
+    """
+    One VM process.  Its stop waits until L{die} ends it, as the real one's waits for vfkit
+    to exit; with C{quickStop} the stop answers at once and the VM stays "alive", for
+    tests that only need the lifecycle to move on.
+    """
+
+    pid: int
+    ended: Deferred[Any] = field(default_factory=Deferred)
+    stopRequests: int = 0
+    #: What L{consoleTail} shows; by default a line naming the pid.
+    console: list[str] | None = None
+    quickStop: bool = False
+    _stops: list[Deferred[ExitInfo | None]] = field(default_factory=list)
+
+    def consoleTail(self, n: int = 20) -> list[str]:
+        if self.console is not None:
+            return self.console[-n:]
+        return [f"console of {self.pid}"]
+
+    def stop(self) -> Deferred[ExitInfo | None]:
+        self.stopRequests += 1
+        if self.quickStop:
+            return succeed(None)
+        d: Deferred[ExitInfo | None] = Deferred()
+        if self.ended.called:
+            d.callback(Status())
+        else:
+            self._stops.append(d)
+        return d
+
+    def die(self, text: str = "exited with status 1") -> None:
+        """The process ends; pending stops complete, as the real one's do."""
+        self.ended.callback(Status(text))
+        stops, self._stops = self._stops, []
+        for d in stops:
+            d.callback(Status(text))
+
+    @property
+    def alive(self) -> bool:
+        return not self.ended.called
+
+
+@dataclass
+class FakeGuest:
+    """What waitReady fires with: an address, and a spare connection until released."""
+
+    host: str = "192.168.64.2"
+    port: int = 22
+    released: bool = False
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+    def release(self) -> None:
+        self.released = True
+
+
+class FakeHypervisor:
+    """
+    Spawns L{FakeVM}s and reports them ready when the test says so (L{becomeReady}), or at
+    once when C{readyAtOnce} holds a guest.  Spawns may fail or be slow (L{finishSpawn});
+    the daemon's start asks it to stop an orphan, which it counts.
+    """
+
+    def __init__(
+        self,
+        *,
+        slowSpawn: bool = False,
+        readyAtOnce: Guest | None = None,
+        quickStop: bool = False,
+        console: list[str] | None = None,
+    ) -> None:
+        self.vms: list[FakeVM] = []
+        self.ready: dict[int, Deferred[Guest]] = {}
+        self.cancelledReady: list[int] = []
+        self.spawnError: Exception | None = None
+        self.slowSpawn = slowSpawn
+        self.spawning: Deferred[VirtualMachine] | None = None
+        self.cancelledSpawns = 0
+        self.spawns = 0
+        #: A VM that a cancelled slow spawn hands over anyway.
+        self.onCancelSpawn: FakeVM | None = None
+        #: A guest that a cancelled readiness wait hands over anyway.
+        self.readyOnCancel: Guest | None = None
+        #: A guest every readiness wait reports at once.
+        self.readyAtOnce = readyAtOnce
+        #: Whether the last boot failure was one no retry can cure.
+        self.permanentFailure = False
+        #: For the next spawn only: how it fails, or that it is slow.
+        self.nextSpawnError: Exception | None = None
+        self.nextSpawnSlow = False
+        #: How each spawn and each wait were told to report the boot's phases.
+        self.reports: list[BootReport] = []
+        #: How the VMs it spawns stop and what their consoles show (see L{FakeVM}).
+        self.quickStop = quickStop
+        self.console = console
+        self.orphanChecks = 0
+
+    def stopOrphan(self) -> Deferred[None]:
+        self.orphanChecks += 1
+        return succeed(None)
+
+    def spawn(self, report: BootReport) -> Deferred[VirtualMachine]:
+        self.spawns += 1
+        self.reports.append(report)
+        error, self.nextSpawnError = self.nextSpawnError or self.spawnError, None
+        if error is not None:
+            self.permanentFailure = isinstance(error, PermanentError)
+            return fail(error)
+        slow, self.nextSpawnSlow = self.slowSpawn or self.nextSpawnSlow, False
+        if slow:
+            stray = self.onCancelSpawn
+            spawning: Deferred[VirtualMachine]
+            if stray is not None:
+                spawning = Deferred(lambda d: d.callback(stray))
+            else:
+                spawning = Deferred(lambda _: self._spawnCancelled())
+            self.spawning = spawning
+            return spawning
+        return succeed(self._newVM())
+
+    def _newVM(self) -> FakeVM:
+        vm = FakeVM(pid=1000 + len(self.vms), console=self.console, quickStop=self.quickStop)
+        self.vms.append(vm)
+        return vm
+
+    def _spawnCancelled(self) -> None:
+        self.cancelledSpawns += 1
+        self.spawning = None
+
+    def finishSpawn(self) -> FakeVM:
+        """A slow spawn (e.g. ephemeral mode's fresh disk) is done: vfkit runs."""
+        spawning, self.spawning = self.spawning, None
+        assert spawning is not None
+        vm = self._newVM()
+        spawning.callback(vm)
+        return vm
+
+    def waitReady(self, vm: VirtualMachine, report: BootReport) -> Deferred[Guest]:
+        self.reports.append(report)
+        if self.readyAtOnce is not None:
+            return succeed(self.readyAtOnce)
+        guest = self.readyOnCancel
+        d: Deferred[Guest]
+        if guest is not None:
+            d = Deferred(lambda d: d.callback(guest))
+        else:
+            d = Deferred(lambda _: self.cancelledReady.append(vm.pid))
+        self.ready[vm.pid] = d
+        return d
+
+    @property
+    def last(self) -> FakeVM:
+        return self.vms[-1]
+
+    def becomeReady(
+        self, vm: FakeVM | None = None, host: str = "192.168.64.2", guest: Guest | None = None
+    ) -> None:
+        vm = vm or self.last
+        self.ready[vm.pid].callback(guest if guest is not None else FakeGuest(host))
+
+    def alive(self) -> list[FakeVM]:
+        return [vm for vm in self.vms if vm.alive]
+
+
+@implementer(IProcessTransport)
+class FakeProcessTransport:
+    """
+    A child process's transport that records the signals sent and whether stdin was
+    closed.  Given its C{protocol}, the process ends (killed by the signal) on any signal
+    in C{diesOn}.
+    """
+
+    def __init__(
+        self,
+        pid: int = 4321,
+        protocol: IProcessProtocol | None = None,
+        diesOn: Iterable[str] = (),
+    ) -> None:
+        self.pid = pid
+        self.protocol = protocol
+        self.diesOn = set(diesOn)
+        self.signals: list[str] = []
+        self.stdinClosed = False
+        self.written: list[bytes] = []
+        self.lost = False
+
+    def signalProcess(self, signalID: str | int) -> None:
+        self.signals.append(str(signalID))
+        if self.protocol is not None and signalID in self.diesOn:
+            self.protocol.processEnded(Failure(ProcessTerminated(None, signal=15)))
+
+    def closeStdin(self) -> None:
+        self.stdinClosed = True
+
+    def closeStdout(self) -> None:
+        pass
+
+    def closeStderr(self) -> None:
+        pass
+
+    def closeChildFD(self, descriptor: int) -> None:
+        pass
+
+    def writeToChild(self, childFD: int, data: bytes) -> None:
+        self.written.append(data)
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def writeSequence(self, data: Iterable[bytes]) -> None:
+        self.written.extend(data)
+
+    def loseConnection(self) -> None:
+        self.lost = True
+
+    def getPeer(self) -> IPv4Address:
+        return IPv4Address("TCP", "127.0.0.1", 0)
+
+    def getHost(self) -> IPv4Address:
+        return IPv4Address("TCP", "127.0.0.1", 0)
