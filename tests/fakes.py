@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
@@ -19,7 +19,8 @@ from twisted.internet.interfaces import IProcessProtocol, IProcessTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from virby.daemon.lifecycle import BootReport, ExitInfo, Guest, VirtualMachine
+from virby.daemon.control import Commands
+from virby.daemon.lifecycle import BootReport, ExitInfo, Guest, Hypervisor, VirtualMachine
 from virby.errors import PermanentError
 
 
@@ -201,6 +202,37 @@ class FakeHypervisor:
         return [vm for vm in self.vms if vm.alive]
 
 
+class FakeCommands:
+    """
+    What the control socket runs: a fixed status document, and starts and stops that wait
+    until the test fires them (and count their cancellations).
+    """
+
+    def __init__(self, document: dict[str, Any] | None = None) -> None:
+        self.document = (
+            document if document is not None else {"state": "running", "vm_ip": "192.168.64.7"}
+        )
+        self.starts: list[Deferred[dict[str, Any]]] = []
+        self.stops: list[tuple[bool, Deferred[dict[str, Any]]]] = []
+        self.cancelled = 0
+
+    def status(self) -> dict[str, Any]:
+        return self.document
+
+    def start(self) -> Deferred[dict[str, Any]]:
+        d: Deferred[dict[str, Any]] = Deferred(lambda _: self._cancel())
+        self.starts.append(d)
+        return d
+
+    def stop(self, force: bool) -> Deferred[dict[str, Any]]:
+        d: Deferred[dict[str, Any]] = Deferred(lambda _: self._cancel())
+        self.stops.append((force, d))
+        return d
+
+    def _cancel(self) -> None:
+        self.cancelled += 1
+
+
 @implementer(IProcessTransport)
 class FakeProcessTransport:
     """
@@ -257,3 +289,12 @@ class FakeProcessTransport:
 
     def getHost(self) -> IPv4Address:
         return IPv4Address("TCP", "127.0.0.1", 0)
+
+
+if TYPE_CHECKING:
+    # Each fake is what the part it stands for promises, whether or not a test happens to
+    # pass it where the real part goes: mypy checks these once, here.
+    _vm: VirtualMachine = FakeVM(pid=1)
+    _hypervisor: Hypervisor[Guest] = FakeHypervisor()
+    _commands: Commands = FakeCommands()
+    _transport: IProcessTransport = FakeProcessTransport()

@@ -13,10 +13,10 @@ import socket
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
+from tests.fakes import FakeCommands
 from virby.cli.client import LAUNCHD_PLIST, DaemonDown, ask
 from virby.cli.startstop import WAKE_POLL, WAKE_TIMEOUT, knock, runStart, runStop, startTimeout
 from virby.cli.status import EXIT_DOWN
@@ -27,29 +27,6 @@ from virby.errors import VirbyError
 from virby.wire import MAX_REQUEST, Refused, parseRequest
 
 OWNER = os.geteuid()
-
-
-class FakeCommands:
-    def __init__(self) -> None:
-        self.starts: list[Deferred] = []
-        self.stops: list[tuple[bool, Deferred]] = []
-        self.cancelled = 0
-
-    def status(self) -> dict[str, Any]:
-        return {"state": "running", "vm_ip": "192.168.64.7"}
-
-    def start(self) -> Deferred:
-        d: Deferred = Deferred(lambda _: self._cancel())
-        self.starts.append(d)
-        return d
-
-    def stop(self, force: bool) -> Deferred:
-        d: Deferred = Deferred(lambda _: self._cancel())
-        self.stops.append((force, d))
-        return d
-
-    def _cancel(self) -> None:
-        self.cancelled += 1
 
 
 def connect(uid: int | None = OWNER, commands: Any = None):

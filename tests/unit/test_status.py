@@ -10,6 +10,7 @@ import socket
 import pytest
 import pytest_twisted
 
+from tests.fakes import FakeCommands
 from virby.cli import status
 from virby.cli.status import EXIT_DOWN, duration, query, render, run, size
 from virby.config import fromMapping
@@ -187,12 +188,8 @@ def _serve_once_and_query(short_tmp, payload: bytes) -> dict:
 async def test_status_reads_the_daemons_control_socket(short_tmp) -> None:
     from twisted.internet import reactor
 
-    class Commands:
-        def status(self) -> dict:
-            return RUNNING
-
     port = await controlEndpoint(reactor, str(short_tmp / CONTROL_SOCKET)).listen(
-        ControlFactory(Commands(), reactor)
+        ControlFactory(FakeCommands(RUNNING), reactor)
     )
     try:
         assert os.stat(short_tmp / CONTROL_SOCKET).st_mode & 0o777 == 0o600
