@@ -8,20 +8,23 @@ when a fake no longer keeps up with the real part.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, AnyStr, NamedTuple
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.interfaces import IProcessProtocol, IProcessTransport
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from virby.daemon.control import Commands
 from virby.daemon.lifecycle import BootReport, ExitInfo, Guest, Hypervisor, VirtualMachine
 from virby.errors import PermanentError
+from virby.reactors import IHostReactor, IProcessReactor
 
 
 @dataclass
@@ -289,6 +292,89 @@ class FakeProcessTransport:
 
     def getHost(self) -> IPv4Address:
         return IPv4Address("TCP", "127.0.0.1", 0)
+
+
+class Spawned(NamedTuple):
+    """One process a fake reactor was asked to start, as C{spawnProcess} was called."""
+
+    #: The concrete protocol: tests reach into it (its transport, its status).
+    protocol: Any
+    executable: bytes | str
+    args: Sequence[bytes | str]
+    env: Mapping[Any, Any] | None
+    path: bytes | str | None
+    childFDs: Mapping[int, object] | None
+
+
+class _Spawning:
+    """
+    Starting a process, in memory: each is recorded in C{spawned} and given a
+    L{FakeProcessTransport} with the reactor's C{pid} that ends on a signal in C{diesOn};
+    with C{refuse} set, spawning raises it, as a missing executable makes the real one.
+    """
+
+    def _startSpawning(self, pid: int, diesOn: Iterable[str], refuse: OSError | None) -> None:
+        self.pid = pid
+        self.diesOn = set(diesOn)
+        self.refuse = refuse
+        self.spawned: list[Spawned] = []
+        self._transports: list[FakeProcessTransport] = []
+
+    @property
+    def transport(self) -> FakeProcessTransport:
+        """The transport of the last process started."""
+        assert self._transports, "no process was started"
+        return self._transports[-1]
+
+    def spawnProcess(
+        self,
+        processProtocol: IProcessProtocol,
+        executable: bytes | str,
+        args: Sequence[bytes | str],
+        env: Mapping[AnyStr, AnyStr] | None = None,
+        path: bytes | str | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        usePTY: bool = False,
+        childFDs: Mapping[int, object] | None = None,
+    ) -> IProcessTransport:
+        if self.refuse is not None:
+            raise self.refuse
+        transport = FakeProcessTransport(self.pid, processProtocol, self.diesOn)
+        self.spawned.append(Spawned(processProtocol, executable, args, env, path, childFDs))
+        self._transports.append(transport)
+        processProtocol.makeConnection(transport)
+        return transport
+
+
+@implementer(IProcessReactor)
+class FakeProcessReactor(_Spawning, Clock):
+    """A clock that starts processes in memory (see L{_Spawning})."""
+
+    def __init__(
+        self, pid: int = 4321, diesOn: Iterable[str] = (), refuse: OSError | None = None
+    ) -> None:
+        super().__init__()
+        self._startSpawning(pid, diesOn, refuse)
+
+
+@implementer(IHostReactor)
+class FakeReactor(_Spawning, MemoryReactorClock):
+    """
+    Twisted's memory reactor and clock, declared as everything a Virby program asks of its
+    reactor (L{virby.reactors.IHostReactor}), so code typed against a narrower composition
+    takes it.  What the memory reactor lacks it does in memory too: processes start as
+    L{FakeProcessReactor}'s do; a call from another thread runs on the clock's next turn.
+    """
+
+    def __init__(
+        self, pid: int = 4321, diesOn: Iterable[str] = (), refuse: OSError | None = None
+    ) -> None:
+        super().__init__()
+        self._startSpawning(pid, diesOn, refuse)
+
+    def callFromThread(self, callable: Callable[..., Any], *args: object, **kwargs: object) -> None:
+        self.callLater(0, callable, *args, **kwargs)
 
 
 if TYPE_CHECKING:

@@ -11,10 +11,9 @@ import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint
-from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs, formatEvent
 
-from tests.fakes import FakeHypervisor
+from tests.fakes import FakeHypervisor, FakeReactor
 from virby.config import fromMapping
 from virby.daemon.hypervisor import BootError, VfkitHypervisor
 from virby.daemon.lifecycle import Lifecycle
@@ -65,7 +64,7 @@ def test_startup_problems_are_one_line_and_exit_1(short_tmp, capsys, setup, word
     listen = "nonsense:1" if setup == "bad-endpoint" else "tcp:0:interface=127.0.0.1"
     cfg = fromMapping({"working-directory": str(wd), "vfkit": vfkit, "listen": listen})
     with pytest.raises(SystemExit) as caught:
-        makeDaemonService(cfg, MemoryReactorClock())
+        makeDaemonService(cfg, FakeReactor())
     assert caught.value.code == 1
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and words in lines[0], lines
@@ -80,7 +79,7 @@ def service(short_tmp, reactor, endpoint=None, onDemand=True) -> DaemonService:
 
 
 def test_start_listens_and_describes_itself(short_tmp) -> None:
-    reactor = MemoryReactorClock()
+    reactor = FakeReactor()
     daemon = service(short_tmp, reactor)
     daemon.startService()
     assert [(port, interface) for port, _, _, interface in reactor.tcpServers] == [
@@ -112,7 +111,7 @@ def test_a_listen_address_other_hosts_reach_is_named_at_start(short_tmp, interfa
         def listen(self, factory) -> Deferred:
             return succeed(Port())
 
-    reactor = MemoryReactorClock()
+    reactor = FakeReactor()
     endpoint = Endpoint()
     with capturedLogs() as events:
         service(short_tmp, reactor, endpoint).startService()
@@ -136,7 +135,7 @@ def test_a_port_in_use_is_one_line(short_tmp) -> None:
     busy.listen(1)
     try:
         endpoint = TCP4ServerEndpoint(reactor, busy.getsockname()[1], interface="127.0.0.1")
-        daemon = service(short_tmp, MemoryReactorClock(), endpoint)
+        daemon = service(short_tmp, FakeReactor(), endpoint)
         with pytest.raises(StartupError) as caught:
             daemon.startService()
         assert "cannot listen on" in str(caught.value) and "in use" in str(caught.value)
@@ -146,7 +145,7 @@ def test_a_port_in_use_is_one_line(short_tmp) -> None:
 
 
 def test_shutdown_stops_listening_then_the_vm_then_the_control_socket(short_tmp) -> None:
-    reactor = MemoryReactorClock()
+    reactor = FakeReactor()
     daemon = service(short_tmp, reactor)
     daemon.startService()
     done: list = []
@@ -171,7 +170,7 @@ def test_a_mac_that_cannot_nest_boots_without_nested_and_says_why(
     observer = lambda event: logged.append(event.get("warning", ""))  # noqa: E731
     globalLogPublisher.addObserver(observer)
     try:
-        daemon = makeDaemonService(cfg, MemoryReactorClock())
+        daemon = makeDaemonService(cfg, FakeReactor())
     finally:
         globalLogPublisher.removeObserver(observer)
     warning = (
@@ -194,7 +193,7 @@ def test_once_running_the_daemon_checks_on_its_clock_whether_its_log_was_rotated
         {"working-directory": str(short_tmp / "wd"), "vfkit": fake_vfkit(short_tmp),
          "listen": "tcp:0:interface=127.0.0.1"}
     )  # fmt: skip
-    reactor = MemoryReactorClock()
+    reactor = FakeReactor()
     makeDaemonService(cfg, reactor)
     reactor.run()
     assert checked == []
@@ -215,7 +214,7 @@ def test_missing_rosetta_refuses_each_boot_at_once_without_vfkit(short_tmp) -> N
 
 
 def test_the_status_document_has_no_warnings_when_all_is_well(short_tmp) -> None:
-    daemon = service(short_tmp, MemoryReactorClock())
+    daemon = service(short_tmp, FakeReactor())
     assert daemon.describe()["warnings"] == []
 
 
@@ -228,7 +227,7 @@ def test_a_boot_without_a_lease_says_when_the_guest_sent_a_duid(short_tmp) -> No
     prepared(short_tmp)
     (short_tmp / "mac").write_text("52:54:00:12:03:0a\n")
     cfg = config(short_tmp, **{"leases-file": str(leases), "start-timeout": 5})
-    reactor = SpawningReactor()
+    reactor = FakeReactor(4242)
     hypervisor = VfkitHypervisor(reactor, cfg, "/bin/vfkit")
     (vm,) = outcome(hypervisor.spawn(noReport))
     assert vm.mac == "52:54:00:12:03:0a", "the VM carries the MAC it was started with"
@@ -247,7 +246,7 @@ def test_a_boot_without_a_lease_says_when_the_guest_sent_a_duid(short_tmp) -> No
 def test_a_stale_pid_never_stops_a_start(short_tmp) -> None:
     (short_tmp / "daemon.lock").write_text(f"{os.getppid()}\n")
     os.symlink(str(os.getppid()), short_tmp / "control.sock.lock")  # an older version's lock
-    daemon = service(short_tmp, MemoryReactorClock())
+    daemon = service(short_tmp, FakeReactor())
     daemon.startService()
     assert (short_tmp / "daemon.lock").read_text() == f"{os.getpid()}\n"
     assert not os.path.lexists(short_tmp / "control.sock.lock")
@@ -266,7 +265,7 @@ def test_junk_at_the_control_socket_is_replaced(short_tmp, junk) -> None:
             stale.bind(str(path))
     else:
         os.symlink("/nonexistent", path)
-    reactor = MemoryReactorClock()
+    reactor = FakeReactor()
     service(short_tmp, reactor).startService()
     assert not os.path.lexists(path), "cleared before listening"
     assert reactor.unixServers[0][0] == str(path)
@@ -275,15 +274,15 @@ def test_junk_at_the_control_socket_is_replaced(short_tmp, junk) -> None:
 def test_a_directory_at_the_control_socket_is_one_line(short_tmp) -> None:
     (short_tmp / "control.sock").mkdir()
     with pytest.raises(StartupError) as caught:
-        service(short_tmp, MemoryReactorClock()).startService()
+        service(short_tmp, FakeReactor()).startService()
     assert "is a directory, not the control socket: remove it" in str(caught.value)
     assert not (short_tmp / "daemon.lock").exists()
 
 
 def test_a_second_daemon_on_one_working_directory_is_one_line(short_tmp) -> None:
-    first = service(short_tmp, MemoryReactorClock())
+    first = service(short_tmp, FakeReactor())
     first.startService()
-    second = service(short_tmp, MemoryReactorClock())
+    second = service(short_tmp, FakeReactor())
     with pytest.raises(StartupError) as caught:
         second.startService()
     message = str(caught.value)
@@ -301,7 +300,7 @@ def test_a_failed_start_leaves_nothing_behind(short_tmp) -> None:
     try:
         endpoint = TCP4ServerEndpoint(reactor, busy.getsockname()[1], interface="127.0.0.1")
         with pytest.raises(StartupError):
-            service(short_tmp, MemoryReactorClock(), endpoint).startService()
+            service(short_tmp, FakeReactor(), endpoint).startService()
     finally:
         busy.close()
     assert sorted(os.listdir(short_tmp)) == [], "no control.sock, no lock file"
@@ -314,20 +313,6 @@ def prepared(tmp_path):
     (tmp_path / "vm_sshd_keys").mkdir()
     (tmp_path / "diff.img").write_bytes(b"")
     return config(tmp_path)
-
-
-class SpawningReactor(MemoryReactorClock):
-    def __init__(self) -> None:
-        super().__init__()
-        self.spawned: list = []
-
-    def spawnProcess(self, protocol, executable, args, env, path, childFDs):
-        from tests.unit.test_vfkit import FakeTransport
-
-        self.spawned.append(childFDs)
-        transport = FakeTransport(protocol, set())
-        protocol.makeConnection(transport)
-        return transport
 
 
 def noReport(phase, what) -> None:
@@ -345,7 +330,7 @@ def test_no_vm_boots_while_a_process_holds_the_vm_lock(short_tmp) -> None:
 
     held = FileLock(str(short_tmp / "vm.lock"))
     assert held.acquire()
-    reactor = SpawningReactor()
+    reactor = FakeReactor(4242)
     hypervisor = VfkitHypervisor(reactor, prepared(short_tmp), "/bin/vfkit")
     (failure,) = outcome(hypervisor.spawn(noReport))
     assert failure.check(BootError)
@@ -355,7 +340,7 @@ def test_no_vm_boots_while_a_process_holds_the_vm_lock(short_tmp) -> None:
     assert reactor.spawned == []
     held.release()
     (vm,) = outcome(hypervisor.spawn(noReport))
-    assert 3 in reactor.spawned[0] and vm.pid == 4242
+    assert 3 in (reactor.spawned[0].childFDs or {}) and vm.pid == 4242
 
 
 def test_an_orphan_that_could_not_be_stopped_is_checked_again(short_tmp, monkeypatch) -> None:
@@ -371,7 +356,7 @@ def test_an_orphan_that_could_not_be_stopped_is_checked_again(short_tmp, monkeyp
         return None
 
     monkeypatch.setattr(virby.daemon.hypervisor, "stopOrphan", stubborn)
-    reactor = SpawningReactor()
+    reactor = FakeReactor(4242)
     hypervisor = virby.daemon.hypervisor.VfkitHypervisor(reactor, prepared(short_tmp), "/bin/vfkit")
     (failure,) = outcome(hypervisor.spawn(noReport))
     assert failure.check(OrphanError) and reactor.spawned == []
@@ -384,7 +369,7 @@ def test_an_orphan_that_could_not_be_stopped_is_checked_again(short_tmp, monkeyp
 def test_the_builder_port_serves_as_many_connections_as_its_descriptors_allow(short_tmp) -> None:
     from virby.daemon.capacity import ConnectionLimit, DescriptorLimit
 
-    reactor = MemoryReactorClock()
+    reactor = FakeReactor()
     cfg = config(short_tmp)
     hypervisor = FakeHypervisor(slowSpawn=True)
     lifecycle = Lifecycle(reactor, hypervisor, onDemand=True, ttl=60)
@@ -399,7 +384,7 @@ def test_the_builder_port_serves_as_many_connections_as_its_descriptors_allow(sh
 def test_the_relays_pipes_are_held_to_the_budget_that_counts_the_connections(short_tmp) -> None:
     from virby.daemon.capacity import ConnectionLimit, DescriptorLimit
 
-    reactor = MemoryReactorClock()
+    reactor = FakeReactor()
     hypervisor = FakeHypervisor(slowSpawn=True)
     lifecycle = Lifecycle(reactor, hypervisor, onDemand=True, ttl=60)
     endpoint = TCP4ServerEndpoint(reactor, 31222, interface="127.0.0.1")
@@ -416,7 +401,7 @@ def test_the_relays_pipes_are_held_to_the_budget_that_counts_the_connections(sho
 
 
 def test_the_control_commands_start_stop_and_describe(short_tmp) -> None:
-    reactor = MemoryReactorClock()
+    reactor = FakeReactor()
     hypervisor = FakeHypervisor(
         readyAtOnce=ReadyGuest("192.168.64.2", 22), quickStop=True, console=[]
     )

@@ -53,13 +53,14 @@ def test_an_always_on_daemon_on_a_refusing_mac_tries_once_and_says_so_once(short
 
 
 def test_the_boot_reports_vfkit_started_then_the_lease_once(short_tmp) -> None:
-    from tests.unit.test_daemon import SpawningReactor, config, outcome, prepared
+    from tests.fakes import FakeReactor
+    from tests.unit.test_daemon import config, outcome, prepared
     from tests.unit.test_leases import MAC, SAMPLE
 
     leases = short_tmp / "dhcpd_leases"
     prepared(short_tmp)
     (short_tmp / "mac").write_text(f"{MAC}\n")
-    reactor = SpawningReactor()
+    reactor = FakeReactor(4242)
     cfg = config(short_tmp, **{"leases-file": str(leases), "start-timeout": 5})
     hypervisor = VfkitHypervisor(reactor, cfg, "/bin/vfkit")
     reports: list = []
@@ -81,15 +82,15 @@ def test_a_full_disk_after_the_spawn_leaves_no_vfkit_and_no_lock(short_tmp, monk
     import errno
     import os
 
+    from tests.fakes import FakeProcessReactor
     from tests.unit.test_daemon import outcome, prepared
-    from tests.unit.test_vfkit import KillableReactor
     from virby.locks import FileLock
 
     def full(path: str, data: bytes, mode: int) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path + ".tmp")
 
     monkeypatch.setattr("virby.daemon.vfkit.writeAtomically", full)
-    reactor = KillableReactor()
+    reactor = FakeProcessReactor(4242, diesOn={"KILL"})
     hypervisor = VfkitHypervisor(reactor, prepared(short_tmp), "/bin/vfkit")
     reports: list = []
     (failure,) = outcome(hypervisor.spawn(lambda phase, what: reports.append(phase)))

@@ -72,8 +72,7 @@ def test_the_string_parser_is_found(monkeypatch) -> None:
 
 @pytest.mark.parametrize("description", ["launchd:nmae=Listener", "launchd:Listener:extra"])
 def test_a_misspelt_endpoint_fails_at_start_with_one_line(short_tmp, capsys, description) -> None:
-    from twisted.internet.testing import MemoryReactorClock
-
+    from tests.fakes import FakeReactor
     from tests.unit.test_daemon import fake_vfkit
     from virby.config import fromMapping
     from virby.daemon.service import makeDaemonService
@@ -84,7 +83,7 @@ def test_a_misspelt_endpoint_fails_at_start_with_one_line(short_tmp, capsys, des
          "listen": description}
     )  # fmt: skip
     with pytest.raises(SystemExit) as caught:
-        makeDaemonService(config, MemoryReactorClock())
+        makeDaemonService(config, FakeReactor())
     assert caught.value.code == 1
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith(f"twistd virby: error: listen endpoint {description!r} is not valid")

@@ -9,11 +9,11 @@ import pytest
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionRefusedError
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
-from tests.fakes import FakeHypervisor, Status
+from tests.fakes import FakeHypervisor, FakeReactor, Status
 from virby.daemon.lifecycle import Lifecycle, VMUnavailable
 from virby.daemon.proxy import (
     BANNER_SECONDS,
@@ -70,7 +70,7 @@ def guest(host: str = "g", port: int = 22) -> ReadyGuest:
 
 
 def accept(backend, peer=None, reactor=None):
-    reactor = reactor or MemoryReactorClock()
+    reactor = reactor or FakeReactor()
     factory = ProxyFactory(reactor, backend, connectTimeout=7)
     transport = Transport(peer)
     protocol = factory.buildProtocol(transport.getPeer())
@@ -82,7 +82,7 @@ def accept(backend, peer=None, reactor=None):
 BANNER = b"SSH-2.0-guest\r\n"
 
 
-def connect_guest(reactor: MemoryReactorClock, index: int = -1, banner: bytes = BANNER):
+def connect_guest(reactor: FakeReactor, index: int = -1, banner: bytes = BANNER):
     """The guest accepts the connect, and (unless C{banner} is empty) speaks."""
     host, port, factory, timeout, _ = reactor.tcpClients[index]
     guest = factory.buildProtocol(None)
@@ -116,13 +116,13 @@ def hang_up(inbound, transport) -> None:
 )
 def test_loopback_only(address, allowed) -> None:
     assert isLoopback(address) is allowed
-    factory = ProxyFactory(MemoryReactorClock(), Backend())
+    factory = ProxyFactory(FakeReactor(), Backend())
     assert (factory.buildProtocol(address) is not None) is allowed
 
 
 def test_unknown_data_path() -> None:
     with pytest.raises(ValueError, match="one of fast, portable, transports"):
-        ProxyFactory(MemoryReactorClock(), Backend(), dataPath="turbo")
+        ProxyFactory(FakeReactor(), Backend(), dataPath="turbo")
 
 
 def test_held_bytes_go_first_then_the_splice() -> None:
@@ -290,7 +290,7 @@ class Running(Backend):
 
 
 def test_traffic_counts_open_and_closed_connections() -> None:
-    reactor = MemoryReactorClock()
+    reactor = FakeReactor()
     backend = Running()
     factory = ProxyFactory(reactor, backend)
     pairs = []
@@ -348,7 +348,7 @@ class Booting(Backend):
 
 def test_the_first_waiter_gets_the_probes_connection_and_its_banner() -> None:
     backend = Booting()
-    reactor = MemoryReactorClock()
+    reactor = FakeReactor()
     _, first, first_client = accept(backend, reactor=reactor)
     _, second, _ = accept(backend, reactor=reactor)
     first.dataReceived(b"SSH-2.0-client\r\n")
@@ -373,7 +373,7 @@ def test_an_unclaimed_probe_connection_is_closed() -> None:
 
 
 def booting(clients: int):
-    reactor = MemoryReactorClock()
+    reactor = FakeReactor()
     hypervisor = FakeHypervisor(quickStop=True, console=[])
     lifecycle = Lifecycle(reactor, hypervisor, onDemand=True, ttl=60)
     factory = ProxyFactory(reactor, lifecycle, connectTimeout=7)
@@ -475,7 +475,7 @@ def test_accounting_exactly_once_in_any_order(order) -> None:
 
 
 def test_the_factory_counts_its_open_connections_for_admission() -> None:
-    reactor = MemoryReactorClock()
+    reactor = FakeReactor()
     factory = ProxyFactory(reactor, Backend())
     connections = []
     for _ in range(3):
@@ -494,7 +494,7 @@ def test_the_factory_counts_its_open_connections_for_admission() -> None:
 
 def waiting_clients(count: int):
     backend = Booting()
-    reactor = MemoryReactorClock()
+    reactor = FakeReactor()
     factory = ProxyFactory(reactor, backend)
     clients = []
     for _ in range(count):
@@ -647,7 +647,7 @@ def test_a_closed_client_leaves_no_timer_behind() -> None:
 
 def test_a_probe_connection_that_says_nothing_is_replaced_by_a_connect() -> None:
     backend = Booting()
-    reactor = MemoryReactorClock()
+    reactor = FakeReactor()
     _, inbound, client = accept(backend, reactor=reactor)
     probe = Probe(b"")
     backend.becomeReady(ReadyGuest("192.168.64.2", 22, probe))  # type: ignore[arg-type]

@@ -14,7 +14,7 @@ from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
-from tests.fakes import FakeProcessTransport
+from tests.fakes import FakeProcessReactor, FakeProcessTransport
 from virby.config import fromMapping
 from virby.daemon.rest import RestError
 from virby.daemon.vfkit import (
@@ -261,20 +261,8 @@ def test_runtime_files_of_another_process_are_left_alone(short_tmp) -> None:
     assert (short_tmp / "vfkit.pid").exists() and (short_tmp / "vfkit.sock").exists()
 
 
-class RecordingReactor(Clock):
-    def __init__(self) -> None:
-        super().__init__()
-        self.spawned: list = []
-
-    def spawnProcess(self, protocol, executable, args, env, path, childFDs):
-        self.spawned.append((executable, args, path, childFDs))
-        transport = FakeProcessTransport(4242, protocol)
-        protocol.makeConnection(transport)
-        return transport
-
-
 def test_start_checks_the_working_directory_and_writes_the_pidfile(short_tmp) -> None:
-    reactor = RecordingReactor()
+    reactor = FakeProcessReactor(4242)
     cfg = fromMapping({"working-directory": str(short_tmp / "wd")})
     with pytest.raises(WorkingDirectoryError, match="missing: run `virby prepare"):
         VfkitProcess.start(reactor, cfg, "/bin/vfkit", MAC)
@@ -285,7 +273,7 @@ def test_start_checks_the_working_directory_and_writes_the_pidfile(short_tmp) ->
     os.mkdir(short_tmp / "wd" / "vm_sshd_keys")
     (short_tmp / "wd" / "vfkit.sock").write_text("stale")
     vm = VfkitProcess.start(reactor, cfg, "/bin/vfkit", MAC)
-    executable, args, path, fds = reactor.spawned[0]
+    _, executable, args, _, path, fds = reactor.spawned[0]
     assert executable == "/bin/vfkit" and args[0] == "/bin/vfkit"
     assert "efi,variable-store=" + str(short_tmp / "wd" / "efistore.nvram") + ",create" in args
     assert path == str(short_tmp / "wd") and fds == {0: "w", 1: "r", 2: "r"}
@@ -294,7 +282,7 @@ def test_start_checks_the_working_directory_and_writes_the_pidfile(short_tmp) ->
     assert vm.pid == 4242
     (short_tmp / "wd" / "efistore.nvram").write_bytes(b"")
     VfkitProcess.start(reactor, cfg, "/bin/vfkit", MAC)
-    assert not [a for a in reactor.spawned[1][1] if a.endswith(",create")]
+    assert not [a for a in reactor.spawned[1].args if a.endswith(",create")]
 
 
 def test_stop_of_an_exited_vm_is_immediate(short_tmp) -> None:
@@ -324,7 +312,7 @@ def test_with_debug_serial_log_is_kept(short_tmp) -> None:
 
 
 def test_start_removes_the_last_console(short_tmp) -> None:
-    reactor = RecordingReactor()
+    reactor = FakeProcessReactor(4242)
     cfg = fromMapping({"working-directory": str(short_tmp)})
     (short_tmp / "diff.img").write_bytes(b"x")
     os.mkdir(short_tmp / "vm_sshd_keys")
@@ -334,13 +322,13 @@ def test_start_removes_the_last_console(short_tmp) -> None:
 
 
 def test_start_passes_nested_as_planned(short_tmp) -> None:
-    reactor = RecordingReactor()
+    reactor = FakeProcessReactor(4242)
     cfg = fromMapping({"working-directory": str(short_tmp), "nested-virtualization": True})
     (short_tmp / "diff.img").write_bytes(b"x")
     os.mkdir(short_tmp / "vm_sshd_keys")
     VfkitProcess.start(reactor, cfg, "/bin/vfkit", MAC, plan=HostPlan(nested=False))
     VfkitProcess.start(reactor, cfg, "/bin/vfkit", MAC, plan=HostPlan(nested=True))
-    assert ["--nested" in args for _, args, _, _ in reactor.spawned] == [False, True]
+    assert ["--nested" in args for _, _, args, *_ in reactor.spawned] == [False, True]
 
 
 def facts(cpu="Apple M4 Pro", macos=(15, 1), rosetta=True, arm=True) -> HostFacts:
@@ -521,7 +509,7 @@ def test_a_clean_exit_says_nothing_more() -> None:
 def test_vfkit_inherits_the_vm_lock_and_it_is_let_go_when_vfkit_is_gone(short_tmp) -> None:
     from virby.locks import FileLock
 
-    reactor = RecordingReactor()
+    reactor = FakeProcessReactor(4242)
     wd = short_tmp / "wd"
     (wd / "vm_sshd_keys").mkdir(parents=True)
     (wd / "diff.img").write_bytes(b"")
@@ -529,22 +517,11 @@ def test_vfkit_inherits_the_vm_lock_and_it_is_let_go_when_vfkit_is_gone(short_tm
     lock = FileLock(str(wd / "vm.lock"))
     assert lock.acquire()
     vm = VfkitProcess.start(reactor, cfg, "/bin/vfkit", MAC, vmLock=lock)
-    fds = reactor.spawned[0][3]
+    fds = reactor.spawned[0].childFDs
     assert fds == {0: "w", 1: "r", 2: "r", 3: lock.fileno()}
     assert not FileLock(str(wd / "vm.lock")).acquire()
     vm.protocol.processEnded(Failure(ProcessDone(0)))
     assert not lock.held and FileLock(str(wd / "vm.lock")).acquire()
-
-
-class KillableReactor(RecordingReactor):
-    """Spawns fake vfkits that SIGKILL ends, as it ends a real one."""
-
-    def spawnProcess(self, protocol, executable, args, env, path, childFDs):
-        self.spawned.append((executable, args, path, childFDs))
-        transport = FakeProcessTransport(4242, protocol, {"KILL"})
-        protocol.makeConnection(transport)
-        self.transport = transport
-        return transport
 
 
 @pytest.mark.parametrize(
@@ -571,7 +548,7 @@ def test_a_vfkit_whose_pidfile_cannot_be_written_is_killed_and_reaped(
         raise OSError(code, os.strerror(code), path + ".tmp")
 
     monkeypatch.setattr("virby.daemon.vfkit.writeAtomically", full)
-    reactor = KillableReactor()
+    reactor = FakeProcessReactor(4242, diesOn={"KILL"})
     cfg = fromMapping({"working-directory": str(short_tmp)})
     with capturedLogs() as events, pytest.raises(VfkitStartError) as caught:
         VfkitProcess.start(reactor, cfg, "/bin/vfkit", MAC)
