@@ -10,21 +10,24 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, AnyStr, NamedTuple
+from typing import TYPE_CHECKING, Any, AnyStr, Generic, NamedTuple, TypeVar, cast, overload
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.interfaces import IProcessProtocol, IProcessTransport
-from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from virby.daemon.control import Commands
 from virby.daemon.lifecycle import BootReport, ExitInfo, Guest, Hypervisor, VirtualMachine
+from virby.daemon.readiness import ReadyGuest
+from virby.daemon.service import DaemonHypervisor
 from virby.errors import PermanentError
-from virby.reactors import IHostReactor, IProcessReactor
+from virby.reactors import IHostReactor
+
+G = TypeVar("G", bound=Guest)
 
 
 @dataclass
@@ -97,23 +100,49 @@ class FakeGuest:
         self.released = True
 
 
-class FakeHypervisor:
+class FakeHypervisor(Generic[G]):
     """
     Spawns L{FakeVM}s and reports them ready when the test says so (L{becomeReady}), or at
     once when C{readyAtOnce} holds a guest.  Spawns may fail or be slow (L{finishSpawn});
-    the daemon's start asks it to stop an orphan, which it counts.
+    the daemon's start asks it to stop an orphan, which it counts.  Its guests are
+    L{FakeGuest}s unless C{guest} makes them from a host (the proxy wants L{ReadyGuest}s).
     """
+
+    @overload
+    def __init__(
+        self: FakeHypervisor[FakeGuest],
+        guest: None = None,
+        *,
+        slowSpawn: bool = False,
+        readyAtOnce: FakeGuest | None = None,
+        quickStop: bool = False,
+        console: list[str] | None = None,
+    ) -> None: ...
+
+    @overload
+    def __init__(
+        self,
+        guest: Callable[[str], G],
+        *,
+        slowSpawn: bool = False,
+        readyAtOnce: G | None = None,
+        quickStop: bool = False,
+        console: list[str] | None = None,
+    ) -> None: ...
 
     def __init__(
         self,
+        guest: Callable[[str], Any] | None = None,
         *,
         slowSpawn: bool = False,
-        readyAtOnce: Guest | None = None,
+        readyAtOnce: Any = None,
         quickStop: bool = False,
         console: list[str] | None = None,
     ) -> None:
+        # The overloads tie G to what guest makes; FakeGuest is G when no guest is given.
+        self._guest = cast("Callable[[str], G]", guest if guest is not None else FakeGuest)
         self.vms: list[FakeVM] = []
-        self.ready: dict[int, Deferred[Guest]] = {}
+        self.ready: dict[int, Deferred[G]] = {}
         self.cancelledReady: list[int] = []
         self.spawnError: Exception | None = None
         self.slowSpawn = slowSpawn
@@ -123,9 +152,9 @@ class FakeHypervisor:
         #: A VM that a cancelled slow spawn hands over anyway.
         self.onCancelSpawn: FakeVM | None = None
         #: A guest that a cancelled readiness wait hands over anyway.
-        self.readyOnCancel: Guest | None = None
+        self.readyOnCancel: G | None = None
         #: A guest every readiness wait reports at once.
-        self.readyAtOnce = readyAtOnce
+        self.readyAtOnce: G | None = readyAtOnce
         #: Whether the last boot failure was one no retry can cure.
         self.permanentFailure = False
         #: For the next spawn only: how it fails, or that it is slow.
@@ -178,12 +207,12 @@ class FakeHypervisor:
         spawning.callback(vm)
         return vm
 
-    def waitReady(self, vm: VirtualMachine, report: BootReport) -> Deferred[Guest]:
+    def waitReady(self, vm: VirtualMachine, report: BootReport) -> Deferred[G]:
         self.reports.append(report)
         if self.readyAtOnce is not None:
             return succeed(self.readyAtOnce)
         guest = self.readyOnCancel
-        d: Deferred[Guest]
+        d: Deferred[G]
         if guest is not None:
             d = Deferred(lambda d: d.callback(guest))
         else:
@@ -196,10 +225,10 @@ class FakeHypervisor:
         return self.vms[-1]
 
     def becomeReady(
-        self, vm: FakeVM | None = None, host: str = "192.168.64.2", guest: Guest | None = None
+        self, vm: FakeVM | None = None, host: str = "192.168.64.2", guest: G | None = None
     ) -> None:
         vm = vm or self.last
-        self.ready[vm.pid].callback(guest if guest is not None else FakeGuest(host))
+        self.ready[vm.pid].callback(guest if guest is not None else self._guest(host))
 
     def alive(self) -> list[FakeVM]:
         return [vm for vm in self.vms if vm.alive]
@@ -251,7 +280,8 @@ class FakeProcessTransport:
         diesOn: Iterable[str] = (),
     ) -> None:
         self.pid = pid
-        self.protocol = protocol
+        #: The concrete protocol: tests reach into it (its status, its output).
+        self.protocol: Any = protocol
         self.diesOn = set(diesOn)
         self.signals: list[str] = []
         self.stdinClosed = False
@@ -347,24 +377,13 @@ class _Spawning:
         return transport
 
 
-@implementer(IProcessReactor)
-class FakeProcessReactor(_Spawning, Clock):
-    """A clock that starts processes in memory (see L{_Spawning})."""
-
-    def __init__(
-        self, pid: int = 4321, diesOn: Iterable[str] = (), refuse: OSError | None = None
-    ) -> None:
-        super().__init__()
-        self._startSpawning(pid, diesOn, refuse)
-
-
 @implementer(IHostReactor)
 class FakeReactor(_Spawning, MemoryReactorClock):
     """
     Twisted's memory reactor and clock, declared as everything a Virby program asks of its
     reactor (L{virby.reactors.IHostReactor}), so code typed against a narrower composition
     takes it.  What the memory reactor lacks it does in memory too: processes start as
-    L{FakeProcessReactor}'s do; a call from another thread runs on the clock's next turn.
+    L{_Spawning} says; a call from another thread runs on the clock's next turn.
     """
 
     def __init__(
@@ -377,10 +396,16 @@ class FakeReactor(_Spawning, MemoryReactorClock):
         self.callLater(0, callable, *args, **kwargs)
 
 
+def readyGuest(host: str) -> ReadyGuest:
+    """The guest the real hypervisor reports, for fakes of it the proxy and daemon take."""
+    return ReadyGuest(host, 22)
+
+
 if TYPE_CHECKING:
     # Each fake is what the part it stands for promises, whether or not a test happens to
     # pass it where the real part goes: mypy checks these once, here.
     _vm: VirtualMachine = FakeVM(pid=1)
-    _hypervisor: Hypervisor[Guest] = FakeHypervisor()
+    _hypervisor: Hypervisor[FakeGuest] = FakeHypervisor()
+    _daemonHypervisor: DaemonHypervisor = FakeHypervisor(readyGuest)
     _commands: Commands = FakeCommands()
     _transport: IProcessTransport = FakeProcessTransport()

@@ -9,7 +9,7 @@ from twisted.internet.defer import CancelledError
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.python.failure import Failure
 
-from tests.fakes import FakeProcessReactor
+from tests.fakes import FakeReactor
 from virby.daemon.child import Ended, runBounded
 
 
@@ -20,7 +20,7 @@ def results(d) -> list:
 
 
 def test_a_child_that_ends_gives_its_status_and_output() -> None:
-    reactor = FakeProcessReactor()
+    reactor = FakeReactor()
     got = results(runBounded(reactor, "/bin/ps", ["ps", "-p", "1"], timeout=5, env={"A": "b"}))
     ((protocol, executable, args, env, _path, fds),) = reactor.spawned
     assert (executable, args, env) == ("/bin/ps", ["ps", "-p", "1"], {"A": "b"})
@@ -32,7 +32,7 @@ def test_a_child_that_ends_gives_its_status_and_output() -> None:
 
 
 def test_the_deadline_kills_the_child_and_says_so() -> None:
-    reactor = FakeProcessReactor()
+    reactor = FakeReactor()
     expired: list[bool] = []
     got = results(
         runBounded(reactor, "/bin/ps", ["ps"], timeout=10, onTimeout=lambda: expired.append(True))
@@ -49,7 +49,7 @@ def test_the_deadline_kills_the_child_and_says_so() -> None:
 
 
 def test_a_cancelled_result_kills_the_child() -> None:
-    reactor = FakeProcessReactor()
+    reactor = FakeReactor()
     d = runBounded(reactor, "/bin/ps", ["ps"], timeout=10)
     got = results(d)
     protocol = reactor.spawned[0][0]
@@ -60,7 +60,7 @@ def test_a_cancelled_result_kills_the_child() -> None:
 
 
 def test_only_the_tail_of_the_output_is_kept() -> None:
-    reactor = FakeProcessReactor()
+    reactor = FakeReactor()
     got = results(runBounded(reactor, "/bin/ps", ["ps"], timeout=10, limit=8))
     protocol = reactor.spawned[0][0]
     protocol.outReceived(b"0123456789")
@@ -71,7 +71,7 @@ def test_only_the_tail_of_the_output_is_kept() -> None:
 
 
 def test_a_child_that_cannot_start_fails_with_its_error() -> None:
-    reactor = FakeProcessReactor(refuse=FileNotFoundError(2, "No such file or directory"))
+    reactor = FakeReactor(refuse=FileNotFoundError(2, "No such file or directory"))
     (failure,) = results(runBounded(reactor, "/nope", ["nope"], timeout=10))
     assert failure.check(FileNotFoundError)
     assert reactor.getDelayedCalls() == []

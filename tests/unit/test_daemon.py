@@ -13,7 +13,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.logger import capturedLogs, formatEvent
 
-from tests.fakes import FakeHypervisor, FakeReactor
+from tests.fakes import FakeHypervisor, FakeReactor, readyGuest
 from virby.config import fromMapping
 from virby.daemon.hypervisor import BootError, VfkitHypervisor
 from virby.daemon.lifecycle import Lifecycle
@@ -72,7 +72,7 @@ def test_startup_problems_are_one_line_and_exit_1(short_tmp, capsys, setup, word
 
 def service(short_tmp, reactor, endpoint=None, onDemand=True) -> DaemonService:
     cfg = config(short_tmp)
-    hypervisor = FakeHypervisor(slowSpawn=True)
+    hypervisor = FakeHypervisor(readyGuest, slowSpawn=True)
     lifecycle = Lifecycle(reactor, hypervisor, onDemand=onDemand, ttl=60)
     endpoint = endpoint or TCP4ServerEndpoint(reactor, 31222, interface="127.0.0.1")
     return DaemonService(reactor, cfg, endpoint, hypervisor, lifecycle)
@@ -371,7 +371,7 @@ def test_the_builder_port_serves_as_many_connections_as_its_descriptors_allow(sh
 
     reactor = FakeReactor()
     cfg = config(short_tmp)
-    hypervisor = FakeHypervisor(slowSpawn=True)
+    hypervisor = FakeHypervisor(readyGuest, slowSpawn=True)
     lifecycle = Lifecycle(reactor, hypervisor, onDemand=True, ttl=60)
     endpoint = TCP4ServerEndpoint(reactor, 31222, interface="127.0.0.1")
     limit = DescriptorLimit(256, 1024, None, None)
@@ -385,7 +385,7 @@ def test_the_relays_pipes_are_held_to_the_budget_that_counts_the_connections(sho
     from virby.daemon.capacity import ConnectionLimit, DescriptorLimit
 
     reactor = FakeReactor()
-    hypervisor = FakeHypervisor(slowSpawn=True)
+    hypervisor = FakeHypervisor(readyGuest, slowSpawn=True)
     lifecycle = Lifecycle(reactor, hypervisor, onDemand=True, ttl=60)
     endpoint = TCP4ServerEndpoint(reactor, 31222, interface="127.0.0.1")
     limit = DescriptorLimit(256, 1024, None, None, pipes=64)
@@ -403,7 +403,7 @@ def test_the_relays_pipes_are_held_to_the_budget_that_counts_the_connections(sho
 def test_the_control_commands_start_stop_and_describe(short_tmp) -> None:
     reactor = FakeReactor()
     hypervisor = FakeHypervisor(
-        readyAtOnce=ReadyGuest("192.168.64.2", 22), quickStop=True, console=[]
+        readyGuest, readyAtOnce=ReadyGuest("192.168.64.2", 22), quickStop=True, console=[]
     )
     lifecycle = Lifecycle(reactor, hypervisor, onDemand=True, ttl=60)
     daemon = DaemonService(

@@ -16,7 +16,7 @@ from twisted.internet.defer import CancelledError
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.python.failure import Failure
 
-from tests.fakes import FakeProcessReactor
+from tests.fakes import FakeReactor
 from virby import disk, locks
 from virby.config import MIB, fromMapping
 from virby.daemon import freshdisk
@@ -133,7 +133,7 @@ def results(d) -> list:
 
 
 def test_the_child_runs_with_this_python_and_its_line_is_the_result(tmp_path) -> None:
-    reactor = FakeProcessReactor()
+    reactor = FakeReactor()
     got = results(makeFreshDisk(reactor, str(tmp_path), SIZE, 30.0))
     ((protocol, executable, args, env, path, _),) = reactor.spawned
     assert executable == sys.executable and path == str(tmp_path)
@@ -146,7 +146,7 @@ def test_the_child_runs_with_this_python_and_its_line_is_the_result(tmp_path) ->
 
 
 def test_the_childs_error_line_fails_the_result(tmp_path) -> None:
-    reactor = FakeProcessReactor()
+    reactor = FakeReactor()
     got = results(makeFreshDisk(reactor, str(tmp_path), SIZE, 30.0))
     protocol = reactor.spawned[0][0]
     protocol.errReceived(b"/wd/base.img is missing: run `virby prepare --config FILE`\n")
@@ -159,7 +159,7 @@ def test_the_childs_error_line_fails_the_result(tmp_path) -> None:
 
 
 def test_a_copy_that_takes_too_long_is_killed(tmp_path) -> None:
-    reactor = FakeProcessReactor()
+    reactor = FakeReactor()
     got = results(makeFreshDisk(reactor, str(tmp_path), SIZE, 30.0))
     protocol = reactor.spawned[0][0]
     reactor.advance(29)
@@ -173,7 +173,7 @@ def test_a_copy_that_takes_too_long_is_killed(tmp_path) -> None:
 
 
 def test_a_boot_given_up_kills_the_copy(tmp_path) -> None:
-    reactor = FakeProcessReactor()
+    reactor = FakeReactor()
     d = makeFreshDisk(reactor, str(tmp_path), SIZE, 30.0)
     got = results(d)
     protocol = reactor.spawned[0][0]
@@ -185,7 +185,7 @@ def test_a_boot_given_up_kills_the_copy(tmp_path) -> None:
 
 
 def test_a_python_that_cannot_run_is_one_line(tmp_path) -> None:
-    refusing = FakeProcessReactor(refuse=OSError(2, "No such file or directory"))
+    refusing = FakeReactor(refuse=OSError(2, "No such file or directory"))
     got = results(makeFreshDisk(refusing, str(tmp_path), SIZE, 30.0, executable="/nope"))
     assert got[0].check(FreshDiskError) and "cannot run /nope" in str(got[0].value)
 
@@ -208,7 +208,7 @@ def unheard(phase: BootPhase, what: str) -> None:
 
 
 def test_ephemeral_boots_start_vfkit_only_after_the_fresh_disk(short_tmp) -> None:
-    reactor = FakeProcessReactor()
+    reactor = FakeReactor()
     phases: list[BootPhase] = []
     made = hypervisor(short_tmp, reactor, ephemeral=True)
     spawned = results(made.spawn(lambda phase, what: phases.append(phase)))
@@ -224,7 +224,7 @@ def test_ephemeral_boots_start_vfkit_only_after_the_fresh_disk(short_tmp) -> Non
 
 
 def test_a_failed_fresh_disk_fails_the_boot_without_vfkit(short_tmp) -> None:
-    reactor = FakeProcessReactor()
+    reactor = FakeReactor()
     spawned = results(hypervisor(short_tmp, reactor, ephemeral=True).spawn(unheard))
     protocol = reactor.spawned[0][0]
     protocol.errReceived(b"cannot make a fresh diff.img from base.img: No space left\n")
@@ -235,7 +235,7 @@ def test_a_failed_fresh_disk_fails_the_boot_without_vfkit(short_tmp) -> None:
 
 
 def test_the_vm_lock_is_held_for_the_copy_and_let_go_when_it_fails(short_tmp) -> None:
-    reactor = FakeProcessReactor()
+    reactor = FakeReactor()
     spawned = results(hypervisor(short_tmp, reactor, ephemeral=True).spawn(unheard))
     assert FileLock(str(short_tmp / VM_LOCK)).acquire() is False, "held during the copy"
     protocol = reactor.spawned[0][0]
@@ -245,7 +245,7 @@ def test_the_vm_lock_is_held_for_the_copy_and_let_go_when_it_fails(short_tmp) ->
 
 
 def test_a_boot_given_up_during_the_copy_lets_the_vm_lock_go(short_tmp) -> None:
-    reactor = FakeProcessReactor()
+    reactor = FakeReactor()
     spawning = hypervisor(short_tmp, reactor, ephemeral=True).spawn(unheard)
     spawned = results(spawning)
     spawning.cancel()
@@ -255,7 +255,7 @@ def test_a_boot_given_up_during_the_copy_lets_the_vm_lock_go(short_tmp) -> None:
 
 
 def test_without_ephemeral_the_disk_is_left_alone(short_tmp) -> None:
-    reactor = FakeProcessReactor()
+    reactor = FakeReactor()
     write_disk(short_tmp / "diff.img", MIB, b"kept")
     results(hypervisor(short_tmp, reactor).spawn(unheard))
     ((_, executable, _, _, _, _),) = reactor.spawned

@@ -82,7 +82,7 @@ def test_a_full_disk_after_the_spawn_leaves_no_vfkit_and_no_lock(short_tmp, monk
     import errno
     import os
 
-    from tests.fakes import FakeProcessReactor
+    from tests.fakes import FakeReactor
     from tests.unit.test_daemon import outcome, prepared
     from virby.locks import FileLock
 
@@ -90,7 +90,7 @@ def test_a_full_disk_after_the_spawn_leaves_no_vfkit_and_no_lock(short_tmp, monk
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path + ".tmp")
 
     monkeypatch.setattr("virby.daemon.vfkit.writeAtomically", full)
-    reactor = FakeProcessReactor(4242, diesOn={"KILL"})
+    reactor = FakeReactor(4242, diesOn={"KILL"})
     hypervisor = VfkitHypervisor(reactor, prepared(short_tmp), "/bin/vfkit")
     reports: list = []
     (failure,) = outcome(hypervisor.spawn(lambda phase, what: reports.append(phase)))

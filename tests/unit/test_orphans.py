@@ -216,9 +216,9 @@ async def test_command_line_through_ps_as_on_macos(monkeypatch, short_tmp) -> No
 @pytest_twisted.ensureDeferred
 async def test_a_ps_that_hangs_is_killed_and_the_command_line_is_unknown() -> None:
     """A C{ps} stuck on a loaded Mac must not hold the boot: it is bounded like any child."""
-    from tests.fakes import FakeProcessReactor
+    from tests.fakes import FakeReactor
 
-    reactor = FakeProcessReactor()
+    reactor = FakeReactor()
     d = Deferred.fromCoroutine(commandLine(reactor, 4242, proc=None, timeout=10.0))
     ((protocol, executable, args, *_),) = reactor.spawned
     assert args == [executable, "-ww", "-o", "command=", "-p", "4242"]

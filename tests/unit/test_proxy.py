@@ -13,7 +13,7 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
-from tests.fakes import FakeHypervisor, FakeReactor, Status
+from tests.fakes import FakeHypervisor, FakeReactor, Status, readyGuest
 from virby.daemon.lifecycle import Lifecycle, VMUnavailable
 from virby.daemon.proxy import (
     BANNER_SECONDS,
@@ -374,7 +374,7 @@ def test_an_unclaimed_probe_connection_is_closed() -> None:
 
 def booting(clients: int):
     reactor = FakeReactor()
-    hypervisor = FakeHypervisor(quickStop=True, console=[])
+    hypervisor = FakeHypervisor(readyGuest, quickStop=True, console=[])
     lifecycle = Lifecycle(reactor, hypervisor, onDemand=True, ttl=60)
     factory = ProxyFactory(reactor, lifecycle, connectTimeout=7)
     accepted = []

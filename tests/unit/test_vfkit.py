@@ -14,7 +14,7 @@ from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
-from tests.fakes import FakeProcessReactor, FakeProcessTransport
+from tests.fakes import FakeProcessTransport, FakeReactor
 from virby.config import fromMapping
 from virby.daemon.rest import RestError
 from virby.daemon.vfkit import (
@@ -262,7 +262,7 @@ def test_runtime_files_of_another_process_are_left_alone(short_tmp) -> None:
 
 
 def test_start_checks_the_working_directory_and_writes_the_pidfile(short_tmp) -> None:
-    reactor = FakeProcessReactor(4242)
+    reactor = FakeReactor(4242)
     cfg = fromMapping({"working-directory": str(short_tmp / "wd")})
     with pytest.raises(WorkingDirectoryError, match="missing: run `virby prepare"):
         VfkitProcess.start(reactor, cfg, "/bin/vfkit", MAC)
@@ -312,7 +312,7 @@ def test_with_debug_serial_log_is_kept(short_tmp) -> None:
 
 
 def test_start_removes_the_last_console(short_tmp) -> None:
-    reactor = FakeProcessReactor(4242)
+    reactor = FakeReactor(4242)
     cfg = fromMapping({"working-directory": str(short_tmp)})
     (short_tmp / "diff.img").write_bytes(b"x")
     os.mkdir(short_tmp / "vm_sshd_keys")
@@ -322,7 +322,7 @@ def test_start_removes_the_last_console(short_tmp) -> None:
 
 
 def test_start_passes_nested_as_planned(short_tmp) -> None:
-    reactor = FakeProcessReactor(4242)
+    reactor = FakeReactor(4242)
     cfg = fromMapping({"working-directory": str(short_tmp), "nested-virtualization": True})
     (short_tmp / "diff.img").write_bytes(b"x")
     os.mkdir(short_tmp / "vm_sshd_keys")
@@ -509,7 +509,7 @@ def test_a_clean_exit_says_nothing_more() -> None:
 def test_vfkit_inherits_the_vm_lock_and_it_is_let_go_when_vfkit_is_gone(short_tmp) -> None:
     from virby.locks import FileLock
 
-    reactor = FakeProcessReactor(4242)
+    reactor = FakeReactor(4242)
     wd = short_tmp / "wd"
     (wd / "vm_sshd_keys").mkdir(parents=True)
     (wd / "diff.img").write_bytes(b"")
@@ -548,7 +548,7 @@ def test_a_vfkit_whose_pidfile_cannot_be_written_is_killed_and_reaped(
         raise OSError(code, os.strerror(code), path + ".tmp")
 
     monkeypatch.setattr("virby.daemon.vfkit.writeAtomically", full)
-    reactor = FakeProcessReactor(4242, diesOn={"KILL"})
+    reactor = FakeReactor(4242, diesOn={"KILL"})
     cfg = fromMapping({"working-directory": str(short_tmp)})
     with capturedLogs() as events, pytest.raises(VfkitStartError) as caught:
         VfkitProcess.start(reactor, cfg, "/bin/vfkit", MAC)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import signal
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.application.service import Service
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -38,7 +38,7 @@ from virby.daemon.capacity import (
 )
 from virby.daemon.control import ControlFactory, StaleSocketError, clearStaleSocket, controlEndpoint
 from virby.daemon.hypervisor import VfkitHypervisor
-from virby.daemon.lifecycle import Lifecycle
+from virby.daemon.lifecycle import Hypervisor, Lifecycle
 from virby.daemon.logfile import LogFile
 from virby.daemon.proxy import ProxyFactory, isLoopback
 from virby.daemon.readiness import ReadyGuest
@@ -59,6 +59,15 @@ class StartupError(VirbyError):
     """The daemon cannot start serving; the message says why and what to do."""
 
 
+class DaemonHypervisor(Hypervisor[ReadyGuest], Protocol):
+    """
+    The hypervisor as the daemon holds it: the lifecycle's, and at start it stops a VM an
+    earlier daemon left running (L{VfkitHypervisor} is the one the daemon makes).
+    """
+
+    def stopOrphan(self) -> Deferred[None]: ...
+
+
 class DaemonService(Service):
     """
     Listens on the builder endpoint and the control socket, and runs the lifecycle: one
@@ -76,7 +85,7 @@ class DaemonService(Service):
         reactor: IHostReactor,
         config: Config,
         endpoint: IStreamServerEndpoint,
-        hypervisor: VfkitHypervisor,
+        hypervisor: DaemonHypervisor,
         lifecycle: Lifecycle[ReadyGuest],
         descriptors: DescriptorLimit | None = None,
     ) -> None:
