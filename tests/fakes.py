@@ -17,13 +17,12 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.interfaces import IProcessProtocol, IProcessTransport
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import ILogObserver, LogEvent
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from virby.daemon.control import Commands
-from virby.daemon.lifecycle import BootReport, ExitInfo, Guest, Hypervisor, VirtualMachine
+from virby.daemon.lifecycle import BootReport, ExitInfo, Guest, VirtualMachine
 from virby.daemon.readiness import ReadyGuest
-from virby.daemon.service import DaemonHypervisor
 from virby.errors import PermanentError
 from virby.reactors import IHostReactor
 
@@ -396,12 +395,25 @@ class FakeReactor(_Spawning, MemoryReactorClock):
         self.callLater(0, callable, *args, **kwargs)
 
 
+def logObserver(observe: Callable[[LogEvent], object]) -> ILogObserver:
+    """
+    C{observe} as the L{ILogObserver} Twisted's publishers are typed to take.  Any callable
+    of one event is one (Twisted's own observers are plain callables), but a bound method or
+    a lambda cannot declare it, so the type checker is told here, once.
+    """
+    return cast(ILogObserver, observe)
+
+
 def readyGuest(host: str) -> ReadyGuest:
     """The guest the real hypervisor reports, for fakes of it the proxy and daemon take."""
     return ReadyGuest(host, 22)
 
 
 if TYPE_CHECKING:
+    from virby.daemon.control import Commands
+    from virby.daemon.lifecycle import Hypervisor
+    from virby.daemon.service import DaemonHypervisor
+
     # Each fake is what the part it stands for promises, whether or not a test happens to
     # pass it where the real part goes: mypy checks these once, here.
     _vm: VirtualMachine = FakeVM(pid=1)

@@ -17,6 +17,7 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
 
+from tests.fakes import logObserver
 from virby.daemon import relay
 from virby.daemon.proxy import Phase, ProxyFactory
 from virby.daemon.readiness import ReadyGuest
@@ -341,7 +342,7 @@ async def test_a_guest_that_refuses_closes_the_client_and_says_why(path) -> None
             if "cannot reach the guest" in event.get("log_format", ""):
                 said.append(event["why"])
 
-        globalLogPublisher.addObserver(observe)
+        globalLogPublisher.addObserver(logObserver(observe))
         try:
             talker = Talker(b"SSH-2.0-client\r\n", halfClose=False)
             await TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.getHost().port).connect(
@@ -350,7 +351,7 @@ async def test_a_guest_that_refuses_closes_the_client_and_says_why(path) -> None
             assert await talker.done.addTimeout(10, reactor) == b""
             await backend.whenClosed(1).addTimeout(10, reactor)
         finally:
-            globalLogPublisher.removeObserver(observe)
+            globalLogPublisher.removeObserver(logObserver(observe))
             await proxy.stopListening()
     assert len(said) == 1 and "refused" in said[0].lower(), said
 

@@ -6,10 +6,12 @@ task.Clock, the client against scripted servers (old and new daemons), the comma
 
 from __future__ import annotations
 
+import ctypes
 import io
 import json
 import os
 import socket
+import sys
 from typing import Any
 
 import pytest
@@ -779,7 +781,6 @@ def test_ask_calls_back_while_the_reply_has_not_come_on_one_thread(short_tmp) ->
 
 def test_the_macos_peer_credentials_call_is_looked_up_once(monkeypatch) -> None:
     """getpeereid(2) through ctypes: libc is opened at the first request, not at each."""
-    import ctypes
 
     from virby.daemon import control
 
@@ -794,8 +795,8 @@ def test_the_macos_peer_credentials_call_is_looked_up_once(monkeypatch) -> None:
             ctypes.cast(uid, ctypes.POINTER(ctypes.c_uint32)).contents.value = 501
             return 0
 
-    monkeypatch.setattr(control.sys, "platform", "darwin")
-    monkeypatch.setattr(control.ctypes, "CDLL", Libc)
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.setattr(ctypes, "CDLL", Libc)
     try:
         a, b = socket.socketpair(socket.AF_UNIX)
         with a, b:

@@ -13,7 +13,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.logger import capturedLogs, formatEvent
 
-from tests.fakes import FakeHypervisor, FakeReactor, readyGuest
+from tests.fakes import FakeHypervisor, FakeReactor, logObserver, readyGuest
 from virby.config import fromMapping
 from virby.daemon.hypervisor import BootError, VfkitHypervisor
 from virby.daemon.lifecycle import Lifecycle
@@ -168,11 +168,11 @@ def test_a_mac_that_cannot_nest_boots_without_nested_and_says_why(
     )  # fmt: skip
     logged: list[str] = []
     observer = lambda event: logged.append(event.get("warning", ""))  # noqa: E731
-    globalLogPublisher.addObserver(observer)
+    globalLogPublisher.addObserver(logObserver(observer))
     try:
         daemon = makeDaemonService(cfg, FakeReactor())
     finally:
-        globalLogPublisher.removeObserver(observer)
+        globalLogPublisher.removeObserver(logObserver(observer))
     warning = (
         "nested-virtualization is on, but this Mac cannot run it: it needs Apple M3 or "
         "later, and this Mac has Apple M1; booting the VM without --nested"

@@ -23,7 +23,7 @@ from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
-from tests.fakes import FakeGuest, FakeHypervisor, FakeVM
+from tests.fakes import FakeGuest, FakeHypervisor, FakeVM, logObserver
 from virby.daemon import lifecycle as lifecycle_module
 from virby.daemon.lifecycle import (
     RULES,
@@ -946,7 +946,7 @@ class LifecycleRaces(RuleBasedStateMachine):
         self.answeredIn: list[tuple[str, State]] = []
         self.failures: list[str] = []
         self.reentries = 0
-        globalLogPublisher.addObserver(self._observe)
+        globalLogPublisher.addObserver(logObserver(self._observe))
 
     @initialize()
     def begin(self) -> None:
@@ -961,7 +961,7 @@ class LifecycleRaces(RuleBasedStateMachine):
             self.failures.append(event["log_failure"].getTraceback())
 
     def teardown(self) -> None:
-        globalLogPublisher.removeObserver(self._observe)
+        globalLogPublisher.removeObserver(logObserver(self._observe))
 
     def stops(self) -> int:
         return sum(vm.stopRequests for vm in self.hypervisor.vms)

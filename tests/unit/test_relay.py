@@ -479,7 +479,7 @@ def test_connect_without_a_descriptor_fails_like_a_refusal(monkeypatch) -> None:
     def exhausted(*args, **kwargs):
         raise OSError(errnos.EMFILE, "Too many open files")
 
-    monkeypatch.setattr(relay.socket, "socket", exhausted)
+    monkeypatch.setattr(socket, "socket", exhausted)
     got = outcome_of(relay.connect(FakeReactor(), "127.0.0.1", 22, 10))
     assert got[0].check(ConnectError) and "Too many open files" in got[0].getErrorMessage()
 

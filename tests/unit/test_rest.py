@@ -11,6 +11,7 @@ import pytest_twisted
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
+from tests.fakes import logObserver
 from virby.daemon.rest import (
     RestDropped,
     RestError,
@@ -142,12 +143,12 @@ async def test_a_request_leaves_no_factory_lines_in_the_log(server) -> None:
 
     resource, path = server
     seen: list[dict] = []
-    globalLogPublisher.addObserver(seen.append)
+    globalLogPublisher.addObserver(logObserver(seen.append))
     try:
         await VfkitRestClient(reactor, path).request("Stop")
         await VfkitRestClient(reactor, path).request("HardStop")
     finally:
-        globalLogPublisher.removeObserver(seen.append)
+        globalLogPublisher.removeObserver(logObserver(seen.append))
     factoryLines = [e for e in seen if "factory" in str(e.get("log_format", "")).lower()]
     assert factoryLines == []
     assert resource.posted == ["Stop", "HardStop"]

@@ -14,7 +14,7 @@ from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
-from tests.fakes import FakeProcessTransport, FakeReactor
+from tests.fakes import FakeProcessTransport, FakeReactor, logObserver
 from virby.config import fromMapping
 from virby.daemon.rest import RestError
 from virby.daemon.vfkit import (
@@ -140,7 +140,7 @@ def test_vfkits_usage_text_stays_out_of_the_log(capsys) -> None:
         ):
             seen.append(event["line"])
 
-    globalLogPublisher.addObserver(observer)
+    globalLogPublisher.addObserver(logObserver(observer))
     try:
         protocol = VfkitProtocol()
         protocol.errReceived(b'time="x" level=info msg="virtual machine parameters:"\n')
@@ -150,7 +150,7 @@ def test_vfkits_usage_text_stays_out_of_the_log(capsys) -> None:
         )
         protocol.processEnded(Failure(ProcessDone(0)))
     finally:
-        globalLogPublisher.removeObserver(observer)
+        globalLogPublisher.removeObserver(logObserver(observer))
     assert seen == [
         'time="x" level=info msg="virtual machine parameters:"',
         "Error: inappropriate ioctl for device",
