@@ -326,13 +326,14 @@ class FakeProcessTransport:
 class Spawned(NamedTuple):
     """One process a fake reactor was asked to start, as C{spawnProcess} was called."""
 
-    #: The concrete protocol: tests reach into it (its transport, its status).
+    # As the code under test passed them, for the test to look into: the concrete
+    # protocol (its transport, its status), the arguments as given.
     protocol: Any
-    executable: bytes | str
-    args: Sequence[bytes | str]
-    env: Mapping[Any, Any] | None
-    path: bytes | str | None
-    childFDs: Mapping[int, object] | None
+    executable: Any
+    args: Any
+    env: Any
+    path: Any
+    childFDs: Any
 
 
 class _Spawning:

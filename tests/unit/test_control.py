@@ -36,6 +36,7 @@ def connect(uid: int | None = OWNER, commands: Any = None):
     commands = commands or FakeCommands()
     factory = ControlFactory(commands, clock, peerUid=lambda transport: uid)
     protocol = factory.buildProtocol(None)
+    assert protocol is not None
     transport = StringTransport()
     protocol.makeConnection(transport)
     return protocol, transport, clock, commands
@@ -209,7 +210,7 @@ def test_the_control_socket_queues_as_many_as_the_builder_port() -> None:
 def test_a_client_that_does_not_read_its_reply_is_cut_off() -> None:
     aborted: list[bool] = []
     protocol, transport, clock, _ = connect()
-    transport.abortConnection = lambda: aborted.append(True)  # type: ignore[method-assign]
+    transport.abortConnection = lambda: aborted.append(True)
     protocol.dataReceived(line(version=1, command="status"))
     clock.advance(REPLY_TIMEOUT)
     assert aborted == [True]
@@ -791,7 +792,7 @@ def test_the_macos_peer_credentials_call_is_looked_up_once(monkeypatch) -> None:
         def __init__(self, name: object, use_errno: bool = False) -> None:
             opened.append(name)
 
-        def getpeereid(self, fd: int, uid: object, gid: object) -> int:
+        def getpeereid(self, fd: int, uid: ctypes._CArgObject, gid: ctypes._CArgObject) -> int:
             ctypes.cast(uid, ctypes.POINTER(ctypes.c_uint32)).contents.value = 501
             return 0
 

@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from twisted.internet.address import IPv4Address
@@ -18,13 +19,14 @@ from virby.config import fromMapping
 from virby.daemon.hypervisor import BootError, VfkitHypervisor
 from virby.daemon.lifecycle import Lifecycle
 from virby.daemon.logfile import CHECK_INTERVAL, LogFile
+from virby.daemon.proxy import ProxyFactory
 from virby.daemon.readiness import ReadyGuest
 from virby.daemon.service import DaemonCommands, DaemonService, StartupError, makeDaemonService
 from virby.vfkitflags import HostPlan
 
 
 @pytest.fixture
-def signals() -> Iterator[dict[int, object]]:
+def signals() -> Iterator[dict[signal.Signals, Any]]:
     """
     The daemon installs the process's SIGTERM, SIGINT and SIGHUP handlers: the test sees
     pytest's, and gets them back afterwards, so that ^C still stops the test run.
@@ -180,6 +182,7 @@ def test_a_mac_that_cannot_nest_boots_without_nested_and_says_why(
     assert [line for line in logged if line] == [warning]
     assert daemon.describe()["warnings"] == [warning]
     assert all(signal.getsignal(signum) is not before for signum, before in signals.items())
+    assert isinstance(daemon._hypervisor, VfkitHypervisor)
     assert daemon._hypervisor.plan.nested is False
 
 
@@ -205,7 +208,13 @@ def test_once_running_the_daemon_checks_on_its_clock_whether_its_log_was_rotated
 def test_missing_rosetta_refuses_each_boot_at_once_without_vfkit(short_tmp) -> None:
     cfg = config(short_tmp, rosetta=True)
     refusal = "rosetta is on, but Rosetta is not installed on this Mac: run it"
-    hypervisor = VfkitHypervisor(None, cfg, "/nonexistent/vfkit", HostPlan(refusal=refusal))
+    # The refusal comes before any use of the reactor: there is none.
+    hypervisor = VfkitHypervisor(
+        None,  # type: ignore[arg-type]
+        cfg,
+        "/nonexistent/vfkit",
+        HostPlan(refusal=refusal),
+    )
     failures: list = []
     hypervisor.spawn(noReport).addErrback(failures.append)
     assert failures and failures[0].check(BootError)
@@ -340,7 +349,7 @@ def test_no_vm_boots_while_a_process_holds_the_vm_lock(short_tmp) -> None:
     assert reactor.spawned == []
     held.release()
     (vm,) = outcome(hypervisor.spawn(noReport))
-    assert 3 in (reactor.spawned[0].childFDs or {}) and vm.pid == 4242
+    assert 3 in reactor.spawned[0].childFDs and vm.pid == 4242
 
 
 def test_an_orphan_that_could_not_be_stopped_is_checked_again(short_tmp, monkeypatch) -> None:
@@ -393,10 +402,13 @@ def test_the_relays_pipes_are_held_to_the_budget_that_counts_the_connections(sho
     daemon.startService()
     factory = reactor.tcpServers[0][1]
     assert isinstance(factory, ConnectionLimit) and factory.limit == (1024 - 64 - 128) // 2
+    assert isinstance(factory.wrapped, ProxyFactory)
     pool = factory.wrapped.pipes
+    assert pool is not None
     taken = [pool.take() for _ in range(65)]
     assert taken[-1] is None and None not in taken[:-1], "the pool lends 64 pipes, no more"
     for pipe in taken[:-1]:
+        assert pipe is not None
         pool.discard(pipe)
 
 

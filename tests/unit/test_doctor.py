@@ -503,10 +503,12 @@ def test_a_lease_file_that_is_a_directory(machine) -> None:
 
 
 def test_a_crowded_lease_pool(machine) -> None:
-    crowd = [
+    crowd: list[tuple[str, str | None, float, str]] = [
         (f"192.168.64.{n}", f"02:00:00:00:00:{n:02x}", NOW + 3600, "vm") for n in range(2, 203)
     ]
-    old = [(f"192.168.65.{n}", f"02:00:00:00:01:{n:02x}", NOW + 3600, "vm") for n in range(2, 250)]
+    old: list[tuple[str, str | None, float, str]] = [
+        (f"192.168.65.{n}", f"02:00:00:00:01:{n:02x}", NOW + 3600, "vm") for n in range(2, 250)
+    ]
     write_leases(Path(machine["config"].leases_file), crowd + old)
     finding = failed(examine(machine))["lease-pool"]
     assert finding.detail.startswith("201 unexpired leases in 192.168.64.0/24 (449 entries)")

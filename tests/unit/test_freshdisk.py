@@ -198,7 +198,8 @@ def hypervisor(tmp_path: Path, reactor, **settings) -> VfkitHypervisor:
          **settings}
     )  # fmt: skip
     made = VfkitHypervisor(reactor, config, "/bin/vfkit")
-    made._orphanCheck = checked = OneShot()
+    checked: OneShot[None] = OneShot()
+    made._orphanCheck = checked
     checked.fire(None)
     return made
 

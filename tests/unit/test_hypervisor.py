@@ -20,7 +20,9 @@ REFUSAL = (
 
 def refusing(directory) -> VfkitHypervisor:
     config = fromMapping({"working-directory": str(directory), "rosetta": True})
-    return VfkitHypervisor(None, config, "/nonexistent/vfkit", HostPlan(refusal=REFUSAL))
+    plan = HostPlan(refusal=REFUSAL)
+    # No reactor: the boot is refused before one would be used.
+    return VfkitHypervisor(None, config, "/nonexistent/vfkit", plan)  # type: ignore[arg-type]
 
 
 def test_a_host_refusal_is_a_boot_error_no_retry_can_cure(short_tmp) -> None:
@@ -117,7 +119,9 @@ def test_no_image_yet_refuses_a_boot_with_the_recorded_cause(short_tmp) -> None:
     (short_tmp / layout.IMAGE_FAILURE).write_text("no builder for aarch64-linux\n")
     config = fromMapping({"working-directory": str(short_tmp)})
     failures: list = []
-    VfkitHypervisor(None, config, "/nonexistent/vfkit").spawn(noReport).addErrback(failures.append)
+    # No reactor: the boot is refused before one would be used.
+    hypervisor = VfkitHypervisor(None, config, "/nonexistent/vfkit")  # type: ignore[arg-type]
+    hypervisor.spawn(noReport).addErrback(failures.append)
     assert failures[0].check(NoImage) and failures[0].check(PermanentError)
     assert str(failures[0].value) == (
         f"no image yet: no builder for aarch64-linux; {layout.NO_IMAGE_FIX}"
@@ -127,7 +131,9 @@ def test_no_image_yet_refuses_a_boot_with_the_recorded_cause(short_tmp) -> None:
 def test_without_a_recorded_cause_no_image_yet_still_says_what_to_do(short_tmp) -> None:
     config = fromMapping({"working-directory": str(short_tmp)})
     failures: list = []
-    VfkitHypervisor(None, config, "/nonexistent/vfkit").spawn(noReport).addErrback(failures.append)
+    # No reactor: the boot is refused before one would be used.
+    hypervisor = VfkitHypervisor(None, config, "/nonexistent/vfkit")  # type: ignore[arg-type]
+    hypervisor.spawn(noReport).addErrback(failures.append)
     assert str(failures[0].value) == (
         f"no image yet: the VM image has not been built; {layout.NO_IMAGE_FIX}"
     )

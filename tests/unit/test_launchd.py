@@ -16,6 +16,7 @@ from virby.daemon.launchd import LaunchdError, LaunchdServerEndpoint
 
 class Hello(Protocol):
     def connectionMade(self) -> None:
+        assert self.transport is not None
         self.transport.write(b"hello\n")
         self.transport.loseConnection()
 
@@ -25,7 +26,7 @@ class Reader(Protocol):
         from twisted.internet.defer import Deferred
 
         self.data = b""
-        self.done = Deferred()
+        self.done: Deferred[bytes] = Deferred()
 
     def dataReceived(self, data: bytes) -> None:
         self.data += data
@@ -55,7 +56,9 @@ def test_errors_are_one_line(code, words) -> None:
         raise OSError(code, "x")
 
     failures: list = []
-    LaunchdServerEndpoint(None, "Listener", activate).listen(Factory()).addErrback(failures.append)
+    # No reactor: activation fails before one would be used.
+    endpoint = LaunchdServerEndpoint(None, "Listener", activate)  # type: ignore[arg-type]
+    endpoint.listen(Factory()).addErrback(failures.append)
     error = failures[0].value
     assert isinstance(error, LaunchdError) and words in str(error) and "\n" not in str(error)
 
@@ -112,7 +115,9 @@ async def test_every_socket_is_adopted_and_served(monkeypatch) -> None:
             (TCP6ClientEndpoint, "::1", v6port),
         ):
             reader = Reader()
-            await client(reactor, host, number).connect(Factory.forProtocol(lambda r=reader: r))
+            # The default binds this reader; mypy cannot infer a lambda's defaults.
+            factory = Factory.forProtocol(lambda r=reader: r)  # type: ignore[misc]
+            await client(reactor, host, number).connect(factory)
             assert await reader.done == b"hello\n"
     finally:
         await port.stopListening()

@@ -191,7 +191,7 @@ def test_vm_death_while_running_closes_its_connections_and_the_next_one_boots() 
     hypervisor.last.die("killed by signal 9")
     assert a.aborted is not None and "killed by signal 9" in a.aborted
     assert lifecycle.state is State.STOPPED
-    assert "killed by signal 9" in lifecycle.snapshot().last_error
+    assert "killed by signal 9" in (lifecycle.snapshot().last_error or "")
     lifecycle.connectionClosed(a)
     _, wait = open_connection(lifecycle)
     assert len(hypervisor.vms) == 2
@@ -223,7 +223,7 @@ def test_boot_timeout_stops_the_vm_fails_waiters_and_the_next_connection_retries
     assert len(hypervisor.vms) == 2, "the connection that waited during the stop boots again"
     hypervisor.becomeReady()
     assert addresses(during) == [("192.168.64.2", 22)]
-    assert "no DHCP lease" in lifecycle.snapshot().last_error
+    assert "no DHCP lease" in (lifecycle.snapshot().last_error or "")
 
 
 def test_spawn_failure_fails_waiters_and_keeps_serving() -> None:
@@ -1001,7 +1001,7 @@ class LifecycleRaces(RuleBasedStateMachine):
         return act
 
     def _connect(self, then: str | None) -> None:
-        connection, box = FakeConnection(), []
+        connection, box = FakeConnection(), list[typing.Any]()
         self.lifecycle.connectionOpened(connection)
         waiting = self.lifecycle.whenReady()
         waiting.addBoth(self._then(then))
@@ -1052,11 +1052,11 @@ class LifecycleRaces(RuleBasedStateMachine):
         open_, shutdown = list(self.open), self.shutdown
         answer = self._answer(lambda: self.lifecycle.stopNow(force), "stop")
         answer.addBoth(self._then(then))
-        answer = results(answer)
+        got = results(answer)
         if shutdown:
-            assert answer and answer[0].check(VMUnavailable)
+            assert got and got[0].check(VMUnavailable)
         elif open_ and not force:
-            assert answer and answer[0].check(VMBusy)
+            assert got and got[0].check(VMBusy)
             assert self.stoppedNothing(before), "a refused stop stops nothing"
         elif force:
             assert all(connection.aborted for connection in open_), "forced: all closed"
@@ -1168,7 +1168,7 @@ class ReentrantLifecycleRaces(LifecycleRaces):
     """
 
     @initialize(onDemand=st.booleans())
-    def begin(self, onDemand: bool) -> None:  # type: ignore[override]
+    def begin(self, onDemand: bool) -> None:
         self.startIn(onDemand=onDemand)
 
     @rule(then=ACTIONS)

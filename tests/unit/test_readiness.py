@@ -32,6 +32,7 @@ def connect(reactor: FakeReactor, index: int = -1):
     """Complete the pending connectTCP: returns (protocol, transport)."""
     factory = reactor.tcpClients[index][2]
     protocol = factory.buildProtocol(None)
+    assert protocol is not None
     transport = StringTransport()
     protocol.makeConnection(transport)
     return protocol, transport
@@ -39,7 +40,8 @@ def connect(reactor: FakeReactor, index: int = -1):
 
 def refuse(reactor: FakeReactor, index: int = -1) -> None:
     factory = reactor.tcpClients[index][2]
-    factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+    # No connector: the probe's factory does not look at it.
+    factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))  # type: ignore[arg-type]
 
 
 def test_banner_after_preamble_lines_and_the_connection_is_kept() -> None:

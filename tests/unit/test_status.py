@@ -17,6 +17,7 @@ from virby.config import fromMapping
 from virby.daemon.control import ControlFactory, controlEndpoint
 from virby.errors import VirbyError
 from virby.layout import CONTROL_SOCKET, IMAGE_FAILURE, NO_IMAGE_FIX
+from virby.reactors import hostReactor
 
 RUNNING = {
     "state": "running",
@@ -186,7 +187,9 @@ def _serve_once_and_query(short_tmp, payload: bytes) -> dict:
 
 @pytest_twisted.ensureDeferred
 async def test_status_reads_the_daemons_control_socket(short_tmp) -> None:
-    from twisted.internet import reactor
+    from twisted.internet import reactor as globalReactor
+
+    reactor = hostReactor(globalReactor)
 
     port = await controlEndpoint(reactor, str(short_tmp / CONTROL_SOCKET)).listen(
         ControlFactory(FakeCommands(RUNNING), reactor)

@@ -159,13 +159,14 @@ def test_vfkits_usage_text_stays_out_of_the_log(capsys) -> None:
 
 def test_exit_is_reported_to_every_waiter() -> None:
     protocol = VfkitProtocol()
-    first, second = [], []
-    protocol.whenEnded().addCallback(lambda s: first.append(s) and None)
+    first: list[ExitStatus] = []
+    second: list[ExitStatus] = []
+    protocol.whenEnded().addCallback(lambda s: first.append(s))
     protocol.whenEnded().addCallback(second.append)
     protocol.processEnded(Failure(ProcessTerminated(None, signal=9)))
     assert first == second == [ExitStatus(None, 9)]
     assert first[0].describe() == "was killed by signal 9"
-    late = []
+    late: list[ExitStatus] = []
     protocol.whenEnded().addCallback(late.append)
     assert late == first
 
@@ -187,7 +188,7 @@ class FakeRest:
 
 
 def process(tmp_path, works=True, powers_off=("Stop",), dies_on=("TERM",), **settings):
-    clock = Clock()
+    clock = FakeReactor()
     protocol = VfkitProtocol()
     transport = FakeProcessTransport(4242, protocol, dies_on)
     rest = FakeRest(clock, protocol, works, set(powers_off))
