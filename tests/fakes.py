@@ -1,9 +1,12 @@
 """
-Stand-ins for the parts several test modules drive: a VM, a hypervisor, a process
-transport.  Each is written once, here, and typed against the protocol or interface of the
-part it stands for (L{virby.daemon.lifecycle.VirtualMachine} and
-L{virby.daemon.lifecycle.Hypervisor}, Twisted's C{IProcessTransport}), so mypy tells us
-when a fake no longer keeps up with the real part.
+Stand-ins for the parts several test modules drive: a VM and its guest, the hypervisor, the
+control commands, a child process's transport, and a reactor that is all the reactors Virby
+asks for.  Each is written once, here, and typed against the protocol or zope interface of
+the part it stands for (L{virby.daemon.lifecycle.VirtualMachine} and
+L{virby.daemon.lifecycle.Hypervisor}, L{virby.daemon.service.DaemonHypervisor},
+L{virby.daemon.control.Commands}, Twisted's C{IProcessTransport},
+L{virby.reactors.IHostReactor}), so mypy tells us when a fake no longer keeps up with the
+real part.
 """
 
 from __future__ import annotations

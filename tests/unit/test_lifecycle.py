@@ -1001,7 +1001,8 @@ class LifecycleRaces(RuleBasedStateMachine):
         return act
 
     def _connect(self, then: str | None) -> None:
-        connection, box = FakeConnection(), list[typing.Any]()
+        connection = FakeConnection()
+        box: list[typing.Any] = []
         self.lifecycle.connectionOpened(connection)
         waiting = self.lifecycle.whenReady()
         waiting.addBoth(self._then(then))
