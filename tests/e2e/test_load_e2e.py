@@ -72,7 +72,9 @@ def burst(
             selector.register(client, selectors.EVENT_READ)
         while received and time.monotonic() < deadline:
             for key, _ in selector.select(max(0.0, deadline - time.monotonic())):
-                client = key.fileobj
+                fileobj = key.fileobj
+                assert isinstance(fileobj, socket.socket)
+                client = fileobj
                 try:
                     data = client.recv(256)
                 except OSError:

@@ -20,6 +20,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -41,7 +42,7 @@ NIX_DAEMON_PLIST = "/Library/LaunchDaemons/org.nixos.nix-daemon.plist"
 BUILD_USERS = 4
 QUIET = {"documentation": {"enable": False}, "nix": {"nrBuildUsers": BUILD_USERS}}
 UNBUILT = f"unbuilt-{os.urandom(6).hex()}"
-SYSTEMS = {
+SYSTEMS: dict[str, dict[str, Any]] = {
     "enabled": {"virby": {"enable": True}, "config": QUIET},
     "new-image": {
         "virby": {"enable": True, "extraConfig": {"boot": {"kernelParams": ["quiet"]}}},

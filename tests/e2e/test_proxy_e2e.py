@@ -8,18 +8,22 @@ from __future__ import annotations
 import os
 import socket
 import threading
+from typing import Any
 
 import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocol
 from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tests.fakes import logObserver
 from virby.daemon import relay
 from virby.daemon.proxy import Phase, ProxyFactory
 from virby.daemon.readiness import ReadyGuest
+from virby.reactors import IStreamTransport, hostReactor
 
 pytestmark = pytest.mark.e2e
 
@@ -30,6 +34,8 @@ PATHS = ["fast", "portable", "transports"]
 @implementer(IHalfCloseableProtocol)
 class CountingSink(Protocol):
     """Counts what arrives; at EOF answers with the count and closes."""
+
+    transport: IStreamTransport
 
     def connectionMade(self) -> None:
         self.count = 0
@@ -49,12 +55,14 @@ class CountingSink(Protocol):
 class Talker(Protocol):
     """Sends C{payload}, shuts down its write side, keeps what comes back until the close."""
 
+    transport: IStreamTransport
+
     def __init__(self, payload: bytes = b"", halfClose: bool = True, onEOF=None) -> None:
         self.payload = payload
         self.halfClose = halfClose
         self.onEOF = onEOF
         self.answer = b""
-        self.reason = None
+        self.reason: Failure | None = None
         self.done: Deferred[bytes] = Deferred()
         self._expected: tuple[bytes, Deferred[None]] | None = None
 
@@ -95,6 +103,8 @@ class Talker(Protocol):
 
 
 class Echo(Protocol):
+    transport: IStreamTransport
+
     def dataReceived(self, data: bytes) -> None:
         self.transport.write(data)
 
@@ -106,14 +116,14 @@ class Echo(Protocol):
             waiting[1].callback(None)
 
 
-def echoes() -> Factory:
+def echoes() -> Factory[Echo]:
     factory = Factory.forProtocol(Echo)
     factory.closed = 0  # type: ignore[attr-defined]
     factory.waiting = None  # type: ignore[attr-defined]
     return factory
 
 
-def whenEchoesClosed(factory: Factory, count: int) -> Deferred:
+def whenEchoesClosed(factory: Factory[Echo], count: int) -> Deferred:
     if factory.closed >= count:  # type: ignore[attr-defined]
         return succeed(None)
     d: Deferred = Deferred()
@@ -154,19 +164,19 @@ class Backend:
 class Setup:
     """A guest server and the splice in front of it, on the global reactor."""
 
-    async def start(self, path: str, guest: Factory) -> Setup:
+    async def start(self, path: str, guest: Factory[Any]) -> Setup:
         from twisted.internet import reactor
 
-        self.reactor = reactor
+        self.reactor = hostReactor(reactor)
         self.guestPort = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(guest)
         self.backend = Backend(self.guestPort.getHost().port)
-        self.factory = ProxyFactory(reactor, self.backend, dataPath=path, bannerTimeout=None)
+        self.factory = ProxyFactory(self.reactor, self.backend, dataPath=path, bannerTimeout=None)
         self.proxyPort = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
             self.factory
         )
         return self
 
-    async def connect(self, protocol: Protocol) -> Protocol:
+    async def connect(self, protocol: Protocol) -> IProtocol:
         endpoint = TCP4ClientEndpoint(self.reactor, "127.0.0.1", self.proxyPort.getHost().port)
         return await endpoint.connect(Factory.forProtocol(lambda: protocol))
 
@@ -202,6 +212,8 @@ async def test_half_close_through_the_splice(path) -> None:
 @implementer(IHalfCloseableProtocol)
 class Announcer(Protocol):
     """A guest that speaks first and shuts down its write side, then counts until EOF."""
+
+    transport: IStreamTransport
 
     def connectionMade(self) -> None:
         self.count = 0
@@ -282,6 +294,7 @@ async def test_abort_resets_both_sides_at_once(path) -> None:
             connection.abort("the VM exited with status 1")
         await DeferredList([t.done for t in talkers]).addTimeout(10, setup.reactor)
         for talker in talkers:
+            assert talker.reason is not None
             assert not talker.reason.check(ConnectionDone), "a reset, not an orderly close"
         await setup.backend.whenClosed(3).addTimeout(10, setup.reactor)
     finally:
@@ -333,7 +346,7 @@ async def test_a_guest_that_refuses_closes_the_client_and_says_why(path) -> None
         unused.bind(("127.0.0.1", 0))
         backend = Backend(unused.getsockname()[1])
         proxy = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
-            ProxyFactory(reactor, backend, dataPath=path, bannerTimeout=None)
+            ProxyFactory(hostReactor(reactor), backend, dataPath=path, bannerTimeout=None)
         )
         said: list[str] = []
 
@@ -341,7 +354,7 @@ async def test_a_guest_that_refuses_closes_the_client_and_says_why(path) -> None
             if "cannot reach the guest" in event.get("log_format", ""):
                 said.append(event["why"])
 
-        globalLogPublisher.addObserver(observe)
+        globalLogPublisher.addObserver(logObserver(observe))
         try:
             talker = Talker(b"SSH-2.0-client\r\n", halfClose=False)
             await TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.getHost().port).connect(
@@ -350,7 +363,7 @@ async def test_a_guest_that_refuses_closes_the_client_and_says_why(path) -> None
             assert await talker.done.addTimeout(10, reactor) == b""
             await backend.whenClosed(1).addTimeout(10, reactor)
         finally:
-            globalLogPublisher.removeObserver(observe)
+            globalLogPublisher.removeObserver(logObserver(observe))
             await proxy.stopListening()
     assert len(said) == 1 and "refused" in said[0].lower(), said
 
@@ -385,7 +398,7 @@ async def test_what_a_client_sends_while_the_vm_boots_goes_first(path) -> None:
     guests = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(echoes())
     backend = Booting(guests.getHost().port)
     proxy = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
-        ProxyFactory(reactor, backend, dataPath=path, bannerTimeout=None)
+        ProxyFactory(hostReactor(reactor), backend, dataPath=path, bannerTimeout=None)
     )
     try:
         talker = Talker(b"SSH-2.0-client\r\n", halfClose=False)

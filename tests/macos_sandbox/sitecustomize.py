@@ -59,7 +59,8 @@ def install() -> None:
 
         limited.__name__ = name
         setattr(socket.socket, name, limited)
-    socket.socket._virby_macos_limit = True
+    # A mark of our own on the class, that the limits are in place: not one of its attributes.
+    socket.socket._virby_macos_limit = True  # type: ignore[attr-defined]
     for module, names in LINUX_ONLY.items():
         for name in names:
             if hasattr(module, name):

@@ -6,7 +6,8 @@ import os
 from collections.abc import Iterator
 
 import pytest
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
+from zope.interface import provider
 
 
 @pytest.fixture
@@ -14,6 +15,7 @@ def logged() -> Iterator[list[str]]:
     """The text of every event logged while the test runs."""
     lines: list[str] = []
 
+    @provider(ILogObserver)
     def observe(event: dict) -> None:
         lines.append(formatEvent(event))
 

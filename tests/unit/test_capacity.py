@@ -101,6 +101,9 @@ def test_the_description_states_the_connections() -> None:
     )
 
 
+# Stand-ins of what the limit only passes on or formats: a port that is only its socket,
+# a factory that builds strings, peers that are names.  They are not the types asked for,
+# on purpose, and each use says so with an ignore.
 class Port:
     def __init__(self, sock: socket.socket) -> None:
         self.socket = sock
@@ -133,7 +136,7 @@ def test_an_adopted_socket_gets_a_wider_accept_queue() -> None:
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(1)
-        assert widenAcceptQueue(Port(listener), 256)
+        assert widenAcceptQueue(Port(listener), 256)  # type: ignore[arg-type]
         assert queued(listener, 100) == 100
 
 
@@ -175,19 +178,19 @@ def test_at_the_limit_the_ports_stop_accepting_until_a_connection_ends(logged) -
     clock = Clock()
     wrapped = Wrapped()
     open_now = [0]
-    limit = ConnectionLimit(wrapped, 3, lambda: open_now[0], clock, "a reason")
+    limit = ConnectionLimit(wrapped, 3, lambda: open_now[0], clock, "a reason")  # type: ignore[arg-type]
     ports = [PausablePort(), PausablePort()]
     limit.attach([*ports, object()])
     assert [p.numberAccepts for p in ports] == [3, 3], "no event accepts more than fit"
     limit.doStart()
     for peer in ("a", "b"):
-        assert limit.buildProtocol(peer) == f"protocol for {peer}"
+        assert limit.buildProtocol(peer) == f"protocol for {peer}"  # type: ignore[arg-type]
         open_now[0] += 1
         assert all(p.reading for p in ports) and not limit.paused
     clock.advance(0)
     assert [p.numberAccepts for p in ports] == [1, 1]
     clock.advance(5)
-    assert limit.buildProtocol("c") == "protocol for c"
+    assert limit.buildProtocol("c") == "protocol for c"  # type: ignore[arg-type]
     open_now[0] += 1
     assert not any(p.reading for p in ports) and limit.paused, "the rest wait in the kernel"
     assert limit.refused == 0
@@ -212,12 +215,12 @@ def test_past_the_limit_connections_are_closed_and_every_one_counted(logged) -> 
     clock = Clock()
     wrapped = Wrapped()
     open_now = [0]
-    limit = ConnectionLimit(wrapped, 2, lambda: open_now[0], clock, "a reason")
+    limit = ConnectionLimit(wrapped, 2, lambda: open_now[0], clock, "a reason")  # type: ignore[arg-type]
     assert ILoggingContext.providedBy(limit) and limit.logPrefix() == "Wrapped"
     limit.doStart()
-    assert limit.buildProtocol("a") == "protocol for a"
+    assert limit.buildProtocol("a") == "protocol for a"  # type: ignore[arg-type]
     open_now[0] = 2
-    assert limit.buildProtocol("b") is None and limit.buildProtocol("c") is None
+    assert limit.buildProtocol("b") is None and limit.buildProtocol("c") is None  # type: ignore[arg-type]
     assert wrapped.built == ["a"] and limit.refused == 2
     warnings = [line for line in logged if "clos" in line]
     assert warnings == [
@@ -226,13 +229,13 @@ def test_past_the_limit_connections_are_closed_and_every_one_counted(logged) -> 
     ]
     for peer in range(549):
         clock.advance(0.01)
-        assert limit.buildProtocol(str(peer)) is None
+        assert limit.buildProtocol(str(peer)) is None  # type: ignore[arg-type]
     clock.advance(10)
     warnings = [line for line in logged if "clos" in line]
     assert warnings[1:] == [
         "closed 550 more new connections at the limit of 2 (in all 551 since the daemon started)"
     ], "every one counted, though none came after"
     open_now[0] = 1
-    assert limit.buildProtocol("e") == "protocol for e"
+    assert limit.buildProtocol("e") == "protocol for e"  # type: ignore[arg-type]
     limit.doStop()
     assert (wrapped.started, wrapped.stopped) == (1, 1)

@@ -5,45 +5,12 @@ result kills it, and only the tail of its output is kept.  On a clock and a fake
 
 from __future__ import annotations
 
-from typing import Any
-
 from twisted.internet.defer import CancelledError
 from twisted.internet.error import ProcessDone, ProcessTerminated
-from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
+from tests.fakes import FakeReactor
 from virby.daemon.child import Ended, runBounded
-
-
-class FakeTransport:
-    pid = 4321
-
-    def __init__(self) -> None:
-        self.signals: list[str] = []
-        self.stdinClosed = False
-
-    def signalProcess(self, name: str) -> None:
-        self.signals.append(name)
-
-    def closeStdin(self) -> None:
-        self.stdinClosed = True
-
-
-class ProcessReactor(Clock):
-    """A clock that records the processes it is asked to start."""
-
-    def __init__(self, refuse: OSError | None = None) -> None:
-        super().__init__()
-        self.spawned: list[tuple[Any, ...]] = []
-        self.refuse = refuse
-
-    def spawnProcess(self, protocol, executable, args, env=None, path=None, childFDs=None):
-        if self.refuse is not None:
-            raise self.refuse
-        transport = FakeTransport()
-        protocol.makeConnection(transport)
-        self.spawned.append((protocol, executable, args, env, path, childFDs))
-        return transport
 
 
 def results(d) -> list:
@@ -53,7 +20,7 @@ def results(d) -> list:
 
 
 def test_a_child_that_ends_gives_its_status_and_output() -> None:
-    reactor = ProcessReactor()
+    reactor = FakeReactor()
     got = results(runBounded(reactor, "/bin/ps", ["ps", "-p", "1"], timeout=5, env={"A": "b"}))
     ((protocol, executable, args, env, _path, fds),) = reactor.spawned
     assert (executable, args, env) == ("/bin/ps", ["ps", "-p", "1"], {"A": "b"})
@@ -65,7 +32,7 @@ def test_a_child_that_ends_gives_its_status_and_output() -> None:
 
 
 def test_the_deadline_kills_the_child_and_says_so() -> None:
-    reactor = ProcessReactor()
+    reactor = FakeReactor()
     expired: list[bool] = []
     got = results(
         runBounded(reactor, "/bin/ps", ["ps"], timeout=10, onTimeout=lambda: expired.append(True))
@@ -82,7 +49,7 @@ def test_the_deadline_kills_the_child_and_says_so() -> None:
 
 
 def test_a_cancelled_result_kills_the_child() -> None:
-    reactor = ProcessReactor()
+    reactor = FakeReactor()
     d = runBounded(reactor, "/bin/ps", ["ps"], timeout=10)
     got = results(d)
     protocol = reactor.spawned[0][0]
@@ -93,7 +60,7 @@ def test_a_cancelled_result_kills_the_child() -> None:
 
 
 def test_only_the_tail_of_the_output_is_kept() -> None:
-    reactor = ProcessReactor()
+    reactor = FakeReactor()
     got = results(runBounded(reactor, "/bin/ps", ["ps"], timeout=10, limit=8))
     protocol = reactor.spawned[0][0]
     protocol.outReceived(b"0123456789")
@@ -104,7 +71,7 @@ def test_only_the_tail_of_the_output_is_kept() -> None:
 
 
 def test_a_child_that_cannot_start_fails_with_its_error() -> None:
-    reactor = ProcessReactor(refuse=FileNotFoundError(2, "No such file or directory"))
+    reactor = FakeReactor(refuse=FileNotFoundError(2, "No such file or directory"))
     (failure,) = results(runBounded(reactor, "/nope", ["nope"], timeout=10))
     assert failure.check(FileNotFoundError)
     assert reactor.getDelayedCalls() == []

@@ -6,17 +6,19 @@ task.Clock, the client against scripted servers (old and new daemons), the comma
 
 from __future__ import annotations
 
+import ctypes
 import io
 import json
 import os
 import socket
+import sys
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
+from tests.fakes import FakeCommands
 from virby.cli.client import LAUNCHD_PLIST, DaemonDown, ask
 from virby.cli.startstop import WAKE_POLL, WAKE_TIMEOUT, knock, runStart, runStop, startTimeout
 from virby.cli.status import EXIT_DOWN
@@ -29,34 +31,12 @@ from virby.wire import MAX_REQUEST, Refused, parseRequest
 OWNER = os.geteuid()
 
 
-class FakeCommands:
-    def __init__(self) -> None:
-        self.starts: list[Deferred] = []
-        self.stops: list[tuple[bool, Deferred]] = []
-        self.cancelled = 0
-
-    def status(self) -> dict[str, Any]:
-        return {"state": "running", "vm_ip": "192.168.64.7"}
-
-    def start(self) -> Deferred:
-        d: Deferred = Deferred(lambda _: self._cancel())
-        self.starts.append(d)
-        return d
-
-    def stop(self, force: bool) -> Deferred:
-        d: Deferred = Deferred(lambda _: self._cancel())
-        self.stops.append((force, d))
-        return d
-
-    def _cancel(self) -> None:
-        self.cancelled += 1
-
-
 def connect(uid: int | None = OWNER, commands: Any = None):
     clock = Clock()
     commands = commands or FakeCommands()
     factory = ControlFactory(commands, clock, peerUid=lambda transport: uid)
     protocol = factory.buildProtocol(None)
+    assert protocol is not None
     transport = StringTransport()
     protocol.makeConnection(transport)
     return protocol, transport, clock, commands
@@ -230,7 +210,7 @@ def test_the_control_socket_queues_as_many_as_the_builder_port() -> None:
 def test_a_client_that_does_not_read_its_reply_is_cut_off() -> None:
     aborted: list[bool] = []
     protocol, transport, clock, _ = connect()
-    transport.abortConnection = lambda: aborted.append(True)  # type: ignore[method-assign]
+    transport.abortConnection = lambda: aborted.append(True)
     protocol.dataReceived(line(version=1, command="status"))
     clock.advance(REPLY_TIMEOUT)
     assert aborted == [True]
@@ -802,7 +782,6 @@ def test_ask_calls_back_while_the_reply_has_not_come_on_one_thread(short_tmp) ->
 
 def test_the_macos_peer_credentials_call_is_looked_up_once(monkeypatch) -> None:
     """getpeereid(2) through ctypes: libc is opened at the first request, not at each."""
-    import ctypes
 
     from virby.daemon import control
 
@@ -813,12 +792,12 @@ def test_the_macos_peer_credentials_call_is_looked_up_once(monkeypatch) -> None:
         def __init__(self, name: object, use_errno: bool = False) -> None:
             opened.append(name)
 
-        def getpeereid(self, fd: int, uid: object, gid: object) -> int:
+        def getpeereid(self, fd: int, uid: ctypes._CArgObject, gid: ctypes._CArgObject) -> int:
             ctypes.cast(uid, ctypes.POINTER(ctypes.c_uint32)).contents.value = 501
             return 0
 
-    monkeypatch.setattr(control.sys, "platform", "darwin")
-    monkeypatch.setattr(control.ctypes, "CDLL", Libc)
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.setattr(ctypes, "CDLL", Libc)
     try:
         a, b = socket.socketpair(socket.AF_UNIX)
         with a, b:

@@ -6,25 +6,27 @@ import os
 import signal
 import socket
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint
-from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs, formatEvent
 
+from tests.fakes import FakeHypervisor, FakeReactor, logObserver, readyGuest
 from virby.config import fromMapping
 from virby.daemon.hypervisor import BootError, VfkitHypervisor
 from virby.daemon.lifecycle import Lifecycle
 from virby.daemon.logfile import CHECK_INTERVAL, LogFile
+from virby.daemon.proxy import ProxyFactory
 from virby.daemon.readiness import ReadyGuest
 from virby.daemon.service import DaemonCommands, DaemonService, StartupError, makeDaemonService
 from virby.vfkitflags import HostPlan
 
 
 @pytest.fixture
-def signals() -> Iterator[dict[int, object]]:
+def signals() -> Iterator[dict[signal.Signals, Any]]:
     """
     The daemon installs the process's SIGTERM, SIGINT and SIGHUP handlers: the test sees
     pytest's, and gets them back afterwards, so that ^C still stops the test run.
@@ -64,38 +66,22 @@ def test_startup_problems_are_one_line_and_exit_1(short_tmp, capsys, setup, word
     listen = "nonsense:1" if setup == "bad-endpoint" else "tcp:0:interface=127.0.0.1"
     cfg = fromMapping({"working-directory": str(wd), "vfkit": vfkit, "listen": listen})
     with pytest.raises(SystemExit) as caught:
-        makeDaemonService(cfg, MemoryReactorClock())
+        makeDaemonService(cfg, FakeReactor())
     assert caught.value.code == 1
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and words in lines[0], lines
 
 
-class IdleHypervisor:
-    def __init__(self) -> None:
-        self.orphanChecks = 0
-        self.plan = HostPlan()
-
-    def stopOrphan(self) -> Deferred:
-        self.orphanChecks += 1
-        return succeed(None)
-
-    def spawn(self, report) -> Deferred:
-        return Deferred()
-
-    def waitReady(self, vm, report) -> Deferred:
-        return Deferred()
-
-
 def service(short_tmp, reactor, endpoint=None, onDemand=True) -> DaemonService:
     cfg = config(short_tmp)
-    hypervisor = IdleHypervisor()
+    hypervisor = FakeHypervisor(readyGuest, slowSpawn=True)
     lifecycle = Lifecycle(reactor, hypervisor, onDemand=onDemand, ttl=60)
     endpoint = endpoint or TCP4ServerEndpoint(reactor, 31222, interface="127.0.0.1")
     return DaemonService(reactor, cfg, endpoint, hypervisor, lifecycle)
 
 
 def test_start_listens_and_describes_itself(short_tmp) -> None:
-    reactor = MemoryReactorClock()
+    reactor = FakeReactor()
     daemon = service(short_tmp, reactor)
     daemon.startService()
     assert [(port, interface) for port, _, _, interface in reactor.tcpServers] == [
@@ -127,7 +113,7 @@ def test_a_listen_address_other_hosts_reach_is_named_at_start(short_tmp, interfa
         def listen(self, factory) -> Deferred:
             return succeed(Port())
 
-    reactor = MemoryReactorClock()
+    reactor = FakeReactor()
     endpoint = Endpoint()
     with capturedLogs() as events:
         service(short_tmp, reactor, endpoint).startService()
@@ -151,7 +137,7 @@ def test_a_port_in_use_is_one_line(short_tmp) -> None:
     busy.listen(1)
     try:
         endpoint = TCP4ServerEndpoint(reactor, busy.getsockname()[1], interface="127.0.0.1")
-        daemon = service(short_tmp, MemoryReactorClock(), endpoint)
+        daemon = service(short_tmp, FakeReactor(), endpoint)
         with pytest.raises(StartupError) as caught:
             daemon.startService()
         assert "cannot listen on" in str(caught.value) and "in use" in str(caught.value)
@@ -161,7 +147,7 @@ def test_a_port_in_use_is_one_line(short_tmp) -> None:
 
 
 def test_shutdown_stops_listening_then_the_vm_then_the_control_socket(short_tmp) -> None:
-    reactor = MemoryReactorClock()
+    reactor = FakeReactor()
     daemon = service(short_tmp, reactor)
     daemon.startService()
     done: list = []
@@ -184,11 +170,11 @@ def test_a_mac_that_cannot_nest_boots_without_nested_and_says_why(
     )  # fmt: skip
     logged: list[str] = []
     observer = lambda event: logged.append(event.get("warning", ""))  # noqa: E731
-    globalLogPublisher.addObserver(observer)
+    globalLogPublisher.addObserver(logObserver(observer))
     try:
-        daemon = makeDaemonService(cfg, MemoryReactorClock())
+        daemon = makeDaemonService(cfg, FakeReactor())
     finally:
-        globalLogPublisher.removeObserver(observer)
+        globalLogPublisher.removeObserver(logObserver(observer))
     warning = (
         "nested-virtualization is on, but this Mac cannot run it: it needs Apple M3 or "
         "later, and this Mac has Apple M1; booting the VM without --nested"
@@ -196,6 +182,7 @@ def test_a_mac_that_cannot_nest_boots_without_nested_and_says_why(
     assert [line for line in logged if line] == [warning]
     assert daemon.describe()["warnings"] == [warning]
     assert all(signal.getsignal(signum) is not before for signum, before in signals.items())
+    assert isinstance(daemon._hypervisor, VfkitHypervisor)
     assert daemon._hypervisor.plan.nested is False
 
 
@@ -209,7 +196,7 @@ def test_once_running_the_daemon_checks_on_its_clock_whether_its_log_was_rotated
         {"working-directory": str(short_tmp / "wd"), "vfkit": fake_vfkit(short_tmp),
          "listen": "tcp:0:interface=127.0.0.1"}
     )  # fmt: skip
-    reactor = MemoryReactorClock()
+    reactor = FakeReactor()
     makeDaemonService(cfg, reactor)
     reactor.run()
     assert checked == []
@@ -221,7 +208,13 @@ def test_once_running_the_daemon_checks_on_its_clock_whether_its_log_was_rotated
 def test_missing_rosetta_refuses_each_boot_at_once_without_vfkit(short_tmp) -> None:
     cfg = config(short_tmp, rosetta=True)
     refusal = "rosetta is on, but Rosetta is not installed on this Mac: run it"
-    hypervisor = VfkitHypervisor(None, cfg, "/nonexistent/vfkit", HostPlan(refusal=refusal))
+    # The refusal comes before any use of the reactor: there is none.
+    hypervisor = VfkitHypervisor(
+        None,  # type: ignore[arg-type]
+        cfg,
+        "/nonexistent/vfkit",
+        HostPlan(refusal=refusal),
+    )
     failures: list = []
     hypervisor.spawn(noReport).addErrback(failures.append)
     assert failures and failures[0].check(BootError)
@@ -230,7 +223,7 @@ def test_missing_rosetta_refuses_each_boot_at_once_without_vfkit(short_tmp) -> N
 
 
 def test_the_status_document_has_no_warnings_when_all_is_well(short_tmp) -> None:
-    daemon = service(short_tmp, MemoryReactorClock())
+    daemon = service(short_tmp, FakeReactor())
     assert daemon.describe()["warnings"] == []
 
 
@@ -243,7 +236,7 @@ def test_a_boot_without_a_lease_says_when_the_guest_sent_a_duid(short_tmp) -> No
     prepared(short_tmp)
     (short_tmp / "mac").write_text("52:54:00:12:03:0a\n")
     cfg = config(short_tmp, **{"leases-file": str(leases), "start-timeout": 5})
-    reactor = SpawningReactor()
+    reactor = FakeReactor(4242)
     hypervisor = VfkitHypervisor(reactor, cfg, "/bin/vfkit")
     (vm,) = outcome(hypervisor.spawn(noReport))
     assert vm.mac == "52:54:00:12:03:0a", "the VM carries the MAC it was started with"
@@ -262,7 +255,7 @@ def test_a_boot_without_a_lease_says_when_the_guest_sent_a_duid(short_tmp) -> No
 def test_a_stale_pid_never_stops_a_start(short_tmp) -> None:
     (short_tmp / "daemon.lock").write_text(f"{os.getppid()}\n")
     os.symlink(str(os.getppid()), short_tmp / "control.sock.lock")  # an older version's lock
-    daemon = service(short_tmp, MemoryReactorClock())
+    daemon = service(short_tmp, FakeReactor())
     daemon.startService()
     assert (short_tmp / "daemon.lock").read_text() == f"{os.getpid()}\n"
     assert not os.path.lexists(short_tmp / "control.sock.lock")
@@ -281,7 +274,7 @@ def test_junk_at_the_control_socket_is_replaced(short_tmp, junk) -> None:
             stale.bind(str(path))
     else:
         os.symlink("/nonexistent", path)
-    reactor = MemoryReactorClock()
+    reactor = FakeReactor()
     service(short_tmp, reactor).startService()
     assert not os.path.lexists(path), "cleared before listening"
     assert reactor.unixServers[0][0] == str(path)
@@ -290,15 +283,15 @@ def test_junk_at_the_control_socket_is_replaced(short_tmp, junk) -> None:
 def test_a_directory_at_the_control_socket_is_one_line(short_tmp) -> None:
     (short_tmp / "control.sock").mkdir()
     with pytest.raises(StartupError) as caught:
-        service(short_tmp, MemoryReactorClock()).startService()
+        service(short_tmp, FakeReactor()).startService()
     assert "is a directory, not the control socket: remove it" in str(caught.value)
     assert not (short_tmp / "daemon.lock").exists()
 
 
 def test_a_second_daemon_on_one_working_directory_is_one_line(short_tmp) -> None:
-    first = service(short_tmp, MemoryReactorClock())
+    first = service(short_tmp, FakeReactor())
     first.startService()
-    second = service(short_tmp, MemoryReactorClock())
+    second = service(short_tmp, FakeReactor())
     with pytest.raises(StartupError) as caught:
         second.startService()
     message = str(caught.value)
@@ -316,7 +309,7 @@ def test_a_failed_start_leaves_nothing_behind(short_tmp) -> None:
     try:
         endpoint = TCP4ServerEndpoint(reactor, busy.getsockname()[1], interface="127.0.0.1")
         with pytest.raises(StartupError):
-            service(short_tmp, MemoryReactorClock(), endpoint).startService()
+            service(short_tmp, FakeReactor(), endpoint).startService()
     finally:
         busy.close()
     assert sorted(os.listdir(short_tmp)) == [], "no control.sock, no lock file"
@@ -329,20 +322,6 @@ def prepared(tmp_path):
     (tmp_path / "vm_sshd_keys").mkdir()
     (tmp_path / "diff.img").write_bytes(b"")
     return config(tmp_path)
-
-
-class SpawningReactor(MemoryReactorClock):
-    def __init__(self) -> None:
-        super().__init__()
-        self.spawned: list = []
-
-    def spawnProcess(self, protocol, executable, args, env, path, childFDs):
-        from tests.unit.test_vfkit import FakeTransport
-
-        self.spawned.append(childFDs)
-        transport = FakeTransport(protocol, set())
-        protocol.makeConnection(transport)
-        return transport
 
 
 def noReport(phase, what) -> None:
@@ -360,7 +339,7 @@ def test_no_vm_boots_while_a_process_holds_the_vm_lock(short_tmp) -> None:
 
     held = FileLock(str(short_tmp / "vm.lock"))
     assert held.acquire()
-    reactor = SpawningReactor()
+    reactor = FakeReactor(4242)
     hypervisor = VfkitHypervisor(reactor, prepared(short_tmp), "/bin/vfkit")
     (failure,) = outcome(hypervisor.spawn(noReport))
     assert failure.check(BootError)
@@ -370,7 +349,7 @@ def test_no_vm_boots_while_a_process_holds_the_vm_lock(short_tmp) -> None:
     assert reactor.spawned == []
     held.release()
     (vm,) = outcome(hypervisor.spawn(noReport))
-    assert 3 in reactor.spawned[0] and vm.pid == 4242
+    assert 3 in reactor.spawned[0].childFDs and vm.pid == 4242
 
 
 def test_an_orphan_that_could_not_be_stopped_is_checked_again(short_tmp, monkeypatch) -> None:
@@ -386,7 +365,7 @@ def test_an_orphan_that_could_not_be_stopped_is_checked_again(short_tmp, monkeyp
         return None
 
     monkeypatch.setattr(virby.daemon.hypervisor, "stopOrphan", stubborn)
-    reactor = SpawningReactor()
+    reactor = FakeReactor(4242)
     hypervisor = virby.daemon.hypervisor.VfkitHypervisor(reactor, prepared(short_tmp), "/bin/vfkit")
     (failure,) = outcome(hypervisor.spawn(noReport))
     assert failure.check(OrphanError) and reactor.spawned == []
@@ -399,9 +378,9 @@ def test_an_orphan_that_could_not_be_stopped_is_checked_again(short_tmp, monkeyp
 def test_the_builder_port_serves_as_many_connections_as_its_descriptors_allow(short_tmp) -> None:
     from virby.daemon.capacity import ConnectionLimit, DescriptorLimit
 
-    reactor = MemoryReactorClock()
+    reactor = FakeReactor()
     cfg = config(short_tmp)
-    hypervisor = IdleHypervisor()
+    hypervisor = FakeHypervisor(readyGuest, slowSpawn=True)
     lifecycle = Lifecycle(reactor, hypervisor, onDemand=True, ttl=60)
     endpoint = TCP4ServerEndpoint(reactor, 31222, interface="127.0.0.1")
     limit = DescriptorLimit(256, 1024, None, None)
@@ -414,8 +393,8 @@ def test_the_builder_port_serves_as_many_connections_as_its_descriptors_allow(sh
 def test_the_relays_pipes_are_held_to_the_budget_that_counts_the_connections(short_tmp) -> None:
     from virby.daemon.capacity import ConnectionLimit, DescriptorLimit
 
-    reactor = MemoryReactorClock()
-    hypervisor = IdleHypervisor()
+    reactor = FakeReactor()
+    hypervisor = FakeHypervisor(readyGuest, slowSpawn=True)
     lifecycle = Lifecycle(reactor, hypervisor, onDemand=True, ttl=60)
     endpoint = TCP4ServerEndpoint(reactor, 31222, interface="127.0.0.1")
     limit = DescriptorLimit(256, 1024, None, None, pipes=64)
@@ -423,38 +402,21 @@ def test_the_relays_pipes_are_held_to_the_budget_that_counts_the_connections(sho
     daemon.startService()
     factory = reactor.tcpServers[0][1]
     assert isinstance(factory, ConnectionLimit) and factory.limit == (1024 - 64 - 128) // 2
+    assert isinstance(factory.wrapped, ProxyFactory)
     pool = factory.wrapped.pipes
+    assert pool is not None
     taken = [pool.take() for _ in range(65)]
     assert taken[-1] is None and None not in taken[:-1], "the pool lends 64 pipes, no more"
     for pipe in taken[:-1]:
+        assert pipe is not None
         pool.discard(pipe)
 
 
-class ReadyHypervisor(IdleHypervisor):
-    """Boots at once: a VM whose stop ends it at once."""
-
-    class VM:
-        pid = 4321
-
-        def __init__(self) -> None:
-            self.ended: Deferred = Deferred()
-
-        def consoleTail(self, n: int = 20) -> list[str]:
-            return []
-
-        def stop(self) -> Deferred:
-            return succeed(None)
-
-    def spawn(self, report) -> Deferred:
-        return succeed(self.VM())
-
-    def waitReady(self, vm, report) -> Deferred:
-        return succeed(ReadyGuest("192.168.64.2", 22))
-
-
 def test_the_control_commands_start_stop_and_describe(short_tmp) -> None:
-    reactor = MemoryReactorClock()
-    hypervisor = ReadyHypervisor()
+    reactor = FakeReactor()
+    hypervisor = FakeHypervisor(
+        readyGuest, readyAtOnce=ReadyGuest("192.168.64.2", 22), quickStop=True, console=[]
+    )
     lifecycle = Lifecycle(reactor, hypervisor, onDemand=True, ttl=60)
     daemon = DaemonService(
         reactor, config(short_tmp), TCP4ServerEndpoint(reactor, 0), hypervisor, lifecycle

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
+import sys
 from pathlib import Path
 
 import pytest
@@ -111,7 +113,7 @@ def test_reflink_falls_back_when_the_filesystem_cannot_clone(tmp_path: Path, mon
         assert request == disk.FICLONE
         raise OSError(errno.EOPNOTSUPP, "not supported")
 
-    monkeypatch.setattr(disk.fcntl, "ioctl", unsupported)
+    monkeypatch.setattr(fcntl, "ioctl", unsupported)
     (tmp_path / "image").write_bytes(b"abc")
     assert disk.copy(str(tmp_path / "image"), str(tmp_path / "copy")) == "sparse copy"
     assert (tmp_path / "copy").read_bytes() == b"abc"
@@ -122,7 +124,7 @@ def test_reflink_errors_other_than_unsupported_are_not_hidden(tmp_path: Path, mo
     def failing(fd, request, arg):
         raise OSError(errno.EIO, "i/o error")
 
-    monkeypatch.setattr(disk.fcntl, "ioctl", failing)
+    monkeypatch.setattr(fcntl, "ioctl", failing)
     (tmp_path / "image").write_bytes(b"abc")
     with pytest.raises(OSError):
         disk.copy(str(tmp_path / "image"), str(tmp_path / "copy"))
@@ -133,7 +135,7 @@ def test_reflink_errors_other_than_unsupported_are_not_hidden(tmp_path: Path, mo
     ("platform", "method"), [("linux", "reflink"), ("darwin", "clonefile"), ("freebsd", None)]
 )
 def test_each_system_clones_its_own_way(monkeypatch, platform, method) -> None:
-    monkeypatch.setattr(disk.sys, "platform", platform)
+    monkeypatch.setattr(sys, "platform", platform)
     chosen = PLATFORM_CLONE()
     assert (chosen[0] if chosen else None) == method
 
@@ -144,7 +146,7 @@ def test_clonefile_is_used_on_macos(tmp_path: Path, monkeypatch) -> None:
         return True
 
     monkeypatch.setattr(disk, "platformClone", PLATFORM_CLONE)
-    monkeypatch.setattr(disk.sys, "platform", "darwin")
+    monkeypatch.setattr(sys, "platform", "darwin")
     monkeypatch.setattr(disk, "_clonefile", clone)
     (tmp_path / "image").write_bytes(b"abc")
     assert disk.copy(str(tmp_path / "image"), str(tmp_path / "copy"), 0o600) == "clonefile"

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from tests.played_user import PLAYED, PlayedUser
+from virby import keys
 from virby.cli import doctor, prepare
 from virby.cli.client import DaemonDown, NotAllowed
 from virby.cli.doctor import NIX_CONFIG_SHOW, SSH_AS_NIX, Doctor, Status
@@ -359,7 +360,7 @@ def test_files_owned_by_someone_else(machine) -> None:
 
 def test_a_client_key_the_guest_does_not_authorize(machine) -> None:
     wd = Path(machine["config"].working_directory)
-    other = prepare.keys.generate("someone-else")
+    other = keys.generate("someone-else")
     (wd / "vm_sshd_keys/ssh_user_ed25519_key.pub").write_text(other.public + "\n")
     finding = failed(examine(machine))["keys"]
     assert finding.detail == (
@@ -370,8 +371,8 @@ def test_a_client_key_the_guest_does_not_authorize(machine) -> None:
 
 def test_a_known_hosts_that_pins_another_key(machine) -> None:
     wd = Path(machine["config"].working_directory)
-    other = prepare.keys.generate("impostor")
-    (wd / "ssh_known_hosts").write_text(prepare.keys.knownHostsLine(other.public))
+    other = keys.generate("impostor")
+    (wd / "ssh_known_hosts").write_text(keys.knownHostsLine(other.public))
     assert (
         failed(examine(machine))["keys"].detail == "ssh_known_hosts does not pin the VM's host key"
     )
@@ -502,10 +503,12 @@ def test_a_lease_file_that_is_a_directory(machine) -> None:
 
 
 def test_a_crowded_lease_pool(machine) -> None:
-    crowd = [
+    crowd: list[tuple[str, str | None, float, str]] = [
         (f"192.168.64.{n}", f"02:00:00:00:00:{n:02x}", NOW + 3600, "vm") for n in range(2, 203)
     ]
-    old = [(f"192.168.65.{n}", f"02:00:00:00:01:{n:02x}", NOW + 3600, "vm") for n in range(2, 250)]
+    old: list[tuple[str, str | None, float, str]] = [
+        (f"192.168.65.{n}", f"02:00:00:00:01:{n:02x}", NOW + 3600, "vm") for n in range(2, 250)
+    ]
     write_leases(Path(machine["config"].leases_file), crowd + old)
     finding = failed(examine(machine))["lease-pool"]
     assert finding.detail.startswith("201 unexpired leases in 192.168.64.0/24 (449 entries)")

@@ -72,7 +72,7 @@ def test_the_design_command_line_starts_up(wd) -> None:
     assert settings.leases_file == str(wd / "leases") and settings.guest_port == 22
     assert (vm.cpus, vm.memory, vm.mac) == (2, 2048, "52:54:00:12:03:0a")
     assert vm.sharedDir("sshd-keys") == str(wd / "keys")
-    assert vm.serial["logFilePath"] == str(wd / "serial.log")
+    assert vm.serial is not None and vm.serial["logFilePath"] == str(wd / "serial.log")
     assert (wd / "serial.log").exists() and (wd / "efistore.nvram").read_bytes() == BLANK_STORE
     assert endpoint == api.Endpoint("unix", "", str(wd / "vfkit.sock"))
     assert vm.timesync_port == 1234

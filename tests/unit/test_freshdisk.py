@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from twisted.internet.defer import CancelledError
 from twisted.internet.error import ProcessDone, ProcessTerminated
-from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
+from tests.fakes import FakeReactor
 from virby import disk, locks
 from virby.config import MIB, fromMapping
 from virby.daemon import freshdisk
@@ -126,34 +126,6 @@ def test_the_child_imports_what_the_daemon_imports() -> None:
 # -- the daemon's side
 
 
-class FakeTransport:
-    pid = 4321
-
-    def __init__(self) -> None:
-        self.signals: list[str] = []
-        self.stdinClosed = False
-
-    def signalProcess(self, name: str) -> None:
-        self.signals.append(name)
-
-    def closeStdin(self) -> None:
-        self.stdinClosed = True
-
-
-class ProcessReactor(Clock):
-    """A clock that records the processes it is asked to start."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.spawned: list[tuple] = []
-
-    def spawnProcess(self, protocol, executable, args, env=None, path=None, childFDs=None):
-        transport = FakeTransport()
-        protocol.makeConnection(transport)
-        self.spawned.append((protocol, executable, args, env, path))
-        return transport
-
-
 def results(d) -> list:
     box: list = []
     d.addBoth(box.append)
@@ -161,9 +133,9 @@ def results(d) -> list:
 
 
 def test_the_child_runs_with_this_python_and_its_line_is_the_result(tmp_path) -> None:
-    reactor = ProcessReactor()
+    reactor = FakeReactor()
     got = results(makeFreshDisk(reactor, str(tmp_path), SIZE, 30.0))
-    ((protocol, executable, args, env, path),) = reactor.spawned
+    ((protocol, executable, args, env, path, _),) = reactor.spawned
     assert executable == sys.executable and path == str(tmp_path)
     assert args == [sys.executable, "-m", "virby.daemon.freshdisk", str(tmp_path), str(SIZE)]
     assert env["PYTHONPATH"] and protocol.transport.stdinClosed
@@ -174,7 +146,7 @@ def test_the_child_runs_with_this_python_and_its_line_is_the_result(tmp_path) ->
 
 
 def test_the_childs_error_line_fails_the_result(tmp_path) -> None:
-    reactor = ProcessReactor()
+    reactor = FakeReactor()
     got = results(makeFreshDisk(reactor, str(tmp_path), SIZE, 30.0))
     protocol = reactor.spawned[0][0]
     protocol.errReceived(b"/wd/base.img is missing: run `virby prepare --config FILE`\n")
@@ -187,7 +159,7 @@ def test_the_childs_error_line_fails_the_result(tmp_path) -> None:
 
 
 def test_a_copy_that_takes_too_long_is_killed(tmp_path) -> None:
-    reactor = ProcessReactor()
+    reactor = FakeReactor()
     got = results(makeFreshDisk(reactor, str(tmp_path), SIZE, 30.0))
     protocol = reactor.spawned[0][0]
     reactor.advance(29)
@@ -201,7 +173,7 @@ def test_a_copy_that_takes_too_long_is_killed(tmp_path) -> None:
 
 
 def test_a_boot_given_up_kills_the_copy(tmp_path) -> None:
-    reactor = ProcessReactor()
+    reactor = FakeReactor()
     d = makeFreshDisk(reactor, str(tmp_path), SIZE, 30.0)
     got = results(d)
     protocol = reactor.spawned[0][0]
@@ -213,11 +185,8 @@ def test_a_boot_given_up_kills_the_copy(tmp_path) -> None:
 
 
 def test_a_python_that_cannot_run_is_one_line(tmp_path) -> None:
-    class Refusing(ProcessReactor):
-        def spawnProcess(self, *args, **kwargs):
-            raise OSError(2, "No such file or directory")
-
-    got = results(makeFreshDisk(Refusing(), str(tmp_path), SIZE, 30.0, executable="/nope"))
+    refusing = FakeReactor(refuse=OSError(2, "No such file or directory"))
+    got = results(makeFreshDisk(refusing, str(tmp_path), SIZE, 30.0, executable="/nope"))
     assert got[0].check(FreshDiskError) and "cannot run /nope" in str(got[0].value)
 
 
@@ -229,7 +198,8 @@ def hypervisor(tmp_path: Path, reactor, **settings) -> VfkitHypervisor:
          **settings}
     )  # fmt: skip
     made = VfkitHypervisor(reactor, config, "/bin/vfkit")
-    made._orphanCheck = checked = OneShot()
+    checked: OneShot[None] = OneShot()
+    made._orphanCheck = checked
     checked.fire(None)
     return made
 
@@ -239,12 +209,12 @@ def unheard(phase: BootPhase, what: str) -> None:
 
 
 def test_ephemeral_boots_start_vfkit_only_after_the_fresh_disk(short_tmp) -> None:
-    reactor = ProcessReactor()
+    reactor = FakeReactor()
     phases: list[BootPhase] = []
     made = hypervisor(short_tmp, reactor, ephemeral=True)
     spawned = results(made.spawn(lambda phase, what: phases.append(phase)))
     assert phases == [BootPhase.FRESH_DISK]
-    ((protocol, _, args, _, _),) = reactor.spawned
+    ((protocol, _, args, _, _, _),) = reactor.spawned
     assert args[2:] == ["virby.daemon.freshdisk", str(short_tmp), str(1024 * MIB)]
     assert reactor.getDelayedCalls()[0].getTime() == 45, "bounded by start-timeout"
     write_disk(short_tmp / "diff.img", MIB, b"")  # what the child made
@@ -255,7 +225,7 @@ def test_ephemeral_boots_start_vfkit_only_after_the_fresh_disk(short_tmp) -> Non
 
 
 def test_a_failed_fresh_disk_fails_the_boot_without_vfkit(short_tmp) -> None:
-    reactor = ProcessReactor()
+    reactor = FakeReactor()
     spawned = results(hypervisor(short_tmp, reactor, ephemeral=True).spawn(unheard))
     protocol = reactor.spawned[0][0]
     protocol.errReceived(b"cannot make a fresh diff.img from base.img: No space left\n")
@@ -266,7 +236,7 @@ def test_a_failed_fresh_disk_fails_the_boot_without_vfkit(short_tmp) -> None:
 
 
 def test_the_vm_lock_is_held_for_the_copy_and_let_go_when_it_fails(short_tmp) -> None:
-    reactor = ProcessReactor()
+    reactor = FakeReactor()
     spawned = results(hypervisor(short_tmp, reactor, ephemeral=True).spawn(unheard))
     assert FileLock(str(short_tmp / VM_LOCK)).acquire() is False, "held during the copy"
     protocol = reactor.spawned[0][0]
@@ -276,7 +246,7 @@ def test_the_vm_lock_is_held_for_the_copy_and_let_go_when_it_fails(short_tmp) ->
 
 
 def test_a_boot_given_up_during_the_copy_lets_the_vm_lock_go(short_tmp) -> None:
-    reactor = ProcessReactor()
+    reactor = FakeReactor()
     spawning = hypervisor(short_tmp, reactor, ephemeral=True).spawn(unheard)
     spawned = results(spawning)
     spawning.cancel()
@@ -286,8 +256,8 @@ def test_a_boot_given_up_during_the_copy_lets_the_vm_lock_go(short_tmp) -> None:
 
 
 def test_without_ephemeral_the_disk_is_left_alone(short_tmp) -> None:
-    reactor = ProcessReactor()
+    reactor = FakeReactor()
     write_disk(short_tmp / "diff.img", MIB, b"kept")
     results(hypervisor(short_tmp, reactor).spawn(unheard))
-    ((_, executable, _, _, _),) = reactor.spawned
+    ((_, executable, _, _, _, _),) = reactor.spawned
     assert executable == "/bin/vfkit"

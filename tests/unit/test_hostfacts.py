@@ -32,7 +32,7 @@ class RecordedMac:
         self.files = files
         self.asked: list[str] = []
 
-    def run(self, argv: Sequence[str]) -> str:
+    def run(self, argv: Sequence[str], timeout: float | None = None) -> str:
         self.asked.append(" ".join(argv))
         if tuple(argv) not in self.answers:
             raise HostCommandError(f"{argv[-1]}: unknown oid")
@@ -41,6 +41,14 @@ class RecordedMac:
     def exists(self, path: str) -> bool:
         self.asked.append(f"exists {path}")
         return path in self.files
+
+    def userId(self, name: str) -> int | None:
+        self.asked.append(f"user {name}")
+        return None
+
+    def readText(self, path: str) -> str:
+        self.asked.append(f"read {path}")
+        raise FileNotFoundError(2, "No such file or directory", path)
 
 
 def mac(cpu: str, version: str, rosetta: bool, arm: bool = True) -> RecordedMac:

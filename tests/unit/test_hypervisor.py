@@ -20,7 +20,9 @@ REFUSAL = (
 
 def refusing(directory) -> VfkitHypervisor:
     config = fromMapping({"working-directory": str(directory), "rosetta": True})
-    return VfkitHypervisor(None, config, "/nonexistent/vfkit", HostPlan(refusal=REFUSAL))
+    plan = HostPlan(refusal=REFUSAL)
+    # No reactor: the boot is refused before one would be used.
+    return VfkitHypervisor(None, config, "/nonexistent/vfkit", plan)  # type: ignore[arg-type]
 
 
 def test_a_host_refusal_is_a_boot_error_no_retry_can_cure(short_tmp) -> None:
@@ -53,13 +55,14 @@ def test_an_always_on_daemon_on_a_refusing_mac_tries_once_and_says_so_once(short
 
 
 def test_the_boot_reports_vfkit_started_then_the_lease_once(short_tmp) -> None:
-    from tests.unit.test_daemon import SpawningReactor, config, outcome, prepared
+    from tests.fakes import FakeReactor
+    from tests.unit.test_daemon import config, outcome, prepared
     from tests.unit.test_leases import MAC, SAMPLE
 
     leases = short_tmp / "dhcpd_leases"
     prepared(short_tmp)
     (short_tmp / "mac").write_text(f"{MAC}\n")
-    reactor = SpawningReactor()
+    reactor = FakeReactor(4242)
     cfg = config(short_tmp, **{"leases-file": str(leases), "start-timeout": 5})
     hypervisor = VfkitHypervisor(reactor, cfg, "/bin/vfkit")
     reports: list = []
@@ -81,15 +84,15 @@ def test_a_full_disk_after_the_spawn_leaves_no_vfkit_and_no_lock(short_tmp, monk
     import errno
     import os
 
+    from tests.fakes import FakeReactor
     from tests.unit.test_daemon import outcome, prepared
-    from tests.unit.test_vfkit import KillableReactor
     from virby.locks import FileLock
 
     def full(path: str, data: bytes, mode: int) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path + ".tmp")
 
     monkeypatch.setattr("virby.daemon.vfkit.writeAtomically", full)
-    reactor = KillableReactor()
+    reactor = FakeReactor(4242, diesOn={"KILL"})
     hypervisor = VfkitHypervisor(reactor, prepared(short_tmp), "/bin/vfkit")
     reports: list = []
     (failure,) = outcome(hypervisor.spawn(lambda phase, what: reports.append(phase)))
@@ -116,7 +119,9 @@ def test_no_image_yet_refuses_a_boot_with_the_recorded_cause(short_tmp) -> None:
     (short_tmp / layout.IMAGE_FAILURE).write_text("no builder for aarch64-linux\n")
     config = fromMapping({"working-directory": str(short_tmp)})
     failures: list = []
-    VfkitHypervisor(None, config, "/nonexistent/vfkit").spawn(noReport).addErrback(failures.append)
+    # No reactor: the boot is refused before one would be used.
+    hypervisor = VfkitHypervisor(None, config, "/nonexistent/vfkit")  # type: ignore[arg-type]
+    hypervisor.spawn(noReport).addErrback(failures.append)
     assert failures[0].check(NoImage) and failures[0].check(PermanentError)
     assert str(failures[0].value) == (
         f"no image yet: no builder for aarch64-linux; {layout.NO_IMAGE_FIX}"
@@ -126,7 +131,9 @@ def test_no_image_yet_refuses_a_boot_with_the_recorded_cause(short_tmp) -> None:
 def test_without_a_recorded_cause_no_image_yet_still_says_what_to_do(short_tmp) -> None:
     config = fromMapping({"working-directory": str(short_tmp)})
     failures: list = []
-    VfkitHypervisor(None, config, "/nonexistent/vfkit").spawn(noReport).addErrback(failures.append)
+    # No reactor: the boot is refused before one would be used.
+    hypervisor = VfkitHypervisor(None, config, "/nonexistent/vfkit")  # type: ignore[arg-type]
+    hypervisor.spawn(noReport).addErrback(failures.append)
     assert str(failures[0].value) == (
         f"no image yet: the VM image has not been built; {layout.NO_IMAGE_FIX}"
     )

@@ -16,6 +16,7 @@ from virby.daemon.launchd import LaunchdError, LaunchdServerEndpoint
 
 class Hello(Protocol):
     def connectionMade(self) -> None:
+        assert self.transport is not None
         self.transport.write(b"hello\n")
         self.transport.loseConnection()
 
@@ -25,7 +26,7 @@ class Reader(Protocol):
         from twisted.internet.defer import Deferred
 
         self.data = b""
-        self.done = Deferred()
+        self.done: Deferred[bytes] = Deferred()
 
     def dataReceived(self, data: bytes) -> None:
         self.data += data
@@ -55,7 +56,9 @@ def test_errors_are_one_line(code, words) -> None:
         raise OSError(code, "x")
 
     failures: list = []
-    LaunchdServerEndpoint(None, "Listener", activate).listen(Factory()).addErrback(failures.append)
+    # No reactor: activation fails before one would be used.
+    endpoint = LaunchdServerEndpoint(None, "Listener", activate)  # type: ignore[arg-type]
+    endpoint.listen(Factory()).addErrback(failures.append)
     error = failures[0].value
     assert isinstance(error, LaunchdError) and words in str(error) and "\n" not in str(error)
 
@@ -72,8 +75,7 @@ def test_the_string_parser_is_found(monkeypatch) -> None:
 
 @pytest.mark.parametrize("description", ["launchd:nmae=Listener", "launchd:Listener:extra"])
 def test_a_misspelt_endpoint_fails_at_start_with_one_line(short_tmp, capsys, description) -> None:
-    from twisted.internet.testing import MemoryReactorClock
-
+    from tests.fakes import FakeReactor
     from tests.unit.test_daemon import fake_vfkit
     from virby.config import fromMapping
     from virby.daemon.service import makeDaemonService
@@ -84,7 +86,7 @@ def test_a_misspelt_endpoint_fails_at_start_with_one_line(short_tmp, capsys, des
          "listen": description}
     )  # fmt: skip
     with pytest.raises(SystemExit) as caught:
-        makeDaemonService(config, MemoryReactorClock())
+        makeDaemonService(config, FakeReactor())
     assert caught.value.code == 1
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith(f"twistd virby: error: listen endpoint {description!r} is not valid")
@@ -113,7 +115,9 @@ async def test_every_socket_is_adopted_and_served(monkeypatch) -> None:
             (TCP6ClientEndpoint, "::1", v6port),
         ):
             reader = Reader()
-            await client(reactor, host, number).connect(Factory.forProtocol(lambda r=reader: r))
+            # The default binds this reader; mypy cannot infer a lambda's defaults.
+            factory = Factory.forProtocol(lambda r=reader: r)  # type: ignore[misc]
+            await client(reactor, host, number).connect(factory)
             assert await reader.done == b"hello\n"
     finally:
         await port.stopListening()

@@ -6,7 +6,6 @@ import gc
 import textwrap
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -19,16 +18,16 @@ from hypothesis.stateful import (
     precondition,
     rule,
 )
-from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
+from tests.fakes import FakeGuest, FakeHypervisor, FakeVM, logObserver
 from virby.daemon import lifecycle as lifecycle_module
 from virby.daemon.lifecycle import (
     RULES,
     BootPhase,
-    BootReport,
     Event,
     IllegalTransition,
     Lifecycle,
@@ -48,141 +47,8 @@ from virby.errors import PermanentError, VirbyError
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@dataclass
-class Status:
-    text: str = "exited with status 0"
-
-    def describe(self) -> str:
-        return self.text
-
-
-@dataclass
-class FakeVM:
-    pid: int
-    ended: Deferred = field(default_factory=Deferred)
-    stopRequests: int = 0
-    _stops: list[Deferred] = field(default_factory=list)
-
-    def consoleTail(self, n: int = 20) -> list[str]:
-        return [f"console of {self.pid}"]
-
-    def stop(self) -> Deferred:
-        self.stopRequests += 1
-        d: Deferred = Deferred()
-        if self.ended.called:
-            d.callback(Status())
-        else:
-            self._stops.append(d)
-        return d
-
-    def die(self, text: str = "exited with status 1") -> None:
-        """The process ends; pending stops complete, as the real one's do."""
-        self.ended.callback(Status(text))
-        stops, self._stops = self._stops, []
-        for d in stops:
-            d.callback(Status(text))
-
-    @property
-    def alive(self) -> bool:
-        return not self.ended.called
-
-
-@dataclass
-class FakeGuest:
-    """What waitReady fires with: an address, and a spare connection until released."""
-
-    host: str = "192.168.64.2"
-    port: int = 22
-    released: bool = False
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return (self.host, self.port)
-
-    def release(self) -> None:
-        self.released = True
-
-
 def addresses(box: list) -> list:
     return [getattr(item, "address", item) for item in box]
-
-
-class FakeHypervisor:
-    def __init__(self) -> None:
-        self.vms: list[FakeVM] = []
-        self.ready: dict[int, Deferred] = {}
-        self.cancelledReady: list[int] = []
-        self.spawnError: Exception | None = None
-        self.slowSpawn = False
-        self.spawning: Deferred | None = None
-        self.cancelledSpawns = 0
-        self.spawns = 0
-        #: A VM that a cancelled slow spawn hands over anyway.
-        self.onCancelSpawn: FakeVM | None = None
-        #: A guest that a cancelled readiness wait hands over anyway.
-        self.readyOnCancel: FakeGuest | None = None
-        #: Whether the last boot failure was one no retry can cure.
-        self.permanentFailure = False
-        #: For the next spawn only: how it fails, or that it is slow.
-        self.nextSpawnError: Exception | None = None
-        self.nextSpawnSlow = False
-        #: How each spawn and each wait were told to report the boot's phases.
-        self.reports: list[BootReport] = []
-
-    def spawn(self, report: BootReport) -> Deferred:
-        self.spawns += 1
-        self.reports.append(report)
-        error, self.nextSpawnError = self.nextSpawnError or self.spawnError, None
-        if error is not None:
-            self.permanentFailure = isinstance(error, PermanentError)
-            return fail(error)
-        slow, self.nextSpawnSlow = self.slowSpawn or self.nextSpawnSlow, False
-        if slow:
-            stray = self.onCancelSpawn
-            if stray is not None:
-                self.spawning = Deferred(lambda d: d.callback(stray))
-            else:
-                self.spawning = Deferred(lambda _: self._spawnCancelled())
-            return self.spawning
-        return succeed(self._newVM())
-
-    def _newVM(self) -> FakeVM:
-        vm = FakeVM(pid=1000 + len(self.vms))
-        self.vms.append(vm)
-        return vm
-
-    def _spawnCancelled(self) -> None:
-        self.cancelledSpawns += 1
-        self.spawning = None
-
-    def finishSpawn(self) -> FakeVM:
-        """A slow spawn (e.g. ephemeral mode's fresh disk) is done: vfkit runs."""
-        spawning, self.spawning = self.spawning, None
-        assert spawning is not None
-        vm = self._newVM()
-        spawning.callback(vm)
-        return vm
-
-    def waitReady(self, vm: FakeVM, report: BootReport) -> Deferred:
-        self.reports.append(report)
-        guest = self.readyOnCancel
-        if guest is not None:
-            d: Deferred = Deferred(lambda d: d.callback(guest))
-        else:
-            d = Deferred(lambda _: self.cancelledReady.append(vm.pid))
-        self.ready[vm.pid] = d
-        return d
-
-    @property
-    def last(self) -> FakeVM:
-        return self.vms[-1]
-
-    def becomeReady(self, vm: FakeVM | None = None, host: str = "192.168.64.2") -> None:
-        vm = vm or self.last
-        self.ready[vm.pid].callback(FakeGuest(host))
-
-    def alive(self) -> list[FakeVM]:
-        return [vm for vm in self.vms if vm.alive]
 
 
 class FakeConnection:
@@ -325,7 +191,7 @@ def test_vm_death_while_running_closes_its_connections_and_the_next_one_boots() 
     hypervisor.last.die("killed by signal 9")
     assert a.aborted is not None and "killed by signal 9" in a.aborted
     assert lifecycle.state is State.STOPPED
-    assert "killed by signal 9" in lifecycle.snapshot().last_error
+    assert "killed by signal 9" in (lifecycle.snapshot().last_error or "")
     lifecycle.connectionClosed(a)
     _, wait = open_connection(lifecycle)
     assert len(hypervisor.vms) == 2
@@ -357,7 +223,7 @@ def test_boot_timeout_stops_the_vm_fails_waiters_and_the_next_connection_retries
     assert len(hypervisor.vms) == 2, "the connection that waited during the stop boots again"
     hypervisor.becomeReady()
     assert addresses(during) == [("192.168.64.2", 22)]
-    assert "no DHCP lease" in lifecycle.snapshot().last_error
+    assert "no DHCP lease" in (lifecycle.snapshot().last_error or "")
 
 
 def test_spawn_failure_fails_waiters_and_keeps_serving() -> None:
@@ -1080,7 +946,7 @@ class LifecycleRaces(RuleBasedStateMachine):
         self.answeredIn: list[tuple[str, State]] = []
         self.failures: list[str] = []
         self.reentries = 0
-        globalLogPublisher.addObserver(self._observe)
+        globalLogPublisher.addObserver(logObserver(self._observe))
 
     @initialize()
     def begin(self) -> None:
@@ -1095,7 +961,7 @@ class LifecycleRaces(RuleBasedStateMachine):
             self.failures.append(event["log_failure"].getTraceback())
 
     def teardown(self) -> None:
-        globalLogPublisher.removeObserver(self._observe)
+        globalLogPublisher.removeObserver(logObserver(self._observe))
 
     def stops(self) -> int:
         return sum(vm.stopRequests for vm in self.hypervisor.vms)
@@ -1135,7 +1001,8 @@ class LifecycleRaces(RuleBasedStateMachine):
         return act
 
     def _connect(self, then: str | None) -> None:
-        connection, box = FakeConnection(), []
+        connection = FakeConnection()
+        box: list[typing.Any] = []
         self.lifecycle.connectionOpened(connection)
         waiting = self.lifecycle.whenReady()
         waiting.addBoth(self._then(then))
@@ -1186,11 +1053,11 @@ class LifecycleRaces(RuleBasedStateMachine):
         open_, shutdown = list(self.open), self.shutdown
         answer = self._answer(lambda: self.lifecycle.stopNow(force), "stop")
         answer.addBoth(self._then(then))
-        answer = results(answer)
+        got = results(answer)
         if shutdown:
-            assert answer and answer[0].check(VMUnavailable)
+            assert got and got[0].check(VMUnavailable)
         elif open_ and not force:
-            assert answer and answer[0].check(VMBusy)
+            assert got and got[0].check(VMBusy)
             assert self.stoppedNothing(before), "a refused stop stops nothing"
         elif force:
             assert all(connection.aborted for connection in open_), "forced: all closed"
@@ -1302,7 +1169,7 @@ class ReentrantLifecycleRaces(LifecycleRaces):
     """
 
     @initialize(onDemand=st.booleans())
-    def begin(self, onDemand: bool) -> None:  # type: ignore[override]
+    def begin(self, onDemand: bool) -> None:
         self.startIn(onDemand=onDemand)
 
     @rule(then=ACTIONS)

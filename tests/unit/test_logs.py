@@ -2,12 +2,13 @@ from __future__ import annotations
 
 from twisted.logger import LogLevel
 
+from tests.fakes import logObserver
 from virby.logs import Logger, setVerbose
 
 
 def test_debug_events_only_when_verbose() -> None:
     seen: list[dict] = []
-    log = Logger(observer=seen.append)
+    log = Logger(observer=logObserver(seen.append))
     setVerbose(False)
     log.debug("per connection")
     log.info("state change")

@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,7 +30,7 @@ pytestmark = [
 ]
 
 
-def evaluate(expression: str) -> object:
+def evaluate(expression: str) -> Any:
     result = subprocess.run(
         ["nix-instantiate", "--eval", "--strict", "--json", "--expr", expression],
         capture_output=True, text=True, timeout=60, cwd=ROOT,

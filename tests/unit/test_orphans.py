@@ -9,9 +9,9 @@ import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessTerminated
-from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
+from tests.fakes import FakeReactor
 from virby.daemon.orphans import (
     OrphanError,
     commandLine,
@@ -20,6 +20,7 @@ from virby.daemon.orphans import (
     readPid,
     stopOrphan,
 )
+from virby.reactors import hostReactor
 
 WD = "/var/lib/virby"
 OURS = (
@@ -79,7 +80,9 @@ def test_is_alive() -> None:
 @pytest.mark.linux
 @pytest_twisted.ensureDeferred
 async def test_command_line_reads_the_process_arguments() -> None:
-    from twisted.internet import reactor
+    from twisted.internet import reactor as globalReactor
+
+    reactor = hostReactor(globalReactor)
 
     command = await commandLine(reactor, os.getpid())
     assert command is not None and "pytest" in command
@@ -89,7 +92,7 @@ async def test_command_line_reads_the_process_arguments() -> None:
 class World:
     """A process table the test controls."""
 
-    def __init__(self, clock: Clock, command: str | None, dies_on: int | None) -> None:
+    def __init__(self, clock: FakeReactor, command: str | None, dies_on: int | None) -> None:
         self.clock = clock
         self.command = command
         self.dies_on = dies_on
@@ -123,7 +126,7 @@ def ours(tmp_path) -> str:
 
 
 def test_a_leftover_vfkit_is_terminated(tmp_path) -> None:
-    clock = Clock()
+    clock = FakeReactor()
     world = World(clock, ours(tmp_path), dies_on=signal.SIGTERM)
     result = run(tmp_path, world)
     assert world.sent == [(0, signal.SIGTERM)]
@@ -134,7 +137,7 @@ def test_a_leftover_vfkit_is_terminated(tmp_path) -> None:
 
 
 def test_one_started_through_a_wrapper_is_ours_too(tmp_path) -> None:
-    clock = Clock()
+    clock = FakeReactor()
     command = "/usr/bin/python3 /opt/hypervisor " + ours(tmp_path).split(" ", 1)[1]
     world = World(clock, command, dies_on=signal.SIGTERM)
     result = run(tmp_path, world)
@@ -144,7 +147,7 @@ def test_one_started_through_a_wrapper_is_ours_too(tmp_path) -> None:
 
 
 def test_one_that_ignores_sigterm_is_killed(tmp_path) -> None:
-    clock = Clock()
+    clock = FakeReactor()
     world = World(clock, ours(tmp_path), dies_on=signal.SIGKILL)
     result = run(tmp_path, world)
     for _ in range(80):
@@ -155,7 +158,7 @@ def test_one_that_ignores_sigterm_is_killed(tmp_path) -> None:
 
 
 def test_one_that_survives_sigkill_keeps_its_pidfile_and_is_an_error(tmp_path) -> None:
-    clock = Clock()
+    clock = FakeReactor()
     world = World(clock, ours(tmp_path), dies_on=None)
     result = run(tmp_path, world)
     for _ in range(80):
@@ -175,7 +178,7 @@ def test_one_that_survives_sigkill_keeps_its_pidfile_and_is_an_error(tmp_path) -
     ],
 )
 def test_a_process_that_is_not_ours_is_left_alone(tmp_path, command) -> None:
-    clock = Clock()
+    clock = FakeReactor()
     world = World(clock, command, dies_on=signal.SIGTERM)
     result = run(tmp_path, world)
     assert result == [None] and world.sent == []
@@ -183,7 +186,7 @@ def test_a_process_that_is_not_ours_is_left_alone(tmp_path, command) -> None:
 
 
 def test_a_dead_pid_is_only_cleaned_up(tmp_path) -> None:
-    clock = Clock()
+    clock = FakeReactor()
     world = World(clock, ours(tmp_path), dies_on=None)
     world.living.clear()
     assert run(tmp_path, world) == [None] and world.sent == []
@@ -196,7 +199,9 @@ async def test_command_line_through_ps_as_on_macos(monkeypatch, short_tmp) -> No
     C{/proc}.  The C{ps} here plays BSD's: the command line alone, no header, and exit
     status 1 with nothing printed when no process has the pid.
     """
-    from twisted.internet import reactor
+    from twisted.internet import reactor as globalReactor
+
+    reactor = hostReactor(globalReactor)
 
     import virby.daemon.orphans
 
@@ -216,9 +221,9 @@ async def test_command_line_through_ps_as_on_macos(monkeypatch, short_tmp) -> No
 @pytest_twisted.ensureDeferred
 async def test_a_ps_that_hangs_is_killed_and_the_command_line_is_unknown() -> None:
     """A C{ps} stuck on a loaded Mac must not hold the boot: it is bounded like any child."""
-    from tests.unit.test_child import ProcessReactor
+    from tests.fakes import FakeReactor
 
-    reactor = ProcessReactor()
+    reactor = FakeReactor()
     d = Deferred.fromCoroutine(commandLine(reactor, 4242, proc=None, timeout=10.0))
     ((protocol, executable, args, *_),) = reactor.spawned
     assert args == [executable, "-ww", "-o", "command=", "-p", "4242"]

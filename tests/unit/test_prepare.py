@@ -307,7 +307,7 @@ def count_renames(monkeypatch, crash_after: int | None) -> list[str]:
         if crash_after is not None and len(done) == crash_after:
             raise Crash()
 
-    monkeypatch.setattr(disk.os, "rename", rename)
+    monkeypatch.setattr(os, "rename", rename)
     return done
 
 
@@ -379,7 +379,7 @@ def test_a_working_directory_that_is_not_writable_is_refused(config, monkeypatch
     wd.mkdir()
     real = os.access
     monkeypatch.setattr(
-        prepare.os, "access", lambda path, mode: False if path == str(wd) else real(path, mode)
+        os, "access", lambda path, mode: False if path == str(wd) else real(path, mode)
     )
     assert "not writable" in refused(config)
     assert list(wd.iterdir()) == []

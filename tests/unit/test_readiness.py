@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectionRefusedError
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
+from tests.fakes import FakeReactor
 from virby.daemon.readiness import (
     FAST_PROBING,
     LATE_PROBE_INTERVAL,
@@ -27,22 +28,24 @@ def results(d) -> list:
     return box
 
 
-def connect(reactor: MemoryReactorClock, index: int = -1):
+def connect(reactor: FakeReactor, index: int = -1):
     """Complete the pending connectTCP: returns (protocol, transport)."""
     factory = reactor.tcpClients[index][2]
     protocol = factory.buildProtocol(None)
+    assert protocol is not None
     transport = StringTransport()
     protocol.makeConnection(transport)
     return protocol, transport
 
 
-def refuse(reactor: MemoryReactorClock, index: int = -1) -> None:
+def refuse(reactor: FakeReactor, index: int = -1) -> None:
     factory = reactor.tcpClients[index][2]
-    factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+    # No connector: the probe's factory does not look at it.
+    factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))  # type: ignore[arg-type]
 
 
 def test_banner_after_preamble_lines_and_the_connection_is_kept() -> None:
-    reactor = MemoryReactorClock()
+    reactor = FakeReactor()
     got = results(probeBanner(reactor, "192.168.64.2", 22, 2))
     assert reactor.tcpClients[0][:2] == ("192.168.64.2", 22)
     protocol, transport = connect(reactor)
@@ -58,7 +61,7 @@ def test_banner_after_preamble_lines_and_the_connection_is_kept() -> None:
 
 
 def test_not_ssh() -> None:
-    reactor = MemoryReactorClock()
+    reactor = FakeReactor()
     got = results(probeBanner(reactor, "h", 22, 2))
     protocol, _ = connect(reactor)
     protocol.dataReceived(b"HTTP/1.1 400 Bad Request\r\n" + b"x" * 2000)
@@ -66,7 +69,7 @@ def test_not_ssh() -> None:
 
 
 def test_closed_before_banner() -> None:
-    reactor = MemoryReactorClock()
+    reactor = FakeReactor()
     got = results(probeBanner(reactor, "h", 22, 2))
     protocol, _ = connect(reactor)
     protocol.connectionLost(None)
@@ -74,7 +77,7 @@ def test_closed_before_banner() -> None:
 
 
 def test_probe_times_out() -> None:
-    reactor = MemoryReactorClock()
+    reactor = FakeReactor()
     got = results(probeBanner(reactor, "h", 22, 2))
     connect(reactor)
     reactor.advance(2)
@@ -100,7 +103,7 @@ class Leases:
 
 
 def test_waits_for_a_lease_then_a_banner() -> None:
-    reactor = MemoryReactorClock()
+    reactor = FakeReactor()
     leases = Leases()
     got = results(waitForGuest(reactor, leases, 22, timeout=30, interval=0.25))
     for _ in range(4):
@@ -121,7 +124,7 @@ def test_waits_for_a_lease_then_a_banner() -> None:
     assert not [c for c in reactor.getDelayedCalls() if c.active()]
 
 
-def pending(reactor: MemoryReactorClock) -> list[float]:
+def pending(reactor: FakeReactor) -> list[float]:
     """The delays of the timers that are set, soonest first."""
     now = reactor.seconds()
     return sorted(round(c.getTime() - now, 6) for c in reactor.getDelayedCalls() if c.active())
@@ -129,7 +132,7 @@ def pending(reactor: MemoryReactorClock) -> list[float]:
 
 def test_once_the_guest_refuses_probes_are_retried_soon_and_only_then() -> None:
     """Fast, and no busy loop: one timer, PROBE_INTERVAL after each refusal, nothing else."""
-    reactor = MemoryReactorClock()
+    reactor = FakeReactor()
     leases = Leases()
     leases.ip = "192.168.64.5"
     waitForGuest(reactor, leases, 22, timeout=30, interval=0.25)
@@ -144,7 +147,7 @@ def test_once_the_guest_refuses_probes_are_retried_soon_and_only_then() -> None:
 
 
 def test_fast_probing_lasts_a_while_after_the_first_refusal() -> None:
-    reactor = MemoryReactorClock()
+    reactor = FakeReactor()
     leases = Leases()
     leases.ip = "192.168.64.5"
     waitForGuest(reactor, leases, 22, timeout=600, interval=0.25)
@@ -156,7 +159,7 @@ def test_fast_probing_lasts_a_while_after_the_first_refusal() -> None:
 
 def test_a_probe_that_gets_no_answer_is_retried_at_the_lease_interval() -> None:
     """A guest whose network is not up yet (a stale lease) is not probed in a tight loop."""
-    reactor = MemoryReactorClock()
+    reactor = FakeReactor()
     leases = Leases()
     leases.ip = "192.168.64.5"
     waitForGuest(reactor, leases, 22, timeout=600, interval=0.25, probeTimeout=2)
@@ -167,7 +170,7 @@ def test_a_probe_that_gets_no_answer_is_retried_at_the_lease_interval() -> None:
 
 
 def test_a_fresh_lease_replaces_a_stale_one() -> None:
-    reactor = MemoryReactorClock()
+    reactor = FakeReactor()
     leases = Leases()
     leases.ip = "192.168.64.5"
     got = results(waitForGuest(reactor, leases, 22, timeout=30))
@@ -181,7 +184,7 @@ def test_a_fresh_lease_replaces_a_stale_one() -> None:
 
 
 def test_no_lease_timeout_says_so() -> None:
-    reactor = MemoryReactorClock()
+    reactor = FakeReactor()
     got = results(waitForGuest(reactor, Leases(), 22, timeout=10, what="MAC 02:00:00:00:00:01"))
     reactor.advance(10)
     error = got[0].value
@@ -191,7 +194,7 @@ def test_no_lease_timeout_says_so() -> None:
 
 
 def test_no_ssh_timeout_names_the_address_and_last_error() -> None:
-    reactor = MemoryReactorClock()
+    reactor = FakeReactor()
     leases = Leases()
     leases.ip = "192.168.64.9"
     got = results(waitForGuest(reactor, leases, 2222, timeout=5))
@@ -204,7 +207,7 @@ def test_no_ssh_timeout_names_the_address_and_last_error() -> None:
 
 
 def test_an_unreadable_lease_file_fails_at_once() -> None:
-    reactor = MemoryReactorClock()
+    reactor = FakeReactor()
     leases = Leases()
     leases.error = LeaseFileError("cannot read the lease file /x")
     got = results(waitForGuest(reactor, leases, 22, timeout=30))
@@ -213,7 +216,7 @@ def test_an_unreadable_lease_file_fails_at_once() -> None:
 
 
 def test_cancel_stops_everything() -> None:
-    reactor = MemoryReactorClock()
+    reactor = FakeReactor()
     leases = Leases()
     leases.ip = "192.168.64.5"
     waiting = waitForGuest(reactor, leases, 22, timeout=30)
@@ -229,7 +232,7 @@ def test_cancel_stops_everything() -> None:
 
 @pytest.mark.parametrize("banner", [b"SSH-1.99-old\n", b"SSH-2.0-x\r\n"])
 def test_banner_versions(banner) -> None:
-    reactor = MemoryReactorClock()
+    reactor = FakeReactor()
     got = results(probeBanner(reactor, "h", 22, 2))
     protocol, _ = connect(reactor)
     protocol.dataReceived(banner)
@@ -237,7 +240,7 @@ def test_banner_versions(banner) -> None:
 
 
 def test_a_ready_guest_lends_its_connection_once_and_closes_it_if_unclaimed() -> None:
-    reactor = MemoryReactorClock()
+    reactor = FakeReactor()
     got = results(probeBanner(reactor, "h", 22, 2))
     protocol, transport = connect(reactor)
     protocol.dataReceived(b"SSH-2.0-x\r\n")
@@ -251,7 +254,7 @@ def test_a_ready_guest_lends_its_connection_once_and_closes_it_if_unclaimed() ->
 
 
 def test_a_spare_lost_before_it_is_claimed_is_not_lent() -> None:
-    reactor = MemoryReactorClock()
+    reactor = FakeReactor()
     got = results(probeBanner(reactor, "h", 22, 2))
     protocol, _ = connect(reactor)
     protocol.dataReceived(b"SSH-2.0-x\r\n")
@@ -262,7 +265,7 @@ def test_a_spare_lost_before_it_is_claimed_is_not_lent() -> None:
 def test_attach_hands_the_transport_to_another_protocol() -> None:
     from twisted.internet.protocol import Protocol
 
-    reactor = MemoryReactorClock()
+    reactor = FakeReactor()
     got = results(probeBanner(reactor, "h", 22, 2))
     protocol, transport = connect(reactor)
     transport.protocol = protocol

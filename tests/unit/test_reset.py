@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from virby import disk
 from virby.cli import reset
 from virby.cli.client import DaemonDown, NotAllowed
 from virby.config import GIB, fromMapping
@@ -109,7 +110,7 @@ def test_the_copy_holds_the_vm_lock_and_the_directory_lock(short_tmp, monkeypatc
     """So no boot, no virby prepare and no fresh disk of the daemon can race it."""
     config = workingDirectory(short_tmp)
     held: list[str] = []
-    copy = reset.disk.copy
+    copy = disk.copy
 
     @contextlib.contextmanager
     def recordingLock(path: str):
@@ -123,7 +124,7 @@ def test_the_copy_holds_the_vm_lock_and_the_directory_lock(short_tmp, monkeypatc
         return copy(source, destination, mode)
 
     monkeypatch.setattr(reset, "locked", recordingLock)
-    monkeypatch.setattr(reset.disk, "copy", recordingCopy)
+    monkeypatch.setattr(disk, "copy", recordingCopy)
     resetWith(config, Daemon(error=DaemonDown("down")))
     assert held == [f"locked {short_tmp}", "vm.lock free: False", f"unlocked {short_tmp}"]
     assert FileLock(str(short_tmp / "vm.lock")).acquire(), "released after"
@@ -147,15 +148,15 @@ def test_the_new_disk_and_the_lock_go_to_the_owner_of_base_img(short_tmp, monkey
     def chown(target: Any, uid: int, gid: int) -> None:
         given.append((os.path.basename(str(target)) if isinstance(target, str) else "fd", uid, gid))
 
-    monkeypatch.setattr(reset.os, "stat", stat)
-    monkeypatch.setattr(reset.os, "chown", chown)
+    monkeypatch.setattr(os, "stat", stat)
+    monkeypatch.setattr(os, "chown", chown)
     resetWith(config, Daemon(error=DaemonDown("down")))
     assert given == [("fd", 4242, 4242), ("diff.img", 4242, 4242)]
 
 
 def test_a_user_who_cannot_write_the_directory_is_told_to_use_sudo(short_tmp, monkeypatch) -> None:
     config = workingDirectory(short_tmp)
-    monkeypatch.setattr(reset.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
     daemon = Daemon()
     with pytest.raises(VirbyError) as caught:
         resetWith(config, daemon)

@@ -11,6 +11,7 @@ import pytest_twisted
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
+from tests.fakes import logObserver
 from virby.daemon.rest import (
     RestDropped,
     RestError,
@@ -19,6 +20,7 @@ from virby.daemon.rest import (
     RestUnreachable,
     VfkitRestClient,
 )
+from virby.reactors import hostReactor
 
 
 class VMState(Resource):
@@ -48,18 +50,24 @@ class VMState(Resource):
 
 @pytest.fixture
 def server(short_tmp):
-    from twisted.internet import reactor
+    from twisted.internet import reactor as globalReactor
+
+    reactor = hostReactor(globalReactor)
 
     resource = VMState()
     path = str(short_tmp / "vfkit.sock")
-    port = reactor.listenUNIX(path, Site(resource))
+    # Twisted annotates the factory as the bare generic Factory, which no factory of a
+    # particular protocol (a Site makes HTTPChannels) matches: its type is invariant.
+    port = reactor.listenUNIX(path, Site(resource))  # type: ignore[arg-type]
     yield resource, path
     pytest_twisted.blockon(port.stopListening())  # before short_tmp goes
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_request_is_posted(server) -> None:
-    from twisted.internet import reactor
+    from twisted.internet import reactor as globalReactor
+
+    reactor = hostReactor(globalReactor)
 
     resource, path = server
     await VfkitRestClient(reactor, path).request("Stop")
@@ -68,7 +76,9 @@ async def test_a_request_is_posted(server) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_refusal_carries_vfkits_error(server) -> None:
-    from twisted.internet import reactor
+    from twisted.internet import reactor as globalReactor
+
+    reactor = hostReactor(globalReactor)
 
     resource, path = server
     resource.refuse = True
@@ -79,7 +89,9 @@ async def test_refusal_carries_vfkits_error(server) -> None:
 @pytest_twisted.ensureDeferred
 async def test_no_socket_is_unreachable_even_for_stop(short_tmp) -> None:
     """A vfkit whose API is not up yet has not stopped: only its exit says that."""
-    from twisted.internet import reactor
+    from twisted.internet import reactor as globalReactor
+
+    reactor = hostReactor(globalReactor)
 
     client = VfkitRestClient(reactor, str(short_tmp / "gone.sock"))
     for state in ("Stop", "HardStop", "Pause"):
@@ -91,7 +103,9 @@ async def test_no_socket_is_unreachable_even_for_stop(short_tmp) -> None:
 async def test_a_socket_nobody_listens_on_is_unreachable(short_tmp) -> None:
     import socket
 
-    from twisted.internet import reactor
+    from twisted.internet import reactor as globalReactor
+
+    reactor = hostReactor(globalReactor)
 
     path = str(short_tmp / "stale.sock")
     with socket.socket(socket.AF_UNIX) as stale:
@@ -102,7 +116,9 @@ async def test_a_socket_nobody_listens_on_is_unreachable(short_tmp) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_a_hung_vfkit_is_a_timeout_not_a_stop(server) -> None:
-    from twisted.internet import reactor
+    from twisted.internet import reactor as globalReactor
+
+    reactor = hostReactor(globalReactor)
 
     resource, path = server
     resource.hang = True
@@ -114,7 +130,9 @@ async def test_a_hung_vfkit_is_a_timeout_not_a_stop(server) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_a_connection_closed_without_an_answer_is_dropped(server) -> None:
-    from twisted.internet import reactor
+    from twisted.internet import reactor as globalReactor
+
+    reactor = hostReactor(globalReactor)
 
     resource, path = server
     resource.drop = True
@@ -137,17 +155,19 @@ def test_an_idle_daemon_has_not_imported_the_http_client() -> None:
 @pytest_twisted.ensureDeferred
 async def test_a_request_leaves_no_factory_lines_in_the_log(server) -> None:
     """Twisted's HTTP pool makes a factory per request, each noisy by default."""
-    from twisted.internet import reactor
+    from twisted.internet import reactor as globalReactor
+
+    reactor = hostReactor(globalReactor)
     from twisted.logger import globalLogPublisher
 
     resource, path = server
     seen: list[dict] = []
-    globalLogPublisher.addObserver(seen.append)
+    globalLogPublisher.addObserver(logObserver(seen.append))
     try:
         await VfkitRestClient(reactor, path).request("Stop")
         await VfkitRestClient(reactor, path).request("HardStop")
     finally:
-        globalLogPublisher.removeObserver(seen.append)
+        globalLogPublisher.removeObserver(logObserver(seen.append))
     factoryLines = [e for e in seen if "factory" in str(e.get("log_format", "")).lower()]
     assert factoryLines == []
     assert resource.posted == ["Stop", "HardStop"]

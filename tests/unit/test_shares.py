@@ -196,7 +196,7 @@ def test_becoming_the_user_sets_its_groups_then_its_group_then_its_uid(monkeypat
 
     # No group given: the user's own, from its passwd entry, as launchd would take it.
     entry = pwd.struct_passwd(("_virby", "*", 348, 350, "", "/var/lib/virby", "/usr/bin/false"))
-    monkeypatch.setattr(shares.pwd, "getpwnam", lambda name: entry)
+    monkeypatch.setattr(pwd, "getpwnam", lambda name: entry)
     calls.clear()
     shares.become(Account("_virby", 348))
     assert calls == [("groups", ("_virby", 350)), ("gid", 350), ("uid", 348)]

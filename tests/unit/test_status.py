@@ -10,12 +10,14 @@ import socket
 import pytest
 import pytest_twisted
 
+from tests.fakes import FakeCommands
 from virby.cli import status
 from virby.cli.status import EXIT_DOWN, duration, query, render, run, size
 from virby.config import fromMapping
 from virby.daemon.control import ControlFactory, controlEndpoint
 from virby.errors import VirbyError
 from virby.layout import CONTROL_SOCKET, IMAGE_FAILURE, NO_IMAGE_FIX
+from virby.reactors import hostReactor
 
 RUNNING = {
     "state": "running",
@@ -185,14 +187,12 @@ def _serve_once_and_query(short_tmp, payload: bytes) -> dict:
 
 @pytest_twisted.ensureDeferred
 async def test_status_reads_the_daemons_control_socket(short_tmp) -> None:
-    from twisted.internet import reactor
+    from twisted.internet import reactor as globalReactor
 
-    class Commands:
-        def status(self) -> dict:
-            return RUNNING
+    reactor = hostReactor(globalReactor)
 
     port = await controlEndpoint(reactor, str(short_tmp / CONTROL_SOCKET)).listen(
-        ControlFactory(Commands(), reactor)
+        ControlFactory(FakeCommands(RUNNING), reactor)
     )
     try:
         assert os.stat(short_tmp / CONTROL_SOCKET).st_mode & 0o777 == 0o600

@@ -14,6 +14,7 @@ from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
+from tests.fakes import FakeProcessTransport, FakeReactor, logObserver
 from virby.config import fromMapping
 from virby.daemon.rest import RestError
 from virby.daemon.vfkit import (
@@ -139,7 +140,7 @@ def test_vfkits_usage_text_stays_out_of_the_log(capsys) -> None:
         ):
             seen.append(event["line"])
 
-    globalLogPublisher.addObserver(observer)
+    globalLogPublisher.addObserver(logObserver(observer))
     try:
         protocol = VfkitProtocol()
         protocol.errReceived(b'time="x" level=info msg="virtual machine parameters:"\n')
@@ -149,7 +150,7 @@ def test_vfkits_usage_text_stays_out_of_the_log(capsys) -> None:
         )
         protocol.processEnded(Failure(ProcessDone(0)))
     finally:
-        globalLogPublisher.removeObserver(observer)
+        globalLogPublisher.removeObserver(logObserver(observer))
     assert seen == [
         'time="x" level=info msg="virtual machine parameters:"',
         "Error: inappropriate ioctl for device",
@@ -158,29 +159,16 @@ def test_vfkits_usage_text_stays_out_of_the_log(capsys) -> None:
 
 def test_exit_is_reported_to_every_waiter() -> None:
     protocol = VfkitProtocol()
-    first, second = [], []
-    protocol.whenEnded().addCallback(lambda s: first.append(s) and None)
+    first: list[ExitStatus] = []
+    second: list[ExitStatus] = []
+    protocol.whenEnded().addCallback(lambda s: first.append(s))
     protocol.whenEnded().addCallback(second.append)
     protocol.processEnded(Failure(ProcessTerminated(None, signal=9)))
     assert first == second == [ExitStatus(None, 9)]
     assert first[0].describe() == "was killed by signal 9"
-    late = []
+    late: list[ExitStatus] = []
     protocol.whenEnded().addCallback(late.append)
     assert late == first
-
-
-class FakeTransport:
-    pid = 4242
-
-    def __init__(self, protocol: VfkitProtocol, dies_on: set[str]) -> None:
-        self.protocol = protocol
-        self.signals: list[str] = []
-        self.dies_on = dies_on
-
-    def signalProcess(self, name: str) -> None:
-        self.signals.append(name)
-        if name in self.dies_on:
-            self.protocol.processEnded(Failure(ProcessTerminated(None, signal=15)))
 
 
 class FakeRest:
@@ -200,9 +188,9 @@ class FakeRest:
 
 
 def process(tmp_path, works=True, powers_off=("Stop",), dies_on=("TERM",), **settings):
-    clock = Clock()
+    clock = FakeReactor()
     protocol = VfkitProtocol()
-    transport = FakeTransport(protocol, set(dies_on))
+    transport = FakeProcessTransport(4242, protocol, dies_on)
     rest = FakeRest(clock, protocol, works, set(powers_off))
     cfg = fromMapping({"working-directory": str(tmp_path), **settings})
     (tmp_path / "vfkit.pid").write_text("4242")
@@ -274,20 +262,8 @@ def test_runtime_files_of_another_process_are_left_alone(short_tmp) -> None:
     assert (short_tmp / "vfkit.pid").exists() and (short_tmp / "vfkit.sock").exists()
 
 
-class RecordingReactor(Clock):
-    def __init__(self) -> None:
-        super().__init__()
-        self.spawned: list = []
-
-    def spawnProcess(self, protocol, executable, args, env, path, childFDs):
-        self.spawned.append((executable, args, path, childFDs))
-        transport = FakeTransport(protocol, set())
-        protocol.makeConnection(transport)
-        return transport
-
-
 def test_start_checks_the_working_directory_and_writes_the_pidfile(short_tmp) -> None:
-    reactor = RecordingReactor()
+    reactor = FakeReactor(4242)
     cfg = fromMapping({"working-directory": str(short_tmp / "wd")})
     with pytest.raises(WorkingDirectoryError, match="missing: run `virby prepare"):
         VfkitProcess.start(reactor, cfg, "/bin/vfkit", MAC)
@@ -298,7 +274,7 @@ def test_start_checks_the_working_directory_and_writes_the_pidfile(short_tmp) ->
     os.mkdir(short_tmp / "wd" / "vm_sshd_keys")
     (short_tmp / "wd" / "vfkit.sock").write_text("stale")
     vm = VfkitProcess.start(reactor, cfg, "/bin/vfkit", MAC)
-    executable, args, path, fds = reactor.spawned[0]
+    _, executable, args, _, path, fds = reactor.spawned[0]
     assert executable == "/bin/vfkit" and args[0] == "/bin/vfkit"
     assert "efi,variable-store=" + str(short_tmp / "wd" / "efistore.nvram") + ",create" in args
     assert path == str(short_tmp / "wd") and fds == {0: "w", 1: "r", 2: "r"}
@@ -307,7 +283,7 @@ def test_start_checks_the_working_directory_and_writes_the_pidfile(short_tmp) ->
     assert vm.pid == 4242
     (short_tmp / "wd" / "efistore.nvram").write_bytes(b"")
     VfkitProcess.start(reactor, cfg, "/bin/vfkit", MAC)
-    assert not [a for a in reactor.spawned[1][1] if a.endswith(",create")]
+    assert not [a for a in reactor.spawned[1].args if a.endswith(",create")]
 
 
 def test_stop_of_an_exited_vm_is_immediate(short_tmp) -> None:
@@ -337,7 +313,7 @@ def test_with_debug_serial_log_is_kept(short_tmp) -> None:
 
 
 def test_start_removes_the_last_console(short_tmp) -> None:
-    reactor = RecordingReactor()
+    reactor = FakeReactor(4242)
     cfg = fromMapping({"working-directory": str(short_tmp)})
     (short_tmp / "diff.img").write_bytes(b"x")
     os.mkdir(short_tmp / "vm_sshd_keys")
@@ -347,13 +323,13 @@ def test_start_removes_the_last_console(short_tmp) -> None:
 
 
 def test_start_passes_nested_as_planned(short_tmp) -> None:
-    reactor = RecordingReactor()
+    reactor = FakeReactor(4242)
     cfg = fromMapping({"working-directory": str(short_tmp), "nested-virtualization": True})
     (short_tmp / "diff.img").write_bytes(b"x")
     os.mkdir(short_tmp / "vm_sshd_keys")
     VfkitProcess.start(reactor, cfg, "/bin/vfkit", MAC, plan=HostPlan(nested=False))
     VfkitProcess.start(reactor, cfg, "/bin/vfkit", MAC, plan=HostPlan(nested=True))
-    assert ["--nested" in args for _, args, _, _ in reactor.spawned] == [False, True]
+    assert ["--nested" in args for _, _, args, *_ in reactor.spawned] == [False, True]
 
 
 def facts(cpu="Apple M4 Pro", macos=(15, 1), rosetta=True, arm=True) -> HostFacts:
@@ -424,7 +400,7 @@ def real_process(tmp_path, reactor, dies_on: set[str], timings: StopTimings):
     from virby.daemon.rest import VfkitRestClient
 
     protocol = VfkitProtocol()
-    transport = FakeTransport(protocol, dies_on)
+    transport = FakeProcessTransport(4242, protocol, dies_on)
     rest = VfkitRestClient(reactor, str(tmp_path / "vfkit.sock"), timings.rest_timeout)
     cfg = fromMapping({"working-directory": str(tmp_path)})
     return VfkitProcess(reactor, cfg, protocol, transport, rest, timings, mac=MAC), transport
@@ -534,7 +510,7 @@ def test_a_clean_exit_says_nothing_more() -> None:
 def test_vfkit_inherits_the_vm_lock_and_it_is_let_go_when_vfkit_is_gone(short_tmp) -> None:
     from virby.locks import FileLock
 
-    reactor = RecordingReactor()
+    reactor = FakeReactor(4242)
     wd = short_tmp / "wd"
     (wd / "vm_sshd_keys").mkdir(parents=True)
     (wd / "diff.img").write_bytes(b"")
@@ -542,22 +518,11 @@ def test_vfkit_inherits_the_vm_lock_and_it_is_let_go_when_vfkit_is_gone(short_tm
     lock = FileLock(str(wd / "vm.lock"))
     assert lock.acquire()
     vm = VfkitProcess.start(reactor, cfg, "/bin/vfkit", MAC, vmLock=lock)
-    fds = reactor.spawned[0][3]
+    fds = reactor.spawned[0].childFDs
     assert fds == {0: "w", 1: "r", 2: "r", 3: lock.fileno()}
     assert not FileLock(str(wd / "vm.lock")).acquire()
     vm.protocol.processEnded(Failure(ProcessDone(0)))
     assert not lock.held and FileLock(str(wd / "vm.lock")).acquire()
-
-
-class KillableReactor(RecordingReactor):
-    """Spawns fake vfkits that SIGKILL ends, as it ends a real one."""
-
-    def spawnProcess(self, protocol, executable, args, env, path, childFDs):
-        self.spawned.append((executable, args, path, childFDs))
-        transport = FakeTransport(protocol, {"KILL"})
-        protocol.makeConnection(transport)
-        self.transport = transport
-        return transport
 
 
 @pytest.mark.parametrize(
@@ -584,7 +549,7 @@ def test_a_vfkit_whose_pidfile_cannot_be_written_is_killed_and_reaped(
         raise OSError(code, os.strerror(code), path + ".tmp")
 
     monkeypatch.setattr("virby.daemon.vfkit.writeAtomically", full)
-    reactor = KillableReactor()
+    reactor = FakeReactor(4242, diesOn={"KILL"})
     cfg = fromMapping({"working-directory": str(short_tmp)})
     with capturedLogs() as events, pytest.raises(VfkitStartError) as caught:
         VfkitProcess.start(reactor, cfg, "/bin/vfkit", MAC)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import signal
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.application.service import Service
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -38,7 +38,7 @@ from virby.daemon.capacity import (
 )
 from virby.daemon.control import ControlFactory, StaleSocketError, clearStaleSocket, controlEndpoint
 from virby.daemon.hypervisor import VfkitHypervisor
-from virby.daemon.lifecycle import Lifecycle
+from virby.daemon.lifecycle import Hypervisor, Lifecycle
 from virby.daemon.logfile import LogFile
 from virby.daemon.proxy import ProxyFactory, isLoopback
 from virby.daemon.readiness import ReadyGuest
@@ -50,13 +50,25 @@ from virby.locks import FileLock, takeLock
 from virby.logs import Logger, setVerbose
 from virby.reactors import IHostReactor
 from virby.runtime import removeQuietly
-from virby.vfkitflags import findVfkit, planHost
+from virby.vfkitflags import HostPlan, findVfkit, planHost
 
 log = Logger()
 
 
 class StartupError(VirbyError):
     """The daemon cannot start serving; the message says why and what to do."""
+
+
+class DaemonHypervisor(Hypervisor[ReadyGuest], Protocol):
+    """
+    The hypervisor as the daemon holds it: the lifecycle's, and at start it stops a VM an
+    earlier daemon left running (L{VfkitHypervisor} is the one the daemon makes), and what
+    this Mac lets the VM have, whose warnings the status shows.
+    """
+
+    plan: HostPlan
+
+    def stopOrphan(self) -> Deferred[None]: ...
 
 
 class DaemonService(Service):
@@ -76,7 +88,7 @@ class DaemonService(Service):
         reactor: IHostReactor,
         config: Config,
         endpoint: IStreamServerEndpoint,
-        hypervisor: VfkitHypervisor,
+        hypervisor: DaemonHypervisor,
         lifecycle: Lifecycle[ReadyGuest],
         descriptors: DescriptorLimit | None = None,
     ) -> None:

@@ -20,6 +20,7 @@ import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.error import ProcessExitedAlready
@@ -206,6 +207,12 @@ class StopTimings:
     kill: float = 1.0
 
 
+class StateRequests(Protocol):
+    """How the stop sequence asks vfkit for a state (L{VfkitRestClient}, over its socket)."""
+
+    async def request(self, state: str) -> None: ...
+
+
 class VfkitProcess:
     """
     One running vfkit, as the lifecycle drives it.
@@ -219,7 +226,7 @@ class VfkitProcess:
         config: Config,
         protocol: VfkitProtocol,
         transport: IProcessTransport,
-        rest: VfkitRestClient,
+        rest: StateRequests,
         timings: StopTimings = StopTimings(),
         vmLock: FileLock | None = None,
         *,
