@@ -502,6 +502,16 @@ def test_a_lease_file_that_is_a_directory(machine) -> None:
     assert finding.detail.startswith(f"cannot read {leases}")
 
 
+def test_a_lease_file_that_is_a_link_is_not_followed(machine) -> None:
+    """As the daemon reads it: a symbolic link in the lease file's place is refused."""
+    leases = Path(machine["config"].leases_file)
+    real = leases.with_name("elsewhere")
+    leases.rename(real)
+    leases.symlink_to(real)
+    finding = failed(examine(machine))["dhcp-lease"]
+    assert finding.detail.startswith(f"cannot read {leases}: Too many levels of symbolic links")
+
+
 def test_a_crowded_lease_pool(machine) -> None:
     crowd: list[tuple[str, str | None, float, str]] = [
         (f"192.168.64.{n}", f"02:00:00:00:00:{n:02x}", NOW + 3600, "vm") for n in range(2, 203)

@@ -693,8 +693,10 @@ class Doctor:
         path = self.config.leases_file
         mac = self._mac()
         try:
-            info = os.stat(path)
-            with open(path, encoding="utf-8", errors="replace") as f:
+            # As the daemon reads it (L{virby.leases.LeaseFile}): a link in its place is refused.
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            with open(fd, encoding="utf-8", errors="replace") as f:
+                info = os.fstat(f.fileno())
                 self.seen.leases = leases = parseLeases(f.read())
         except FileNotFoundError:
             if mac is None:
