@@ -18,12 +18,15 @@ import os
 import sys
 import textwrap
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from virby import __version__
 from virby.config import Config, load
 from virby.errors import VirbyError
 from virby.flags import addArguments, collected
+
+if TYPE_CHECKING:
+    from virby.cli.realise import Stage0
 
 #: The config the nix-darwin module installs, read when no C{--config} is given, so that
 #: C{sudo virby doctor} (or status, start, stop) needs no store path typed out.
@@ -165,6 +168,30 @@ def _parser() -> argparse.ArgumentParser:
         action="store_false",
         help="do not build a missing image now (the activation builds it in a later step)",
     )
+    prepare.add_argument(
+        "--stage0-runner",
+        metavar="DRV",
+        help="when Nix has no builder for the image's system, start this VM runner "
+        "(nixpkgs' darwin.linux-builder's system.build.vm) as a temporary builder",
+    )
+    prepare.add_argument(
+        "--stage0-system", metavar="SYSTEM", help="the system the temporary builder builds for"
+    )
+    prepare.add_argument(
+        "--stage0-host-key", metavar="BASE64", help="the temporary builder's public host key"
+    )
+    prepare.add_argument(
+        "--stage0-port", metavar="PORT", type=int, default=31022,
+        help="the loopback port its SSH answers on (default: 31022)",
+    )  # fmt: skip
+    prepare.add_argument(
+        "--stage0-user", metavar="USER", default="builder",
+        help="the user Nix logs in as (default: builder)",
+    )  # fmt: skip
+    prepare.add_argument(
+        "--stage0-wait", metavar="SECONDS", type=float, default=300.0,
+        help="how long to wait for its SSH (default: 300)",
+    )  # fmt: skip
 
     status = _command(commands, "status", "tell what the daemon is doing", " [--json]")
     status.add_argument("--json", action="store_true", help="print JSON for programs")
@@ -207,6 +234,26 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stage0(args: argparse.Namespace) -> Stage0 | None:
+    """The temporary builder C{--stage0-*} describe, or C{None} without C{--stage0-runner}."""
+    if args.stage0_runner is None:
+        return None
+    from virby.cli.realise import Stage0
+
+    if not args.stage0_system or not args.stage0_host_key:
+        args.commands["prepare"].error(
+            "--stage0-runner needs --stage0-system and --stage0-host-key; pass all three"
+        )
+    return Stage0(
+        runner=args.stage0_runner,
+        system=args.stage0_system,
+        hostKey=args.stage0_host_key,
+        port=args.stage0_port,
+        user=args.stage0_user,
+        within=args.stage0_wait,
+    )
+
+
 def _run(args: argparse.Namespace, config: Config) -> int:
     if args.command == "ssh-config":
         from virby.sshconfig import sshConfigBlock
@@ -222,6 +269,7 @@ def _run(args: argparse.Namespace, config: Config) -> int:
             print_ssh_config=args.print_ssh_config,
             imageDerivation=args.image_derivation,
             realise=args.realise,
+            stage0=_stage0(args),
         )
     if args.command in ("start", "stop"):
         from virby.cli import startstop

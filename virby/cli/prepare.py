@@ -307,6 +307,7 @@ def prepare(
     realise: bool = True,
     run: realisation.Runner = realisation.runShowingProgress,
     explain: Report | None = None,
+    stage0: realisation.Stage0 | None = None,
 ) -> None:
     """
     Bring the working directory to the state the config asks for; see the module docstring.
@@ -327,6 +328,8 @@ def prepare(
     @param realise: whether to realise a missing image now (C{--no-realise}: not yet).
     @param run: how nix-store is run (L{realisation.runShowingProgress}).
     @param explain: called with the paragraph that says why there is no image.
+    @param stage0: the temporary builder to start when Nix has none for the image's system
+        (C{--stage0-runner}), or C{None}.
     @raise PrepareError: with one line, before anything is touched when the input is bad.
     """
     warn = warn or _stderr("warning: ")
@@ -346,7 +349,7 @@ def prepare(
         cause = None
         if wanted is not None and realise and not realisation.rooted(wd, wanted):
             # Outside the lock: a build can take long, and an ephemeral boot takes the lock.
-            cause = realisation.realise(wd, wanted, run=run)
+            cause = realisation.realise(wd, wanted, run=run, stage0=stage0)
             image = _checkImage(config.image, missingOk=True)
             if image is not None and cause is not None:
                 warn(f"the image has no GC root in {wd}: {cause}")
@@ -448,6 +451,7 @@ def run(
     print_ssh_config: bool,
     imageDerivation: str | None = None,
     realise: bool = True,
+    stage0: realisation.Stage0 | None = None,
 ) -> int:
     """
     The C{virby prepare} command; expected failures raise L{VirbyError} for the caller.  No
@@ -456,5 +460,5 @@ def run(
     if print_ssh_config:
         sys.stdout.write(sshConfigBlock(config))
         return 0
-    prepare(config, owner, inform=_say, derivation=imageDerivation, realise=realise)
+    prepare(config, owner, inform=_say, derivation=imageDerivation, realise=realise, stage0=stage0)
     return 0
