@@ -68,6 +68,26 @@ let
   image = builtins.unsafeDiscardStringContext "${imageBuild}/nixos.img";
   imageDerivation = builtins.unsafeDiscardOutputDependency imageBuild.drvPath;
 
+  # Stage 0: nixpkgs' own linux-builder, unmodified so that cache.nixos.org has it, which
+  # prepare starts as a temporary builder when Nix has none for the image's system
+  # (docs/one-switch.md).  Its runner's closure is Linux, so, like the image, the system
+  # holds its derivation and not its output.
+  stage0Config = pkgs.darwin.linux-builder.nixosConfig;
+  stage0Flags = lib.escapeShellArgs [
+    "--stage0-runner"
+    (builtins.unsafeDiscardOutputDependency stage0Config.system.build.vm.drvPath)
+    "--stage0-system"
+    stage0Config.nixpkgs.hostPlatform.system
+    "--stage0-host-key"
+    stage0HostKey
+    "--stage0-port"
+    (toString stage0Config.virtualisation.darwin-builder.hostPort)
+  ];
+  # The public half of nixpkgs' nixos/modules/profiles/keys/ssh_host_ed25519_key, the
+  # linux-builder's published host key, in base64 as a machines line wants it (the value
+  # of nixpkgs' doc/packages/darwin-builder.section.md and nix-darwin's linux-builder).
+  stage0HostKey = "c3NoLWVkMjU1MTkgQUFBQUMzTnphQzFsWkRJMU5URTVBQUFBSUpCV2N4Yi9CbGFxdDFhdU90RStGOFFVV3JVb3RpQzVxQkorVXVFV2RWQ2Igcm9vdEBuaXhvcwo=";
+
   # The daemon's bounds of each value (its config loader is the source; lib/bounds.nix says
   # how they are kept in step).
   bounds = import ./lib/bounds.nix;
@@ -256,6 +276,17 @@ in
         --nested and says so in its log, and such builds then run emulated after all.
       '';
     };
+    stage0 = mkOption {
+      type = types.bool;
+      default = true;
+      description = ''
+        When the switch finds no image and Nix has no builder for the image's system, start
+        nixpkgs' `darwin.linux-builder` (from cache.nixos.org) as a temporary builder with
+        keys of its own, build the image through it, then stop it and remove its files.  It
+        listens on its own port (31022 unless changed in nixpkgs); off, the switch prints
+        the ways to get a builder instead.
+      '';
+    };
     ephemeral = mkOption {
       type = types.bool;
       default = false;
@@ -387,7 +418,7 @@ in
           system.activationScripts.postActivation.text = ''
             virby_before=$(cat ${workingDirectory}/image-path ${workingDirectory}/ssh_known_hosts 2>/dev/null || true)
             ${package}/bin/virby prepare --config ${configFile} --owner _virby:virby \
-              --image-derivation ${imageDerivation}
+              --image-derivation ${imageDerivation}${lib.optionalString cfg.stage0 " ${stage0Flags}"}
             virby_after=$(cat ${workingDirectory}/image-path ${workingDirectory}/ssh_known_hosts 2>/dev/null || true)
             if [ "$virby_before" != "$virby_after" ] \
               && launchctl print system/${label} >/dev/null 2>&1; then
@@ -429,6 +460,16 @@ in
           environment.etc."ssh/ssh_config.d/100-virby-vm.conf".text = import ./lib/ssh-config.nix {
             inherit (cfg) port allowUserSsh;
             inherit workingDirectory;
+          };
+          # The port of stage 0's machines line, which cannot name one; root's ssh (the
+          # nix-daemon's) reads this, as nixpkgs' instructions for the linux-builder have it.
+          environment.etc."ssh/ssh_config.d/100-virby-stage0.conf" = mkIf cfg.stage0 {
+            text = ''
+              Host virby-stage0
+                HostName 127.0.0.1
+                Port ${toString stage0Config.virtualisation.darwin-builder.hostPort}
+                HostKeyAlias virby-stage0
+            '';
           };
           environment.systemPackages = [ command ];
           # Where `virby status`, `doctor`, `start` and `stop` find the daemon's config

@@ -152,6 +152,15 @@ let
       determinateConf = etcText "nix/nix.custom.conf";
       distributedBuilds = if config.nix.enable then config.nix.distributedBuilds else null;
       sshConfig = etcText "ssh/ssh_config.d/100-virby-vm.conf";
+      stage0SshConfig = etcText "ssh/ssh_config.d/100-virby-stage0.conf";
+      # The runner prepare may start as stage 0: its derivation, like the image's, may be in
+      # the system's closure, but no derivation of the system may take its output.
+      stage0Runner =
+        if virby.enable && virby.stage0 then
+          builtins.unsafeDiscardStringContext
+            evaluated.pkgs.darwin.linux-builder.nixosConfig.system.build.vm.drvPath
+        else
+          null;
       newsyslog = etcText "newsyslog.d/org.nixos.virbyd.conf";
       configLink =
         if config.environment.etc ? "virby/config.json" then

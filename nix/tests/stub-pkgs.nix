@@ -212,8 +212,11 @@ let
   linuxBuilder = mkPackage "linux-builder" { programs = [ "create-builder" ]; } // {
     nixosConfig = {
       virtualisation.cores = 1;
+      virtualisation.darwin-builder.hostPort = 31022;
       nixpkgs.hostPlatform.system = builtins.replaceStrings [ "darwin" ] [ "linux" ] system;
       networking.hostName = "linux-builder";
+      # The VM's runner (nixpkgs' qemu-vm.nix), whose closure is Linux on a Mac.
+      system.build.vm = mkPackage "nixos-vm" { programs = [ "run-linux-builder-vm" ]; };
     };
     override = _: linuxBuilder;
   };

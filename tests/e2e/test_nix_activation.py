@@ -407,15 +407,23 @@ def test_an_image_nix_cannot_build_leaves_a_completed_switch_that_says_why(
     """
     first = mac.switch(systems["unbuilt-image"])
     assert first.returncode == 0, first.output
-    assert "virby prepare: no VM image yet: a 'aarch64-linux' with features {} is required" in (
-        first.output
-    )
+    # Stage 0 is tried: the fake Mac's Nix cannot realise nixpkgs' linux-builder either.
+    runner = first.commands("nix-store")[-1]
+    assert runner[:2] == ["--realise", stage0_runner(systems["unbuilt-image"])], runner
+    assert runner[3] == "/var/lib/virby/stage0/runner"
+    stage0 = "no Linux builder for aarch64-linux, and the temporary builder's runner: "
+    assert "virby prepare: stage 0: no Linux builder for aarch64-linux: starting" in first.output
+    assert "virby prepare: stage 0: removed" in first.output
+    assert (
+        f"virby prepare: no VM image yet: {stage0}a 'aarch64-linux' with features {{}} is required"
+    ) in first.output
     assert "The switch is complete" in first.output and "nix.linux-builder" in first.output
     (loaded,) = first.loaded(LABEL)
     assert loaded["problems"] == []
     wd = mac.path("/var/lib/virby")
     assert not (wd / "base.img").exists() and not (wd / "image").exists()
-    assert (wd / "image-failure").read_text().startswith("a 'aarch64-linux' with features")
+    assert not (wd / "stage0").exists()
+    assert (wd / "image-failure").read_text().startswith(f"{stage0}a 'aarch64-linux' with")
     assert (wd / "ssh_known_hosts").exists()
     assert ["kickstart", "-k", f"system/{LABEL}"] not in first.commands("launchctl")
     # A builder appears (the image is built elsewhere and copied here): the next switch
@@ -437,6 +445,12 @@ def test_an_image_nix_cannot_build_leaves_a_completed_switch_that_says_why(
     assert third.returncode == 0, third.output
     assert ["--realise"] not in [c[:1] for c in third.commands("nix-store")]
     assert ["kickstart", "-k", f"system/{LABEL}"] not in third.commands("launchctl")
+
+
+def stage0_runner(system: str) -> str:
+    """The derivation of stage 0's runner as the system's activation script names it."""
+    activate = (Path(system) / "activate").read_text()
+    return activate.split("--stage0-runner ", 1)[1].split()[0]
 
 
 def realisable(system: str) -> str:

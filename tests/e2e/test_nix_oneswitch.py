@@ -2,7 +2,8 @@
 The switch builds no Linux derivation: for every option set the nix-darwin tests use, the
 system's derivation, written to the store as C{darwin-rebuild} would, has the image's
 derivation nowhere among the input derivations it reaches, while the image's C{.drv} file is
-in the system's closure, so that activation can realise it on the Mac.
+in the system's closure, so that activation can realise it on the Mac; and so is the
+derivation of stage 0's runner, nixpkgs' linux-builder VM.
 """
 
 from __future__ import annotations
@@ -67,5 +68,12 @@ def test_the_system_has_the_images_derivation_but_not_its_output(pair: Pair) -> 
             capture_output=True, text=True, timeout=300, check=True,
         ).stdout.split()  # fmt: skip
         assert image in closure, f"{name}: activation could not realise the image"
+        # Stage 0's runner (nixpkgs' linux-builder), whose closure is Linux, is held the same way.
+        runner = got["stage0Runner"]
+        if ALL.get(name, {}).get("virby", {}).get("stage0", True):
+            assert runner is not None, name
+        if runner is not None:
+            assert runner not in inputs, f"{name}: the switch would build stage 0's runner"
+            assert runner in closure, f"{name}: prepare could not realise stage 0's runner"
         checked += 1
     assert checked >= len(names) - 2

@@ -48,6 +48,7 @@ CASES: dict[str, dict] = {
     "nix-disabled-without-determinate": {"virby": ENABLED, "config": {"nix": {"enable": False}}},
     "disabled": {"virby": {}},
     "nested": {"virby": {**ENABLED, "nestedVirtualization": True}},
+    "no-stage0": {"virby": {**ENABLED, "stage0": False}},
     # Refused with an assertion:
     "x86_64-darwin": {"virby": ENABLED, "system": "x86_64-darwin"},
     "rosetta-on-x86_64-darwin": {"virby": {**ENABLED, "rosetta": True}, "system": "x86_64-darwin"},
@@ -367,10 +368,42 @@ def test_newsyslog_rotates_the_daemons_log_without_a_signal(results: dict) -> No
     assert int(count) >= 1 and int(size) > 0
 
 
+#: nixpkgs' published host key of the linux-builder, base64 (docs/one-switch.md).
+LINUX_BUILDER_HOST_KEY = (
+    "c3NoLWVkMjU1MTkgQUFBQUMzTnphQzFsWkRJMU5URTVBQUFBSUpCV2N4Yi9CbGFxdDFhdU90RStGOFFVV3JVb3Rp"
+    "QzVxQkorVXVFV2RWQ2Igcm9vdEBuaXhvcwo="
+)
+
+
+def test_stage0_hands_prepare_the_linux_builders_runner_after_activation(results: dict) -> None:
+    got = result(results, "default")
+    runner = got["stage0Runner"]
+    assert runner.startswith("/nix/store/") and runner.endswith("-nixos-vm-1.0.drv")
+    flags = (
+        f"--stage0-runner {runner} --stage0-system aarch64-linux "
+        f"--stage0-host-key '{LINUX_BUILDER_HOST_KEY}' --stage0-port 31022"
+    )
+    # Only the run that realises the image gets them, once.
+    assert got["activate"].count(flags) == 1
+    before, _, after = got["activate"].partition(flags)
+    assert "--no-realise" in before and "--no-realise" not in after
+    assert got["stage0SshConfig"] == (
+        "Host virby-stage0\n  HostName 127.0.0.1\n  Port 31022\n  HostKeyAlias virby-stage0\n"
+    )
+
+
+def test_stage0_off_leaves_prepare_and_ssh_without_it(results: dict) -> None:
+    got = result(results, "no-stage0")
+    assert got["stage0Runner"] is None and got["stage0SshConfig"] is None
+    assert "--stage0" not in got["activate"]
+    assert "--image-derivation" in got["activate"]
+
+
 def test_disabled_leaves_no_daemon_and_no_builder(results: dict) -> None:
     got = result(results, "disabled")
     assert got["newsyslog"] is None
     assert got["plist"] is None and got["machines"] is None and got["sshConfig"] is None
+    assert got["stage0SshConfig"] is None and got["stage0Runner"] is None
     assert got["configLink"] is None
     assert got["settings"] is None
 
