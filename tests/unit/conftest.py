@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
@@ -35,3 +36,14 @@ def _umask() -> Iterator[None]:
     os.umask(mask)
     yield
     os.umask(mask)
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    """A home folder as macOS makes it (drwxr-x---), holding an ordinary source folder."""
+    tmp_path.chmod(0o755)
+    (tmp_path / "Users" / "me" / "src").mkdir(parents=True)
+    (tmp_path / "Users").chmod(0o755)
+    (tmp_path / "Users" / "me").chmod(0o750)
+    (tmp_path / "Users" / "me" / "src").chmod(0o755)
+    return tmp_path / "Users" / "me"

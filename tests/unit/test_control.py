@@ -295,6 +295,26 @@ def asked(short_tmp, respond, command: str = "status", **kwargs: Any) -> dict[st
         os.waitpid(pid, 0)
 
 
+def answer_when_told(server: socket.socket) -> tuple[int, int]:
+    """
+    A daemon in a child process that accepts one connection on C{server} and answers its
+    status only once a byte is written to the returned descriptor; returns its pid too.
+    """
+    go_read, go_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            os.read(go_read, 1)
+            connection, _ = server.accept()
+            read_request(connection)
+            connection.sendall(b'{"version": 1, "ok": true, "status": {"state": "busy"}}\n')
+            connection.close()
+        finally:
+            os._exit(0)
+    os.close(go_read)
+    return pid, go_write
+
+
 def read_request(connection: socket.socket) -> bytes:
     data = b""
     while not data.endswith(b"\n"):
@@ -372,17 +392,7 @@ def test_a_full_accept_queue_is_waited_out(short_tmp, monkeypatch) -> None:
 
     path = str(short_tmp / "control.sock")
     server, queued = fill_accept_queue(path)
-    go_read, go_write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child: the daemon, once it gets round to accepting
-        try:
-            os.read(go_read, 1)
-            connection, _ = server.accept()
-            read_request(connection)
-            connection.sendall(b'{"version": 1, "ok": true, "status": {"state": "busy"}}\n')
-            connection.close()
-        finally:
-            os._exit(0)
+    pid, go_write = answer_when_told(server)
     pauses: list[float] = []
 
     def pause(seconds: float) -> None:
@@ -446,17 +456,7 @@ def test_a_socket_that_stops_refusing_is_answered(short_tmp, monkeypatch) -> Non
     server = socket.socket(socket.AF_UNIX)
     server.bind(path)
     pauses: list[float] = []
-    go_read, go_write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child: the daemon, once it listens
-        try:
-            os.read(go_read, 1)
-            connection, _ = server.accept()
-            read_request(connection)
-            connection.sendall(b'{"version": 1, "ok": true, "status": {"state": "busy"}}\n')
-            connection.close()
-        finally:
-            os._exit(0)
+    pid, go_write = answer_when_told(server)
 
     def pause(seconds: float) -> None:
         pauses.append(seconds)

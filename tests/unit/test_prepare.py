@@ -423,16 +423,6 @@ def test_owner_hands_over_the_whole_tree(config: Config) -> None:
 # that user cannot reach, so prepare refuses one before touching anything
 
 
-@pytest.fixture
-def home(tmp_path: Path) -> Path:
-    """A home folder as macOS makes it (drwxr-x---), with a source folder in it."""
-    tmp_path.chmod(0o755)
-    (tmp_path / "Users" / "me" / "src").mkdir(parents=True)
-    (tmp_path / "Users").chmod(0o755)
-    (tmp_path / "Users" / "me").chmod(0o750)
-    return tmp_path / "Users" / "me"
-
-
 def sharing(config: Config, **shared: Path | str) -> Config:
     return dataclasses.replace(config, shared_dirs={k: str(v) for k, v in shared.items()})
 

@@ -57,17 +57,6 @@ def test_the_folders_above_include_those_a_link_leads_through(tmp_path: Path) ->
     assert shares.foldersAbove("/a/b/c/") == ["/", "/a", "/a/b"]
 
 
-@pytest.fixture
-def home(tmp_path: Path) -> Path:
-    """A home folder as macOS makes it (drwxr-x---), holding an ordinary source folder."""
-    tmp_path.chmod(0o755)
-    (tmp_path / "Users" / "me" / "src").mkdir(parents=True)
-    (tmp_path / "Users").chmod(0o755)
-    (tmp_path / "Users" / "me").chmod(0o750)
-    (tmp_path / "Users" / "me" / "src").chmod(0o755)
-    return tmp_path / "Users" / "me"
-
-
 def test_a_folder_in_a_home_is_out_of_reach_and_the_home_is_named(home: Path) -> None:
     played = PlayedUser(home.parent.parent)
     reach = shares.check({"src": str(home / "src")}, PLAYED, played)
