@@ -35,8 +35,8 @@ let
     if virbyPackage != null then virbyPackage pkgs else pkgs.callPackage ./package.nix { };
   package = cfg.package;
   # What goes on the Mac's PATH: the `virby` command alone.  The package's other programs
-  # are the daemon, which launchd runs through /etc/virby/virbyd, and vfkit-emulator, the tests'
-  # stand-in for vfkit, which is Linux-only (it calls prctl(2)) and of no use on a Mac.
+  # are the daemon, which launchd runs through /etc/virby/virbyd, and vfkit-emulator, the
+  # tests' stand-in for vfkit, which is Linux-only (it calls prctl(2)) and of no use on a Mac.
   # lib.getExe names the package's meta.mainProgram, `virby`.
   command = pkgs.runCommand "virby-command" { meta.mainProgram = "virby"; } ''
     mkdir -p $out/bin
@@ -114,7 +114,7 @@ let
   # - modules/system/etc.nix makes each environment.etc entry a symlink (`ln -s source
   #   target` in the system's etc tree; the activation's etc step points /etc/static at
   #   that tree and makes /etc/<target> a link to /etc/static/<target>): /etc/virby/virbyd
-  #   -> /etc/static/virby/virbyd -> <etc>/etc/virby/virbyd -> ${package}/bin/virbyd.
+  #   -> /etc/static/virby/virbyd -> <etc tree>/virby/virbyd -> ${package}/bin/virbyd.
   #   Nothing is copied (modules/lib/write-text.nix gives an entry no mode), and exec
   #   follows links, so the program is the package's own, executable as it is in the store.
   # - modules/system/activation-scripts.nix runs the etc step before the launchd step and
