@@ -170,20 +170,20 @@ def test_a_boot_retires_the_previous_keys_under_the_vm_lock(short_tmp, monkeypat
     """No VM runs while the VM lock is held: the previous set is of no use any more."""
     from tests.fakes import FakeReactor
     from tests.unit.test_daemon import prepared
-    from virby.daemon import hypervisor as module
+    from virby import rotation
     from virby.locks import FileLock
 
     withPreviousKeys(short_tmp)
     reactor = FakeReactor(4242)
     seen: list[tuple[bool, int]] = []
-    real = module.retirePrevious
+    real = rotation.retirePrevious
 
     def retire(workingDirectory: str) -> bool:
         probe = FileLock(str(short_tmp / layout.VM_LOCK))
         seen.append((not probe.acquire(), len(reactor.spawned)))
         return real(workingDirectory)
 
-    monkeypatch.setattr(module, "retirePrevious", retire)
+    monkeypatch.setattr("virby.daemon.hypervisor.retirePrevious", retire)
     hypervisor = VfkitHypervisor(reactor, prepared(short_tmp), "/bin/vfkit")
     (vm,), said = bootLogs(hypervisor)
     assert vm.pid == 4242
