@@ -563,3 +563,32 @@ def test_print_ssh_config_prints_the_block_and_touches_nothing(short_tmp: Path, 
     assert out.startswith("Host virby-vm\n") and "  Port 31333\n" in out
     assert f"  IdentityFile {wd}/ssh_user_ed25519_key\n" in out
     assert not wd.exists()
+
+
+def test_the_command_asks_the_daemon_to_move_and_prints_its_answer(short_tmp, image, capsys):
+    """Once prepared, the running daemon is asked to move to what prepare made."""
+    config = Config(working_directory=str(short_tmp / "wd"), image=str(image), disk_size=DISK)
+    asked: list[bool] = []
+
+    def ask(asking: Config) -> str | None:
+        assert asking is config
+        asked.append(prepare.recordedImage(asking) == str(image))
+        return "the daemon moves to the new image once no build uses the VM"
+
+    assert prepare.run(config, None, False, askToRenew=ask) == 0
+    assert asked == [True], "asked once, after the directory was prepared"
+    out = capsys.readouterr().out
+    assert out.endswith(
+        "virby prepare: the daemon moves to the new image once no build uses the VM\n"
+    )
+    assert prepare.run(config, None, False, askToRenew=lambda asking: None) == 0
+    assert capsys.readouterr().out == "", "no answer, nothing printed"
+
+
+def test_print_ssh_config_asks_the_daemon_nothing(short_tmp, capsys) -> None:
+    def ask(config: Config) -> str | None:
+        raise AssertionError("only the block is printed")
+
+    config = Config(working_directory=str(short_tmp / "wd"))
+    assert prepare.run(config, None, True, askToRenew=ask) == 0
+    assert capsys.readouterr().out.startswith("Host virby-vm\n")
