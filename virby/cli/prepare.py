@@ -14,7 +14,9 @@ keys 0600, the public halves, C{ssh_known_hosts} and the image record 0644.
 
 Whether the image changed is decided by its path: a Nix store path changes with its content.
 A changed image is the only reason C{diff.img} (the VM's state) is ever replaced; a larger
-C{disk-size} grows it in place, and a smaller one is only a warning.
+C{disk-size} grows it in place, and a smaller one is only a warning.  It also makes new SSH
+keys, and keeps the ones they replace, for a VM of the old image that may still be running,
+until the daemon's next boot retires them (L{virby.rotation}).
 
 With C{ephemeral}, C{diff.img} is the daemon's: it makes a fresh one from C{base.img} before
 every boot (L{virby.daemon.freshdisk}), grown to C{disk-size}, so prepare keeps C{base.img} and the
