@@ -348,3 +348,29 @@ def test_known_hosts_may_pin_a_previous_key_on_its_second_line(
     }[case]
     (wd / KNOWN_HOSTS).write_text(text)
     assert prepare.keysConsistent(config) is consistent
+
+
+def test_a_crash_right_after_keeping_the_client_key_never_pairs_it_with_a_stale_pin(
+    wd, images, monkeypatch
+) -> None:
+    """A pin left without its client key is dropped before the current client key is kept."""
+    prepared(wd, images())
+    prepared(wd, images())
+    (wd / PREVIOUS_CLIENT_KEY).unlink()  # a pin is left, without its client key
+    before = current(wd)
+    final = Config(working_directory=str(wd), image=images(), disk_size=DISK)
+    with monkeypatch.context() as m:
+        renames = count_renames(m, None)
+
+        def crash(path: str, data: bytes, mode: int) -> None:
+            real(path, data, mode)
+            if os.path.basename(path) == PREVIOUS_CLIENT_KEY:
+                raise Crash()
+
+        real = prepare._write
+        m.setattr(prepare, "_write", crash)
+        with pytest.raises(Crash):
+            prepare.prepare(final)
+    assert PREVIOUS_CLIENT_KEY in renames
+    prepare.prepare(final)
+    assert kept(wd) == before

@@ -270,6 +270,9 @@ def _keepKeys(config: Config, newImage: bool, inform: Report) -> None:
         _makeKeys(config, previous)
         inform(f"{_MADE}; the previous keys stay until no VM runs on them")
         return
+    # What is left of a set that is not whole goes first: a run killed right after the
+    # copy below must not leave the current client key beside some other pin.
+    rotation.dropPrevious(wd)
     client = _read(config.path(CLIENT_KEY))
     assert client is not None
     if _read(config.path(PREVIOUS_CLIENT_KEY)) != client:
