@@ -323,7 +323,7 @@ class Doctor:
         hand = f" --owner {owner}" if owner and owner != "root" else ""
         return (
             f"sudo virby prepare --config {self.configFile}{hand} "
-            "(darwin-rebuild switch runs it), then restart the daemon"
+            "(darwin-rebuild switch runs it; the daemon then moves onto what it made)"
         )
 
     def _restartFix(self) -> str:
