@@ -47,9 +47,9 @@ def askToRenew(config: Config) -> str | None:
     except Refused as e:
         if "unknown command 'renew'" in str(e):
             return (
-                "the running daemon is too old to move to the new image by itself: "
-                f"`sudo launchctl kickstart -k system/{LAUNCHD_LABEL}` restarts it (cutting "
-                "any build running through it)"
+                "the running daemon is too old to move to the new image by itself: a switch "
+                "that reloads its launchd job restarts it, as does `sudo launchctl kickstart "
+                f"-k system/{LAUNCHD_LABEL}` (both cut any build running through it)"
             )
         return f"the daemon did not renew: {e}"
     except VirbyError as e:
