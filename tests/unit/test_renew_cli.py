@@ -80,7 +80,7 @@ def test_a_daemon_too_old_to_renew_is_told_with_the_restart_and_its_cost(short_t
     line = _ask(short_tmp, {"ok": False, "error": error})
     assert line is not None
     assert "too old to move to the new image by itself" in line
-    assert "launchctl kickstart -k system/org.nixos.virbyd" in line and "cutting" in line
+    assert "launchctl kickstart -k system/org.nixos.virbyd" in line and "cut any build" in line
 
 
 def test_a_refusal_is_passed_on_in_one_line(short_tmp: Path) -> None:
