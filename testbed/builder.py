@@ -21,6 +21,7 @@ from typing import Any
 
 from testbed.nixenv import nix_environment
 from testbed.processes import ProcessUnderTest, free_port, pids_of
+from testbed.supervisor import THROTTLE, Supervisor
 
 BIN = Path(sys.executable).parent
 
@@ -117,6 +118,22 @@ class Builder:
         self.daemons.append(activator)
         activator.wait_for_line(r"Listening on", timeout=30)
         return activator
+
+    def supervised(self, throttle: float = THROTTLE) -> Supervisor:
+        """
+        The daemon as launchd runs the module's job, restarts included: L{Supervisor} holds
+        the builder's port and starts the daemon with it, always on (C{KeepAlive}) unless
+        the config says on-demand, as C{nix/module.nix} sets the job.  Returns once the port
+        is bound: an always-on daemon is starting, an on-demand one waits for a connection.
+        """
+        supervisor = Supervisor(
+            [tool("virbyd"), "--config", str(self.config),
+             "--listen", "systemd:domain=INET:index=0"],
+            keepAlive=not self.settings["on-demand"], throttle=throttle, port=self.port,
+            env=self.env, cwd=str(self.root),
+        )  # fmt: skip
+        self.daemons.append(supervisor.process)
+        return supervisor
 
     def ssh(self, *command: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

@@ -10,6 +10,7 @@ connection.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 from collections.abc import Callable, Iterator
@@ -113,3 +114,37 @@ def test_stop_ends_the_daemon_closes_the_socket_and_leaves_no_process(supervise)
     assert pids_of(r"LISTEN_PID=\$\$") == [], "a wrapper is left"
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", supervisor.port), timeout=10)
+
+
+def test_the_real_daemon_exits_and_the_next_one_serves_the_waiting_ssh(make_builder) -> None:
+    """On demand, as the module's default job: the port stays, the next daemon boots anew."""
+    builder = make_builder()
+    supervisor = builder.supervised(throttle=0)
+    assert builder.ssh("echo", "first").stdout == "first\n", supervisor.text()
+    (first,) = supervisor.starts()
+    os.kill(first.pid, signal.SIGTERM)
+    assert supervisor.waitExits(1) == [Exit(first.pid, 0)], supervisor.text()
+    assert builder.emulators() == [], "the daemon stops its VM as it exits"
+    supervisor.process.wait_for_count(r"^supervisor: waiting for a connection$", 2)
+    result = builder.ssh("echo", "second")
+    assert result.stdout == "second\n", result.stderr + supervisor.text()
+    (_, second) = supervisor.starts()
+    assert second.pid != first.pid and len(builder.emulators()) == 1
+    assert supervisor.stop() == 0
+    assert supervisor.exits() == [Exit(first.pid, 0), Exit(second.pid, 0)]
+    assert builder.emulators() == [] and builder.guests() == []
+
+
+def test_the_real_daemon_always_on_is_started_again_at_once(make_builder) -> None:
+    builder = make_builder(**{"on-demand": False})
+    supervisor = builder.supervised(throttle=1)
+    (first,) = supervisor.waitStarts(1)
+    supervisor.process.wait_for_line(r"VM ready at", timeout=60)
+    os.kill(first.pid, signal.SIGTERM)
+    assert supervisor.waitExits(1) == [Exit(first.pid, 0)], supervisor.text()
+    second = supervisor.waitStarts(2)[1]
+    supervisor.process.wait_for_line(r"VM ready at", timeout=60)
+    assert builder.ssh("echo", "again").stdout == "again\n", supervisor.text()
+    assert second.pid != first.pid and len(builder.emulators()) == 1
+    assert supervisor.stop() == 0
+    assert builder.emulators() == [] and builder.guests() == []
