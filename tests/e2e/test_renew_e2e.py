@@ -1,0 +1,163 @@
+"""
+A switch that brings a new image, end to end: the real daemon under the tests' launchd
+(L{testbed.supervisor}), the vfkit emulator and its real sshd guest, ssh through the
+daemon's port, and C{virby prepare} asking the daemon to renew (docs/lifecycle.md, "Moving
+to what is installed").
+
+What must hold: a session open before the switch is not cut, a session made after it gets
+in with the new keys on disk while the old VM still serves, the daemon exits 0 once no
+connection is open and launchd starts it again, and the next boot is the new image with the
+new host key alone pinned.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from testbed.builder import Builder
+from testbed.processes import ProcessUnderTest
+from testbed.supervisor import Exit, Supervisor
+from virby import keys, layout
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(
+        importlib.util.find_spec("virby.cli.renew") is None,
+        reason="virby prepare cannot ask the daemon to renew yet (no virby/cli/renew.py)",
+    ),
+    pytest.mark.skipif(not shutil.which("ssh-keyscan"), reason="needs OpenSSH's ssh-keyscan"),
+]
+
+#: The second image's first bytes (the first is all zeros): the emulator boots any file, so
+#: what tells the two apart is what prepare copied to base.img.
+SECOND = b"second image\n"
+MIB = 1024 * 1024
+
+#: A session that lasts until the test says so: it reads one line, then ends with a status of
+#: its own, which the test expects back unchanged.
+HELD = "echo held; read line; echo got $line; exit 7"
+
+
+def writeImage(path: Path, marker: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(marker)
+        f.truncate(64 * MIB)
+
+
+def switchImage(builder: Builder, image: Path) -> str:
+    """
+    What a switch to a new image does: the config names the new image, then the activation
+    runs C{virby prepare}, which ends by asking the daemon to renew.  Its report.
+    """
+    builder.settings["image"] = str(image)
+    builder.config.write_text(json.dumps(builder.settings))
+    return builder.prepare()
+
+
+def guestHostKey(builder: Builder) -> str:
+    """The host key the guest serving the daemon's port shows, asked through the port."""
+    result = subprocess.run(
+        ["ssh-keyscan", "-t", "ed25519", "-p", str(builder.port), "127.0.0.1"],
+        capture_output=True, text=True, timeout=90,
+    )  # fmt: skip
+    lines = [line for line in result.stdout.splitlines() if "ssh-ed25519" in line]
+    assert lines, f"no host key through the daemon's port: {result.stderr}"
+    return keys.barePublic(lines[0])
+
+
+def hostPublic(builder: Builder) -> str:
+    return keys.barePublic((builder.wd / layout.HOST_PUBLIC_KEY).read_text())
+
+
+def pinned(builder: Builder) -> list[str]:
+    """The host keys C{ssh_known_hosts} pins, one per line."""
+    lines = (builder.wd / layout.KNOWN_HOSTS).read_text().splitlines()
+    return [keys.barePublic(line) for line in lines if line.strip()]
+
+
+def holdSession(builder: Builder) -> ProcessUnderTest:
+    """An ssh session through the daemon that lasts until L{endSession}."""
+    session = ProcessUnderTest(
+        ["ssh", "-F", str(builder.ssh_config), "virby-vm", HELD], stdin=subprocess.PIPE
+    )
+    session.wait_for_line(r"held", timeout=90)
+    return session
+
+
+def endSession(session: ProcessUnderTest) -> int:
+    stdin = session.process.stdin
+    assert stdin is not None
+    stdin.write(b"done\n")
+    stdin.close()
+    return session.wait_exit(60)
+
+
+def bootCount(supervisor: Supervisor) -> int:
+    return supervisor.text().count("booting the VM")
+
+
+@pytest.mark.parametrize("onDemand", [False, True], ids=["always-on", "on-demand"])
+def test_a_new_image_cuts_no_session_and_the_next_daemon_boots_it(
+    make_builder, onDemand: bool
+) -> None:
+    builder = make_builder(**{"on-demand": onDemand})
+    oldKey = hostPublic(builder)
+    supervisor = builder.supervised()
+    first = holdSession(builder)
+    try:
+        (daemon,) = supervisor.starts()
+        (oldVM,) = builder.emulators()
+        assert guestHostKey(builder) == oldKey
+
+        # (b) The switch: a second image, new keys on disk, and the daemon asked to renew.
+        second = builder.root / "nixos-2.img"
+        writeImage(second, SECOND)
+        report = switchImage(builder, second)
+        newKey = hostPublic(builder)
+        assert newKey != oldKey, "prepare made no new host key for the new image"
+        assert "moves to its" in report and "1 open connection" in report, report
+
+        # (c) While the first session runs, a new one gets in with the keys now on disk,
+        # served by the VM that runs: its host key is still pinned.
+        assert oldKey in pinned(builder) and newKey in pinned(builder)
+        result = builder.ssh("echo", "second")
+        assert result.returncode == 0 and result.stdout == "second\n", (
+            result.stderr + supervisor.text()
+        )
+        assert guestHostKey(builder) == oldKey, "the old VM serves until it is idle"
+        assert builder.emulators() == [oldVM] and supervisor.exits() == []
+
+        # (d) The first session ends as it would have without the switch.
+        assert endSession(first) == 7, first.text()
+        assert first.text().splitlines()[-1] == "got done", first.text()
+    finally:
+        first.kill_all()
+
+    # (e) No connection is open: the daemon stops its VM and exits 0; launchd starts it
+    # again (always-on at once, on demand at the next connection).
+    assert supervisor.waitExits(1, timeout=90) == [Exit(daemon.pid, 0)], supervisor.text()
+    assert oldVM not in builder.emulators(), "the old VM is stopped before the exit"
+    if not onDemand:
+        supervisor.waitStarts(2, timeout=60)
+
+    # (f) The next session boots the new image, shows the new host key, and from that boot
+    # on only the new key is pinned.
+    result = builder.ssh("echo", "third")
+    assert result.returncode == 0 and result.stdout == "third\n", result.stderr + supervisor.text()
+    (_, renewed) = supervisor.starts()
+    assert renewed.pid != daemon.pid and bootCount(supervisor) == 2, supervisor.text()
+    assert guestHostKey(builder) == newKey
+    assert pinned(builder) == [newKey], "the previous host key is still pinned"
+    assert (builder.wd / layout.IMAGE_RECORD).read_text().strip() == str(second)
+    with open(builder.wd / layout.BASE_IMAGE, "rb") as f:
+        assert f.read(len(SECOND)) == SECOND, "base.img is not the second image"
+    assert len(builder.emulators()) == 1 and oldVM not in builder.emulators()
+
+    assert supervisor.stop() == 0
+    assert builder.emulators() == [] and builder.guests() == []
