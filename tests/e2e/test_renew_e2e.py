@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import re
 import shutil
 import subprocess
+import uuid
 from pathlib import Path
 
 import pytest
@@ -161,3 +164,59 @@ def test_a_new_image_cuts_no_session_and_the_next_daemon_boots_it(
 
     assert supervisor.stop() == 0
     assert builder.emulators() == [] and builder.guests() == []
+
+
+def nixSystem(builder: Builder) -> str:
+    return subprocess.run(
+        ["nix-instantiate", "--eval", "--expr", "builtins.currentSystem", "--json"],
+        capture_output=True, text=True, check=True, timeout=60, env=builder.env,
+    ).stdout.strip().strip('"')  # fmt: skip
+
+
+@pytest.mark.skipif(not shutil.which("nix-build"), reason="nix-build is not installed (nix-bin)")
+def test_a_remote_nix_build_running_across_the_switch_completes(make_builder) -> None:
+    builder = make_builder(**{"on-demand": False})
+    supervisor = builder.supervised()
+    (daemon,) = supervisor.waitStarts(1)
+    go = builder.root / "go"
+    # A name of its own each run: the guest's store outlives the test, and a path it holds
+    # already would be copied back without a build.
+    name = f"virby-across-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    expression = builder.root / "across.nix"
+    expression.write_text(
+        f'derivation {{ name = "{name}"; system = builtins.currentSystem; builder = "/bin/sh";'
+        f' args = [ "-c" "echo build started; while [ ! -e {go} ]; do /bin/sleep 0.1; done;'
+        ' echo built across the switch > $out" ]; }'
+    )
+    clientStore = builder.root / "client-store"
+    build = ProcessUnderTest(
+        ["nix-build", str(expression), "--no-out-link", "--store", str(clientStore),
+         "--max-jobs", "0", "--builders", f"ssh-ng://virby-vm {nixSystem(builder)}",
+         "--option", "substituters", "", "--option", "builders-use-substitutes", "false"],
+        env={**builder.env, "NIX_SSHOPTS": f"-F {builder.ssh_config}"},
+    )  # fmt: skip
+    try:
+        build.wait_for_line(r"build started", timeout=300)
+        (oldVM,) = builder.emulators()
+        second = builder.root / "nixos-2.img"
+        writeImage(second, SECOND)
+        report = switchImage(builder, second)
+        assert "moves to its" in report and "open connection" in report, report
+        go.touch()
+        assert build.wait_exit(300) == 0, build.text() + supervisor.text()
+    finally:
+        build.kill_all()
+    out = re.findall(rf"^(/nix/store/\S+-{name})$", build.text(), re.MULTILINE)
+    assert out, build.text()
+    copied = clientStore / out[-1].lstrip("/")
+    assert copied.read_text() == "built across the switch\n"
+    assert bootCount(supervisor) == 1, "the build ran on the VM it started on"
+
+    # Its connections closed, the daemon moves: exits 0 and is started on the new image.
+    assert supervisor.waitExits(1, timeout=90) == [Exit(daemon.pid, 0)], supervisor.text()
+    assert oldVM not in builder.emulators()
+    supervisor.waitStarts(2, timeout=60)
+    result = builder.ssh("echo", "after")
+    assert result.stdout == "after\n", result.stderr + supervisor.text()
+    assert guestHostKey(builder) == hostPublic(builder)
+    assert supervisor.stop() == 0
