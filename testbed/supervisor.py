@@ -57,7 +57,8 @@ SOCKET_NAME = "Listener"
 PREFIX = "supervisor: "
 
 #: C{sh} as the job's first program: it knows its own pid (C{$$}) before it becomes the
-#: daemon by C{exec}, which is how systemd's C{LISTEN_PID} can name the daemon itself.
+#: daemon by C{exec}, which is how systemd's C{LISTEN_PID} can name the daemon itself.  The
+#: socket is named too (C{LISTEN_FDNAMES}), as Twisted adopts only named sockets.
 WRAPPER = 'export LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES="$1"; shift; exec "$@" 3<&{fd} {fd}<&-'
 
 
