@@ -251,6 +251,7 @@ class FakeCommands:
         )
         self.starts: list[Deferred[dict[str, Any]]] = []
         self.stops: list[tuple[bool, Deferred[dict[str, Any]]]] = []
+        self.renewals: list[Deferred[dict[str, Any]]] = []
         self.cancelled = 0
 
     def status(self) -> dict[str, Any]:
@@ -264,6 +265,11 @@ class FakeCommands:
     def stop(self, force: bool) -> Deferred[dict[str, Any]]:
         d: Deferred[dict[str, Any]] = Deferred(lambda _: self._cancel())
         self.stops.append((force, d))
+        return d
+
+    def renew(self) -> Deferred[dict[str, Any]]:
+        d: Deferred[dict[str, Any]] = Deferred(lambda _: self._cancel())
+        self.renewals.append(d)
         return d
 
     def _cancel(self) -> None:

@@ -5,7 +5,8 @@ and a reply look like, written once for both sides.  Pure: no reactor, no socket
 
 The protocol (version 1), documented in C{docs/control.md}:
 
-    request, one line:  {"version": 1, "command": "status" | "start" | "stop", "force": bool}
+    request, one line:  {"version": 1, "command": "status" | "start" | "stop" | "renew",
+                         "force": bool}
     reply, one line:    {"version": 1, "ok": true, ...}  or  {"version": 1, "ok": false,
                                                               "error": "<one line>"}
 
@@ -13,7 +14,10 @@ then the daemon closes the connection.  C{status} replies C{"status": <document>
 C{start} boots the VM (a no-op when it runs) and replies once it is ready
 (C{"booted"}, C{"vm_ip"}, C{"vm_port"}, C{"boot_seconds"}); C{stop} stops it (refused while
 connections are open unless C{force}) and replies once it has stopped (C{"stopped"},
-C{"closed_connections"}).  C{force} is optional, and meaningful for C{stop} only.
+C{"closed_connections"}); C{renew} (sent by C{virby prepare}) has the daemon move to what is
+installed now once no connection is open, and replies at once (C{"renewing"}, C{"changed"},
+and while renewing C{"now"} and C{"open_connections"}).  C{force} is optional, and
+meaningful for C{stop} only.
 
 Version rules: a request names the version it speaks, and the daemon replies in it; a
 version the daemon does not speak, an unknown command or key, a value of the wrong type,
@@ -32,7 +36,7 @@ from virby.errors import VirbyError, oneLine
 
 #: The protocol version spoken here; the daemon replies in the request's.
 PROTOCOL_VERSION = 1
-COMMANDS = ("status", "start", "stop")
+COMMANDS = ("status", "start", "stop", "renew")
 #: The longest request line, newline included: a request is a few dozen bytes.
 MAX_REQUEST = 4096
 #: The longest reply read: a status document is a few kilobytes.

@@ -109,8 +109,8 @@ def test_stop_passes_force_and_a_refusal_is_its_line() -> None:
          "protocol version 2 is not spoken here: this daemon speaks 1; use the virby command "
          "of the same package"),
         (line(version=1, command="reboot"),
-         "unknown command 'reboot': the commands are status, start, stop"),
-        (line(version=1), "unknown command None: the commands are status, start, stop"),
+         "unknown command 'reboot': the commands are status, start, stop, renew"),
+        (line(version=1), "unknown command None: the commands are status, start, stop, renew"),
         (line(version=1, command="stop", forse=True), "unknown key 'forse' in the request"),
         (line(version=1, command="stop", force="yes"), '"force" must be true or false'),
         (b"\xff\xfe\n", "the request is not JSON"),

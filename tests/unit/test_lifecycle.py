@@ -931,9 +931,10 @@ ACTIONS = st.sampled_from(
 class LifecycleRaces(RuleBasedStateMachine):
     """
     Any interleaving of connections, readiness, deaths, failed boots, idle time,
-    C{virby start} and C{virby stop} (forced or not) and shutdown keeps the promises users
-    rely on: at most one VM alive, no stop while a connection is open unless the boot
-    failed, the daemon stops or a stop was forced (which closes them), no waiter left
+    C{virby start} and C{virby stop} (forced or not), renewals and shutdown keeps the promises
+    users rely on: at most one VM alive, no stop while a connection is open unless the boot
+    failed, the daemon stops or a stop was forced (which closes them), a renewal that
+    retires the daemon only once and only when nothing is open, no waiter left
     behind by a settled machine, a start or stop answered only once the VM is running or
     stopped, no restart after a failure no retry can cure, and no rule broken.
     """
@@ -946,6 +947,7 @@ class LifecycleRaces(RuleBasedStateMachine):
         self.answeredIn: list[tuple[str, State]] = []
         self.failures: list[str] = []
         self.reentries = 0
+        self.retiredWithOpen: list[int] = []
         globalLogPublisher.addObserver(logObserver(self._observe))
 
     @initialize()
@@ -954,7 +956,18 @@ class LifecycleRaces(RuleBasedStateMachine):
 
     def startIn(self, *, onDemand: bool) -> None:
         self.lifecycle, self.hypervisor, self.clock = make(onDemand=onDemand, ttl=10)
+        self.lifecycle.retire = self._retire
         self.lifecycle.start()
+
+    def _retire(self) -> None:
+        """What the daemon does when told to retire: note what is open, and shut down."""
+        snap = self.lifecycle.snapshot()
+        self.retiredWithOpen.append(
+            len(self.open) + snap.waiting_connections + snap.active_connections
+        )
+        self.reentries += 1  # a callback that asks for more: the shutdown's stop is its own
+        self.shutdown = True
+        self.lifecycle.shutdown()
 
     def _observe(self, event: dict) -> None:
         if "log_failure" in event:
@@ -1116,6 +1129,15 @@ class LifecycleRaces(RuleBasedStateMachine):
     def stopNow(self, force: bool) -> None:
         self._stopNow(force, None)
 
+    @rule()
+    def renew(self) -> None:
+        before = self.noted()
+        answer = results(self.lifecycle.renew())
+        if self.shutdown and not self.retiredWithOpen:
+            assert answer and answer[0].check(VMUnavailable)
+        if self.open:
+            assert self.stoppedNothing(before), "a renewal stopped a VM in use"
+
     @precondition(lambda self: not self.shutdown)
     @rule()
     def stop(self) -> None:
@@ -1134,6 +1156,11 @@ class LifecycleRaces(RuleBasedStateMachine):
         for command, state in self.answeredIn:
             expected = State.RUNNING if command == "start" else State.STOPPED
             assert state is expected, f"{command} answered while {state.value}"
+
+    @invariant()
+    def retired_once_and_only_when_nothing_was_open(self) -> None:
+        assert len(self.retiredWithOpen) <= 1
+        assert all(count == 0 for count in self.retiredWithOpen)
 
     @invariant()
     def at_most_one_vm_alive(self) -> None:

@@ -242,3 +242,12 @@ def test_no_image_yet_is_said_with_its_cause(short_tmp, monkeypatch) -> None:
     out = io.StringIO()
     run(_config(short_tmp), asJson=False, out=out)
     assert "Image:" not in out.getvalue()
+
+
+def test_a_renewal_under_way_is_said() -> None:
+    assert "Renewing:" not in render(RUNNING)
+    text = render({**RUNNING, "renewing": True})
+    assert (
+        "Renewing:    what is installed changed: the daemon restarts onto it once no "
+        "connection is open"
+    ) in text

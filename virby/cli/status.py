@@ -117,6 +117,14 @@ def render(status: dict[str, Any], noImage: str | None = None) -> str:
                 f"{size(status.get('bytes_from_guest') or 0)} back",
             )
         )
+    if status.get("renewing"):
+        lines.append(
+            (
+                "Renewing",
+                "what is installed changed: the daemon restarts onto it once no connection "
+                "is open",
+            )
+        )
     lines.append(("Idle stop", _idle(status)))
     if status.get("restart_in") is not None:
         lines.append(("Restart", f"in {duration(status['restart_in'])}"))

@@ -289,6 +289,10 @@ class ConnectionLimit:
         self._ports = [port for port in ports if isinstance(port, Pausable)]
         self._clampAccepts()
 
+    def detach(self) -> None:
+        """The daemon retires: the ports must stay paused, whatever ends from now on."""
+        self._ports = []
+
     def _room(self) -> int:
         return self.limit - self._count()
 

@@ -74,6 +74,8 @@ class Commands(TypingProtocol):
 
     def stop(self, force: bool) -> Deferred[dict[str, Any]]: ...
 
+    def renew(self) -> Deferred[dict[str, Any]]: ...
+
 
 # -- who is asking
 
@@ -214,6 +216,8 @@ class ControlProtocol(Protocol):
             return succeed({"status": commands.status()})
         if command == "start":
             return commands.start()
+        if command == "renew":
+            return commands.renew()
         return commands.stop(force)
 
     def _tooSlow(self) -> None:

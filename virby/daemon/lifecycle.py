@@ -19,6 +19,14 @@ leaves the VM stopped: in always-on mode too, it is not restarted until a connec
 C{virby start} boots it again (a pending crash restart is cancelled), since the point of
 stopping it was to free its memory now.
 
+When what the daemon runs is replaced (C{virby prepare} made a new image or new keys, or
+the switch installed a new config or program), L{Lifecycle.renew} asks the daemon to move
+to it without cutting a build: every connection is still served by the VM that runs now,
+and at the first moment no connection is open and no one waits, the machine tells the
+daemon to retire (its C{retire}), in the same reactor turn, so that it stops taking
+connections before another is accepted; the daemon then shuts down and its supervisor
+(launchd) starts it anew, and the next connection boots what is installed.
+
 A boot that fails with a L{PermanentError} (the host refuses what the config asks, say) is
 not retried in always-on mode: retrying cannot help until something changes.  That is said
 once; the next connection or C{virby start} tries again.
@@ -125,6 +133,8 @@ class Event(enum.Enum):
     RESTART_DUE = "restartDue"  # the always-on restart timer fired
     WANTED = "wanted"  # the VM has stopped, and connections wait for it
     BOOT_PROGRESS = "bootProgress"  # the hypervisor's boot moved on to its next phase
+    RENEW = "renew"  # what the daemon runs was replaced: move once no connection is open
+    RETIRE_DUE = "retireDue"  # renewing, and nothing was open: retire unless that changed
 
 
 class BootPhase(enum.Enum):
@@ -265,6 +275,24 @@ class BootProgress:
     event: ClassVar[Event] = Event.BOOT_PROGRESS
 
 
+@dataclass(frozen=True)
+class Renew:
+    """C{virby prepare} replaced what the daemon runs: C{answer} is told a L{RenewOutcome}."""
+
+    answer: Deferred[RenewOutcome]
+    event: ClassVar[Event] = Event.RENEW
+
+
+@dataclass(frozen=True)
+class RetireDue:
+    """
+    A step found nothing open while renewing; what its answers asked in turn (a connection,
+    a start) is handled before this, so the daemon retires only if it is still so.
+    """
+
+    event: ClassVar[Event] = Event.RETIRE_DUE
+
+
 Payload = (
     Start
     | WhenReady
@@ -282,6 +310,8 @@ Payload = (
     | RestartDue
     | Wanted
     | BootProgress
+    | Renew
+    | RetireDue
 )
 
 #: The state's data a handler takes, and the payload of the event it handles.
@@ -403,6 +433,19 @@ class StartOutcome:
 
 
 @dataclass(frozen=True)
+class RenewOutcome:
+    """
+    What L{Lifecycle.renew} decided: C{now} when no connection was open, so the daemon
+    retires at once; else it does once the C{open} connections (the waiting ones and
+    C{virby start} included) have ended, or, with none, once the boot or the stop under way
+    is done.
+    """
+
+    now: bool
+    open: int
+
+
+@dataclass(frozen=True)
 class StopOutcome:
     """What L{Lifecycle.stopNow} did: C{stopped} is False when no VM was running or booting."""
 
@@ -496,6 +539,8 @@ class Snapshot:
     #: The last L{RECENT_BOOTS} boots that came to ready: how many, and their median.
     recent_boots: int
     recent_boot_median_seconds: float | None
+    #: A renewal was asked: the daemon retires once no connection is open.
+    renewing: bool
 
 
 # -- the data of each state
@@ -604,15 +649,30 @@ class Lifecycle(Generic[G]):
     @param ttl: idle seconds before an on-demand VM is stopped.
     @param onDemand: boot at the first connection; otherwise boot at L{start} and restart
         after a crash with exponential backoff.
+    @param retire: called once, after L{renew}, at the first moment no connection is open
+        and no one waits: the daemon stops taking connections then and shuts down, so that
+        its supervisor starts it anew on what is installed now.  Without it, L{renew} is
+        refused.
     """
 
     def __init__(
-        self, clock: IReactorTime, hypervisor: Hypervisor[G], *, onDemand: bool, ttl: float
+        self,
+        clock: IReactorTime,
+        hypervisor: Hypervisor[G],
+        *,
+        onDemand: bool,
+        ttl: float,
+        retire: Callable[[], object] | None = None,
     ) -> None:
         self._clock = clock
         self._hypervisor = hypervisor
         self._onDemand = onDemand
         self._ttl = ttl
+        #: Settable after construction: the daemon's service is made with its lifecycle.
+        self.retire = retire
+        # A renewal asked, and whether the daemon was told to retire for it.
+        self._renewing = False
+        self._retired = False
         self._phase: _Phase = _Stopped()
         # What lives across states: who waits, what is open, what the status shows.
         self._waiters: list[_Waiter] = []
@@ -684,6 +744,18 @@ class Lifecycle(Generic[G]):
         self._handle(StopNow(answer, force))
         return answer
 
+    def renew(self) -> Deferred[RenewOutcome]:
+        """
+        What the daemon runs was replaced (a new image, new keys, a new config or program):
+        retire once no connection is open, so that no running build is cut.  Until then
+        every connection is served as before, by the VM that runs now.
+
+        @raise VirbyError: through the result, when the daemon cannot retire (no C{retire}).
+        """
+        answer: Deferred[RenewOutcome] = Deferred()
+        self._handle(Renew(answer))
+        return answer
+
     def snapshot(self) -> Snapshot:
         now = self._clock.seconds()
         phase = self._phase
@@ -715,6 +787,7 @@ class Lifecycle(Generic[G]):
             recent_boot_median_seconds=statistics.median(self._bootTimes)
             if self._bootTimes
             else None,
+            renewing=self._renewing,
         )
 
     # -- the dispatcher
@@ -872,7 +945,48 @@ class Lifecycle(Generic[G]):
 
     def _closedWhileRunning(self, running: _Running, closed: Closed) -> None:
         self._connections.discard(closed.connection)
-        self._armIdleTimer(running)
+        if not self._retireIfQuiet():
+            self._armIdleTimer(running)
+
+    def _closedWhileStopped(self, stopped: _Stopped, closed: Closed) -> None:
+        self._connections.discard(closed.connection)
+        self._retireIfQuiet()
+
+    def _renew(self, phase: _Stopped | _Booting | _Running | _Stopping, asked: Renew) -> None:
+        answer = asked.answer
+        if self.retire is None:
+            refused = VirbyError("this daemon has no way to start again: restart it by hand")
+            self._tell(lambda: _fail(answer, refused))
+            return
+        if not self._renewing:
+            log.info("asked to renew: retiring once no connection is open")
+        self._renewing = True
+        open_ = len(self._connections) + sum(1 for w in self._waiters if not w.connection)
+        quiet = isinstance(phase, _Stopped | _Running) and self._quiet()
+        self._tell(lambda: _fire(answer, RenewOutcome(quiet, open_)))
+        self._retireIfQuiet()
+
+    def _retireDue(self, phase: _Stopped | _Running, due: RetireDue) -> None:
+        if not self._quiet():
+            self._retired = False  # asked for more meanwhile: the next quiet moment
+            return
+        retire = self.retire
+        assert retire is not None
+        log.info("no connection is open: retiring, so that what is installed now serves next")
+        if isinstance(phase, _Running):
+            _cancel(phase.idle)
+            phase.idle = None
+        else:
+            _cancel(phase.restart)
+            phase.restart = None
+        self._tell(retire)
+
+    def _retireLater(self, phase: _Booting | _Stopping, due: RetireDue) -> None:
+        self._retired = False  # a boot or a stop began meanwhile: checked again at its end
+
+    def _refuseRenew(self, shutdown: _Shutdown, asked: Renew) -> None:
+        answer = asked.answer
+        self._tell(lambda: _fail(answer, VMUnavailable("the daemon is shutting down")))
 
     def _startNowAndBoot(self, stopped: _Stopped, asked: StartNow) -> None:
         log.info("asked to start the VM")
@@ -1007,7 +1121,8 @@ class Lifecycle(Generic[G]):
             self._tell(functools.partial(_answer, waiter, guest))
         # The first waiter has claimed the probe's connection, if it wanted it.
         self._tell(guest.release)
-        self._armIdleTimer(running)
+        if not self._retireIfQuiet():
+            self._armIdleTimer(running)
 
     def _bootFailed(self, booting: _Booting, failed: BootFailed) -> None:
         reason = failed.reason
@@ -1077,6 +1192,8 @@ class Lifecycle(Generic[G]):
             self._tell(functools.partial(_fire, answer, StopOutcome(True, closed)))
         if self._waiters:
             self._handle(Wanted(), owner=stopped)
+        elif self._retireIfQuiet():
+            return
         elif retry and not self._onDemand:
             self._failures += 1
             delay = min(MAX_RESTART_DELAY, 2.0 ** (self._failures - 1))
@@ -1154,6 +1271,23 @@ class Lifecycle(Generic[G]):
         if tail:
             log.error("last console lines:\n{console}", console="\n".join(tail))
 
+    def _quiet(self) -> bool:
+        """No connection is open and no one waits for the VM."""
+        return not self._connections and not self._waiters
+
+    def _retireIfQuiet(self) -> bool:
+        """
+        After a renewal was asked, tell the daemon to retire at the first quiet moment, once:
+        in the same reactor turn as the step that made it quiet, so that it stops taking
+        connections before another can be accepted; after what that step's answers ask in
+        turn (L{RetireDue}).
+        """
+        if not self._renewing or self._retired or not self._quiet():
+            return False
+        self._retired = True
+        self._tell(lambda: self._handle(RetireDue()))
+        return True
+
     def _armIdleTimer(self, running: _Running) -> None:
         if not self._onDemand or self._connections or running.idle is not None:
             return
@@ -1190,7 +1324,7 @@ RULES: dict[Event, _Row] = {
     ),
     Event.CLOSED: row(
         Closed,
-        stopped=on(Lifecycle._closed),
+        stopped=on(Lifecycle._closedWhileStopped),
         booting=on(Lifecycle._closed),
         running=on(Lifecycle._closedWhileRunning),
         stopping=on(Lifecycle._closed),
@@ -1291,6 +1425,22 @@ RULES: dict[Event, _Row] = {
         running=IGNORE,  # a report that crossed the guest's answer
         stopping=IGNORE,  # a report that crossed the boot's failure
         shutdown=ILLEGAL,
+    ),
+    Event.RENEW: row(
+        Renew,
+        stopped=on(Lifecycle._renew),
+        booting=on(Lifecycle._renew),
+        running=on(Lifecycle._renew),
+        stopping=on(Lifecycle._renew),
+        shutdown=on(Lifecycle._refuseRenew),
+    ),
+    Event.RETIRE_DUE: row(
+        RetireDue,
+        stopped=on(Lifecycle._retireDue),
+        booting=on(Lifecycle._retireLater),
+        running=on(Lifecycle._retireDue),
+        stopping=on(Lifecycle._retireLater),
+        shutdown=IGNORE,  # the daemon is stopping anyway
     ),
 }
 

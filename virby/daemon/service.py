@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any, Protocol
 
 from twisted.application.service import Service
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import (
     IListeningPort,
@@ -32,6 +33,7 @@ from virby.daemon.capacity import (
     BACKLOG,
     ConnectionLimit,
     DescriptorLimit,
+    Pausable,
     adjustDescriptorLimit,
     kernelBacklogCap,
     widenAcceptQueue,
@@ -45,6 +47,7 @@ from virby.daemon.readiness import ReadyGuest
 from virby.daemon.relay import spliceAvailable
 from virby.daemon.virbyd import exitWithError
 from virby.errors import VirbyError, oneLine
+from virby.installed import Installed, describeChanges, readInstalled
 from virby.layout import CONTROL_SOCKET, DAEMON_LOCK, DAEMON_UMASK, checkWorkingDirectory
 from virby.locks import FileLock, takeLock
 from virby.logs import Logger, setVerbose
@@ -53,6 +56,10 @@ from virby.runtime import removeQuietly
 from virby.vfkitflags import HostPlan, findVfkit, planHost
 
 log = Logger()
+
+#: The endpoints whose socket a supervisor holds (launchd's, or systemd's protocol): when the
+#: daemon exits, the supervisor starts it again, and connections wait in the socket's queue.
+SUPERVISED = ("launchd:", "systemd:")
 
 
 class StartupError(VirbyError):
@@ -81,6 +88,17 @@ class DaemonService(Service):
     takes back what it made.  Stopping (SIGTERM from launchd, or ^C) stops accepting first,
     then powers the guest off within launchd's 20 s, then closes the control socket, so
     C{virby status} can watch the shutdown, and last lets go of the working directory's lock.
+
+    Renewing (C{virby prepare} asks it, L{renew}): when what is installed (L{virby.installed})
+    differs from what the daemon started with, the lifecycle serves on with the VM that runs
+    until no connection is open, then has the daemon retire (L{_retire}): it stops accepting
+    in that same turn and stops the reactor, which stops the service as above, and its
+    supervisor, which holds the listening socket, starts it anew on what is installed.  A
+    daemon that listens itself (C{tcp:}) has no one to start it again, and refuses.
+
+    @param installed: reads what is installed now (L{readInstalled} with the daemon's config
+        file and program); read at start and at each renewal.
+    @param exit: ends the daemon's process once it has retired (the reactor's C{stop}).
     """
 
     def __init__(
@@ -91,6 +109,8 @@ class DaemonService(Service):
         hypervisor: DaemonHypervisor,
         lifecycle: Lifecycle[ReadyGuest],
         descriptors: DescriptorLimit | None = None,
+        installed: Callable[[], Installed] | None = None,
+        exit: Callable[[], object] | None = None,
     ) -> None:
         super().__init__()
         self._reactor = reactor
@@ -107,6 +127,10 @@ class DaemonService(Service):
         self._proxy = ProxyFactory(
             reactor, lifecycle, pipeLimit=descriptors.pipes if descriptors else None
         )
+        self._installed = installed or (lambda: readInstalled(None, None, config.working_directory))
+        self._startedWith: Installed | None = None
+        self._exit = exit or reactor.stop
+        lifecycle.retire = self._retire
 
     def startService(self) -> None:
         """
@@ -117,6 +141,7 @@ class DaemonService(Service):
         """
         super().startService()
         self._startedAt = self._reactor.seconds()
+        self._startedWith = self._installed()
         self._lockWorkingDirectory()
         try:
             self._ports = _listenAll(self._endpoint, self._builderFactory(), self._config.listen)
@@ -205,6 +230,47 @@ class DaemonService(Service):
         self._releaseLock()
         log.info("stopped")
 
+    def renew(self) -> Deferred[dict[str, Any]]:
+        """
+        Move to what is installed now, without cutting a build (see the class docstring):
+        the reply names what changed, and whether the daemon retires now or once its open
+        connections have ended.  Nothing changed: nothing to do.
+        """
+        assert self._startedWith is not None, "renewing a daemon that has not started"
+        changes = self._installed().changesSince(self._startedWith)
+        if not changes:
+            return succeed({"renewing": False, "changed": []})
+        if not self._config.listen.startswith(SUPERVISED):
+            return fail(
+                VirbyError(
+                    f"this daemon listens on {self._config.listen} itself, so nothing would "
+                    f"start it again: restart it by hand to move to its {describeChanges(changes)}"
+                )
+            )
+        log.info("renewing for its {changes}", changes=describeChanges(changes))
+        return self.lifecycle.renew().addCallback(
+            lambda outcome: {
+                "renewing": True,
+                "changed": changes,
+                "now": outcome.now,
+                "open_connections": outcome.open,
+            }
+        )
+
+    def _retire(self) -> None:
+        """
+        No connection is open after a renewal: accept nothing more (this turn, before the
+        next accept), then end, so that the supervisor starts the daemon anew; connections
+        made meanwhile wait in the listening socket's queue, which the supervisor holds.
+        """
+        if self._limit is not None:
+            self._limit.detach()
+        for port in self._ports:
+            if isinstance(port, Pausable):
+                port.stopReading()
+        log.info("retiring: the daemon stops, and its supervisor starts it on what is installed")
+        self._exit()
+
     def describe(self) -> dict[str, Any]:
         """The status document C{virby status} shows."""
         document = asdict(self.lifecycle.snapshot())
@@ -249,6 +315,9 @@ class DaemonCommands:
         return stopped.addCallback(
             lambda outcome: {"stopped": outcome.stopped, "closed_connections": outcome.closed}
         )
+
+    def renew(self) -> Deferred[dict[str, Any]]:
+        return self._service.renew()
 
 
 def _logAcceptQueue() -> None:
@@ -333,8 +402,18 @@ def installSignalHandlers(reactor: IHostReactor, logFile: LogFile) -> None:
     signal.signal(signal.SIGHUP, reopen)
 
 
-def makeDaemonService(config: Config, reactor: IHostReactor) -> DaemonService:
-    """Check the setup, then build the service tree; any problem is one line and exit 1."""
+def makeDaemonService(
+    config: Config,
+    reactor: IHostReactor,
+    configFile: str | None = None,
+    program: str | None = None,
+) -> DaemonService:
+    """
+    Check the setup, then build the service tree; any problem is one line and exit 1.
+
+    @param configFile: the config file the daemon was given, and C{program} the path it was
+        started as: what a renewal compares (L{virby.installed}).
+    """
     try:
         checkWorkingDirectory(config.working_directory)
         executable = findVfkit(config.vfkit)
@@ -353,7 +432,15 @@ def makeDaemonService(config: Config, reactor: IHostReactor) -> DaemonService:
     log.info("{limit}", limit=descriptors.describe())
     hypervisor = VfkitHypervisor(reactor, config, executable, plan)
     lifecycle = Lifecycle(reactor, hypervisor, onDemand=config.on_demand, ttl=config.ttl)
-    service = _ExitOnStartupError(reactor, config, endpoint, hypervisor, lifecycle, descriptors)
+    service = _ExitOnStartupError(
+        reactor,
+        config,
+        endpoint,
+        hypervisor,
+        lifecycle,
+        descriptors,
+        installed=lambda: readInstalled(configFile, program, config.working_directory),
+    )
     logFile = LogFile.ofStandardStreams()
     installSignalHandlers(reactor, logFile)
     reactor.callWhenRunning(installSignalHandlers, reactor, logFile)
