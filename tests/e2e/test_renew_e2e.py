@@ -12,7 +12,6 @@ new host key alone pinned.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -20,6 +19,7 @@ import shutil
 import subprocess
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,15 +27,20 @@ from testbed.builder import Builder
 from testbed.processes import ProcessUnderTest
 from testbed.supervisor import Exit, Supervisor
 from virby import keys, layout
+from virby.cli.client import ask
+from virby.cli.renew import RENEW_TIMEOUT
 
 pytestmark = [
     pytest.mark.e2e,
-    pytest.mark.skipif(
-        importlib.util.find_spec("virby.cli.renew") is None,
-        reason="virby prepare cannot ask the daemon to renew yet (no virby/cli/renew.py)",
-    ),
     pytest.mark.skipif(not shutil.which("ssh-keyscan"), reason="needs OpenSSH's ssh-keyscan"),
 ]
+
+#: What the switch to a new image still lacks in C{virby prepare}, as docs/one-switch.md
+#: ("Moving to the new image without cutting a build", steps 1 and 2) describes it.
+PREPARE_LACKS = pytest.mark.skip(
+    reason="virby prepare neither keeps the previous keys (ssh_user_ed25519_key.previous, "
+    "both host keys pinned) nor asks the daemon to renew yet"
+)
 
 #: The second image's first bytes (the first is all zeros): the emulator boots any file, so
 #: what tells the two apart is what prepare copied to base.img.
@@ -105,6 +110,58 @@ def bootCount(supervisor: Supervisor) -> int:
     return supervisor.text().count("booting the VM")
 
 
+def renew(builder: Builder) -> dict[str, Any]:
+    """Ask the daemon to renew, as prepare's last step does; its reply."""
+    return ask(str(builder.wd / layout.CONTROL_SOCKET), "renew", timeout=RENEW_TIMEOUT)
+
+
+@pytest.mark.parametrize("onDemand", [False, True], ids=["always-on", "on-demand"])
+def test_a_new_config_cuts_no_session_and_the_daemon_is_started_on_it(
+    make_builder, onDemand: bool
+) -> None:
+    """
+    The renewal alone, with the keys unchanged: what a switch that brings only a new config
+    does.  The same order as a new image: a session held across it, another made during it,
+    the exit once both ended, and the next daemon serving.
+    """
+    builder = make_builder(**{"on-demand": onDemand})
+    supervisor = builder.supervised()
+    first = holdSession(builder)
+    try:
+        (daemon,) = supervisor.starts()
+        (oldVM,) = builder.emulators()
+        builder.settings["ttl"] = builder.settings["ttl"] + 1
+        builder.config.write_text(json.dumps(builder.settings))
+        reply = renew(builder)
+        assert reply["renewing"] is True and reply["changed"] == ["config"], reply
+        assert reply["now"] is False and reply["open_connections"] == 1, reply
+        assert builder.status()["renewing"] is True
+
+        result = builder.ssh("echo", "second")
+        assert result.stdout == "second\n", result.stderr + supervisor.text()
+        assert builder.emulators() == [oldVM] and supervisor.exits() == []
+
+        assert endSession(first) == 7, first.text()
+        assert first.text().splitlines()[-1] == "got done", first.text()
+    finally:
+        first.kill_all()
+
+    assert supervisor.waitExits(1, timeout=90) == [Exit(daemon.pid, 0)], supervisor.text()
+    assert oldVM not in builder.emulators(), "the VM is stopped before the exit"
+    supervisor.process.wait_for_line(r"retiring: the daemon stops")
+    if not onDemand:
+        supervisor.waitStarts(2, timeout=60)
+    result = builder.ssh("echo", "third")
+    assert result.stdout == "third\n", result.stderr + supervisor.text()
+    (_, renewed) = supervisor.starts()
+    assert renewed.pid != daemon.pid and bootCount(supervisor) == 2, supervisor.text()
+    assert builder.status()["renewing"] is False
+    assert renew(builder)["renewing"] is False, "the new daemon runs what is installed"
+    assert supervisor.stop() == 0
+    assert builder.emulators() == [] and builder.guests() == []
+
+
+@PREPARE_LACKS
 @pytest.mark.parametrize("onDemand", [False, True], ids=["always-on", "on-demand"])
 def test_a_new_image_cuts_no_session_and_the_next_daemon_boots_it(
     make_builder, onDemand: bool
@@ -124,7 +181,7 @@ def test_a_new_image_cuts_no_session_and_the_next_daemon_boots_it(
         report = switchImage(builder, second)
         newKey = hostPublic(builder)
         assert newKey != oldKey, "prepare made no new host key for the new image"
-        assert "moves to its" in report and "1 open connection" in report, report
+        assert "moves to its" in report and "open connection" in report, report
 
         # (c) While the first session runs, a new one gets in with the keys now on disk,
         # served by the VM that runs: its host key is still pinned.
@@ -173,6 +230,7 @@ def nixSystem(builder: Builder) -> str:
     ).stdout.strip().strip('"')  # fmt: skip
 
 
+@PREPARE_LACKS
 @pytest.mark.skipif(not shutil.which("nix-build"), reason="nix-build is not installed (nix-bin)")
 def test_a_remote_nix_build_running_across_the_switch_completes(make_builder) -> None:
     builder = make_builder(**{"on-demand": False})
