@@ -74,9 +74,17 @@ class Builder:
     def _prepare(self) -> None:
         run = [tool("virby"), "prepare", "--config", str(self.config)]
         subprocess.run(run, check=True, capture_output=True, timeout=120)
+        self.writeSshConfig()
+
+    def writeSshConfig(self) -> None:
+        """
+        The C{Host virby-vm} block as the module installs it, for this machine's ssh; again
+        after a switch, as the module installs the block of the new config.
+        """
         block = subprocess.run(
-            [*run, "--print-ssh-config"], check=True, capture_output=True, text=True, timeout=60
-        ).stdout
+            [tool("virby"), "prepare", "--config", str(self.config), "--print-ssh-config"],
+            check=True, capture_output=True, text=True, timeout=60,
+        ).stdout  # fmt: skip
         # The emulated guest logs in whoever runs it; the real VM's user is `builder`.
         block = re.sub(r"(?m)^(\s*)User .*$", rf"\1User {getpass.getuser()}", block)
         self.ssh_config = self.root / "ssh_config"

@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,9 @@ def switchImage(builder: Builder, image: Path) -> str:
     """
     builder.settings["image"] = str(image)
     builder.config.write_text(json.dumps(builder.settings))
-    return builder.prepare()
+    report = builder.prepare()
+    builder.writeSshConfig()
+    return report
 
 
 def guestHostKey(builder: Builder) -> str:
@@ -230,9 +233,30 @@ def nixSystem(builder: Builder) -> str:
     ).stdout.strip().strip('"')  # fmt: skip
 
 
-@PREPARE_LACKS
+def switchConfig(builder: Builder) -> None:
+    """A switch that brings only a new config: the file changes, and the daemon is asked."""
+    builder.settings["ttl"] = builder.settings["ttl"] + 1
+    builder.config.write_text(json.dumps(builder.settings))
+    reply = renew(builder)
+    assert reply["renewing"] is True and reply["open_connections"] >= 1, reply
+
+
+def switchToSecondImage(builder: Builder) -> None:
+    second = builder.root / "nixos-2.img"
+    writeImage(second, SECOND)
+    report = switchImage(builder, second)
+    assert "moves to its" in report and "open connection" in report, report
+
+
 @pytest.mark.skipif(not shutil.which("nix-build"), reason="nix-build is not installed (nix-bin)")
-def test_a_remote_nix_build_running_across_the_switch_completes(make_builder) -> None:
+@pytest.mark.parametrize(
+    "switch",
+    [switchConfig, pytest.param(switchToSecondImage, marks=PREPARE_LACKS)],
+    ids=["config", "image"],
+)
+def test_a_remote_nix_build_running_across_the_switch_completes(
+    make_builder, switch: Callable[[Builder], None]
+) -> None:
     builder = make_builder(**{"on-demand": False})
     supervisor = builder.supervised()
     (daemon,) = supervisor.waitStarts(1)
@@ -256,10 +280,8 @@ def test_a_remote_nix_build_running_across_the_switch_completes(make_builder) ->
     try:
         build.wait_for_line(r"build started", timeout=300)
         (oldVM,) = builder.emulators()
-        second = builder.root / "nixos-2.img"
-        writeImage(second, SECOND)
-        report = switchImage(builder, second)
-        assert "moves to its" in report and "open connection" in report, report
+        switch(builder)
+        assert supervisor.exits() == [], "the daemon left while the build ran"
         go.touch()
         assert build.wait_exit(300) == 0, build.text() + supervisor.text()
     finally:
