@@ -28,7 +28,6 @@ let
   uid = 348;
   gid = 348;
   label = "org.nixos.virbyd";
-  plist = "${label}.plist";
   logFile = "/var/log/virbyd.log";
   hostSystem = pkgs.stdenv.hostPlatform.system;
   linuxSystem = builtins.replaceStrings [ "darwin" ] [ "linux" ] hostSystem;
@@ -36,8 +35,8 @@ let
     if virbyPackage != null then virbyPackage pkgs else pkgs.callPackage ./package.nix { };
   package = cfg.package;
   # What goes on the Mac's PATH: the `virby` command alone.  The package's other programs
-  # are the daemon, which launchd runs by its store path, and vfkit-emulator, the tests'
-  # stand-in for vfkit, which is Linux-only (it calls prctl(2)) and of no use on a Mac.
+  # are the daemon, which launchd runs through /etc/virby/virbyd, and vfkit-emulator, the
+  # tests' stand-in for vfkit, which is Linux-only (it calls prctl(2)) and of no use on a Mac.
   # lib.getExe names the package's meta.mainProgram, `virby`.
   command = pkgs.runCommand "virby-command" { meta.mainProgram = "virby"; } ''
     mkdir -p $out/bin
@@ -45,7 +44,8 @@ let
   '';
 
   # The VM image, rebuilt whenever extraConfig or an image-affecting option changes; its
-  # store path goes into the daemon's config, so a new image changes the launchd plist.
+  # store path goes into the daemon's config, which launchd's plist does not name (see
+  # `stableCommand`).
   imageSystem = nixpkgs.lib.nixosSystem {
     system = linuxSystem;
     modules = [
@@ -98,6 +98,34 @@ let
     vfkit = "${pkgs.vfkit}/bin/vfkit";
   };
   configFile = pkgs.writeText "virby.json" (builtins.toJSON daemonConfig);
+
+  # The daemon's program and config, at paths that are the same for every system, so that
+  # the launchd plist is too (docs/one-switch.md, "The image is built after activation"):
+  #
+  # - nix-darwin's modules/system/launchd.nix `diff`s each plist of the new system against
+  #   the one in /Library/LaunchDaemons and does nothing at all when they are the same;
+  #   when they differ it runs `launchctl unload` (launchd stops the running job: SIGTERM,
+  #   which cuts every build going through the daemon), copies the new plist, and
+  #   `launchctl load -w`.  With store paths in the command, every new package, option or
+  #   image would do that; with these paths only a change of the plist's own settings
+  #   (port, onDemand.enable) does.  A new image, config or package reaches the daemon
+  #   instead when `virby prepare` asks it to renew: it serves on the old VM until no
+  #   connection uses it, then exits, and launchd starts this same command again.
+  # - modules/system/etc.nix makes each environment.etc entry a symlink (`ln -s source
+  #   target` in the system's etc tree; the activation's etc step points /etc/static at
+  #   that tree and makes /etc/<target> a link to /etc/static/<target>): /etc/virby/virbyd
+  #   -> /etc/static/virby/virbyd -> <etc tree>/virby/virbyd -> ${package}/bin/virbyd.
+  #   Nothing is copied (modules/lib/write-text.nix gives an entry no mode), and exec
+  #   follows links, so the program is the package's own, executable as it is in the store.
+  # - modules/system/activation-scripts.nix runs the etc step before the launchd step and
+  #   before postActivation, so both links name this system's package and config when
+  #   prepare runs, when launchd loads a new plist, and whenever the daemon starts again.
+  # - modules/launchd/default.nix turns `command` into ProgramArguments [ "/bin/sh" "-c"
+  #   "/bin/wait4path /nix/store && exec <command>" ]: the links end in the store, so at
+  #   boot the wait for the store's volume is still what makes them resolve.
+  etcProgram = "virby/virbyd";
+  etcConfig = "virby/config.json";
+  stableCommand = "/etc/${etcProgram} --config /etc/${etcConfig}";
 
   # Where the builder is registered: Determinate's module owns /etc/nix/machines when it is
   # imported and enabled (it forces nix.enable off); nix-darwin's nix module otherwise.
@@ -393,44 +421,29 @@ in
             touch ${logFile}
             chown _virby:virby ${logFile}
             chmod 0644 ${logFile}
-            virby_before=$(cat ${workingDirectory}/image-path ${workingDirectory}/ssh_known_hosts 2>/dev/null || true)
             # No realisation here: the image is built after the launchd step, once the
             # machines file and the daemon are those of this system (see postActivation).
+            # prepare ends by asking a running daemon to renew onto what it made (see
+            # `stableCommand`); none running, it says nothing.
             ${package}/bin/virby prepare --config ${configFile} --owner _virby:virby \
               --image-derivation ${imageDerivation} --no-realise
-            virby_after=$(cat ${workingDirectory}/image-path ${workingDirectory}/ssh_known_hosts 2>/dev/null || true)
-            # New keys or a new image while the daemon's plist stays the same (when the plist
-            # changes, nix-darwin's launchd step just below restarts the daemon anyway): restart
-            # it, so that no running VM keeps keys that ssh_known_hosts no longer pins.
-            if [ "$virby_before" != "$virby_after" ] \
-              && cmp -s "$systemConfig/Library/LaunchDaemons/${plist}" /Library/LaunchDaemons/${plist} \
-              && launchctl print system/${label} >/dev/null 2>&1; then
-              echo "restarting the Virby daemon for its new image or keys..." >&2
-              launchctl kickstart -k system/${label}
-            fi
           '';
 
           # After nix-darwin's launchd and nix-daemon steps: realise the image (a GC root in
           # the working directory), through whatever builder Nix has for its system, with
           # its progress on the switch's terminal.  A failure does not fail the switch:
           # prepare says why and what to do, and the daemon refuses boots until an image
-          # exists.  A new image restarts the daemon, whose plist is already loaded.
+          # exists.  prepare asks the daemon to renew onto a new image, as above.
           system.activationScripts.postActivation.text = ''
-            virby_before=$(cat ${workingDirectory}/image-path ${workingDirectory}/ssh_known_hosts 2>/dev/null || true)
             ${package}/bin/virby prepare --config ${configFile} --owner _virby:virby \
               --image-derivation ${imageDerivation}${lib.optionalString cfg.stage0 " ${stage0Flags}"}
-            virby_after=$(cat ${workingDirectory}/image-path ${workingDirectory}/ssh_known_hosts 2>/dev/null || true)
-            if [ "$virby_before" != "$virby_after" ] \
-              && launchctl print system/${label} >/dev/null 2>&1; then
-              echo "restarting the Virby daemon for its new image..." >&2
-              launchctl kickstart -k system/${label}
-            fi
           '';
 
           launchd.daemons.virbyd = {
-            # nix-darwin wraps a command in `/bin/wait4path /nix/store`, so that at boot the
-            # daemon waits for the Nix store volume to be mounted.
-            command = "${package}/bin/virbyd --config ${configFile}";
+            # The same for every package, config and image (see `stableCommand`); nix-darwin
+            # wraps it in `/bin/wait4path /nix/store`, so that at boot the daemon waits for
+            # the Nix store volume, where the links end, to be mounted.
+            command = stableCommand;
             serviceConfig = {
               Label = label;
               Sockets.Listener = {
@@ -472,9 +485,11 @@ in
             '';
           };
           environment.systemPackages = [ command ];
-          # Where `virby status`, `doctor`, `start` and `stop` find the daemon's config
+          # The daemon's program and config as launchd runs them (see `stableCommand`);
+          # the config is also where `virby status`, `doctor`, `start` and `stop` find it
           # without --config (its store path changes with every option).
-          environment.etc."virby/config.json".source = configFile;
+          environment.etc.${etcProgram}.source = lib.getExe' package "virbyd";
+          environment.etc.${etcConfig}.source = configFile;
           # The daemon's log, rotated by macOS's newsyslog (run by launchd every hour): past
           # 10 MiB it is renamed, 5 old ones are kept uncompressed, and a new file is made
           # for _virby.  The daemon notices within a minute and opens the new file (launchd

@@ -252,6 +252,7 @@ class FakeCommands:
         self.starts: list[Deferred[dict[str, Any]]] = []
         self.stops: list[tuple[bool, Deferred[dict[str, Any]]]] = []
         self.renewals: list[Deferred[dict[str, Any]]] = []
+        self.renewedFrom: list[str | None] = []
         self.cancelled = 0
 
     def status(self) -> dict[str, Any]:
@@ -267,9 +268,10 @@ class FakeCommands:
         self.stops.append((force, d))
         return d
 
-    def renew(self) -> Deferred[dict[str, Any]]:
+    def renew(self, package: str | None) -> Deferred[dict[str, Any]]:
         d: Deferred[dict[str, Any]] = Deferred(lambda _: self._cancel())
         self.renewals.append(d)
+        self.renewedFrom.append(package)
         return d
 
     def _cancel(self) -> None:

@@ -1,6 +1,6 @@
 """
 What is installed for the daemon now, as opposed to what a running daemon started with: its
-config file, its program, and the image and keys C{virby prepare} made.
+config file, the image and keys C{virby prepare} made, and the Virby package itself.
 
 The launchd job names stable paths (C{/etc/virby/virbyd --config /etc/virby/config.json}, see
 C{nix/module.nix}), so a switch that brings a new image, config or Virby leaves the job
@@ -8,6 +8,12 @@ alone and the daemon running: nix-darwin would otherwise reload it, cutting ever
 running through it.  The daemon reads this at start and again when C{virby prepare} asks it
 to renew (L{virby.daemon.lifecycle.Lifecycle.renew}); what differs says whether it must move,
 and the renewal's reply names it for the person at the switch.
+
+The package is told, not read: the program launchd starts cannot say which path it was
+started as (nixpkgs' Python wrapper sets C{sys.argv[0]} to the script's own store path, and
+the kernel drops the original C{argv[0]} of an interpreted script), so the command that
+asks for the renewal, which runs from the package the switch installed, names its own
+package directory (L{packageDirectory}), and the daemon compares it with its own.
 
 Pure reads of a few small files: no reactor.
 """
@@ -24,17 +30,14 @@ from virby.layout import HOST_PUBLIC_KEY, IMAGE_RECORD
 class Installed:
     """
     One reading.  C{None} is a file that could not be read, or a part not known (no config
-    file, a daemon not started as a program).
+    file, or an unreadable one).
 
     @ivar config: the config file's bytes.
-    @ivar program: the program the daemon was started as, its links resolved: C{/etc/virby/
-        virbyd} names the package's store path of the current system.
     @ivar image: what C{image-path} records: the image the disks were made from.
     @ivar keys: the VM's public host key, which changes with every new set of keys.
     """
 
     config: bytes | None
-    program: str | None
     image: bytes | None
     keys: bytes | None
 
@@ -49,7 +52,6 @@ class Installed:
 
 _NAMES = {
     "config": "config",
-    "program": "daemon's program",
     "image": "image",
     "keys": "SSH keys",
 }
@@ -65,28 +67,31 @@ def _read(path: str | None) -> bytes | None:
         return None
 
 
-def _resolved(path: str | None) -> str | None:
-    if path is None:
-        return None
-    try:
-        return os.path.realpath(path, strict=True)
-    except OSError:
-        return None
-
-
-def readInstalled(configFile: str | None, program: str | None, workingDirectory: str) -> Installed:
+def readInstalled(configFile: str | None, workingDirectory: str) -> Installed:
     """
     Read what is installed now.
 
     @param configFile: the config file the daemon was given, or C{None} for none.
-    @param program: the path the daemon was started as, or C{None} when not known.
     """
     return Installed(
         config=_read(configFile),
-        program=_resolved(program),
         image=_read(os.path.join(workingDirectory, IMAGE_RECORD)),
         keys=_read(os.path.join(workingDirectory, HOST_PUBLIC_KEY)),
     )
+
+
+#: How the renewal names a new Virby package.
+PACKAGE = "Virby package"
+
+
+def packageDirectory() -> str:
+    """
+    Where this Virby's code is, its links resolved: a store path under Nix, which changes
+    with every new package.
+    """
+    import virby
+
+    return os.path.realpath(os.path.dirname(virby.__file__))
 
 
 def describeChanges(changes: list[str]) -> str:

@@ -6,7 +6,7 @@ and a reply look like, written once for both sides.  Pure: no reactor, no socket
 The protocol (version 1), documented in C{docs/control.md}:
 
     request, one line:  {"version": 1, "command": "status" | "start" | "stop" | "renew",
-                         "force": bool}
+                         "force": bool, "package": "<dir>"}
     reply, one line:    {"version": 1, "ok": true, ...}  or  {"version": 1, "ok": false,
                                                               "error": "<one line>"}
 
@@ -17,7 +17,8 @@ connections are open unless C{force}) and replies once it has stopped (C{"stoppe
 C{"closed_connections"}); C{renew} (sent by C{virby prepare}) has the daemon move to what is
 installed now once no connection is open, and replies at once (C{"renewing"}, C{"changed"},
 and while renewing C{"now"} and C{"open_connections"}).  C{force} is optional, and
-meaningful for C{stop} only.
+meaningful for C{stop} only; C{package}, optional too, is for C{renew}: the directory of the
+asking command's Virby package, which the daemon compares with its own.
 
 Version rules: a request names the version it speaks, and the daemon replies in it; a
 version the daemon does not speak, an unknown command or key, a value of the wrong type,
@@ -30,6 +31,7 @@ asked) or refuses it with the fix.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from virby.errors import VirbyError, oneLine
@@ -53,17 +55,28 @@ class Refused(VirbyError):
     """The daemon answered, and said no; the message is its one line."""
 
 
-def encodeRequest(command: str, force: bool = False) -> bytes:
+@dataclass(frozen=True)
+class Request:
+    """One request, as the daemon takes it."""
+
+    command: str
+    force: bool = False
+    package: str | None = None
+
+
+def encodeRequest(command: str, force: bool = False, package: str | None = None) -> bytes:
     """One request line, as L{parseRequest} reads it."""
     request: dict[str, Any] = {"version": PROTOCOL_VERSION, "command": command}
     if force:
         request["force"] = True
+    if package is not None:
+        request["package"] = package
     return json.dumps(request).encode() + b"\n"
 
 
-def parseRequest(line: bytes) -> tuple[str, bool]:
+def parseRequest(line: bytes) -> Request:
     """
-    One request line into C{(command, force)}.
+    One request line into a L{Request}.
 
     @raise RequestError: with the reason, fit to send back.
     """
@@ -81,7 +94,7 @@ def parseRequest(line: bytes) -> tuple[str, bool]:
             f"protocol version {version} is not spoken here: this daemon speaks "
             f"{PROTOCOL_VERSION}; use the virby command of the same package"
         )
-    unknown = sorted(set(request) - {"version", "command", "force"})
+    unknown = sorted(set(request) - {"version", "command", "force", "package"})
     if unknown:
         raise RequestError(f"unknown key {unknown[0]!r} in the request")
     command = request.get("command")
@@ -90,7 +103,10 @@ def parseRequest(line: bytes) -> tuple[str, bool]:
     force = request.get("force", False)
     if not isinstance(force, bool):
         raise RequestError('"force" must be true or false')
-    return command, force
+    package = request.get("package")
+    if package is not None and not isinstance(package, str):
+        raise RequestError('"package" must be a string, the directory of a Virby package')
+    return Request(command, force, package)
 
 
 def encodeReply(reply: dict[str, Any]) -> bytes:

@@ -8,7 +8,9 @@
 #     [--arg determinate /path/to/determinate] --argstr cases '{"name": {...}, ...}'
 #
 # Each case is { system ? "aarch64-darwin", virby ? {...services.virby...},
-# determinate ? false, config ? {...more nix-darwin options...} }; the result has, per case,
+# determinate ? false, config ? {...more nix-darwin options...}, packageVersion ? null } (a
+# version makes services.virby.package the default package at that version: another store
+# path); the result has, per case,
 # what nix-darwin made of it (see `report`).  `systems.<case>` holds the evaluated systems,
 # for building with nix-build; `verdicts.<case>` whether the module takes the case at all,
 # and `checked.<case>` the daemon's config, or the error that refuses it.
@@ -119,6 +121,14 @@ let
           services.virby = case.virby or { };
         }
         (case.config or { })
+        (
+          { options, ... }:
+          lib.optionalAttrs (case ? packageVersion) {
+            services.virby.package = options.services.virby.package.default.overrideAttrs {
+              version = case.packageVersion;
+            };
+          }
+        )
       ] ++ lib.optional (case.determinate or false) (determinate + "/modules/nix-darwin/default.nix");
     };
 
@@ -165,6 +175,11 @@ let
       configLink =
         if config.environment.etc ? "virby/config.json" then
           "${config.environment.etc."virby/config.json".source}"
+        else
+          null;
+      programLink =
+        if config.environment.etc ? "virby/virbyd" then
+          "${config.environment.etc."virby/virbyd".source}"
         else
           null;
       activate = config.system.activationScripts.script.text;

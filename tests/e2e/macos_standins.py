@@ -15,10 +15,13 @@ script depends on it:
 - C{launchctl} keeps the loaded jobs (C{/var/db/standins/launchd.json}).  C{load} reads the
   plist's C{Label}; for a job run as C{UserName} it records whether that user could open its
   C{StandardOutPath} and whether its C{WorkingDirectory} exists (launchd opens the log as the
-  job's user).  C{print}, C{kickstart} and C{kill} of a job that is not loaded exit 113.
+  job's user), and whether the program nix-darwin's C{/bin/sh -c "... && exec PROGRAM ..."}
+  names can be run, through whatever links lead to it.  C{print}, C{kickstart} and C{kill}
+  of a job that is not loaded exit 113.
 - C{sw_vers} says macOS 15.5.
 - C{apfs.util -t} makes C{/run} from C{/etc/synthetic.conf}, as macOS does at boot.
 - C{rsync} copies a tree (nix-darwin's applications step).
+- C{virbyd}, the daemon, is there to be found (launchd's load starts nothing here).
 - C{virby} runs the real C{virby} command (C{VIRBY_PYTHON}); the Nix programs the system's
   scripts call (C{nix-store}) succeed, and C{nix-store --realise} of Virby's image finds it
   only when it was built before the switch.
@@ -174,6 +177,14 @@ def can_open_as(path: str, user: str) -> str | None:
     return f"{path} is not writable by {user}"
 
 
+def programOf(arguments: list[str]) -> str | None:
+    """The program a job runs: nix-darwin's C{/bin/sh -c "... && exec PROGRAM ARGS"}'s."""
+    if arguments[:2] != ["/bin/sh", "-c"] or len(arguments) != 3:
+        return arguments[0] if arguments else None
+    words = arguments[2].split()
+    return words[words.index("exec") + 1] if "exec" in words[:-1] else None
+
+
 def launchctl(args: list[str]) -> int:
     state = load(LAUNCHD, {"jobs": {}})
     jobs = state["jobs"]
@@ -199,6 +210,9 @@ def launchctl(args: list[str]) -> int:
                         problems.append(why)
         if "WorkingDirectory" in job and not Path(job["WorkingDirectory"]).is_dir():
             problems.append(f"no working directory {job['WorkingDirectory']}")
+        program = programOf(job.get("ProgramArguments", []))
+        if program is not None and not os.access(program, os.X_OK):
+            problems.append(f"cannot run {program}")
         jobs[label] = {"plist": path}
         record({"launchd": "loaded", "label": label, "problems": problems})
     elif verb == "unload":

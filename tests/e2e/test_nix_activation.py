@@ -31,7 +31,7 @@ pytestmark = pytest.mark.e2e
 STANDINS = Path(__file__).resolve().parent / "macos_standins.py"
 MACOS_COMMANDS = ["dscl", "sysadminctl", "dseditgroup", "createhomedir", "launchctl", "tccutil",
                   "defaults", "scutil", "systemsetup", "pmset", "nvram", "sw_vers"]  # fmt: skip
-STORE_PROGRAMS = ["virby", "nix-store", "rsync"]
+STORE_PROGRAMS = ["virby", "virbyd", "nix-store", "rsync"]
 APFS_UTIL = "System/Library/Filesystems/apfs.fs/Contents/Resources/apfs.util"
 LABEL = "org.nixos.virbyd"
 DAEMON_PLIST = f"/Library/LaunchDaemons/{LABEL}.plist"
@@ -49,6 +49,8 @@ SYSTEMS: dict[str, dict[str, Any]] = {
         "config": QUIET,
     },
     "on-demand": {"virby": {"enable": True, "onDemand": {"enable": True}}, "config": QUIET},
+    # An upgrade of Virby: the same options, another package.
+    "new-package": {"virby": {"enable": True}, "config": QUIET, "packageVersion": "0.1.0-new"},
     "disabled": {"virby": {}, "config": QUIET},
     # An image no one builds before the switch: the fake Mac's Nix has no builder for it.
     # Its own in every run, since a run builds it into the host's store.
@@ -59,7 +61,7 @@ SYSTEMS: dict[str, dict[str, Any]] = {
 }
 #: The systems whose image is built before the switch, as on a Mac whose Nix has a builder
 #: for the image's system (the fake Mac's stand-in nix-store finds it there).
-PREBUILT = {"enabled", "new-image", "on-demand"}
+PREBUILT = {"enabled", "new-image", "on-demand", "new-package"}
 
 
 def why_not_here() -> str | None:
@@ -106,6 +108,12 @@ def per_pair(pair: Pair) -> dict:
     unbuilt = {"boot": {"kernelParams": [f"{UNBUILT}-{pair.name}"]}}
     case = {**SYSTEMS["unbuilt-image"], "virby": {"enable": True, "extraConfig": unbuilt}}
     return {**SYSTEMS, "unbuilt-image": case}
+
+
+def package_of(system: str) -> str:
+    """The Virby package whose C{virby prepare} the system's activation script runs."""
+    activate = (Path(system) / "activate").read_text()
+    return activate.split("/bin/virby prepare ", 1)[0].rsplit(None, 1)[-1]
 
 
 def image_of(system: str) -> str:
@@ -255,6 +263,34 @@ class FakeMac:
     def path(self, path: str) -> Path:
         return self.root / path.lstrip("/")
 
+    def links(self, path: str) -> list[str]:
+        """
+        The links C{path} goes through on the Mac, in order, and where they end: each
+        component is resolved as the Mac's kernel would, inside the fake root (the store,
+        bound there during a switch, is the host's).
+        """
+        seen = [path]
+        todo = list(reversed(Path(path).parts[1:]))
+        current = "/"
+        while todo:
+            name = todo.pop()
+            if name == "..":
+                current = os.path.dirname(current)
+                continue
+            candidate = os.path.join(current, name)
+            here = Path(candidate) if candidate.startswith("/nix/store/") else self.path(candidate)
+            if not here.is_symlink():
+                current = candidate
+                continue
+            assert len(seen) < 40, f"a loop of links: {seen}"
+            target = os.readlink(here)
+            todo.extend(reversed(Path(target).parts[1:] if target.startswith("/") else
+                                 Path(target).parts))  # fmt: skip
+            current = "/" if target.startswith("/") else current
+            seen.append(os.path.join(current, *reversed(todo)))
+        seen.append(current)
+        return seen
+
     def switch(self, system: str) -> Switch:
         """Activate C{system} as darwin-rebuild does: run its `activate` as root."""
         log = self.path("/var/log/standins.jsonl")
@@ -302,7 +338,14 @@ def test_a_fresh_mac_switches_and_starts_the_daemon(systems: dict, mac: FakeMac)
     assert mac.path("/var/lib/virby/image").resolve() == Path(image_of(systems["enabled"])).parent
     (loaded,) = first.loaded(LABEL)
     assert loaded["problems"] == [], "launchd could not start the daemon"
-    assert first.commands("launchctl").count(["kickstart", "-k", f"system/{LABEL}"]) == 0
+    assert not kickstarts(first)
+    # The job's program and config: links in /etc, through /etc/static, to this system's.
+    program = mac.links("/etc/virby/virbyd")
+    assert program[1] == "/etc/static/virby/virbyd"
+    assert f"{package_of(systems['enabled'])}/bin/virbyd" in program
+    assert os.access(mac.path(program[-1]), os.X_OK)
+    config = mac.links("/etc/virby/config.json")[-1]
+    assert image_of(systems["enabled"]) == json.loads(Path(config).read_text())["image"]
     log = mac.path("/var/log/virbyd.log").stat()
     assert (log.st_uid, log.st_gid, log.st_mode & 0o777) == (348, 348, 0o644)
     assert mac.path("/var/lib/virby/image-path").exists()
@@ -314,7 +357,7 @@ def test_a_fresh_mac_switches_and_starts_the_daemon(systems: dict, mac: FakeMac)
 
 def test_only_the_virby_command_is_on_the_macs_path(systems: dict) -> None:
     """
-    The package also installs virbyd, which launchd runs by its store path, and
+    The package also installs virbyd, which launchd runs through /etc/virby/virbyd, and
     vfkit-emulator, a Linux-only stand-in for vfkit: neither belongs on the Mac's PATH.
     """
     on_path = set(os.listdir(Path(systems["enabled"]) / "sw" / "bin"))
@@ -333,30 +376,68 @@ def test_a_second_switch_with_nothing_changed_leaves_the_daemon_alone(
     assert [c for c in again.commands("launchctl") if LABEL in " ".join(c)] == []
 
 
-def test_new_keys_without_a_new_image_restart_the_daemon(systems: dict, mac: FakeMac) -> None:
+def test_new_keys_without_a_new_image_leave_the_job_alone(systems: dict, mac: FakeMac) -> None:
+    """prepare makes the keys and asks the daemon to renew: the activation touches no job."""
     assert mac.switch(systems["enabled"]).returncode == 0
     # A key that went missing: prepare makes new keys, the plist stays the same.
     mac.path("/var/lib/virby/ssh_known_hosts").unlink()
     again = mac.switch(systems["enabled"])
     assert again.returncode == 0, again.output
-    prepare = again.index("virby", "prepare")
-    kickstart = again.index("launchctl", "kickstart", "-k", f"system/{LABEL}")
-    assert prepare < kickstart
-    assert again.loaded(LABEL) == []
+    assert mac.path("/var/lib/virby/ssh_known_hosts").exists()
+    assert calls_of_the_job(again) == []
+    assert daemon_lines(again) == []
 
 
-def test_a_new_image_reloads_the_daemon_after_prepare(systems: dict, mac: FakeMac) -> None:
+def test_a_new_image_leaves_the_plist_and_the_job_alone(systems: dict, mac: FakeMac) -> None:
+    """
+    The image reaches the daemon through /etc/virby/config.json, when it renews (prepare
+    asks it; on this Mac no daemon answers, and prepare says nothing of it): nix-darwin's
+    launchd step finds the same plist and leaves the job running.
+    """
     assert mac.switch(systems["enabled"]).returncode == 0
     before = mac.path("/var/lib/virby/image-path").read_text()
+    plist = mac.path(DAEMON_PLIST).read_bytes()
     new = mac.switch(systems["new-image"])
     assert new.returncode == 0, new.output
     assert mac.path("/var/lib/virby/image-path").read_text() != before
-    prepare = new.index("virby", "prepare")
-    unload = new.index("launchctl", "unload", DAEMON_PLIST)
-    load = new.index("launchctl", "load", "-w", DAEMON_PLIST)
-    assert prepare < unload < load
-    # The reload already starts it with the new image and keys: no second restart.
-    assert ["kickstart", "-k", f"system/{LABEL}"] not in new.commands("launchctl")
+    assert mac.path(DAEMON_PLIST).read_bytes() == plist
+    assert calls_of_the_job(new) == []
+    assert daemon_lines(new) == []
+    config = mac.links("/etc/virby/config.json")[-1]
+    assert json.loads(Path(config).read_text())["image"] == image_of(systems["new-image"])
+    assert LABEL in mac.jobs()
+
+
+def test_a_new_package_leaves_the_plist_and_the_job_alone(systems: dict, mac: FakeMac) -> None:
+    assert mac.switch(systems["enabled"]).returncode == 0
+    plist = mac.path(DAEMON_PLIST).read_bytes()
+    old, new = package_of(systems["enabled"]), package_of(systems["new-package"])
+    assert old != new
+    upgrade = mac.switch(systems["new-package"])
+    assert upgrade.returncode == 0, upgrade.output
+    assert mac.path(DAEMON_PLIST).read_bytes() == plist
+    assert calls_of_the_job(upgrade) == []
+    # The next start of the daemon runs the new package's program.
+    program = mac.links("/etc/virby/virbyd")
+    assert f"{new}/bin/virbyd" in program and f"{old}/bin/virbyd" not in program
+
+
+def calls_of_the_job(switch: Switch) -> list[list[str]]:
+    """The launchctl calls that name Virby's job or its plist."""
+    return [c for c in switch.commands("launchctl") if LABEL in " ".join(c)]
+
+
+def kickstarts(switch: Switch) -> list[list[str]]:
+    return [c for c in calls_of_the_job(switch) if c[:1] == ["kickstart"]]
+
+
+def daemon_lines(switch: Switch) -> list[str]:
+    """What the switch printed about Virby's daemon: nothing when none is running."""
+    return [
+        line
+        for line in switch.output.splitlines()
+        if "virby" in line.lower() and ("daemon" in line or "control" in line)
+    ]
 
 
 def test_new_options_reload_the_daemon(systems: dict, mac: FakeMac) -> None:
@@ -366,7 +447,7 @@ def test_new_options_reload_the_daemon(systems: dict, mac: FakeMac) -> None:
     assert changed.index("launchctl", "unload", DAEMON_PLIST) < changed.index(
         "launchctl", "load", "-w", DAEMON_PLIST
     )
-    assert ["kickstart", "-k", f"system/{LABEL}"] not in changed.commands("launchctl")
+    assert not kickstarts(changed)
 
 
 def test_disabling_removes_what_enabling_made(systems: dict, mac: FakeMac) -> None:
@@ -425,9 +506,10 @@ def test_an_image_nix_cannot_build_leaves_a_completed_switch_that_says_why(
     assert not (wd / "stage0").exists()
     assert (wd / "image-failure").read_text().startswith(f"{stage0}a 'aarch64-linux' with")
     assert (wd / "ssh_known_hosts").exists()
-    assert ["kickstart", "-k", f"system/{LABEL}"] not in first.commands("launchctl")
+    assert not kickstarts(first)
     # A builder appears (the image is built elsewhere and copied here): the next switch
-    # prepares the disks from it, restarts the loaded daemon onto them once, and roots it.
+    # prepares the disks from it and roots it; the loaded job is left alone (prepare asks
+    # the daemon to renew onto the disks).
     built = subprocess.run(
         ["nix-store", "--realise", realisable(systems["unbuilt-image"])],
         capture_output=True, text=True, timeout=300,
@@ -438,13 +520,13 @@ def test_an_image_nix_cannot_build_leaves_a_completed_switch_that_says_why(
     assert again.returncode == 0, again.output
     assert (wd / "base.img").exists() and not (wd / "image-failure").exists()
     assert (wd / "image").resolve() == Path(image_of(systems["unbuilt-image"])).parent
-    assert again.commands("launchctl").count(["kickstart", "-k", f"system/{LABEL}"]) == 1
+    assert calls_of_the_job(again) == []
     assert again.index("virby", "prepare") < again.index("nix-store", "--realise")
-    # Realised and rooted: a third switch asks Nix nothing and restarts nothing.
+    # Realised and rooted: a third switch asks Nix nothing and touches no job.
     third = mac.switch(systems["unbuilt-image"])
     assert third.returncode == 0, third.output
     assert ["--realise"] not in [c[:1] for c in third.commands("nix-store")]
-    assert ["kickstart", "-k", f"system/{LABEL}"] not in third.commands("launchctl")
+    assert calls_of_the_job(third) == []
 
 
 def stage0_runner(system: str) -> str:

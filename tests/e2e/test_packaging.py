@@ -114,13 +114,32 @@ def test_twistd_lists_virby_from_an_installed_wheel(installed: Path, tmp_path: P
     assert "On-demand Linux builder VM" in result.stdout
 
 
+def etcLinks(root: Path, program: Path) -> Path:
+    """
+    C{program} behind links shaped as nix-darwin's C{/etc} entries are: C{etc/virby/virbyd}
+    to C{etc/static/virby/virbyd}, C{etc/static} to the system's etc tree, whose
+    C{virby/virbyd} is a link to the program (nix-darwin's modules/system/etc.nix).
+    """
+    tree = root / "system-etc"
+    (tree / "virby").mkdir(parents=True)
+    (tree / "virby" / "virbyd").symlink_to(program)
+    (root / "etc" / "virby").mkdir(parents=True)
+    (root / "etc" / "static").symlink_to(tree)
+    link = root / "etc" / "virby" / "virbyd"
+    link.symlink_to(root / "etc" / "static" / "virby" / "virbyd")
+    return link
+
+
 def test_virbyd_from_an_installed_wheel_runs_the_daemon(installed: Path, tmp_path: Path) -> None:
-    """What the nix-darwin module runs: ${package}/bin/virbyd --config FILE."""
+    """
+    What the nix-darwin module runs: /etc/virby/virbyd --config FILE, where
+    /etc/virby/virbyd leads to ${package}/bin/virbyd through links.
+    """
     builder = Builder(tmp_path, vfkit=str(installed / "bin" / "vfkit-emulator"))
     try:
         builder.env = bare_environment(**{k: v for k, v in builder.env.items()
                                           if k.startswith(("VIRBY_", "NIX_"))})  # fmt: skip
-        daemon = builder.start(program=str(installed / "bin" / "virbyd"))
+        daemon = builder.start(program=str(etcLinks(tmp_path, installed / "bin" / "virbyd")))
         assert f"({installed / 'bin' / 'python'} " in daemon.text(), "twistd in its own Python"
         result = builder.ssh("echo", "through virbyd")
         assert result.returncode == 0, result.stderr + daemon.text()

@@ -26,7 +26,7 @@ from virby.config import fromMapping
 from virby.daemon.control import REPLY_TIMEOUT, REQUEST_TIMEOUT, ControlFactory, socketPeerUid
 from virby.daemon.lifecycle import VMBusy
 from virby.errors import VirbyError
-from virby.wire import MAX_REQUEST, Refused, parseRequest
+from virby.wire import MAX_REQUEST, Refused, Request, parseRequest
 
 OWNER = os.geteuid()
 
@@ -113,6 +113,8 @@ def test_stop_passes_force_and_a_refusal_is_its_line() -> None:
         (line(version=1), "unknown command None: the commands are status, start, stop, renew"),
         (line(version=1, command="stop", forse=True), "unknown key 'forse' in the request"),
         (line(version=1, command="stop", force="yes"), '"force" must be true or false'),
+        (line(version=1, command="renew", package=1),
+         '"package" must be a string, the directory of a Virby package'),
         (b"\xff\xfe\n", "the request is not JSON"),
     ],
 )  # fmt: skip
@@ -262,8 +264,13 @@ def test_the_peer_of_a_unix_socket_is_known() -> None:
 
 
 def test_parse_request() -> None:
-    assert parseRequest(b'{"version": 1, "command": "stop", "force": true}') == ("stop", True)
-    assert parseRequest(b'{"version": 1, "command": "start"}') == ("start", False)
+    assert parseRequest(b'{"version": 1, "command": "stop", "force": true}') == Request(
+        "stop", True
+    )
+    assert parseRequest(b'{"version": 1, "command": "start"}') == Request("start", False)
+    assert parseRequest(b'{"version": 1, "command": "renew", "package": "/p"}') == Request(
+        "renew", package="/p"
+    )
 
 
 # -- the client, against scripted daemons

@@ -19,7 +19,7 @@ from virby.config import fromMapping
 from virby.daemon.lifecycle import Lifecycle
 from virby.daemon.service import DaemonCommands, DaemonService
 from virby.errors import VirbyError
-from virby.installed import Installed, describeChanges, readInstalled
+from virby.installed import Installed, describeChanges, packageDirectory, readInstalled
 from virby.layout import HOST_PUBLIC_KEY, IMAGE_RECORD
 
 
@@ -74,17 +74,18 @@ class Daemon:
             self.endpoint,  # type: ignore[arg-type]
             hypervisor,
             self.lifecycle,
-            installed=lambda: readInstalled(str(self.configFile), None, str(wd)),
+            installed=lambda: readInstalled(str(self.configFile), str(wd)),
             exit=self._exit,
+            package="/nix/store/aaa-virby/lib/python3.12/site-packages/virby",
         )
         self.service.startService()
 
     def _exit(self) -> None:
         self.exits += 1
 
-    def renew(self) -> list[Any]:
+    def renew(self, package: str | None = None) -> list[Any]:
         got: list[Any] = []
-        DaemonCommands(self.service).renew().addBoth(got.append)
+        DaemonCommands(self.service).renew(package).addBoth(got.append)
         return got
 
 
@@ -134,28 +135,28 @@ def test_a_daemon_that_listens_itself_refuses_with_the_fix(short_tmp: Path) -> N
     assert daemon.exits == 0 and not daemon.lifecycle.snapshot().renewing
 
 
-def test_the_program_is_compared_where_its_links_lead(tmp_path: Path) -> None:
-    """launchd's /etc/virby/virbyd leads to the package of the current system."""
-    old, new = tmp_path / "old-virbyd", tmp_path / "new-virbyd"
-    old.write_text("")
-    new.write_text("")
-    link = tmp_path / "virbyd"
-    link.symlink_to(old)
-    before = readInstalled(None, str(link), str(tmp_path))
-    assert before.program == str(old)
-    link.unlink()
-    link.symlink_to(new)
-    assert readInstalled(None, str(link), str(tmp_path)).changesSince(before) == [
-        "daemon's program"
+def test_a_command_of_another_package_asking_is_a_new_package(daemon: Daemon) -> None:
+    """The switch's prepare runs from the package it installed: the daemon's may be older."""
+    same = "/nix/store/aaa-virby/lib/python3.12/site-packages/virby"
+    assert daemon.renew(same) == [{"renewing": False, "changed": []}]
+    other = "/nix/store/bbb-virby/lib/python3.12/site-packages/virby"
+    assert daemon.renew(other) == [
+        {"renewing": True, "changed": ["Virby package"], "now": True, "open_connections": 0}
     ]
 
 
+def test_the_package_directory_is_where_this_code_is() -> None:
+    import virby
+
+    assert packageDirectory() == os.path.realpath(os.path.dirname(virby.__file__))
+
+
 def test_a_part_that_cannot_be_read_is_unknown_and_compared_as_such(tmp_path: Path) -> None:
-    reading = readInstalled(str(tmp_path / "missing.json"), None, str(tmp_path / "nowhere"))
-    assert reading == Installed(config=None, program=None, image=None, keys=None)
+    reading = readInstalled(str(tmp_path / "missing.json"), str(tmp_path / "nowhere"))
+    assert reading == Installed(config=None, image=None, keys=None)
     os.makedirs(tmp_path / "wd")
     (tmp_path / "wd" / IMAGE_RECORD).write_text("/nix/store/x/nixos.img\n")
-    later = readInstalled(None, None, str(tmp_path / "wd"))
+    later = readInstalled(None, str(tmp_path / "wd"))
     assert later.changesSince(reading) == ["image"]
 
 
@@ -165,7 +166,7 @@ def test_a_part_that_cannot_be_read_is_unknown_and_compared_as_such(tmp_path: Pa
         ([], "nothing new"),
         (["image"], "new image"),
         (["image", "SSH keys"], "new image and SSH keys"),
-        (["config", "daemon's program", "image"], "new config, daemon's program and image"),
+        (["config", "image", "Virby package"], "new config, image and Virby package"),
     ],
 )
 def test_changes_read_as_a_phrase(changes: list[str], said: str) -> None:

@@ -39,6 +39,7 @@ CASES: dict[str, dict] = {
     "on-demand": {"virby": {**ENABLED, "onDemand": {"enable": True, "ttl": 30}}},
     "rosetta": {"virby": {**ENABLED, "rosetta": True}},
     "memory-6GiB": {"virby": {**ENABLED, "memory": "6GiB"}},
+    "memory-8GiB": {"virby": {**ENABLED, "memory": 8192}},
     "extra-config": {"virby": {**ENABLED, "extraConfig": {"boot": {"kernelParams": ["quiet"]}}}},
     "shared-directories": {"virby": {**ENABLED, "sharedDirectories": {"src": "/Users/alice/src"}}},
     "debug": {"virby": {**ENABLED, "debug": True}},
@@ -49,6 +50,9 @@ CASES: dict[str, dict] = {
     "disabled": {"virby": {}},
     "nested": {"virby": {**ENABLED, "nestedVirtualization": True}},
     "no-stage0": {"virby": {**ENABLED, "stage0": False}},
+    "port": {"virby": {**ENABLED, "port": 31223}},
+    # The default package at another version: another store path, as an upgrade makes.
+    "other-package": {"virby": ENABLED, "packageVersion": "0.1.0-other"},
     # Refused with an assertion:
     "x86_64-darwin": {"virby": ENABLED, "system": "x86_64-darwin"},
     "rosetta-on-x86_64-darwin": {"virby": {**ENABLED, "rosetta": True}, "system": "x86_64-darwin"},
@@ -159,7 +163,10 @@ def plist(results: dict, case: str) -> dict:
     return plistlib.loads(text.encode())
 
 
-COMMAND = re.compile(r"/bin/wait4path /nix/store && exec (\S+)/bin/(\S+) --config (\S+)")
+#: The daemon's program and config as launchd runs them: links in /etc, the same for every
+#: package, config and image, so that a new one leaves the plist as it was.
+PROGRAM = "/etc/virby/virbyd"
+COMMAND = re.compile(r"/bin/wait4path /nix/store && exec (\S+) --config (\S+)")
 
 
 @pytest.mark.parametrize("case", RUNS_VIRBY)
@@ -172,13 +179,16 @@ def test_the_launchd_plist_as_nix_darwin_renders_it(results: dict, case: str) ->
     # At boot launchd may start the job before the Nix store volume is mounted.
     match = COMMAND.fullmatch(command)
     assert match, command
-    assert match.group(1) == got["package"]
-    assert match.group(3).endswith("-virby.json")
+    assert match.groups() == (PROGRAM, INSTALLED_CONFIG)
+    # No store path at all: not the package's, not the config's, not the image's.
+    assert "/nix/store/" not in got["plist"].replace("/bin/wait4path /nix/store &", "")
+    assert got["package"] not in got["plist"] and got["configLink"] not in got["plist"]
     assert job["Label"] == "org.nixos.virbyd"
     assert job["UserName"] == "_virby" and job["GroupName"] == "virby"
     assert job["KeepAlive"] is job["RunAtLoad"] is not on_demand
+    port = str(virby(case).get("port", 31222))
     assert job["Sockets"] == {
-        "Listener": {"SockFamily": "IPv4", "SockNodeName": "127.0.0.1", "SockServiceName": "31222"}
+        "Listener": {"SockFamily": "IPv4", "SockNodeName": "127.0.0.1", "SockServiceName": port}
     }
     assert job["WorkingDirectory"] == "/var/lib/virby"
     assert job["StandardOutPath"] == job["StandardErrorPath"] == "/var/log/virbyd.log"
@@ -224,14 +234,66 @@ def test_the_flake_formats_with_nixfmt_not_its_deprecated_alias(pair: Pair) -> N
     assert set(formatters.values()) == {"nixfmt"}
 
 
-def test_the_daemon_program_is_one_the_package_installs(results: dict) -> None:
-    """nixpkgs' buildPythonApplication installs exactly the [project.scripts] entries."""
+@pytest.mark.parametrize("case", ["default", "other-package"])
+def test_the_daemon_program_is_one_the_package_installs(results: dict, case: str) -> None:
+    """
+    /etc/virby/virbyd is a link to the package's virbyd, and nixpkgs' buildPythonApplication
+    installs exactly the [project.scripts] entries.
+    """
+    got = result(results, case)
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    match = COMMAND.fullmatch(plist(results, "default")["ProgramArguments"][2])
-    assert match
-    assert match.group(2) in scripts, (
-        f"launchd would run {match.group(2)}, but the package installs only {sorted(scripts)}"
+    program = Path(got["programLink"])
+    assert program.parent == Path(got["package"]) / "bin"
+    assert program.name in scripts, (
+        f"launchd would run {program.name}, but the package installs only {sorted(scripts)}"
     )
+    match = COMMAND.fullmatch(plist(results, case)["ProgramArguments"][2])
+    assert match and Path(match.group(1)).name == program.name
+
+
+def test_a_new_package_is_a_new_link_and_the_same_plist(results: dict) -> None:
+    default, other = result(results, "default"), result(results, "other-package")
+    assert other["package"] != default["package"], "the case must make another package"
+    assert other["programLink"] != default["programLink"]
+    assert other["plist"] == default["plist"]
+
+
+#: Cases that differ from "default" in the image, the daemon's config or the package, and
+#: not in what the plist itself says (its port, whether it is on demand).
+SAME_PLIST = ["memory-8GiB", "extra-config", "rosetta", "shared-directories", "debug",
+              "allow-user-ssh", "ephemeral", "nested", "no-stage0", "linux-builder",
+              "other-package", "determinate", "determinate-nested"]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", SAME_PLIST)
+def test_the_plist_is_the_same_whatever_the_image_config_or_package(
+    results: dict, case: str
+) -> None:
+    """
+    nix-darwin's launchd step reloads a job (and so stops its daemon, cutting its builds)
+    exactly when its plist's bytes change; a new image reaches the daemon when it renews.
+    """
+    default, got = result(results, "default"), result(results, case)
+    assert got["plist"] == default["plist"]
+    assert got["drvPath"] != default["drvPath"], "another system"
+
+
+@pytest.mark.parametrize("case", ["on-demand", "port", "determinate-on-demand"])
+def test_the_plists_own_settings_change_it(results: dict, case: str) -> None:
+    assert result(results, case)["plist"] != result(results, "default")["plist"]
+
+
+@pytest.mark.parametrize("case", BUILDS)
+def test_the_activation_restarts_no_daemon_itself(results: dict, case: str) -> None:
+    """
+    prepare asks the daemon to renew; a kickstart would cut the builds it serves.  (nix-darwin's
+    own nix-daemon step kickstarts the nix-daemon, which is not Virby's.)
+    """
+    activate = result(results, case)["activate"]
+    assert "launchctl load -w" in activate, "the script is nix-darwin's whole activation"
+    kickstarts = [line for line in activate.splitlines() if "kickstart" in line]
+    assert [line for line in kickstarts if "virby" in line] == []
+    assert "virby_before" not in activate
 
 
 def machine_lines(results: dict, case: str) -> dict[str, list[str]]:
@@ -301,7 +363,7 @@ def test_the_ssh_config_as_installed_in_etc(results: dict, case: str) -> None:
 def test_the_daemon_config_loads_in_the_python_loader(results: dict, case: str) -> None:
     got = result(results, case)
     config = fromMapping(got["settings"])
-    assert config.memory == 6144
+    assert config.memory == (8192 if case == "memory-8GiB" else 6144)
     assert config.image == got["image"]["path"] + "/nixos.img"
     assert config.on_demand is virby(case).get("onDemand", {}).get("enable", False)
     assert config.allow_user_ssh is virby(case).get("allowUserSsh", False)
@@ -314,7 +376,7 @@ def test_ephemeral_reaches_the_daemon_and_leaves_the_image_alone(results: dict) 
     assert default["settings"]["ephemeral"] is False
     # The daemon makes the fresh disk from the same image: only its config changes.
     assert ephemeral["image"]["path"] == default["image"]["path"]
-    assert ephemeral["plist"] != default["plist"], "a new config reaches the daemon"
+    assert ephemeral["configLink"] != default["configLink"], "a new config reaches the daemon"
 
 
 @pytest.mark.parametrize("case", ["default", "debug", "rosetta", "shared-directories"])
@@ -342,15 +404,18 @@ def test_extra_config_makes_a_new_image(results: dict) -> None:
     extra = result(results, "extra-config")
     assert "quiet" in extra["image"]["rest"]
     assert extra["image"]["path"] != default["image"]["path"]
-    assert extra["plist"] != default["plist"], "a new image must reach the daemon's config"
+    assert extra["settings"]["image"] != default["settings"]["image"], (
+        "a new image must reach the daemon's config"
+    )
+    assert extra["configLink"] != default["configLink"]
 
 
 @pytest.mark.parametrize("case", ["default", "ephemeral"])
 def test_the_config_is_where_virby_looks_without_config(results: dict, case: str) -> None:
     got = result(results, case)
     match = COMMAND.fullmatch(plist(results, case)["ProgramArguments"][2])
-    assert match and got["configLink"] == match.group(3), "/etc/virby/config.json is the daemon's"
-    assert INSTALLED_CONFIG == "/etc/virby/config.json"
+    assert match and match.group(2) == INSTALLED_CONFIG == "/etc/virby/config.json"
+    assert got["configLink"].endswith("-virby.json"), "/etc/virby/config.json is the daemon's"
 
 
 def test_newsyslog_rotates_the_daemons_log_without_a_signal(results: dict) -> None:
@@ -404,7 +469,7 @@ def test_disabled_leaves_no_daemon_and_no_builder(results: dict) -> None:
     assert got["newsyslog"] is None
     assert got["plist"] is None and got["machines"] is None and got["sshConfig"] is None
     assert got["stage0SshConfig"] is None and got["stage0Runner"] is None
-    assert got["configLink"] is None
+    assert got["configLink"] is None and got["programLink"] is None
     assert got["settings"] is None
 
 

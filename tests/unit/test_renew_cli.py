@@ -18,6 +18,7 @@ from tests.fakes import FakeCommands
 from virby.cli.renew import askToRenew, describeRenewal
 from virby.config import Config, fromMapping
 from virby.daemon.control import ControlFactory, controlEndpoint
+from virby.installed import packageDirectory
 from virby.layout import CONTROL_SOCKET
 from virby.reactors import hostReactor
 
@@ -109,8 +110,9 @@ def test_replies_read_as_one_line(reply: dict, line: str | None) -> None:
 class RenewingCommands(FakeCommands):
     """A daemon whose renewal finds a new image and nothing open."""
 
-    def renew(self) -> Deferred[dict[str, Any]]:
+    def renew(self, package: str | None) -> Deferred[dict[str, Any]]:
         self.renewals.append(Deferred())
+        self.renewedFrom.append(package)
         return succeed({"renewing": True, "changed": ["image"], "now": True, "open_connections": 0})
 
 
@@ -127,6 +129,6 @@ async def test_the_request_goes_through_the_daemons_control_socket(short_tmp: Pa
     try:
         line = await deferToThread(askToRenew, _config(short_tmp))
         assert line == "the daemon moves to its new image now: no connection is open"
-        assert len(commands.renewals) == 1
+        assert commands.renewedFrom == [packageDirectory()], "it names its own package"
     finally:
         await port.stopListening()

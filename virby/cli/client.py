@@ -49,6 +49,7 @@ def ask(
     command: str,
     *,
     force: bool = False,
+    package: str | None = None,
     timeout: float = 5.0,
     whileWaiting: Callable[[], object] | None = None,
     every: float = 0.5,
@@ -66,7 +67,7 @@ def ask(
     @raise VirbyError: for anything else (garbage, a timeout), in one line.
     """
     waiting = None if whileWaiting is None else (whileWaiting, every)
-    raw = _exchange(path, command, encodeRequest(command, force), timeout, waiting)
+    raw = _exchange(path, command, encodeRequest(command, force, package), timeout, waiting)
     return parseReply(raw, command, path)
 
 

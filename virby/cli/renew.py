@@ -3,7 +3,8 @@ Asking the running daemon to move to what C{virby prepare} made: the control req
 C{renew} (L{virby.wire}).
 
 prepare ends with it, in the activation and when run by hand.  The daemon compares what is
-installed (its config, its program, the image and keys) with what it started with; when
+installed (its config, the image and keys, and the Virby package this command runs from)
+with what it started with; when
 something changed, it serves on with the VM that runs until no connection is open, then
 exits, and launchd starts it anew on what is installed (L{virby.daemon.service}).  So a
 switch that brings a new image cuts no build: the old VM finishes what it runs, new builds
@@ -21,7 +22,7 @@ from typing import Any
 from virby.cli.client import DaemonDown, ask
 from virby.config import Config
 from virby.errors import VirbyError
-from virby.installed import describeChanges
+from virby.installed import describeChanges, packageDirectory
 from virby.layout import CONTROL_SOCKET
 from virby.wire import LAUNCHD_LABEL, Refused
 
@@ -35,7 +36,12 @@ def askToRenew(config: Config) -> str | None:
     to say (no daemon running, or one that already runs what is installed).
     """
     try:
-        reply = ask(config.path(CONTROL_SOCKET), "renew", timeout=RENEW_TIMEOUT)
+        reply = ask(
+            config.path(CONTROL_SOCKET),
+            "renew",
+            package=packageDirectory(),
+            timeout=RENEW_TIMEOUT,
+        )
     except DaemonDown:
         return None  # it starts on what is installed
     except Refused as e:

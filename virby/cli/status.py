@@ -121,8 +121,7 @@ def render(status: dict[str, Any], noImage: str | None = None) -> str:
         lines.append(
             (
                 "Renewing",
-                "what is installed changed: the daemon restarts onto it once no connection "
-                "is open",
+                "what is installed changed: the daemon restarts onto it once no connection is open",
             )
         )
     lines.append(("Idle stop", _idle(status)))

@@ -55,7 +55,14 @@ from virby.daemon.capacity import BACKLOG
 from virby.errors import VirbyError
 from virby.layout import OLD_SOCKET_LOCK
 from virby.logs import Logger
-from virby.wire import MAX_REQUEST, RequestError, encodeReply, errorReply, parseRequest
+from virby.wire import (
+    MAX_REQUEST,
+    Request,
+    RequestError,
+    encodeReply,
+    errorReply,
+    parseRequest,
+)
 
 log = Logger()
 
@@ -74,7 +81,7 @@ class Commands(TypingProtocol):
 
     def stop(self, force: bool) -> Deferred[dict[str, Any]]: ...
 
-    def renew(self) -> Deferred[dict[str, Any]]: ...
+    def renew(self, package: str | None) -> Deferred[dict[str, Any]]: ...
 
 
 # -- who is asking
@@ -202,23 +209,23 @@ class ControlProtocol(Protocol):
         """Run one request line and reply with its outcome."""
         self._cancelDeadline()
         try:
-            command, force = parseRequest(line)
+            request = parseRequest(line)
         except RequestError as e:
             self._reply(errorReply(str(e)))
             return
-        self._request = maybeDeferred(self._run, command, force)
+        self._request = maybeDeferred(self._run, request)
         self._request.addCallbacks(lambda reply: {"ok": True, **reply}, _explain)
         self._request.addCallback(self._reply)
 
-    def _run(self, command: str, force: bool) -> Deferred[dict[str, Any]]:
+    def _run(self, request: Request) -> Deferred[dict[str, Any]]:
         commands = self.factory.commands
-        if command == "status":
+        if request.command == "status":
             return succeed({"status": commands.status()})
-        if command == "start":
+        if request.command == "start":
             return commands.start()
-        if command == "renew":
-            return commands.renew()
-        return commands.stop(force)
+        if request.command == "renew":
+            return commands.renew(request.package)
+        return commands.stop(request.force)
 
     def _tooSlow(self) -> None:
         self._deadline = None

@@ -47,7 +47,13 @@ from virby.daemon.readiness import ReadyGuest
 from virby.daemon.relay import spliceAvailable
 from virby.daemon.virbyd import exitWithError
 from virby.errors import VirbyError, oneLine
-from virby.installed import Installed, describeChanges, readInstalled
+from virby.installed import (
+    PACKAGE,
+    Installed,
+    describeChanges,
+    packageDirectory,
+    readInstalled,
+)
 from virby.layout import CONTROL_SOCKET, DAEMON_LOCK, DAEMON_UMASK, checkWorkingDirectory
 from virby.locks import FileLock, takeLock
 from virby.logs import Logger, setVerbose
@@ -99,6 +105,7 @@ class DaemonService(Service):
     @param installed: reads what is installed now (L{readInstalled} with the daemon's config
         file and program); read at start and at each renewal.
     @param exit: ends the daemon's process once it has retired (the reactor's C{stop}).
+    @param package: this daemon's Virby package directory (L{packageDirectory}).
     """
 
     def __init__(
@@ -111,6 +118,7 @@ class DaemonService(Service):
         descriptors: DescriptorLimit | None = None,
         installed: Callable[[], Installed] | None = None,
         exit: Callable[[], object] | None = None,
+        package: str | None = None,
     ) -> None:
         super().__init__()
         self._reactor = reactor
@@ -127,8 +135,9 @@ class DaemonService(Service):
         self._proxy = ProxyFactory(
             reactor, lifecycle, pipeLimit=descriptors.pipes if descriptors else None
         )
-        self._installed = installed or (lambda: readInstalled(None, None, config.working_directory))
+        self._installed = installed or (lambda: readInstalled(None, config.working_directory))
         self._startedWith: Installed | None = None
+        self._package = package or packageDirectory()
         self._exit = exit or reactor.stop
         lifecycle.retire = self._retire
 
@@ -230,14 +239,19 @@ class DaemonService(Service):
         self._releaseLock()
         log.info("stopped")
 
-    def renew(self) -> Deferred[dict[str, Any]]:
+    def renew(self, package: str | None = None) -> Deferred[dict[str, Any]]:
         """
         Move to what is installed now, without cutting a build (see the class docstring):
         the reply names what changed, and whether the daemon retires now or once its open
         connections have ended.  Nothing changed: nothing to do.
+
+        @param package: the asking command's Virby package directory, compared with this
+            daemon's own (L{virby.installed}); C{None}: not compared.
         """
         assert self._startedWith is not None, "renewing a daemon that has not started"
         changes = self._installed().changesSince(self._startedWith)
+        if package is not None and package != self._package:
+            changes.append(PACKAGE)
         if not changes:
             return succeed({"renewing": False, "changed": []})
         if not self._config.listen.startswith(SUPERVISED):
@@ -316,8 +330,8 @@ class DaemonCommands:
             lambda outcome: {"stopped": outcome.stopped, "closed_connections": outcome.closed}
         )
 
-    def renew(self) -> Deferred[dict[str, Any]]:
-        return self._service.renew()
+    def renew(self, package: str | None) -> Deferred[dict[str, Any]]:
+        return self._service.renew(package)
 
 
 def _logAcceptQueue() -> None:
@@ -403,16 +417,13 @@ def installSignalHandlers(reactor: IHostReactor, logFile: LogFile) -> None:
 
 
 def makeDaemonService(
-    config: Config,
-    reactor: IHostReactor,
-    configFile: str | None = None,
-    program: str | None = None,
+    config: Config, reactor: IHostReactor, configFile: str | None = None
 ) -> DaemonService:
     """
     Check the setup, then build the service tree; any problem is one line and exit 1.
 
-    @param configFile: the config file the daemon was given, and C{program} the path it was
-        started as: what a renewal compares (L{virby.installed}).
+    @param configFile: the config file the daemon was given, which a renewal reads again
+        (L{virby.installed}).
     """
     try:
         checkWorkingDirectory(config.working_directory)
@@ -439,7 +450,7 @@ def makeDaemonService(
         hypervisor,
         lifecycle,
         descriptors,
-        installed=lambda: readInstalled(configFile, program, config.working_directory),
+        installed=lambda: readInstalled(configFile, config.working_directory),
     )
     logFile = LogFile.ofStandardStreams()
     installSignalHandlers(reactor, logFile)

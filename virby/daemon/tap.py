@@ -132,9 +132,6 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     from virby.daemon.service import makeDaemonService
-    from virby.daemon.virbyd import startedAs
     from virby.reactors import hostReactor
 
-    return makeDaemonService(
-        config, hostReactor(reactor), configFile=options["config"], program=startedAs()
-    )
+    return makeDaemonService(config, hostReactor(reactor), configFile=options["config"])

@@ -26,19 +26,6 @@ def programName() -> str:
     return PROGRAM if os.path.basename(sys.argv[0]) == PROGRAM else "twistd virby"
 
 
-#: The path this program was started as, before L{main} handed the command line to twistd.
-_startedAs: str | None = None
-
-
-def startedAs() -> str | None:
-    """
-    The path the daemon was started as (launchd's C{/etc/virby/virbyd}), or C{None} when run
-    as C{twistd virby}: the renewal compares where it leads now with where it led at start
-    (L{virby.installed}).
-    """
-    return _startedAs
-
-
 #: The status of a command line that cannot be read, as C{virby}'s (argparse's).
 EXIT_USAGE = 2
 
@@ -66,8 +53,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the console script: hand over to twistd, which exits when done."""
     from twisted.scripts.twistd import run
 
-    global _startedAs
-    _startedAs = sys.argv[0]
     arguments = sys.argv[1:] if argv is None else list(argv)
     sys.argv = [PROGRAM, *twistdArguments(arguments)]
     run()
