@@ -30,6 +30,7 @@ from testbed.supervisor import Exit, Supervisor
 from virby import keys, layout
 from virby.cli.client import ask
 from virby.cli.renew import RENEW_TIMEOUT
+from virby.installed import packageDirectory
 
 pytestmark = [
     pytest.mark.e2e,
@@ -115,7 +116,8 @@ def bootCount(supervisor: Supervisor) -> int:
 
 def renew(builder: Builder) -> dict[str, Any]:
     """Ask the daemon to renew, as prepare's last step does; its reply."""
-    return ask(str(builder.wd / layout.CONTROL_SOCKET), "renew", timeout=RENEW_TIMEOUT)
+    path = str(builder.wd / layout.CONTROL_SOCKET)
+    return ask(path, "renew", package=packageDirectory(), timeout=RENEW_TIMEOUT)
 
 
 @pytest.mark.parametrize("onDemand", [False, True], ids=["always-on", "on-demand"])
