@@ -5,8 +5,10 @@ Two ed25519 pairs exist.  The VM's host key is shared into the guest (it would o
 invent one at every boot, and the host could never pin it), and its public half is pinned in
 C{ssh_known_hosts} under the alias C{virby-vm-key}.  The client key is what the host's
 C{ssh virby-vm} logs in with; its public half is shared into the guest as the builder's
-authorized key.  Generating them here, with no C{ssh-keygen}, keeps C{virby prepare} free of
-any tool that a Mac might lack or ship in an old version.
+authorized key.  While a VM booted on the set before may still run, that set's host key is
+pinned too, on the second line (L{virby.rotation}).  Generating them here, with no
+C{ssh-keygen}, keeps C{virby prepare} free of any tool that a Mac might lack or ship in an
+old version.
 """
 
 from __future__ import annotations
@@ -80,3 +82,27 @@ def barePublic(line: str) -> str:
 def knownHostsLine(public: str, alias: str = HOST_KEY_ALIAS) -> str:
     """The C{ssh_known_hosts} line that pins C{public} under C{alias} (with newline)."""
     return f"{alias} {barePublic(public)}\n"
+
+
+def pinnedKeys(knownHosts: str, alias: str = HOST_KEY_ALIAS) -> list[str] | None:
+    """
+    The bare keys a C{ssh_known_hosts} written by Virby pins, in order: the current host key,
+    then, while it is kept, the previous one.  OpenSSH accepts a host key that any line for
+    the alias pins, so both VMs pass the strict check during a transition.
+
+    @return: C{None} unless C{knownHosts} is exactly one or two L{knownHostsLine}s under
+        C{alias}, each with a valid and distinct key: anything else was not written whole.
+    """
+    lines = knownHosts.splitlines(keepends=True)
+    if not 1 <= len(lines) <= 2:
+        return None
+    pinned = []
+    for line in lines:
+        try:
+            bare = barePublic(line)
+        except ValueError:
+            return None
+        if line != knownHostsLine(bare, alias):
+            return None
+        pinned.append(bare)
+    return pinned if len(set(pinned)) == len(pinned) else None

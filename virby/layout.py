@@ -11,7 +11,7 @@ and a test keeps the two in step.
 Modes are the point of most of these files: the directory is owner-only, so the private keys,
 the control socket and vfkit's REST socket are out of other users' reach even when a mode
 inside were loosened; with C{allow-user-ssh} it is traversable (0711), so other users can
-read the two files made for them, and still cannot list it.  What vfkit makes (its socket,
+read the files made for them, and still cannot list it.  What vfkit makes (its socket,
 the console, the firmware's variables) gets the daemon's umask, L{DAEMON_UMASK}.
 """
 
@@ -51,6 +51,13 @@ HOST_PUBLIC_KEY = "ssh_host_ed25519_key.pub"
 KNOWN_HOSTS = "ssh_known_hosts"
 #: The client key readable by every local user (only with allow-user-ssh).
 SHARED_CLIENT_KEY = "ssh_user_ed25519_key.shared"
+#: The client key of the set before the current one, kept while a VM booted on that set may
+#: still run (a new image makes new keys, and the old VM keeps its own until it stops); the
+#: daemon retires it at the next boot (L{virby.rotation}).  Its host key is the second line
+#: of L{KNOWN_HOSTS}.
+PREVIOUS_CLIENT_KEY = f"{CLIENT_KEY}.previous"
+#: Its copy readable by every local user (only with allow-user-ssh).
+PREVIOUS_SHARED_CLIENT_KEY = f"{SHARED_CLIENT_KEY}.previous"
 #: The image path the disks were made from: a different path means a new image.
 IMAGE_RECORD = "image-path"
 #: The GC root of the realised image (a symlink to its store path), so that Nix's garbage
@@ -107,8 +114,15 @@ ENTRIES: tuple[Entry, ...] = (
     Entry(AUTHORIZED_KEY, PUBLIC, "prepare", "the client's public key, authorized in the VM"),
     Entry(CLIENT_KEY, PRIVATE, "prepare", "the client's private key"),
     Entry(HOST_PUBLIC_KEY, PUBLIC, "prepare", "the VM's public host key"),
-    Entry(KNOWN_HOSTS, PUBLIC, "prepare", "pins the host key under virby-vm-key"),
+    Entry(KNOWN_HOSTS, PUBLIC, "prepare", "pins the host key (then the previous one)"),
     Entry(SHARED_CLIENT_KEY, PUBLIC, "prepare", "with allow-user-ssh: the client key for all"),
+    Entry(PREVIOUS_CLIENT_KEY, PRIVATE, "prepare", "until retired: the previous client key"),
+    Entry(
+        PREVIOUS_SHARED_CLIENT_KEY,
+        PUBLIC,
+        "prepare",
+        "until retired, with allow-user-ssh: the previous client key for all",
+    ),
     Entry(IMAGE_RECORD, PUBLIC, "prepare", "the image path the disks were made from"),
     Entry(IMAGE_DERIVATION, PUBLIC, "prepare", "the image's derivation and its image path"),
     Entry(IMAGE_FAILURE, PUBLIC, "prepare", "while there is no image: why"),

@@ -172,3 +172,22 @@ def locked(path: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def lockedIfFree(path: str) -> Iterator[bool]:
+    """
+    The lock of L{locked}, taken only if nobody holds it: yields whether it was taken.  For
+    work that may wait for a later chance (the daemon's retiring of the previous SSH keys,
+    L{virby.rotation}) and must never wait for an activation to finish.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+        else:
+            yield True
+    finally:
+        os.close(fd)

@@ -17,6 +17,17 @@ side (C{nix/lib/ssh-config.nix}) is checked against it.  The choices:
 - C{IdentityFile} is the client key ssh can read: with C{allow-user-ssh}, the copy every
   local user may read (L{SHARED_CLIENT_KEY}), as the module installs it; else the owner-only
   key itself, which only root (and the daemon's user) can read.
+- A second C{IdentityFile}, the same name with C{.previous} (L{PREVIOUS_CLIENT_KEY}, or
+  L{virby.layout.PREVIOUS_SHARED_CLIENT_KEY} with C{allow-user-ssh}): the client key of the
+  set before a new image, which a VM still running that image authorizes
+  (L{virby.rotation}).  ssh offers the identities in order, so the current key goes first
+  and a VM on the current set never sees the other.  Most of the time the file is missing,
+  which costs nothing, as OpenSSH's source shows: C{ssh.c} loads each identity's public half
+  through C{check_load}, which ignores C{ENOENT} (a C{debug} line only);
+  C{load_identity_file} in C{sshconnect2.c}, which runs only when the key's turn comes
+  (after the current key was refused), logs C{no such identity} at C{INFO} for a file named
+  in the user's own config (C{-F}, C{~/.ssh/config}, C{-i}), and at C{DEBUG3} for one from
+  the system's config, where the module installs this block: there ssh says nothing.
 - C{Port} is where the daemon really accepts: the port of a C{tcp:} C{listen} string when
   it names one, else C{port} (the port launchd binds for an adopted socket).
 """
@@ -25,10 +36,12 @@ from __future__ import annotations
 
 from virby.config import Config
 from virby.keys import HOST_KEY_ALIAS
-from virby.layout import CLIENT_KEY, KNOWN_HOSTS, SHARED_CLIENT_KEY
+from virby.layout import CLIENT_KEY, KNOWN_HOSTS, PREVIOUS_CLIENT_KEY, SHARED_CLIENT_KEY
 
 HOST = "virby-vm"
 USER = "builder"
+#: What the previous client key's name adds to the current one's (L{PREVIOUS_CLIENT_KEY}).
+PREVIOUS_SUFFIX = PREVIOUS_CLIENT_KEY.removeprefix(CLIENT_KEY)
 
 
 def _quoted(path: str) -> str:
@@ -41,7 +54,8 @@ def sshConfigBlock(config: Config, identityFile: str | None = None) -> str:
     The ssh_config text for C{Host virby-vm}, ending with a newline.
 
     @param identityFile: the client key to log in with; when C{None}, the one the module
-        names: the readable copy with C{allow-user-ssh}, else the private key itself.
+        names: the readable copy with C{allow-user-ssh}, else the private key itself.  The
+        previous key, tried second, is its name with L{PREVIOUS_SUFFIX}.
     """
     if identityFile is None:
         identityFile = config.path(SHARED_CLIENT_KEY if config.allow_user_ssh else CLIENT_KEY)
@@ -52,6 +66,7 @@ def sshConfigBlock(config: Config, identityFile: str | None = None) -> str:
         f"  User {USER}",
         f"  HostKeyAlias {HOST_KEY_ALIAS}",
         f"  IdentityFile {_quoted(identityFile)}",
+        f"  IdentityFile {_quoted(identityFile + PREVIOUS_SUFFIX)}",
         f"  UserKnownHostsFile {_quoted(config.path(KNOWN_HOSTS))}",
         "  StrictHostKeyChecking yes",
         "  IdentitiesOnly yes",

@@ -1,11 +1,13 @@
 """
 The keys C{virby prepare} makes work with the real OpenSSH tools: ssh-keygen reads them, and
 a real sshd given the host key and the authorized key lets the client in while ssh checks
-the host key strictly against C{ssh_known_hosts}.
+the host key strictly against C{ssh_known_hosts}; after a new image, both a guest with the
+old keys and one with the new keys let it in, until the previous keys are retired.
 """
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import shutil
@@ -19,6 +21,7 @@ import pytest
 from testbed.processes import ProcessUnderTest, free_port
 from virby import keys, layout
 from virby.config import Config
+from virby.rotation import retirePrevious
 from virby.sshconfig import sshConfigBlock
 
 pytestmark = [
@@ -137,8 +140,105 @@ def test_ssh_reads_the_block_as_intended(config: Config, tmp_path: Path) -> None
         "user builder",
         "hostkeyalias virby-vm-key",
         f"identityfile {wd}/ssh_user_ed25519_key",
+        f"identityfile {wd}/ssh_user_ed25519_key.previous",
         f"userknownhostsfile {wd}/ssh_known_hosts",
         "stricthostkeychecking true",
         "identitiesonly yes",
     ):
         assert line in effective, line
+
+
+# -- a new image while a VM of the old one runs (virby.rotation)
+
+
+@contextlib.contextmanager
+def guest(share: Path, tmp_path: Path, name: str) -> Iterator[int]:
+    """
+    A real sshd with the keys a guest copied from C{share} at its boot: its host key, and the
+    one client key it authorizes.
+    """
+    if os.geteuid() == 0:
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+    booted = tmp_path / name
+    shutil.copytree(share, booted)
+    port = free_port()
+    sshdConfig = tmp_path / f"{name}.sshd_config"
+    sshdConfig.write_text(
+        f"ListenAddress 127.0.0.1:{port}\n"
+        f"HostKey {booted / layout.SHARE_HOST_KEY}\n"
+        f"AuthorizedKeysFile {booted / layout.SHARE_AUTHORIZED_KEY}\n"
+        "StrictModes no\nUsePAM no\nPidFile none\nPasswordAuthentication no\n"
+        "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
+    )
+    server = ProcessUnderTest(["/usr/sbin/sshd", "-D", "-e", "-f", str(sshdConfig)])
+    try:
+        server.wait_for_line(r"Server listening on 127\.0\.0\.1 port", timeout=30)
+        yield port
+    finally:
+        server.kill_all()
+
+
+def prepareImage(config: Config, tmp_path: Path, name: str) -> None:
+    image = tmp_path / name
+    image.write_bytes(name.encode() * 1000)
+    result = subprocess.run(
+        [sys.executable, "-m", "virby.cli", "prepare", "--image", str(image),
+         "--working-directory", config.working_directory, "--disk-size", "1GiB"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+
+
+def viaBlock(config: Config, port: int, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """ssh virby-vm with the block the module installs as its only config (user aside)."""
+    block = sshConfigBlock(Config(working_directory=config.working_directory, port=port))
+    (tmp_path / "ssh_config").write_text(block)
+    return subprocess.run(
+        ["ssh", "-F", str(tmp_path / "ssh_config"), "-o", "BatchMode=yes",
+         "-o", "GlobalKnownHostsFile=/dev/null", "-l", getpass.getuser(), "virby-vm", "true"],
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def test_during_a_new_image_ssh_reaches_the_old_vm_and_the_new_one(
+    config: Config, tmp_path: Path
+) -> None:
+    """
+    known_hosts pins [new, old] and the block names [new, previous]: ssh's strict check and
+    its identities get through to a guest with the old keys and to one with the new keys;
+    once the boot retired the previous set, only the new one is reached.
+    """
+    share = Path(config.path(layout.SSHD_KEYS))
+    shutil.copytree(share, tmp_path / "old-share")
+    prepareImage(config, tmp_path, "new.img")
+    assert len(Path(config.path(layout.KNOWN_HOSTS)).read_text().splitlines()) == 2
+    with (
+        guest(tmp_path / "old-share", tmp_path, "old") as old,
+        guest(share, tmp_path, "new") as new,
+    ):
+        toOld, toNew = viaBlock(config, old, tmp_path), viaBlock(config, new, tmp_path)
+        assert toOld.returncode == 0, toOld.stderr
+        assert toNew.returncode == 0, toNew.stderr
+        assert retirePrevious(config.working_directory)
+        toOld, toNew = viaBlock(config, old, tmp_path), viaBlock(config, new, tmp_path)
+        assert toNew.returncode == 0, toNew.stderr
+        assert toOld.returncode != 0 and "HOST IDENTIFICATION HAS CHANGED" in toOld.stderr
+
+
+def test_a_missing_previous_key_costs_the_new_vm_nothing(config: Config, tmp_path: Path) -> None:
+    """
+    No previous set: ssh skips the missing identity without a word while the current key is
+    accepted; from a user's own config it says so only when that key's turn comes.
+    """
+    assert not os.path.exists(config.path(layout.PREVIOUS_CLIENT_KEY))
+    share = Path(config.path(layout.SSHD_KEYS))
+    with guest(share, tmp_path, "current") as port:
+        result = viaBlock(config, port, tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert "identity" not in result.stderr
+        (tmp_path / "current" / layout.SHARE_AUTHORIZED_KEY).write_text(
+            keys.generate("someone else").public + "\n"
+        )
+        refused = viaBlock(config, port, tmp_path)
+    assert refused.returncode != 0
+    assert f"no such identity: {config.path(layout.PREVIOUS_CLIENT_KEY)}" in refused.stderr

@@ -38,7 +38,14 @@ from virby.hostfacts import (
     parseLaunchctl,
     parseLsof,
 )
-from virby.layout import CLIENT_KEY, CONTROL_SOCKET, KNOWN_HOSTS, NO_IMAGE_FIX
+from virby.layout import (
+    CLIENT_KEY,
+    CONTROL_SOCKET,
+    KNOWN_HOSTS,
+    NO_IMAGE_FIX,
+    PREVIOUS_CLIENT_KEY,
+    PREVIOUS_SHARED_CLIENT_KEY,
+)
 from virby.shares import Account
 from virby.vfkitflags import VFKIT_SINCE, parseVfkitVersion, vfkitNeeds
 from virby.wire import LAUNCHD_LABEL
@@ -997,3 +1004,60 @@ def test_the_builder_the_doctor_expects_is_the_modules() -> None:
     for word in ('"benchmark"', '"big-parallel"', '"kvm"', '"nixos-test"', '"x86_64-linux"'):
         assert word in block
     assert 'hostName = "virby-vm"' in block and 'protocol = "ssh-ng"' in block
+
+
+# -- the previous keys, kept from a new image to the next boot (virby.rotation)
+
+
+def rotated(machine, **options: Any) -> Config:
+    """The machine's directory after a new image: the previous set kept."""
+    image = Path(machine["root"]) / "store-new-image.img"
+    image.write_bytes(b"new image" + bytes(4096))
+    config = dataclasses.replace(machine["config"], image=str(image), **options)
+    prepare.prepare(config)
+    assert prepare.previousHostKey(config) is not None
+    return config
+
+
+def test_the_previous_keys_and_their_pin_are_no_problem(machine) -> None:
+    config = rotated(machine)
+    previous = config.path(PREVIOUS_CLIENT_KEY)
+    machine["mac"].answers[(SSH, "-G", "virby-vm")] = sshG(
+        config, identityfile=f"{config.path(CLIENT_KEY)}\nidentityfile {previous}"
+    )
+    found = examine(machine, config)
+    assert [name for name, finding in found.items() if finding.status is Status.FAIL] == []
+    assert found["keys"].detail == (
+        "the client key is the one the guest authorizes; the host key is pinned; the previous "
+        "keys are kept for a VM of the image before, until the next boot"
+    )
+    assert found["ssh-config"].status is Status.OK
+
+
+def test_the_previous_keys_copy_for_users_must_be_that_key(machine) -> None:
+    config = rotated(machine, allow_user_ssh=True)
+    wd = Path(config.working_directory)
+    assert "keys" not in failed(examine(machine, config))
+    (wd / PREVIOUS_SHARED_CLIENT_KEY).write_bytes(keys.generate("stray").private)
+    assert failed(examine(machine, config))["keys"].detail == (
+        f"{PREVIOUS_SHARED_CLIENT_KEY} is not the previous client key"
+    )
+
+
+def test_a_copy_of_the_previous_key_without_allow_user_ssh_is_a_problem(machine) -> None:
+    config = rotated(machine)
+    wd = Path(config.working_directory)
+    (wd / PREVIOUS_SHARED_CLIENT_KEY).write_bytes((wd / PREVIOUS_CLIENT_KEY).read_bytes())
+    os.chmod(wd / PREVIOUS_SHARED_CLIENT_KEY, 0o644)
+    assert failed(examine(machine, config))["files"].detail == (
+        f"{PREVIOUS_SHARED_CLIENT_KEY} exists though allow-user-ssh is off"
+    )
+
+
+def test_a_second_pin_that_is_no_key_is_a_problem(machine) -> None:
+    wd = Path(machine["config"].working_directory)
+    with open(wd / KNOWN_HOSTS, "a") as f:
+        f.write("virby-vm-key ssh-ed25519 junk\n")
+    assert failed(examine(machine))["keys"].detail == (
+        "ssh_known_hosts does not pin the VM's host key"
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 
-from virby import layout
+from virby import keys, layout
 from virby.config import fromMapping
 from virby.daemon.hypervisor import BootError, HostRefusal, NoImage, VfkitHypervisor
 from virby.daemon.lifecycle import BootPhase, Lifecycle, VMUnavailable
@@ -144,3 +144,99 @@ def test_a_disk_lost_after_an_image_was_made_is_not_no_image_yet(short_tmp) -> N
     assert layout.noImageYet(str(short_tmp)) is not None
     (short_tmp / layout.IMAGE_RECORD).write_text("/nix/store/x-image/nixos.img\n")
     assert layout.noImageYet(str(short_tmp)) is None
+
+
+# -- the previous SSH keys, retired at every boot (virby.rotation)
+
+
+def withPreviousKeys(directory) -> None:
+    """A working directory as prepare leaves it after a new image: a previous set kept."""
+    current, previous = keys.generate("host"), keys.generate("old host")
+    (directory / layout.KNOWN_HOSTS).write_text(
+        keys.knownHostsLine(current.public) + keys.knownHostsLine(previous.public)
+    )
+    (directory / layout.PREVIOUS_CLIENT_KEY).write_bytes(keys.generate("old client").private)
+
+
+def bootLogs(hypervisor: VfkitHypervisor) -> tuple[list, list[tuple[LogLevel, str]]]:
+    from tests.unit.test_daemon import outcome
+
+    with capturedLogs() as events:
+        result = outcome(hypervisor.spawn(noReport))
+    return result, [(e["log_level"], formatEvent(e)) for e in events]
+
+
+def test_a_boot_retires_the_previous_keys_under_the_vm_lock(short_tmp, monkeypatch) -> None:
+    """No VM runs while the VM lock is held: the previous set is of no use any more."""
+    from tests.fakes import FakeReactor
+    from tests.unit.test_daemon import prepared
+    from virby import rotation
+    from virby.locks import FileLock
+
+    withPreviousKeys(short_tmp)
+    reactor = FakeReactor(4242)
+    seen: list[tuple[bool, int]] = []
+    real = rotation.retirePrevious
+
+    def retire(workingDirectory: str) -> bool:
+        probe = FileLock(str(short_tmp / layout.VM_LOCK))
+        seen.append((not probe.acquire(), len(reactor.spawned)))
+        return real(workingDirectory)
+
+    monkeypatch.setattr("virby.daemon.hypervisor.retirePrevious", retire)
+    hypervisor = VfkitHypervisor(reactor, prepared(short_tmp), "/bin/vfkit")
+    (vm,), said = bootLogs(hypervisor)
+    assert vm.pid == 4242
+    assert seen == [(True, 0)], "with the VM lock held, before vfkit starts"
+    assert (LogLevel.info, "retired the previous SSH keys: no VM runs on them now") in said
+    assert len((short_tmp / layout.KNOWN_HOSTS).read_text().splitlines()) == 1
+    assert not (short_tmp / layout.PREVIOUS_CLIENT_KEY).exists()
+
+
+def test_a_boot_with_nothing_to_retire_says_nothing_of_keys(short_tmp) -> None:
+    from tests.fakes import FakeReactor
+    from tests.unit.test_daemon import prepared
+
+    hypervisor = VfkitHypervisor(FakeReactor(4242), prepared(short_tmp), "/bin/vfkit")
+    (vm,), said = bootLogs(hypervisor)
+    assert vm.pid == 4242
+    assert not [text for _, text in said if "SSH keys" in text]
+
+
+def test_keys_that_cannot_be_retired_are_a_warning_and_the_boot_goes_on(
+    short_tmp, monkeypatch
+) -> None:
+    import errno
+    import os
+
+    from tests.fakes import FakeReactor
+    from tests.unit.test_daemon import prepared
+
+    def denied(workingDirectory: str) -> bool:
+        raise OSError(errno.EACCES, os.strerror(errno.EACCES), workingDirectory)
+
+    monkeypatch.setattr("virby.daemon.hypervisor.retirePrevious", denied)
+    hypervisor = VfkitHypervisor(FakeReactor(4242), prepared(short_tmp), "/bin/vfkit")
+    (vm,), said = bootLogs(hypervisor)
+    assert vm.pid == 4242, "the boot went on"
+    assert (
+        LogLevel.warn,
+        f"could not retire the previous SSH keys in {short_tmp}: Permission denied; "
+        "the next boot tries again",
+    ) in said
+
+
+def test_while_prepare_holds_the_directory_the_boot_retires_nothing(short_tmp) -> None:
+    from tests.fakes import FakeReactor
+    from tests.unit.test_daemon import prepared
+    from virby.locks import locked
+
+    withPreviousKeys(short_tmp)
+    before = (short_tmp / layout.KNOWN_HOSTS).read_bytes()
+    hypervisor = VfkitHypervisor(FakeReactor(4242), prepared(short_tmp), "/bin/vfkit")
+    with locked(str(short_tmp)):
+        (vm,), said = bootLogs(hypervisor)
+    assert vm.pid == 4242, "a boot never waits for an activation"
+    assert (short_tmp / layout.KNOWN_HOSTS).read_bytes() == before
+    assert (short_tmp / layout.PREVIOUS_CLIENT_KEY).exists()
+    assert not [text for _, text in said if "SSH keys" in text]

@@ -82,3 +82,16 @@ def test_a_lock_taken_on_a_file_removed_meanwhile_is_retaken(tmp_path, monkeypat
     assert lock.acquire()
     assert len(calls) == 2 and os.path.exists(path)
     assert os.fstat(lock.fileno()).st_ino == os.stat(path).st_ino
+
+
+def test_the_directory_lock_is_taken_only_if_free_and_never_waited_for(tmp_path) -> None:
+    from virby.locks import locked, lockedIfFree
+
+    with locked(str(tmp_path)), lockedIfFree(str(tmp_path)) as held:
+        assert held is False
+    with lockedIfFree(str(tmp_path)) as held:
+        assert held is True
+        with lockedIfFree(str(tmp_path)) as again:
+            assert again is False, "held by the first"
+    with lockedIfFree(str(tmp_path)) as held:
+        assert held is True, "let go at the end of the block"

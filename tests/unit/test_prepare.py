@@ -17,6 +17,7 @@ from virby import cli, disk, keys, shares
 from virby.cli import prepare
 from virby.config import MIB, Config
 from virby.errors import VirbyError
+from virby.layout import PREVIOUS_CLIENT_KEY
 
 DISK = 8 * MIB
 
@@ -312,7 +313,11 @@ def count_renames(monkeypatch, crash_after: int | None) -> list[str]:
 
 
 def test_a_crash_after_any_step_is_finished_by_the_next_run(config, image, tmp_path, monkeypatch):
-    """Whatever step a run dies after, on a first run or on a new image, a rerun completes."""
+    """
+    Whatever step a first run dies after, a rerun completes.  One that died with whole keys
+    and no record yet makes new keys, as for any new image, and keeps those it replaces
+    (tests/unit/test_rotation.py): a daemon may have booted a VM on them meanwhile.
+    """
     with monkeypatch.context() as m:
         renames = count_renames(m, None)
         probe = Config(working_directory=str(tmp_path / "probe"), image=str(image), disk_size=DISK)
@@ -320,21 +325,21 @@ def test_a_crash_after_any_step_is_finished_by_the_next_run(config, image, tmp_p
         total = len(renames)
     assert total == 8  # base, diff, five key files, the record
 
-    new_image = tmp_path / "store" / "new.img"
-    make_image(new_image, b"new image")
+    keeps = []
     for crash_after in range(1, total + 1):
-        for target, start in ((f"fresh{crash_after}", None), (f"switch{crash_after}", image)):
-            wd = str(tmp_path / target)
-            final = Config(working_directory=wd, image=str(new_image), disk_size=DISK)
-            if start is not None:
-                prepare.prepare(Config(working_directory=wd, image=str(start), disk_size=DISK))
-            with monkeypatch.context() as m:
-                count_renames(m, crash_after)
-                with pytest.raises(Crash):
-                    prepare.prepare(final)
-            prepare.prepare(final)
-            assert_consistent(final, new_image)
-            assert layout(Path(wd)) == EXPECTED
+        wd = str(tmp_path / f"fresh{crash_after}")
+        final = Config(working_directory=wd, image=str(image), disk_size=DISK)
+        with monkeypatch.context() as m:
+            count_renames(m, crash_after)
+            with pytest.raises(Crash):
+                prepare.prepare(final)
+        keep = prepare.keysConsistent(final) and prepare.recordedImage(final) is None
+        prepare.prepare(final)
+        assert_consistent(final, image)
+        previous = {PREVIOUS_CLIENT_KEY: 0o600} if keep else {}
+        assert layout(Path(wd)) == {**EXPECTED, **previous}
+        keeps.append(keep)
+    assert keeps == [False] * 6 + [True, False], "only after the keys, before the record"
 
 
 # -- refusals: one line, nothing touched
@@ -558,3 +563,32 @@ def test_print_ssh_config_prints_the_block_and_touches_nothing(short_tmp: Path, 
     assert out.startswith("Host virby-vm\n") and "  Port 31333\n" in out
     assert f"  IdentityFile {wd}/ssh_user_ed25519_key\n" in out
     assert not wd.exists()
+
+
+def test_the_command_asks_the_daemon_to_move_and_prints_its_answer(short_tmp, image, capsys):
+    """Once prepared, the running daemon is asked to move to what prepare made."""
+    config = Config(working_directory=str(short_tmp / "wd"), image=str(image), disk_size=DISK)
+    asked: list[bool] = []
+
+    def ask(asking: Config) -> str | None:
+        assert asking is config
+        asked.append(prepare.recordedImage(asking) == str(image))
+        return "the daemon moves to the new image once no build uses the VM"
+
+    assert prepare.run(config, None, False, askToRenew=ask) == 0
+    assert asked == [True], "asked once, after the directory was prepared"
+    out = capsys.readouterr().out
+    assert out.endswith(
+        "virby prepare: the daemon moves to the new image once no build uses the VM\n"
+    )
+    assert prepare.run(config, None, False, askToRenew=lambda asking: None) == 0
+    assert capsys.readouterr().out == "", "no answer, nothing printed"
+
+
+def test_print_ssh_config_asks_the_daemon_nothing(short_tmp, capsys) -> None:
+    def ask(config: Config) -> str | None:
+        raise AssertionError("only the block is printed")
+
+    config = Config(working_directory=str(short_tmp / "wd"))
+    assert prepare.run(config, None, True, askToRenew=ask) == 0
+    assert capsys.readouterr().out.startswith("Host virby-vm\n")

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from virby import layout
 from virby.config import Config
 from virby.sshconfig import sshConfigBlock
 
@@ -21,6 +22,7 @@ def test_the_block_is_exactly_what_the_module_installs() -> None:
         "  User builder\n"
         "  HostKeyAlias virby-vm-key\n"
         "  IdentityFile /var/lib/virby/ssh_user_ed25519_key\n"
+        "  IdentityFile /var/lib/virby/ssh_user_ed25519_key.previous\n"
         "  UserKnownHostsFile /var/lib/virby/ssh_known_hosts\n"
         "  StrictHostKeyChecking yes\n"
         "  IdentitiesOnly yes\n"
@@ -36,6 +38,7 @@ def test_the_identity_file_can_be_chosen() -> None:
 def test_paths_with_spaces_are_quoted() -> None:
     block = sshConfigBlock(Config(working_directory="/Volumes/My Disk/virby"))
     assert '  IdentityFile "/Volumes/My Disk/virby/ssh_user_ed25519_key"\n' in block
+    assert '  IdentityFile "/Volumes/My Disk/virby/ssh_user_ed25519_key.previous"\n' in block
     assert '  UserKnownHostsFile "/Volumes/My Disk/virby/ssh_known_hosts"\n' in block
 
 
@@ -63,6 +66,23 @@ def test_print_ssh_config_follows_a_listen_flag(short_tmp) -> None:
 def test_the_readable_key_is_named_when_users_may_ssh() -> None:
     config = Config(working_directory="/w", allow_user_ssh=True)
     assert "  IdentityFile /w/ssh_user_ed25519_key.shared\n" in sshConfigBlock(config)
+
+
+@pytest.mark.parametrize("allow", [False, True])
+def test_the_previous_key_prepare_keeps_is_named_after_the_current_one(allow: bool) -> None:
+    """ssh offers them in order: a VM on the current keys never sees the previous one."""
+    config = Config(working_directory="/w", allow_user_ssh=allow)
+    current, previous = (
+        (layout.SHARED_CLIENT_KEY, layout.PREVIOUS_SHARED_CLIENT_KEY)
+        if allow
+        else (layout.CLIENT_KEY, layout.PREVIOUS_CLIENT_KEY)
+    )
+    named = [
+        line.split(None, 1)[1]
+        for line in sshConfigBlock(config).splitlines()
+        if line.startswith("  IdentityFile ")
+    ]
+    assert named == [config.path(current), config.path(previous)]
 
 
 def virby_output(*argv: str) -> str:

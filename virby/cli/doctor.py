@@ -22,7 +22,8 @@ working-dir       the working directory: there, a directory, C{prepare}'s mode, 
                   the daemon's user (the owner of its control socket, else C{_virby})
 files             every file C{prepare} makes: there, regular, its mode, the directory's owner
 keys              the client key matches the authorized key the guest installs; the host key
-                  matches its public half and C{ssh_known_hosts}
+                  matches its public half and the first line of C{ssh_known_hosts} (a
+                  second pins the previous keys, kept for a VM of the image before)
 image             the image C{prepare} recorded is the config's, and it and C{base.img} exist
 vfkit             found, and C{vfkit --version} is a release with every flag and device the
                   daemon passes for this config (L{VFKIT_SINCE})
@@ -119,6 +120,8 @@ from virby.layout import (
     NO_IMAGE_FIX,
     PREPARE_FIX,
     PREPARED_MODES,
+    PREVIOUS_CLIENT_KEY,
+    PREVIOUS_SHARED_CLIENT_KEY,
     PRIVATE_DIRECTORY,
     SERIAL_LOG,
     SHARED_CLIENT_KEY,
@@ -533,7 +536,7 @@ class Doctor:
                 continue
             except PermissionError:
                 return sudo("the working directory's files")
-            if name == SHARED_CLIENT_KEY and not self.config.allow_user_ssh:
+            if name in _SHARED_KEYS and not self.config.allow_user_ssh:
                 problems.append(f"{name} exists though allow-user-ssh is off")
                 continue
             directory = name == SSHD_KEYS
@@ -550,6 +553,8 @@ class Doctor:
     def _required(self, name: str) -> bool:
         if name == SHARED_CLIENT_KEY:
             return self.config.allow_user_ssh
+        if name in (PREVIOUS_CLIENT_KEY, PREVIOUS_SHARED_CLIENT_KEY):
+            return False  # only from a new image to the next boot (virby.rotation)
         if name == DIFF_IMAGE:
             return not self.config.ephemeral  # made before each boot
         # Written only with the module's derivation, and only while there is no image.
@@ -576,15 +581,43 @@ class Doctor:
             )
         if _bare(host_public) != host:
             problems.append(f"{HOST_PUBLIC_KEY} is not the public half of the VM's host key")
-        if known_hosts.decode("ascii", "replace") != keys.knownHostsLine(host):
+        # A second line pins the previous set's host key, for a VM of the image before.
+        pinned = keys.pinnedKeys(known_hosts.decode("ascii", "replace"))
+        if pinned is None or pinned[0] != host:
             problems.append(f"{KNOWN_HOSTS} does not pin the VM's host key")
         if self.config.allow_user_ssh:
             shared = self._read(SHARED_CLIENT_KEY, what)
             if shared != client_private:
                 problems.append(f"{SHARED_CLIENT_KEY} is not the client key")
+            problems.extend(self._previousShared())
         if problems:
             return fail("; ".join(problems), self._prepareFix())
-        return ok("the client key is the one the guest authorizes; the host key is pinned")
+        kept = (
+            "; the previous keys are kept for a VM of the image before, until the next boot"
+            if pinned is not None and len(pinned) == 2
+            else ""
+        )
+        return ok(f"the client key is the one the guest authorizes; the host key is pinned{kept}")
+
+    def _previousShared(self) -> list[str]:
+        """With allow-user-ssh, the previous client key's copy is that key, while it is kept."""
+        try:
+            with open(self.config.path(PREVIOUS_CLIENT_KEY), "rb") as f:
+                previous = f.read()
+        except FileNotFoundError:
+            return []
+        except PermissionError:
+            raise _Finished(sudo("the keys")) from None
+        try:
+            with open(self.config.path(PREVIOUS_SHARED_CLIENT_KEY), "rb") as f:
+                shared = f.read()
+        except FileNotFoundError:
+            shared = None
+        except PermissionError:
+            raise _Finished(sudo("the keys")) from None
+        if shared != previous:
+            return [f"{PREVIOUS_SHARED_CLIENT_KEY} is not the previous client key"]
+        return []
 
     def image(self) -> Finding:
         image = self.config.image
@@ -1108,6 +1141,10 @@ def _saysOn(text: str) -> bool | None:
     if "enabled" in lowered or "block all non-essential" in lowered:
         return True
     return None
+
+
+#: The copies of client keys that only allow-user-ssh keeps.
+_SHARED_KEYS = (SHARED_CLIENT_KEY, PREVIOUS_SHARED_CLIENT_KEY)
 
 
 def _bare(line: bytes) -> str | None:

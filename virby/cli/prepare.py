@@ -14,7 +14,9 @@ keys 0600, the public halves, C{ssh_known_hosts} and the image record 0644.
 
 Whether the image changed is decided by its path: a Nix store path changes with its content.
 A changed image is the only reason C{diff.img} (the VM's state) is ever replaced; a larger
-C{disk-size} grows it in place, and a smaller one is only a warning.
+C{disk-size} grows it in place, and a smaller one is only a warning.  It also makes new SSH
+keys, and keeps the ones they replace, for a VM of the old image that may still be running,
+until the daemon's next boot retires them (L{virby.rotation}).
 
 With C{ephemeral}, C{diff.img} is the daemon's: it makes a fresh one from C{base.img} before
 every boot (L{virby.daemon.freshdisk}), grown to C{disk-size}, so prepare keeps C{base.img} and the
@@ -46,8 +48,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, overload
 
-from virby import disk, keys, shares
+from virby import disk, keys, rotation, shares
 from virby.cli import realise as realisation
+from virby.cli import renew
 from virby.config import MIB, Config
 from virby.errors import VirbyError
 from virby.layout import (
@@ -62,6 +65,8 @@ from virby.layout import (
     IMAGE_RECORD,
     KNOWN_HOSTS,
     PREPARED_MODES,
+    PREVIOUS_CLIENT_KEY,
+    PREVIOUS_SHARED_CLIENT_KEY,
     PRIVATE,
     PRIVATE_DIRECTORY,
     PUBLIC,
@@ -180,46 +185,123 @@ def keysConsistent(config: Config) -> bool:
     Whether every key file is there and they all belong together: the public halves and the
     pinned host key derive from the private keys.  A run killed while writing a new set of
     keys leaves a mixed set, which this catches so the next run makes a whole new set.
+
+    C{ssh_known_hosts} pins the current host key on its first line; a second line, the
+    previous set's host key (L{virby.rotation}), belongs too when it pins one valid key.
     """
     try:
         host = keys.publicOfPrivate(_read(config.path(HOST_KEY)) or b"")
         client = keys.publicOfPrivate(_read(config.path(CLIENT_KEY)) or b"")
         host_public = (_read(config.path(HOST_PUBLIC_KEY)) or b"").decode("ascii")
         authorized = (_read(config.path(AUTHORIZED_KEY)) or b"").decode("ascii")
-        known_hosts = (_read(config.path(KNOWN_HOSTS)) or b"").decode("ascii")
+        pinned = keys.pinnedKeys((_read(config.path(KNOWN_HOSTS)) or b"").decode("ascii"))
         return (
             keys.barePublic(host_public) == host
             and keys.barePublic(authorized) == client
-            and known_hosts == keys.knownHostsLine(host)
+            and pinned is not None
+            and pinned[0] == host
         )
     except (ValueError, UnicodeDecodeError):
         return False
 
 
-def _makeKeys(config: Config) -> None:
-    """Write a new host key and client key, each file atomically; the record comes later."""
+def previousHostKey(config: Config) -> str | None:
+    """
+    The previous set's host key when the whole previous set is kept: pinned on the second
+    line of C{ssh_known_hosts}, with its client key beside it; C{None} otherwise.
+    """
+    try:
+        pinned = keys.pinnedKeys((_read(config.path(KNOWN_HOSTS)) or b"").decode("ascii"))
+        keys.publicOfPrivate(_read(config.path(PREVIOUS_CLIENT_KEY)) or b"")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return pinned[1] if pinned is not None and len(pinned) == 2 else None
+
+
+def _makeKeys(config: Config, previousHost: str | None = None) -> None:
+    """
+    Write a new host key and client key, each file atomically, C{ssh_known_hosts} last; the
+    record comes later.
+
+    @param previousHost: the previous set's host key, pinned on the second line.
+    """
     host = keys.generate("virby-vm-host")
     client = keys.generate("virby-client")
+    pins = keys.knownHostsLine(host.public)
+    if previousHost is not None:
+        pins += keys.knownHostsLine(previousHost)
     _write(config.path(HOST_KEY), host.private, PRIVATE)
     _write(config.path(AUTHORIZED_KEY), (client.public + "\n").encode("ascii"), PUBLIC)
     _write(config.path(CLIENT_KEY), client.private, PRIVATE)
     _write(config.path(HOST_PUBLIC_KEY), (host.public + "\n").encode("ascii"), PUBLIC)
-    _write(config.path(KNOWN_HOSTS), keys.knownHostsLine(host.public).encode("ascii"), PUBLIC)
+    _write(config.path(KNOWN_HOSTS), pins.encode("ascii"), PUBLIC)
+
+
+_MADE = "made new SSH keys for the VM and its client"
+
+
+def _keepKeys(config: Config, newImage: bool, inform: Report) -> None:
+    """
+    Make new keys when the image is new or the set is not whole, keeping the previous set
+    for a VM that may still run on it (L{virby.rotation}):
+
+    - keys not whole (a run killed while writing them): a whole new set, and no previous
+      one, since neither the old VM's host key nor its client key can be trusted to be
+      there;
+    - a new image and no previous set: the current set becomes the previous one (its client
+      key copied to L{PREVIOUS_CLIENT_KEY}, its host key pinned on the second line);
+    - a new image and a previous set already: that set is kept as it is, since it was not
+      retired, so no VM booted on the current set, which alone is replaced.
+
+    With nothing to do, what is left of a previous set that is not whole is dropped.
+    """
+    wd = config.working_directory
+    if not keysConsistent(config):
+        _makeKeys(config)
+        rotation.dropPrevious(wd)
+        inform(_MADE)
+        return
+    previous = previousHostKey(config)
+    if not newImage:
+        if previous is None and rotation.dropPrevious(wd):
+            inform("removed what was left of the previous SSH keys")
+        return
+    if previous is not None:
+        _makeKeys(config, previous)
+        inform(f"{_MADE}; the previous keys stay until no VM runs on them")
+        return
+    # What is left of a set that is not whole goes first: a run killed right after the
+    # copy below must not leave the current client key beside some other pin.
+    rotation.dropPrevious(wd)
+    client = _read(config.path(CLIENT_KEY))
+    assert client is not None
+    if _read(config.path(PREVIOUS_CLIENT_KEY)) != client:
+        _write(config.path(PREVIOUS_CLIENT_KEY), client, PRIVATE)
+    pinned = keys.pinnedKeys((_read(config.path(KNOWN_HOSTS)) or b"").decode("ascii"))
+    assert pinned is not None
+    _makeKeys(config, pinned[0])
+    inform(f"{_MADE}; the ones they replace stay until no VM runs on them")
 
 
 def _shareClientKey(config: Config, inform: Report) -> None:
-    """Keep the everyone-readable copy of the client key exactly when allow-user-ssh is on."""
-    shared = config.path(SHARED_CLIENT_KEY)
-    if not config.allow_user_ssh:
-        if os.path.lexists(shared):
-            os.unlink(shared)
-            inform(f"removed {SHARED_CLIENT_KEY} (allow-user-ssh is off)")
-        return
-    private = _read(config.path(CLIENT_KEY))
-    assert private is not None
-    if _read(shared) != private:
-        _write(shared, private, PUBLIC)
-        inform(f"wrote {SHARED_CLIENT_KEY} for local users (allow-user-ssh is on)")
+    """
+    Keep the everyone-readable copies of the client key, and of the previous one while it is
+    kept, exactly when allow-user-ssh is on.
+    """
+    for source, shared in (
+        (CLIENT_KEY, SHARED_CLIENT_KEY),
+        (PREVIOUS_CLIENT_KEY, PREVIOUS_SHARED_CLIENT_KEY),
+    ):
+        path = config.path(shared)
+        private = _read(config.path(source)) if config.allow_user_ssh else None
+        if private is None:
+            if os.path.lexists(path):
+                os.unlink(path)
+                why = "allow-user-ssh is off" if not config.allow_user_ssh else f"no {source}"
+                inform(f"removed {shared} ({why})")
+        elif _read(path) != private:
+            _write(path, private, PUBLIC)
+            inform(f"wrote {shared} for local users (allow-user-ssh is on)")
 
 
 def _prepareDisks(config: Config, image: str, changed: bool, inform: Report) -> None:
@@ -411,9 +493,7 @@ def _noImageLocked(config: Config, cause: str, inform: Report) -> None:
     left alone (its VM may be the builder that builds the new one), and the cause recorded.
     """
     _makeDirectories(config, inform)
-    if not keysConsistent(config):
-        _makeKeys(config)
-        inform("made new SSH keys for the VM and its client")
+    _keepKeys(config, False, inform)
     _shareClientKey(config, inform)
     line = cause.replace("\n", " ").strip()
     if _read(config.path(IMAGE_FAILURE)) != f"{line}\n".encode():
@@ -429,9 +509,7 @@ def _prepareLocked(config: Config, image: str, warn: Report, inform: Report) -> 
     _prepareDisks(config, image, changed, inform)
     if not config.ephemeral:
         _grow(config, warn, inform)
-    if changed or not keysConsistent(config):
-        _makeKeys(config)
-        inform("made new SSH keys for the VM and its client")
+    _keepKeys(config, changed, inform)
     _shareClientKey(config, inform)
     for name, mode in PREPARED_MODES.items():
         if os.path.lexists(config.path(name)):
@@ -452,13 +530,22 @@ def run(
     imageDerivation: str | None = None,
     realise: bool = True,
     stage0: realisation.Stage0 | None = None,
+    askToRenew: Callable[[Config], str | None] | None = None,
 ) -> int:
     """
     The C{virby prepare} command; expected failures raise L{VirbyError} for the caller.  No
     image is not a failure: the switch that runs this must complete.
+
+    Once the directory is prepared, the running daemon is asked to move to it
+    (L{renew.askToRenew}), and what it answers is printed.
+
+    @param askToRenew: how the daemon is asked (default: L{renew.askToRenew}).
     """
     if print_ssh_config:
         sys.stdout.write(sshConfigBlock(config))
         return 0
     prepare(config, owner, inform=_say, derivation=imageDerivation, realise=realise, stage0=stage0)
+    answer = (askToRenew or renew.askToRenew)(config)
+    if answer is not None:
+        _say(answer)
     return 0

@@ -3,11 +3,13 @@ The hypervisor adapter: how the lifecycle (L{virby.daemon.lifecycle.Hypervisor})
 vfkit and learns that its guest is ready.
 
 A boot is: stop a VM left by a crashed daemon, if any (L{virby.daemon.orphans}); take the working
-directory's VM lock, which the vfkit about to start inherits; with C{ephemeral}, make a fresh
-disk under it (L{virby.daemon.freshdisk}); keep the VM's stable MAC (L{virby.mac}); start vfkit
-(L{virby.daemon.vfkit}).  Ready is the guest's sshd answering at the address bootpd leased to that
-MAC (L{virby.leases}, L{virby.daemon.readiness}).  Each VM carries its own MAC, so the adapter holds
-no state of a boot: the lifecycle may start the next while the last one's wait ends.
+directory's VM lock, which the vfkit about to start inherits; retire the SSH keys of the set
+before the current one, on which no VM runs now (L{virby.rotation}); with C{ephemeral}, make a
+fresh disk under it (L{virby.daemon.freshdisk}); keep the VM's stable MAC (L{virby.mac}); start
+vfkit (L{virby.daemon.vfkit}).  Ready is the guest's sshd answering at the address bootpd leased
+to that MAC (L{virby.leases}, L{virby.daemon.readiness}).  Each VM carries its own MAC, so the
+adapter holds no state of a boot: the lifecycle may start the next while the last one's wait
+ends.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from virby.locks import FileLock, takeLock
 from virby.logs import Logger
 from virby.mac import stableMac
 from virby.reactors import IVMReactor
+from virby.rotation import retirePrevious
 from virby.vfkitflags import HostPlan
 
 log = Logger()
@@ -119,6 +122,11 @@ class VfkitHypervisor:
             raise NoImage(missing)
         await self.stopOrphan()
         lock = self._lockVM()
+        try:
+            self._retirePreviousKeys()
+        except BaseException:
+            lock.release()
+            raise
         if self._config.ephemeral:
             # Under the VM lock: no VM, not even one a previous daemon left, has the disk open.
             report(BootPhase.FRESH_DISK, "no VM left behind, the VM lock taken")
@@ -150,6 +158,26 @@ class VfkitHypervisor:
             raise
         report(BootPhase.LEASE, f"vfkit started (pid {vm.pid})")
         return vm
+
+    def _retirePreviousKeys(self) -> None:
+        """
+        Under the VM lock no VM runs, and the one about to boot copies the current keys: the
+        previous set, kept by C{virby prepare} for a VM of the image before, can go.  A few
+        tiny files, fine on the reactor; a failure only delays it to the next boot.
+        """
+        workingDirectory = self._config.working_directory
+        try:
+            retired = retirePrevious(workingDirectory)
+        except OSError as e:
+            log.warn(
+                "could not retire the previous SSH keys in {workingDirectory}: {why}; "
+                "the next boot tries again",
+                workingDirectory=workingDirectory,
+                why=e.strerror or str(e),
+            )
+            return
+        if retired:
+            log.info("retired the previous SSH keys: no VM runs on them now")
 
     def _lockVM(self) -> FileLock:
         """The VM lock, which the vfkit about to start inherits and holds for its life."""
