@@ -37,16 +37,6 @@ pytestmark = [
     pytest.mark.skipif(not shutil.which("ssh-keyscan"), reason="needs OpenSSH's ssh-keyscan"),
 ]
 
-#: The client key of the VM that runs, kept beside the new one until the next boot
-#: (docs/one-switch.md, "Moving to the new image without cutting a build").
-PREVIOUS_CLIENT_KEY = "ssh_user_ed25519_key.previous"
-
-#: What the switch to a new image still lacks in C{virby prepare}, as docs/one-switch.md
-#: ("Moving to the new image without cutting a build", steps 1 and 2) describes it.
-PREPARE_LACKS = pytest.mark.skip(
-    reason="virby prepare neither keeps the previous keys (ssh_user_ed25519_key.previous, "
-    "both host keys pinned) nor asks the daemon to renew yet"
-)
 
 #: The second image's first bytes (the first is all zeros): the emulator boots any file, so
 #: what tells the two apart is what prepare copied to base.img.
@@ -170,7 +160,6 @@ def test_a_new_config_cuts_no_session_and_the_daemon_is_started_on_it(
     assert builder.emulators() == [] and builder.guests() == []
 
 
-@PREPARE_LACKS
 @pytest.mark.parametrize("onDemand", [False, True], ids=["always-on", "on-demand"])
 def test_a_new_image_cuts_no_session_and_the_next_daemon_boots_it(
     make_builder, onDemand: bool
@@ -195,7 +184,7 @@ def test_a_new_image_cuts_no_session_and_the_next_daemon_boots_it(
         # (c) While the first session runs, a new one gets in with the keys now on disk,
         # served by the VM that runs: its host key is still pinned.
         assert pinned(builder) == [newKey, oldKey], "the new host key first, then the old"
-        assert (builder.wd / PREVIOUS_CLIENT_KEY).exists(), "the previous client key is gone"
+        assert (builder.wd / layout.PREVIOUS_CLIENT_KEY).exists(), "the previous client key is gone"
         result = builder.ssh("echo", "second")
         assert result.returncode == 0 and result.stdout == "second\n", (
             result.stderr + supervisor.text()
@@ -224,7 +213,7 @@ def test_a_new_image_cuts_no_session_and_the_next_daemon_boots_it(
     assert renewed.pid != daemon.pid and bootCount(supervisor) == 2, supervisor.text()
     assert guestHostKey(builder) == newKey
     assert pinned(builder) == [newKey], "the previous host key is still pinned"
-    assert not (builder.wd / PREVIOUS_CLIENT_KEY).exists(), "the previous client key is kept"
+    assert not (builder.wd / layout.PREVIOUS_CLIENT_KEY).exists(), "the previous client key is kept"
     assert (builder.wd / layout.IMAGE_RECORD).read_text().strip() == str(second)
     with open(builder.wd / layout.BASE_IMAGE, "rb") as f:
         assert f.read(len(SECOND)) == SECOND, "base.img is not the second image"
@@ -259,7 +248,7 @@ def switchToSecondImage(builder: Builder) -> None:
 @pytest.mark.skipif(not shutil.which("nix-build"), reason="nix-build is not installed (nix-bin)")
 @pytest.mark.parametrize(
     "switch",
-    [switchConfig, pytest.param(switchToSecondImage, marks=PREPARE_LACKS)],
+    [switchConfig, switchToSecondImage],
     ids=["config", "image"],
 )
 def test_a_remote_nix_build_running_across_the_switch_completes(
