@@ -1,8 +1,9 @@
 """
 A switch that brings a new image, end to end: the real daemon under the tests' launchd
 (L{testbed.supervisor}), the vfkit emulator and its real sshd guest, ssh through the
-daemon's port, and C{virby prepare} asking the daemon to renew (docs/lifecycle.md, "Moving
-to what is installed").
+daemon's port, and C{virby prepare} asking the daemon to renew (docs/one-switch.md, "Moving
+to the new image without cutting a build"; docs/lifecycle.md, "Moving to what is
+installed").
 
 What must hold: a session open before the switch is not cut, a session made after it gets
 in with the new keys on disk while the old VM still serves, the daemon exits 0 once no
