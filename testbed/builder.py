@@ -21,6 +21,7 @@ from typing import Any
 
 from testbed.nixenv import nix_environment
 from testbed.processes import ProcessUnderTest, free_port, pids_of
+from testbed.supervisor import THROTTLE, Supervisor
 
 BIN = Path(sys.executable).parent
 
@@ -73,9 +74,17 @@ class Builder:
     def _prepare(self) -> None:
         run = [tool("virby"), "prepare", "--config", str(self.config)]
         subprocess.run(run, check=True, capture_output=True, timeout=120)
+        self.writeSshConfig()
+
+    def writeSshConfig(self) -> None:
+        """
+        The C{Host virby-vm} block as the module installs it, for this machine's ssh; again
+        after a switch, as the module installs the block of the new config.
+        """
         block = subprocess.run(
-            [*run, "--print-ssh-config"], check=True, capture_output=True, text=True, timeout=60
-        ).stdout
+            [tool("virby"), "prepare", "--config", str(self.config), "--print-ssh-config"],
+            check=True, capture_output=True, text=True, timeout=60,
+        ).stdout  # fmt: skip
         # The emulated guest logs in whoever runs it; the real VM's user is `builder`.
         block = re.sub(r"(?m)^(\s*)User .*$", rf"\1User {getpass.getuser()}", block)
         self.ssh_config = self.root / "ssh_config"
@@ -117,6 +126,22 @@ class Builder:
         self.daemons.append(activator)
         activator.wait_for_line(r"Listening on", timeout=30)
         return activator
+
+    def supervised(self, throttle: float = THROTTLE) -> Supervisor:
+        """
+        The daemon as launchd runs the module's job, restarts included: L{Supervisor} holds
+        the builder's port and starts the daemon with it, always on (C{KeepAlive}) unless
+        the config says on-demand, as C{nix/module.nix} sets the job.  Returns once the port
+        is bound: an always-on daemon is starting, an on-demand one waits for a connection.
+        """
+        supervisor = Supervisor(
+            [tool("virbyd"), "--config", str(self.config),
+             "--listen", "systemd:domain=INET:index=0"],
+            keepAlive=not self.settings["on-demand"], throttle=throttle, port=self.port,
+            env=self.env, cwd=str(self.root),
+        )  # fmt: skip
+        self.daemons.append(supervisor.process)
+        return supervisor
 
     def ssh(self, *command: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

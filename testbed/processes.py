@@ -90,6 +90,29 @@ class ProcessUnderTest:
                     f"(exit status {self.process.poll()}); output:\n{self.text()}"
                 )
 
+    def wait_for_count(self, pattern: str, count: int, timeout: float = 30.0) -> int:
+        """
+        Wait until the whole output holds C{count} lines matching C{pattern} (a multi-line
+        regular expression), wherever they are: for events a test counts rather than
+        follows, which L{wait_for_line}'s one cursor would skip.
+
+        @raise AssertionError: with the whole output when they do not come in time.
+        """
+        regex = re.compile(pattern.encode(), re.MULTILINE)
+        deadline = time.monotonic() + timeout
+        while True:
+            found = len(regex.findall(self.output))
+            if found >= count:
+                return found
+            remaining = deadline - time.monotonic()
+            if not (remaining > 0 and self._read_available(remaining)):
+                if len(regex.findall(self.output)) >= count:
+                    return count
+                raise AssertionError(
+                    f"{count} of {pattern!r} not seen from {self.argv[0]} within {timeout}s "
+                    f"({found} seen, exit status {self.process.poll()}); output:\n{self.text()}"
+                )
+
     def wait_exit(self, timeout: float = 30.0) -> int:
         """Wait for the process to exit and collect the rest of its output."""
         try:
