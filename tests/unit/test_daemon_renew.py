@@ -119,6 +119,7 @@ def test_a_daemon_with_a_build_running_retires_when_it_ends(daemon: Daemon) -> N
     ]
     assert daemon.exits == 0 and daemon.endpoint.port.reading
     assert daemon.service.describe()["renewing"] is True
+    assert daemon.service.describe()["renewing_for"] == ["config"]
     daemon.lifecycle.connectionClosed(build)
     assert daemon.exits == 1 and not daemon.endpoint.port.reading
     assert build.aborted is None

@@ -246,8 +246,9 @@ def test_no_image_yet_is_said_with_its_cause(short_tmp, monkeypatch) -> None:
 
 def test_a_renewal_under_way_is_said() -> None:
     assert "Renewing:" not in render(RUNNING)
-    text = render({**RUNNING, "renewing": True})
+    text = render({**RUNNING, "renewing": True, "renewing_for": ["image", "SSH keys"]})
     assert (
-        "Renewing:    what is installed changed: the daemon restarts onto it once no "
-        "connection is open"
+        "Renewing:    to its new image and SSH keys: the daemon restarts once no connection is open"
     ) in text
+    older = render({**RUNNING, "renewing": True})
+    assert "Renewing:    to its what is installed:" in older

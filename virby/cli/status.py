@@ -21,6 +21,7 @@ from typing import Any, TextIO
 from virby.cli.client import RESTART_FIX, DaemonDown, ask
 from virby.config import Config
 from virby.errors import VirbyError
+from virby.installed import describeChanges
 from virby.layout import CONTROL_SOCKET, noImageYet
 
 #: Exit status when the daemon is not running, as ``systemctl status`` does for inactive.
@@ -118,12 +119,13 @@ def render(status: dict[str, Any], noImage: str | None = None) -> str:
             )
         )
     if status.get("renewing"):
-        lines.append(
-            (
-                "Renewing",
-                "what is installed changed: the daemon restarts onto it once no connection is open",
-            )
+        changed = status.get("renewing_for")
+        what = (
+            describeChanges([str(c) for c in changed])
+            if isinstance(changed, list) and changed
+            else "what is installed"
         )
+        lines.append(("Renewing", f"to its {what}: the daemon restarts once no connection is open"))
     lines.append(("Idle stop", _idle(status)))
     if status.get("restart_in") is not None:
         lines.append(("Restart", f"in {duration(status['restart_in'])}"))

@@ -137,6 +137,8 @@ class DaemonService(Service):
         )
         self._installed = installed or (lambda: readInstalled(None, config.working_directory))
         self._startedWith: Installed | None = None
+        #: What the last renewal found changed, which the status names.
+        self._renewingFor: list[str] = []
         self._package = package or packageDirectory()
         self._exit = exit or reactor.stop
         lifecycle.retire = self._retire
@@ -262,6 +264,7 @@ class DaemonService(Service):
                 )
             )
         log.info("renewing for its {changes}", changes=describeChanges(changes))
+        self._renewingFor = changes
         return self.lifecycle.renew().addCallback(
             lambda outcome: {
                 "renewing": True,
@@ -299,6 +302,7 @@ class DaemonService(Service):
             ttl=self._config.ttl,
             start_timeout=self._config.start_timeout,
             warnings=list(self._hypervisor.plan.warnings),
+            renewing_for=list(self._renewingFor) if document["renewing"] else [],
             version=__version__,
         )
         return document
