@@ -48,26 +48,36 @@ def config(tmp_path: Path) -> Config:
     return config
 
 
-@pytest.fixture
-def sshd(config: Config, tmp_path: Path) -> Iterator[int]:
-    """A real sshd that holds the VM's host key and authorizes the client key, as the VM does."""
+@contextlib.contextmanager
+def realSshd(hostKey: Path, authorizedKeys: Path, configFile: Path) -> Iterator[int]:
+    """A real sshd on a free loopback port with this host key and these authorized keys."""
     if os.geteuid() == 0:
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
     port = free_port()
-    sshdConfig = tmp_path / "sshdConfig"
-    sshdConfig.write_text(
+    configFile.write_text(
         f"ListenAddress 127.0.0.1:{port}\n"
-        f"HostKey {config.path(layout.HOST_KEY)}\n"
-        f"AuthorizedKeysFile {config.path(layout.AUTHORIZED_KEY)}\n"
+        f"HostKey {hostKey}\n"
+        f"AuthorizedKeysFile {authorizedKeys}\n"
         "StrictModes no\nUsePAM no\nPidFile none\nPasswordAuthentication no\n"
         "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
     )
-    server = ProcessUnderTest(["/usr/sbin/sshd", "-D", "-e", "-f", str(sshdConfig)])
+    server = ProcessUnderTest(["/usr/sbin/sshd", "-D", "-e", "-f", str(configFile)])
     try:
         server.wait_for_line(r"Server listening on 127\.0\.0\.1 port", timeout=30)
         yield port
     finally:
         server.kill_all()
+
+
+@pytest.fixture
+def sshd(config: Config, tmp_path: Path) -> Iterator[int]:
+    """A real sshd that holds the VM's host key and authorizes the client key, as the VM does."""
+    with realSshd(
+        Path(config.path(layout.HOST_KEY)),
+        Path(config.path(layout.AUTHORIZED_KEY)),
+        tmp_path / "sshdConfig",
+    ) as port:
+        yield port
 
 
 def ssh(config: Config, port: int, *options: str) -> subprocess.CompletedProcess[str]:
@@ -157,25 +167,14 @@ def guest(share: Path, tmp_path: Path, name: str) -> Iterator[int]:
     A real sshd with the keys a guest copied from C{share} at its boot: its host key, and the
     one client key it authorizes.
     """
-    if os.geteuid() == 0:
-        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
     booted = tmp_path / name
     shutil.copytree(share, booted)
-    port = free_port()
-    sshdConfig = tmp_path / f"{name}.sshd_config"
-    sshdConfig.write_text(
-        f"ListenAddress 127.0.0.1:{port}\n"
-        f"HostKey {booted / layout.SHARE_HOST_KEY}\n"
-        f"AuthorizedKeysFile {booted / layout.SHARE_AUTHORIZED_KEY}\n"
-        "StrictModes no\nUsePAM no\nPidFile none\nPasswordAuthentication no\n"
-        "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
-    )
-    server = ProcessUnderTest(["/usr/sbin/sshd", "-D", "-e", "-f", str(sshdConfig)])
-    try:
-        server.wait_for_line(r"Server listening on 127\.0\.0\.1 port", timeout=30)
+    with realSshd(
+        booted / layout.SHARE_HOST_KEY,
+        booted / layout.SHARE_AUTHORIZED_KEY,
+        tmp_path / f"{name}.sshd_config",
+    ) as port:
         yield port
-    finally:
-        server.kill_all()
 
 
 def prepareImage(config: Config, tmp_path: Path, name: str) -> None:
