@@ -37,14 +37,8 @@ MIB = 1024 * 1024
 @pytest.fixture
 def config(tmp_path: Path) -> Config:
     image = tmp_path / "nixos.img"
-    image.write_bytes(b"image" * 1000)
     config = Config(working_directory=str(tmp_path / "wd"), image=str(image), disk_size=8 * MIB)
-    result = subprocess.run(
-        [sys.executable, "-m", "virby.cli", "prepare", "--image", str(image),
-         "--working-directory", config.working_directory, "--disk-size", "1GiB"],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
+    prepareImage(config, tmp_path, "nixos.img")
     return config
 
 
@@ -178,6 +172,7 @@ def guest(share: Path, tmp_path: Path, name: str) -> Iterator[int]:
 
 
 def prepareImage(config: Config, tmp_path: Path, name: str) -> None:
+    """Run C{virby prepare} as a switch does, with a new image file of this name."""
     image = tmp_path / name
     image.write_bytes(name.encode() * 1000)
     result = subprocess.run(
