@@ -20,7 +20,7 @@ C{virby start} boots it again (a pending crash restart is cancelled), since the 
 stopping it was to free its memory now.
 
 When what the daemon runs is replaced (C{virby prepare} made a new image or new keys, or
-the switch installed a new config or program), L{Lifecycle.renew} asks the daemon to move
+the switch installed a new config or Virby package), L{Lifecycle.renew} asks the daemon to move
 to it without cutting a build: every connection is still served by the VM that runs now,
 and at the first moment no connection is open and no one waits, the machine tells the
 daemon to retire (its C{retire}), in the same reactor turn, so that it stops taking
@@ -649,10 +649,10 @@ class Lifecycle(Generic[G]):
     @param ttl: idle seconds before an on-demand VM is stopped.
     @param onDemand: boot at the first connection; otherwise boot at L{start} and restart
         after a crash with exponential backoff.
-    @param retire: called once, after L{renew}, at the first moment no connection is open
+    @ivar retire: called once, after L{renew}, at the first moment no connection is open
         and no one waits: the daemon stops taking connections then and shuts down, so that
-        its supervisor starts it anew on what is installed now.  Without it, L{renew} is
-        refused.
+        its supervisor starts it anew on what is installed now.  The daemon's service sets
+        it, being made with its lifecycle; while it is C{None}, L{renew} is refused.
     """
 
     def __init__(
@@ -662,14 +662,12 @@ class Lifecycle(Generic[G]):
         *,
         onDemand: bool,
         ttl: float,
-        retire: Callable[[], object] | None = None,
     ) -> None:
         self._clock = clock
         self._hypervisor = hypervisor
         self._onDemand = onDemand
         self._ttl = ttl
-        #: Settable after construction: the daemon's service is made with its lifecycle.
-        self.retire = retire
+        self.retire: Callable[[], object] | None = None
         # A renewal asked, and whether the daemon was told to retire for it.
         self._renewing = False
         self._retired = False
@@ -746,7 +744,7 @@ class Lifecycle(Generic[G]):
 
     def renew(self) -> Deferred[RenewOutcome]:
         """
-        What the daemon runs was replaced (a new image, new keys, a new config or program):
+        What the daemon runs was replaced (a new image, new keys, a new config or package):
         retire once no connection is open, so that no running build is cut.  Until then
         every connection is served as before, by the VM that runs now.
 

@@ -103,7 +103,7 @@ class DaemonService(Service):
     daemon that listens itself (C{tcp:}) has no one to start it again, and refuses.
 
     @param installed: reads what is installed now (L{readInstalled} with the daemon's config
-        file and program); read at start and at each renewal.
+        file); read at start and at each renewal.
     @param exit: ends the daemon's process once it has retired (the reactor's C{stop}).
     @param package: this daemon's Virby package directory (L{packageDirectory}).
     """
