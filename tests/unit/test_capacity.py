@@ -210,6 +210,22 @@ def test_at_the_limit_the_ports_stop_accepting_until_a_connection_ends(logged) -
     assert (wrapped.started, wrapped.stopped) == (1, 1)
 
 
+def test_a_retiring_daemons_ports_stay_paused_whatever_ends_after(logged) -> None:
+    """Once the daemon retires, connections queued meanwhile are for the next daemon."""
+    clock = Clock()
+    open_now = [0]
+    limit = ConnectionLimit(Wrapped(), 1, lambda: open_now[0], clock, "a reason")  # type: ignore[arg-type]
+    port = PausablePort()
+    limit.attach([port])
+    limit.buildProtocol("a")  # type: ignore[arg-type]
+    open_now[0] = 1
+    assert limit.paused and not port.reading
+    limit.detach()
+    open_now[0] = 0
+    limit.ended()
+    assert not port.reading
+
+
 def test_past_the_limit_connections_are_closed_and_every_one_counted(logged) -> None:
     """Where no port can pause (or one arrives from another port), each is closed."""
     clock = Clock()
