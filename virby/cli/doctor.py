@@ -345,13 +345,20 @@ class Doctor:
 
     def _read(self, name: str, what: str) -> bytes:
         """A file of the working directory; a missing one fails, an unreadable one asks sudo."""
+        data = self._readIfThere(name, what)
+        if data is None:
+            raise _Finished(fail(f"{name} is missing", self._prepareFix()))
+        return data
+
+    def _readIfThere(self, name: str, what: str) -> bytes | None:
+        """A file of the working directory, or C{None}; an unreadable one asks sudo."""
         try:
             with open(self.config.path(name), "rb") as f:
                 return f.read()
         except PermissionError:
             raise _Finished(sudo(what)) from None
         except FileNotFoundError:
-            raise _Finished(fail(f"{name} is missing", self._prepareFix())) from None
+            return None
 
     # -- the checks
 
@@ -601,21 +608,10 @@ class Doctor:
 
     def _previousShared(self) -> list[str]:
         """With allow-user-ssh, the previous client key's copy is that key, while it is kept."""
-        try:
-            with open(self.config.path(PREVIOUS_CLIENT_KEY), "rb") as f:
-                previous = f.read()
-        except FileNotFoundError:
+        previous = self._readIfThere(PREVIOUS_CLIENT_KEY, "the keys")
+        if previous is None:
             return []
-        except PermissionError:
-            raise _Finished(sudo("the keys")) from None
-        try:
-            with open(self.config.path(PREVIOUS_SHARED_CLIENT_KEY), "rb") as f:
-                shared = f.read()
-        except FileNotFoundError:
-            shared = None
-        except PermissionError:
-            raise _Finished(sudo("the keys")) from None
-        if shared != previous:
+        if self._readIfThere(PREVIOUS_SHARED_CLIENT_KEY, "the keys") != previous:
             return [f"{PREVIOUS_SHARED_CLIENT_KEY} is not the previous client key"]
         return []
 
