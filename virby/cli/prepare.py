@@ -530,7 +530,7 @@ def run(
     imageDerivation: str | None = None,
     realise: bool = True,
     stage0: realisation.Stage0 | None = None,
-    askToRenew: Callable[[Config], str | None] | None = None,
+    askToRenew: Callable[[Config], str | None] = renew.askToRenew,
 ) -> int:
     """
     The C{virby prepare} command; expected failures raise L{VirbyError} for the caller.  No
@@ -539,13 +539,13 @@ def run(
     Once the directory is prepared, the running daemon is asked to move to it
     (L{renew.askToRenew}), and what it answers is printed.
 
-    @param askToRenew: how the daemon is asked (default: L{renew.askToRenew}).
+    @param askToRenew: how the daemon is asked.
     """
     if print_ssh_config:
         sys.stdout.write(sshConfigBlock(config))
         return 0
     prepare(config, owner, inform=_say, derivation=imageDerivation, realise=realise, stage0=stage0)
-    answer = (askToRenew or renew.askToRenew)(config)
+    answer = askToRenew(config)
     if answer is not None:
         _say(answer)
     return 0
