@@ -115,6 +115,18 @@ def renew(builder: Builder) -> dict[str, Any]:
     return ask(path, "renew", package=packageDirectory(), timeout=RENEW_TIMEOUT)
 
 
+def switchConfig(builder: Builder) -> dict[str, Any]:
+    """
+    A switch that brings only a new config: the file changes, and the daemon is asked, with
+    a connection open; its reply.
+    """
+    builder.settings["ttl"] = builder.settings["ttl"] + 1
+    builder.config.write_text(json.dumps(builder.settings))
+    reply = renew(builder)
+    assert reply["renewing"] is True and reply["open_connections"] >= 1, reply
+    return reply
+
+
 @pytest.mark.parametrize("onDemand", [False, True], ids=["always-on", "on-demand"])
 def test_a_new_config_cuts_no_session_and_the_daemon_is_started_on_it(
     make_builder, onDemand: bool
@@ -130,10 +142,8 @@ def test_a_new_config_cuts_no_session_and_the_daemon_is_started_on_it(
     try:
         (daemon,) = supervisor.starts()
         (oldVM,) = builder.emulators()
-        builder.settings["ttl"] = builder.settings["ttl"] + 1
-        builder.config.write_text(json.dumps(builder.settings))
-        reply = renew(builder)
-        assert reply["renewing"] is True and reply["changed"] == ["config"], reply
+        reply = switchConfig(builder)
+        assert reply["changed"] == ["config"], reply
         assert reply["now"] is False and reply["open_connections"] == 1, reply
         assert builder.status()["renewing"] is True
 
@@ -231,14 +241,6 @@ def nixSystem(builder: Builder) -> str:
     ).stdout.strip().strip('"')  # fmt: skip
 
 
-def switchConfig(builder: Builder) -> None:
-    """A switch that brings only a new config: the file changes, and the daemon is asked."""
-    builder.settings["ttl"] = builder.settings["ttl"] + 1
-    builder.config.write_text(json.dumps(builder.settings))
-    reply = renew(builder)
-    assert reply["renewing"] is True and reply["open_connections"] >= 1, reply
-
-
 def switchToSecondImage(builder: Builder) -> None:
     second = builder.root / "nixos-2.img"
     writeImage(second, SECOND)
@@ -253,7 +255,7 @@ def switchToSecondImage(builder: Builder) -> None:
     ids=["config", "image"],
 )
 def test_a_remote_nix_build_running_across_the_switch_completes(
-    make_builder, switch: Callable[[Builder], None]
+    make_builder, switch: Callable[[Builder], object]
 ) -> None:
     builder = make_builder(**{"on-demand": False})
     supervisor = builder.supervised()
